@@ -1,0 +1,24 @@
+// Helpers shared by every kernel family: dtype conversion and vector loads.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "remoe_kernels.h"
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+// Eight consecutive 16-bit values, one 16-byte load: the pointer must be 16-byte aligned, which
+// the safe layer guarantees by requiring row lengths that are multiples of 8 and cudarc's
+// allocations (256-byte aligned).
+template <typename T>
+__device__ __forceinline__ void load8_as_float(const T *p, float out[8]) {
+  static_assert(sizeof(T) == 2, "16-bit element types only");
+  const uint4 raw = __ldg(reinterpret_cast<const uint4 *>(p));
+  const T *v = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = to_float(v[i]);
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine, from the bundle scripts/gpu-bundle made (see there).
+#   bash .gpu-bundle/run-suite.sh [--no-sanitizer] [--bench]
+# Full logs go to $OUT (the device tool's output folder) when it is set.
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="${OUT:-$here/out}"
+mkdir -p "$out"
+sanitize=1
+bench=0
+for a in "$@"; do
+  case "$a" in
+    --no-sanitizer) sanitize=0 ;;
+    --bench) bench=1 ;;
+  esac
+done
+export REMOE_REQUIRE_GPU=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+echo "commit: $(cat "$here/COMMIT" | tr '\n' ' ')" | tee -a "$out/device.txt"
+
+summary=()
+total_pass=0
+total_fail=0
+for bin in "$here"/tests/*; do
+  name="$(basename "$bin")"
+  log="$out/test-$name.log"
+  "$bin" --test-threads=1 >"$log" 2>&1
+  rc=$?
+  p=$(grep -oE '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
+  f=$(grep -oE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+  total_pass=$((total_pass + p))
+  total_fail=$((total_fail + f))
+  [[ $rc -ne 0 && $f -eq 0 ]] && total_fail=$((total_fail + 1))
+  summary+=("$(printf '%-28s rc=%-3s %4s passed %4s failed' "$name" "$rc" "$p" "$f")")
+  if [[ $rc -ne 0 ]]; then grep -E "panicked|FAILED|error" "$log" | head -20; fi
+done
+
+san_summary=()
+if [[ $sanitize -eq 1 ]] && command -v compute-sanitizer >/dev/null; then
+  for bin in "$here"/tests/gpu_*; do
+    [[ -e "$bin" ]] || continue
+    name="$(basename "$bin")"
+    for tool in memcheck; do
+      log="$out/sanitizer-$tool-$name.log"
+      compute-sanitizer --tool "$tool" --error-exitcode 86 "$bin" --test-threads=1 >"$log" 2>&1
+      rc=$?
+      san_summary+=("$(printf '%-10s %-28s rc=%-3s %s' "$tool" "$name" "$rc" "$(grep -E 'ERROR SUMMARY' "$log" | tail -1)")")
+    done
+  done
+fi
+
+if [[ $bench -eq 1 ]]; then
+  for bin in "$here"/examples/*; do
+    [[ -e "$bin" ]] || continue
+    "$bin" 2>&1 | tee "$out/example-$(basename "$bin").log" | tail -40
+  done
+fi
+
+echo
+echo "=== GPU suite on $(head -1 "$out/device.txt") ==="
+printf '%s\n' "${summary[@]}"
+echo "TOTAL: $total_pass passed, $total_fail failed"
+[[ ${#san_summary[@]} -gt 0 ]] && printf '%s\n' "${san_summary[@]}"
+[[ $total_fail -eq 0 ]]

@@ -1,0 +1,84 @@
+//! The crate's one error type. Every check of the safe layer ends here, so a caller can match on
+//! what went wrong instead of parsing a message.
+
+use std::fmt;
+
+/// Everything the safe API can refuse or fail with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Error {
+    /// No usable CUDA device: no driver library (`libcuda`) on this machine, no device, or the
+    /// device could not be opened. The string says which.
+    NoCudaDevice(String),
+    /// A layer configuration that the math or the kernels cannot take (zero sizes, k > E, a
+    /// size that is not a multiple of 8 where the kernels load 16-byte vectors, ...).
+    InvalidConfig(String),
+    /// A tensor whose shape is not the one the operation needs.
+    ShapeMismatch {
+        what: &'static str,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    /// A host slice whose length does not match the shape given with it.
+    LengthMismatch {
+        what: &'static str,
+        expected: usize,
+        actual: usize,
+    },
+    /// A device pointer that is not aligned as the kernel's vector loads need.
+    Misaligned {
+        what: &'static str,
+        required: usize,
+    },
+    /// A size whose element count would overflow the kernels' 32-bit indices.
+    TooLarge { what: &'static str, elements: usize },
+    /// The operation ran on a tensor that belongs to another device context.
+    WrongContext { what: &'static str },
+    /// A CUDA driver call failed.
+    Driver(String),
+    /// A kernel launch failed; `code` is the `cudaError_t` the launcher returned.
+    Launch { kernel: &'static str, code: i32 },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::NoCudaDevice(why) => write!(f, "no CUDA device: {why}"),
+            Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
+            Error::ShapeMismatch {
+                what,
+                expected,
+                actual,
+            } => write!(f, "{what}: expected shape {expected:?}, got {actual:?}"),
+            Error::LengthMismatch {
+                what,
+                expected,
+                actual,
+            } => write!(f, "{what}: expected {expected} elements, got {actual}"),
+            Error::Misaligned { what, required } => {
+                write!(f, "{what}: device pointer must be {required}-byte aligned")
+            }
+            Error::TooLarge { what, elements } => write!(
+                f,
+                "{what}: {elements} elements overflow the kernels' 32-bit indices"
+            ),
+            Error::WrongContext { what } => {
+                write!(f, "{what}: tensor belongs to another CUDA context")
+            }
+            Error::Driver(msg) => write!(f, "CUDA driver error: {msg}"),
+            Error::Launch { kernel, code } => {
+                write!(f, "kernel launch failed: {kernel} returned cudaError {code}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        Error::Driver(e.to_string())
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

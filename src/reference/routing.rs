@@ -1,0 +1,210 @@
+//! Routing: the ReLU router, the softmax top-k router, the regulariser and the dispatch lists.
+
+use super::{matmul, Real};
+use crate::config::LayerConfig;
+
+/// What the ReLU router produces (SPEC: L = X Wr, R = ReLU(L), A = {R > 0}).
+#[derive(Debug, Clone)]
+pub struct Routing<T> {
+    /// L [T,E].
+    pub logits: Vec<T>,
+    /// R [T,E] = ReLU(L).
+    pub gates: Vec<T>,
+    /// n_e: tokens routed to each expert.
+    pub counts: Vec<u32>,
+    /// sum over t of R[t,e], per expert, in f64.
+    pub gate_sums: Vec<f64>,
+    /// |A|.
+    pub active_pairs: usize,
+}
+
+impl<T: Real> Routing<T> {
+    /// Builds the statistics of a gate matrix whose active set is `gates > 0`.
+    fn from_gates(logits: Vec<T>, gates: Vec<T>, t: usize, e: usize) -> Self {
+        let mut counts = vec![0u32; e];
+        let mut gate_sums = vec![0.0f64; e];
+        let mut active_pairs = 0;
+        for ti in 0..t {
+            for ei in 0..e {
+                let g = gates[ti * e + ei].to_f64();
+                gate_sums[ei] += g;
+                if g > 0.0 {
+                    counts[ei] += 1;
+                    active_pairs += 1;
+                }
+            }
+        }
+        Self {
+            logits,
+            gates,
+            counts,
+            gate_sums,
+            active_pairs,
+        }
+    }
+
+    /// S = 1 - |A| / (T E); an empty batch counts as fully sparse.
+    pub fn sparsity(&self) -> f64 {
+        let total = self.gates.len();
+        if total == 0 {
+            1.0
+        } else {
+            1.0 - self.active_pairs as f64 / total as f64
+        }
+    }
+
+    /// The per-expert token lists of the active pairs.
+    pub fn dispatch(&self, e: usize) -> Dispatch<T> {
+        Dispatch::from_selection(&self.gates, e, |_, _, g| g.to_f64() > 0.0)
+    }
+}
+
+/// L = X Wr, R = ReLU(L) with its statistics. A logit of exactly 0 is inactive.
+pub fn relu_router<T: Real>(x: &[T], wr: &[T], cfg: &LayerConfig) -> Routing<T> {
+    let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
+    let logits = matmul(x, wr, t, h, e);
+    let gates = logits
+        .iter()
+        .map(|&l| T::from_f64(l.to_f64().max(0.0)))
+        .collect();
+    Routing::from_gates(logits, gates, t, e)
+}
+
+/// The TopK router of the baseline (SPEC: pre-softmax top-k, no renormalisation).
+#[derive(Debug, Clone)]
+pub struct TopkRouting<T> {
+    pub logits: Vec<T>,
+    /// P [T,E] = softmax(L) per token.
+    pub probs: Vec<T>,
+    /// R [T,E] = P where selected, else 0.
+    pub gates: Vec<T>,
+    /// The selection, [T,E]: exactly k per token.
+    pub selected: Vec<bool>,
+    /// n_e: tokens selecting each expert.
+    pub counts: Vec<u32>,
+    /// sum over all t of P[t,e] (the aux loss uses every pair, selected or not).
+    pub prob_sums: Vec<f64>,
+}
+
+impl<T: Real> TopkRouting<T> {
+    pub fn dispatch(&self, e: usize) -> Dispatch<T> {
+        Dispatch::from_selection(&self.gates, e, |t, ei, _| self.selected[t * e + ei])
+    }
+}
+
+/// P = softmax(X Wr) per token, and the k largest P selected; ties go to the lower expert index.
+pub fn softmax_topk_router<T: Real>(x: &[T], wr: &[T], cfg: &LayerConfig) -> TopkRouting<T> {
+    let (t, h, e, k) = (cfg.tokens, cfg.hidden, cfg.experts, cfg.k);
+    let logits = matmul(x, wr, t, h, e);
+    let mut probs = vec![T::default(); t * e];
+    let mut gates = vec![T::default(); t * e];
+    let mut selected = vec![false; t * e];
+    let mut counts = vec![0u32; e];
+    let mut prob_sums = vec![0.0f64; e];
+    let mut order: Vec<usize> = Vec::with_capacity(e);
+    for ti in 0..t {
+        let row = &logits[ti * e..(ti + 1) * e];
+        let max = row.iter().map(|v| v.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+        let denom: f64 = row.iter().map(|v| (v.to_f64() - max).exp()).sum();
+        let p: Vec<f64> = row.iter().map(|v| (v.to_f64() - max).exp() / denom).collect();
+        for ei in 0..e {
+            probs[ti * e + ei] = T::from_f64(p[ei]);
+            prob_sums[ei] += p[ei];
+        }
+        // Rank on the stored probabilities, so the selection is a function of what callers see.
+        order.clear();
+        order.extend(0..e);
+        order.sort_by(|&a, &b| {
+            let (pa, pb) = (probs[ti * e + a].to_f64(), probs[ti * e + b].to_f64());
+            pb.partial_cmp(&pa).unwrap().then(a.cmp(&b))
+        });
+        for &ei in &order[..k] {
+            selected[ti * e + ei] = true;
+            gates[ti * e + ei] = probs[ti * e + ei];
+            counts[ei] += 1;
+        }
+    }
+    TopkRouting {
+        logits,
+        probs,
+        gates,
+        selected,
+        counts,
+        prob_sums,
+    }
+}
+
+/// The load-balancing L1 regulariser of ReMoE, and the Switch aux loss of TopK (the same
+/// formula with P in place of R and c in place of lambda):
+///
+/// ```text
+/// coeff * E / (k T^2) * sum_e n_e * sums[e]
+/// ```
+///
+/// An empty batch has no loss.
+pub fn l1_balance_loss(counts: &[u32], sums: &[f64], cfg: &LayerConfig, coeff: f64) -> f64 {
+    if cfg.tokens == 0 {
+        return 0.0;
+    }
+    let scale = balance_scale(cfg, coeff);
+    counts
+        .iter()
+        .zip(sums)
+        .map(|(&n, &s)| n as f64 * s)
+        .sum::<f64>()
+        * scale
+}
+
+/// coeff * E / (k T^2): the regulariser's gradient with respect to one gate of expert e is this
+/// times n_e.
+pub(crate) fn balance_scale(cfg: &LayerConfig, coeff: f64) -> f64 {
+    let t = cfg.tokens as f64;
+    coeff * cfg.experts as f64 / (cfg.k as f64 * t * t)
+}
+
+/// The active pairs grouped by expert: expert e's pairs are `offsets[e]..offsets[e+1]` of
+/// `tokens` and `gates`, in ascending token order. This is the structure the GPU compaction
+/// produces, and it must match it exactly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dispatch<T> {
+    /// [E+1], offsets[0] = 0, offsets[E] = |A|.
+    pub offsets: Vec<u32>,
+    /// [|A|] token index of each pair.
+    pub tokens: Vec<u32>,
+    /// [|A|] gate value R[t,e] of each pair.
+    pub gates: Vec<T>,
+}
+
+impl<T: Real> Dispatch<T> {
+    /// Collects the pairs `(t, e)` for which `keep(t, e, gate)` holds.
+    pub fn from_selection(gates: &[T], e: usize, keep: impl Fn(usize, usize, T) -> bool) -> Self {
+        let t = if e == 0 { 0 } else { gates.len() / e };
+        let mut offsets = vec![0u32; e + 1];
+        let mut tokens = Vec::new();
+        let mut values = Vec::new();
+        for ei in 0..e {
+            for ti in 0..t {
+                let g = gates[ti * e + ei];
+                if keep(ti, ei, g) {
+                    tokens.push(ti as u32);
+                    values.push(g);
+                }
+            }
+            offsets[ei + 1] = tokens.len() as u32;
+        }
+        Self {
+            offsets,
+            tokens,
+            gates: values,
+        }
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// The pair indices of expert `e`.
+    pub fn range(&self, e: usize) -> std::ops::Range<usize> {
+        self.offsets[e] as usize..self.offsets[e + 1] as usize
+    }
+}
