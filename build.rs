@@ -16,7 +16,14 @@ const PINNED_SITE: &str = ".toolchain/py";
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "REMOE_CUDA_ARCHS", "LIBCLANG_PATH", "PATH"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "REMOE_CUDA_ARCHS",
+        "LIBCLANG_PATH",
+        "PATH",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=kernels");
@@ -117,7 +124,9 @@ fn compile_kernels(manifest: &Path, nvcc: &Path, cuda_root: &Path) {
     for arch in cuda_archs() {
         let virt = arch.trim_end_matches(char::is_alphabetic);
         let suffix = &arch[virt.len()..];
-        build.flag(format!("-gencode=arch=compute_{virt}{suffix},code=sm_{arch}"));
+        build.flag(format!(
+            "-gencode=arch=compute_{virt}{suffix},code=sm_{arch}"
+        ));
     }
     build.compile("remoe_kernels");
 }
@@ -125,7 +134,12 @@ fn compile_kernels(manifest: &Path, nvcc: &Path, cuda_root: &Path) {
 fn link_cuda_runtime(cuda_root: &Path) {
     // cc prints `-l cudart_static`; it needs the directory that holds it. System installs use
     // lib64 (or targets/<arch>/lib), the PyPI wheels use lib.
-    for dir in ["lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"] {
+    for dir in [
+        "lib64",
+        "lib",
+        "targets/x86_64-linux/lib",
+        "targets/sbsa-linux/lib",
+    ] {
         let d = cuda_root.join(dir);
         if d.join("libcudart_static.a").is_file() {
             println!("cargo:rustc-link-search=native={}", d.display());

@@ -25,7 +25,7 @@ fn bench_router(c: &mut Criterion) {
     let mut rng = SplitMix64::new(SplitMix64::fresh_seed());
     for (name, cfg) in configs {
         let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
-        let to_bf16 = |v: Vec<f64>| v.into_iter().map(|x| bf16::from_f64(x)).collect::<Vec<_>>();
+        let to_bf16 = |v: Vec<f64>| v.into_iter().map(bf16::from_f64).collect::<Vec<_>>();
         let x = DeviceTensor::from_host(&dev, &to_bf16(rng.vec_uniform(t * h, 1.0)), &[t, h])
             .expect("x");
         let wr = DeviceTensor::from_host(&dev, &to_bf16(rng.vec_uniform(h * e, 0.05)), &[h, e])

@@ -10,7 +10,7 @@
 use half::bf16;
 use remoe_kernels::reference::{relu_router, remoe_backward, remoe_forward, LayerParams};
 use remoe_kernels::rng::SplitMix64;
-use remoe_kernels::{router_forward, Device, DeviceTensor, Error, LayerConfig};
+use remoe_kernels::{router_forward, time_gpu, Device, DeviceTensor, Error, LayerConfig};
 
 fn main() -> Result<(), Error> {
     match Device::new(0) {
@@ -38,22 +38,10 @@ fn run_gpu(dev: &Device) -> Result<(), Error> {
     let mut logits = DeviceTensor::<f32>::zeros(dev, &[t, e])?;
     let mut gates = DeviceTensor::<f32>::zeros(dev, &[t, e])?;
 
-    for _ in 0..10 {
-        router_forward(dev, &cfg, &xd, &wd, &mut logits, &mut gates)?;
-    }
-    let ctx = dev.context();
-    let mut times = Vec::new();
-    for _ in 0..50 {
-        let start = ctx.new_event(None)?;
-        let stop = ctx.new_event(None)?;
-        start.record(dev.stream())?;
-        router_forward(dev, &cfg, &xd, &wd, &mut logits, &mut gates)?;
-        stop.record(dev.stream())?;
-        stop.synchronize()?;
-        times.push(start.elapsed_ms(&stop)? as f64);
-    }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let median_ms = times[times.len() / 2];
+    let median_ms = time_gpu(dev, 10, 50, || {
+        router_forward(dev, &cfg, &xd, &wd, &mut logits, &mut gates)
+    })?
+    .median_ms();
     let bytes = (2 * (t * h + h * e) + 8 * t * e) as f64;
     println!(
         "router forward: median {:.4} ms over 50 runs, {:.0} GB/s (X read once, logits and gates written)",

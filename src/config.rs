@@ -71,7 +71,10 @@ impl LayerConfig {
         let sizes: [(&'static str, Option<usize>); 4] = [
             ("X [T,H]", t.checked_mul(h)),
             ("logits [T,E]", t.checked_mul(e)),
-            ("expert weights [E,H,F]", e.checked_mul(h).and_then(|v| v.checked_mul(f))),
+            (
+                "expert weights [E,H,F]",
+                e.checked_mul(h).and_then(|v| v.checked_mul(f)),
+            ),
             ("router weight [H,E]", h.checked_mul(e)),
         ];
         for (what, n) in sizes {

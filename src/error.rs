@@ -25,10 +25,7 @@ pub enum Error {
         actual: usize,
     },
     /// A device pointer that is not aligned as the kernel's vector loads need.
-    Misaligned {
-        what: &'static str,
-        required: usize,
-    },
+    Misaligned { what: &'static str, required: usize },
     /// A size whose element count would overflow the kernels' 32-bit indices.
     TooLarge { what: &'static str, elements: usize },
     /// The operation ran on a tensor that belongs to another device context.
@@ -66,7 +63,10 @@ impl fmt::Display for Error {
             }
             Error::Driver(msg) => write!(f, "CUDA driver error: {msg}"),
             Error::Launch { kernel, code } => {
-                write!(f, "kernel launch failed: {kernel} returned cudaError {code}")
+                write!(
+                    f,
+                    "kernel launch failed: {kernel} returned cudaError {code}"
+                )
             }
         }
     }

@@ -3,7 +3,12 @@
 //! Nothing outside this crate sees these: each is called from one safe wrapper, after that
 //! wrapper has checked shapes, dtypes, alignment and 32-bit index ranges, with the reason it is
 //! sound written beside the call.
-#![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code)]
+#![allow(
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    dead_code
+)]
 
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 

@@ -30,9 +30,11 @@ pub mod reference;
 pub mod rng;
 pub mod router;
 pub mod tensor;
+pub mod timing;
 
 pub use config::LayerConfig;
 pub use device::{driver_library_present, Device};
 pub use error::{Error, Result};
 pub use router::{router_forward, HalfElement};
 pub use tensor::{DType, DeviceTensor, Element};
+pub use timing::{time_gpu, GpuTimings};

@@ -18,7 +18,9 @@ pub enum DType {
 }
 
 /// A type that can live in a [`DeviceTensor`].
-pub trait Element: DeviceRepr + ValidAsZeroBits + bytemuck::Pod + Default + std::fmt::Debug {
+pub trait Element:
+    DeviceRepr + ValidAsZeroBits + bytemuck::Pod + Default + std::fmt::Debug
+{
     const DTYPE: DType;
 }
 

@@ -5,8 +5,8 @@
 use approx::assert_relative_eq;
 use remoe_kernels::reference::{
     l1_balance_loss, relu_router, remoe_backward, remoe_forward, silu, silu_grad,
-    softmax_topk_router, swiglu_expert_forward, topk_backward, topk_forward, Dispatch,
-    LayerGrads, LayerParams, SparsityController, TOPK_AUX_COEFF,
+    softmax_topk_router, swiglu_expert_forward, topk_backward, topk_forward, Dispatch, LayerGrads,
+    LayerParams, SparsityController, TOPK_AUX_COEFF,
 };
 use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{Error, LayerConfig};
@@ -132,7 +132,12 @@ fn all_gates_zero_gives_zero_output_full_sparsity_and_zero_gradients() {
     let dout = rng.vec_uniform(12, 1.0);
     let g = remoe_backward(&x, &params, &cfg, 0.3, &fwd, &dout);
     assert!(g.dx.iter().chain(&g.params.router).all(|&v| v == 0.0));
-    assert!(g.params.gate.iter().chain(&g.params.down).all(|&v| v == 0.0));
+    assert!(g
+        .params
+        .gate
+        .iter()
+        .chain(&g.params.down)
+        .all(|&v| v == 0.0));
 }
 
 #[test]
@@ -355,7 +360,9 @@ fn remoe_problem(
             x[ti * h] = if is_dead { 0.0 } else { 1.0 };
             x[ti * h + 1] = if is_dead { 1.0 } else { 0.0 };
             if is_dead {
-                x[ti * h + 2..(ti + 1) * h].iter_mut().for_each(|v| *v *= 0.1);
+                x[ti * h + 2..(ti + 1) * h]
+                    .iter_mut()
+                    .for_each(|v| *v *= 0.1);
             }
         }
         // Router: noise features are bounded by 0.5 * (H - 2) in |logit|, the biases by 3 + that.

@@ -11,7 +11,12 @@ use remoe_kernels::{router_forward, Device, DeviceTensor, Error, HalfElement, La
 
 /// Runs the GPU router on random inputs rounded to `T`, and compares with the reference on the
 /// same rounded values.
-fn check_router<T: HalfElement>(dev: &Device, cfg: LayerConfig, to: fn(f64) -> T, back: fn(T) -> f64) {
+fn check_router<T: HalfElement>(
+    dev: &Device,
+    cfg: LayerConfig,
+    to: fn(f64) -> T,
+    back: fn(T) -> f64,
+) {
     let seed = SplitMix64::fresh_seed();
     let mut rng = SplitMix64::new(seed);
     let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
@@ -29,7 +34,12 @@ fn check_router<T: HalfElement>(dev: &Device, cfg: LayerConfig, to: fn(f64) -> T
     logits.poison().unwrap();
     gates.poison().unwrap();
     router_forward(dev, &cfg, &xd, &wd, &mut logits, &mut gates).unwrap();
-    let got_l: Vec<f64> = logits.to_host().unwrap().iter().map(|&v| v as f64).collect();
+    let got_l: Vec<f64> = logits
+        .to_host()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
     let got_g: Vec<f64> = gates.to_host().unwrap().iter().map(|&v| v as f64).collect();
 
     let x64: Vec<f64> = x.iter().map(|&v| back(v)).collect();
@@ -62,7 +72,9 @@ fn gpu_router_forward_matches_reference_bf16() {
         return;
     };
     for &(t, h, e) in SHAPES {
-        check_router::<bf16>(&dev, LayerConfig::new(t, h, 8, e, 1), bf16::from_f64, |v| v.to_f64());
+        check_router::<bf16>(&dev, LayerConfig::new(t, h, 8, e, 1), bf16::from_f64, |v| {
+            v.to_f64()
+        });
     }
 }
 
@@ -72,7 +84,9 @@ fn gpu_router_forward_matches_reference_f16() {
         return;
     };
     for &(t, h, e) in &SHAPES[..5] {
-        check_router::<f16>(&dev, LayerConfig::new(t, h, 8, e, 1), f16::from_f64, |v| v.to_f64());
+        check_router::<f16>(&dev, LayerConfig::new(t, h, 8, e, 1), f16::from_f64, |v| {
+            v.to_f64()
+        });
     }
 }
 

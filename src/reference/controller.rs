@@ -28,7 +28,10 @@ impl SparsityController {
     }
 
     pub fn with_params(lambda0: f64, alpha: f64, target: f64) -> Self {
-        assert!(alpha > 1.0, "alpha must exceed 1 for the controller to move");
+        assert!(
+            alpha > 1.0,
+            "alpha must exceed 1 for the controller to move"
+        );
         assert!(lambda0 > 0.0, "lambda must be positive");
         Self {
             lambda: lambda0,

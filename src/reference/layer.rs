@@ -128,7 +128,11 @@ pub fn remoe_backward<T: Real>(
 
     // dR over the active pairs, with the regulariser's lambda E n_e / (k T^2); dL = dR where
     // L > 0, which is exactly the active set.
-    let reg = if t == 0 { 0.0 } else { balance_scale(cfg, lambda) };
+    let reg = if t == 0 {
+        0.0
+    } else {
+        balance_scale(cfg, lambda)
+    };
     let mut d_logits = vec![0.0f64; t * e];
     for ei in 0..e {
         let n_e = fwd.routing.counts[ei] as f64;
@@ -157,7 +161,11 @@ pub fn topk_backward<T: Real>(
     let d_gate_pairs = experts_backward(x, params, cfg, &fwd.dispatch, dout, &mut acc);
 
     // dP = dR on the selected pairs + c E n_e / (k T^2) on every pair.
-    let aux = if t == 0 { 0.0 } else { balance_scale(cfg, aux_coeff) };
+    let aux = if t == 0 {
+        0.0
+    } else {
+        balance_scale(cfg, aux_coeff)
+    };
     let mut d_probs = vec![0.0f64; t * e];
     for ti in 0..t {
         for ei in 0..e {
@@ -178,7 +186,11 @@ pub fn topk_backward<T: Real>(
             .iter()
             .map(|v| v.to_f64())
             .collect();
-        let dot: f64 = d_probs[row.clone()].iter().zip(&p).map(|(a, b)| a * b).sum();
+        let dot: f64 = d_probs[row.clone()]
+            .iter()
+            .zip(&p)
+            .map(|(a, b)| a * b)
+            .sum();
         for ei in 0..e {
             d_logits[ti * e + ei] = p[ei] * (d_probs[ti * e + ei] - dot);
         }
@@ -188,7 +200,8 @@ pub fn topk_backward<T: Real>(
 }
 
 fn check_inputs<T: Real>(x: &[T], params: &LayerParams<T>, cfg: &LayerConfig) {
-    cfg.validate().expect("reference called with an invalid config");
+    cfg.validate()
+        .expect("reference called with an invalid config");
     assert_eq!(x.len(), cfg.tokens * cfg.hidden, "x is not [T,H]");
     params.check(cfg);
 }

@@ -104,9 +104,15 @@ pub fn softmax_topk_router<T: Real>(x: &[T], wr: &[T], cfg: &LayerConfig) -> Top
     let mut order: Vec<usize> = Vec::with_capacity(e);
     for ti in 0..t {
         let row = &logits[ti * e..(ti + 1) * e];
-        let max = row.iter().map(|v| v.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+        let max = row
+            .iter()
+            .map(|v| v.to_f64())
+            .fold(f64::NEG_INFINITY, f64::max);
         let denom: f64 = row.iter().map(|v| (v.to_f64() - max).exp()).sum();
-        let p: Vec<f64> = row.iter().map(|v| (v.to_f64() - max).exp() / denom).collect();
+        let p: Vec<f64> = row
+            .iter()
+            .map(|v| (v.to_f64() - max).exp() / denom)
+            .collect();
         for ei in 0..e {
             probs[ti * e + ei] = T::from_f64(p[ei]);
             prob_sums[ei] += p[ei];
@@ -178,7 +184,7 @@ pub struct Dispatch<T> {
 impl<T: Real> Dispatch<T> {
     /// Collects the pairs `(t, e)` for which `keep(t, e, gate)` holds.
     pub fn from_selection(gates: &[T], e: usize, keep: impl Fn(usize, usize, T) -> bool) -> Self {
-        let t = if e == 0 { 0 } else { gates.len() / e };
+        let t = gates.len().checked_div(e).unwrap_or(0);
         let mut offsets = vec![0u32; e + 1];
         let mut tokens = Vec::new();
         let mut values = Vec::new();
