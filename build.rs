@@ -165,6 +165,7 @@ fn generate_bindings(manifest: &Path, out: &Path) {
         .header(header.to_string_lossy())
         .allowlist_function("remoe_.*")
         .allowlist_type("remoe_.*")
+        .allowlist_var("REMOE_.*")
         .layout_tests(false)
         .generate()
         .unwrap_or_else(|e| {

@@ -7,25 +7,35 @@
 // token's value as a broadcast-free row; the Wr chunk is stored as is. Each thread then owns an
 // RM x RE register tile of outputs. TE is chosen from E so that E = 8 does not waste 7/8 of a
 // 64-wide tile. H must be a multiple of 8 (one 16-byte vector); the safe layer checks it.
+//
+// The epilogue also produces this block's routing statistics (per expert: how many of its 64
+// tokens have a gate > 0, and the sum of their gates). The gates go through shared memory and
+// one thread per expert sums its column in token order, so the sums are the same on every run;
+// the compaction turns these per-block figures into offsets without re-reading the gates.
 #include "common.cuh"
 
 namespace {
 
-constexpr int kTokensPerBlock = 64;
+constexpr int kTokensPerBlock = REMOE_ROUTER_TOKENS_PER_BLOCK;
 constexpr int kChunkH = 32;
 constexpr int kThreads = 256;
 
 template <typename T, int TE, int RM, int RE>
 __global__ void __launch_bounds__(kThreads)
     router_forward_kernel(const T *__restrict__ x, const T *__restrict__ wr,
-                          float *__restrict__ logits, float *__restrict__ gates, int t, int h,
-                          int e) {
+                          float *__restrict__ logits, float *__restrict__ gates,
+                          uint32_t *__restrict__ block_counts, float *__restrict__ block_sums,
+                          int t, int h, int e) {
   constexpr int kCols = TE / RE;  // threads across experts
   static_assert(kCols * (kTokensPerBlock / RM) == kThreads, "thread tile must cover the block");
 
-  // +1 float of padding per row keeps the transposed store free of bank conflicts.
-  __shared__ float xs[kChunkH][kTokensPerBlock + 1];
-  __shared__ float ws[kChunkH][TE];
+  // Main loop: the X chunk transposed (+1 float of padding per row keeps the transposed store
+  // free of bank conflicts) and the Wr chunk. Epilogue: the gate tile, for the statistics.
+  constexpr int kMainFloats = kChunkH * (kTokensPerBlock + 1) + kChunkH * TE;
+  constexpr int kTileFloats = kTokensPerBlock * (TE + 1);
+  __shared__ float smem[kMainFloats > kTileFloats ? kMainFloats : kTileFloats];
+  float(*xs)[kTokensPerBlock + 1] = reinterpret_cast<float(*)[kTokensPerBlock + 1]>(smem);
+  float(*ws)[TE] = reinterpret_cast<float(*)[TE]>(smem + kChunkH * (kTokensPerBlock + 1));
 
   const int token0 = blockIdx.x * kTokensPerBlock;
   const int expert0 = blockIdx.y * TE;
@@ -80,37 +90,58 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
 
+  // The loop ended on a barrier, so the shared memory is free for the gate tile.
+  float(*tile)[TE + 1] = reinterpret_cast<float(*)[TE + 1]>(smem);
 #pragma unroll
   for (int i = 0; i < RM; ++i) {
-    const int token = token0 + ty * RM + i;
-    if (token >= t) continue;
+    const int row = ty * RM + i;
+    const int token = token0 + row;
 #pragma unroll
     for (int j = 0; j < RE; ++j) {
-      const int expert = expert0 + tx + j * kCols;
-      if (expert >= e) continue;
-      const size_t o = (size_t)token * e + expert;
-      logits[o] = acc[i][j];
-      gates[o] = fmaxf(acc[i][j], 0.f);
+      const int col = tx + j * kCols;
+      const int expert = expert0 + col;
+      const float gate = fmaxf(acc[i][j], 0.f);
+      tile[row][col] = token < t ? gate : 0.f;
+      if (token < t && expert < e) {
+        const size_t o = (size_t)token * e + expert;
+        logits[o] = acc[i][j];
+        gates[o] = gate;
+      }
     }
+  }
+  if (block_counts == nullptr) return;
+  __syncthreads();
+  if (threadIdx.x < TE && expert0 + (int)threadIdx.x < e) {
+    uint32_t count = 0;
+    float sum = 0.f;
+    for (int r = 0; r < kTokensPerBlock; ++r) {
+      const float g = tile[r][threadIdx.x];
+      count += g > 0.f;
+      sum += g;
+    }
+    const size_t o = (size_t)blockIdx.x * e + expert0 + threadIdx.x;
+    block_counts[o] = count;
+    block_sums[o] = sum;
   }
 }
 
 template <typename T>
 int launch_router_forward(const uint16_t *x, const uint16_t *wr, float *logits, float *gates,
-                          int t, int h, int e, cudaStream_t stream) {
+                          uint32_t *block_counts, float *block_sums, int t, int h, int e,
+                          cudaStream_t stream) {
   if (t == 0 || e == 0) return 0;
   const T *xt = reinterpret_cast<const T *>(x);
   const T *wt = reinterpret_cast<const T *>(wr);
   const int token_blocks = (t + kTokensPerBlock - 1) / kTokensPerBlock;
   if (e <= 8) {
     router_forward_kernel<T, 8, 2, 1>
-        <<<dim3(token_blocks, 1), kThreads, 0, stream>>>(xt, wt, logits, gates, t, h, e);
+        <<<dim3(token_blocks, 1), kThreads, 0, stream>>>(xt, wt, logits, gates, block_counts, block_sums, t, h, e);
   } else if (e <= 16) {
     router_forward_kernel<T, 16, 4, 1>
-        <<<dim3(token_blocks, 1), kThreads, 0, stream>>>(xt, wt, logits, gates, t, h, e);
+        <<<dim3(token_blocks, 1), kThreads, 0, stream>>>(xt, wt, logits, gates, block_counts, block_sums, t, h, e);
   } else {
     router_forward_kernel<T, 64, 4, 4><<<dim3(token_blocks, (e + 63) / 64), kThreads, 0, stream>>>(
-        xt, wt, logits, gates, t, h, e);
+        xt, wt, logits, gates, block_counts, block_sums, t, h, e);
   }
   return (int)cudaGetLastError();
 }
@@ -118,14 +149,15 @@ int launch_router_forward(const uint16_t *x, const uint16_t *wr, float *logits, 
 }  // namespace
 
 extern "C" int remoe_router_forward_bf16(const uint16_t *x, const uint16_t *wr, float *logits,
-                                         float *gates, int32_t t, int32_t h, int32_t e,
-                                         remoe_stream_t stream) {
-  return launch_router_forward<__nv_bfloat16>(x, wr, logits, gates, t, h, e,
-                                              (cudaStream_t)stream);
+                                         float *gates, uint32_t *block_counts, float *block_sums,
+                                         int32_t t, int32_t h, int32_t e, remoe_stream_t stream) {
+  return launch_router_forward<__nv_bfloat16>(x, wr, logits, gates, block_counts, block_sums, t,
+                                              h, e, (cudaStream_t)stream);
 }
 
 extern "C" int remoe_router_forward_f16(const uint16_t *x, const uint16_t *wr, float *logits,
-                                        float *gates, int32_t t, int32_t h, int32_t e,
-                                        remoe_stream_t stream) {
-  return launch_router_forward<__half>(x, wr, logits, gates, t, h, e, (cudaStream_t)stream);
+                                        float *gates, uint32_t *block_counts, float *block_sums,
+                                        int32_t t, int32_t h, int32_t e, remoe_stream_t stream) {
+  return launch_router_forward<__half>(x, wr, logits, gates, block_counts, block_sums, t, h, e,
+                                       (cudaStream_t)stream);
 }

@@ -24,17 +24,26 @@
 
 pub mod config;
 pub mod device;
+mod element;
 pub mod error;
 mod ffi;
+pub mod moe;
 pub mod reference;
 pub mod rng;
 pub mod router;
+pub mod synthetic;
 pub mod tensor;
 pub mod timing;
+mod workspace;
 
 pub use config::LayerConfig;
 pub use device::{driver_library_present, Device};
+pub use element::HalfElement;
 pub use error::{Error, Result};
-pub use router::{router_forward, HalfElement};
+pub use moe::{
+    moe_forward, remoe_forward, topk_forward, ForwardStats, HostDispatch, MoeContext, MoeWeights,
+    RouterKind,
+};
+pub use router::router_forward;
 pub use tensor::{DType, DeviceTensor, Element};
 pub use timing::{time_gpu, GpuTimings};

@@ -15,6 +15,7 @@ pub enum DType {
     F16,
     F32,
     U32,
+    I32,
 }
 
 /// A type that can live in a [`DeviceTensor`].
@@ -35,6 +36,9 @@ impl Element for f32 {
 }
 impl Element for u32 {
     const DTYPE: DType = DType::U32;
+}
+impl Element for i32 {
+    const DTYPE: DType = DType::I32;
 }
 
 /// A row-major tensor in device memory, owned, with its shape.
@@ -125,7 +129,7 @@ impl<T: Element> DeviceTensor<T> {
         Ok(())
     }
 
-    /// Fills every byte with 0xFF: NaN for the float types, u32::MAX for indices. Tests poison
+    /// Fills every byte with 0xFF: NaN for the float types, u32::MAX (or -1) for indices. Tests poison
     /// outputs before a kernel runs, so an element the kernel failed to write cannot pass.
     pub fn poison(&mut self) -> Result<()> {
         if self.is_empty() {
@@ -187,9 +191,9 @@ impl<'a> Launch<'a> {
     pub(crate) fn input<T: Element>(
         &mut self,
         what: &'static str,
-        t: &'a DeviceTensor<T>,
+        t: &'a CudaSlice<T>,
     ) -> Result<*const T> {
-        let (ptr, guard) = t.slice().device_ptr(self.stream);
+        let (ptr, guard) = t.device_ptr(self.stream);
         self.guards.push(guard);
         aligned(what, ptr).map(|p| p as *const T)
     }
@@ -198,9 +202,9 @@ impl<'a> Launch<'a> {
     pub(crate) fn output<T: Element>(
         &mut self,
         what: &'static str,
-        t: &'a mut DeviceTensor<T>,
+        t: &'a mut CudaSlice<T>,
     ) -> Result<*mut T> {
-        let (ptr, guard) = t.slice_mut().device_ptr_mut(self.stream);
+        let (ptr, guard) = t.device_ptr_mut(self.stream);
         self.guards.push(guard);
         aligned(what, ptr).map(|p| p as *mut T)
     }

@@ -117,12 +117,14 @@ pub fn softmax_topk_router<T: Real>(x: &[T], wr: &[T], cfg: &LayerConfig) -> Top
             probs[ti * e + ei] = T::from_f64(p[ei]);
             prob_sums[ei] += p[ei];
         }
-        // Rank on the stored probabilities, so the selection is a function of what callers see.
+        // Rank on the logits: softmax is strictly increasing, so this is the order of the exact
+        // probabilities (ties exactly where the logits tie), and it does not depend on how the
+        // exponentials were rounded. The GPU kernel ranks the same way.
         order.clear();
         order.extend(0..e);
         order.sort_by(|&a, &b| {
-            let (pa, pb) = (probs[ti * e + a].to_f64(), probs[ti * e + b].to_f64());
-            pb.partial_cmp(&pa).unwrap().then(a.cmp(&b))
+            let (la, lb) = (row[a].to_f64(), row[b].to_f64());
+            lb.partial_cmp(&la).unwrap().then(a.cmp(&b))
         });
         for &ei in &order[..k] {
             selected[ti * e + ei] = true;

@@ -12,7 +12,10 @@ pub fn gpu_or_skip(test: &str) -> Option<Device> {
             if std::env::var("REMOE_REQUIRE_GPU").as_deref() == Ok("1") {
                 panic!("{test}: REMOE_REQUIRE_GPU=1 but no CUDA device: {why}");
             }
-            eprintln!("SKIPPED {test}: no CUDA device ({why})");
+            // Straight to the stderr handle: libtest captures eprintln! of passing tests, and a
+            // skip must be visible in the run's output.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({why})");
             None
         }
         Err(e) => panic!("{test}: opening the CUDA device failed: {e}"),
@@ -34,3 +37,6 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
         (num / den).sqrt()
     }
 }
+
+#[allow(unused_imports)]
+pub use remoe_kernels::synthetic::*;

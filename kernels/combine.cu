@@ -1,0 +1,91 @@
+// Gate-weighted combine: out[t] = sum over the token's active experts, ascending, of
+// R[t,e] * y[pair(t,e)]. One warp per token; each lane owns 16-byte column chunks of the row,
+// 4 at a time (32 f32 accumulators), and walks the token's experts through a ballot over the
+// pair index, so the order of the sum is fixed: no atomics, bitwise-reproducible output, and
+// every output element is written (zeros for a token no expert took).
+#include "common.cuh"
+
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kChunksPerLane = 4;  // 8 values each
+
+template <typename T>
+__device__ __forceinline__ void store8(T *p, const float v[8]) {
+  uint4 raw;
+  T *o = reinterpret_cast<T *>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = T(v[i]);
+  *reinterpret_cast<uint4 *>(p) = raw;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32)
+    combine_kernel(const T *__restrict__ y, const float *__restrict__ gates,
+                   const int32_t *__restrict__ pair_index, T *__restrict__ out, int t, int h,
+                   int e) {
+  const int lane = threadIdx.x & 31;
+  const int token = blockIdx.x * kWarps + threadIdx.x / 32;
+  if (token >= t) return;
+  const int chunks = h / 8;
+  const size_t row = (size_t)token * e;
+  for (int c0 = 0; c0 < chunks; c0 += 32 * kChunksPerLane) {
+    float acc[kChunksPerLane][8];
+#pragma unroll
+    for (int i = 0; i < kChunksPerLane; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+
+    for (int e0 = 0; e0 < e; e0 += 32) {
+      const int ex = e0 + lane;
+      const int32_t p = ex < e ? pair_index[row + ex] : -1;
+      const float g = ex < e ? gates[row + ex] : 0.f;
+      uint32_t active = __ballot_sync(0xffffffffu, p >= 0);
+      while (active) {
+        const int src = __ffs(active) - 1;
+        active &= active - 1;
+        const int32_t pp = __shfl_sync(0xffffffffu, p, src);
+        const float gg = __shfl_sync(0xffffffffu, g, src);
+        const T *yrow = y + (size_t)pp * h;
+#pragma unroll
+        for (int i = 0; i < kChunksPerLane; ++i) {
+          const int c = c0 + i * 32 + lane;
+          if (c < chunks) {
+            float v[8];
+            load8_as_float(yrow + c * 8, v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(gg, v[j], acc[i][j]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kChunksPerLane; ++i) {
+      const int c = c0 + i * 32 + lane;
+      if (c < chunks) store8(out + (size_t)token * h + c * 8, acc[i]);
+    }
+  }
+}
+
+template <typename T>
+int launch_combine(const uint16_t *y, const float *gates, const int32_t *pair_index,
+                   uint16_t *out, int t, int h, int e, cudaStream_t stream) {
+  if (t == 0) return 0;
+  combine_kernel<T><<<(t + kWarps - 1) / kWarps, kWarps * 32, 0, stream>>>(
+      reinterpret_cast<const T *>(y), gates, pair_index, reinterpret_cast<T *>(out), t, h, e);
+  return (int)cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" int remoe_combine_bf16(const uint16_t *y, const float *gates, const int32_t *pair_index,
+                                  uint16_t *out, int32_t t, int32_t h, int32_t e,
+                                  remoe_stream_t stream) {
+  return launch_combine<__nv_bfloat16>(y, gates, pair_index, out, t, h, e, (cudaStream_t)stream);
+}
+
+extern "C" int remoe_combine_f16(const uint16_t *y, const float *gates, const int32_t *pair_index,
+                                 uint16_t *out, int32_t t, int32_t h, int32_t e,
+                                 remoe_stream_t stream) {
+  return launch_combine<__half>(y, gates, pair_index, out, t, h, e, (cudaStream_t)stream);
+}
