@@ -66,6 +66,24 @@ fn main() -> Result<(), Error> {
                     flops / (ms * 1e-3) / 1e12,
                     stats.tokens_per_expert.iter().max().unwrap_or(&0),
                 );
+                // A separate pass with stage timing on, so its events do not perturb the median.
+                ctx.set_stage_timing(true);
+                moe_forward(&mut ctx, &cfg, kind, 1e-3, &d.x, &d.weights(), &mut out)?;
+                let st = ctx.stage_times().expect("stage timing is on");
+                ctx.set_stage_timing(false);
+                let up_flops = 4.0 * stats.active_pairs as f64 * h as f64 * f as f64;
+                let down_flops = 2.0 * stats.active_pairs as f64 * h as f64 * f as f64;
+                println!(
+                    "      stages ms: router {:.4}  stats+sync {:.4}  compaction {:.4}  up {:.4} ({:.0} TFLOP/s)  down {:.4} ({:.0} TFLOP/s)  combine {:.4}",
+                    st.router_ms,
+                    st.stats_and_sync_ms,
+                    st.compaction_ms,
+                    st.up_ms,
+                    up_flops / (st.up_ms * 1e-3) / 1e12,
+                    st.down_ms,
+                    down_flops / (st.down_ms * 1e-3) / 1e12,
+                    st.combine_ms,
+                );
             }
         }
     }

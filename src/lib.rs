@@ -42,7 +42,7 @@ pub use element::HalfElement;
 pub use error::{Error, Result};
 pub use moe::{
     moe_forward, remoe_forward, topk_forward, ForwardStats, HostDispatch, MoeContext, MoeWeights,
-    RouterKind,
+    RouterKind, StageTimes,
 };
 pub use router::router_forward;
 pub use tensor::{DType, DeviceTensor, Element};

@@ -85,12 +85,32 @@ pub struct HostDispatch {
     pub gates: Vec<f32>,
 }
 
+/// Milliseconds spent in each stage of the last forward, measured with CUDA events when
+/// [`MoeContext::set_stage_timing`] is on.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StageTimes {
+    /// Router GEMM with its ReLU or softmax/top-k tail.
+    pub router_ms: f64,
+    /// Routing statistics and the host round-trip that reads them.
+    pub stats_and_sync_ms: f64,
+    /// Compaction into per-expert lists.
+    pub compaction_ms: f64,
+    /// Up projection with the gather and SwiGLU.
+    pub up_ms: f64,
+    /// Down projection.
+    pub down_ms: f64,
+    /// Gate-weighted combine.
+    pub combine_ms: f64,
+}
+
 /// The forward's workspace and saved state (see the module documentation).
 #[derive(Debug)]
 pub struct MoeContext<T: HalfElement> {
     dev: Device,
     last: Option<(LayerConfig, RouterKind)>,
     allocations: u64,
+    stage_timing: bool,
+    stage_times: Option<StageTimes>,
     logits: GrowBuf<f32>,
     gates: GrowBuf<f32>,
     probs: GrowBuf<f32>,
@@ -117,6 +137,8 @@ impl<T: HalfElement> MoeContext<T> {
             dev: dev.clone(),
             last: None,
             allocations: 0,
+            stage_timing: false,
+            stage_times: None,
             logits: GrowBuf::default(),
             gates: GrowBuf::default(),
             probs: GrowBuf::default(),
@@ -140,6 +162,18 @@ impl<T: HalfElement> MoeContext<T> {
     /// How many device allocations this context has made so far (0 more per call once warm).
     pub fn allocations(&self) -> u64 {
         self.allocations
+    }
+
+    /// Turns per-stage timing on or off. On, each forward records CUDA events between its stages
+    /// and waits for the last one (so it costs a little); off, nothing is recorded.
+    pub fn set_stage_timing(&mut self, on: bool) {
+        self.stage_timing = on;
+        self.stage_times = None;
+    }
+
+    /// Per-stage times of the last forward, when stage timing was on.
+    pub fn stage_times(&self) -> Option<StageTimes> {
+        self.stage_times
     }
 
     /// The configuration and router of the last forward.
@@ -321,6 +355,7 @@ pub fn moe_forward<T: HalfElement>(
         MoeContext::<T>::grow(&dev, a, &mut c.pair_index, t * e)?;
     }
     ctx.last = Some((*cfg, router));
+    let mut marks = StageMarks::new(&dev, ctx.stage_timing)?;
     // validate_for_gpu bounds T*H, T*E, H*E and E*H*F by i32::MAX: the i32 casts below are exact.
     let (ti, hi, fi, ei, ki) = (t as i32, h as i32, f as i32, e as i32, k as i32);
 
@@ -375,6 +410,8 @@ pub fn moe_forward<T: HalfElement>(
         let code = unsafe { ffi::remoe_topk_softmax(lp, pp, gp, bc, bs, ti, ei, ki, l.stream()) };
         ffi::check("topk_softmax", code)?;
     }
+
+    marks.mark()?;
 
     // 2. Routing statistics.
     {
@@ -431,6 +468,8 @@ pub fn moe_forward<T: HalfElement>(
         MoeContext::<T>::grow(&dev, a, &mut c.y, pairs * h)?;
     }
 
+    marks.mark()?;
+
     // 4. Compaction.
     if t > 0 {
         let mut l = Launch::on(&dev);
@@ -445,6 +484,8 @@ pub fn moe_forward<T: HalfElement>(
         let code = unsafe { ffi::remoe_compact_pairs(gp, bo, eo, pt, pg, pi, ti, ei, l.stream()) };
         ffi::check("compact_pairs", code)?;
     }
+
+    marks.mark()?;
 
     // 5. Experts.
     if tiles > 0 {
@@ -481,6 +522,7 @@ pub fn moe_forward<T: HalfElement>(
             };
             ffi::check("expert_up_swiglu", code)?;
         }
+        marks.mark()?;
         {
             let mut l = Launch::on(&dev);
             let ap = l.input("act", ctx.act.slice())?;
@@ -505,7 +547,10 @@ pub fn moe_forward<T: HalfElement>(
             };
             ffi::check("expert_down", code)?;
         }
+    } else {
+        marks.mark()?;
     }
+    marks.mark()?;
 
     // 6. Combine (also for |A| = 0: it writes the zeros).
     if t > 0 {
@@ -530,6 +575,8 @@ pub fn moe_forward<T: HalfElement>(
         };
         ffi::check("combine", code)?;
     }
+    marks.mark()?;
+    ctx.stage_times = marks.finish()?;
 
     Ok(ForwardStats {
         active_pairs: pairs,
@@ -537,4 +584,49 @@ pub fn moe_forward<T: HalfElement>(
         balance_loss: sf[1] as f64,
         tokens_per_expert: counts,
     })
+}
+
+/// CUDA events between the stages of one forward, when stage timing is on.
+struct StageMarks<'a> {
+    dev: &'a Device,
+    events: Option<Vec<cudarc::driver::CudaEvent>>,
+}
+
+impl<'a> StageMarks<'a> {
+    fn new(dev: &'a Device, on: bool) -> Result<Self> {
+        let mut marks = Self {
+            dev,
+            events: on.then(Vec::new),
+        };
+        marks.mark()?;
+        Ok(marks)
+    }
+
+    fn mark(&mut self) -> Result<()> {
+        if let Some(events) = self.events.as_mut() {
+            let ev = self
+                .dev
+                .context()
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            ev.record(self.dev.stream())?;
+            events.push(ev);
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Option<StageTimes>> {
+        let Some(ev) = self.events else {
+            return Ok(None);
+        };
+        ev.last().expect("marks were recorded").synchronize()?;
+        let ms = |i: usize| -> Result<f64> { Ok(ev[i].elapsed_ms(&ev[i + 1])? as f64) };
+        Ok(Some(StageTimes {
+            router_ms: ms(0)?,
+            stats_and_sync_ms: ms(1)?,
+            compaction_ms: ms(2)?,
+            up_ms: ms(3)?,
+            down_ms: ms(4)?,
+            combine_ms: ms(5)?,
+        }))
+    }
 }
