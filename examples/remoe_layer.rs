@@ -13,7 +13,7 @@ use remoe_kernels::reference::{remoe_backward, remoe_forward as reference_forwar
 use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::synthetic::{problem_with_density, uniform_density, DeviceProblem};
 use remoe_kernels::{
-    remoe_forward, time_gpu, Device, DeviceTensor, Error, LayerConfig, MoeContext,
+    remoe_forward, time_gpu, Coefficient, Device, DeviceTensor, Error, LayerConfig, MoeContext,
 };
 
 fn main() -> Result<(), Error> {
@@ -44,9 +44,24 @@ fn run_gpu(dev: &Device) -> Result<(), Error> {
     let d = DeviceProblem::upload(dev, &p)?;
     let mut ctx = MoeContext::<bf16>::new(dev);
     let mut out = DeviceTensor::<bf16>::zeros(dev, &[t, h])?;
-    let stats = remoe_forward(&mut ctx, &cfg, lambda, &d.x, &d.weights(), &mut out)?;
+    let stats = remoe_forward(
+        &mut ctx,
+        &cfg,
+        Coefficient::Fixed(lambda),
+        &d.x,
+        &d.weights(),
+        &mut out,
+    )?;
     let ms = time_gpu(dev, 5, 30, || {
-        remoe_forward(&mut ctx, &cfg, lambda, &d.x, &d.weights(), &mut out).map(|_| ())
+        remoe_forward(
+            &mut ctx,
+            &cfg,
+            Coefficient::Fixed(lambda),
+            &d.x,
+            &d.weights(),
+            &mut out,
+        )
+        .map(|_| ())
     })?
     .median_ms();
     let flops = 6.0 * stats.active_pairs as f64 * h as f64 * cfg.ffn as f64;

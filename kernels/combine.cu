@@ -1,5 +1,6 @@
-// Gate-weighted combine: out[t] = sum over the token's active experts, ascending, of
-// R[t,e] * y[pair(t,e)]. One warp per token; each lane owns 16-byte column chunks of the row,
+// Gate-weighted combine: out[t] = init[t] + sum over the token's active experts, ascending, of
+// R[t,e] * y[pair(t,e)] (weights 1 when no gates are given: the backward sums each token's
+// per-pair dX this way, onto the router's share). One warp per token; each lane owns 16-byte column chunks of the row,
 // 4 at a time (32 f32 accumulators), and walks the token's experts through a ballot over the
 // pair index, so the order of the sum is fixed: no atomics, bitwise-reproducible output, and
 // every output element is written (zeros for a token no expert took).
@@ -22,8 +23,8 @@ __device__ __forceinline__ void store8(T *p, const float v[8]) {
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32)
     combine_kernel(const T *__restrict__ y, const float *__restrict__ gates,
-                   const int32_t *__restrict__ pair_index, T *__restrict__ out, int t, int h,
-                   int e) {
+                   const int32_t *__restrict__ pair_index, const float *__restrict__ init,
+                   T *__restrict__ out, int t, int h, int e) {
   const int lane = threadIdx.x & 31;
   const int token = blockIdx.x * kWarps + threadIdx.x / 32;
   if (token >= t) return;
@@ -32,14 +33,17 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int c0 = 0; c0 < chunks; c0 += 32 * kChunksPerLane) {
     float acc[kChunksPerLane][8];
 #pragma unroll
-    for (int i = 0; i < kChunksPerLane; ++i)
+    for (int i = 0; i < kChunksPerLane; ++i) {
+      const int c = c0 + i * 32 + lane;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+      for (int j = 0; j < 8; ++j)
+        acc[i][j] = (init != nullptr && c < chunks) ? init[(size_t)token * h + c * 8 + j] : 0.f;
+    }
 
     for (int e0 = 0; e0 < e; e0 += 32) {
       const int ex = e0 + lane;
       const int32_t p = ex < e ? pair_index[row + ex] : -1;
-      const float g = ex < e ? gates[row + ex] : 0.f;
+      const float g = ex < e ? (gates != nullptr ? gates[row + ex] : 1.f) : 0.f;
       uint32_t active = __ballot_sync(0xffffffffu, p >= 0);
       while (active) {
         const int src = __ffs(active) - 1;
@@ -69,23 +73,25 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 template <typename T>
 int launch_combine(const uint16_t *y, const float *gates, const int32_t *pair_index,
-                   uint16_t *out, int t, int h, int e, cudaStream_t stream) {
+                   const float *init, uint16_t *out, int t, int h, int e, cudaStream_t stream) {
   if (t == 0) return 0;
   combine_kernel<T><<<(t + kWarps - 1) / kWarps, kWarps * 32, 0, stream>>>(
-      reinterpret_cast<const T *>(y), gates, pair_index, reinterpret_cast<T *>(out), t, h, e);
+      reinterpret_cast<const T *>(y), gates, pair_index, init, reinterpret_cast<T *>(out), t, h,
+      e);
   return (int)cudaGetLastError();
 }
 
 }  // namespace
 
 extern "C" int remoe_combine_bf16(const uint16_t *y, const float *gates, const int32_t *pair_index,
-                                  uint16_t *out, int32_t t, int32_t h, int32_t e,
-                                  remoe_stream_t stream) {
-  return launch_combine<__nv_bfloat16>(y, gates, pair_index, out, t, h, e, (cudaStream_t)stream);
+                                  const float *init, uint16_t *out, int32_t t, int32_t h,
+                                  int32_t e, remoe_stream_t stream) {
+  return launch_combine<__nv_bfloat16>(y, gates, pair_index, init, out, t, h, e,
+                                       (cudaStream_t)stream);
 }
 
 extern "C" int remoe_combine_f16(const uint16_t *y, const float *gates, const int32_t *pair_index,
-                                 uint16_t *out, int32_t t, int32_t h, int32_t e,
+                                 const float *init, uint16_t *out, int32_t t, int32_t h, int32_t e,
                                  remoe_stream_t stream) {
-  return launch_combine<__half>(y, gates, pair_index, out, t, h, e, (cudaStream_t)stream);
+  return launch_combine<__half>(y, gates, pair_index, init, out, t, h, e, (cudaStream_t)stream);
 }

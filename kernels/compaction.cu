@@ -72,7 +72,9 @@ __global__ void finalize_kernel(const uint32_t *__restrict__ counts,
                                 const float *__restrict__ gate_sums,
                                 uint32_t *__restrict__ expert_offsets,
                                 uint32_t *__restrict__ tile_offsets, uint32_t *__restrict__ stats_u32,
-                                float *__restrict__ stats_f32, int t, int e, int k, double coeff) {
+                                float *__restrict__ stats_f32, int t, int e, int k,
+                                const double *__restrict__ coeff, double *__restrict__ sparsity_sum,
+                                uint32_t *__restrict__ sparsity_count) {
   const int lane = threadIdx.x;
   uint32_t pairs = 0, tiles = 0;
   double weighted = 0.0;  // sum_e n_e * gate_sums[e]
@@ -97,8 +99,15 @@ __global__ void finalize_kernel(const uint32_t *__restrict__ counts,
     stats_u32[0] = pairs;
     stats_u32[1] = tiles;
     const double total = (double)t * (double)e;
-    stats_f32[0] = t == 0 ? 1.f : (float)(1.0 - (double)pairs / total);
-    stats_f32[1] = t == 0 ? 0.f : (float)(coeff * e / ((double)k * t * t) * weighted);
+    const double sparsity = t == 0 ? 1.0 : 1.0 - (double)pairs / total;
+    stats_f32[0] = (float)sparsity;
+    stats_f32[1] = t == 0 ? 0.f : (float)(*coeff * e / ((double)k * t * t) * weighted);
+    // The adaptive controller's running sum: kernels on one stream run in order, so this
+    // single-thread update needs no atomic and is deterministic.
+    if (sparsity_sum != nullptr) {
+      *sparsity_sum += sparsity;
+      *sparsity_count += 1;
+    }
   }
 }
 
@@ -156,14 +165,15 @@ extern "C" int remoe_routing_stats(const uint32_t *block_counts, const float *bl
                                    uint32_t *block_offsets, uint32_t *counts, float *gate_sums,
                                    uint32_t *expert_offsets, uint32_t *tile_offsets,
                                    uint32_t *stats_u32, float *stats_f32, int32_t t, int32_t e,
-                                   int32_t k, double coeff, remoe_stream_t stream) {
+                                   int32_t k, const double *coeff, double *sparsity_sum,
+                                   uint32_t *sparsity_count, remoe_stream_t stream) {
   cudaStream_t s = (cudaStream_t)stream;
   const int num_blocks = (t + kTokensPerBlock - 1) / kTokensPerBlock;
   constexpr int kWarps = 8;
   expert_scan_kernel<<<(e + kWarps - 1) / kWarps, kWarps * 32, 0, s>>>(
       block_counts, block_sums, block_offsets, counts, gate_sums, num_blocks, e);
   finalize_kernel<<<1, 32, 0, s>>>(counts, gate_sums, expert_offsets, tile_offsets, stats_u32,
-                                   stats_f32, t, e, k, coeff);
+                                   stats_f32, t, e, k, coeff, sparsity_sum, sparsity_count);
   return (int)cudaGetLastError();
 }
 

@@ -17,6 +17,14 @@
 // laid out so that every thread's accumulators hold g and u of the same output elements: the
 // SwiGLU a = SiLU(g) * u happens in the epilogue and only a is written.
 // Down projection: plain A rows (the act rows of the pairs), B = Wd_e, y written.
+//
+// The backward uses the same main loop in two more modes, with B read from the weights as
+// stored (n-major: each output column's K values contiguous), through ldmatrix without .trans:
+//   kDAct: da = dY Wd_e^T, and in the epilogue SwiGLU's backward from the saved g and u:
+//          dg = da * u * SiLU'(g), du = da * SiLU(g);
+//   kDX:   dX_pair = dg Wg_e^T + du Wu_e^T, as one GEMM over two K segments.
+// And a separate kernel for the weight gradients, whose reduction runs over an expert's pairs
+// (K = n_e, zero allowed), both operands read k-major and fed through ldmatrix.trans.
 #include "common.cuh"
 
 namespace {
@@ -84,7 +92,8 @@ __device__ __forceinline__ int b_offset(int k, int chunk) {
   return k * BN + ((chunk ^ (k & 7)) << 3);
 }
 
-__device__ __forceinline__ float silu(float z) { return z / (1.f + __expf(-z)); }
+__device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + __expf(-z)); }
+__device__ __forceinline__ float silu(float z) { return z * sigmoid(z); }
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -99,6 +108,18 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t *>(&v);
 }
 
+template <typename T>
+__device__ __forceinline__ void store2(T *p, float lo, float hi) {
+  *reinterpret_cast<uint32_t *>(p) = pack2<T>(lo, hi);
+}
+template <typename T>
+__device__ __forceinline__ void load2(const T *p, float out[2]) {
+  const uint32_t raw = *reinterpret_cast<const uint32_t *>(p);
+  const T *v = reinterpret_cast<const T *>(&raw);
+  out[0] = to_float(v[0]);
+  out[1] = to_float(v[1]);
+}
+
 // The expert owning row tile `tile`: the e with tile_offsets[e] <= tile < tile_offsets[e + 1].
 __device__ __forceinline__ int expert_of_tile(const uint32_t *tile_offsets, int e, int tile) {
   int lo = 0, hi = e - 1;
@@ -110,30 +131,44 @@ __device__ __forceinline__ int expert_of_tile(const uint32_t *tile_offsets, int 
   return lo;
 }
 
-// kSwiGLU: A rows gathered from `a` [*, K] through `gather`; B = (b0 | b1) columns n0..n0+64 of
-// each, output act = SiLU(A b0) * (A b1), n_out = N columns.
-// !kSwiGLU: A rows are the pair rows of `a` [|A|, K]; B = b0 columns n0..n0+128; output A b0.
-// b0, b1: [E, K, N] (expert-major). out: [|A|, N].
-template <typename T, bool kSwiGLU>
-__global__ void __launch_bounds__(kThreads, 2)
-    grouped_gemm_kernel(const T *__restrict__ a, const uint32_t *__restrict__ gather,
-                        const T *__restrict__ b0, const T *__restrict__ b1, T *__restrict__ out,
-                        const uint32_t *__restrict__ expert_offsets,
-                        const uint32_t *__restrict__ tile_offsets, int e, int K, int N,
-                        int col_tiles) {
+
+enum Mode { kUpSwiGLU = 0, kDown = 1, kDAct = 2, kDX = 3 };
+
+// Everything a grouped GEMM launch needs (kernel parameters, passed by value).
+template <typename T>
+struct GemmArgs {
+  const T *a0;              // A rows [|A| or T, K]; kDX: dg
+  const T *a1;              // kDX: du (second K segment)
+  const uint32_t *gather;   // kUpSwiGLU: A row of pair p is gather[p]
+  const T *b0;              // weights, per expert: kUpSwiGLU Wg [E,K,N]; kDown Wd [E,K,N];
+  const T *b1;              //   kDAct Wd [E,N,K]; kDX Wg [E,N,K] then (b1) Wu [E,N,K]
+  T *out0;                  // kUpSwiGLU act; kDown y; kDAct dg; kDX dX_pair
+  T *out1;                  // kUpSwiGLU g (may be null); kDAct du
+  T *out2;                  // kUpSwiGLU u (may be null)
+  const T *in_g;            // kDAct: saved g [|A|, N]
+  const T *in_u;            // kDAct: saved u [|A|, N]
+  const uint32_t *expert_offsets;
+  const uint32_t *tile_offsets;
+  int e, K, N, col_tiles;
+};
+
+template <typename T, int kMode>
+__global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArgs<T> args) {
+  constexpr bool kSwiGLU = kMode == kUpSwiGLU;
+  constexpr bool kBNMajor = kMode == kDAct || kMode == kDX;  // B stored [N, K] per expert
+  constexpr int kSegments = kMode == kDX ? 2 : 1;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T *smem = reinterpret_cast<T *>(smem_raw);
+  const int K = args.K, N = args.N;
 
-  const int tile = blockIdx.x / col_tiles;
-  const int col_tile = blockIdx.x % col_tiles;
-  const int expert = expert_of_tile(tile_offsets, e, tile);
-  const int row0 = expert_offsets[expert] + (tile - (int)tile_offsets[expert]) * BM;
-  const int rows = min(BM, (int)expert_offsets[expert + 1] - row0);
+  const int tile = blockIdx.x / args.col_tiles;
+  const int col_tile = blockIdx.x % args.col_tiles;
+  const int expert = expert_of_tile(args.tile_offsets, args.e, tile);
+  const int row0 = args.expert_offsets[expert] + (tile - (int)args.tile_offsets[expert]) * BM;
+  const int rows = min(BM, (int)args.expert_offsets[expert + 1] - row0);
   // Output columns of this block: 64 (SwiGLU: g and u share them) or 128.
   const int n0 = col_tile * (kSwiGLU ? BN / 2 : BN);
   const size_t w_off = (size_t)expert * K * N;
-  const T *wb0 = b0 + w_off;
-  const T *wb1 = kSwiGLU ? b1 + w_off : nullptr;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -141,60 +176,76 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int wm = warp >> 2;  // 0..1: 64-row half
   const int wn = warp & 3;   // 0..3: column quarter
 
-  // Each thread loads 2 A chunks and 2 B chunks per stage; their rows are fixed, so resolve the
-  // gathered source rows once.
-  const T *a_src[2];
+  // Each thread loads 2 A chunks and 2 B chunks per stage; their rows are fixed, so resolve
+  // the sources once (per K segment).
   int a_row[2], a_chunk[2];
+  size_t a_src_row[2];
+  bool a_ok[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int id = tid + i * kThreads;
     a_row[i] = id >> 2;
     a_chunk[i] = id & 3;
-    const int r = a_row[i];
-    if (r < rows) {
-      const size_t src_row = kSwiGLU ? (size_t)gather[row0 + r] : (size_t)(row0 + r);
-      a_src[i] = a + src_row * K;
-    } else {
-      a_src[i] = nullptr;
-    }
+    a_ok[i] = a_row[i] < rows;
+    const int p = row0 + a_row[i];
+    a_src_row[i] = a_ok[i] ? (kSwiGLU ? (size_t)args.gather[p] : (size_t)p) : 0;
   }
-  const T *b_src[2];
-  int b_k[2], b_chunk[2];
-  bool b_col_ok[2];
+  // B chunk coordinates: k-major tiles (forward) are 32 k-rows x 16 chunks; n-major tiles
+  // (backward) are 128 n-rows x 4 chunks, like A.
+  int b_r[2], b_chunk[2];
+  size_t b_src[2];  // element offset of the chunk's row (n-major) or column (k-major)
+  bool b_ok[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int id = tid + i * kThreads;
-    b_k[i] = id >> 4;
-    b_chunk[i] = id & 15;
-    int col;
-    const T *base;
-    if (kSwiGLU) {
-      base = b_chunk[i] < 8 ? wb0 : wb1;
-      col = n0 + (b_chunk[i] & 7) * 8;
+    if (kBNMajor) {
+      b_r[i] = id >> 2;  // n within the tile
+      b_chunk[i] = id & 3;
+      const int n = n0 + b_r[i];
+      b_ok[i] = n < N;
+      b_src[i] = w_off + (size_t)n * K;  // the same row offset in Wg and Wu
     } else {
-      base = wb0;
-      col = n0 + b_chunk[i] * 8;
+      b_r[i] = id >> 4;  // k within the tile
+      b_chunk[i] = id & 15;
+      int col;
+      if (kSwiGLU) col = n0 + (b_chunk[i] & 7) * 8;
+      else col = n0 + b_chunk[i] * 8;
+      b_ok[i] = col < N;
+      b_src[i] = w_off + col;
     }
-    b_col_ok[i] = col < N;
-    b_src[i] = base + col;
   }
 
-  auto load_stage = [&](int stage, int k0) {
+  const int k_tiles = (K + BK - 1) / BK;
+  const int total_k_tiles = k_tiles * kSegments;
+
+  auto load_stage = [&](int stage, int kt_all) {
+    const int sgm = kSegments == 1 ? 0 : kt_all / k_tiles;
+    const int k0 = (kt_all - sgm * k_tiles) * BK;
+    const T *a = sgm == 0 ? args.a0 : args.a1;
     T *as = smem + stage * kStageElems;
     T *bs = as + BM * BK;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int k = k0 + a_chunk[i] * 8;
-      const bool ok = a_src[i] != nullptr && k < K;
-      cp_async16(as + a_offset(a_row[i], a_chunk[i]), ok ? (const void *)(a_src[i] + k) : a,
-                 ok ? 16 : 0);
+      const bool ok = a_ok[i] && k < K;
+      cp_async16(as + a_offset(a_row[i], a_chunk[i]),
+                 ok ? (const void *)(a + a_src_row[i] * K + k) : args.a0, ok ? 16 : 0);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int k = k0 + b_k[i];
-      const bool ok = b_col_ok[i] && k < K;
-      cp_async16(bs + b_offset(b_k[i], b_chunk[i]),
-                 ok ? (const void *)(b_src[i] + (size_t)k * N) : b0, ok ? 16 : 0);
+      if (kBNMajor) {
+        const T *b = sgm == 0 ? args.b0 : args.b1;
+        const int k = k0 + b_chunk[i] * 8;
+        const bool ok = b_ok[i] && k < K;
+        cp_async16(bs + a_offset(b_r[i], b_chunk[i]),
+                   ok ? (const void *)(b + b_src[i] + k) : args.b0, ok ? 16 : 0);
+      } else {
+        const T *b = (kSwiGLU && b_chunk[i] >= 8) ? args.b1 : args.b0;
+        const int k = k0 + b_r[i];
+        const bool ok = b_ok[i] && k < K;
+        cp_async16(bs + b_offset(b_r[i], b_chunk[i]),
+                   ok ? (const void *)(b + b_src[i] + (size_t)k * N) : args.b0, ok ? 16 : 0);
+      }
     }
   };
 
@@ -206,25 +257,25 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.f;
 
-  // The warp's four 8-column groups, as 16-byte chunk indices of the B tile. SwiGLU: g columns
-  // wn*16 + {0, 8} and the u columns 64 later; plain: wn*32 + {0, 8, 16, 24}.
-  int b_col_chunk[2];  // per ldmatrix.x4.trans (two 8-column groups each)
-  b_col_chunk[0] = kSwiGLU ? wn * 2 : wn * 4;
-  b_col_chunk[1] = kSwiGLU ? 8 + wn * 2 : wn * 4 + 2;
+  // The warp's four 8-column groups, as 16-byte chunk (k-major) or 8-row group (n-major)
+  // indices of the B tile, two per ldmatrix.x4. SwiGLU: g columns wn*16 + {0, 8} and the u
+  // columns 64 later; otherwise wn*32 + {0, 8, 16, 24}.
+  int b_col[2];
+  b_col[0] = kSwiGLU ? wn * 2 : wn * 4;
+  b_col[1] = kSwiGLU ? 8 + wn * 2 : wn * 4 + 2;
 
-  const int k_tiles = (K + BK - 1) / BK;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load_stage(s, s * BK);
+    if (s < total_k_tiles) load_stage(s, s);
     cp_async_commit();
   }
 
-  for (int kt = 0; kt < k_tiles; ++kt) {
+  for (int kt = 0; kt < total_k_tiles; ++kt) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
     // Refill the stage consumed in the previous iteration (every warp is past it now).
     const int next = kt + kStages - 1;
-    if (next < k_tiles) load_stage(next % kStages, next * BK);
+    if (next < total_k_tiles) load_stage(next % kStages, next);
     cp_async_commit();
 
     const T *as = smem + (kt % kStages) * kStageElems;
@@ -240,9 +291,14 @@ __global__ void __launch_bounds__(kThreads, 2)
       uint32_t bf[4][2];
 #pragma unroll
       for (int nj = 0; nj < 2; ++nj) {
-        const int k = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
         uint32_t r[4];
-        ldmatrix_x4_trans(r, bs + b_offset(k, b_col_chunk[nj] + (lane >> 4)));
+        if (kBNMajor) {
+          const int n = b_col[nj] * 8 + (lane & 7) + ((lane >> 4) & 1) * 8;
+          ldmatrix_x4(r, bs + a_offset(n, ks * 2 + ((lane >> 3) & 1)));
+        } else {
+          const int k = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+          ldmatrix_x4_trans(r, bs + b_offset(k, b_col[nj] + (lane >> 4)));
+        }
         bf[nj * 2][0] = r[0];
         bf[nj * 2][1] = r[1];
         bf[nj * 2 + 1][0] = r[2];
@@ -264,7 +320,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int half = 0; half < 2; ++half) {
       const int r = wm * 64 + mi * 16 + (lane >> 2) + half * 8;
       if (r >= rows) continue;
-      T *orow = out + (size_t)(row0 + r) * N;
+      const size_t orow = (size_t)(row0 + r) * N;
       if (kSwiGLU) {
 #pragma unroll
         for (int ni = 0; ni < 2; ++ni) {
@@ -272,16 +328,30 @@ __global__ void __launch_bounds__(kThreads, 2)
           if (col < N) {
             const float g0 = acc[mi][ni][half * 2], g1 = acc[mi][ni][half * 2 + 1];
             const float u0 = acc[mi][ni + 2][half * 2], u1 = acc[mi][ni + 2][half * 2 + 1];
-            *reinterpret_cast<uint32_t *>(orow + col) = pack2<T>(silu(g0) * u0, silu(g1) * u1);
+            store2<T>(args.out0 + orow + col, silu(g0) * u0, silu(g1) * u1);
+            if (args.out1 != nullptr) {
+              store2<T>(args.out1 + orow + col, g0, g1);
+              store2<T>(args.out2 + orow + col, u0, u1);
+            }
           }
         }
       } else {
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
           const int col = n0 + wn * 32 + ni * 8 + (lane & 3) * 2;
-          if (col < N) {
-            *reinterpret_cast<uint32_t *>(orow + col) =
-                pack2<T>(acc[mi][ni][half * 2], acc[mi][ni][half * 2 + 1]);
+          if (col >= N) continue;
+          const float v0 = acc[mi][ni][half * 2], v1 = acc[mi][ni][half * 2 + 1];
+          if (kMode == kDAct) {
+            float g[2], u[2];
+            load2<T>(args.in_g + orow + col, g);
+            load2<T>(args.in_u + orow + col, u);
+            const float s0 = sigmoid(g[0]), s1 = sigmoid(g[1]);
+            const float dsilu0 = s0 * (1.f + g[0] * (1.f - s0));
+            const float dsilu1 = s1 * (1.f + g[1] * (1.f - s1));
+            store2<T>(args.out0 + orow + col, v0 * u[0] * dsilu0, v1 * u[1] * dsilu1);
+            store2<T>(args.out1 + orow + col, v0 * g[0] * s0, v1 * g[1] * s1);
+          } else {
+            store2<T>(args.out0 + orow + col, v0, v1);
           }
         }
       }
@@ -289,67 +359,250 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-template <typename T, bool kSwiGLU>
-int launch_grouped_gemm(const uint16_t *a, const uint32_t *gather, const uint16_t *b0,
-                        const uint16_t *b1, uint16_t *out, const uint32_t *expert_offsets,
-                        const uint32_t *tile_offsets, int num_tiles, int e, int K, int N,
-                        cudaStream_t stream) {
+template <typename T, int kMode>
+int launch_grouped_gemm(GemmArgs<T> args, int num_tiles, cudaStream_t stream) {
   if (num_tiles == 0) return 0;
-  auto kernel = grouped_gemm_kernel<T, kSwiGLU>;
+  auto kernel = grouped_gemm_kernel<T, kMode>;
   // Set on every launch: the attribute belongs to the current device, and a process may use
   // several (the call costs far less than the kernel).
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return (int)err;
-  const int cols_per_tile = kSwiGLU ? BN / 2 : BN;
-  const int col_tiles = (N + cols_per_tile - 1) / cols_per_tile;
-  const long long blocks = (long long)num_tiles * col_tiles;
+  const int cols_per_tile = kMode == kUpSwiGLU ? BN / 2 : BN;
+  args.col_tiles = (args.N + cols_per_tile - 1) / cols_per_tile;
+  const long long blocks = (long long)num_tiles * args.col_tiles;
+  if (blocks > 0x7fffffffLL) return (int)cudaErrorInvalidConfiguration;
+  kernel<<<(unsigned)blocks, kThreads, kSmemBytes, stream>>>(args);
+  return (int)cudaGetLastError();
+}
+
+// Weight gradients: out_e[m, n] (+)= sum over expert e's pairs p of A[p, m] * B[p, n], with the
+// A rows gathered through `gather` when given. One block per (expert, 128 x 128 output tile);
+// its K loop walks the expert's pairs, so the reduction order is fixed (no split-K, no atomics)
+// and an expert with no pairs writes zeros (or leaves `out` as it is when accumulating).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+    weight_grad_kernel(const T *__restrict__ a, const uint32_t *__restrict__ gather,
+                       const T *__restrict__ b, float *__restrict__ out,
+                       const uint32_t *__restrict__ expert_offsets, int M, int N, int m_tiles,
+                       int n_tiles, int accumulate) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T *smem = reinterpret_cast<T *>(smem_raw);
+  const int tiles_per_expert = m_tiles * n_tiles;
+  const int expert = blockIdx.x / tiles_per_expert;
+  const int m0 = (blockIdx.x % tiles_per_expert) / n_tiles * BM;
+  const int n0 = (blockIdx.x % n_tiles) * BN;
+  const int p0 = expert_offsets[expert];
+  const int K = (int)expert_offsets[expert + 1] - p0;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp >> 2;
+  const int wn = warp & 3;
+
+  // Both tiles are 32 k-rows (pairs) x 16 chunks of 8 columns.
+  int r[2], c[2];
+  bool a_col_ok[2], b_col_ok[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int id = tid + i * kThreads;
+    r[i] = id >> 4;
+    c[i] = id & 15;
+    a_col_ok[i] = m0 + c[i] * 8 < M;
+    b_col_ok[i] = n0 + c[i] * 8 < N;
+  }
+  auto load_stage = [&](int stage, int k0) {
+    T *as = smem + stage * kStageElems;
+    T *bs = as + BK * BM;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int k = k0 + r[i];
+      const bool row_ok = k < K;
+      size_t src_row = 0;
+      if (row_ok) src_row = gather != nullptr ? (size_t)gather[p0 + k] : (size_t)(p0 + k);
+      const bool aok = row_ok && a_col_ok[i];
+      cp_async16(as + b_offset(r[i], c[i]), aok ? (const void *)(a + src_row * M + m0 + c[i] * 8) : a,
+                 aok ? 16 : 0);
+      const bool bok = row_ok && b_col_ok[i];
+      cp_async16(bs + b_offset(r[i], c[i]),
+                 bok ? (const void *)(b + (size_t)(p0 + k) * N + n0 + c[i] * 8) : b,
+                 bok ? 16 : 0);
+    }
+  };
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.f;
+
+  const int k_tiles = (K + BK - 1) / BK;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s * BK);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next = kt + kStages - 1;
+    if (next < k_tiles) load_stage(next % kStages, next * BK);
+    cp_async_commit();
+    const T *as = smem + (kt % kStages) * kStageElems;
+    const T *bs = as + BK * BM;
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      const int k = ks * 16 + (lane & 7) + ((lane >> 4) & 1) * 8;
+      uint32_t af[4][4];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        // A is stored [k][m]: .trans hands each thread the row-major A fragment.
+        const int chunk = (wm * 64 + mi * 16) / 8 + ((lane >> 3) & 1);
+        ldmatrix_x4_trans(af[mi], as + b_offset(k, chunk));
+      }
+      uint32_t bf[4][2];
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj) {
+        uint32_t q[4];
+        const int kb = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        ldmatrix_x4_trans(q, bs + b_offset(kb, wn * 4 + nj * 2 + (lane >> 4)));
+        bf[nj * 2][0] = q[0];
+        bf[nj * 2][1] = q[1];
+        bf[nj * 2 + 1][0] = q[2];
+        bf[nj * 2 + 1][1] = q[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+    }
+  }
+  cp_async_wait<0>();
+
+  float *oe = out + (size_t)expert * M * N;
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int m = m0 + wm * 64 + mi * 16 + (lane >> 2) + half * 8;
+      if (m >= M) continue;
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const int n = n0 + wn * 32 + ni * 8 + (lane & 3) * 2;
+        if (n >= N) continue;
+        float2 *o = reinterpret_cast<float2 *>(oe + (size_t)m * N + n);
+        float2 v = make_float2(acc[mi][ni][half * 2], acc[mi][ni][half * 2 + 1]);
+        if (accumulate) {
+          const float2 old = *o;
+          v.x += old.x;
+          v.y += old.y;
+        }
+        *o = v;
+      }
+    }
+  }
+}
+
+template <typename T>
+int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,
+                       const uint32_t *expert_offsets, int e, int M, int N, int accumulate,
+                       cudaStream_t stream) {
+  auto kernel = weight_grad_kernel<T>;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err != cudaSuccess) return (int)err;
+  const int m_tiles = (M + BM - 1) / BM, n_tiles = (N + BN - 1) / BN;
+  const long long blocks = (long long)e * m_tiles * n_tiles;
   if (blocks > 0x7fffffffLL) return (int)cudaErrorInvalidConfiguration;
   kernel<<<(unsigned)blocks, kThreads, kSmemBytes, stream>>>(
-      reinterpret_cast<const T *>(a), gather, reinterpret_cast<const T *>(b0),
-      reinterpret_cast<const T *>(b1), reinterpret_cast<T *>(out), expert_offsets, tile_offsets,
-      e, K, N, col_tiles);
+      reinterpret_cast<const T *>(a), gather, reinterpret_cast<const T *>(b), out, expert_offsets,
+      M, N, m_tiles, n_tiles, accumulate);
   return (int)cudaGetLastError();
 }
 
 }  // namespace
 
-extern "C" int remoe_expert_up_swiglu_bf16(const uint16_t *x, const uint32_t *pair_token,
-                                           const uint16_t *wg, const uint16_t *wu, uint16_t *act,
-                                           const uint32_t *expert_offsets,
-                                           const uint32_t *tile_offsets, int32_t num_tiles,
-                                           int32_t e, int32_t h, int32_t f,
-                                           remoe_stream_t stream) {
-  return launch_grouped_gemm<__nv_bfloat16, true>(x, pair_token, wg, wu, act, expert_offsets,
-                                                  tile_offsets, num_tiles, e, h, f,
-                                                  (cudaStream_t)stream);
-}
+#define REMOE_GROUPED_GEMM_ENTRY_POINTS(SUFFIX, T)                                                \
+  extern "C" int remoe_expert_up_swiglu_##SUFFIX(                                                 \
+      const uint16_t *x, const uint32_t *pair_token, const uint16_t *wg, const uint16_t *wu,      \
+      uint16_t *act, uint16_t *g, uint16_t *u, const uint32_t *expert_offsets,                    \
+      const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,           \
+      remoe_stream_t stream) {                                                                    \
+    GemmArgs<T> a{};                                                                              \
+    a.a0 = reinterpret_cast<const T *>(x);                                                        \
+    a.gather = pair_token;                                                                        \
+    a.b0 = reinterpret_cast<const T *>(wg);                                                       \
+    a.b1 = reinterpret_cast<const T *>(wu);                                                       \
+    a.out0 = reinterpret_cast<T *>(act);                                                          \
+    a.out1 = reinterpret_cast<T *>(g);                                                            \
+    a.out2 = reinterpret_cast<T *>(u);                                                            \
+    a.expert_offsets = expert_offsets;                                                            \
+    a.tile_offsets = tile_offsets;                                                                \
+    a.e = e;                                                                                      \
+    a.K = h;                                                                                      \
+    a.N = f;                                                                                      \
+    return launch_grouped_gemm<T, kUpSwiGLU>(a, num_tiles, (cudaStream_t)stream);                 \
+  }                                                                                               \
+  extern "C" int remoe_expert_down_##SUFFIX(                                                      \
+      const uint16_t *act, const uint16_t *wd, uint16_t *y, const uint32_t *expert_offsets,       \
+      const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,           \
+      remoe_stream_t stream) {                                                                    \
+    GemmArgs<T> a{};                                                                              \
+    a.a0 = reinterpret_cast<const T *>(act);                                                      \
+    a.b0 = reinterpret_cast<const T *>(wd);                                                       \
+    a.out0 = reinterpret_cast<T *>(y);                                                            \
+    a.expert_offsets = expert_offsets;                                                            \
+    a.tile_offsets = tile_offsets;                                                                \
+    a.e = e;                                                                                      \
+    a.K = f;                                                                                      \
+    a.N = h;                                                                                      \
+    return launch_grouped_gemm<T, kDown>(a, num_tiles, (cudaStream_t)stream);                     \
+  }                                                                                               \
+  extern "C" int remoe_expert_dact_##SUFFIX(                                                      \
+      const uint16_t *dy, const uint16_t *wd, const uint16_t *g, const uint16_t *u,               \
+      uint16_t *dg, uint16_t *du, const uint32_t *expert_offsets, const uint32_t *tile_offsets,   \
+      int32_t num_tiles, int32_t e, int32_t h, int32_t f, remoe_stream_t stream) {                \
+    GemmArgs<T> a{};                                                                              \
+    a.a0 = reinterpret_cast<const T *>(dy);                                                       \
+    a.b0 = reinterpret_cast<const T *>(wd);                                                       \
+    a.in_g = reinterpret_cast<const T *>(g);                                                      \
+    a.in_u = reinterpret_cast<const T *>(u);                                                      \
+    a.out0 = reinterpret_cast<T *>(dg);                                                           \
+    a.out1 = reinterpret_cast<T *>(du);                                                           \
+    a.expert_offsets = expert_offsets;                                                            \
+    a.tile_offsets = tile_offsets;                                                                \
+    a.e = e;                                                                                      \
+    a.K = h;                                                                                      \
+    a.N = f;                                                                                      \
+    return launch_grouped_gemm<T, kDAct>(a, num_tiles, (cudaStream_t)stream);                     \
+  }                                                                                               \
+  extern "C" int remoe_expert_dx_##SUFFIX(                                                        \
+      const uint16_t *dg, const uint16_t *du, const uint16_t *wg, const uint16_t *wu,             \
+      uint16_t *dx_pair, const uint32_t *expert_offsets, const uint32_t *tile_offsets,            \
+      int32_t num_tiles, int32_t e, int32_t h, int32_t f, remoe_stream_t stream) {                \
+    GemmArgs<T> a{};                                                                              \
+    a.a0 = reinterpret_cast<const T *>(dg);                                                       \
+    a.a1 = reinterpret_cast<const T *>(du);                                                       \
+    a.b0 = reinterpret_cast<const T *>(wg);                                                       \
+    a.b1 = reinterpret_cast<const T *>(wu);                                                       \
+    a.out0 = reinterpret_cast<T *>(dx_pair);                                                      \
+    a.expert_offsets = expert_offsets;                                                            \
+    a.tile_offsets = tile_offsets;                                                                \
+    a.e = e;                                                                                      \
+    a.K = f;                                                                                      \
+    a.N = h;                                                                                      \
+    return launch_grouped_gemm<T, kDX>(a, num_tiles, (cudaStream_t)stream);                       \
+  }                                                                                               \
+  extern "C" int remoe_expert_weight_grad_##SUFFIX(                                               \
+      const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,                   \
+      const uint32_t *expert_offsets, int32_t e, int32_t m, int32_t n, int32_t accumulate,        \
+      remoe_stream_t stream) {                                                                    \
+    return launch_weight_grad<T>(a, gather, b, out, expert_offsets, e, m, n, accumulate,          \
+                                 (cudaStream_t)stream);                                           \
+  }
 
-extern "C" int remoe_expert_up_swiglu_f16(const uint16_t *x, const uint32_t *pair_token,
-                                          const uint16_t *wg, const uint16_t *wu, uint16_t *act,
-                                          const uint32_t *expert_offsets,
-                                          const uint32_t *tile_offsets, int32_t num_tiles,
-                                          int32_t e, int32_t h, int32_t f,
-                                          remoe_stream_t stream) {
-  return launch_grouped_gemm<__half, true>(x, pair_token, wg, wu, act, expert_offsets,
-                                           tile_offsets, num_tiles, e, h, f,
-                                           (cudaStream_t)stream);
-}
-
-extern "C" int remoe_expert_down_bf16(const uint16_t *act, const uint16_t *wd, uint16_t *y,
-                                      const uint32_t *expert_offsets,
-                                      const uint32_t *tile_offsets, int32_t num_tiles, int32_t e,
-                                      int32_t h, int32_t f, remoe_stream_t stream) {
-  return launch_grouped_gemm<__nv_bfloat16, false>(act, nullptr, wd, nullptr, y, expert_offsets,
-                                                   tile_offsets, num_tiles, e, f, h,
-                                                   (cudaStream_t)stream);
-}
-
-extern "C" int remoe_expert_down_f16(const uint16_t *act, const uint16_t *wd, uint16_t *y,
-                                     const uint32_t *expert_offsets,
-                                     const uint32_t *tile_offsets, int32_t num_tiles, int32_t e,
-                                     int32_t h, int32_t f, remoe_stream_t stream) {
-  return launch_grouped_gemm<__half, false>(act, nullptr, wd, nullptr, y, expert_offsets,
-                                            tile_offsets, num_tiles, e, f, h,
-                                            (cudaStream_t)stream);
-}
+REMOE_GROUPED_GEMM_ENTRY_POINTS(bf16, __nv_bfloat16)
+REMOE_GROUPED_GEMM_ENTRY_POINTS(f16, __half)

@@ -68,13 +68,16 @@ int remoe_topk_softmax(const float *logits, float *probs, float *gates, uint32_t
  *   tile_offsets [e+1]     exclusive scan of ceil(n_e / REMOE_GEMM_TILE_ROWS)
  *   stats_u32 [2]  { active pairs |A|, total GEMM row tiles }
  *   stats_f32 [2]  { sparsity 1 - |A|/(t e), balance loss coeff*e/(k t^2)*sum_e n_e*gate_sums[e] }
- * nb = ceil(t / REMOE_ROUTER_TOKENS_PER_BLOCK). Deterministic: every sum has a fixed order.
+ * coeff: a device pointer to lambda (ReMoE) or c (TopK), f64. When sparsity_sum is non-NULL the
+ * layer's sparsity is added to *sparsity_sum and *sparsity_count incremented (the adaptive
+ * controller's running mean). nb = ceil(t / REMOE_ROUTER_TOKENS_PER_BLOCK). Deterministic:
+ * every sum has a fixed order.
  */
 int remoe_routing_stats(const uint32_t *block_counts, const float *block_sums,
                         uint32_t *block_offsets, uint32_t *counts, float *gate_sums,
                         uint32_t *expert_offsets, uint32_t *tile_offsets, uint32_t *stats_u32,
-                        float *stats_f32, int32_t t, int32_t e, int32_t k, double coeff,
-                        remoe_stream_t stream);
+                        float *stats_f32, int32_t t, int32_t e, int32_t k, const double *coeff,
+                        double *sparsity_sum, uint32_t *sparsity_count, remoe_stream_t stream);
 
 /*
  * Compaction (kernels/compaction.cu): the pairs with gate > 0, grouped by expert, ascending
@@ -89,22 +92,29 @@ int remoe_compact_pairs(const float *gates, const uint32_t *block_offsets,
 /*
  * Grouped expert GEMMs (kernels/grouped_gemm.cu). Row tile i of the grid belongs to the expert
  * e with tile_offsets[e] <= i < tile_offsets[e+1]; num_tiles = tile_offsets[e] (total).
+ * h % 8 == 0, f % 8 == 0 everywhere.
  *
  * Up projection with SwiGLU: for each pair p of expert e, with x_t the row pair_token[p] of x,
- *   act[p, :] = SiLU(x_t Wg_e) * (x_t Wu_e)            act [|A|, f]
- *   x [t, h]; wg, wu [e, h, f]. h % 8 == 0, f % 8 == 0.
+ *   g = x_t Wg_e, u = x_t Wu_e, act[p, :] = SiLU(g) * u     act, g, u [|A|, f]
+ *   x [t, h]; wg, wu [e, h, f]. g and u are written only when both pointers are non-NULL (the
+ *   backward needs them).
  * Down projection:
- *   y[p, :] = act[p, :] Wd_e                            y [|A|, h];  wd [e, f, h]
+ *   y[p, :] = act[p, :] Wd_e                                 y [|A|, h];  wd [e, f, h]
+ * Backward of the down projection and of SwiGLU:
+ *   da = dy[p, :] Wd_e^T;  dg = da * u * SiLU'(g);  du = da * SiLU(g)   dg, du [|A|, f]
+ * Backward of the up projection, per pair (summed over a token's pairs elsewhere):
+ *   dx_pair[p, :] = dg[p, :] Wg_e^T + du[p, :] Wu_e^T                    dx_pair [|A|, h]
  */
 int remoe_expert_up_swiglu_bf16(const uint16_t *x, const uint32_t *pair_token,
                                 const uint16_t *wg, const uint16_t *wu, uint16_t *act,
-                                const uint32_t *expert_offsets, const uint32_t *tile_offsets,
-                                int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                                remoe_stream_t stream);
+                                uint16_t *g, uint16_t *u, const uint32_t *expert_offsets,
+                                const uint32_t *tile_offsets, int32_t num_tiles, int32_t e,
+                                int32_t h, int32_t f, remoe_stream_t stream);
 int remoe_expert_up_swiglu_f16(const uint16_t *x, const uint32_t *pair_token, const uint16_t *wg,
-                               const uint16_t *wu, uint16_t *act, const uint32_t *expert_offsets,
-                               const uint32_t *tile_offsets, int32_t num_tiles, int32_t e,
-                               int32_t h, int32_t f, remoe_stream_t stream);
+                               const uint16_t *wu, uint16_t *act, uint16_t *g, uint16_t *u,
+                               const uint32_t *expert_offsets, const uint32_t *tile_offsets,
+                               int32_t num_tiles, int32_t e, int32_t h, int32_t f,
+                               remoe_stream_t stream);
 int remoe_expert_down_bf16(const uint16_t *act, const uint16_t *wd, uint16_t *y,
                            const uint32_t *expert_offsets, const uint32_t *tile_offsets,
                            int32_t num_tiles, int32_t e, int32_t h, int32_t f,
@@ -113,16 +123,96 @@ int remoe_expert_down_f16(const uint16_t *act, const uint16_t *wd, uint16_t *y,
                           const uint32_t *expert_offsets, const uint32_t *tile_offsets,
                           int32_t num_tiles, int32_t e, int32_t h, int32_t f,
                           remoe_stream_t stream);
+int remoe_expert_dact_bf16(const uint16_t *dy, const uint16_t *wd, const uint16_t *g,
+                           const uint16_t *u, uint16_t *dg, uint16_t *du,
+                           const uint32_t *expert_offsets, const uint32_t *tile_offsets,
+                           int32_t num_tiles, int32_t e, int32_t h, int32_t f,
+                           remoe_stream_t stream);
+int remoe_expert_dact_f16(const uint16_t *dy, const uint16_t *wd, const uint16_t *g,
+                          const uint16_t *u, uint16_t *dg, uint16_t *du,
+                          const uint32_t *expert_offsets, const uint32_t *tile_offsets,
+                          int32_t num_tiles, int32_t e, int32_t h, int32_t f,
+                          remoe_stream_t stream);
+int remoe_expert_dx_bf16(const uint16_t *dg, const uint16_t *du, const uint16_t *wg,
+                         const uint16_t *wu, uint16_t *dx_pair, const uint32_t *expert_offsets,
+                         const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h,
+                         int32_t f, remoe_stream_t stream);
+int remoe_expert_dx_f16(const uint16_t *dg, const uint16_t *du, const uint16_t *wg,
+                        const uint16_t *wu, uint16_t *dx_pair, const uint32_t *expert_offsets,
+                        const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h,
+                        int32_t f, remoe_stream_t stream);
 
 /*
- * Combine (kernels/combine.cu): out[t, :] = sum over experts e in ascending order with
- * pair_index[t, e] >= 0 of gates[t, e] * y[pair_index[t, e], :], accumulated in f32; a token
- * with no pair gets zeros. No atomics: the result is bitwise reproducible.
+ * Expert weight gradients (kernels/grouped_gemm.cu): for every expert e (zero pairs allowed),
+ *   out[e, i, j] (+)= sum over e's pairs p of a[row(p), i] * b[p, j]     out [e, m, n] f32
+ * where row(p) = gather[p] if gather is non-NULL, else p; a has m columns, b has n. accumulate
+ * != 0 adds to out, otherwise out is overwritten. Deterministic (fixed reduction order).
+ *   dWd: a = act [|A|, f], b = dy [|A|, h]              (m = f, n = h)
+ *   dWg: a = x [t, h] gathered by pair_token, b = dg    (m = h, n = f); dWu likewise with du.
+ */
+int remoe_expert_weight_grad_bf16(const uint16_t *a, const uint32_t *gather, const uint16_t *b,
+                                  float *out, const uint32_t *expert_offsets, int32_t e,
+                                  int32_t m, int32_t n, int32_t accumulate,
+                                  remoe_stream_t stream);
+int remoe_expert_weight_grad_f16(const uint16_t *a, const uint32_t *gather, const uint16_t *b,
+                                 float *out, const uint32_t *expert_offsets, int32_t e, int32_t m,
+                                 int32_t n, int32_t accumulate, remoe_stream_t stream);
+
+/*
+ * Combine (kernels/combine.cu): out[t, :] = init[t, :] + sum over experts e in ascending order
+ * with pair_index[t, e] >= 0 of gates[t, e] * y[pair_index[t, e], :], accumulated in f32.
+ * gates may be NULL (every weight 1), init may be NULL (zeros; else f32 [t, h]). A token with no
+ * pair gets init (or zeros). No atomics: the result is bitwise reproducible.
  */
 int remoe_combine_bf16(const uint16_t *y, const float *gates, const int32_t *pair_index,
-                       uint16_t *out, int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
+                       const float *init, uint16_t *out, int32_t t, int32_t h, int32_t e,
+                       remoe_stream_t stream);
 int remoe_combine_f16(const uint16_t *y, const float *gates, const int32_t *pair_index,
-                      uint16_t *out, int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
+                      const float *init, uint16_t *out, int32_t t, int32_t h, int32_t e,
+                      remoe_stream_t stream);
+
+/*
+ * Backward helpers (kernels/backward.cu).
+ *
+ * Per pair p of token t = pair_token[p]: dy[p, :] = pair_gate[p] * dout[t, :] and
+ * dr[p] = dout[t, :] . y[p, :].           dout [t, h]; y, dy [|A|, h]; dr [|A|] f32.
+ */
+int remoe_pair_grad_prep_bf16(const uint16_t *dout, const uint16_t *y, const uint32_t *pair_token,
+                              const float *pair_gate, uint16_t *dy, float *dr, int32_t pairs,
+                              int32_t h, remoe_stream_t stream);
+int remoe_pair_grad_prep_f16(const uint16_t *dout, const uint16_t *y, const uint32_t *pair_token,
+                             const float *pair_gate, uint16_t *dy, float *dr, int32_t pairs,
+                             int32_t h, remoe_stream_t stream);
+/*
+ * The router's logit gradient dl [t, e] (f32). probs == NULL: ReMoE,
+ *   dl = dr[pair] + coeff E n_e / (k t^2) where pair_index >= 0, else 0;
+ * probs != NULL: TopK (e <= 512), dP = (dr[pair] where selected) + coeff E n_e / (k t^2),
+ *   dl_t = P_t * (dP_t - dP_t . P_t).
+ * coeff is a device pointer (f64).
+ */
+int remoe_router_grad(const int32_t *pair_index, const float *dr, const uint32_t *counts,
+                      const float *probs, const double *coeff, float *dl, int32_t t, int32_t e,
+                      int32_t k, remoe_stream_t stream);
+/*
+ * The router's dense gradients: dxr [t, h] = dl Wr^T (f32), and dwr [h, e] (+)= x^T dl (f32,
+ * accumulate != 0 adds), through partial [slices, h, e] (f32 scratch) summed in slice order.
+ */
+int remoe_router_backward_dense_bf16(const uint16_t *x, const uint16_t *wr, const float *dl,
+                                     float *dxr, float *partial, float *dwr, int32_t t, int32_t h,
+                                     int32_t e, int32_t slices, int32_t accumulate,
+                                     remoe_stream_t stream);
+int remoe_router_backward_dense_f16(const uint16_t *x, const uint16_t *wr, const float *dl,
+                                    float *dxr, float *partial, float *dwr, int32_t t, int32_t h,
+                                    int32_t e, int32_t slices, int32_t accumulate,
+                                    remoe_stream_t stream);
+
+/*
+ * The adaptive lambda controller's step (kernels/controller.cu), one thread: if *count > 0,
+ * with S = *sparsity_sum / *count: lambda *= alpha if S < target, else lambda /= alpha; then the
+ * sum and count are reset. All on the device: no host synchronisation.
+ */
+int remoe_lambda_step(double *lambda, double *sparsity_sum, uint32_t *count, double alpha,
+                      double target, remoe_stream_t stream);
 
 #ifdef __cplusplus
 }

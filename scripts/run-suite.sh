@@ -23,9 +23,10 @@ total_pass=0
 total_fail=0
 for bin in "$here"/tests/*; do
   name="$(basename "$bin")"
-  log="$out/test-$name.log"
+  log="$out/tmp-test.log"
   "$bin" --test-threads=1 >"$log" 2>&1
   rc=$?
+  { echo "=== $name (rc=$rc)"; cat "$log"; } >>"$out/tests.log"
   p=$(grep -oE '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
   f=$(grep -oE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
   total_pass=$((total_pass + p))
@@ -34,6 +35,7 @@ for bin in "$here"/tests/*; do
   summary+=("$(printf '%-28s rc=%-3s %4s passed %4s failed' "$name" "$rc" "$p" "$f")")
   if [[ $rc -ne 0 ]]; then grep -E "panicked|FAILED|error" "$log" | head -20; fi
 done
+rm -f "$out/tmp-test.log"
 
 san_summary=()
 if [[ $sanitize -eq 1 ]] && command -v compute-sanitizer >/dev/null; then
@@ -41,9 +43,10 @@ if [[ $sanitize -eq 1 ]] && command -v compute-sanitizer >/dev/null; then
     [[ -e "$bin" ]] || continue
     name="$(basename "$bin")"
     for tool in memcheck; do
-      log="$out/sanitizer-$tool-$name.log"
+      log="$out/tmp-sanitizer.log"
       compute-sanitizer --tool "$tool" --error-exitcode 86 "$bin" --test-threads=1 >"$log" 2>&1
       rc=$?
+      { echo "=== $tool $name (rc=$rc)"; cat "$log"; } >>"$out/sanitizer.log"
       san_summary+=("$(printf '%-10s %-28s rc=%-3s %s' "$tool" "$name" "$rc" "$(grep -E 'ERROR SUMMARY' "$log" | tail -1)")")
     done
   done
@@ -52,7 +55,7 @@ fi
 if [[ $bench -eq 1 ]]; then
   for bin in "$here"/examples/*; do
     [[ -e "$bin" ]] || continue
-    "$bin" 2>&1 | tee "$out/example-$(basename "$bin").log" | tail -40
+    { echo "=== $(basename "$bin")"; "$bin" 2>&1; } | tee -a "$out/examples.log" | tail -60
   done
 fi
 

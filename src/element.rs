@@ -21,12 +21,14 @@ pub(crate) type RouterForwardFn = unsafe extern "C" fn(
     Stream,
 ) -> i32;
 
-/// x, pair_token, wg, wu, act, expert_offsets, tile_offsets, num_tiles, e, h, f, stream.
+/// x, pair_token, wg, wu, act, g, u, expert_offsets, tile_offsets, num_tiles, e, h, f, stream.
 pub(crate) type ExpertUpFn = unsafe extern "C" fn(
     *const u16,
     *const u32,
     *const u16,
     *const u16,
+    *mut u16,
+    *mut u16,
     *mut u16,
     *const u32,
     *const u32,
@@ -51,12 +53,89 @@ pub(crate) type ExpertDownFn = unsafe extern "C" fn(
     Stream,
 ) -> i32;
 
-/// y, gates, pair_index, out, t, h, e, stream.
+/// y, gates, pair_index, init, out, t, h, e, stream.
 pub(crate) type CombineFn = unsafe extern "C" fn(
     *const u16,
     *const f32,
     *const i32,
+    *const f32,
     *mut u16,
+    i32,
+    i32,
+    i32,
+    Stream,
+) -> i32;
+
+/// dout, y, pair_token, pair_gate, dy, dr, pairs, h, stream.
+pub(crate) type PairGradPrepFn = unsafe extern "C" fn(
+    *const u16,
+    *const u16,
+    *const u32,
+    *const f32,
+    *mut u16,
+    *mut f32,
+    i32,
+    i32,
+    Stream,
+) -> i32;
+
+/// dy, wd, g, u, dg, du, expert_offsets, tile_offsets, num_tiles, e, h, f, stream.
+pub(crate) type ExpertDActFn = unsafe extern "C" fn(
+    *const u16,
+    *const u16,
+    *const u16,
+    *const u16,
+    *mut u16,
+    *mut u16,
+    *const u32,
+    *const u32,
+    i32,
+    i32,
+    i32,
+    i32,
+    Stream,
+) -> i32;
+
+/// dg, du, wg, wu, dx_pair, expert_offsets, tile_offsets, num_tiles, e, h, f, stream.
+pub(crate) type ExpertDxFn = unsafe extern "C" fn(
+    *const u16,
+    *const u16,
+    *const u16,
+    *const u16,
+    *mut u16,
+    *const u32,
+    *const u32,
+    i32,
+    i32,
+    i32,
+    i32,
+    Stream,
+) -> i32;
+
+/// a, gather, b, out, expert_offsets, e, m, n, accumulate, stream.
+pub(crate) type WeightGradFn = unsafe extern "C" fn(
+    *const u16,
+    *const u32,
+    *const u16,
+    *mut f32,
+    *const u32,
+    i32,
+    i32,
+    i32,
+    i32,
+    Stream,
+) -> i32;
+
+/// x, wr, dl, dxr, partial, dwr, t, h, e, slices, accumulate, stream.
+pub(crate) type RouterBackwardDenseFn = unsafe extern "C" fn(
+    *const u16,
+    *const u16,
+    *const f32,
+    *mut f32,
+    *mut f32,
+    *mut f32,
+    i32,
+    i32,
     i32,
     i32,
     i32,
@@ -74,6 +153,16 @@ pub trait HalfElement: Element + sealed::Sealed {
     const EXPERT_DOWN: ExpertDownFn;
     #[doc(hidden)]
     const COMBINE: CombineFn;
+    #[doc(hidden)]
+    const PAIR_GRAD_PREP: PairGradPrepFn;
+    #[doc(hidden)]
+    const EXPERT_DACT: ExpertDActFn;
+    #[doc(hidden)]
+    const EXPERT_DX: ExpertDxFn;
+    #[doc(hidden)]
+    const WEIGHT_GRAD: WeightGradFn;
+    #[doc(hidden)]
+    const ROUTER_BACKWARD_DENSE: RouterBackwardDenseFn;
 }
 
 mod sealed {
@@ -87,6 +176,11 @@ impl HalfElement for bf16 {
     const EXPERT_UP: ExpertUpFn = ffi::remoe_expert_up_swiglu_bf16;
     const EXPERT_DOWN: ExpertDownFn = ffi::remoe_expert_down_bf16;
     const COMBINE: CombineFn = ffi::remoe_combine_bf16;
+    const PAIR_GRAD_PREP: PairGradPrepFn = ffi::remoe_pair_grad_prep_bf16;
+    const EXPERT_DACT: ExpertDActFn = ffi::remoe_expert_dact_bf16;
+    const EXPERT_DX: ExpertDxFn = ffi::remoe_expert_dx_bf16;
+    const WEIGHT_GRAD: WeightGradFn = ffi::remoe_expert_weight_grad_bf16;
+    const ROUTER_BACKWARD_DENSE: RouterBackwardDenseFn = ffi::remoe_router_backward_dense_bf16;
 }
 
 impl HalfElement for f16 {
@@ -94,4 +188,9 @@ impl HalfElement for f16 {
     const EXPERT_UP: ExpertUpFn = ffi::remoe_expert_up_swiglu_f16;
     const EXPERT_DOWN: ExpertDownFn = ffi::remoe_expert_down_f16;
     const COMBINE: CombineFn = ffi::remoe_combine_f16;
+    const PAIR_GRAD_PREP: PairGradPrepFn = ffi::remoe_pair_grad_prep_f16;
+    const EXPERT_DACT: ExpertDActFn = ffi::remoe_expert_dact_f16;
+    const EXPERT_DX: ExpertDxFn = ffi::remoe_expert_dx_f16;
+    const WEIGHT_GRAD: WeightGradFn = ffi::remoe_expert_weight_grad_f16;
+    const ROUTER_BACKWARD_DENSE: RouterBackwardDenseFn = ffi::remoe_router_backward_dense_f16;
 }

@@ -22,7 +22,9 @@
 //! [`Error::NoCudaDevice`] on a machine without a driver or device, and the [`reference`] module
 //! needs no GPU at all.
 
+pub mod backward;
 pub mod config;
+pub mod controller;
 pub mod device;
 mod element;
 pub mod error;
@@ -36,7 +38,9 @@ pub mod tensor;
 pub mod timing;
 mod workspace;
 
+pub use backward::{moe_backward, MoeGrads};
 pub use config::LayerConfig;
+pub use controller::{Coefficient, LambdaController};
 pub use device::{driver_library_present, Device};
 pub use element::HalfElement;
 pub use error::{Error, Result};

@@ -24,6 +24,7 @@
 //! micro-batch in flight.
 
 use crate::config::LayerConfig;
+use crate::controller::Coefficient;
 use crate::device::Device;
 use crate::element::HalfElement;
 use crate::error::{Error, Result};
@@ -106,28 +107,40 @@ pub struct StageTimes {
 /// The forward's workspace and saved state (see the module documentation).
 #[derive(Debug)]
 pub struct MoeContext<T: HalfElement> {
-    dev: Device,
-    last: Option<(LayerConfig, RouterKind)>,
-    allocations: u64,
-    stage_timing: bool,
-    stage_times: Option<StageTimes>,
-    logits: GrowBuf<f32>,
-    gates: GrowBuf<f32>,
-    probs: GrowBuf<f32>,
-    block_counts: GrowBuf<u32>,
-    block_sums: GrowBuf<f32>,
-    block_offsets: GrowBuf<u32>,
-    counts: GrowBuf<u32>,
-    gate_sums: GrowBuf<f32>,
-    expert_offsets: GrowBuf<u32>,
-    tile_offsets: GrowBuf<u32>,
-    stats_u32: GrowBuf<u32>,
-    stats_f32: GrowBuf<f32>,
-    pair_token: GrowBuf<u32>,
-    pair_gate: GrowBuf<f32>,
-    pair_index: GrowBuf<i32>,
-    act: GrowBuf<T>,
-    y: GrowBuf<T>,
+    pub(crate) dev: Device,
+    pub(crate) last: Option<(LayerConfig, RouterKind)>,
+    pub(crate) allocations: u64,
+    pub(crate) stage_timing: bool,
+    pub(crate) stage_times: Option<StageTimes>,
+    pub(crate) logits: GrowBuf<f32>,
+    pub(crate) gates: GrowBuf<f32>,
+    pub(crate) probs: GrowBuf<f32>,
+    pub(crate) block_counts: GrowBuf<u32>,
+    pub(crate) block_sums: GrowBuf<f32>,
+    pub(crate) block_offsets: GrowBuf<u32>,
+    pub(crate) counts: GrowBuf<u32>,
+    pub(crate) gate_sums: GrowBuf<f32>,
+    pub(crate) expert_offsets: GrowBuf<u32>,
+    pub(crate) tile_offsets: GrowBuf<u32>,
+    pub(crate) stats_u32: GrowBuf<u32>,
+    pub(crate) stats_f32: GrowBuf<f32>,
+    pub(crate) pair_token: GrowBuf<u32>,
+    pub(crate) pair_gate: GrowBuf<f32>,
+    pub(crate) pair_index: GrowBuf<i32>,
+    pub(crate) act: GrowBuf<T>,
+    pub(crate) y: GrowBuf<T>,
+    /// Write g and u in the forward (the backward needs them).
+    pub(crate) save_for_backward: bool,
+    /// g = x Wg and u = x Wu of every pair, [|A|, F], when saving for backward.
+    pub(crate) g: GrowBuf<T>,
+    pub(crate) u: GrowBuf<T>,
+    /// A host-given coefficient, copied here for the kernels.
+    pub(crate) coeff: GrowBuf<f64>,
+    /// |A| and the GEMM row tiles of the last forward.
+    pub(crate) pairs: usize,
+    pub(crate) tiles: usize,
+    /// The backward's scratch (src/backward.rs).
+    pub(crate) bwd: crate::backward::BackwardScratch<T>,
 }
 
 impl<T: HalfElement> MoeContext<T> {
@@ -156,7 +169,50 @@ impl<T: HalfElement> MoeContext<T> {
             pair_index: GrowBuf::default(),
             act: GrowBuf::default(),
             y: GrowBuf::default(),
+            save_for_backward: false,
+            g: GrowBuf::default(),
+            u: GrowBuf::default(),
+            coeff: GrowBuf::default(),
+            pairs: 0,
+            tiles: 0,
+            bwd: Default::default(),
         }
+    }
+
+    /// A context whose forwards save what [`moe_backward`](crate::moe_backward) needs: the
+    /// expert pre-activations g and u, 4 F bytes per routed pair on top of act and y (which
+    /// every forward keeps). Recomputing them instead would cost the up projection's
+    /// 4 |A| H F FLOPs again in the backward.
+    pub fn for_training(dev: &Device) -> Self {
+        let mut ctx = Self::new(dev);
+        ctx.save_for_backward = true;
+        ctx
+    }
+
+    /// Bytes of device memory holding what the last forward saved for the backward: logits,
+    /// gates and pair index ([T, E]; probs too for TopK), the dispatch lists, and per pair act,
+    /// y (and g, u when saving for backward). Divide by T for bytes per token.
+    pub fn saved_bytes(&self) -> usize {
+        let Some((cfg, router)) = self.last else {
+            return 0;
+        };
+        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+        let el = std::mem::size_of::<T>();
+        let per_token_expert = 4 + 4 + 4 + if router == RouterKind::TopK { 4 } else { 0 };
+        let per_pair = 4
+            + 4
+            + el * (f + h)
+            + if self.save_for_backward {
+                2 * el * f
+            } else {
+                0
+            };
+        t * e * per_token_expert + self.pairs * per_pair + (2 * e + 2) * 4
+    }
+
+    /// Turns saving for backward on or off for the next forwards.
+    pub fn set_save_for_backward(&mut self, on: bool) {
+        self.save_for_backward = on;
     }
 
     /// How many device allocations this context has made so far (0 more per call once warm).
@@ -246,10 +302,13 @@ impl<T: HalfElement> MoeContext<T> {
         self.pair_gate.poison()?;
         self.pair_index.poison()?;
         self.act.poison()?;
-        self.y.poison()
+        self.y.poison()?;
+        self.g.poison()?;
+        self.u.poison()?;
+        self.backward_poison()
     }
 
-    fn grow<E: crate::tensor::Element>(
+    pub(crate) fn grow<E: crate::tensor::Element>(
         dev: &Device,
         allocations: &mut u64,
         buf: &mut GrowBuf<E>,
@@ -263,11 +322,12 @@ impl<T: HalfElement> MoeContext<T> {
 }
 
 /// The ReMoE layer forward: `out` = the layer's output; the returned statistics carry the L1
-/// regulariser's value at `lambda`. See [`moe_forward`].
+/// regulariser's value at `lambda` (fixed, or the adaptive controller's, which then records this
+/// layer's sparsity). See [`moe_forward`].
 pub fn remoe_forward<T: HalfElement>(
     ctx: &mut MoeContext<T>,
     cfg: &LayerConfig,
-    lambda: f64,
+    lambda: Coefficient,
     x: &DeviceTensor<T>,
     w: &MoeWeights<T>,
     out: &mut DeviceTensor<T>,
@@ -284,7 +344,15 @@ pub fn topk_forward<T: HalfElement>(
     w: &MoeWeights<T>,
     out: &mut DeviceTensor<T>,
 ) -> Result<ForwardStats> {
-    moe_forward(ctx, cfg, RouterKind::TopK, aux_coeff, x, w, out)
+    moe_forward(
+        ctx,
+        cfg,
+        RouterKind::TopK,
+        Coefficient::Fixed(aux_coeff),
+        x,
+        w,
+        out,
+    )
 }
 
 fn check_inputs<T: HalfElement>(
@@ -322,12 +390,13 @@ fn check_inputs<T: HalfElement>(
 }
 
 /// The layer forward with either router, on the context's device and stream. `coeff` is lambda
-/// (ReMoE) or c (TopK); it only scales the returned balance loss.
+/// (ReMoE) or c (TopK); it scales the returned balance loss, and an adaptive controller also
+/// records the layer's sparsity.
 pub fn moe_forward<T: HalfElement>(
     ctx: &mut MoeContext<T>,
     cfg: &LayerConfig,
     router: RouterKind,
-    coeff: f64,
+    mut coeff: Coefficient,
     x: &DeviceTensor<T>,
     w: &MoeWeights<T>,
     out: &mut DeviceTensor<T>,
@@ -353,6 +422,11 @@ pub fn moe_forward<T: HalfElement>(
         MoeContext::<T>::grow(&dev, a, &mut c.stats_u32, 2)?;
         MoeContext::<T>::grow(&dev, a, &mut c.stats_f32, 2)?;
         MoeContext::<T>::grow(&dev, a, &mut c.pair_index, t * e)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.coeff, 1)?;
+    }
+    if let Coefficient::Fixed(v) = coeff {
+        let s = dev.stream().clone();
+        s.memcpy_htod(&[v], ctx.coeff.slice_mut())?;
     }
     ctx.last = Some((*cfg, router));
     let mut marks = StageMarks::new(&dev, ctx.stage_timing)?;
@@ -425,7 +499,20 @@ pub fn moe_forward<T: HalfElement>(
         let to = l.output("tile offsets", ctx.tile_offsets.slice_mut())?;
         let su = l.output("stats", ctx.stats_u32.slice_mut())?;
         let sf = l.output("stats", ctx.stats_f32.slice_mut())?;
-        // SAFETY: buffer sizes as documented in remoe_kernels.h, ensured above for this t and e.
+        let (cp, sum, cnt) = match &mut coeff {
+            Coefficient::Fixed(_) => (
+                l.input_raw(ctx.coeff.slice()),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            ),
+            Coefficient::Adaptive(c) => (
+                l.input_raw(&c.lambda),
+                l.output_raw(&mut c.sparsity_sum),
+                l.output_raw(&mut c.count),
+            ),
+        };
+        // SAFETY: buffer sizes as documented in remoe_kernels.h, ensured above for this t and e;
+        // cp points at one f64, sum and cnt at one f64 and one u32 (or are null).
         let code = unsafe {
             ffi::remoe_routing_stats(
                 bc,
@@ -440,7 +527,9 @@ pub fn moe_forward<T: HalfElement>(
                 ti,
                 ei,
                 ki,
-                coeff,
+                cp,
+                sum,
+                cnt,
                 l.stream(),
             )
         };
@@ -452,6 +541,8 @@ pub fn moe_forward<T: HalfElement>(
     let su = ctx.stats_u32.to_host()?;
     let sf = ctx.stats_f32.to_host()?;
     let (pairs, tiles) = (su[0] as usize, su[1] as usize);
+    ctx.pairs = pairs;
+    ctx.tiles = tiles;
     debug_assert_eq!(
         tiles,
         counts
@@ -466,6 +557,9 @@ pub fn moe_forward<T: HalfElement>(
         MoeContext::<T>::grow(&dev, a, &mut c.pair_gate, pairs)?;
         MoeContext::<T>::grow(&dev, a, &mut c.act, pairs * f)?;
         MoeContext::<T>::grow(&dev, a, &mut c.y, pairs * h)?;
+        let saved = if c.save_for_backward { pairs * f } else { 0 };
+        MoeContext::<T>::grow(&dev, a, &mut c.g, saved)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.u, saved)?;
     }
 
     marks.mark()?;
@@ -500,10 +594,19 @@ pub fn moe_forward<T: HalfElement>(
             let wg = l.input("gate weight", w.gate.slice())?;
             let wu = l.input("up weight", w.up.slice())?;
             let ap = l.output("act", ctx.act.slice_mut())?;
+            let (gp, up) = if ctx.save_for_backward {
+                (
+                    l.output("g", ctx.g.slice_mut())? as *mut u16,
+                    l.output("u", ctx.u.slice_mut())? as *mut u16,
+                )
+            } else {
+                (std::ptr::null_mut(), std::ptr::null_mut())
+            };
             let eo = l.input("expert offsets", ctx.expert_offsets.slice())?;
             let to = l.input("tile offsets", ctx.tile_offsets.slice())?;
-            // SAFETY: x [t,h]; wg, wu [e,h,f]; act holds |A|*f; pair tokens < t; the offsets
-            // describe `tiles` row tiles over |A| rows; h, f multiples of 8.
+            // SAFETY: x [t,h]; wg, wu [e,h,f]; act (and g, u when saving) hold |A|*f; pair
+            // tokens < t; the offsets describe `tiles` row tiles over |A| rows; h, f multiples
+            // of 8.
             let code = unsafe {
                 T::EXPERT_UP(
                     xp as *const u16,
@@ -511,6 +614,8 @@ pub fn moe_forward<T: HalfElement>(
                     wg as *const u16,
                     wu as *const u16,
                     ap as *mut u16,
+                    gp,
+                    up,
                     eo,
                     to,
                     tiles_i,
@@ -566,6 +671,7 @@ pub fn moe_forward<T: HalfElement>(
                 yp as *const u16,
                 gp,
                 pi,
+                std::ptr::null(),
                 op as *mut u16,
                 ti,
                 hi,

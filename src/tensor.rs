@@ -16,6 +16,7 @@ pub enum DType {
     F32,
     U32,
     I32,
+    F64,
 }
 
 /// A type that can live in a [`DeviceTensor`].
@@ -39,6 +40,9 @@ impl Element for u32 {
 }
 impl Element for i32 {
     const DTYPE: DType = DType::I32;
+}
+impl Element for f64 {
+    const DTYPE: DType = DType::F64;
 }
 
 /// A row-major tensor in device memory, owned, with its shape.
@@ -207,6 +211,21 @@ impl<'a> Launch<'a> {
         let (ptr, guard) = t.device_ptr_mut(self.stream);
         self.guards.push(guard);
         aligned(what, ptr).map(|p| p as *mut T)
+    }
+
+    /// An output's pointer, without the alignment check (scalars and index buffers that the
+    /// kernels read one element at a time).
+    pub(crate) fn output_raw<T: DeviceRepr>(&mut self, t: &'a mut CudaSlice<T>) -> *mut T {
+        let (ptr, guard) = t.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        ptr as *mut T
+    }
+
+    /// An input's pointer, without the alignment check.
+    pub(crate) fn input_raw<T: DeviceRepr>(&mut self, t: &'a CudaSlice<T>) -> *const T {
+        let (ptr, guard) = t.device_ptr(self.stream);
+        self.guards.push(guard);
+        ptr as *const T
     }
 
     /// The stream as the launchers take it.

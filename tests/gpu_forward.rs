@@ -19,7 +19,7 @@ use remoe_kernels::reference::{
 };
 use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{
-    moe_forward, Device, DeviceTensor, Error, LayerConfig, MoeContext, RouterKind,
+    moe_forward, Coefficient, Device, DeviceTensor, Error, LayerConfig, MoeContext, RouterKind,
 };
 
 const LAMBDA: f64 = 1e-3;
@@ -53,11 +53,29 @@ fn check_case(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[f64])
 
     let mut ctx = MoeContext::<bf16>::new(dev);
     let mut out = DeviceTensor::<bf16>::zeros(dev, &[t, h]).unwrap();
-    moe_forward(&mut ctx, &cfg, kind, coeff, &d.x, &d.weights(), &mut out).unwrap();
+    moe_forward(
+        &mut ctx,
+        &cfg,
+        kind,
+        Coefficient::Fixed(coeff),
+        &d.x,
+        &d.weights(),
+        &mut out,
+    )
+    .unwrap();
     let warm_allocations = ctx.allocations();
     ctx.poison_workspace().unwrap();
     out.poison().unwrap();
-    let stats = moe_forward(&mut ctx, &cfg, kind, coeff, &d.x, &d.weights(), &mut out).unwrap();
+    let stats = moe_forward(
+        &mut ctx,
+        &cfg,
+        kind,
+        Coefficient::Fixed(coeff),
+        &d.x,
+        &d.weights(),
+        &mut out,
+    )
+    .unwrap();
     assert_eq!(
         ctx.allocations(),
         warm_allocations,
@@ -66,7 +84,16 @@ fn check_case(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[f64])
     let out_bits = out.to_host().unwrap();
 
     // Deterministic: a third run gives the same bits.
-    moe_forward(&mut ctx, &cfg, kind, coeff, &d.x, &d.weights(), &mut out).unwrap();
+    moe_forward(
+        &mut ctx,
+        &cfg,
+        kind,
+        Coefficient::Fixed(coeff),
+        &d.x,
+        &d.weights(),
+        &mut out,
+    )
+    .unwrap();
     let again = out.to_host().unwrap();
     assert!(
         out_bits
@@ -376,7 +403,7 @@ fn gpu_forward_refuses_bad_input_with_typed_errors() {
         &mut ctx,
         &bad,
         RouterKind::Relu,
-        0.0,
+        Coefficient::Fixed(0.0),
         &d.x,
         &d.weights(),
         &mut out,
@@ -388,7 +415,7 @@ fn gpu_forward_refuses_bad_input_with_typed_errors() {
         &mut ctx,
         &other,
         RouterKind::Relu,
-        0.0,
+        Coefficient::Fixed(0.0),
         &d.x,
         &d.weights(),
         &mut out,
@@ -400,7 +427,7 @@ fn gpu_forward_refuses_bad_input_with_typed_errors() {
         &mut ctx,
         &cfg,
         RouterKind::Relu,
-        0.0,
+        Coefficient::Fixed(0.0),
         &d.x,
         &d.weights(),
         &mut small,
@@ -415,7 +442,7 @@ fn gpu_forward_refuses_bad_input_with_typed_errors() {
         &mut ctx,
         &big,
         RouterKind::TopK,
-        0.0,
+        Coefficient::Fixed(0.0),
         &db.x,
         &db.weights(),
         &mut ob,
@@ -426,7 +453,7 @@ fn gpu_forward_refuses_bad_input_with_typed_errors() {
         &mut ctx,
         &big,
         RouterKind::Relu,
-        0.0,
+        Coefficient::Fixed(0.0),
         &db.x,
         &db.weights(),
         &mut ob,

@@ -1,0 +1,26 @@
+// The adaptive L1 coefficient of ReMoE, stepped on the device (SPEC: "Adaptive coefficient").
+// Each forward's routing statistics add the layer's sparsity to a running sum on the device
+// (kernels/compaction.cu); once per training step this kernel applies the update rule to the
+// mean and resets the sum, so a training loop never waits on the host for lambda.
+#include "common.cuh"
+
+namespace {
+
+__global__ void lambda_step_kernel(double *lambda, double *sparsity_sum, uint32_t *count,
+                                   double alpha, double target) {
+  if (*count > 0) {
+    const double mean = *sparsity_sum / (double)*count;
+    *lambda = mean < target ? *lambda * alpha : *lambda / alpha;
+  }
+  *sparsity_sum = 0.0;
+  *count = 0;
+}
+
+}  // namespace
+
+extern "C" int remoe_lambda_step(double *lambda, double *sparsity_sum, uint32_t *count,
+                                 double alpha, double target, remoe_stream_t stream) {
+  lambda_step_kernel<<<1, 1, 0, (cudaStream_t)stream>>>(lambda, sparsity_sum, count, alpha,
+                                                        target);
+  return (int)cudaGetLastError();
+}

@@ -1,0 +1,580 @@
+//! The GPU backward of the ReMoE and TopK layers against the CPU reference, every gradient, over
+//! shapes from the forward's matrix; determinism and accumulation; the adaptive controller on
+//! the device against the CPU controller; and a small training run in which the controller
+//! steers the sparsity to 1 - k/E while the loss falls.
+
+mod common;
+
+use common::*;
+use half::bf16;
+use remoe_kernels::reference::{
+    remoe_backward as ref_remoe_backward, remoe_forward as ref_remoe_forward,
+    topk_backward as ref_topk_backward, topk_forward as ref_topk_forward, SparsityController,
+};
+use remoe_kernels::rng::SplitMix64;
+use remoe_kernels::{
+    moe_backward, moe_forward, Coefficient, Device, DeviceTensor, Error, LambdaController,
+    LayerConfig, MoeContext, MoeGrads, RouterKind,
+};
+
+/// Gradient buffers on the device.
+struct Grads {
+    dx: DeviceTensor<bf16>,
+    router: DeviceTensor<f32>,
+    gate: DeviceTensor<f32>,
+    up: DeviceTensor<f32>,
+    down: DeviceTensor<f32>,
+}
+
+impl Grads {
+    fn new(dev: &Device, cfg: &LayerConfig) -> Self {
+        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+        Self {
+            dx: DeviceTensor::zeros(dev, &[t, h]).unwrap(),
+            router: DeviceTensor::zeros(dev, &[h, e]).unwrap(),
+            gate: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
+            up: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
+            down: DeviceTensor::zeros(dev, &[e, f, h]).unwrap(),
+        }
+    }
+
+    fn as_mut(&mut self) -> MoeGrads<'_, bf16> {
+        MoeGrads {
+            dx: &mut self.dx,
+            router: &mut self.router,
+            gate: &mut self.gate,
+            up: &mut self.up,
+            down: &mut self.down,
+        }
+    }
+
+    fn poison(&mut self) {
+        self.dx.poison().unwrap();
+        self.router.poison().unwrap();
+        self.gate.poison().unwrap();
+        self.up.poison().unwrap();
+        self.down.poison().unwrap();
+    }
+
+    /// dx, dWr, dWg, dWu, dWd on the host, in f64.
+    fn to_host(&self) -> [Vec<f64>; 5] {
+        let f = |t: &DeviceTensor<f32>| t.to_host().unwrap().iter().map(|&v| v as f64).collect();
+        [
+            bf16_to_f64(&self.dx.to_host().unwrap()),
+            f(&self.router),
+            f(&self.gate),
+            f(&self.up),
+            f(&self.down),
+        ]
+    }
+}
+
+const NAMES: [&str; 5] = ["dX", "dWr", "dWg", "dWu", "dWd"];
+
+/// Forward + backward on the GPU (with everything poisoned before the measured run) against the
+/// reference; returns the GPU gradients.
+fn check_backward(
+    dev: &Device,
+    kind: RouterKind,
+    cfg: LayerConfig,
+    density: &[f64],
+    coeff: f64,
+    zero_dout: bool,
+) -> [Vec<f64>; 5] {
+    let seed = SplitMix64::fresh_seed();
+    let what = format!("{kind:?} {cfg:?} coeff {coeff} seed {seed}");
+    let (t, h) = (cfg.tokens, cfg.hidden);
+    let p = problem_with_density(cfg, density, seed);
+    let d = DeviceProblem::upload(dev, &p).unwrap();
+    let mut rng = SplitMix64::new(seed ^ 0xd0);
+    let dout_host: Vec<f64> = (0..t * h)
+        .map(|_| {
+            if zero_dout {
+                0.0
+            } else {
+                bf16::from_f64(rng.range(-1.0, 1.0)).to_f64()
+            }
+        })
+        .collect();
+    let dout = DeviceTensor::from_host(dev, &to_bf16(&dout_host), &[t, h]).unwrap();
+
+    let mut ctx = MoeContext::<bf16>::for_training(dev);
+    let mut out = DeviceTensor::<bf16>::zeros(dev, &[t, h]).unwrap();
+    let mut grads = Grads::new(dev, &cfg);
+    let run = |ctx: &mut MoeContext<bf16>, out: &mut DeviceTensor<bf16>, grads: &mut Grads| {
+        moe_forward(
+            ctx,
+            &cfg,
+            kind,
+            Coefficient::Fixed(coeff),
+            &d.x,
+            &d.weights(),
+            out,
+        )
+        .unwrap();
+        moe_backward(
+            ctx,
+            Coefficient::Fixed(coeff),
+            &d.x,
+            &d.weights(),
+            &dout,
+            grads.as_mut(),
+            false,
+        )
+        .unwrap();
+    };
+    run(&mut ctx, &mut out, &mut grads);
+    let warm = ctx.allocations();
+    ctx.poison_workspace().unwrap();
+    grads.poison();
+    run(&mut ctx, &mut out, &mut grads);
+    assert_eq!(ctx.allocations(), warm, "{what}: steady state allocated");
+    let got = grads.to_host();
+
+    // Deterministic: the same bits again.
+    run(&mut ctx, &mut out, &mut grads);
+    let again = grads.to_host();
+    for (i, (a, b)) in got.iter().zip(&again).enumerate() {
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{what}: {} differs between two runs",
+            NAMES[i]
+        );
+    }
+
+    let want = match kind {
+        RouterKind::Relu => {
+            let fwd = ref_remoe_forward(&p.x, &p.params, &cfg, coeff);
+            ref_remoe_backward(&p.x, &p.params, &cfg, coeff, &fwd, &dout_host)
+        }
+        RouterKind::TopK => {
+            let fwd = ref_topk_forward(&p.x, &p.params, &cfg, coeff);
+            ref_topk_backward(&p.x, &p.params, &cfg, coeff, &fwd, &dout_host)
+        }
+    };
+    let want = [
+        want.dx,
+        want.params.router,
+        want.params.gate,
+        want.params.up,
+        want.params.down,
+    ];
+    for i in 0..5 {
+        let err = rel_err(&got[i], &want[i]);
+        assert!(err < 1e-2, "{what}: {} rel err {err:e}", NAMES[i]);
+    }
+    got
+}
+
+#[test]
+fn gpu_remoe_backward_matches_reference_across_shapes() {
+    let Some(dev) = gpu_or_skip("gpu_remoe_backward_matches_reference_across_shapes") else {
+        return;
+    };
+    let cases: Vec<(LayerConfig, Vec<f64>)> = vec![
+        (LayerConfig::new(1, 64, 64, 1, 1), uniform_density(1, 1.0)),
+        (LayerConfig::new(7, 128, 64, 8, 2), uniform_density(8, 0.3)),
+        (
+            LayerConfig::new(1000, 128, 256, 8, 2),
+            uniform_density(8, 0.25),
+        ),
+        (
+            LayerConfig::new(1000, 128, 128, 8, 1),
+            skewed_density(8, 1.0),
+        ),
+        (
+            LayerConfig::new(333, 136, 200, 8, 1),
+            uniform_density(8, 0.4),
+        ),
+        (
+            LayerConfig::new(4096, 64, 64, 64, 8),
+            uniform_density(64, 8.0 / 64.0),
+        ),
+        (
+            LayerConfig::new(1000, 64, 64, 128, 8),
+            skewed_density(128, 8.0),
+        ),
+        (
+            LayerConfig::new(500, 64, 32, 512, 8),
+            uniform_density(512, 8.0 / 512.0),
+        ),
+    ];
+    for (cfg, density) in cases {
+        check_backward(&dev, RouterKind::Relu, cfg, &density, 1e-2, false);
+    }
+    // One expert taking every token, the others starved.
+    let mut d = vec![0.0; 8];
+    d[5] = 1.0;
+    check_backward(
+        &dev,
+        RouterKind::Relu,
+        LayerConfig::new(1500, 64, 128, 8, 1),
+        &d,
+        1e-2,
+        false,
+    );
+}
+
+#[test]
+fn gpu_remoe_regulariser_gradient_alone_matches_reference() {
+    let Some(dev) = gpu_or_skip("gpu_remoe_regulariser_gradient_alone_matches_reference") else {
+        return;
+    };
+    // dOut = 0: what remains is the regulariser's gradient through dL into Wr and X.
+    let cfg = LayerConfig::new(600, 64, 64, 8, 1);
+    let g = check_backward(
+        &dev,
+        RouterKind::Relu,
+        cfg,
+        &uniform_density(8, 0.3),
+        50.0,
+        true,
+    );
+    assert!(
+        g[1].iter().any(|&v| v != 0.0),
+        "dWr should carry the regulariser"
+    );
+    assert!(g[2].iter().chain(&g[3]).chain(&g[4]).all(|&v| v == 0.0));
+}
+
+#[test]
+fn gpu_topk_backward_matches_reference() {
+    let Some(dev) = gpu_or_skip("gpu_topk_backward_matches_reference") else {
+        return;
+    };
+    for cfg in [
+        LayerConfig::new(1, 64, 64, 1, 1),
+        LayerConfig::new(7, 64, 64, 8, 2),
+        LayerConfig::new(1000, 128, 128, 8, 2),
+        LayerConfig::new(2048, 64, 64, 64, 8),
+        LayerConfig::new(300, 64, 32, 512, 8),
+    ] {
+        check_backward(
+            &dev,
+            RouterKind::TopK,
+            cfg,
+            &uniform_density(cfg.experts, 0.5),
+            1e-2,
+            false,
+        );
+    }
+    // The aux loss's gradient alone.
+    let cfg = LayerConfig::new(500, 64, 64, 8, 2);
+    check_backward(
+        &dev,
+        RouterKind::TopK,
+        cfg,
+        &uniform_density(8, 0.5),
+        5.0,
+        true,
+    );
+}
+
+#[test]
+fn gpu_backward_with_no_pairs_gives_zero_weight_gradients() {
+    let Some(dev) = gpu_or_skip("gpu_backward_with_no_pairs_gives_zero_weight_gradients") else {
+        return;
+    };
+    let g = check_backward(
+        &dev,
+        RouterKind::Relu,
+        LayerConfig::new(300, 64, 64, 8, 1),
+        &[0.0; 8],
+        1e-2,
+        false,
+    );
+    assert!(g.iter().all(|v| v.iter().all(|&x| x == 0.0)));
+    let g = check_backward(
+        &dev,
+        RouterKind::Relu,
+        LayerConfig::new(0, 64, 64, 8, 1),
+        &[0.5; 8],
+        1e-2,
+        false,
+    );
+    assert!(g[0].is_empty());
+    assert!(g[1..].iter().all(|v| v.iter().all(|&x| x == 0.0)));
+}
+
+#[test]
+fn gpu_backward_accumulates_weight_gradients_on_request() {
+    let Some(dev) = gpu_or_skip("gpu_backward_accumulates_weight_gradients_on_request") else {
+        return;
+    };
+    let cfg = LayerConfig::new(700, 64, 128, 8, 2);
+    let p = problem_with_density(cfg, &uniform_density(8, 0.25), SplitMix64::fresh_seed());
+    let d = DeviceProblem::upload(&dev, &p).unwrap();
+    let mut rng = SplitMix64::new(SplitMix64::fresh_seed());
+    let dout = DeviceTensor::from_host(&dev, &to_bf16(&rng.vec_uniform(700 * 64, 1.0)), &[700, 64])
+        .unwrap();
+    let mut ctx = MoeContext::<bf16>::for_training(&dev);
+    let mut out = DeviceTensor::<bf16>::zeros(&dev, &[700, 64]).unwrap();
+    let lambda = Coefficient::Fixed(1e-2);
+    moe_forward(
+        &mut ctx,
+        &cfg,
+        RouterKind::Relu,
+        lambda,
+        &d.x,
+        &d.weights(),
+        &mut out,
+    )
+    .unwrap();
+    let mut once = Grads::new(&dev, &cfg);
+    moe_backward(
+        &mut ctx,
+        Coefficient::Fixed(1e-2),
+        &d.x,
+        &d.weights(),
+        &dout,
+        once.as_mut(),
+        false,
+    )
+    .unwrap();
+    let mut twice = Grads::new(&dev, &cfg);
+    for _ in 0..2 {
+        moe_backward(
+            &mut ctx,
+            Coefficient::Fixed(1e-2),
+            &d.x,
+            &d.weights(),
+            &dout,
+            twice.as_mut(),
+            true,
+        )
+        .unwrap();
+    }
+    let (a, b) = (once.to_host(), twice.to_host());
+    for i in 1..5 {
+        assert!(a[i].iter().any(|&v| v != 0.0));
+        for (x, y) in a[i].iter().zip(&b[i]) {
+            assert_eq!(2.0 * x, *y, "{}: accumulated twice is not twice", NAMES[i]);
+        }
+    }
+}
+
+#[test]
+fn gpu_backward_refuses_a_forward_that_saved_nothing() {
+    let Some(dev) = gpu_or_skip("gpu_backward_refuses_a_forward_that_saved_nothing") else {
+        return;
+    };
+    let cfg = LayerConfig::new(16, 64, 64, 8, 1);
+    let p = problem_with_density(cfg, &[0.5; 8], 3);
+    let d = DeviceProblem::upload(&dev, &p).unwrap();
+    let mut ctx = MoeContext::<bf16>::new(&dev);
+    let mut out = DeviceTensor::<bf16>::zeros(&dev, &[16, 64]).unwrap();
+    let mut g = Grads::new(&dev, &cfg);
+    let err = moe_backward(
+        &mut ctx,
+        Coefficient::Fixed(0.0),
+        &d.x,
+        &d.weights(),
+        &out,
+        g.as_mut(),
+        false,
+    );
+    assert!(
+        matches!(err, Err(Error::InvalidConfig(_))),
+        "no forward yet"
+    );
+    moe_forward(
+        &mut ctx,
+        &cfg,
+        RouterKind::Relu,
+        Coefficient::Fixed(0.0),
+        &d.x,
+        &d.weights(),
+        &mut out,
+    )
+    .unwrap();
+    let err = moe_backward(
+        &mut ctx,
+        Coefficient::Fixed(0.0),
+        &d.x,
+        &d.weights(),
+        &out,
+        g.as_mut(),
+        false,
+    );
+    assert!(
+        matches!(err, Err(Error::InvalidConfig(_))),
+        "forward without saving"
+    );
+}
+
+#[test]
+fn gpu_lambda_controller_follows_the_cpu_controller() {
+    let Some(dev) = gpu_or_skip("gpu_lambda_controller_follows_the_cpu_controller") else {
+        return;
+    };
+    // Two layers' forwards per step record their sparsity on the device; the CPU controller is
+    // fed the sparsities the forwards reported.
+    let cfg = LayerConfig::new(512, 64, 64, 8, 1);
+    let mut ctrl = LambdaController::with_params(&dev, 1e-3, 1.2, cfg.target_sparsity()).unwrap();
+    let mut cpu = SparsityController::with_params(1e-3, 1.2, cfg.target_sparsity());
+    let mut ctx = MoeContext::<bf16>::new(&dev);
+    let mut out = DeviceTensor::<bf16>::zeros(&dev, &[512, 64]).unwrap();
+    for step in 0..12 {
+        for layer in 0..2 {
+            let d_target = if step % 3 == 0 { 0.05 } else { 0.4 } + 0.01 * layer as f64;
+            let p =
+                problem_with_density(cfg, &uniform_density(8, d_target), 100 + step * 2 + layer);
+            let d = DeviceProblem::upload(&dev, &p).unwrap();
+            let stats = moe_forward(
+                &mut ctx,
+                &cfg,
+                RouterKind::Relu,
+                Coefficient::Adaptive(&mut ctrl),
+                &d.x,
+                &d.weights(),
+                &mut out,
+            )
+            .unwrap();
+            cpu.record(stats.sparsity);
+        }
+        ctrl.step().unwrap();
+        cpu.step();
+        let (g, c) = (ctrl.lambda().unwrap(), cpu.lambda());
+        assert!(
+            (g - c).abs() <= 1e-12 * c,
+            "step {step}: device lambda {g} vs {c}"
+        );
+    }
+}
+
+/// Adam on host copies of the weights (f64 master weights, bf16 on the device).
+struct Adam {
+    m: Vec<f64>,
+    v: Vec<f64>,
+    step: i32,
+}
+
+impl Adam {
+    fn new(n: usize) -> Self {
+        Self {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            step: 0,
+        }
+    }
+    fn update(&mut self, w: &mut [f64], g: &[f64], lr: f64) {
+        self.step += 1;
+        let (b1, b2) = (0.9f64, 0.999f64);
+        let c1 = 1.0 - b1.powi(self.step);
+        let c2 = 1.0 - b2.powi(self.step);
+        for i in 0..w.len() {
+            self.m[i] = b1 * self.m[i] + (1.0 - b1) * g[i];
+            self.v[i] = b2 * self.v[i] + (1.0 - b2) * g[i] * g[i];
+            w[i] -= lr * (self.m[i] / c1) / ((self.v[i] / c2).sqrt() + 1e-8);
+        }
+    }
+}
+
+#[test]
+fn gpu_training_with_the_controller_settles_the_sparsity_and_lowers_the_loss() {
+    let Some(dev) =
+        gpu_or_skip("gpu_training_with_the_controller_settles_the_sparsity_and_lowers_the_loss")
+    else {
+        return;
+    };
+    // A regression task: targets from a fixed random linear map of the inputs. The router starts
+    // at about half of the experts per token; the controller must bring it to k of E.
+    let cfg = LayerConfig::new(512, 64, 64, 8, 1);
+    let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+    let seed = SplitMix64::fresh_seed();
+    let mut p = problem_with_density(cfg, &uniform_density(e, 0.5), seed);
+    let mut rng = SplitMix64::new(seed ^ 7);
+    let map = rng.vec_uniform(h * h, (3.0 / h as f64).sqrt());
+    let target: Vec<f64> = (0..t * h)
+        .map(|i| {
+            let (ti, o) = (i / h, i % h);
+            (0..h)
+                .map(|j| p.x[ti * h + j] * map[j * h + o])
+                .sum::<f64>()
+                * 0.5
+        })
+        .collect();
+    let x = DeviceTensor::from_host(&dev, &to_bf16(&p.x), &[t, h]).unwrap();
+    let mut ctrl = LambdaController::new(&dev, cfg.k, e).unwrap();
+    let mut ctx = MoeContext::<bf16>::for_training(&dev);
+    let mut out = DeviceTensor::<bf16>::zeros(&dev, &[t, h]).unwrap();
+    let mut grads = Grads::new(&dev, &cfg);
+    let mut opt = [
+        Adam::new(h * e),
+        Adam::new(e * h * f),
+        Adam::new(e * h * f),
+        Adam::new(e * f * h),
+    ];
+    let steps = 400;
+    let mut losses = Vec::new();
+    let mut sparsities = Vec::new();
+    for _ in 0..steps {
+        let wr = DeviceTensor::from_host(&dev, &to_bf16(&p.params.router), &[h, e]).unwrap();
+        let wg = DeviceTensor::from_host(&dev, &to_bf16(&p.params.gate), &[e, h, f]).unwrap();
+        let wu = DeviceTensor::from_host(&dev, &to_bf16(&p.params.up), &[e, h, f]).unwrap();
+        let wd = DeviceTensor::from_host(&dev, &to_bf16(&p.params.down), &[e, f, h]).unwrap();
+        let w = remoe_kernels::MoeWeights {
+            router: &wr,
+            gate: &wg,
+            up: &wu,
+            down: &wd,
+        };
+        let stats = moe_forward(
+            &mut ctx,
+            &cfg,
+            RouterKind::Relu,
+            Coefficient::Adaptive(&mut ctrl),
+            &x,
+            &w,
+            &mut out,
+        )
+        .unwrap();
+        let y = bf16_to_f64(&out.to_host().unwrap());
+        // loss = mean over tokens of |out_t - target_t|^2
+        let loss: f64 = y
+            .iter()
+            .zip(&target)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f64>()
+            / t as f64;
+        let dout: Vec<f64> = y
+            .iter()
+            .zip(&target)
+            .map(|(a, b)| 2.0 * (a - b) / t as f64)
+            .collect();
+        let dout = DeviceTensor::from_host(&dev, &to_bf16(&dout), &[t, h]).unwrap();
+        moe_backward(
+            &mut ctx,
+            Coefficient::Adaptive(&mut ctrl),
+            &x,
+            &w,
+            &dout,
+            grads.as_mut(),
+            false,
+        )
+        .unwrap();
+        ctrl.step().unwrap();
+        let g = grads.to_host();
+        let lr = 2e-3;
+        opt[0].update(&mut p.params.router, &g[1], lr);
+        opt[1].update(&mut p.params.gate, &g[2], lr);
+        opt[2].update(&mut p.params.up, &g[3], lr);
+        opt[3].update(&mut p.params.down, &g[4], lr);
+        losses.push(loss);
+        sparsities.push(stats.sparsity);
+    }
+    let target_s = cfg.target_sparsity();
+    let late = &sparsities[steps / 2..];
+    let mean_late = late.iter().sum::<f64>() / late.len() as f64;
+    let first = losses[..10].iter().sum::<f64>() / 10.0;
+    let last = losses[steps - 10..].iter().sum::<f64>() / 10.0;
+    println!(
+        "seed {seed}: sparsity {:.3} -> mean {:.4} over the second half (target {:.4}); loss {:.4} -> {:.4}; lambda {:.3e}",
+        sparsities[0], mean_late, target_s, first, last, ctrl.lambda().unwrap()
+    );
+    assert!(
+        (mean_late - target_s).abs() < 0.02,
+        "sparsity settled at {mean_late}, target {target_s}"
+    );
+    assert!(last < 0.8 * first, "loss did not fall: {first} -> {last}");
+}
