@@ -217,9 +217,11 @@ __global__ void router_wgrad_reduce_kernel(const float *__restrict__ partial,
                                            int accumulate) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  float s = accumulate ? dwr[i] : 0.f;
+  // This batch's gradient first, then added to what the buffer holds: accumulating a
+  // gradient twice gives exactly twice it, whatever the number of slices.
+  float s = 0.f;
   for (int sl = 0; sl < slices; ++sl) s += partial[(size_t)sl * n + i];
-  dwr[i] = s;
+  dwr[i] = accumulate ? dwr[i] + s : s;
 }
 
 template <typename T>
