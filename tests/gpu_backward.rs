@@ -568,9 +568,18 @@ fn gpu_training_with_the_controller_settles_the_sparsity_and_lowers_the_loss() {
     let mean_late = late.iter().sum::<f64>() / late.len() as f64;
     let first = losses[..10].iter().sum::<f64>() / 10.0;
     let last = losses[steps - 10..].iter().sum::<f64>() / 10.0;
-    println!(
-        "seed {seed}: sparsity {:.3} -> mean {:.4} over the second half (target {:.4}); loss {:.4} -> {:.4}; lambda {:.3e}",
-        sparsities[0], mean_late, target_s, first, last, ctrl.lambda().unwrap()
+    // Straight to stderr: libtest captures println! of passing tests, and these figures are
+    // the point of the test.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "training: seed {seed}: sparsity {:.3} -> mean {:.4} over the second half (target {:.4}); loss {:.4} -> {:.4}; lambda {:.3e}",
+        sparsities[0],
+        mean_late,
+        target_s,
+        first,
+        last,
+        ctrl.lambda().unwrap()
     );
     assert!(
         (mean_late - target_s).abs() < 0.02,
