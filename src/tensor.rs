@@ -147,6 +147,17 @@ impl<T: Element> DeviceTensor<T> {
         Ok(())
     }
 
+    /// The underlying cudarc buffer, for interoperation with other cudarc code (cuBLAS, your
+    /// own kernels). Read-only: the shape stays the tensor's.
+    pub fn cuda_slice(&self) -> &CudaSlice<T> {
+        &self.data
+    }
+
+    /// The underlying cudarc buffer, writable (its length cannot change).
+    pub fn cuda_slice_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.data
+    }
+
     /// Checks that the tensor has `expected` as its shape.
     pub(crate) fn expect_shape(&self, what: &'static str, expected: &[usize]) -> Result<()> {
         if self.shape != expected {
