@@ -26,7 +26,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // One warp per pair p (token t): dy[p] = R[p] * dOut[t] (the expert's output gradient) and
 // dr[p] = dOut[t] . y[p] (the data term of dR), in one pass over the two rows.
 template <typename T>
-__global__ void pair_grad_prep_kernel(const T *__restrict__ dout, const T *__restrict__ y,
+__global__ void pair_grad_prep_kernel(const T *__restrict__ dout, const float *__restrict__ y,
                                       const uint32_t *__restrict__ pair_token,
                                       const float *__restrict__ pair_gate, T *__restrict__ dy,
                                       float *__restrict__ dr, int pairs, int h) {
@@ -225,12 +225,12 @@ __global__ void router_wgrad_reduce_kernel(const float *__restrict__ partial,
 }
 
 template <typename T>
-int launch_pair_grad_prep(const uint16_t *dout, const uint16_t *y, const uint32_t *pair_token,
+int launch_pair_grad_prep(const uint16_t *dout, const float *y, const uint32_t *pair_token,
                           const float *pair_gate, uint16_t *dy, float *dr, int pairs, int h,
                           cudaStream_t s) {
   if (pairs == 0) return 0;
   pair_grad_prep_kernel<T><<<(pairs + 7) / 8, 256, 0, s>>>(
-      reinterpret_cast<const T *>(dout), reinterpret_cast<const T *>(y), pair_token, pair_gate,
+      reinterpret_cast<const T *>(dout), y, pair_token, pair_gate,
       reinterpret_cast<T *>(dy), dr, pairs, h);
   return (int)cudaGetLastError();
 }
@@ -254,7 +254,7 @@ int launch_router_backward_dense(const uint16_t *x, const uint16_t *wr, const fl
 
 }  // namespace
 
-extern "C" int remoe_pair_grad_prep_bf16(const uint16_t *dout, const uint16_t *y,
+extern "C" int remoe_pair_grad_prep_bf16(const uint16_t *dout, const float *y,
                                          const uint32_t *pair_token, const float *pair_gate,
                                          uint16_t *dy, float *dr, int32_t pairs, int32_t h,
                                          remoe_stream_t stream) {
@@ -262,7 +262,7 @@ extern "C" int remoe_pair_grad_prep_bf16(const uint16_t *dout, const uint16_t *y
                                               (cudaStream_t)stream);
 }
 
-extern "C" int remoe_pair_grad_prep_f16(const uint16_t *dout, const uint16_t *y,
+extern "C" int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *y,
                                         const uint32_t *pair_token, const float *pair_gate,
                                         uint16_t *dy, float *dr, int32_t pairs, int32_t h,
                                         remoe_stream_t stream) {

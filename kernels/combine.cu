@@ -20,9 +20,10 @@ __device__ __forceinline__ void store8(T *p, const float v[8]) {
   *reinterpret_cast<uint4 *>(p) = raw;
 }
 
-template <typename T>
+// Y: the rows' type (f32 expert outputs in the forward, T per-pair dX in the backward).
+template <typename T, typename Y>
 __global__ void __launch_bounds__(kWarps * 32)
-    combine_kernel(const T *__restrict__ y, const float *__restrict__ gates,
+    combine_kernel(const Y *__restrict__ y, const float *__restrict__ gates,
                    const int32_t *__restrict__ pair_index, const float *__restrict__ init,
                    T *__restrict__ out, int t, int h, int e) {
   const int lane = threadIdx.x & 31;
@@ -50,7 +51,7 @@ __global__ void __launch_bounds__(kWarps * 32)
         active &= active - 1;
         const int32_t pp = __shfl_sync(0xffffffffu, p, src);
         const float gg = __shfl_sync(0xffffffffu, g, src);
-        const T *yrow = y + (size_t)pp * h;
+        const Y *yrow = y + (size_t)pp * h;
 #pragma unroll
         for (int i = 0; i < kChunksPerLane; ++i) {
           const int c = c0 + i * 32 + lane;
@@ -71,27 +72,42 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-template <typename T>
-int launch_combine(const uint16_t *y, const float *gates, const int32_t *pair_index,
-                   const float *init, uint16_t *out, int t, int h, int e, cudaStream_t stream) {
+template <typename T, typename Y>
+int launch_combine(const Y *y, const float *gates, const int32_t *pair_index, const float *init,
+                   uint16_t *out, int t, int h, int e, cudaStream_t stream) {
   if (t == 0) return 0;
-  combine_kernel<T><<<(t + kWarps - 1) / kWarps, kWarps * 32, 0, stream>>>(
-      reinterpret_cast<const T *>(y), gates, pair_index, init, reinterpret_cast<T *>(out), t, h,
-      e);
+  combine_kernel<T, Y><<<(t + kWarps - 1) / kWarps, kWarps * 32, 0, stream>>>(
+      y, gates, pair_index, init, reinterpret_cast<T *>(out), t, h, e);
   return (int)cudaGetLastError();
 }
 
 }  // namespace
 
-extern "C" int remoe_combine_bf16(const uint16_t *y, const float *gates, const int32_t *pair_index,
-                                  const float *init, uint16_t *out, int32_t t, int32_t h,
-                                  int32_t e, remoe_stream_t stream) {
-  return launch_combine<__nv_bfloat16>(y, gates, pair_index, init, out, t, h, e,
+extern "C" int remoe_combine_bf16(const float *y, const float *gates, const int32_t *pair_index,
+                                  uint16_t *out, int32_t t, int32_t h, int32_t e,
+                                  remoe_stream_t stream) {
+  return launch_combine<__nv_bfloat16, float>(y, gates, pair_index, nullptr, out, t, h, e,
+                                              (cudaStream_t)stream);
+}
+
+extern "C" int remoe_combine_f16(const float *y, const float *gates, const int32_t *pair_index,
+                                 uint16_t *out, int32_t t, int32_t h, int32_t e,
+                                 remoe_stream_t stream) {
+  return launch_combine<__half, float>(y, gates, pair_index, nullptr, out, t, h, e,
                                        (cudaStream_t)stream);
 }
 
-extern "C" int remoe_combine_f16(const uint16_t *y, const float *gates, const int32_t *pair_index,
-                                 const float *init, uint16_t *out, int32_t t, int32_t h, int32_t e,
-                                 remoe_stream_t stream) {
-  return launch_combine<__half>(y, gates, pair_index, init, out, t, h, e, (cudaStream_t)stream);
+extern "C" int remoe_token_sum_bf16(const uint16_t *rows, const int32_t *pair_index,
+                                    const float *init, uint16_t *out, int32_t t, int32_t h,
+                                    int32_t e, remoe_stream_t stream) {
+  return launch_combine<__nv_bfloat16, __nv_bfloat16>(
+      reinterpret_cast<const __nv_bfloat16 *>(rows), nullptr, pair_index, init, out, t, h, e,
+      (cudaStream_t)stream);
+}
+
+extern "C" int remoe_token_sum_f16(const uint16_t *rows, const int32_t *pair_index,
+                                   const float *init, uint16_t *out, int32_t t, int32_t h,
+                                   int32_t e, remoe_stream_t stream) {
+  return launch_combine<__half, __half>(reinterpret_cast<const __half *>(rows), nullptr,
+                                        pair_index, init, out, t, h, e, (cudaStream_t)stream);
 }

@@ -16,9 +16,17 @@ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 // allocations (256-byte aligned).
 template <typename T>
 __device__ __forceinline__ void load8_as_float(const T *p, float out[8]) {
-  static_assert(sizeof(T) == 2, "16-bit element types only");
+  static_assert(sizeof(T) == 2, "16-bit element types (f32 has its own overload below)");
   const uint4 raw = __ldg(reinterpret_cast<const uint4 *>(p));
   const T *v = reinterpret_cast<const T *>(&raw);
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[i] = to_float(v[i]);
+}
+
+// Eight consecutive f32 values, two 16-byte loads (32-byte aligned rows of multiples of 8).
+__device__ __forceinline__ void load8_as_float(const float *p, float out[8]) {
+  const float4 a = __ldg(reinterpret_cast<const float4 *>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
+  out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
 }

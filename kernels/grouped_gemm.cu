@@ -142,7 +142,8 @@ struct GemmArgs {
   const uint32_t *gather;   // kUpSwiGLU: A row of pair p is gather[p]
   const T *b0;              // weights, per expert: kUpSwiGLU Wg [E,K,N]; kDown Wd [E,K,N];
   const T *b1;              //   kDAct Wd [E,N,K]; kDX Wg [E,N,K] then (b1) Wu [E,N,K]
-  T *out0;                  // kUpSwiGLU act; kDown y; kDAct dg; kDX dX_pair
+  T *out0;                  // kUpSwiGLU act; kDAct dg; kDX dX_pair
+  float *out_f32;           // kDown: y, kept in f32 (the backward's dR = dOut . y needs it)
   T *out1;                  // kUpSwiGLU g (may be null); kDAct du
   T *out2;                  // kUpSwiGLU u (may be null)
   const T *in_g;            // kDAct: saved g [|A|, N]
@@ -350,6 +351,8 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
             const float dsilu1 = s1 * (1.f + g[1] * (1.f - s1));
             store2<T>(args.out0 + orow + col, v0 * u[0] * dsilu0, v1 * u[1] * dsilu1);
             store2<T>(args.out1 + orow + col, v0 * g[0] * s0, v1 * g[1] * s1);
+          } else if (kMode == kDown) {
+            *reinterpret_cast<float2 *>(args.out_f32 + orow + col) = make_float2(v0, v1);
           } else {
             store2<T>(args.out0 + orow + col, v0, v1);
           }
@@ -547,13 +550,13 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
     return launch_grouped_gemm<T, kUpSwiGLU>(a, num_tiles, (cudaStream_t)stream);                 \
   }                                                                                               \
   extern "C" int remoe_expert_down_##SUFFIX(                                                      \
-      const uint16_t *act, const uint16_t *wd, uint16_t *y, const uint32_t *expert_offsets,       \
+      const uint16_t *act, const uint16_t *wd, float *y, const uint32_t *expert_offsets,          \
       const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,           \
       remoe_stream_t stream) {                                                                    \
     GemmArgs<T> a{};                                                                              \
     a.a0 = reinterpret_cast<const T *>(act);                                                      \
     a.b0 = reinterpret_cast<const T *>(wd);                                                       \
-    a.out0 = reinterpret_cast<T *>(y);                                                            \
+    a.out_f32 = y;                                                                                \
     a.expert_offsets = expert_offsets;                                                            \
     a.tile_offsets = tile_offsets;                                                                \
     a.e = e;                                                                                      \

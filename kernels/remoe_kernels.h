@@ -99,7 +99,9 @@ int remoe_compact_pairs(const float *gates, const uint32_t *block_offsets,
  *   x [t, h]; wg, wu [e, h, f]. g and u are written only when both pointers are non-NULL (the
  *   backward needs them).
  * Down projection:
- *   y[p, :] = act[p, :] Wd_e                                 y [|A|, h];  wd [e, f, h]
+ *   y[p, :] = act[p, :] Wd_e                     y [|A|, h] f32;  wd [e, f, h]
+ *   (y stays in f32: the backward's dR = dOut . y is a dot product that can cancel, and bf16
+ *   storage of y would dominate its error.)
  * Backward of the down projection and of SwiGLU:
  *   da = dy[p, :] Wd_e^T;  dg = da * u * SiLU'(g);  du = da * SiLU(g)   dg, du [|A|, f]
  * Backward of the up projection, per pair (summed over a token's pairs elsewhere):
@@ -115,11 +117,11 @@ int remoe_expert_up_swiglu_f16(const uint16_t *x, const uint32_t *pair_token, co
                                const uint32_t *expert_offsets, const uint32_t *tile_offsets,
                                int32_t num_tiles, int32_t e, int32_t h, int32_t f,
                                remoe_stream_t stream);
-int remoe_expert_down_bf16(const uint16_t *act, const uint16_t *wd, uint16_t *y,
+int remoe_expert_down_bf16(const uint16_t *act, const uint16_t *wd, float *y,
                            const uint32_t *expert_offsets, const uint32_t *tile_offsets,
                            int32_t num_tiles, int32_t e, int32_t h, int32_t f,
                            remoe_stream_t stream);
-int remoe_expert_down_f16(const uint16_t *act, const uint16_t *wd, uint16_t *y,
+int remoe_expert_down_f16(const uint16_t *act, const uint16_t *wd, float *y,
                           const uint32_t *expert_offsets, const uint32_t *tile_offsets,
                           int32_t num_tiles, int32_t e, int32_t h, int32_t f,
                           remoe_stream_t stream);
@@ -159,28 +161,33 @@ int remoe_expert_weight_grad_f16(const uint16_t *a, const uint32_t *gather, cons
                                  int32_t n, int32_t accumulate, remoe_stream_t stream);
 
 /*
- * Combine (kernels/combine.cu): out[t, :] = init[t, :] + sum over experts e in ascending order
- * with pair_index[t, e] >= 0 of gates[t, e] * y[pair_index[t, e], :], accumulated in f32.
- * gates may be NULL (every weight 1), init may be NULL (zeros; else f32 [t, h]). A token with no
- * pair gets init (or zeros). No atomics: the result is bitwise reproducible.
+ * Combine (kernels/combine.cu): out[t, :] = sum over experts e in ascending order with
+ * pair_index[t, e] >= 0 of gates[t, e] * y[pair_index[t, e], :] (y f32), accumulated in f32; a
+ * token with no pair gets zeros. No atomics: the result is bitwise reproducible.
  */
-int remoe_combine_bf16(const uint16_t *y, const float *gates, const int32_t *pair_index,
-                       const float *init, uint16_t *out, int32_t t, int32_t h, int32_t e,
-                       remoe_stream_t stream);
-int remoe_combine_f16(const uint16_t *y, const float *gates, const int32_t *pair_index,
-                      const float *init, uint16_t *out, int32_t t, int32_t h, int32_t e,
-                      remoe_stream_t stream);
+int remoe_combine_bf16(const float *y, const float *gates, const int32_t *pair_index,
+                       uint16_t *out, int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
+int remoe_combine_f16(const float *y, const float *gates, const int32_t *pair_index,
+                      uint16_t *out, int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
+/*
+ * Per-token sum of per-pair rows, the same kernel with unit weights: out[t, :] = init[t, :]
+ * (f32, or zeros if NULL) + sum over e ascending of rows[pair_index[t, e], :].
+ */
+int remoe_token_sum_bf16(const uint16_t *rows, const int32_t *pair_index, const float *init,
+                         uint16_t *out, int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
+int remoe_token_sum_f16(const uint16_t *rows, const int32_t *pair_index, const float *init,
+                        uint16_t *out, int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
 
 /*
  * Backward helpers (kernels/backward.cu).
  *
  * Per pair p of token t = pair_token[p]: dy[p, :] = pair_gate[p] * dout[t, :] and
- * dr[p] = dout[t, :] . y[p, :].           dout [t, h]; y, dy [|A|, h]; dr [|A|] f32.
+ * dr[p] = dout[t, :] . y[p, :].    dout [t, h]; y [|A|, h] f32; dy [|A|, h]; dr [|A|] f32.
  */
-int remoe_pair_grad_prep_bf16(const uint16_t *dout, const uint16_t *y, const uint32_t *pair_token,
+int remoe_pair_grad_prep_bf16(const uint16_t *dout, const float *y, const uint32_t *pair_token,
                               const float *pair_gate, uint16_t *dy, float *dr, int32_t pairs,
                               int32_t h, remoe_stream_t stream);
-int remoe_pair_grad_prep_f16(const uint16_t *dout, const uint16_t *y, const uint32_t *pair_token,
+int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *y, const uint32_t *pair_token,
                              const float *pair_gate, uint16_t *dy, float *dr, int32_t pairs,
                              int32_t h, remoe_stream_t stream);
 /*

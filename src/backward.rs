@@ -166,7 +166,7 @@ pub fn moe_backward<T: HalfElement>(
         let code = unsafe {
             T::PAIR_GRAD_PREP(
                 d as *const u16,
-                y as *const u16,
+                y,
                 pt,
                 pg,
                 dy as *mut u16,
@@ -339,11 +339,10 @@ pub fn moe_backward<T: HalfElement>(
         let dxr = l.input("dx router", ctx.bwd.dxr.slice())?;
         let dx = l.output("dx", grads.dx.slice_mut())?;
         // SAFETY: dx pair [|A|,h] (at least one element); pair index [t,e]; dxr f32 [t,h]; dx
-        // [t,h]. Null gates mean unit weights.
+        // [t,h].
         let code = unsafe {
-            T::COMBINE(
+            T::TOKEN_SUM(
                 dxp as *const u16,
-                std::ptr::null(),
                 pi,
                 dxr,
                 dx as *mut u16,
@@ -353,7 +352,7 @@ pub fn moe_backward<T: HalfElement>(
                 l.stream(),
             )
         };
-        ffi::check("dx combine", code)?;
+        ffi::check("token_sum", code)?;
     }
     Ok(())
 }

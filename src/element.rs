@@ -39,11 +39,11 @@ pub(crate) type ExpertUpFn = unsafe extern "C" fn(
     Stream,
 ) -> i32;
 
-/// act, wd, y, expert_offsets, tile_offsets, num_tiles, e, h, f, stream.
+/// act, wd, y (f32), expert_offsets, tile_offsets, num_tiles, e, h, f, stream.
 pub(crate) type ExpertDownFn = unsafe extern "C" fn(
     *const u16,
     *const u16,
-    *mut u16,
+    *mut f32,
     *const u32,
     *const u32,
     i32,
@@ -53,10 +53,21 @@ pub(crate) type ExpertDownFn = unsafe extern "C" fn(
     Stream,
 ) -> i32;
 
-/// y, gates, pair_index, init, out, t, h, e, stream.
+/// y (f32), gates, pair_index, out, t, h, e, stream.
 pub(crate) type CombineFn = unsafe extern "C" fn(
-    *const u16,
     *const f32,
+    *const f32,
+    *const i32,
+    *mut u16,
+    i32,
+    i32,
+    i32,
+    Stream,
+) -> i32;
+
+/// rows, pair_index, init, out, t, h, e, stream.
+pub(crate) type TokenSumFn = unsafe extern "C" fn(
+    *const u16,
     *const i32,
     *const f32,
     *mut u16,
@@ -66,10 +77,10 @@ pub(crate) type CombineFn = unsafe extern "C" fn(
     Stream,
 ) -> i32;
 
-/// dout, y, pair_token, pair_gate, dy, dr, pairs, h, stream.
+/// dout, y (f32), pair_token, pair_gate, dy, dr, pairs, h, stream.
 pub(crate) type PairGradPrepFn = unsafe extern "C" fn(
     *const u16,
-    *const u16,
+    *const f32,
     *const u32,
     *const f32,
     *mut u16,
@@ -154,6 +165,8 @@ pub trait HalfElement: Element + sealed::Sealed {
     #[doc(hidden)]
     const COMBINE: CombineFn;
     #[doc(hidden)]
+    const TOKEN_SUM: TokenSumFn;
+    #[doc(hidden)]
     const PAIR_GRAD_PREP: PairGradPrepFn;
     #[doc(hidden)]
     const EXPERT_DACT: ExpertDActFn;
@@ -176,6 +189,7 @@ impl HalfElement for bf16 {
     const EXPERT_UP: ExpertUpFn = ffi::remoe_expert_up_swiglu_bf16;
     const EXPERT_DOWN: ExpertDownFn = ffi::remoe_expert_down_bf16;
     const COMBINE: CombineFn = ffi::remoe_combine_bf16;
+    const TOKEN_SUM: TokenSumFn = ffi::remoe_token_sum_bf16;
     const PAIR_GRAD_PREP: PairGradPrepFn = ffi::remoe_pair_grad_prep_bf16;
     const EXPERT_DACT: ExpertDActFn = ffi::remoe_expert_dact_bf16;
     const EXPERT_DX: ExpertDxFn = ffi::remoe_expert_dx_bf16;
@@ -188,6 +202,7 @@ impl HalfElement for f16 {
     const EXPERT_UP: ExpertUpFn = ffi::remoe_expert_up_swiglu_f16;
     const EXPERT_DOWN: ExpertDownFn = ffi::remoe_expert_down_f16;
     const COMBINE: CombineFn = ffi::remoe_combine_f16;
+    const TOKEN_SUM: TokenSumFn = ffi::remoe_token_sum_f16;
     const PAIR_GRAD_PREP: PairGradPrepFn = ffi::remoe_pair_grad_prep_f16;
     const EXPERT_DACT: ExpertDActFn = ffi::remoe_expert_dact_f16;
     const EXPERT_DX: ExpertDxFn = ffi::remoe_expert_dx_f16;

@@ -128,7 +128,7 @@ pub struct MoeContext<T: HalfElement> {
     pub(crate) pair_gate: GrowBuf<f32>,
     pub(crate) pair_index: GrowBuf<i32>,
     pub(crate) act: GrowBuf<T>,
-    pub(crate) y: GrowBuf<T>,
+    pub(crate) y: GrowBuf<f32>,
     /// Write g and u in the forward (the backward needs them).
     pub(crate) save_for_backward: bool,
     /// g = x Wg and u = x Wu of every pair, [|A|, F], when saving for backward.
@@ -276,8 +276,9 @@ impl<T: HalfElement> MoeContext<T> {
         self.act.to_host()
     }
 
-    /// y = act Wd of every pair, [|A|, H], in dispatch order.
-    pub fn expert_out_to_host(&self) -> Result<Vec<T>> {
+    /// y = act Wd of every pair, [|A|, H], in dispatch order (f32: the backward's dR = dOut . y
+    /// is a dot product that can cancel, and bf16 storage of y would dominate its error).
+    pub fn expert_out_to_host(&self) -> Result<Vec<f32>> {
         self.y.to_host()
     }
 
@@ -640,7 +641,7 @@ pub fn moe_forward<T: HalfElement>(
                 T::EXPERT_DOWN(
                     ap as *const u16,
                     wd as *const u16,
-                    yp as *mut u16,
+                    yp,
                     eo,
                     to,
                     tiles_i,
@@ -666,19 +667,7 @@ pub fn moe_forward<T: HalfElement>(
         let op = l.output("out", out.slice_mut())?;
         // SAFETY: y |A|*h (at least one element), gates and pair index t*e, out [t,h]; every
         // pair index is -1 or < |A|.
-        let code = unsafe {
-            T::COMBINE(
-                yp as *const u16,
-                gp,
-                pi,
-                std::ptr::null(),
-                op as *mut u16,
-                ti,
-                hi,
-                ei,
-                l.stream(),
-            )
-        };
+        let code = unsafe { T::COMBINE(yp, gp, pi, op as *mut u16, ti, hi, ei, l.stream()) };
         ffi::check("combine", code)?;
     }
     marks.mark()?;
