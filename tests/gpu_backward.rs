@@ -9,7 +9,8 @@ use common::*;
 use half::bf16;
 use remoe_kernels::reference::{
     remoe_backward as ref_remoe_backward, remoe_forward as ref_remoe_forward,
-    topk_backward as ref_topk_backward, topk_forward as ref_topk_forward, SparsityController,
+    swiglu_expert_forward, topk_backward as ref_topk_backward, topk_forward as ref_topk_forward,
+    SparsityController,
 };
 use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{
@@ -159,11 +160,75 @@ fn check_backward(
         want.params.up,
         want.params.down,
     ];
+    // dX and dWr go through dR = dOut . y, a dot product that can cancel: near a cancellation
+    // its relative error is unbounded whatever the precision of the inputs (act is bf16, as the
+    // down GEMM's operand must be). For those two the bound is 1e-2 relative plus bf16's unit
+    // round-off times the magnitude of the summed terms (|X|^T M and M |Wr|^T, with M[t,e] =
+    // sum_h |dOut[t,h] y[t,e,h]|); the expert weight gradients keep the plain 1e-2.
+    let (dx_scale, dwr_scale) = router_term_scales(kind, &p, coeff, &dout_host);
     for i in 0..5 {
         let err = rel_err(&got[i], &want[i]);
-        assert!(err < 1e-2, "{what}: {} rel err {err:e}", NAMES[i]);
+        let abs: f64 = got[i]
+            .iter()
+            .zip(&want[i])
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f64>()
+            .sqrt();
+        let norm: f64 = want[i].iter().map(|v| v * v).sum::<f64>().sqrt();
+        let slack = match i {
+            0 => dx_scale,
+            1 => dwr_scale,
+            _ => 0.0,
+        };
+        assert!(
+            abs.is_finite() && abs <= 1e-2 * norm + BF16_ROUNDOFF * slack,
+            "{what}: {} rel err {err:e} (abs {abs:e}, norm {norm:e}, term scale {slack:e})",
+            NAMES[i]
+        );
     }
     got
+}
+
+/// bf16's unit round-off, 2^-8.
+const BF16_ROUNDOFF: f64 = 1.0 / 256.0;
+
+/// The Frobenius norms of |X|^T M and M |Wr|^T, M[t,e] = sum_h |dOut[t,h] y[t,e,h]| over the
+/// routed pairs: the size of the terms whose sum dR is.
+fn router_term_scales(kind: RouterKind, p: &HostProblem, coeff: f64, dout: &[f64]) -> (f64, f64) {
+    let cfg = p.cfg;
+    let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+    let dispatch = match kind {
+        RouterKind::Relu => ref_remoe_forward(&p.x, &p.params, &cfg, coeff).dispatch,
+        RouterKind::TopK => ref_topk_forward(&p.x, &p.params, &cfg, coeff).dispatch,
+    };
+    let mut m = vec![0.0; t * e];
+    for ei in 0..e {
+        let (wg, wu, wd) = p.params.expert(ei, &cfg);
+        for pi in dispatch.range(ei) {
+            let ti = dispatch.tokens[pi] as usize;
+            let acts = swiglu_expert_forward(&p.x[ti * h..(ti + 1) * h], wg, wu, wd, h, f);
+            m[ti * e + ei] = (0..h).map(|o| (dout[ti * h + o] * acts.y[o]).abs()).sum();
+        }
+    }
+    let mut dx2 = 0.0;
+    for ti in 0..t {
+        for o in 0..h {
+            let v: f64 = (0..e)
+                .map(|ei| m[ti * e + ei] * p.params.router[o * e + ei].abs())
+                .sum();
+            dx2 += v * v;
+        }
+    }
+    let mut dwr2 = 0.0;
+    for o in 0..h {
+        for ei in 0..e {
+            let v: f64 = (0..t)
+                .map(|ti| p.x[ti * h + o].abs() * m[ti * e + ei])
+                .sum();
+            dwr2 += v * v;
+        }
+    }
+    (dx2.sqrt(), dwr2.sqrt())
 }
 
 #[test]
