@@ -15,6 +15,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use remoe_kernels::{time_gpu, Device, Error, RouterKind, StageTimes};
 use support::{router_name, CublasBaselines, Load, Setup, CONFIGS};
 
+/// Picks one stage's time out of a forward's stage times.
+type StagePick = fn(&StageTimes) -> f64;
+
 fn ms_to_duration(ms: f64) -> Duration {
     Duration::from_secs_f64(ms * 1e-3)
 }
@@ -52,7 +55,7 @@ fn bench_layer(c: &mut Criterion) {
                     total(&t.expect("forward+backward").samples_ms)
                 })
             });
-            let stages: [(&str, fn(&StageTimes) -> f64); 4] = [
+            let stages: [(&str, StagePick); 4] = [
                 ("router", |s| s.router_ms),
                 ("compaction", |s| s.compaction_ms),
                 ("up_projection", |s| s.up_ms),

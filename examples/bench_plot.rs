@@ -120,7 +120,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (area, title, bars) in panels {
         let ymax = cats
             .iter()
-            .flat_map(|(c, l)| bars.iter().filter_map(move |b| Some((c, l, b))))
+            .flat_map(|(c, l)| bars.iter().map(move |b| (c, l, b)))
             .filter_map(|(c, l, b)| find(c, l, b.router).and_then(|r| r[b.key].as_f64()))
             .fold(0.0f64, f64::max)
             * 1.45; // headroom for the legend

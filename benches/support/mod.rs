@@ -241,6 +241,11 @@ impl Setup {
         Ok(time_gpu(&dev, warmup, iters, || self.forward_backward(kind))?.median_ms())
     }
 
+    /// Bytes the training forward saved for the backward, per token (after a forward_backward).
+    pub fn saved_bytes_per_token(&self) -> f64 {
+        self.training.saved_bytes() as f64 / self.cfg.tokens.max(1) as f64
+    }
+
     /// Per-stage forward times: each stage's median over `runs` stage-timed forwards.
     pub fn stage_times(&mut self, kind: RouterKind, runs: usize) -> Result<StageTimes, Error> {
         self.inference.set_stage_timing(true);
@@ -446,6 +451,7 @@ pub struct Row {
     pub dense_floor_ms: f64,
     /// cuBLAS per-expert loop (forward GEMMs only), ms.
     pub per_expert_ms: f64,
+    pub saved_bytes_per_token: f64,
     pub hidden: usize,
     pub ffn: usize,
 }
@@ -483,6 +489,7 @@ impl Row {
             "fraction_of_dense_floor": self.floor_fraction(),
             "per_expert_cublas_ms": self.per_expert_ms,
             "per_expert_cublas_tflops": self.fwd_flops() / (self.per_expert_ms * 1e-3) / 1e12,
+            "saved_for_backward_bytes_per_token": self.saved_bytes_per_token,
             "stages_ms": {
                 "router": s.router_ms,
                 "stats_and_sync": s.stats_and_sync_ms,
@@ -528,6 +535,7 @@ pub fn measure(
             stages,
             dense_floor_ms,
             per_expert_ms,
+            saved_bytes_per_token: setup.saved_bytes_per_token(),
             hidden: cfg.hidden,
             ffn: cfg.ffn,
         });
