@@ -8,21 +8,6 @@
 
 namespace {
 
-template <typename T>
-__device__ __forceinline__ void store8(T *p, const float v[8]) {
-  uint4 raw;
-  T *o = reinterpret_cast<T *>(&raw);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) o[i] = T(v[i]);
-  *reinterpret_cast<uint4 *>(p) = raw;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
-  return v;
-}
-
 // One warp per pair p (token t): dy[p] = R[p] * dOut[t] (the expert's output gradient) and
 // dr[p] = dOut[t] . y[p] (the data term of dR), in one pass over the two rows.
 template <typename T>

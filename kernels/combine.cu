@@ -11,15 +11,6 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kChunksPerLane = 4;  // 8 values each
 
-template <typename T>
-__device__ __forceinline__ void store8(T *p, const float v[8]) {
-  uint4 raw;
-  T *o = reinterpret_cast<T *>(&raw);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) o[i] = T(v[i]);
-  *reinterpret_cast<uint4 *>(p) = raw;
-}
-
 // Y: the rows' type (f32 expert outputs in the forward, T per-pair dX in the backward).
 template <typename T, typename Y>
 __global__ void __launch_bounds__(kWarps * 32)

@@ -30,3 +30,21 @@ __device__ __forceinline__ void load8_as_float(const float *p, float out[8]) {
   out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
   out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
 }
+
+// Eight f32 values stored as eight 16-bit values, one 16-byte store.
+template <typename T>
+__device__ __forceinline__ void store8(T *p, const float v[8]) {
+  uint4 raw;
+  T *o = reinterpret_cast<T *>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = T(v[i]);
+  *reinterpret_cast<uint4 *>(p) = raw;
+}
+
+// Sum over a full warp, the same butterfly order on every run (deterministic).
+template <typename V>
+__device__ __forceinline__ V warp_sum(V v) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+  return v;
+}

@@ -23,7 +23,7 @@ use crate::controller::Coefficient;
 use crate::element::HalfElement;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::moe::{MoeContext, MoeWeights, RouterKind};
+use crate::moe::{check_layer_tensors, MoeContext, MoeWeights, RouterKind};
 use crate::tensor::{DeviceTensor, Element, Launch};
 use crate::workspace::GrowBuf;
 
@@ -365,33 +365,21 @@ fn check_backward_inputs<T: HalfElement>(
     dout: &DeviceTensor<T>,
     g: &MoeGrads<T>,
 ) -> Result<()> {
+    check_layer_tensors(ctx, cfg, x, w)?;
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-    let dev = &ctx.dev;
-    x.expect_shape("moe_backward: x", &[t, h])?;
-    dout.expect_shape("moe_backward: dout", &[t, h])?;
-    w.router
-        .expect_shape("moe_backward: router weight", &[h, e])?;
-    w.gate
-        .expect_shape("moe_backward: gate weight", &[e, h, f])?;
-    w.up.expect_shape("moe_backward: up weight", &[e, h, f])?;
-    w.down
-        .expect_shape("moe_backward: down weight", &[e, f, h])?;
-    g.dx.expect_shape("moe_backward: dx", &[t, h])?;
-    g.router
-        .expect_shape("moe_backward: router grad", &[h, e])?;
-    g.gate.expect_shape("moe_backward: gate grad", &[e, h, f])?;
-    g.up.expect_shape("moe_backward: up grad", &[e, h, f])?;
-    g.down.expect_shape("moe_backward: down grad", &[e, f, h])?;
-    x.expect_device("moe_backward: x", dev)?;
-    dout.expect_device("moe_backward: dout", dev)?;
-    w.router.expect_device("moe_backward: router weight", dev)?;
-    w.gate.expect_device("moe_backward: gate weight", dev)?;
-    w.up.expect_device("moe_backward: up weight", dev)?;
-    w.down.expect_device("moe_backward: down weight", dev)?;
-    g.dx.expect_device("moe_backward: dx", dev)?;
-    g.router.expect_device("moe_backward: router grad", dev)?;
-    g.gate.expect_device("moe_backward: gate grad", dev)?;
-    g.up.expect_device("moe_backward: up grad", dev)?;
-    g.down.expect_device("moe_backward: down grad", dev)?;
+    for (what, tensor) in [("dout", dout), ("dx", &*g.dx)] {
+        tensor.expect_shape(what, &[t, h])?;
+        tensor.expect_device(what, &ctx.dev)?;
+    }
+    let grads: [(&'static str, &DeviceTensor<f32>, &[usize]); 4] = [
+        ("router grad", &*g.router, &[h, e]),
+        ("gate grad", &*g.gate, &[e, h, f]),
+        ("up grad", &*g.up, &[e, h, f]),
+        ("down grad", &*g.down, &[e, f, h]),
+    ];
+    for (what, tensor, shape) in grads {
+        tensor.expect_shape(what, shape)?;
+        tensor.expect_device(what, &ctx.dev)?;
+    }
     Ok(())
 }

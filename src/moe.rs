@@ -371,23 +371,32 @@ fn check_inputs<T: HalfElement>(
             cfg.experts
         )));
     }
+    check_layer_tensors(ctx, cfg, x, w)?;
+    out.expect_shape("out", &[cfg.tokens, cfg.hidden])?;
+    out.expect_device("out", &ctx.dev)
+}
+
+/// The checks the forward and the backward share: `x` [T, H] and the weights in their layout,
+/// all in the context's device.
+pub(crate) fn check_layer_tensors<T: HalfElement>(
+    ctx: &MoeContext<T>,
+    cfg: &LayerConfig,
+    x: &DeviceTensor<T>,
+    w: &MoeWeights<T>,
+) -> Result<()> {
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-    x.expect_shape("moe_forward: x", &[t, h])?;
-    w.router
-        .expect_shape("moe_forward: router weight", &[h, e])?;
-    w.gate
-        .expect_shape("moe_forward: gate weight", &[e, h, f])?;
-    w.up.expect_shape("moe_forward: up weight", &[e, h, f])?;
-    w.down
-        .expect_shape("moe_forward: down weight", &[e, f, h])?;
-    out.expect_shape("moe_forward: out", &[t, h])?;
-    let dev = &ctx.dev;
-    x.expect_device("moe_forward: x", dev)?;
-    w.router.expect_device("moe_forward: router weight", dev)?;
-    w.gate.expect_device("moe_forward: gate weight", dev)?;
-    w.up.expect_device("moe_forward: up weight", dev)?;
-    w.down.expect_device("moe_forward: down weight", dev)?;
-    out.expect_device("moe_forward: out", dev)
+    let tensors: [(&'static str, &DeviceTensor<T>, &[usize]); 5] = [
+        ("x", x, &[t, h]),
+        ("router weight", w.router, &[h, e]),
+        ("gate weight", w.gate, &[e, h, f]),
+        ("up weight", w.up, &[e, h, f]),
+        ("down weight", w.down, &[e, f, h]),
+    ];
+    for (what, tensor, shape) in tensors {
+        tensor.expect_shape(what, shape)?;
+        tensor.expect_device(what, &ctx.dev)?;
+    }
+    Ok(())
 }
 
 /// The layer forward with either router, on the context's device and stream. `coeff` is lambda
