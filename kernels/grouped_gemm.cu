@@ -6,10 +6,10 @@
 // expert by binary search in tile_offsets. An expert with no tokens has no tiles: it costs
 // nothing.
 //
-// Block tile 128 x 128 x 32, 8 warps as 2 (rows) x 4 (columns), warp tile 64 x 32: per 16-deep
+// Block tile 128 x 128 x 64, 8 warps as 2 (rows) x 4 (columns), warp tile 64 x 32: per 16-deep
 // k step a warp issues 4 x 4 mma.sync.m16n8k16 (bf16/f16 in, f32 accumulate). A and B tiles
-// stream through a 4-stage cp.async pipeline; both are XOR-swizzled in 16-byte units so that the
-// ldmatrix reads are free of bank conflicts (A: 64-byte rows, chunk ^= (row >> 1) & 3; B: 256-byte
+// stream through a 3-stage cp.async pipeline; both are XOR-swizzled in 16-byte units so that the
+// ldmatrix reads are free of bank conflicts (A: 128-byte rows, chunk ^= row & 7; B: 256-byte
 // rows, chunk ^= row & 7). Rows or columns past the end are zero-filled by cp.async's src-size.
 //
 // Up projection: the A rows are gathered from X through pair_token inside the tile load (no
@@ -31,8 +31,11 @@ namespace {
 
 constexpr int BM = REMOE_GEMM_TILE_ROWS;
 constexpr int BN = 128;
-constexpr int BK = 32;
-constexpr int kStages = 4;
+constexpr int BK = 64;
+constexpr int kStages = 3;
+constexpr int kKChunks = BK / 8;                        // 16-byte chunks per k-row of a tile
+constexpr int kLoadsA = BM * BK / 8 / 256;              // A chunks per thread per stage
+constexpr int kLoadsB = BK * 128 / 8 / 256;             // B chunks per thread per stage
 constexpr int kThreads = 256;
 constexpr int kStageElems = BM * BK + BK * BN;
 constexpr int kSmemBytes = kStages * kStageElems * 2;
@@ -86,7 +89,8 @@ __device__ __forceinline__ void mma16816<__half>(float c[4], const uint32_t a[4]
 
 // Swizzled element offsets inside one stage.
 __device__ __forceinline__ int a_offset(int row, int chunk) {
-  return row * BK + ((chunk ^ ((row >> 1) & 3)) << 3);
+  // 128-byte rows: eight 16-byte chunks, XOR-ed with the row's low three bits.
+  return row * BK + ((chunk ^ (row & 7)) << 3);
 }
 __device__ __forceinline__ int b_offset(int k, int chunk) {
   return k * BN + ((chunk ^ (k & 7)) << 3);
@@ -179,32 +183,32 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
 
   // Each thread loads 2 A chunks and 2 B chunks per stage; their rows are fixed, so resolve
   // the sources once (per K segment).
-  int a_row[2], a_chunk[2];
-  size_t a_src_row[2];
-  bool a_ok[2];
+  int a_row[kLoadsA], a_chunk[kLoadsA];
+  size_t a_src_row[kLoadsA];
+  bool a_ok[kLoadsA];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kLoadsA; ++i) {
     const int id = tid + i * kThreads;
-    a_row[i] = id >> 2;
-    a_chunk[i] = id & 3;
+    a_row[i] = id / kKChunks;
+    a_chunk[i] = id % kKChunks;
     a_ok[i] = a_row[i] < rows;
     const int p = row0 + a_row[i];
     a_src_row[i] = a_ok[i] ? (kSwiGLU ? (size_t)args.gather[p] : (size_t)p) : 0;
   }
   // B chunk coordinates: k-major tiles (forward) are 32 k-rows x 16 chunks; n-major tiles
   // (backward) are 128 n-rows x 4 chunks, like A.
-  int b_r[2], b_chunk[2];
-  size_t b_src[2];  // element offset of the chunk's row (n-major) or column (k-major)
-  bool b_ok[2];
+  int b_r[kLoadsB], b_chunk[kLoadsB];
+  size_t b_src[kLoadsB];  // element offset of the chunk's row (n-major) or column (k-major)
+  bool b_ok[kLoadsB];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kLoadsB; ++i) {
     const int id = tid + i * kThreads;
     if (kBNMajor) {
-      b_r[i] = id >> 2;  // n within the tile
-      b_chunk[i] = id & 3;
+      b_r[i] = id / kKChunks;  // n within the tile
+      b_chunk[i] = id % kKChunks;
       const int n = n0 + b_r[i];
       b_ok[i] = n < N;
-      b_src[i] = w_off + (size_t)n * K;  // the same row offset in Wg and Wu
+      b_src[i] = 0;  // computed at the load from b_r (fewer live registers)
     } else {
       b_r[i] = id >> 4;  // k within the tile
       b_chunk[i] = id & 15;
@@ -226,20 +230,22 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
     T *as = smem + stage * kStageElems;
     T *bs = as + BM * BK;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kLoadsA; ++i) {
       const int k = k0 + a_chunk[i] * 8;
       const bool ok = a_ok[i] && k < K;
       cp_async16(as + a_offset(a_row[i], a_chunk[i]),
                  ok ? (const void *)(a + a_src_row[i] * K + k) : args.a0, ok ? 16 : 0);
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kLoadsB; ++i) {
       if (kBNMajor) {
         const T *b = sgm == 0 ? args.b0 : args.b1;
         const int k = k0 + b_chunk[i] * 8;
         const bool ok = b_ok[i] && k < K;
+        // The same row offset in Wg and Wu.
+        const size_t row = w_off + (size_t)(n0 + b_r[i]) * K;
         cp_async16(bs + a_offset(b_r[i], b_chunk[i]),
-                   ok ? (const void *)(b + b_src[i] + k) : args.b0, ok ? 16 : 0);
+                   ok ? (const void *)(b + row + k) : args.b0, ok ? 16 : 0);
       } else {
         const T *b = (kSwiGLU && b_chunk[i] >= 8) ? args.b1 : args.b0;
         const int k = k0 + b_r[i];
@@ -404,11 +410,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int wm = warp >> 2;
   const int wn = warp & 3;
 
-  // Both tiles are 32 k-rows (pairs) x 16 chunks of 8 columns.
-  int r[2], c[2];
-  bool a_col_ok[2], b_col_ok[2];
+  // Both tiles are BK k-rows (pairs) x 16 chunks of 8 columns.
+  int r[kLoadsB], c[kLoadsB];
+  bool a_col_ok[kLoadsB], b_col_ok[kLoadsB];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kLoadsB; ++i) {
     const int id = tid + i * kThreads;
     r[i] = id >> 4;
     c[i] = id & 15;
@@ -419,7 +425,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     T *as = smem + stage * kStageElems;
     T *bs = as + BK * BM;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kLoadsB; ++i) {
       const int k = k0 + r[i];
       const bool row_ok = k < K;
       size_t src_row = 0;
