@@ -193,21 +193,27 @@ impl<T: HalfElement> MoeContext<T> {
     /// gates and pair index ([T, E]; probs too for TopK), the dispatch lists, and per pair act,
     /// y (and g, u when saving for backward). Divide by T for bytes per token.
     pub fn saved_bytes(&self) -> usize {
-        let Some((cfg, router)) = self.last else {
+        if self.last.is_none() {
             return 0;
-        };
-        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-        let el = std::mem::size_of::<T>();
-        let per_token_expert = 4 + 4 + 4 + if router == RouterKind::TopK { 4 } else { 0 };
-        let per_pair = 4
-            + 4
-            + el * (f + h)
-            + if self.save_for_backward {
-                2 * el * f
-            } else {
-                0
-            };
-        t * e * per_token_expert + self.pairs * per_pair + (2 * e + 2) * 4
+        }
+        // Summed from the buffers themselves, so the figure follows any change of layout.
+        [
+            self.logits.bytes(),
+            self.gates.bytes(),
+            self.probs.bytes(),
+            self.pair_index.bytes(),
+            self.counts.bytes(),
+            self.expert_offsets.bytes(),
+            self.tile_offsets.bytes(),
+            self.pair_token.bytes(),
+            self.pair_gate.bytes(),
+            self.act.bytes(),
+            self.y.bytes(),
+            self.g.bytes(),
+            self.u.bytes(),
+        ]
+        .iter()
+        .sum()
     }
 
     /// Turns saving for backward on or off for the next forwards.

@@ -35,6 +35,11 @@ impl<T: Element> GrowBuf<T> {
         Ok(true)
     }
 
+    /// Bytes of the logical contents (as set by the last `ensure`).
+    pub(crate) fn bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+
     pub(crate) fn slice(&self) -> &CudaSlice<T> {
         self.data.as_ref().expect("GrowBuf used before ensure")
     }
