@@ -375,7 +375,7 @@ fn gpu_backward_accumulates_weight_gradients_on_request() {
     let mut ctx = MoeContext::<bf16>::for_training(&dev);
     let mut out = DeviceTensor::<bf16>::zeros(&dev, &[700, 64]).unwrap();
     let lambda = Coefficient::Fixed(1e-2);
-    moe_forward(
+    let stats = moe_forward(
         &mut ctx,
         &cfg,
         RouterKind::Relu,
@@ -385,6 +385,12 @@ fn gpu_backward_accumulates_weight_gradients_on_request() {
         &mut out,
     )
     .unwrap();
+    // What the forward keeps for the backward, as documented: per (token, expert) the logit,
+    // gate and pair index (12 bytes); per expert n_e and two offsets; per pair its token and
+    // gate (8), act, g and u (3 x 2F bytes) and y in f32 (4H).
+    let (t, e, h, f) = (700usize, 8usize, 64usize, 128usize);
+    let want = t * e * 12 + 4 * e + 2 * 4 * (e + 1) + stats.active_pairs * (8 + 6 * f + 4 * h);
+    assert_eq!(ctx.saved_bytes(), want, "saved_bytes accounting");
     let mut once = Grads::new(&dev, &cfg);
     moe_backward(
         &mut ctx,
