@@ -141,10 +141,7 @@ pub fn moe_backward<T: HalfElement>(
         MoeContext::<T>::grow(&dev, a, &mut b.dxr, t * h)?;
         MoeContext::<T>::grow(&dev, a, &mut b.partial, slices * h * e)?;
     }
-    if let Coefficient::Fixed(v) = coeff {
-        let s = dev.stream().clone();
-        s.memcpy_htod(&[v], ctx.coeff.slice_mut())?;
-    }
+    ctx.upload_fixed_coeff(&coeff)?;
     let coeff_ptr_src = match &coeff {
         Coefficient::Fixed(_) => ctx.coeff.slice(),
         Coefficient::Adaptive(c) => &c.lambda,

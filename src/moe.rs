@@ -315,6 +315,16 @@ impl<T: HalfElement> MoeContext<T> {
         self.backward_poison()
     }
 
+    /// A host-given coefficient goes to the context's device scalar, which the kernels read
+    /// (an adaptive one already lives on the device).
+    pub(crate) fn upload_fixed_coeff(&mut self, coeff: &Coefficient) -> Result<()> {
+        if let Coefficient::Fixed(v) = *coeff {
+            let s = self.dev.stream().clone();
+            s.memcpy_htod(&[v], self.coeff.slice_mut())?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn grow<E: crate::tensor::Element>(
         dev: &Device,
         allocations: &mut u64,
@@ -440,10 +450,7 @@ pub fn moe_forward<T: HalfElement>(
         MoeContext::<T>::grow(&dev, a, &mut c.pair_index, t * e)?;
         MoeContext::<T>::grow(&dev, a, &mut c.coeff, 1)?;
     }
-    if let Coefficient::Fixed(v) = coeff {
-        let s = dev.stream().clone();
-        s.memcpy_htod(&[v], ctx.coeff.slice_mut())?;
-    }
+    ctx.upload_fixed_coeff(&coeff)?;
     ctx.last = Some((*cfg, router));
     let mut marks = StageMarks::new(&dev, ctx.stage_timing)?;
     // validate_for_gpu bounds T*H, T*E, H*E and E*H*F by i32::MAX: the i32 casts below are exact.
