@@ -153,7 +153,7 @@ pub fn moe_backward<T: HalfElement>(
     // 1. dY and dR's data term.
     if pairs > 0 {
         let mut l = Launch::on(&dev);
-        let d = l.input("dout", dout.slice())?;
+        let d = l.input("dout", dout.cuda_slice())?;
         let y = l.input("y", ctx.y.slice())?;
         let pt = l.input("pair tokens", ctx.pair_token.slice())?;
         let pg = l.input("pair gates", ctx.pair_gate.slice())?;
@@ -199,7 +199,7 @@ pub fn moe_backward<T: HalfElement>(
         {
             let mut l = Launch::on(&dev);
             let dy = l.input("dy", ctx.bwd.dy.slice())?;
-            let wd = l.input("down weight", w.down.slice())?;
+            let wd = l.input("down weight", w.down.cuda_slice())?;
             let g = l.input("g", ctx.g.slice())?;
             let u = l.input("u", ctx.u.slice())?;
             let dg = l.output("dg", ctx.bwd.dg.slice_mut())?;
@@ -230,8 +230,8 @@ pub fn moe_backward<T: HalfElement>(
             let mut l = Launch::on(&dev);
             let dg = l.input("dg", ctx.bwd.dg.slice())?;
             let du = l.input("du", ctx.bwd.du.slice())?;
-            let wg = l.input("gate weight", w.gate.slice())?;
-            let wu = l.input("up weight", w.up.slice())?;
+            let wg = l.input("gate weight", w.gate.cuda_slice())?;
+            let wu = l.input("up weight", w.up.cuda_slice())?;
             let dxp = l.output("dx pair", ctx.bwd.dx_pair.slice_mut())?;
             let eo = l.input("expert offsets", ctx.expert_offsets.slice())?;
             let to = l.input("tile offsets", ctx.tile_offsets.slice())?;
@@ -275,7 +275,7 @@ pub fn moe_backward<T: HalfElement>(
         let act = l.input("act", ctx.act.slice())?;
         let dy = l.input("dy", ctx.bwd.dy.slice())?;
         let eo = l.input("expert offsets", ctx.expert_offsets.slice())?;
-        let out = l.output("dWd", grads.down.slice_mut())?;
+        let out = l.output("dWd", grads.down.cuda_slice_mut())?;
         weight_grad(
             act as _,
             std::ptr::null(),
@@ -290,25 +290,25 @@ pub fn moe_backward<T: HalfElement>(
     }
     {
         let mut l = Launch::on(&dev);
-        let xp = l.input("x", x.slice())?;
+        let xp = l.input("x", x.cuda_slice())?;
         let pt = l.input("pair tokens", ctx.pair_token.slice())?;
         let dg = l.input("dg", ctx.bwd.dg.slice())?;
         let du = l.input("du", ctx.bwd.du.slice())?;
         let eo = l.input("expert offsets", ctx.expert_offsets.slice())?;
-        let og = l.output("dWg", grads.gate.slice_mut())?;
-        let ou = l.output("dWu", grads.up.slice_mut())?;
+        let og = l.output("dWg", grads.gate.cuda_slice_mut())?;
+        let ou = l.output("dWu", grads.up.cuda_slice_mut())?;
         weight_grad(xp as _, pt, dg as _, og, eo, hi, fi, l.stream(), "dWg")?;
         weight_grad(xp as _, pt, du as _, ou, eo, hi, fi, l.stream(), "dWu")?;
     }
     // 6. The router's dense gradients.
     {
         let mut l = Launch::on(&dev);
-        let xp = l.input("x", x.slice())?;
-        let wr = l.input("router weight", w.router.slice())?;
+        let xp = l.input("x", x.cuda_slice())?;
+        let wr = l.input("router weight", w.router.cuda_slice())?;
         let dl = l.input("dl", ctx.bwd.dl.slice())?;
         let dxr = l.output("dx router", ctx.bwd.dxr.slice_mut())?;
         let part = l.output("dWr partial", ctx.bwd.partial.slice_mut())?;
-        let dwr = l.output("dWr", grads.router.slice_mut())?;
+        let dwr = l.output("dWr", grads.router.cuda_slice_mut())?;
         // SAFETY: x [t,h]; wr [h,e]; dl [t,e]; dxr [t,h]; partial [slices,h,e]; dwr [h,e].
         let code = unsafe {
             T::ROUTER_BACKWARD_DENSE(
@@ -334,7 +334,7 @@ pub fn moe_backward<T: HalfElement>(
         let dxp = l.input("dx pair", ctx.bwd.dx_pair.slice())?;
         let pi = l.input("pair index", ctx.pair_index.slice())?;
         let dxr = l.input("dx router", ctx.bwd.dxr.slice())?;
-        let dx = l.output("dx", grads.dx.slice_mut())?;
+        let dx = l.output("dx", grads.dx.cuda_slice_mut())?;
         // SAFETY: dx pair [|A|,h] (at least one element); pair index [t,e]; dxr f32 [t,h]; dx
         // [t,h].
         let code = unsafe {

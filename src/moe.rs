@@ -459,8 +459,8 @@ pub fn moe_forward<T: HalfElement>(
     // 1. Router.
     if t > 0 {
         let mut l = Launch::on(&dev);
-        let xp = l.input("x", x.slice())?;
-        let wp = l.input("router weight", w.router.slice())?;
+        let xp = l.input("x", x.cuda_slice())?;
+        let wp = l.input("router weight", w.router.cuda_slice())?;
         let lp = l.output("logits", ctx.logits.slice_mut())?;
         let (gp, bc, bs) = match router {
             // The ReLU router writes the gates and the statistics itself.
@@ -612,10 +612,10 @@ pub fn moe_forward<T: HalfElement>(
         })?;
         {
             let mut l = Launch::on(&dev);
-            let xp = l.input("x", x.slice())?;
+            let xp = l.input("x", x.cuda_slice())?;
             let pt = l.input("pair tokens", ctx.pair_token.slice())?;
-            let wg = l.input("gate weight", w.gate.slice())?;
-            let wu = l.input("up weight", w.up.slice())?;
+            let wg = l.input("gate weight", w.gate.cuda_slice())?;
+            let wu = l.input("up weight", w.up.cuda_slice())?;
             let ap = l.output("act", ctx.act.slice_mut())?;
             let (gp, up) = if ctx.save_for_backward {
                 (
@@ -654,7 +654,7 @@ pub fn moe_forward<T: HalfElement>(
         {
             let mut l = Launch::on(&dev);
             let ap = l.input("act", ctx.act.slice())?;
-            let wd = l.input("down weight", w.down.slice())?;
+            let wd = l.input("down weight", w.down.cuda_slice())?;
             let yp = l.output("expert out", ctx.y.slice_mut())?;
             let eo = l.input("expert offsets", ctx.expert_offsets.slice())?;
             let to = l.input("tile offsets", ctx.tile_offsets.slice())?;
@@ -686,7 +686,7 @@ pub fn moe_forward<T: HalfElement>(
         let yp = l.input("expert out", ctx.y.slice())?;
         let gp = l.input("gates", ctx.gates.slice())?;
         let pi = l.input("pair index", ctx.pair_index.slice())?;
-        let op = l.output("out", out.slice_mut())?;
+        let op = l.output("out", out.cuda_slice_mut())?;
         // SAFETY: y |A|*h (at least one element), gates and pair index t*e, out [t,h]; every
         // pair index is -1 or < |A|.
         let code = unsafe { T::COMBINE(yp, gp, pi, op as *mut u16, ti, hi, ei, l.stream()) };

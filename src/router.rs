@@ -32,10 +32,10 @@ pub fn router_forward<T: HalfElement>(
         return Ok(());
     }
     let mut launch = Launch::on(dev);
-    let xp = launch.input("router_forward: x", x.slice())?;
-    let wp = launch.input("router_forward: wr", wr.slice())?;
-    let lp = launch.output("router_forward: logits", logits.slice_mut())?;
-    let gp = launch.output("router_forward: gates", gates.slice_mut())?;
+    let xp = launch.input("router_forward: x", x.cuda_slice())?;
+    let wp = launch.input("router_forward: wr", wr.cuda_slice())?;
+    let lp = launch.output("router_forward: logits", logits.cuda_slice_mut())?;
+    let gp = launch.output("router_forward: gates", gates.cuda_slice_mut())?;
     // SAFETY: the four pointers are live device allocations of this context whose shapes were
     // checked above ([t,h], [h,e], [t,e], [t,e]); validate_for_gpu bounded t*h, h*e and t*e by
     // i32::MAX so the casts below are exact, and H % 8 == 0 with 16-byte aligned bases makes

@@ -177,14 +177,6 @@ impl<T: Element> DeviceTensor<T> {
         }
         Ok(())
     }
-
-    pub(crate) fn slice(&self) -> &CudaSlice<T> {
-        &self.data
-    }
-
-    pub(crate) fn slice_mut(&mut self) -> &mut CudaSlice<T> {
-        &mut self.data
-    }
 }
 
 /// Raw device pointers for a launcher, with the guards that keep cudarc's stream ordering
