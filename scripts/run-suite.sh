@@ -1,7 +1,20 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine, from the bundle scripts/gpu-bundle made (see there).
-#   bash .gpu-bundle/run-suite.sh [--no-tests] [--no-sanitizer] [--bench] [--criterion FILTER]
-# --bench runs the examples (the main job and the benchmark report, whose JSON lands in $OUT);
+#   bash .gpu-bundle/run-suite.sh [--no-tests | --sanitizers-only] [--no-sanitizer] [--sanitizers LIST]
+#                                 [--sanitizer-timeout SECONDS] [--filter TEST]
+#                                 [--bench] [--criterion FILTER]
+# Every test binary runs with REMOE_REQUIRE_GPU=1. Then every GPU test binary (tests/gpu_*) runs
+# again under each compute-sanitizer tool: memcheck, racecheck (hazard reports only), initcheck
+# and synccheck; each run's summary line goes into the final table and its log into
+# $OUT/sanitizer-<tool>.log. A sanitizer run that reports errors, fails or runs
+# past --sanitizer-timeout (default 600 s per tool and binary) fails the suite.
+# --no-sanitizer skips the sanitizers; --sanitizers memcheck,synccheck picks some of them;
+# --sanitizers-only skips the plain test runs; --no-tests skips tests and sanitizers (--bench).
+# --filter passes a test-name filter to every test binary (e.g. --filter router).
+# On a compute capability 9.0 GPU every GPU test binary runs a second time with
+# REMOE_GEMM_PATH=mma-sync: both expert-GEMM paths pass the whole suite.
+# --bench runs the kernel-level check of the GEMM paths (tools/gemm-paths), the examples (the
+# main job and the benchmark report, whose JSON lands in $OUT);
 # --criterion runs the criterion layer bench restricted to FILTER (e.g. layer/A).
 # Full logs go to $OUT (the device tool's output folder) when it is set.
 set -uo pipefail
@@ -9,17 +22,30 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 sanitize=1
+sanitizers="memcheck,racecheck,initcheck,synccheck"
+sanitizer_timeout=600
+filter=()
 bench=0
 tests=1
 criterion=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --no-sanitizer) sanitize=0 ;;
+    --sanitizers) sanitizers="$2"; shift ;;
+    --sanitizer-timeout) sanitizer_timeout="$2"; shift ;;
+    --filter) filter=("$2"); shift ;;
     --no-tests) tests=0; sanitize=0 ;;
+    --sanitizers-only) tests=0 ;;
     --bench) bench=1 ;;
     --criterion) criterion="$2"; shift ;;
+    *) echo "run-suite.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
+done
+# scripts/gpu-bundle gzips the binaries; unpack them once.
+for packed in "$here"/tests/*.gz "$here"/benches/*.gz "$here"/examples/*.gz; do
+  [[ -e "$packed" ]] || continue
+  gunzip -f "$packed" && chmod +x "${packed%.gz}"
 done
 # The cuBLAS baselines load libcublas at run time: put the toolkit's (or a wheel's) on the path.
 if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
@@ -33,11 +59,24 @@ echo "commit: $(cat "$here/COMMIT" | tr '\n' ' ')" | tee -a "$out/device.txt"
 summary=()
 total_pass=0
 total_fail=0
-for bin in "$here"/tests/*; do
+# On a Hopper GPU the GPU tests run twice: on the default (Hopper) GEMM path, then with the
+# portable mma.sync path forced (REMOE_GEMM_PATH, src/gemm.rs), so both paths pass every test.
+runs=()
+for bin in "$here"/tests/*; do runs+=("$bin|"); done
+if nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
+  for bin in "$here"/tests/gpu_*; do runs+=("$bin|mma-sync"); done
+fi
+for run in "${runs[@]}"; do
   [[ $tests -eq 1 ]] || break
-  name="$(basename "$bin")"
+  bin="${run%|*}"
+  path="${run#*|}"
+  name="$(basename "$bin")${path:+ ($path)}"
   log="$out/tmp-test.log"
-  "$bin" --test-threads=1 >"$log" 2>&1
+  if [[ -n "$path" ]]; then
+    REMOE_GEMM_PATH="$path" "$bin" --test-threads=1 "${filter[@]}" >"$log" 2>&1
+  else
+    "$bin" --test-threads=1 "${filter[@]}" >"$log" 2>&1
+  fi
   rc=$?
   { echo "=== $name (rc=$rc)"; cat "$log"; } >>"$out/tests.log"
   p=$(grep -oE '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
@@ -51,21 +90,56 @@ done
 rm -f "$out/tmp-test.log"
 
 san_summary=()
-if [[ $sanitize -eq 1 ]] && command -v compute-sanitizer >/dev/null; then
-  for bin in "$here"/tests/gpu_*; do
-    [[ -e "$bin" ]] || continue
-    name="$(basename "$bin")"
-    for tool in memcheck; do
+san_fail=0
+if [[ $sanitize -eq 1 ]]; then
+  if ! command -v compute-sanitizer >/dev/null; then
+    san_summary+=("compute-sanitizer not found: sanitizers not run")
+    san_fail=1
+  fi
+  IFS=',' read -r -a tools <<<"$sanitizers"
+  for tool in "${tools[@]}"; do
+    command -v compute-sanitizer >/dev/null || break
+    case "$tool" in
+      # Hazards only (each with its source line, from -lineinfo), not the race analysis reports.
+      racecheck) opts=(--racecheck-report hazard) ;;
+      memcheck | initcheck | synccheck) opts=() ;;
+      *) echo "run-suite.sh: unknown sanitizer $tool" >&2; exit 2 ;;
+    esac
+    tool_log="$out/sanitizer-$tool.log"
+    : >"$tool_log"
+    for bin in "$here"/tests/gpu_*; do
+      [[ -e "$bin" ]] || continue
+      name="$(basename "$bin")"
       log="$out/tmp-sanitizer.log"
-      compute-sanitizer --tool "$tool" --error-exitcode 86 "$bin" --test-threads=1 >"$log" 2>&1
+      start=$SECONDS
+      timeout "$sanitizer_timeout" compute-sanitizer --tool "$tool" "${opts[@]}" --print-limit 50 \
+        --error-exitcode 86 "$bin" --test-threads=1 "${filter[@]}" >"$log" 2>&1
       rc=$?
-      { echo "=== $tool $name (rc=$rc)"; cat "$log"; } >>"$out/sanitizer.log"
-      san_summary+=("$(printf '%-10s %-28s rc=%-3s %s' "$tool" "$name" "$rc" "$(grep -E 'ERROR SUMMARY' "$log" | tail -1)")")
+      secs=$((SECONDS - start))
+      { echo "=== $tool $name (rc=$rc, ${secs}s)"; cat "$log"; } >>"$tool_log"
+      line="$(grep -E '(ERROR|RACECHECK) SUMMARY' "$log" | tail -1 | sed 's/^=* *//')"
+      if [[ $rc -eq 124 ]]; then
+        line="timed out after ${sanitizer_timeout}s"
+      elif grep -q 'terminated before first instrumented API call' "$log" &&
+        grep -qE 'test result: ok\. [0-9]+ passed; 0 failed' "$log"; then
+        # No test of this binary touched the GPU (all filtered out): nothing to check.
+        line="no GPU work (no test selected)"
+        rc=0
+      fi
+      [[ -z "$line" ]] && line="no summary line (see $(basename "$tool_log"))"
+      [[ $rc -ne 0 ]] && san_fail=$((san_fail + 1))
+      san_summary+=("$(printf '%-10s %-22s rc=%-3s %5ss  %s' "$tool" "$name" "$rc" "$secs" "$line")")
+      echo "${san_summary[-1]}"
     done
   done
+  rm -f "$out/tmp-sanitizer.log"
 fi
 
 if [[ $bench -eq 1 ]]; then
+  if [[ -x "$here/gemm-paths" ]]; then
+    { echo "=== gemm-paths"; "$here/gemm-paths" 20 2>&1; } | tee -a "$out/gemm-paths.log" |
+      grep -E "^(A|D) |router|PASSED|FAILED" | cut -c1-170
+  fi
   { echo "=== remoe_layer"; "$here/examples/remoe_layer" 2>&1; } | tee -a "$out/examples.log" | tail -5
   { echo "=== bench_report"; "$here/examples/bench_report" --json "$out/bench-report.json" 2>&1; } |
     tee -a "$out/examples.log" | tail -45
@@ -78,5 +152,8 @@ echo
 echo "=== GPU suite on $(head -1 "$out/device.txt") ==="
 printf '%s\n' "${summary[@]}"
 echo "TOTAL: $total_pass passed, $total_fail failed"
-[[ ${#san_summary[@]} -gt 0 ]] && printf '%s\n' "${san_summary[@]}"
-[[ $total_fail -eq 0 ]]
+if [[ ${#san_summary[@]} -gt 0 ]]; then
+  echo "--- compute-sanitizer ($san_fail failed)"
+  printf '%s\n' "${san_summary[@]}"
+fi
+[[ $total_fail -eq 0 && $san_fail -eq 0 ]]
