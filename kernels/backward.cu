@@ -36,22 +36,26 @@ __global__ void pair_grad_prep_kernel(const T *__restrict__ dout, const float *_
   if (lane == 0) dr[p] = dot;
 }
 
-// coeff * E / (k T^2), the regulariser's (or aux loss's) gradient per gate, per token of n_e.
-__device__ __forceinline__ float balance_scale(const double *coeff, int t, int e, int k) {
-  return (float)(*coeff * e / ((double)k * t * t));
+// grad_scale * coeff * E / (k T^2), the regulariser's (or aux loss's) gradient per gate, per
+// token of n_e. grad_scale is the caller's scale of the balance loss's gradient (the loss scale
+// that dOut carries, or 1/micro-batches); it is applied in f64 before the one rounding to f32,
+// so a power of two scales the result exactly.
+__device__ __forceinline__ float balance_scale(const double *coeff, double grad_scale, int t,
+                                               int e, int k) {
+  return (float)(grad_scale * *coeff * e / ((double)k * t * t));
 }
 
 // ReMoE: dL[t,e] = dR[t,e] + lambda E n_e / (k T^2) where the gate is active (L > 0), else 0.
 __global__ void router_grad_relu_kernel(const int32_t *__restrict__ pair_index,
                                         const float *__restrict__ dr,
                                         const uint32_t *__restrict__ counts,
-                                        const double *__restrict__ coeff, float *__restrict__ dl,
-                                        int t, int e, int k) {
+                                        const double *__restrict__ coeff, double grad_scale,
+                                        float *__restrict__ dl, int t, int e, int k) {
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (size_t)t * e) return;
   const int32_t p = pair_index[i];
   const int ex = (int)(i % e);
-  dl[i] = p >= 0 ? dr[p] + balance_scale(coeff, t, e, k) * (float)counts[ex] : 0.f;
+  dl[i] = p >= 0 ? dr[p] + balance_scale(coeff, grad_scale, t, e, k) * (float)counts[ex] : 0.f;
 }
 
 // TopK: dP[t,e] = dR[t,e] (selected) + c E n_e / (k T^2) (every pair);
@@ -61,12 +65,12 @@ __global__ void router_grad_topk_kernel(const int32_t *__restrict__ pair_index,
                                         const float *__restrict__ dr,
                                         const uint32_t *__restrict__ counts,
                                         const float *__restrict__ probs,
-                                        const double *__restrict__ coeff, float *__restrict__ dl,
-                                        int t, int e, int k) {
+                                        const double *__restrict__ coeff, double grad_scale,
+                                        float *__restrict__ dl, int t, int e, int k) {
   const int lane = threadIdx.x & 31;
   const int token = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   if (token >= t) return;
-  const float scale = balance_scale(coeff, t, e, k);
+  const float scale = balance_scale(coeff, grad_scale, t, e, k);
   const size_t row = (size_t)token * e;
   float p[kPerLane], dp[kPerLane];
   float dot = 0.f;
@@ -257,17 +261,17 @@ extern "C" int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *y,
 
 extern "C" int remoe_router_grad(const int32_t *pair_index, const float *dr,
                                  const uint32_t *counts, const float *probs, const double *coeff,
-                                 float *dl, int32_t t, int32_t e, int32_t k,
+                                 double grad_scale, float *dl, int32_t t, int32_t e, int32_t k,
                                  remoe_stream_t stream) {
   if (t == 0) return 0;
   cudaStream_t s = (cudaStream_t)stream;
   if (probs == nullptr) {
     const size_t n = (size_t)t * e;
-    router_grad_relu_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(pair_index, dr, counts,
-                                                                        coeff, dl, t, e, k);
+    router_grad_relu_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(
+        pair_index, dr, counts, coeff, grad_scale, dl, t, e, k);
   } else {
-    router_grad_topk_kernel<<<(t + 7) / 8, 256, 0, s>>>(pair_index, dr, counts, probs, coeff, dl,
-                                                        t, e, k);
+    router_grad_topk_kernel<<<(t + 7) / 8, 256, 0, s>>>(pair_index, dr, counts, probs, coeff,
+                                                        grad_scale, dl, t, e, k);
   }
   return (int)cudaGetLastError();
 }

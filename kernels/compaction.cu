@@ -6,7 +6,9 @@
 //   1. expert_scan: one warp per expert scans its column of block counts (where each block's
 //      pairs start inside the expert's list), and sums the gate partials in a fixed order;
 //   2. finalize: one warp scans the experts (expert offsets, GEMM row-tile offsets) and reduces
-//      the statistics (|A|, sparsity, the balance loss);
+//      the statistics (|A|, sparsity, the balance loss); it also copies the context's error word
+//      (non-finite logits, written by the router) next to them, so that the forward's one host
+//      read sees it, and then leaves the adaptive controller's running sum alone;
 //   3. scatter: one block per 64 tokens writes its pairs at their final positions, ascending
 //      token order within an expert from a warp ballot, and the [T, E] pair index the combine
 //      reads.
@@ -62,7 +64,8 @@ __global__ void finalize_kernel(const uint32_t *__restrict__ counts,
                                 uint32_t *__restrict__ tile_offsets, uint32_t *__restrict__ stats_u32,
                                 float *__restrict__ stats_f32, int t, int e, int k,
                                 const double *__restrict__ coeff, double *__restrict__ sparsity_sum,
-                                uint32_t *__restrict__ sparsity_count) {
+                                uint32_t *__restrict__ sparsity_count,
+                                const uint32_t *__restrict__ error_flags) {
   const int lane = threadIdx.x;
   uint32_t pairs = 0, tiles = 0;
   double weighted = 0.0;  // sum_e n_e * gate_sums[e]
@@ -86,13 +89,18 @@ __global__ void finalize_kernel(const uint32_t *__restrict__ counts,
     tile_offsets[e] = tiles;
     stats_u32[0] = pairs;
     stats_u32[1] = tiles;
+    const uint32_t bad_count = error_flags != nullptr ? error_flags[0] : 0u;
+    const uint32_t bad_first = error_flags != nullptr ? error_flags[1] : 0u;
+    stats_u32[2] = bad_count;
+    stats_u32[3] = bad_first;
     const double total = (double)t * (double)e;
     const double sparsity = t == 0 ? 1.0 : 1.0 - (double)pairs / total;
     stats_f32[0] = (float)sparsity;
     stats_f32[1] = t == 0 ? 0.f : (float)(*coeff * e / ((double)k * t * t) * weighted);
     // The adaptive controller's running sum: kernels on one stream run in order, so this
-    // single-thread update needs no atomic and is deterministic.
-    if (sparsity_sum != nullptr) {
+    // single-thread update needs no atomic and is deterministic. A forward that saw a
+    // non-finite logit (bad_first != 0: the error word is set) records nothing.
+    if (sparsity_sum != nullptr && bad_first == 0u) {
       *sparsity_sum += sparsity;
       *sparsity_count += 1;
     }
@@ -154,14 +162,16 @@ extern "C" int remoe_routing_stats(const uint32_t *block_counts, const float *bl
                                    uint32_t *expert_offsets, uint32_t *tile_offsets,
                                    uint32_t *stats_u32, float *stats_f32, int32_t t, int32_t e,
                                    int32_t k, const double *coeff, double *sparsity_sum,
-                                   uint32_t *sparsity_count, remoe_stream_t stream) {
+                                   uint32_t *sparsity_count, const uint32_t *error_flags,
+                                   remoe_stream_t stream) {
   cudaStream_t s = (cudaStream_t)stream;
   const int num_blocks = (t + kTokensPerBlock - 1) / kTokensPerBlock;
   constexpr int kWarps = 8;
   expert_scan_kernel<<<(e + kWarps - 1) / kWarps, kWarps * 32, 0, s>>>(
       block_counts, block_sums, block_offsets, counts, gate_sums, num_blocks, e);
   finalize_kernel<<<1, 32, 0, s>>>(counts, gate_sums, expert_offsets, tile_offsets, stats_u32,
-                                   stats_f32, t, e, k, coeff, sparsity_sum, sparsity_count);
+                                   stats_f32, t, e, k, coeff, sparsity_sum, sparsity_count,
+                                   error_flags);
   return (int)cudaGetLastError();
 }
 

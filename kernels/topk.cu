@@ -6,6 +6,13 @@
 // The selection ranks logits, not probabilities: softmax is strictly increasing, so this is the
 // order of the exact P, with ties exactly where the logits tie (lower index wins), and it does
 // not depend on the rounding of expf. k rounds of a warp arg-max pick the winners.
+//
+// Non-finite logits (the crate's policy, mirrored by the CPU reference; the router kernel has
+// already reported them in the context's error word): a NaN or +-Inf logit takes no part. Its P
+// is 0, the softmax runs over the token's finite logits (all P are 0 when there are none), and
+// it is never selected, so a token selects its k largest finite logits, or all of them when it
+// has fewer than k: never more than k. Over finite values the ranking is a strict total order
+// (larger logit, then lower index), so every lane of the warp agrees on each round's winner.
 #include <float.h>
 
 #include "common.cuh"
@@ -39,12 +46,16 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (token >= t) break;  // warp-uniform
     const float *row = logits + (size_t)token * e;
     float l[kPerLane];
+    uint32_t valid = 0;  // bit j: expert lane + 32 j exists and its logit is finite
     float m = -FLT_MAX;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
       const int ex = lane + 32 * j;
       l[j] = ex < e ? row[ex] : -FLT_MAX;
-      m = fmaxf(m, l[j]);
+      if (ex < e && isfinite(l[j])) {
+        valid |= 1u << j;
+        m = fmaxf(m, l[j]);
+      }
     }
 #pragma unroll
     for (int d = 16; d > 0; d >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, d));
@@ -52,12 +63,12 @@ __global__ void __launch_bounds__(kWarps * 32)
     float s = 0.f;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
-      p[j] = (lane + 32 * j) < e ? __expf(l[j] - m) : 0.f;
+      p[j] = (valid >> j & 1u) ? __expf(l[j] - m) : 0.f;
       s += p[j];
     }
 #pragma unroll
     for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
-    const float inv = 1.f / s;
+    const float inv = s > 0.f ? 1.f / s : 0.f;  // s = 0 only when no logit is finite
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) p[j] *= inv;
 
@@ -70,7 +81,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int j = 0; j < kPerLane; ++j) {
         const int ex = lane + 32 * j;
-        if (ex < e && !(chosen >> j & 1u) && (l[j] > best || best_ex == INT_MAX)) {
+        if ((valid >> j & 1u) && !(chosen >> j & 1u) && (l[j] > best || best_ex == INT_MAX)) {
           best = l[j];
           best_ex = ex;
         }
@@ -79,11 +90,14 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int d = 16; d > 0; d >>= 1) {
         const float ob = __shfl_xor_sync(0xffffffffu, best, d);
         const int oe = __shfl_xor_sync(0xffffffffu, best_ex, d);
-        if (ob > best || (ob == best && oe < best_ex)) {
+        if (oe != INT_MAX && (best_ex == INT_MAX || ob > best || (ob == best && oe < best_ex))) {
           best = ob;
           best_ex = oe;
         }
       }
+      // No finite logit left: fewer than k are selected (warp-uniform: every lane reduced the
+      // same candidates).
+      if (best_ex == INT_MAX) break;
       if ((best_ex & 31) == lane) chosen |= 1u << (best_ex / 32);
     }
 

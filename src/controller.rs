@@ -51,15 +51,26 @@ impl LambdaController {
         self.target
     }
 
+    /// Checks that the controller's device buffers live in `dev`'s context.
+    pub(crate) fn expect_device(&self, dev: &Device) -> Result<()> {
+        if self.lambda.context().cu_ctx() != dev.context().cu_ctx() {
+            return Err(crate::Error::WrongContext {
+                what: "lambda controller",
+            });
+        }
+        Ok(())
+    }
+
     /// Ends a training step on the device: lambda *= alpha if the mean recorded sparsity is
     /// below the target, else lambda /= alpha; nothing recorded leaves lambda as it is.
     pub fn step(&mut self) -> Result<()> {
         let dev = self.dev.clone();
         let mut l = Launch::on(&dev);
-        let lp = l.output_raw(&mut self.lambda);
-        let sp = l.output_raw(&mut self.sparsity_sum);
-        let cp = l.output_raw(&mut self.count);
-        // SAFETY: three single-element device buffers of this controller, on its stream.
+        let lp = l.output_raw("lambda", &mut self.lambda, 1)?;
+        let sp = l.output_raw("sparsity sum", &mut self.sparsity_sum, 1)?;
+        let cp = l.output_raw("sparsity count", &mut self.count, 1)?;
+        // SAFETY: three device buffers of this controller of at least one element each (checked
+        // by `l`), on its stream; the kernel accesses element 0 of each.
         let code =
             unsafe { ffi::remoe_lambda_step(lp, sp, cp, self.alpha, self.target, l.stream()) };
         ffi::check("lambda_step", code)

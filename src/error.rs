@@ -18,7 +18,8 @@ pub enum Error {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
-    /// A host slice whose length does not match the shape given with it.
+    /// A buffer (host data, or a device buffer or view wrapped as a tensor) whose length does not
+    /// match the shape given with it.
     LengthMismatch {
         what: &'static str,
         expected: usize,
@@ -34,6 +35,19 @@ pub enum Error {
     Driver(String),
     /// A kernel launch failed; `code` is the `cudaError_t` the launcher returned.
     Launch { kernel: &'static str, code: i32 },
+    /// A device buffer holds fewer elements than the kernel about to be launched reads or writes
+    /// through it. Checked at every launch, before anything is enqueued.
+    BufferTooShort {
+        what: &'static str,
+        required: usize,
+        actual: usize,
+    },
+    /// A router logit was NaN or infinite (see the crate documentation's policy on non-finite
+    /// logits): `count` logits (of one forward, or of all forwards since the last check) in all,
+    /// the first of them in token `first_token`. Such a logit's gate was treated as 0 (ReMoE) or
+    /// its expert as not selectable (TopK), so nothing out of bounds or undefined happened; the
+    /// forward's results are not to be used.
+    NonFiniteLogits { count: usize, first_token: usize },
 }
 
 impl fmt::Display for Error {
@@ -68,6 +82,18 @@ impl fmt::Display for Error {
                     "kernel launch failed: {kernel} returned cudaError {code}"
                 )
             }
+            Error::BufferTooShort {
+                what,
+                required,
+                actual,
+            } => write!(
+                f,
+                "{what}: the kernel needs {required} elements, the device buffer holds {actual}"
+            ),
+            Error::NonFiniteLogits { count, first_token } => write!(
+                f,
+                "{count} router logit(s) were NaN or infinite, the first in token {first_token}"
+            ),
         }
     }
 }

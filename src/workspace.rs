@@ -1,14 +1,17 @@
 //! Device buffers that grow to the largest size asked of them and are then reused: what keeps
 //! the layer's forward and backward free of allocations in steady state.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceSlice};
 
 use crate::device::Device;
-use crate::error::Result;
-use crate::tensor::Element;
+use crate::error::{Error, Result};
+use crate::tensor::{Element, InputBuf, OutputBuf};
 
-/// A device buffer with a capacity. `ensure(n)` reallocates only when `n` exceeds the capacity;
-/// the contents are not preserved across a reallocation (every user rewrites what it reads).
+/// A device buffer with a capacity and a logical length. `ensure(n)` reallocates only when `n`
+/// exceeds the capacity; the contents are not preserved across a reallocation (every user
+/// rewrites what it reads). A kernel is given the first `len` elements only (the logical length
+/// set by the last `ensure`), so the launch-time length checks see what the current call sized
+/// the buffer for, not a larger allocation left by an earlier batch.
 #[derive(Debug)]
 pub(crate) struct GrowBuf<T: Element> {
     data: Option<CudaSlice<T>>,
@@ -23,53 +26,90 @@ impl<T: Element> Default for GrowBuf<T> {
 
 impl<T: Element> GrowBuf<T> {
     /// Makes room for `n` elements (at least one, so the buffer always has an address); returns
-    /// whether it had to allocate.
+    /// whether it had to allocate. On an allocation failure the buffer is left empty (length 0,
+    /// no allocation), never with a length its allocation does not have.
     pub(crate) fn ensure(&mut self, dev: &Device, n: usize) -> Result<bool> {
-        self.len = n;
         let need = n.max(1);
         if self.data.as_ref().is_some_and(|d| d.len() >= need) {
+            self.len = n;
             return Ok(false);
         }
+        self.len = 0;
         self.data = None; // free before allocating the larger one
         self.data = Some(dev.stream().alloc_zeros::<T>(need)?);
+        self.len = n;
         Ok(true)
     }
 
-    /// Bytes of the logical contents (as set by the last `ensure`).
-    pub(crate) fn bytes(&self) -> usize {
-        self.len * std::mem::size_of::<T>()
+    /// The logical length (as set by the last `ensure`).
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 
-    pub(crate) fn slice(&self) -> &CudaSlice<T> {
-        self.data.as_ref().expect("GrowBuf used before ensure")
+    /// The whole allocation, for cudarc's own (length-checked) copies.
+    pub(crate) fn slice_mut(&mut self) -> Result<&mut CudaSlice<T>> {
+        self.data.as_mut().ok_or_else(unallocated)
     }
 
-    pub(crate) fn slice_mut(&mut self) -> &mut CudaSlice<T> {
-        self.data.as_mut().expect("GrowBuf used before ensure")
+    /// The first `len` elements, read-only.
+    pub(crate) fn view(&self) -> Result<CudaView<'_, T>> {
+        let d = self.data.as_ref().ok_or_else(unallocated)?;
+        Ok(d.slice(..self.len))
+    }
+
+    /// The first `len` elements, writable.
+    pub(crate) fn view_mut(&mut self) -> Result<CudaViewMut<'_, T>> {
+        let len = self.len;
+        let d = self.data.as_mut().ok_or_else(unallocated)?;
+        Ok(d.slice_mut(..len))
     }
 
     /// Fills the whole allocation with 0xFF bytes (NaN, or -1 / u32::MAX for indices).
     pub(crate) fn poison(&mut self) -> Result<()> {
+        self.fill_bytes(0xFF)
+    }
+
+    /// Fills the whole allocation with zero bytes.
+    pub(crate) fn zero(&mut self) -> Result<()> {
+        self.fill_bytes(0)
+    }
+
+    fn fill_bytes(&mut self, byte: u8) -> Result<()> {
         if let Some(d) = self.data.as_mut() {
             let stream = d.stream().clone();
             let bytes = d.num_bytes();
             let (ptr, _guard) = cudarc::driver::DevicePtrMut::device_ptr_mut(d, &stream);
             // SAFETY: ptr is this buffer's own allocation of `bytes` bytes, on its stream.
             unsafe {
-                cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream())
+                cudarc::driver::result::memset_d8_async(ptr, byte, bytes, stream.cu_stream())
             }?;
         }
         Ok(())
     }
 
-    /// The first `len` elements (as set by the last `ensure`), copied to the host (synchronises the stream).
+    /// The first `len` elements (as set by the last `ensure`), copied to the host (synchronises
+    /// the stream).
     pub(crate) fn to_host(&self) -> Result<Vec<T>> {
         if self.len == 0 {
             return Ok(Vec::new());
         }
-        let d = self.slice();
-        let mut v = d.stream().clone_dtoh(&d.slice(..self.len))?;
-        v.truncate(self.len);
-        Ok(v)
+        let v = self.view()?;
+        Ok(v.stream().clone_dtoh(&v)?)
+    }
+}
+
+fn unallocated() -> Error {
+    Error::InvalidConfig("a workspace buffer was used before any forward sized it".into())
+}
+
+impl<'a, T: Element> InputBuf<'a, T> for &'a GrowBuf<T> {
+    fn input_view(self, _: &'static str) -> Result<CudaView<'a, T>> {
+        self.view()
+    }
+}
+
+impl<'a, T: Element> OutputBuf<'a, T> for &'a mut GrowBuf<T> {
+    fn output_view(self, _: &'static str) -> Result<CudaViewMut<'a, T>> {
+        self.view_mut()
     }
 }

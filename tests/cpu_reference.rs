@@ -581,3 +581,245 @@ fn f32_storage_agrees_with_f64_storage() {
         assert_relative_eq!(*a as f64, *b, epsilon = 1e-5, max_relative = 1e-5);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Non-finite logits (issue 10, item 5): the policy the kernels implement, in the reference.
+
+use remoe_kernels::reference::{
+    check_logits_finite, remoe_backward_scaled, topk_backward_scaled, RemoeForward,
+};
+
+#[test]
+fn a_non_finite_logit_gets_the_gate_zero_and_is_reported() {
+    // X [3,2], Wr [2,3]; token 1 has an infinite feature, so its logits are [Inf, -Inf, Inf]:
+    // no gate may be active (an infinite gate would make the output Inf or NaN).
+    //   token 0: [1 + 0.25, -1 + 0.125, 0.5 - 1] = [1.25, -0.875, -0.5]
+    //   token 2: [-1 + 1, 1 + 0.5, -0.5 - 4]     = [0, 1.5, -4.5]
+    let cfg = LayerConfig::new(3, 2, 1, 3, 1);
+    let x = [1.0, 0.5, f64::INFINITY, 0.0, -1.0, 2.0];
+    let wr = [1.0, -1.0, 0.5, 0.5, 0.25, -2.0];
+    let r = relu_router::<f64>(&x, &wr, &cfg);
+    assert!(r.logits[3..6].iter().all(|l| l.is_infinite()));
+    assert_eq!(r.gates, vec![1.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.5, 0.0]);
+    assert_eq!(r.counts, vec![1, 1, 0]);
+    assert_eq!(r.active_pairs, 2);
+    assert_eq!(
+        r.check_finite(),
+        Err(Error::NonFiniteLogits {
+            count: 3,
+            first_token: 1
+        })
+    );
+    assert_eq!(
+        check_logits_finite(&r.logits, 3),
+        r.check_finite(),
+        "the free function and the method agree"
+    );
+    // NaN as well: a NaN router column switches that expert off for every token.
+    let wr_nan = [1.0, f64::NAN, 0.5, 0.5, 0.25, -2.0];
+    let x_finite = [1.0, 0.5, 2.0, 0.0, -1.0, 2.0];
+    let r = relu_router::<f64>(&x_finite, &wr_nan, &cfg);
+    assert_eq!(r.counts[1], 0);
+    assert!((0..3).all(|t| r.gates[t * 3 + 1] == 0.0));
+    assert_eq!(
+        r.check_finite(),
+        Err(Error::NonFiniteLogits {
+            count: 3,
+            first_token: 0
+        })
+    );
+    // A finite routing reports nothing.
+    let ok = relu_router::<f64>(&x_finite, &wr, &cfg);
+    assert_eq!(ok.check_finite(), Ok(()));
+}
+
+#[test]
+fn the_layer_with_a_non_finite_logit_stays_finite_where_the_policy_says() {
+    // Expert 1's router column is NaN: it takes no token; the others route as usual. The output,
+    // the loss and the experts' weight gradients stay finite (dX picks up 0 * NaN through the
+    // router's dense part, as IEEE says, in the reference and the kernels alike).
+    let cfg = LayerConfig::new(5, 4, 3, 3, 1);
+    let mut rng = SplitMix64::new(11);
+    let x = rng.vec_uniform(5 * 4, 1.0);
+    let mut params = random_params(&cfg, &mut rng);
+    for i in 0..4 {
+        params.router[i * 3 + 1] = f64::NAN;
+    }
+    let fwd: RemoeForward<f64> = remoe_forward(&x, &params, &cfg, 0.1);
+    assert!(fwd.out.iter().all(|v| v.is_finite()));
+    assert!(fwd.reg_loss.is_finite());
+    assert_eq!(fwd.routing.counts[1], 0);
+    assert!(matches!(
+        fwd.routing.check_finite(),
+        Err(Error::NonFiniteLogits { count: 5, .. })
+    ));
+    let dout = rng.vec_uniform(5 * 4, 1.0);
+    let g = remoe_backward(&x, &params, &cfg, 0.1, &fwd, &dout);
+    for (name, v) in [
+        ("dWr", &g.params.router),
+        ("dWg", &g.params.gate),
+        ("dWu", &g.params.up),
+        ("dWd", &g.params.down),
+    ] {
+        assert!(v.iter().all(|v| v.is_finite()), "{name} is not finite");
+    }
+    // No gradient reaches the NaN column.
+    assert!((0..4).all(|i| g.params.router[i * 3 + 1] == 0.0));
+}
+
+#[test]
+fn topk_never_selects_a_non_finite_logit_nor_more_than_k() {
+    // H = 1: logit[t, e] = x[t] * wr[e]. With wr = [NaN, 3, Inf, 1, 2] and x = [1, -1, 0]:
+    //   token 0: [NaN, 3, Inf, 1, 2]        finite 3, 1, 2  -> experts 1 and 4
+    //   token 1: [NaN, -3, -Inf, -1, -2]    finite -3, -1, -2 -> experts 3 and 4
+    //   token 2: [NaN, 0, NaN, 0, 0]        three zeros tie -> experts 1 and 3
+    let cfg = LayerConfig::new(3, 1, 1, 5, 2);
+    let wr = [f64::NAN, 3.0, f64::INFINITY, 1.0, 2.0];
+    let r = softmax_topk_router::<f64>(&[1.0, -1.0, 0.0], &wr, &cfg);
+    let sel = |t: usize| -> Vec<usize> { (0..5).filter(|&e| r.selected[t * 5 + e]).collect() };
+    assert_eq!(sel(0), vec![1, 4]);
+    assert_eq!(sel(1), vec![3, 4]);
+    assert_eq!(sel(2), vec![1, 3]);
+    assert_eq!(r.counts, vec![0, 2, 0, 2, 2]);
+    for t in 0..3 {
+        let p = &r.probs[t * 5..(t + 1) * 5];
+        assert!(p.iter().all(|v| v.is_finite()));
+        assert_eq!(p[0], 0.0, "a NaN logit has P = 0");
+        assert_relative_eq!(p.iter().sum::<f64>(), 1.0, epsilon = 1e-15);
+    }
+    // Token 0: the softmax is over the finite logits [3, 1, 2].
+    let z = 3f64.exp() + 1f64.exp() + 2f64.exp();
+    assert_relative_eq!(r.probs[1], 3f64.exp() / z, epsilon = 1e-15);
+    assert_eq!(r.probs[2], 0.0, "an infinite logit has P = 0");
+    assert_eq!(
+        r.check_finite(),
+        Err(Error::NonFiniteLogits {
+            count: 6,
+            first_token: 0
+        })
+    );
+
+    // Fewer finite logits than k: fewer are selected; none finite: none is, and all P are 0.
+    let cfg = LayerConfig::new(2, 1, 1, 3, 2);
+    let r = softmax_topk_router::<f64>(&[1.0, 0.0], &[f64::NAN, f64::INFINITY, 1.0], &cfg);
+    assert_eq!(r.selected[0..3], [false, false, true]);
+    assert_eq!(r.probs[0..3], [0.0, 0.0, 1.0]);
+    // Token 1: x = 0 gives [NaN, NaN (0 * Inf), 0]: one finite logit.
+    assert_eq!(r.selected[3..6], [false, false, true]);
+    let r = softmax_topk_router::<f64>(
+        &[1.0],
+        &[f64::NAN, f64::INFINITY, f64::NEG_INFINITY],
+        &LayerConfig::new(1, 1, 1, 3, 2),
+    );
+    assert!(r.selected.iter().all(|&s| !s));
+    assert!(r.probs.iter().all(|&p| p == 0.0));
+    assert_eq!(r.counts, vec![0, 0, 0]);
+}
+
+#[test]
+fn the_topk_layer_with_a_non_finite_logit_keeps_finite_router_and_expert_gradients() {
+    let cfg = LayerConfig::new(6, 4, 3, 4, 2);
+    let mut rng = SplitMix64::new(12);
+    let x = rng.vec_uniform(6 * 4, 1.0);
+    let mut params = random_params(&cfg, &mut rng);
+    for i in 0..4 {
+        params.router[i * 4 + 2] = f64::NAN;
+    }
+    let fwd = topk_forward(&x, &params, &cfg, 0.05);
+    assert_eq!(fwd.routing.counts[2], 0);
+    assert_eq!(fwd.routing.counts.iter().sum::<u32>(), 6 * 2);
+    assert!(fwd.out.iter().all(|v| v.is_finite()) && fwd.aux_loss.is_finite());
+    let dout = rng.vec_uniform(6 * 4, 1.0);
+    let g = topk_backward(&x, &params, &cfg, 0.05, &fwd, &dout);
+    assert!(g.params.router.iter().all(|v| v.is_finite()));
+    assert!((0..4).all(|i| g.params.router[i * 4 + 2] == 0.0));
+    assert!(g
+        .params
+        .gate
+        .iter()
+        .chain(&g.params.up)
+        .chain(&g.params.down)
+        .all(|v| v.is_finite()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The balance loss's gradient scale (issue 10, item 6).
+
+/// Every element of `a` is `s` times `b`, to `tol` relative to the largest |b|.
+fn assert_scaled(name: &str, a: &[f64], b: &[f64], s: f64, tol: f64) {
+    let norm = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - s * y).abs() <= tol * s.abs() * norm,
+            "{name}[{i}]: {x:e} is not {s} x {y:e}"
+        );
+    }
+}
+
+fn all_grads(g: &LayerGrads<f64>) -> [(&'static str, &[f64]); 5] {
+    [
+        ("dX", &g.dx),
+        ("dWr", &g.params.router),
+        ("dWg", &g.params.gate),
+        ("dWu", &g.params.up),
+        ("dWd", &g.params.down),
+    ]
+}
+
+#[test]
+fn a_loss_scale_on_dout_and_the_balance_gradient_scales_every_gradient() {
+    // Loss scaling: dOut carries S; with balance_grad_scale = S every gradient is S times the
+    // unscaled one, i.e. the effective lambda does not change with S. Without it (scale 1) the
+    // regulariser's share would be S times too small.
+    let p = remoe_problem(LayerConfig::new(6, 5, 3, 4, 1), 1001, None, None);
+    let lambda = 0.3;
+    let fwd = remoe_forward(&p.x, &p.params, &p.cfg, lambda);
+    let base = remoe_backward(&p.x, &p.params, &p.cfg, lambda, &fwd, &p.dout);
+    for s in [1024.0, 0.25, 3.7] {
+        let dout_s: Vec<f64> = p.dout.iter().map(|d| d * s).collect();
+        let scaled = remoe_backward_scaled(&p.x, &p.params, &p.cfg, lambda, &fwd, &dout_s, s);
+        for ((name, a), (_, b)) in all_grads(&scaled).into_iter().zip(all_grads(&base)) {
+            assert_scaled(name, a, b, s, 1e-12);
+        }
+        // The old behaviour, the regulariser's gradient unscaled, is measurably different.
+        let unscaled = remoe_backward_scaled(&p.x, &p.params, &p.cfg, lambda, &fwd, &dout_s, 1.0);
+        let off = unscaled
+            .params
+            .router
+            .iter()
+            .zip(&base.params.router)
+            .map(|(a, b)| (a - s * b).abs())
+            .fold(0.0, f64::max);
+        assert!(off > 1e-6, "the test cannot tell the scale from none");
+    }
+    // Scale 1 is the plain backward, bit for bit.
+    let one = remoe_backward_scaled(&p.x, &p.params, &p.cfg, lambda, &fwd, &p.dout, 1.0);
+    assert_eq!(one, base);
+}
+
+#[test]
+fn the_balance_gradient_scale_multiplies_only_the_balance_term() {
+    // dOut = 0 leaves the regulariser's (aux loss's) gradient alone: the scale multiplies it
+    // exactly as a lambda (c) multiplied by the scale would.
+    let mut p = remoe_problem(LayerConfig::new(5, 4, 2, 4, 1), 1002, None, None);
+    p.dout.iter_mut().for_each(|d| *d = 0.0);
+    let fwd = remoe_forward(&p.x, &p.params, &p.cfg, 0.7);
+    let a = remoe_backward_scaled(&p.x, &p.params, &p.cfg, 0.7, &fwd, &p.dout, 0.125);
+    let b = remoe_backward(&p.x, &p.params, &p.cfg, 0.7 * 0.125, &fwd, &p.dout);
+    assert_eq!(a, b);
+    assert!(a.params.router.iter().any(|&v| v != 0.0));
+
+    let mut p = topk_problem(LayerConfig::new(5, 4, 2, 4, 2), 1003);
+    let fwd = topk_forward(&p.x, &p.params, &p.cfg, 0.5);
+    let base = topk_backward(&p.x, &p.params, &p.cfg, 0.5, &fwd, &p.dout);
+    let dout_s: Vec<f64> = p.dout.iter().map(|d| d * 64.0).collect();
+    let scaled = topk_backward_scaled(&p.x, &p.params, &p.cfg, 0.5, &fwd, &dout_s, 64.0);
+    for ((name, a), (_, b)) in all_grads(&scaled).into_iter().zip(all_grads(&base)) {
+        assert_scaled(name, a, b, 64.0, 1e-12);
+    }
+    p.dout.iter_mut().for_each(|d| *d = 0.0);
+    let a = topk_backward_scaled(&p.x, &p.params, &p.cfg, 0.5, &fwd, &p.dout, 4.0);
+    let b = topk_backward(&p.x, &p.params, &p.cfg, 0.5 * 4.0, &fwd, &p.dout);
+    assert_eq!(a, b);
+    assert!(a.params.router.iter().any(|&v| v != 0.0));
+}

@@ -122,6 +122,23 @@ pub fn remoe_backward<T: Real>(
     fwd: &RemoeForward<T>,
     dout: &[T],
 ) -> LayerGrads<T> {
+    remoe_backward_scaled(x, params, cfg, lambda, fwd, dout, 1.0)
+}
+
+/// [`remoe_backward`] with the regulariser's gradient multiplied by `balance_grad_scale`: the
+/// gradients of `sum(out * dout) + balance_grad_scale * reg_loss`. With `dout` carrying a loss
+/// scale (or 1/micro-batches) S, `balance_grad_scale` = S gives S times the gradients of the
+/// unscaled loss: the effective lambda does not change with S (the GPU backward's
+/// `BackwardOptions::balance_grad_scale`).
+pub fn remoe_backward_scaled<T: Real>(
+    x: &[T],
+    params: &LayerParams<T>,
+    cfg: &LayerConfig,
+    lambda: f64,
+    fwd: &RemoeForward<T>,
+    dout: &[T],
+    balance_grad_scale: f64,
+) -> LayerGrads<T> {
     let (t, e) = (cfg.tokens, cfg.experts);
     let mut acc = ExpertGradAcc::new(cfg);
     let d_gate_pairs = experts_backward(x, params, cfg, &fwd.dispatch, dout, &mut acc);
@@ -131,7 +148,7 @@ pub fn remoe_backward<T: Real>(
     let reg = if t == 0 {
         0.0
     } else {
-        balance_scale(cfg, lambda)
+        balance_scale(cfg, balance_grad_scale * lambda)
     };
     let mut d_logits = vec![0.0f64; t * e];
     for ei in 0..e {
@@ -156,6 +173,20 @@ pub fn topk_backward<T: Real>(
     fwd: &TopkForward<T>,
     dout: &[T],
 ) -> LayerGrads<T> {
+    topk_backward_scaled(x, params, cfg, aux_coeff, fwd, dout, 1.0)
+}
+
+/// [`topk_backward`] with the aux loss's gradient multiplied by `balance_grad_scale` (see
+/// [`remoe_backward_scaled`]).
+pub fn topk_backward_scaled<T: Real>(
+    x: &[T],
+    params: &LayerParams<T>,
+    cfg: &LayerConfig,
+    aux_coeff: f64,
+    fwd: &TopkForward<T>,
+    dout: &[T],
+    balance_grad_scale: f64,
+) -> LayerGrads<T> {
     let (t, e) = (cfg.tokens, cfg.experts);
     let mut acc = ExpertGradAcc::new(cfg);
     let d_gate_pairs = experts_backward(x, params, cfg, &fwd.dispatch, dout, &mut acc);
@@ -164,7 +195,7 @@ pub fn topk_backward<T: Real>(
     let aux = if t == 0 {
         0.0
     } else {
-        balance_scale(cfg, aux_coeff)
+        balance_scale(cfg, balance_grad_scale * aux_coeff)
     };
     let mut d_probs = vec![0.0f64; t * e];
     for ti in 0..t {

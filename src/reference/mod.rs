@@ -18,11 +18,12 @@ mod routing;
 pub use controller::SparsityController;
 pub use experts::{swiglu_expert_backward, swiglu_expert_forward, ExpertActivations};
 pub use layer::{
-    remoe_backward, remoe_forward, topk_backward, topk_forward, LayerGrads, LayerParams,
-    RemoeForward, TopkForward, TOPK_AUX_COEFF,
+    remoe_backward, remoe_backward_scaled, remoe_forward, topk_backward, topk_backward_scaled,
+    topk_forward, LayerGrads, LayerParams, RemoeForward, TopkForward, TOPK_AUX_COEFF,
 };
 pub use routing::{
-    l1_balance_loss, relu_router, softmax_topk_router, Dispatch, Routing, TopkRouting,
+    check_logits_finite, l1_balance_loss, relu_gate, relu_router, softmax_topk_router, Dispatch,
+    Routing, TopkRouting,
 };
 
 /// Storage type of the reference: f32 or f64. Arithmetic goes through f64.

@@ -1,7 +1,31 @@
 //! Routing: the ReLU router, the softmax top-k router, the regulariser and the dispatch lists.
+//!
+//! Non-finite logits follow the crate's policy (see [`crate::moe`]), exactly as the kernels do: a
+//! NaN or +-Inf logit gets the ReLU gate 0; in the TopK router it has P = 0, the softmax is over
+//! the token's finite logits, and it is never selected (so at most k experts per token). The
+//! routers report such logits through [`Routing::check_finite`] /
+//! [`TopkRouting::check_finite`], with the GPU's error.
 
 use super::{matmul, Real};
 use crate::config::LayerConfig;
+use crate::error::{Error, Result};
+
+/// [`Error::NonFiniteLogits`] if any of `logits` [T,E] is NaN or infinite: how many, and the
+/// first token that has one (the error the GPU forward reports).
+pub fn check_logits_finite<T: Real>(logits: &[T], e: usize) -> Result<()> {
+    let mut count = 0usize;
+    let mut first = None;
+    for (i, l) in logits.iter().enumerate() {
+        if !l.to_f64().is_finite() {
+            count += 1;
+            first.get_or_insert(i / e.max(1));
+        }
+    }
+    match first {
+        Some(first_token) => Err(Error::NonFiniteLogits { count, first_token }),
+        None => Ok(()),
+    }
+}
 
 /// What the ReLU router produces (SPEC: L = X Wr, R = ReLU(L), A = {R > 0}).
 #[derive(Debug, Clone)]
@@ -43,6 +67,12 @@ impl<T: Real> Routing<T> {
         }
     }
 
+    /// [`Error::NonFiniteLogits`] if a logit was NaN or infinite (its gate was taken as 0).
+    pub fn check_finite(&self) -> Result<()> {
+        let e = self.counts.len();
+        check_logits_finite(&self.logits, e)
+    }
+
     /// S = 1 - |A| / (T E); an empty batch counts as fully sparse.
     pub fn sparsity(&self) -> f64 {
         let total = self.gates.len();
@@ -59,15 +89,25 @@ impl<T: Real> Routing<T> {
     }
 }
 
-/// L = X Wr, R = ReLU(L) with its statistics. A logit of exactly 0 is inactive.
+/// L = X Wr, R = ReLU(L) with its statistics. A logit of exactly 0 is inactive, and so is a
+/// NaN or infinite one (gate 0; see [`Routing::check_finite`]).
 pub fn relu_router<T: Real>(x: &[T], wr: &[T], cfg: &LayerConfig) -> Routing<T> {
     let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
     let logits = matmul(x, wr, t, h, e);
     let gates = logits
         .iter()
-        .map(|&l| T::from_f64(l.to_f64().max(0.0)))
+        .map(|&l| T::from_f64(relu_gate(l.to_f64())))
         .collect();
     Routing::from_gates(logits, gates, t, e)
+}
+
+/// ReLU with the policy for non-finite logits: max(l, 0) for a finite l, else 0.
+pub fn relu_gate(l: f64) -> f64 {
+    if l.is_finite() {
+        l.max(0.0)
+    } else {
+        0.0
+    }
 }
 
 /// The TopK router of the baseline (SPEC: pre-softmax top-k, no renormalisation).
@@ -78,7 +118,8 @@ pub struct TopkRouting<T> {
     pub probs: Vec<T>,
     /// R [T,E] = P where selected, else 0.
     pub gates: Vec<T>,
-    /// The selection, [T,E]: exactly k per token.
+    /// The selection, [T,E]: k per token (fewer only for a token with fewer than k finite
+    /// logits).
     pub selected: Vec<bool>,
     /// n_e: tokens selecting each expert.
     pub counts: Vec<u32>,
@@ -87,12 +128,20 @@ pub struct TopkRouting<T> {
 }
 
 impl<T: Real> TopkRouting<T> {
+    /// [`Error::NonFiniteLogits`] if a logit was NaN or infinite (it took no part).
+    pub fn check_finite(&self) -> Result<()> {
+        check_logits_finite(&self.logits, self.counts.len())
+    }
+
     pub fn dispatch(&self, e: usize) -> Dispatch<T> {
         Dispatch::from_selection(&self.gates, e, |t, ei, _| self.selected[t * e + ei])
     }
 }
 
 /// P = softmax(X Wr) per token, and the k largest P selected; ties go to the lower expert index.
+/// A NaN or infinite logit takes no part: P = 0 (the softmax is over the finite logits; all P
+/// are 0 when none is finite) and it is never selected, so a token with fewer than k finite
+/// logits selects fewer than k.
 pub fn softmax_topk_router<T: Real>(x: &[T], wr: &[T], cfg: &LayerConfig) -> TopkRouting<T> {
     let (t, h, e, k) = (cfg.tokens, cfg.hidden, cfg.experts, cfg.k);
     let logits = matmul(x, wr, t, h, e);
@@ -104,14 +153,26 @@ pub fn softmax_topk_router<T: Real>(x: &[T], wr: &[T], cfg: &LayerConfig) -> Top
     let mut order: Vec<usize> = Vec::with_capacity(e);
     for ti in 0..t {
         let row = &logits[ti * e..(ti + 1) * e];
+        let finite = |v: &T| v.to_f64().is_finite();
         let max = row
             .iter()
+            .filter(|v| finite(v))
             .map(|v| v.to_f64())
             .fold(f64::NEG_INFINITY, f64::max);
-        let denom: f64 = row.iter().map(|v| (v.to_f64() - max).exp()).sum();
+        let denom: f64 = row
+            .iter()
+            .filter(|v| finite(v))
+            .map(|v| (v.to_f64() - max).exp())
+            .sum();
         let p: Vec<f64> = row
             .iter()
-            .map(|v| (v.to_f64() - max).exp() / denom)
+            .map(|v| {
+                if finite(v) {
+                    (v.to_f64() - max).exp() / denom
+                } else {
+                    0.0
+                }
+            })
             .collect();
         for ei in 0..e {
             probs[ti * e + ei] = T::from_f64(p[ei]);
@@ -120,13 +181,16 @@ pub fn softmax_topk_router<T: Real>(x: &[T], wr: &[T], cfg: &LayerConfig) -> Top
         // Rank on the logits: softmax is strictly increasing, so this is the order of the exact
         // probabilities (ties exactly where the logits tie), and it does not depend on how the
         // exponentials were rounded. The GPU kernel ranks the same way.
+        // Only finite logits are candidates, so the comparison is a total order.
         order.clear();
-        order.extend(0..e);
+        order.extend((0..e).filter(|&ei| finite(&row[ei])));
         order.sort_by(|&a, &b| {
             let (la, lb) = (row[a].to_f64(), row[b].to_f64());
-            lb.partial_cmp(&la).unwrap().then(a.cmp(&b))
+            lb.partial_cmp(&la)
+                .expect("finite logits compare")
+                .then(a.cmp(&b))
         });
-        for &ei in &order[..k] {
+        for &ei in &order[..k.min(order.len())] {
             selected[ti * e + ei] = true;
             gates[ti * e + ei] = probs[ti * e + ei];
             counts[ei] += 1;
