@@ -25,7 +25,7 @@
 //   kDX:   dX_pair = dg Wg_e^T + du Wu_e^T, as one GEMM over two K segments.
 // And a separate kernel for the weight gradients, whose reduction runs over an expert's pairs
 // (K = n_e, zero allowed), both operands read k-major and fed through ldmatrix.trans.
-#include "common.cuh"
+#include "mma_sync.cuh"
 
 namespace {
 
@@ -39,53 +39,6 @@ constexpr int kLoadsB = BK * 128 / 8 / 256;             // B chunks per thread p
 constexpr int kThreads = 256;
 constexpr int kStageElems = BM * BK + BK * BN;
 constexpr int kSmemBytes = kStages * kStageElems * 2;
-
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-  return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-// 16 bytes global -> shared; `bytes` < 16 zero-fills the rest (0 for out-of-range chunks).
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2]);
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float c[4], const uint32_t a[4],
-                                                       const uint32_t b[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <>
-__device__ __forceinline__ void mma16816<__half>(float c[4], const uint32_t a[4],
-                                                const uint32_t b[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
 
 // Swizzled element offsets inside one stage.
 __device__ __forceinline__ int a_offset(int row, int chunk) {
@@ -607,8 +560,10 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
   }                                                                                               \
   extern "C" int remoe_expert_weight_grad_##SUFFIX(                                               \
       const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,                   \
-      const uint32_t *expert_offsets, int32_t e, int32_t m, int32_t n, int32_t accumulate,        \
-      remoe_stream_t stream) {                                                                    \
+      const uint32_t *expert_offsets, int32_t a_rows, int32_t b_rows, int32_t e, int32_t m,       \
+      int32_t n, int32_t accumulate, remoe_stream_t stream) {                                     \
+    (void)a_rows; /* this path needs no row counts: cp.async checks each row against n_e */      \
+    (void)b_rows;                                                                                 \
     return launch_weight_grad<T>(a, gather, b, out, expert_offsets, e, m, n, accumulate,          \
                                  (cudaStream_t)stream);                                           \
   }

@@ -40,14 +40,19 @@ typedef struct CUstream_st *remoe_stream_t;
  *   block_counts [ceil(t/64), e] u32, block_sums [ceil(t/64), e] f32: per block of 64 tokens,
  *     the number of gates > 0 and the sum of the gates of each expert. Both may be NULL (then
  *     not written).
+ *   error_flags [2] u32, may be NULL: the error word of non-finite logits. A logit that is NaN
+ *     or +-Inf gets the gate 0 (always, with or without the word) and, with the word, adds 1 to
+ *     error_flags[0] and raises error_flags[1] to at least ~token (bitwise complement; 0 means
+ *     no such logit yet, else ~error_flags[1] is the lowest token that had one). The word is
+ *     only ever raised: the caller clears it.
  * t may be 0 (nothing is launched). t*h, h*e and t*e must fit in int32; h % 8 == 0.
  */
 int remoe_router_forward_bf16(const uint16_t *x, const uint16_t *wr, float *logits, float *gates,
-                              uint32_t *block_counts, float *block_sums, int32_t t, int32_t h,
-                              int32_t e, remoe_stream_t stream);
+                              uint32_t *block_counts, float *block_sums, uint32_t *error_flags,
+                              int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
 int remoe_router_forward_f16(const uint16_t *x, const uint16_t *wr, float *logits, float *gates,
-                             uint32_t *block_counts, float *block_sums, int32_t t, int32_t h,
-                             int32_t e, remoe_stream_t stream);
+                             uint32_t *block_counts, float *block_sums, uint32_t *error_flags,
+                             int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
 
 /*
  * TopK router tail (kernels/topk.cu): from logits [t, e] (f32), P = softmax per token; the k
@@ -55,6 +60,8 @@ int remoe_router_forward_f16(const uint16_t *x, const uint16_t *wr, float *logit
  * (P where selected, else 0; a selected P that underflows to 0 is stored as FLT_MIN so that the
  * selection stays visible to the compaction), and per block of 64 tokens block_counts (selected
  * per expert) and block_sums (sum of P per expert, over all tokens). 1 <= k <= e <= 512.
+ * Non-finite logits (NaN, +-Inf) take no part: their P is 0, the softmax is over the token's
+ * finite logits, and they are never selected, so a token selects min(k, its finite logits).
  */
 int remoe_topk_softmax(const float *logits, float *probs, float *gates, uint32_t *block_counts,
                        float *block_sums, int32_t t, int32_t e, int32_t k, remoe_stream_t stream);
@@ -66,18 +73,20 @@ int remoe_topk_softmax(const float *logits, float *probs, float *gates, uint32_t
  *   block_offsets [nb, e]  where block b's pairs of expert e start inside expert e's list
  *   expert_offsets [e+1]   exclusive scan of counts: expert e's pairs are [off[e], off[e+1])
  *   tile_offsets [e+1]     exclusive scan of ceil(n_e / REMOE_GEMM_TILE_ROWS)
- *   stats_u32 [2]  { active pairs |A|, total GEMM row tiles }
+ *   stats_u32 [4]  { active pairs |A|, total GEMM row tiles, error_flags[0], error_flags[1] }
  *   stats_f32 [2]  { sparsity 1 - |A|/(t e), balance loss coeff*e/(k t^2)*sum_e n_e*gate_sums[e] }
  * coeff: a device pointer to lambda (ReMoE) or c (TopK), f64. When sparsity_sum is non-NULL the
  * layer's sparsity is added to *sparsity_sum and *sparsity_count incremented (the adaptive
- * controller's running mean). nb = ceil(t / REMOE_ROUTER_TOKENS_PER_BLOCK). Deterministic:
- * every sum has a fixed order.
+ * controller's running mean), unless the error word error_flags [2] (see the router; may be
+ * NULL, then read as 0) shows a non-finite logit. nb = ceil(t / REMOE_ROUTER_TOKENS_PER_BLOCK).
+ * Deterministic: every sum has a fixed order.
  */
 int remoe_routing_stats(const uint32_t *block_counts, const float *block_sums,
                         uint32_t *block_offsets, uint32_t *counts, float *gate_sums,
                         uint32_t *expert_offsets, uint32_t *tile_offsets, uint32_t *stats_u32,
                         float *stats_f32, int32_t t, int32_t e, int32_t k, const double *coeff,
-                        double *sparsity_sum, uint32_t *sparsity_count, remoe_stream_t stream);
+                        double *sparsity_sum, uint32_t *sparsity_count,
+                        const uint32_t *error_flags, remoe_stream_t stream);
 
 /*
  * Compaction (kernels/compaction.cu): the pairs with gate > 0, grouped by expert, ascending
@@ -147,18 +156,90 @@ int remoe_expert_dx_f16(const uint16_t *dg, const uint16_t *du, const uint16_t *
 /*
  * Expert weight gradients (kernels/grouped_gemm.cu): for every expert e (zero pairs allowed),
  *   out[e, i, j] (+)= sum over e's pairs p of a[row(p), i] * b[p, j]     out [e, m, n] f32
- * where row(p) = gather[p] if gather is non-NULL, else p; a has m columns, b has n. accumulate
- * != 0 adds to out, otherwise out is overwritten. Deterministic (fixed reduction order).
+ * where row(p) = gather[p] if gather is non-NULL, else p; a has m columns, b has n; a_rows and
+ * b_rows are the rows a and b hold (every row(p) < a_rows, every pair < b_rows: the bounds of the
+ * Hopper path's tensor maps). accumulate != 0 adds to out, otherwise out is overwritten.
+ * Deterministic (fixed reduction order).
  *   dWd: a = act [|A|, f], b = dy [|A|, h]              (m = f, n = h)
  *   dWg: a = x [t, h] gathered by pair_token, b = dg    (m = h, n = f); dWu likewise with du.
  */
 int remoe_expert_weight_grad_bf16(const uint16_t *a, const uint32_t *gather, const uint16_t *b,
-                                  float *out, const uint32_t *expert_offsets, int32_t e,
-                                  int32_t m, int32_t n, int32_t accumulate,
-                                  remoe_stream_t stream);
+                                  float *out, const uint32_t *expert_offsets, int32_t a_rows,
+                                  int32_t b_rows, int32_t e, int32_t m, int32_t n,
+                                  int32_t accumulate, remoe_stream_t stream);
 int remoe_expert_weight_grad_f16(const uint16_t *a, const uint32_t *gather, const uint16_t *b,
-                                 float *out, const uint32_t *expert_offsets, int32_t e, int32_t m,
-                                 int32_t n, int32_t accumulate, remoe_stream_t stream);
+                                 float *out, const uint32_t *expert_offsets, int32_t a_rows,
+                                 int32_t b_rows, int32_t e, int32_t m, int32_t n,
+                                 int32_t accumulate, remoe_stream_t stream);
+
+/*
+ * The same five expert GEMMs for Hopper (kernels/hopper_gemm.cu: wgmma, TMA, warp-specialised
+ * persistent CTAs), with the contracts above, argument for argument. They need a device of
+ * compute capability 9.0 and code built for sm_90a; elsewhere their kernels are empty, so the
+ * Rust layer calls them only on such a device (src/gemm.rs). Additionally h % 8 == 0 and
+ * f % 8 == 0 make every weight row a multiple of 16 bytes, as the tensor maps need. The weight
+ * gradients also take zero pairs for an expert (it writes zeros, or leaves out as it is when
+ * accumulating). Results are bitwise reproducible; the tile grid is persistent (at most one CTA
+ * per multiprocessor) and reads the tile counts from tile_offsets on the device.
+ */
+/* 1 in *available when this binary holds the sm_90a code of the launchers below for the
+ * current device (compute capability 9.0 and built for sm_90a), else 0. Synchronous. */
+int remoe_hopper_gemm_available(int32_t *available);
+int remoe_hopper_expert_up_swiglu_bf16(const uint16_t *x, const uint32_t *pair_token,
+                                       const uint16_t *wg, const uint16_t *wu, uint16_t *act,
+                                       uint16_t *g, uint16_t *u, const uint32_t *expert_offsets,
+                                       const uint32_t *tile_offsets, int32_t num_tiles, int32_t e,
+                                       int32_t h, int32_t f, remoe_stream_t stream);
+int remoe_hopper_expert_up_swiglu_f16(const uint16_t *x, const uint32_t *pair_token,
+                                      const uint16_t *wg, const uint16_t *wu, uint16_t *act,
+                                      uint16_t *g, uint16_t *u, const uint32_t *expert_offsets,
+                                      const uint32_t *tile_offsets, int32_t num_tiles, int32_t e,
+                                      int32_t h, int32_t f, remoe_stream_t stream);
+int remoe_hopper_expert_down_bf16(const uint16_t *act, const uint16_t *wd, float *y,
+                                  const uint32_t *expert_offsets, const uint32_t *tile_offsets,
+                                  int32_t num_tiles, int32_t e, int32_t h, int32_t f,
+                                  remoe_stream_t stream);
+int remoe_hopper_expert_down_f16(const uint16_t *act, const uint16_t *wd, float *y,
+                                 const uint32_t *expert_offsets, const uint32_t *tile_offsets,
+                                 int32_t num_tiles, int32_t e, int32_t h, int32_t f,
+                                 remoe_stream_t stream);
+int remoe_hopper_expert_dact_bf16(const uint16_t *dy, const uint16_t *wd, const uint16_t *g,
+                                  const uint16_t *u, uint16_t *dg, uint16_t *du,
+                                  const uint32_t *expert_offsets, const uint32_t *tile_offsets,
+                                  int32_t num_tiles, int32_t e, int32_t h, int32_t f,
+                                  remoe_stream_t stream);
+int remoe_hopper_expert_dact_f16(const uint16_t *dy, const uint16_t *wd, const uint16_t *g,
+                                 const uint16_t *u, uint16_t *dg, uint16_t *du,
+                                 const uint32_t *expert_offsets, const uint32_t *tile_offsets,
+                                 int32_t num_tiles, int32_t e, int32_t h, int32_t f,
+                                 remoe_stream_t stream);
+int remoe_hopper_expert_dx_bf16(const uint16_t *dg, const uint16_t *du, const uint16_t *wg,
+                                const uint16_t *wu, uint16_t *dx_pair,
+                                const uint32_t *expert_offsets, const uint32_t *tile_offsets,
+                                int32_t num_tiles, int32_t e, int32_t h, int32_t f,
+                                remoe_stream_t stream);
+int remoe_hopper_expert_dx_f16(const uint16_t *dg, const uint16_t *du, const uint16_t *wg,
+                               const uint16_t *wu, uint16_t *dx_pair,
+                               const uint32_t *expert_offsets, const uint32_t *tile_offsets,
+                               int32_t num_tiles, int32_t e, int32_t h, int32_t f,
+                               remoe_stream_t stream);
+int remoe_hopper_expert_weight_grad_bf16(const uint16_t *a, const uint32_t *gather,
+                                         const uint16_t *b, float *out,
+                                         const uint32_t *expert_offsets, int32_t a_rows,
+                                  int32_t b_rows, int32_t e, int32_t m,
+                                         int32_t n, int32_t accumulate, remoe_stream_t stream);
+int remoe_hopper_expert_weight_grad_f16(const uint16_t *a, const uint32_t *gather,
+                                        const uint16_t *b, float *out,
+                                        const uint32_t *expert_offsets, int32_t a_rows,
+                                  int32_t b_rows, int32_t e, int32_t m,
+                                        int32_t n, int32_t accumulate, remoe_stream_t stream);
+
+/*
+ * Row gather (kernels/gather.cu): out[p, :] = x[rows[p], :] for p < pairs, 16-bit elements
+ * (bf16 or f16 alike). x [*, h] holds every row named in rows; out [pairs, h]; h % 8 == 0.
+ */
+int remoe_gather_rows_16(const uint16_t *x, const uint32_t *rows, uint16_t *out, int32_t pairs,
+                         int32_t h, remoe_stream_t stream);
 
 /*
  * Combine (kernels/combine.cu): out[t, :] = sum over experts e in ascending order with
@@ -191,15 +272,16 @@ int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *y, const uint32_
                              const float *pair_gate, uint16_t *dy, float *dr, int32_t pairs,
                              int32_t h, remoe_stream_t stream);
 /*
- * The router's logit gradient dl [t, e] (f32). probs == NULL: ReMoE,
- *   dl = dr[pair] + coeff E n_e / (k t^2) where pair_index >= 0, else 0;
- * probs != NULL: TopK (e <= 512), dP = (dr[pair] where selected) + coeff E n_e / (k t^2),
+ * The router's logit gradient dl [t, e] (f32). With s = grad_scale * coeff E / (k t^2):
+ * probs == NULL: ReMoE, dl = dr[pair] + s n_e where pair_index >= 0, else 0;
+ * probs != NULL: TopK (e <= 512), dP = (dr[pair] where selected) + s n_e,
  *   dl_t = P_t * (dP_t - dP_t . P_t).
- * coeff is a device pointer (f64).
+ * coeff is a device pointer (f64); grad_scale scales the balance loss's gradient only (the loss
+ * scale or micro-batch factor that dr already carries through dOut).
  */
 int remoe_router_grad(const int32_t *pair_index, const float *dr, const uint32_t *counts,
-                      const float *probs, const double *coeff, float *dl, int32_t t, int32_t e,
-                      int32_t k, remoe_stream_t stream);
+                      const float *probs, const double *coeff, double grad_scale, float *dl,
+                      int32_t t, int32_t e, int32_t k, remoe_stream_t stream);
 /*
  * The router's dense gradients: dxr [t, h] = dl Wr^T (f32), and dwr [h, e] (+)= x^T dl (f32,
  * accumulate != 0 adds), through partial [slices, h, e] (f32 scratch) summed in slice order.

@@ -17,14 +17,22 @@
 //!
 //! Every sum has a fixed order and no float atomics are used: two runs on the same inputs give
 //! bitwise-identical gradients.
+//!
+//! The backward runs from the [`SavedForward`] record of the context's last successful forward,
+//! never from the context's current settings: it refuses, with a typed error and before any
+//! launch, a context whose last forward failed or did not save g and u, and it checks every
+//! saved buffer against the record's lengths.
 
 use crate::config::LayerConfig;
 use crate::controller::Coefficient;
 use crate::element::HalfElement;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::moe::{check_layer_tensors, MoeContext, MoeWeights, RouterKind};
-use crate::tensor::{DeviceTensor, Element, Launch};
+use crate::gemm::GemmPath;
+use crate::moe::{
+    check_coefficient, check_layer_tensors, MoeContext, MoeWeightViews, RouterKind, SavedForward,
+};
+use crate::tensor::{DeviceTensor, Element, Launch, TensorView};
 use crate::workspace::GrowBuf;
 
 /// The backward's scratch buffers, kept in the context and reused.
@@ -38,6 +46,8 @@ pub(crate) struct BackwardScratch<T: Element> {
     dl: GrowBuf<f32>,
     dxr: GrowBuf<f32>,
     partial: GrowBuf<f32>,
+    /// X's rows in pair order, for the Hopper weight gradients (see step 5).
+    x_rows: GrowBuf<T>,
 }
 
 impl<T: Element> Default for BackwardScratch<T> {
@@ -51,6 +61,7 @@ impl<T: Element> Default for BackwardScratch<T> {
             dl: GrowBuf::default(),
             dxr: GrowBuf::default(),
             partial: GrowBuf::default(),
+            x_rows: GrowBuf::default(),
         }
     }
 }
@@ -72,7 +83,86 @@ pub struct MoeGrads<'a, T: HalfElement> {
     pub down: &'a mut DeviceTensor<f32>,
 }
 
+/// How the backward treats its outputs and the balance loss's gradient. `false` and `true`
+/// convert into the options with that `accumulate` and the default scale 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BackwardOptions {
+    /// Add the weight gradients to what the gradient buffers hold (micro-batches) instead of
+    /// overwriting them. dX is always overwritten.
+    pub accumulate: bool,
+    /// The factor the balance loss's gradient (the regulariser's, or TopK's aux loss's) is
+    /// multiplied by before it joins dOut's: give the same factor dOut carries, the loss scale
+    /// of mixed-precision training and/or 1/(micro-batches) of gradient averaging, so that the
+    /// effective coefficient (lambda or c) does not change with it. Must be finite. Default 1.
+    pub balance_grad_scale: f64,
+}
+
+impl Default for BackwardOptions {
+    fn default() -> Self {
+        Self {
+            accumulate: false,
+            balance_grad_scale: 1.0,
+        }
+    }
+}
+
+impl From<bool> for BackwardOptions {
+    /// `accumulate`, with the balance gradient unscaled.
+    fn from(accumulate: bool) -> Self {
+        Self {
+            accumulate,
+            ..Self::default()
+        }
+    }
+}
+
+impl BackwardOptions {
+    fn validate(&self) -> Result<()> {
+        if !self.balance_grad_scale.is_finite() {
+            return Err(Error::InvalidConfig(format!(
+                "moe_backward: balance_grad_scale must be finite, got {}",
+                self.balance_grad_scale
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl<T: HalfElement> MoeContext<T> {
+    /// Every saved buffer the backward reads holds what the record says its forward wrote.
+    fn check_saved_buffers(&self, saved: &SavedForward) -> Result<()> {
+        let l = &saved.lens;
+        let bufs: [(&'static str, usize, usize); 13] = [
+            ("logits", l.logits, self.logits.len()),
+            ("gates", l.gates, self.gates.len()),
+            ("probs", l.probs, self.probs.len()),
+            ("pair index", l.pair_index, self.pair_index.len()),
+            ("counts", l.counts, self.counts.len()),
+            (
+                "expert offsets",
+                l.expert_offsets,
+                self.expert_offsets.len(),
+            ),
+            ("tile offsets", l.tile_offsets, self.tile_offsets.len()),
+            ("pair tokens", l.pair_token, self.pair_token.len()),
+            ("pair gates", l.pair_gate, self.pair_gate.len()),
+            ("act", l.act, self.act.len()),
+            ("y", l.y, self.y.len()),
+            ("g", l.g, self.g.len()),
+            ("u", l.u, self.u.len()),
+        ];
+        for (what, want, have) in bufs {
+            if want != have {
+                return Err(Error::InvalidConfig(format!(
+                    "moe_backward: saved buffer {what} holds {have} elements, forward {} wrote \
+                     {want}",
+                    saved.generation
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn backward_poison(&mut self) -> Result<()> {
         let b = &mut self.bwd;
         b.dy.poison()?;
@@ -82,7 +172,8 @@ impl<T: HalfElement> MoeContext<T> {
         b.dx_pair.poison()?;
         b.dl.poison()?;
         b.dxr.poison()?;
-        b.partial.poison()
+        b.partial.poison()?;
+        b.x_rows.poison()
     }
 }
 
@@ -94,30 +185,34 @@ fn router_wgrad_slices(t: usize, h: usize, e: usize) -> usize {
     t.div_ceil(256).clamp(1, fill)
 }
 
-/// The backward of the last forward run with `ctx`, which must have been made with
-/// [`MoeContext::for_training`]. `x` and `w` must be the forward's; `coeff` is the balance
-/// loss's coefficient (the forward's lambda or c: with an adaptive controller, call it before
-/// the controller's step). With `accumulate`, the weight gradients are added to what `grads`
-/// holds (micro-batches); otherwise overwritten. `grads.dx` is always overwritten.
-pub fn moe_backward<T: HalfElement>(
+/// The backward of the last successful forward run with `ctx`, which must have saved for
+/// backward (a context made with [`MoeContext::for_training`], or with saving turned on before
+/// that forward); otherwise, or when the last forward failed, it is refused with
+/// [`Error::InvalidConfig`] before anything is enqueued. `x` and `w` must be the forward's
+/// (`&DeviceTensor`s and `&MoeWeights`, or views); `coeff` is the balance loss's coefficient (the
+/// forward's lambda or c: with an adaptive controller, call it before the controller's step).
+///
+/// `options` is a [`BackwardOptions`], or a `bool` for `accumulate` alone: with `accumulate`,
+/// the weight gradients are added to what `grads` holds (micro-batches), otherwise overwritten
+/// (`grads.dx` is always overwritten); `balance_grad_scale` multiplies the balance loss's
+/// gradient (give the loss scale or averaging factor that `dout` carries).
+pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     ctx: &mut MoeContext<T>,
     coeff: Coefficient,
-    x: &DeviceTensor<T>,
-    w: &MoeWeights<T>,
-    dout: &DeviceTensor<T>,
+    x: impl Into<TensorView<'x, T>>,
+    w: impl Into<MoeWeightViews<'w, T>>,
+    dout: impl Into<TensorView<'d, T>>,
     grads: MoeGrads<T>,
-    accumulate: bool,
+    options: impl Into<BackwardOptions>,
 ) -> Result<()> {
-    let (cfg, router) = ctx.last.ok_or_else(|| {
-        Error::InvalidConfig("moe_backward: this context has run no forward".into())
-    })?;
-    if !ctx.save_for_backward {
-        return Err(Error::InvalidConfig(
-            "moe_backward: the forward did not save for backward (use MoeContext::for_training)"
-                .into(),
-        ));
-    }
-    check_backward_inputs(ctx, &cfg, x, w, dout, &grads)?;
+    let (x, w, dout, options) = (x.into(), w.into(), dout.into(), options.into());
+    // What the forward saved, not what the context would save now.
+    let saved = SavedForward::for_backward(ctx.saved.as_ref())?.clone();
+    ctx.check_saved_buffers(&saved)?;
+    let (cfg, router) = (saved.config, saved.router);
+    options.validate()?;
+    check_coefficient(ctx, &coeff)?;
+    check_backward_inputs(ctx, &cfg, &x, &w, &dout, &grads)?;
     let LayerConfig {
         tokens: t,
         hidden: h,
@@ -126,7 +221,8 @@ pub fn moe_backward<T: HalfElement>(
         k,
     } = cfg;
     let dev = ctx.dev.clone();
-    let (pairs, tiles) = (ctx.pairs, ctx.tiles);
+    let (pairs, tiles) = (saved.active_pairs, saved.tiles);
+    let path = ctx.gemm_path()?;
     let slices = router_wgrad_slices(t, h, e);
     {
         let c = &mut *ctx;
@@ -140,26 +236,31 @@ pub fn moe_backward<T: HalfElement>(
         MoeContext::<T>::grow(&dev, a, &mut b.dl, t * e)?;
         MoeContext::<T>::grow(&dev, a, &mut b.dxr, t * h)?;
         MoeContext::<T>::grow(&dev, a, &mut b.partial, slices * h * e)?;
+        // The Hopper weight-gradient kernel reads whole blocks by TMA, which cannot gather: it
+        // gets X's rows in pair order instead (the mma.sync kernel gathers inside its loads).
+        let x_rows = if path == GemmPath::Hopper {
+            pairs * h
+        } else {
+            0
+        };
+        MoeContext::<T>::grow(&dev, a, &mut b.x_rows, x_rows)?;
     }
     ctx.upload_fixed_coeff(&coeff)?;
-    let coeff_ptr_src = match &coeff {
-        Coefficient::Fixed(_) => ctx.coeff.slice(),
-        Coefficient::Adaptive(c) => &c.lambda,
-    };
     let (ti, hi, fi, ei, ki) = (t as i32, h as i32, f as i32, e as i32, k as i32);
-    let acc = accumulate as i32;
+    let acc = options.accumulate as i32;
     let pairs_i = pairs as i32; // |A| <= T*E <= i32::MAX (validate_for_gpu)
 
     // 1. dY and dR's data term.
     if pairs > 0 {
         let mut l = Launch::on(&dev);
-        let d = l.input("dout", dout.cuda_slice())?;
-        let y = l.input("y", ctx.y.slice())?;
-        let pt = l.input("pair tokens", ctx.pair_token.slice())?;
-        let pg = l.input("pair gates", ctx.pair_gate.slice())?;
-        let dy = l.output("dy", ctx.bwd.dy.slice_mut())?;
-        let dr = l.output("dr", ctx.bwd.dr.slice_mut())?;
-        // SAFETY: dout [t,h]; y, dy [|A|,h]; pair tokens < t; dr [|A|]; h % 8 == 0.
+        let d = l.input("dout", &dout, t * h)?;
+        let y = l.input("y", &ctx.y, pairs * h)?;
+        let pt = l.input("pair tokens", &ctx.pair_token, pairs)?;
+        let pg = l.input("pair gates", &ctx.pair_gate, pairs)?;
+        let dy = l.output("dy", &mut ctx.bwd.dy, pairs * h)?;
+        let dr = l.output("dr", &mut ctx.bwd.dr, pairs)?;
+        // SAFETY: dout [t,h]; y, dy [|A|,h]; pair tokens, pair gates, dr [|A|] (checked by
+        // `l`); pair tokens < t (written by the recorded forward); h % 8 == 0.
         let code = unsafe {
             T::PAIR_GRAD_PREP(
                 d as *const u16,
@@ -178,37 +279,43 @@ pub fn moe_backward<T: HalfElement>(
     // 2. dL.
     if t > 0 {
         let mut l = Launch::on(&dev);
-        let pi = l.input("pair index", ctx.pair_index.slice())?;
-        let dr = l.input("dr", ctx.bwd.dr.slice())?;
-        let cn = l.input("counts", ctx.counts.slice())?;
+        let pi = l.input("pair index", &ctx.pair_index, t * e)?;
+        let dr = l.input("dr", &ctx.bwd.dr, pairs)?;
+        let cn = l.input("counts", &ctx.counts, e)?;
         let probs = match router {
             RouterKind::Relu => std::ptr::null(),
-            RouterKind::TopK => l.input("probs", ctx.probs.slice())?,
+            RouterKind::TopK => l.input("probs", &ctx.probs, t * e)?,
         };
-        let cp = l.input_raw(coeff_ptr_src);
-        let dl = l.output("dl", ctx.bwd.dl.slice_mut())?;
+        let cp = match &coeff {
+            Coefficient::Fixed(_) => l.input_raw("coefficient", &ctx.coeff, 1)?,
+            Coefficient::Adaptive(c) => l.input_raw("lambda", &c.lambda, 1)?,
+        };
+        let dl = l.output("dl", &mut ctx.bwd.dl, t * e)?;
+        let scale = options.balance_grad_scale;
         // SAFETY: pair index, probs, dl [t,e]; dr [|A|] indexed by valid pair indices; counts
-        // [e]; cp one f64.
-        let code =
-            unsafe { ffi::remoe_router_grad(pi, dr, cn, probs, cp, dl, ti, ei, ki, l.stream()) };
+        // [e]; cp one f64 of this context (all checked by `l` and check_coefficient).
+        let code = unsafe {
+            ffi::remoe_router_grad(pi, dr, cn, probs, cp, scale, dl, ti, ei, ki, l.stream())
+        };
         ffi::check("router_grad", code)?;
     }
+    let gemms = path.gemms::<T>();
     // 3-4. Expert input-side gradients.
     if tiles > 0 {
         let tiles_i = tiles as i32;
         {
             let mut l = Launch::on(&dev);
-            let dy = l.input("dy", ctx.bwd.dy.slice())?;
-            let wd = l.input("down weight", w.down.cuda_slice())?;
-            let g = l.input("g", ctx.g.slice())?;
-            let u = l.input("u", ctx.u.slice())?;
-            let dg = l.output("dg", ctx.bwd.dg.slice_mut())?;
-            let du = l.output("du", ctx.bwd.du.slice_mut())?;
-            let eo = l.input("expert offsets", ctx.expert_offsets.slice())?;
-            let to = l.input("tile offsets", ctx.tile_offsets.slice())?;
+            let dy = l.input("dy", &ctx.bwd.dy, pairs * h)?;
+            let wd = l.input("down weight", &w.down, e * f * h)?;
+            let g = l.input("g", &ctx.g, pairs * f)?;
+            let u = l.input("u", &ctx.u, pairs * f)?;
+            let dg = l.output("dg", &mut ctx.bwd.dg, pairs * f)?;
+            let du = l.output("du", &mut ctx.bwd.du, pairs * f)?;
+            let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
+            let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
             // SAFETY: dy [|A|,h]; wd [e,f,h]; g, u, dg, du [|A|,f]; offsets as in the forward.
             let code = unsafe {
-                T::EXPERT_DACT(
+                (gemms.dact)(
                     dy as *const u16,
                     wd as *const u16,
                     g as *const u16,
@@ -228,16 +335,16 @@ pub fn moe_backward<T: HalfElement>(
         }
         {
             let mut l = Launch::on(&dev);
-            let dg = l.input("dg", ctx.bwd.dg.slice())?;
-            let du = l.input("du", ctx.bwd.du.slice())?;
-            let wg = l.input("gate weight", w.gate.cuda_slice())?;
-            let wu = l.input("up weight", w.up.cuda_slice())?;
-            let dxp = l.output("dx pair", ctx.bwd.dx_pair.slice_mut())?;
-            let eo = l.input("expert offsets", ctx.expert_offsets.slice())?;
-            let to = l.input("tile offsets", ctx.tile_offsets.slice())?;
+            let dg = l.input("dg", &ctx.bwd.dg, pairs * f)?;
+            let du = l.input("du", &ctx.bwd.du, pairs * f)?;
+            let wg = l.input("gate weight", &w.gate, e * h * f)?;
+            let wu = l.input("up weight", &w.up, e * h * f)?;
+            let dxp = l.output("dx pair", &mut ctx.bwd.dx_pair, pairs * h)?;
+            let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
+            let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
             // SAFETY: dg, du [|A|,f]; wg, wu [e,h,f]; dx pair [|A|,h]; offsets as above.
             let code = unsafe {
-                T::EXPERT_DX(
+                (gemms.dx)(
                     dg as *const u16,
                     du as *const u16,
                     wg as *const u16,
@@ -261,55 +368,99 @@ pub fn moe_backward<T: HalfElement>(
                        b: *const u16,
                        out: *mut f32,
                        eo: *const u32,
+                       a_rows: i32,
                        m: i32,
                        n: i32,
                        s: ffi::remoe_stream_t,
                        what: &'static str| {
-        // SAFETY (for each call below): a holds rows of m columns indexed by the (gathered)
-        // pair, b [|A|, n], out [e, m, n] f32; offsets [e+1] over |A| pairs.
-        let code = unsafe { T::WEIGHT_GRAD(a, gather, b, out, eo, ei, m, n, acc, s) };
+        // SAFETY (for each call below): a holds a_rows rows of m columns indexed by the
+        // (gathered) pair, b [|A|, n], out [e, m, n] f32; offsets [e+1] over |A| pairs.
+        let code = unsafe {
+            (gemms.weight_grad)(a, gather, b, out, eo, a_rows, pairs_i, ei, m, n, acc, s)
+        };
         ffi::check(what, code)
     };
     {
         let mut l = Launch::on(&dev);
-        let act = l.input("act", ctx.act.slice())?;
-        let dy = l.input("dy", ctx.bwd.dy.slice())?;
-        let eo = l.input("expert offsets", ctx.expert_offsets.slice())?;
-        let out = l.output("dWd", grads.down.cuda_slice_mut())?;
+        let act = l.input("act", &ctx.act, pairs * f)?;
+        let dy = l.input("dy", &ctx.bwd.dy, pairs * h)?;
+        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
+        let out = l.output("dWd", &mut *grads.down, e * f * h)?;
         weight_grad(
             act as _,
             std::ptr::null(),
             dy as _,
             out,
             eo,
+            pairs_i,
             fi,
             hi,
             l.stream(),
             "dWd",
         )?;
     }
+    let gather_x = path == GemmPath::Hopper && pairs > 0;
+    if gather_x {
+        let mut l = Launch::on(&dev);
+        let xp = l.input("x", &x, t * h)?;
+        let pt = l.input("pair tokens", &ctx.pair_token, pairs)?;
+        let xr = l.output("x rows", &mut ctx.bwd.x_rows, pairs * h)?;
+        // SAFETY: x [t,h]; pair tokens [|A|], each < t; x rows holds |A|*h; h % 8 == 0.
+        let code =
+            unsafe { ffi::remoe_gather_rows_16(xp as _, pt, xr as _, pairs_i, hi, l.stream()) };
+        ffi::check("gather_rows", code)?;
+    }
     {
         let mut l = Launch::on(&dev);
-        let xp = l.input("x", x.cuda_slice())?;
-        let pt = l.input("pair tokens", ctx.pair_token.slice())?;
-        let dg = l.input("dg", ctx.bwd.dg.slice())?;
-        let du = l.input("du", ctx.bwd.du.slice())?;
-        let eo = l.input("expert offsets", ctx.expert_offsets.slice())?;
-        let og = l.output("dWg", grads.gate.cuda_slice_mut())?;
-        let ou = l.output("dWu", grads.up.cuda_slice_mut())?;
-        weight_grad(xp as _, pt, dg as _, og, eo, hi, fi, l.stream(), "dWg")?;
-        weight_grad(xp as _, pt, du as _, ou, eo, hi, fi, l.stream(), "dWu")?;
+        let (a, gather, a_rows) = if gather_x {
+            let xr = l.input("x rows", &ctx.bwd.x_rows, pairs * h)?;
+            (xr as *const u16, std::ptr::null(), pairs_i)
+        } else {
+            let xp = l.input("x", &x, t * h)?;
+            let pt = l.input("pair tokens", &ctx.pair_token, pairs)?;
+            (xp as *const u16, pt, ti)
+        };
+        let dg = l.input("dg", &ctx.bwd.dg, pairs * f)?;
+        let du = l.input("du", &ctx.bwd.du, pairs * f)?;
+        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
+        let og = l.output("dWg", &mut *grads.gate, e * h * f)?;
+        let ou = l.output("dWu", &mut *grads.up, e * h * f)?;
+        weight_grad(
+            a,
+            gather,
+            dg as _,
+            og,
+            eo,
+            a_rows,
+            hi,
+            fi,
+            l.stream(),
+            "dWg",
+        )?;
+        weight_grad(
+            a,
+            gather,
+            du as _,
+            ou,
+            eo,
+            a_rows,
+            hi,
+            fi,
+            l.stream(),
+            "dWu",
+        )?;
     }
     // 6. The router's dense gradients.
     {
         let mut l = Launch::on(&dev);
-        let xp = l.input("x", x.cuda_slice())?;
-        let wr = l.input("router weight", w.router.cuda_slice())?;
-        let dl = l.input("dl", ctx.bwd.dl.slice())?;
-        let dxr = l.output("dx router", ctx.bwd.dxr.slice_mut())?;
-        let part = l.output("dWr partial", ctx.bwd.partial.slice_mut())?;
-        let dwr = l.output("dWr", grads.router.cuda_slice_mut())?;
-        // SAFETY: x [t,h]; wr [h,e]; dl [t,e]; dxr [t,h]; partial [slices,h,e]; dwr [h,e].
+        let xp = l.input("x", &x, t * h)?;
+        let wr = l.input("router weight", &w.router, h * e)?;
+        let dl = l.input("dl", &ctx.bwd.dl, t * e)?;
+        let dxr = l.output("dx router", &mut ctx.bwd.dxr, t * h)?;
+        let part = l.output("dWr partial", &mut ctx.bwd.partial, slices * h * e)?;
+        let dwr = l.output("dWr", &mut *grads.router, h * e)?;
+        // SAFETY: x [t,h]; wr [h,e]; dl [t,e]; dxr [t,h]; partial [slices,h,e]; dwr [h,e]
+        // (checked by `l`).
         let code = unsafe {
             T::ROUTER_BACKWARD_DENSE(
                 xp as *const u16,
@@ -331,12 +482,12 @@ pub fn moe_backward<T: HalfElement>(
     // 7. dX.
     if t > 0 {
         let mut l = Launch::on(&dev);
-        let dxp = l.input("dx pair", ctx.bwd.dx_pair.slice())?;
-        let pi = l.input("pair index", ctx.pair_index.slice())?;
-        let dxr = l.input("dx router", ctx.bwd.dxr.slice())?;
-        let dx = l.output("dx", grads.dx.cuda_slice_mut())?;
-        // SAFETY: dx pair [|A|,h] (at least one element); pair index [t,e]; dxr f32 [t,h]; dx
-        // [t,h].
+        let dxp = l.input("dx pair", &ctx.bwd.dx_pair, pairs * h)?;
+        let pi = l.input("pair index", &ctx.pair_index, t * e)?;
+        let dxr = l.input("dx router", &ctx.bwd.dxr, t * h)?;
+        let dx = l.output("dx", &mut *grads.dx, t * h)?;
+        // SAFETY: dx pair [|A|,h]; pair index [t,e]; dxr f32 [t,h]; dx [t,h] (checked by `l`);
+        // every pair index is -1 or < |A|.
         let code = unsafe {
             T::TOKEN_SUM(
                 dxp as *const u16,
@@ -357,17 +508,17 @@ pub fn moe_backward<T: HalfElement>(
 fn check_backward_inputs<T: HalfElement>(
     ctx: &MoeContext<T>,
     cfg: &LayerConfig,
-    x: &DeviceTensor<T>,
-    w: &MoeWeights<T>,
-    dout: &DeviceTensor<T>,
+    x: &TensorView<T>,
+    w: &MoeWeightViews<T>,
+    dout: &TensorView<T>,
     g: &MoeGrads<T>,
 ) -> Result<()> {
     check_layer_tensors(ctx, cfg, x, w)?;
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-    for (what, tensor) in [("dout", dout), ("dx", &*g.dx)] {
-        tensor.expect_shape(what, &[t, h])?;
-        tensor.expect_device(what, &ctx.dev)?;
-    }
+    dout.expect_shape("dout", &[t, h])?;
+    dout.expect_device("dout", &ctx.dev)?;
+    g.dx.expect_shape("dx", &[t, h])?;
+    g.dx.expect_device("dx", &ctx.dev)?;
     let grads: [(&'static str, &DeviceTensor<f32>, &[usize]); 4] = [
         ("router grad", &*g.router, &[h, e]),
         ("gate grad", &*g.gate, &[e, h, f]),
@@ -379,4 +530,37 @@ fn check_backward_inputs<T: HalfElement>(
         tensor.expect_device(what, &ctx.dev)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bool_is_accumulate_with_the_balance_gradient_unscaled() {
+        assert_eq!(
+            BackwardOptions::from(true),
+            BackwardOptions {
+                accumulate: true,
+                balance_grad_scale: 1.0
+            }
+        );
+        assert_eq!(BackwardOptions::from(false), BackwardOptions::default());
+    }
+
+    #[test]
+    fn a_non_finite_balance_scale_is_refused() {
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let o = BackwardOptions {
+                accumulate: false,
+                balance_grad_scale: bad,
+            };
+            assert!(matches!(o.validate(), Err(Error::InvalidConfig(_))));
+        }
+        let o = BackwardOptions {
+            accumulate: false,
+            balance_grad_scale: 0.0,
+        };
+        assert!(o.validate().is_ok());
+    }
 }

@@ -7,7 +7,7 @@ use crate::tensor::Element;
 
 type Stream = ffi::remoe_stream_t;
 
-/// x, wr, logits, gates, block_counts, block_sums, t, h, e, stream.
+/// x, wr, logits, gates, block_counts, block_sums, error_flags, t, h, e, stream.
 pub(crate) type RouterForwardFn = unsafe extern "C" fn(
     *const u16,
     *const u16,
@@ -15,6 +15,7 @@ pub(crate) type RouterForwardFn = unsafe extern "C" fn(
     *mut f32,
     *mut u32,
     *mut f32,
+    *mut u32,
     i32,
     i32,
     i32,
@@ -123,7 +124,7 @@ pub(crate) type ExpertDxFn = unsafe extern "C" fn(
     Stream,
 ) -> i32;
 
-/// a, gather, b, out, expert_offsets, e, m, n, accumulate, stream.
+/// a, gather, b, out, expert_offsets, a_rows, b_rows, e, m, n, accumulate, stream.
 pub(crate) type WeightGradFn = unsafe extern "C" fn(
     *const u16,
     *const u32,
@@ -134,8 +135,20 @@ pub(crate) type WeightGradFn = unsafe extern "C" fn(
     i32,
     i32,
     i32,
+    i32,
+    i32,
     Stream,
 ) -> i32;
+
+/// One implementation of the five expert GEMMs (src/gemm.rs picks one per device).
+#[derive(Clone, Copy)]
+pub struct ExpertGemms {
+    pub(crate) up: ExpertUpFn,
+    pub(crate) down: ExpertDownFn,
+    pub(crate) dact: ExpertDActFn,
+    pub(crate) dx: ExpertDxFn,
+    pub(crate) weight_grad: WeightGradFn,
+}
 
 /// x, wr, dl, dxr, partial, dwr, t, h, e, slices, accumulate, stream.
 pub(crate) type RouterBackwardDenseFn = unsafe extern "C" fn(
@@ -158,22 +171,18 @@ pub(crate) type RouterBackwardDenseFn = unsafe extern "C" fn(
 pub trait HalfElement: Element + sealed::Sealed {
     #[doc(hidden)]
     const ROUTER_FORWARD: RouterForwardFn;
+    /// The expert GEMMs on mma.sync (every architecture from sm_80).
     #[doc(hidden)]
-    const EXPERT_UP: ExpertUpFn;
+    const EXPERT_GEMMS_MMA: ExpertGemms;
+    /// The expert GEMMs on wgmma (sm_90a only).
     #[doc(hidden)]
-    const EXPERT_DOWN: ExpertDownFn;
+    const EXPERT_GEMMS_HOPPER: ExpertGemms;
     #[doc(hidden)]
     const COMBINE: CombineFn;
     #[doc(hidden)]
     const TOKEN_SUM: TokenSumFn;
     #[doc(hidden)]
     const PAIR_GRAD_PREP: PairGradPrepFn;
-    #[doc(hidden)]
-    const EXPERT_DACT: ExpertDActFn;
-    #[doc(hidden)]
-    const EXPERT_DX: ExpertDxFn;
-    #[doc(hidden)]
-    const WEIGHT_GRAD: WeightGradFn;
     #[doc(hidden)]
     const ROUTER_BACKWARD_DENSE: RouterBackwardDenseFn;
 }
@@ -186,26 +195,44 @@ mod sealed {
 
 impl HalfElement for bf16 {
     const ROUTER_FORWARD: RouterForwardFn = ffi::remoe_router_forward_bf16;
-    const EXPERT_UP: ExpertUpFn = ffi::remoe_expert_up_swiglu_bf16;
-    const EXPERT_DOWN: ExpertDownFn = ffi::remoe_expert_down_bf16;
     const COMBINE: CombineFn = ffi::remoe_combine_bf16;
     const TOKEN_SUM: TokenSumFn = ffi::remoe_token_sum_bf16;
     const PAIR_GRAD_PREP: PairGradPrepFn = ffi::remoe_pair_grad_prep_bf16;
-    const EXPERT_DACT: ExpertDActFn = ffi::remoe_expert_dact_bf16;
-    const EXPERT_DX: ExpertDxFn = ffi::remoe_expert_dx_bf16;
-    const WEIGHT_GRAD: WeightGradFn = ffi::remoe_expert_weight_grad_bf16;
+    const EXPERT_GEMMS_MMA: ExpertGemms = ExpertGemms {
+        up: ffi::remoe_expert_up_swiglu_bf16,
+        down: ffi::remoe_expert_down_bf16,
+        dact: ffi::remoe_expert_dact_bf16,
+        dx: ffi::remoe_expert_dx_bf16,
+        weight_grad: ffi::remoe_expert_weight_grad_bf16,
+    };
+    const EXPERT_GEMMS_HOPPER: ExpertGemms = ExpertGemms {
+        up: ffi::remoe_hopper_expert_up_swiglu_bf16,
+        down: ffi::remoe_hopper_expert_down_bf16,
+        dact: ffi::remoe_hopper_expert_dact_bf16,
+        dx: ffi::remoe_hopper_expert_dx_bf16,
+        weight_grad: ffi::remoe_hopper_expert_weight_grad_bf16,
+    };
     const ROUTER_BACKWARD_DENSE: RouterBackwardDenseFn = ffi::remoe_router_backward_dense_bf16;
 }
 
 impl HalfElement for f16 {
     const ROUTER_FORWARD: RouterForwardFn = ffi::remoe_router_forward_f16;
-    const EXPERT_UP: ExpertUpFn = ffi::remoe_expert_up_swiglu_f16;
-    const EXPERT_DOWN: ExpertDownFn = ffi::remoe_expert_down_f16;
     const COMBINE: CombineFn = ffi::remoe_combine_f16;
     const TOKEN_SUM: TokenSumFn = ffi::remoe_token_sum_f16;
     const PAIR_GRAD_PREP: PairGradPrepFn = ffi::remoe_pair_grad_prep_f16;
-    const EXPERT_DACT: ExpertDActFn = ffi::remoe_expert_dact_f16;
-    const EXPERT_DX: ExpertDxFn = ffi::remoe_expert_dx_f16;
-    const WEIGHT_GRAD: WeightGradFn = ffi::remoe_expert_weight_grad_f16;
+    const EXPERT_GEMMS_MMA: ExpertGemms = ExpertGemms {
+        up: ffi::remoe_expert_up_swiglu_f16,
+        down: ffi::remoe_expert_down_f16,
+        dact: ffi::remoe_expert_dact_f16,
+        dx: ffi::remoe_expert_dx_f16,
+        weight_grad: ffi::remoe_expert_weight_grad_f16,
+    };
+    const EXPERT_GEMMS_HOPPER: ExpertGemms = ExpertGemms {
+        up: ffi::remoe_hopper_expert_up_swiglu_f16,
+        down: ffi::remoe_hopper_expert_down_f16,
+        dact: ffi::remoe_hopper_expert_dact_f16,
+        dx: ffi::remoe_hopper_expert_dx_f16,
+        weight_grad: ffi::remoe_hopper_expert_weight_grad_f16,
+    };
     const ROUTER_BACKWARD_DENSE: RouterBackwardDenseFn = ffi::remoe_router_backward_dense_f16;
 }

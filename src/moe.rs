@@ -22,6 +22,39 @@
 //! in steady state a forward allocates nothing ([`MoeContext::allocations`] counts). The context
 //! also holds what the backward will need, so a training loop keeps one context per
 //! micro-batch in flight.
+//!
+//! ## What a forward leaves for the backward
+//!
+//! A forward that returns `Ok` ends by recording a [`SavedForward`] in the context: its
+//! configuration and router, |A| and the GEMM row tiles, whether g and u were saved, the lengths
+//! of the saved buffers and a generation number. The backward reads only that record (never the
+//! context's current settings, which may have changed since), checks it and the buffers against
+//! each other, and refuses with a typed error what the forward did not save. A forward that fails
+//! after it has started rewriting the workspace leaves no record (the buffers no longer hold the
+//! previous forward's state); one that is refused before (bad shapes, a bad configuration) leaves
+//! the context as it was.
+//!
+//! ## Non-finite router logits
+//!
+//! A router logit that is NaN or +-Inf (from NaN or huge values in X or Wr, an overflow, ...) is
+//! handled the same way by the kernels and by the CPU reference
+//! ([`reference::relu_router`](crate::reference::relu_router),
+//! [`reference::softmax_topk_router`](crate::reference::softmax_topk_router)):
+//!
+//! - ReMoE: its gate is 0, so the pair is inactive, as for a logit <= 0;
+//! - TopK: it takes no part in the softmax (its P is 0; the softmax is over the token's finite
+//!   logits) and is never selected: a token selects its k largest finite logits, or all of them
+//!   when it has fewer than k, never more than k;
+//! - the router kernel counts such logits in the context's device error word (an atomic on the
+//!   rare path, no host synchronisation), and the error is reported as
+//!   [`Error::NonFiniteLogits`] at the next host-visible check: today the forward's own read of
+//!   its statistics, so that forward returns the error (and leaves no saved state for a
+//!   backward, and records no sparsity into an adaptive controller);
+//!   [`MoeContext::check_device_errors`] reads (and clears) the word explicitly, which is the
+//!   check to call once a forward no longer reads back.
+//!
+//! Only the routing is defined this way: a NaN or Inf elsewhere (an expert weight, dOut) flows
+//! through the arithmetic as IEEE says.
 
 use crate::config::LayerConfig;
 use crate::controller::Coefficient;
@@ -29,7 +62,8 @@ use crate::device::Device;
 use crate::element::HalfElement;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::tensor::{DeviceTensor, Launch};
+use crate::gemm::GemmPath;
+use crate::tensor::{DeviceTensor, Launch, TensorView};
 use crate::workspace::GrowBuf;
 
 /// Tokens per router block (the granularity of the per-block statistics).
@@ -50,6 +84,38 @@ pub struct MoeWeights<'a, T: HalfElement> {
     pub up: &'a DeviceTensor<T>,
     /// Wd [E, F, H]
     pub down: &'a DeviceTensor<T>,
+}
+
+/// The layer's weights as borrowed views (see [`TensorView`]): what the layer's functions take.
+/// A `&MoeWeights` converts into it without a copy; build one directly
+/// to pass weights that live in buffers this crate does not own.
+#[derive(Debug, Clone)]
+pub struct MoeWeightViews<'a, T: HalfElement> {
+    /// Wr [H, E]
+    pub router: TensorView<'a, T>,
+    /// Wg [E, H, F]
+    pub gate: TensorView<'a, T>,
+    /// Wu [E, H, F]
+    pub up: TensorView<'a, T>,
+    /// Wd [E, F, H]
+    pub down: TensorView<'a, T>,
+}
+
+impl<'a, T: HalfElement> From<&MoeWeights<'a, T>> for MoeWeightViews<'a, T> {
+    fn from(w: &MoeWeights<'a, T>) -> Self {
+        Self {
+            router: w.router.view(),
+            gate: w.gate.view(),
+            up: w.up.view(),
+            down: w.down.view(),
+        }
+    }
+}
+
+impl<'a, T: HalfElement> From<&MoeWeightViews<'a, T>> for MoeWeightViews<'a, T> {
+    fn from(w: &MoeWeightViews<'a, T>) -> Self {
+        w.clone()
+    }
 }
 
 /// How the gates are made.
@@ -104,11 +170,123 @@ pub struct StageTimes {
     pub combine_ms: f64,
 }
 
+/// What one successful forward left in its [`MoeContext`] for the backward (see the module
+/// documentation). Built as the forward's last step; the backward checks it before it enqueues
+/// anything.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedForward {
+    /// The forward's layer configuration.
+    pub config: LayerConfig,
+    /// The forward's router.
+    pub router: RouterKind,
+    /// |A|, the pairs computed.
+    pub active_pairs: usize,
+    /// The grouped GEMMs' row tiles over those pairs.
+    pub tiles: usize,
+    /// Whether the forward wrote g and u (the context saved for backward when it ran).
+    pub saved_for_backward: bool,
+    /// The number of successful forwards of this context, this one included (1 for the first).
+    pub generation: u64,
+    /// Element counts of the buffers the forward wrote for the backward.
+    pub(crate) lens: SavedLens,
+}
+
+/// Element counts of a forward's saved buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SavedLens {
+    pub(crate) logits: usize,
+    pub(crate) gates: usize,
+    pub(crate) probs: usize,
+    pub(crate) pair_index: usize,
+    pub(crate) counts: usize,
+    pub(crate) expert_offsets: usize,
+    pub(crate) tile_offsets: usize,
+    pub(crate) pair_token: usize,
+    pub(crate) pair_gate: usize,
+    pub(crate) act: usize,
+    pub(crate) y: usize,
+    pub(crate) g: usize,
+    pub(crate) u: usize,
+}
+
+impl SavedLens {
+    /// What a forward of `cfg` with `router` and `pairs` active pairs writes.
+    pub(crate) fn of(cfg: &LayerConfig, router: RouterKind, pairs: usize, saved: bool) -> Self {
+        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+        Self {
+            logits: t * e,
+            gates: t * e,
+            probs: if router == RouterKind::TopK { t * e } else { 0 },
+            pair_index: t * e,
+            counts: e,
+            expert_offsets: e + 1,
+            tile_offsets: e + 1,
+            pair_token: pairs,
+            pair_gate: pairs,
+            act: pairs * f,
+            y: pairs * h,
+            g: if saved { pairs * f } else { 0 },
+            u: if saved { pairs * f } else { 0 },
+        }
+    }
+
+    /// Bytes of device memory these buffers hold (activations act, g, u of `elem` bytes; the
+    /// rest 4-byte f32, i32 or u32).
+    fn bytes(&self, elem: usize) -> usize {
+        4 * (self.logits
+            + self.gates
+            + self.probs
+            + self.pair_index
+            + self.counts
+            + self.expert_offsets
+            + self.tile_offsets
+            + self.pair_token
+            + self.pair_gate
+            + self.y)
+            + elem * (self.act + self.g + self.u)
+    }
+}
+
+impl SavedForward {
+    /// The record a backward can run from: there must be one, and its forward must have saved
+    /// g and u. This is the forward's state, whatever the context's settings are now.
+    pub(crate) fn for_backward(saved: Option<&SavedForward>) -> Result<&SavedForward> {
+        let s = saved.ok_or_else(|| {
+            Error::InvalidConfig(
+                "moe_backward: this context holds no successful forward (none ran yet, or the \
+                 last one failed after it had started rewriting the workspace)"
+                    .into(),
+            )
+        })?;
+        if !s.saved_for_backward {
+            return Err(Error::InvalidConfig(format!(
+                "moe_backward: forward {} did not save for backward (g and u); make the context \
+                 with MoeContext::for_training or call set_save_for_backward(true) before the \
+                 forward",
+                s.generation
+            )));
+        }
+        Ok(s)
+    }
+}
+
+/// The error word's two values as the error they report, if any: `first_word` is the bitwise
+/// complement of the lowest token with a non-finite logit, 0 when there was none.
+pub(crate) fn non_finite_error(count: u32, first_word: u32) -> Option<Error> {
+    (first_word != 0).then_some(Error::NonFiniteLogits {
+        count: count as usize,
+        first_token: !first_word as usize,
+    })
+}
+
 /// The forward's workspace and saved state (see the module documentation).
 #[derive(Debug)]
 pub struct MoeContext<T: HalfElement> {
     pub(crate) dev: Device,
-    pub(crate) last: Option<(LayerConfig, RouterKind)>,
+    /// The state the last successful forward saved (None before one, or after a failed one).
+    pub(crate) saved: Option<SavedForward>,
+    /// Successful forwards so far.
+    pub(crate) generation: u64,
     pub(crate) allocations: u64,
     pub(crate) stage_timing: bool,
     pub(crate) stage_times: Option<StageTimes>,
@@ -136,11 +314,13 @@ pub struct MoeContext<T: HalfElement> {
     pub(crate) u: GrowBuf<T>,
     /// A host-given coefficient, copied here for the kernels.
     pub(crate) coeff: GrowBuf<f64>,
-    /// |A| and the GEMM row tiles of the last forward.
-    pub(crate) pairs: usize,
-    pub(crate) tiles: usize,
+    /// The device error word [count, ~first token] of non-finite logits (see the module
+    /// documentation): raised by the router kernel, cleared when reported.
+    pub(crate) device_errors: GrowBuf<u32>,
     /// The backward's scratch (src/backward.rs).
     pub(crate) bwd: crate::backward::BackwardScratch<T>,
+    /// The expert GEMMs' implementation; None until the first call resolves the default.
+    pub(crate) gemm_path: Option<GemmPath>,
 }
 
 impl<T: HalfElement> MoeContext<T> {
@@ -148,7 +328,8 @@ impl<T: HalfElement> MoeContext<T> {
     pub fn new(dev: &Device) -> Self {
         Self {
             dev: dev.clone(),
-            last: None,
+            saved: None,
+            generation: 0,
             allocations: 0,
             stage_timing: false,
             stage_times: None,
@@ -173,9 +354,9 @@ impl<T: HalfElement> MoeContext<T> {
             g: GrowBuf::default(),
             u: GrowBuf::default(),
             coeff: GrowBuf::default(),
-            pairs: 0,
-            tiles: 0,
+            device_errors: GrowBuf::default(),
             bwd: Default::default(),
+            gemm_path: None,
         }
     }
 
@@ -193,30 +374,60 @@ impl<T: HalfElement> MoeContext<T> {
     /// gates and pair index ([T, E]; probs too for TopK), the dispatch lists, and per pair act,
     /// y (and g, u when saving for backward). Divide by T for bytes per token.
     pub fn saved_bytes(&self) -> usize {
-        if self.last.is_none() {
-            return 0;
-        }
-        // Summed from the buffers themselves, so the figure follows any change of layout.
-        [
-            self.logits.bytes(),
-            self.gates.bytes(),
-            self.probs.bytes(),
-            self.pair_index.bytes(),
-            self.counts.bytes(),
-            self.expert_offsets.bytes(),
-            self.tile_offsets.bytes(),
-            self.pair_token.bytes(),
-            self.pair_gate.bytes(),
-            self.act.bytes(),
-            self.y.bytes(),
-            self.g.bytes(),
-            self.u.bytes(),
-        ]
-        .iter()
-        .sum()
+        // From the forward's record of what it wrote (the same lengths the backward checks).
+        self.saved
+            .as_ref()
+            .map_or(0, |s| s.lens.bytes(std::mem::size_of::<T>()))
     }
 
-    /// Turns saving for backward on or off for the next forwards.
+    /// The record of what the last successful forward saved, if any (see the module
+    /// documentation).
+    pub fn saved_forward(&self) -> Option<&SavedForward> {
+        self.saved.as_ref()
+    }
+
+    /// Reads the device error word and clears it: [`Error::NonFiniteLogits`] when a forward
+    /// since the last check met a NaN or infinite router logit (see the module documentation).
+    /// Waits for the stream (an 8-byte read). Every forward currently reads the word with its
+    /// statistics and reports and clears it itself, so after forwards that returned `Ok` this
+    /// returns `Ok`; it is the check to call once forwards no longer read back.
+    pub fn check_device_errors(&mut self) -> Result<()> {
+        if self.device_errors.len() == 0 {
+            return Ok(());
+        }
+        let word = self.device_errors.to_host()?;
+        match non_finite_error(word[0], word[1]) {
+            Some(err) => {
+                self.device_errors.zero()?;
+                Err(err)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Chooses the implementation of the expert GEMMs for the next calls (the default is
+    /// [`GemmPath::for_device`]). Both give bitwise-identical results; this exists to run the
+    /// portable path on a Hopper GPU, and to pin a path in benchmarks. A path the device cannot
+    /// run is an error.
+    pub fn set_gemm_path(&mut self, path: GemmPath) -> Result<()> {
+        path.require_on(&self.dev)?;
+        self.gemm_path = Some(path);
+        Ok(())
+    }
+
+    /// The implementation of the expert GEMMs this context uses (resolving the default on the
+    /// first call).
+    pub fn gemm_path(&mut self) -> Result<GemmPath> {
+        if let Some(p) = self.gemm_path {
+            return Ok(p);
+        }
+        let p = GemmPath::for_device(&self.dev)?;
+        self.gemm_path = Some(p);
+        Ok(p)
+    }
+
+    /// Turns saving for backward on or off for the next forwards. It does not change what an
+    /// earlier forward saved: the backward goes by that forward's record.
     pub fn set_save_for_backward(&mut self, on: bool) {
         self.save_for_backward = on;
     }
@@ -238,9 +449,10 @@ impl<T: HalfElement> MoeContext<T> {
         self.stage_times
     }
 
-    /// The configuration and router of the last forward.
+    /// The configuration and router of the last successful forward (None before one, and after
+    /// a forward that failed once it had started).
     pub fn last_forward(&self) -> Option<(LayerConfig, RouterKind)> {
-        self.last
+        self.saved.as_ref().map(|s| (s.config, s.router))
     }
 
     /// Logits L [T, E] of the last forward.
@@ -290,7 +502,8 @@ impl<T: HalfElement> MoeContext<T> {
 
     /// Overwrites every workspace buffer with 0xFF bytes (NaN floats, -1 indices). For tests:
     /// after a warm-up forward, poison, run the same shapes again (no reallocation happens) and
-    /// any element a kernel failed to write shows up.
+    /// any element a kernel failed to write shows up. The device error word is left alone (it
+    /// is state, not scratch).
     #[doc(hidden)]
     pub fn poison_workspace(&mut self) -> Result<()> {
         self.logits.poison()?;
@@ -320,7 +533,7 @@ impl<T: HalfElement> MoeContext<T> {
     pub(crate) fn upload_fixed_coeff(&mut self, coeff: &Coefficient) -> Result<()> {
         if let Coefficient::Fixed(v) = *coeff {
             let s = self.dev.stream().clone();
-            s.memcpy_htod(&[v], self.coeff.slice_mut())?;
+            s.memcpy_htod(&[v], self.coeff.slice_mut()?)?;
         }
         Ok(())
     }
@@ -341,24 +554,24 @@ impl<T: HalfElement> MoeContext<T> {
 /// The ReMoE layer forward: `out` = the layer's output; the returned statistics carry the L1
 /// regulariser's value at `lambda` (fixed, or the adaptive controller's, which then records this
 /// layer's sparsity). See [`moe_forward`].
-pub fn remoe_forward<T: HalfElement>(
+pub fn remoe_forward<'x, 'w, T: HalfElement>(
     ctx: &mut MoeContext<T>,
     cfg: &LayerConfig,
     lambda: Coefficient,
-    x: &DeviceTensor<T>,
-    w: &MoeWeights<T>,
+    x: impl Into<TensorView<'x, T>>,
+    w: impl Into<MoeWeightViews<'w, T>>,
     out: &mut DeviceTensor<T>,
 ) -> Result<ForwardStats> {
     moe_forward(ctx, cfg, RouterKind::Relu, lambda, x, w, out)
 }
 
 /// The TopK baseline forward; the returned statistics carry the Switch aux loss at `aux_coeff`.
-pub fn topk_forward<T: HalfElement>(
+pub fn topk_forward<'x, 'w, T: HalfElement>(
     ctx: &mut MoeContext<T>,
     cfg: &LayerConfig,
     aux_coeff: f64,
-    x: &DeviceTensor<T>,
-    w: &MoeWeights<T>,
+    x: impl Into<TensorView<'x, T>>,
+    w: impl Into<MoeWeightViews<'w, T>>,
     out: &mut DeviceTensor<T>,
 ) -> Result<ForwardStats> {
     moe_forward(
@@ -376,8 +589,9 @@ fn check_inputs<T: HalfElement>(
     ctx: &MoeContext<T>,
     cfg: &LayerConfig,
     router: RouterKind,
-    x: &DeviceTensor<T>,
-    w: &MoeWeights<T>,
+    coeff: &Coefficient,
+    x: &TensorView<T>,
+    w: &MoeWeightViews<T>,
     out: &DeviceTensor<T>,
 ) -> Result<()> {
     cfg.validate_for_gpu()?;
@@ -388,8 +602,24 @@ fn check_inputs<T: HalfElement>(
         )));
     }
     check_layer_tensors(ctx, cfg, x, w)?;
+    check_coefficient(ctx, coeff)?;
     out.expect_shape("out", &[cfg.tokens, cfg.hidden])?;
     out.expect_device("out", &ctx.dev)
+}
+
+/// A coefficient the kernels can read: a finite fixed value, or a controller in the context's
+/// device.
+pub(crate) fn check_coefficient<T: HalfElement>(
+    ctx: &MoeContext<T>,
+    coeff: &Coefficient,
+) -> Result<()> {
+    match coeff {
+        Coefficient::Fixed(v) if !v.is_finite() => Err(Error::InvalidConfig(format!(
+            "the balance loss's coefficient must be finite, got {v}"
+        ))),
+        Coefficient::Fixed(_) => Ok(()),
+        Coefficient::Adaptive(c) => c.expect_device(&ctx.dev),
+    }
 }
 
 /// The checks the forward and the backward share: `x` [T, H] and the weights in their layout,
@@ -397,16 +627,16 @@ fn check_inputs<T: HalfElement>(
 pub(crate) fn check_layer_tensors<T: HalfElement>(
     ctx: &MoeContext<T>,
     cfg: &LayerConfig,
-    x: &DeviceTensor<T>,
-    w: &MoeWeights<T>,
+    x: &TensorView<T>,
+    w: &MoeWeightViews<T>,
 ) -> Result<()> {
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-    let tensors: [(&'static str, &DeviceTensor<T>, &[usize]); 5] = [
+    let tensors: [(&'static str, &TensorView<T>, &[usize]); 5] = [
         ("x", x, &[t, h]),
-        ("router weight", w.router, &[h, e]),
-        ("gate weight", w.gate, &[e, h, f]),
-        ("up weight", w.up, &[e, h, f]),
-        ("down weight", w.down, &[e, f, h]),
+        ("router weight", &w.router, &[h, e]),
+        ("gate weight", &w.gate, &[e, h, f]),
+        ("up weight", &w.up, &[e, h, f]),
+        ("down weight", &w.down, &[e, f, h]),
     ];
     for (what, tensor, shape) in tensors {
         tensor.expect_shape(what, shape)?;
@@ -417,20 +647,32 @@ pub(crate) fn check_layer_tensors<T: HalfElement>(
 
 /// The layer forward with either router, on the context's device and stream. `coeff` is lambda
 /// (ReMoE) or c (TopK); it scales the returned balance loss, and an adaptive controller also
-/// records the layer's sparsity.
-pub fn moe_forward<T: HalfElement>(
+/// records the layer's sparsity. `x` and the weights are `&DeviceTensor`s (`&MoeWeights`) or
+/// views ([`TensorView`], [`MoeWeightViews`]).
+///
+/// On `Ok` the context holds this forward's [`SavedForward`]. Bad input is refused before
+/// anything changes; a failure after that (a non-finite logit, [`Error::NonFiniteLogits`]; a
+/// device error) leaves the context without saved state, so no backward can run on a
+/// half-written workspace.
+pub fn moe_forward<'x, 'w, T: HalfElement>(
     ctx: &mut MoeContext<T>,
     cfg: &LayerConfig,
     router: RouterKind,
     mut coeff: Coefficient,
-    x: &DeviceTensor<T>,
-    w: &MoeWeights<T>,
+    x: impl Into<TensorView<'x, T>>,
+    w: impl Into<MoeWeightViews<'w, T>>,
     out: &mut DeviceTensor<T>,
 ) -> Result<ForwardStats> {
-    check_inputs(ctx, cfg, router, x, w, out)?;
+    let (x, w) = (x.into(), w.into());
+    check_inputs(ctx, cfg, router, &coeff, &x, &w, out)?;
     let (t, h, f, e, k) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts, cfg.k);
     let blocks = t.div_ceil(ROUTER_BLOCK);
     let dev = ctx.dev.clone();
+    // Whether this forward writes g and u: fixed here, recorded at the end.
+    let save = ctx.save_for_backward;
+    // From here on the workspace is rewritten: the previous forward's saved state is gone, and
+    // this forward's is recorded only once it has succeeded.
+    ctx.saved = None;
     {
         let c = &mut *ctx;
         let a = &mut c.allocations;
@@ -445,13 +687,14 @@ pub fn moe_forward<T: HalfElement>(
         MoeContext::<T>::grow(&dev, a, &mut c.gate_sums, e)?;
         MoeContext::<T>::grow(&dev, a, &mut c.expert_offsets, e + 1)?;
         MoeContext::<T>::grow(&dev, a, &mut c.tile_offsets, e + 1)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.stats_u32, 2)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.stats_u32, 4)?;
         MoeContext::<T>::grow(&dev, a, &mut c.stats_f32, 2)?;
         MoeContext::<T>::grow(&dev, a, &mut c.pair_index, t * e)?;
         MoeContext::<T>::grow(&dev, a, &mut c.coeff, 1)?;
+        // Allocated zeroed once (no error), then only ever cleared: ensure(2) keeps contents.
+        MoeContext::<T>::grow(&dev, a, &mut c.device_errors, 2)?;
     }
     ctx.upload_fixed_coeff(&coeff)?;
-    ctx.last = Some((*cfg, router));
     let mut marks = StageMarks::new(&dev, ctx.stage_timing)?;
     // validate_for_gpu bounds T*H, T*E, H*E and E*H*F by i32::MAX: the i32 casts below are exact.
     let (ti, hi, fi, ei, ki) = (t as i32, h as i32, f as i32, e as i32, k as i32);
@@ -459,26 +702,29 @@ pub fn moe_forward<T: HalfElement>(
     // 1. Router.
     if t > 0 {
         let mut l = Launch::on(&dev);
-        let xp = l.input("x", x.cuda_slice())?;
-        let wp = l.input("router weight", w.router.cuda_slice())?;
-        let lp = l.output("logits", ctx.logits.slice_mut())?;
+        let xp = l.input("x", &x, t * h)?;
+        let wp = l.input("router weight", &w.router, h * e)?;
+        let lp = l.output("logits", &mut ctx.logits, t * e)?;
         let (gp, bc, bs) = match router {
             // The ReLU router writes the gates and the statistics itself.
             RouterKind::Relu => (
-                l.output("gates", ctx.gates.slice_mut())?,
-                l.output("block counts", ctx.block_counts.slice_mut())?,
-                l.output("block sums", ctx.block_sums.slice_mut())?,
+                l.output("gates", &mut ctx.gates, t * e)?,
+                l.output("block counts", &mut ctx.block_counts, blocks * e)?,
+                l.output("block sums", &mut ctx.block_sums, blocks * e)?,
             ),
             // TopK: only the logits matter here; the ReLU gates land in the probs buffer, which
             // the softmax tail overwrites.
             RouterKind::TopK => (
-                l.output("probs", ctx.probs.slice_mut())?,
+                l.output("probs", &mut ctx.probs, t * e)?,
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
             ),
         };
-        // SAFETY: shapes checked in check_inputs; logits, gates/probs hold t*e f32, the block
-        // buffers ceil(t/64)*e; H % 8 == 0 and 16-byte aligned bases for the vector loads.
+        let ef = l.output_raw("error word", &mut ctx.device_errors, 2)?;
+        // SAFETY: `l` checked every buffer for the elements the kernel accesses: x t*h, wr h*e,
+        // logits and gates/probs t*e, the block buffers ceil(t/64)*e, the error word 2; the
+        // i32 sizes are exact (validate_for_gpu); H % 8 == 0 and the checked 16-byte aligned
+        // bases keep the vector loads aligned.
         let code = unsafe {
             T::ROUTER_FORWARD(
                 xp as *const u16,
@@ -487,6 +733,7 @@ pub fn moe_forward<T: HalfElement>(
                 gp,
                 bc,
                 bs,
+                ef,
                 ti,
                 hi,
                 ei,
@@ -497,13 +744,13 @@ pub fn moe_forward<T: HalfElement>(
     }
     if router == RouterKind::TopK && t > 0 {
         let mut l = Launch::on(&dev);
-        let lp = l.input("logits", ctx.logits.slice())?;
-        let pp = l.output("probs", ctx.probs.slice_mut())?;
-        let gp = l.output("gates", ctx.gates.slice_mut())?;
-        let bc = l.output("block counts", ctx.block_counts.slice_mut())?;
-        let bs = l.output("block sums", ctx.block_sums.slice_mut())?;
-        // SAFETY: logits, probs, gates hold t*e f32, the block buffers ceil(t/64)*e; 1 <= k <=
-        // e <= 512 was checked.
+        let lp = l.input("logits", &ctx.logits, t * e)?;
+        let pp = l.output("probs", &mut ctx.probs, t * e)?;
+        let gp = l.output("gates", &mut ctx.gates, t * e)?;
+        let bc = l.output("block counts", &mut ctx.block_counts, blocks * e)?;
+        let bs = l.output("block sums", &mut ctx.block_sums, blocks * e)?;
+        // SAFETY: logits, probs, gates hold t*e f32, the block buffers ceil(t/64)*e (checked by
+        // `l`); 1 <= k <= e <= 512 was checked.
         let code = unsafe { ffi::remoe_topk_softmax(lp, pp, gp, bc, bs, ti, ei, ki, l.stream()) };
         ffi::check("topk_softmax", code)?;
     }
@@ -513,29 +760,31 @@ pub fn moe_forward<T: HalfElement>(
     // 2. Routing statistics.
     {
         let mut l = Launch::on(&dev);
-        let bc = l.input("block counts", ctx.block_counts.slice())?;
-        let bs = l.input("block sums", ctx.block_sums.slice())?;
-        let bo = l.output("block offsets", ctx.block_offsets.slice_mut())?;
-        let cn = l.output("counts", ctx.counts.slice_mut())?;
-        let gs = l.output("gate sums", ctx.gate_sums.slice_mut())?;
-        let eo = l.output("expert offsets", ctx.expert_offsets.slice_mut())?;
-        let to = l.output("tile offsets", ctx.tile_offsets.slice_mut())?;
-        let su = l.output("stats", ctx.stats_u32.slice_mut())?;
-        let sf = l.output("stats", ctx.stats_f32.slice_mut())?;
+        let bc = l.input("block counts", &ctx.block_counts, blocks * e)?;
+        let bs = l.input("block sums", &ctx.block_sums, blocks * e)?;
+        let bo = l.output("block offsets", &mut ctx.block_offsets, blocks * e)?;
+        let cn = l.output("counts", &mut ctx.counts, e)?;
+        let gs = l.output("gate sums", &mut ctx.gate_sums, e)?;
+        let eo = l.output("expert offsets", &mut ctx.expert_offsets, e + 1)?;
+        let to = l.output("tile offsets", &mut ctx.tile_offsets, e + 1)?;
+        let su = l.output("stats", &mut ctx.stats_u32, 4)?;
+        let sf = l.output("stats", &mut ctx.stats_f32, 2)?;
+        let ef = l.input_raw("error word", &ctx.device_errors, 2)?;
         let (cp, sum, cnt) = match &mut coeff {
             Coefficient::Fixed(_) => (
-                l.input_raw(ctx.coeff.slice()),
+                l.input_raw("coefficient", &ctx.coeff, 1)?,
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
             ),
             Coefficient::Adaptive(c) => (
-                l.input_raw(&c.lambda),
-                l.output_raw(&mut c.sparsity_sum),
-                l.output_raw(&mut c.count),
+                l.input_raw("lambda", &c.lambda, 1)?,
+                l.output_raw("sparsity sum", &mut c.sparsity_sum, 1)?,
+                l.output_raw("sparsity count", &mut c.count, 1)?,
             ),
         };
-        // SAFETY: buffer sizes as documented in remoe_kernels.h, ensured above for this t and e;
-        // cp points at one f64, sum and cnt at one f64 and one u32 (or are null).
+        // SAFETY: buffer sizes as documented in remoe_kernels.h for this t and e, checked by
+        // `l`; cp points at one f64, sum and cnt at one f64 and one u32 (or are null), ef at the
+        // two-word error word; the controller's buffers are in this context (check_inputs).
         let code = unsafe {
             ffi::remoe_routing_stats(
                 bc,
@@ -553,6 +802,7 @@ pub fn moe_forward<T: HalfElement>(
                 cp,
                 sum,
                 cnt,
+                ef,
                 l.stream(),
             )
         };
@@ -563,16 +813,14 @@ pub fn moe_forward<T: HalfElement>(
     let counts = ctx.counts.to_host()?;
     let su = ctx.stats_u32.to_host()?;
     let sf = ctx.stats_f32.to_host()?;
+    // The error word came back with the statistics: report a non-finite logit here (and clear
+    // the word, so the next forward starts clean).
+    if let Some(err) = non_finite_error(su[2], su[3]) {
+        ctx.device_errors.zero()?;
+        return Err(err);
+    }
     let (pairs, tiles) = (su[0] as usize, su[1] as usize);
-    ctx.pairs = pairs;
-    ctx.tiles = tiles;
-    debug_assert_eq!(
-        tiles,
-        counts
-            .iter()
-            .map(|&n| (n as usize).div_ceil(TILE_ROWS))
-            .sum::<usize>()
-    );
+    check_routing_totals(&counts, pairs, tiles, t * e)?;
     {
         let c = &mut *ctx;
         let a = &mut c.allocations;
@@ -580,7 +828,7 @@ pub fn moe_forward<T: HalfElement>(
         MoeContext::<T>::grow(&dev, a, &mut c.pair_gate, pairs)?;
         MoeContext::<T>::grow(&dev, a, &mut c.act, pairs * f)?;
         MoeContext::<T>::grow(&dev, a, &mut c.y, pairs * h)?;
-        let saved = if c.save_for_backward { pairs * f } else { 0 };
+        let saved = if save { pairs * f } else { 0 };
         MoeContext::<T>::grow(&dev, a, &mut c.g, saved)?;
         MoeContext::<T>::grow(&dev, a, &mut c.u, saved)?;
     }
@@ -590,14 +838,15 @@ pub fn moe_forward<T: HalfElement>(
     // 4. Compaction.
     if t > 0 {
         let mut l = Launch::on(&dev);
-        let gp = l.input("gates", ctx.gates.slice())?;
-        let bo = l.input("block offsets", ctx.block_offsets.slice())?;
-        let eo = l.input("expert offsets", ctx.expert_offsets.slice())?;
-        let pt = l.output("pair tokens", ctx.pair_token.slice_mut())?;
-        let pg = l.output("pair gates", ctx.pair_gate.slice_mut())?;
-        let pi = l.output("pair index", ctx.pair_index.slice_mut())?;
-        // SAFETY: pair_token and pair_gate hold |A| (= the total of the offsets) elements,
-        // pair_index t*e; gates t*e; block offsets ceil(t/64)*e.
+        let gp = l.input("gates", &ctx.gates, t * e)?;
+        let bo = l.input("block offsets", &ctx.block_offsets, blocks * e)?;
+        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
+        let pt = l.output("pair tokens", &mut ctx.pair_token, pairs)?;
+        let pg = l.output("pair gates", &mut ctx.pair_gate, pairs)?;
+        let pi = l.output("pair index", &mut ctx.pair_index, t * e)?;
+        // SAFETY: pair_token and pair_gate hold |A| (= the total of the offsets, checked
+        // against n_e above) elements, pair_index t*e; gates t*e; block offsets ceil(t/64)*e
+        // (all checked by `l`).
         let code = unsafe { ffi::remoe_compact_pairs(gp, bo, eo, pt, pg, pi, ti, ei, l.stream()) };
         ffi::check("compact_pairs", code)?;
     }
@@ -606,32 +855,33 @@ pub fn moe_forward<T: HalfElement>(
 
     // 5. Experts.
     if tiles > 0 {
+        let gemms = ctx.gemm_path()?.gemms::<T>();
         let tiles_i = i32::try_from(tiles).map_err(|_| Error::TooLarge {
             what: "grouped GEMM row tiles",
             elements: tiles,
         })?;
         {
             let mut l = Launch::on(&dev);
-            let xp = l.input("x", x.cuda_slice())?;
-            let pt = l.input("pair tokens", ctx.pair_token.slice())?;
-            let wg = l.input("gate weight", w.gate.cuda_slice())?;
-            let wu = l.input("up weight", w.up.cuda_slice())?;
-            let ap = l.output("act", ctx.act.slice_mut())?;
-            let (gp, up) = if ctx.save_for_backward {
+            let xp = l.input("x", &x, t * h)?;
+            let pt = l.input("pair tokens", &ctx.pair_token, pairs)?;
+            let wg = l.input("gate weight", &w.gate, e * h * f)?;
+            let wu = l.input("up weight", &w.up, e * h * f)?;
+            let ap = l.output("act", &mut ctx.act, pairs * f)?;
+            let (gp, up) = if save {
                 (
-                    l.output("g", ctx.g.slice_mut())? as *mut u16,
-                    l.output("u", ctx.u.slice_mut())? as *mut u16,
+                    l.output("g", &mut ctx.g, pairs * f)? as *mut u16,
+                    l.output("u", &mut ctx.u, pairs * f)? as *mut u16,
                 )
             } else {
                 (std::ptr::null_mut(), std::ptr::null_mut())
             };
-            let eo = l.input("expert offsets", ctx.expert_offsets.slice())?;
-            let to = l.input("tile offsets", ctx.tile_offsets.slice())?;
+            let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
+            let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
             // SAFETY: x [t,h]; wg, wu [e,h,f]; act (and g, u when saving) hold |A|*f; pair
             // tokens < t; the offsets describe `tiles` row tiles over |A| rows; h, f multiples
             // of 8.
             let code = unsafe {
-                T::EXPERT_UP(
+                (gemms.up)(
                     xp as *const u16,
                     pt,
                     wg as *const u16,
@@ -653,14 +903,14 @@ pub fn moe_forward<T: HalfElement>(
         marks.mark()?;
         {
             let mut l = Launch::on(&dev);
-            let ap = l.input("act", ctx.act.slice())?;
-            let wd = l.input("down weight", w.down.cuda_slice())?;
-            let yp = l.output("expert out", ctx.y.slice_mut())?;
-            let eo = l.input("expert offsets", ctx.expert_offsets.slice())?;
-            let to = l.input("tile offsets", ctx.tile_offsets.slice())?;
+            let ap = l.input("act", &ctx.act, pairs * f)?;
+            let wd = l.input("down weight", &w.down, e * f * h)?;
+            let yp = l.output("expert out", &mut ctx.y, pairs * h)?;
+            let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
+            let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
             // SAFETY: act |A|*f, wd [e,f,h], y holds |A|*h; offsets as above.
             let code = unsafe {
-                T::EXPERT_DOWN(
+                (gemms.down)(
                     ap as *const u16,
                     wd as *const u16,
                     yp,
@@ -683,24 +933,57 @@ pub fn moe_forward<T: HalfElement>(
     // 6. Combine (also for |A| = 0: it writes the zeros).
     if t > 0 {
         let mut l = Launch::on(&dev);
-        let yp = l.input("expert out", ctx.y.slice())?;
-        let gp = l.input("gates", ctx.gates.slice())?;
-        let pi = l.input("pair index", ctx.pair_index.slice())?;
-        let op = l.output("out", out.cuda_slice_mut())?;
-        // SAFETY: y |A|*h (at least one element), gates and pair index t*e, out [t,h]; every
-        // pair index is -1 or < |A|.
+        let yp = l.input("expert out", &ctx.y, pairs * h)?;
+        let gp = l.input("gates", &ctx.gates, t * e)?;
+        let pi = l.input("pair index", &ctx.pair_index, t * e)?;
+        let op = l.output("out", &mut *out, t * h)?;
+        // SAFETY: y |A|*h, gates and pair index t*e, out [t,h] (checked by `l`); every pair
+        // index is -1 or < |A| (the compaction wrote them from the same offsets).
         let code = unsafe { T::COMBINE(yp, gp, pi, op as *mut u16, ti, hi, ei, l.stream()) };
         ffi::check("combine", code)?;
     }
     marks.mark()?;
     ctx.stage_times = marks.finish()?;
 
+    // The forward succeeded: record what it saved for the backward.
+    ctx.generation += 1;
+    ctx.saved = Some(SavedForward {
+        config: *cfg,
+        router,
+        active_pairs: pairs,
+        tiles,
+        saved_for_backward: save,
+        generation: ctx.generation,
+        lens: SavedLens::of(cfg, router, pairs, save),
+    });
     Ok(ForwardStats {
         active_pairs: pairs,
         sparsity: sf[0] as f64,
         balance_loss: sf[1] as f64,
         tokens_per_expert: counts,
     })
+}
+
+/// The totals read back from the device must agree with each other before they size buffers and
+/// grids: |A| = sum of n_e <= T E, and the row tiles = sum of ceil(n_e / 128).
+fn check_routing_totals(
+    counts: &[u32],
+    pairs: usize,
+    tiles: usize,
+    max_pairs: usize,
+) -> Result<()> {
+    let sum: usize = counts.iter().map(|&n| n as usize).sum();
+    let want_tiles: usize = counts
+        .iter()
+        .map(|&n| (n as usize).div_ceil(TILE_ROWS))
+        .sum();
+    if sum != pairs || pairs > max_pairs || tiles != want_tiles {
+        return Err(Error::InvalidConfig(format!(
+            "routing statistics read back are inconsistent: |A| {pairs}, sum of n_e {sum}, \
+             {tiles} tiles for {want_tiles} (at most {max_pairs} pairs)"
+        )));
+    }
+    Ok(())
 }
 
 /// CUDA events between the stages of one forward, when stage timing is on.
@@ -745,5 +1028,81 @@ impl<'a> StageMarks<'a> {
             down_ms: ms(4)?,
             combine_ms: ms(5)?,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(saved_for_backward: bool) -> SavedForward {
+        let cfg = LayerConfig::new(16, 64, 64, 8, 1);
+        SavedForward {
+            config: cfg,
+            router: RouterKind::Relu,
+            active_pairs: 20,
+            tiles: 8,
+            saved_for_backward,
+            generation: 1,
+            lens: SavedLens::of(&cfg, RouterKind::Relu, 20, saved_for_backward),
+        }
+    }
+
+    /// Issue 10 (a) and (c) at the level of the record: the backward goes by what the forward
+    /// saved, and there is nothing to go by after a failed forward.
+    #[test]
+    fn the_backward_needs_a_record_of_a_forward_that_saved_g_and_u() {
+        assert!(matches!(
+            SavedForward::for_backward(None),
+            Err(Error::InvalidConfig(_))
+        ));
+        let inference = record(false);
+        assert!(matches!(
+            SavedForward::for_backward(Some(&inference)),
+            Err(Error::InvalidConfig(_))
+        ));
+        let training = record(true);
+        assert_eq!(
+            SavedForward::for_backward(Some(&training)).unwrap(),
+            &training
+        );
+    }
+
+    #[test]
+    fn the_record_holds_the_saved_buffers_lengths() {
+        let cfg = LayerConfig::new(700, 64, 128, 8, 2);
+        let l = SavedLens::of(&cfg, RouterKind::Relu, 300, true);
+        assert_eq!(
+            (l.logits, l.probs, l.g, l.u),
+            (700 * 8, 0, 300 * 128, 300 * 128)
+        );
+        let (t, e, h, f, p) = (700, 8, 64, 128, 300);
+        // As documented for saved_bytes (bf16 activations).
+        let want = t * e * 12 + 4 * e + 2 * 4 * (e + 1) + p * (8 + 6 * f + 4 * h);
+        assert_eq!(l.bytes(2), want);
+        let inference = SavedLens::of(&cfg, RouterKind::TopK, 300, false);
+        assert_eq!((inference.probs, inference.g, inference.u), (t * e, 0, 0));
+    }
+
+    #[test]
+    fn the_error_word_decodes_to_a_typed_error() {
+        assert_eq!(non_finite_error(0, 0), None);
+        assert_eq!(
+            non_finite_error(3, !5u32),
+            Some(Error::NonFiniteLogits {
+                count: 3,
+                first_token: 5
+            })
+        );
+        // A count that wrapped still reports: the token word decides.
+        assert!(non_finite_error(0, !0u32).is_some());
+    }
+
+    #[test]
+    fn inconsistent_totals_are_refused() {
+        assert!(check_routing_totals(&[128, 1, 0], 129, 2, 1000).is_ok());
+        assert!(check_routing_totals(&[128, 1, 0], 130, 2, 1000).is_err());
+        assert!(check_routing_totals(&[128, 1, 0], 129, 3, 1000).is_err());
+        assert!(check_routing_totals(&[128, 1, 0], 129, 2, 100).is_err());
     }
 }

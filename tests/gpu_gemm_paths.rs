@@ -1,0 +1,168 @@
+//! The two implementations of the expert GEMMs (src/gemm.rs) against each other.
+//!
+//! The reference checks in gpu_forward and gpu_backward run on whichever path the context
+//! chooses; the GPU suite runs them twice on a Hopper GPU, once as they are (the Hopper path)
+//! and once with `REMOE_GEMM_PATH=mma-sync`. Here the paths meet directly: on the same inputs
+//! they must give bitwise-identical outputs and gradients (both add the same k16 products in the
+//! same order), over shapes that stress the tiling: one token, a prime T, sizes that are not
+//! multiples of the tiles, experts with no tokens, one expert taking every token.
+
+mod common;
+
+use common::*;
+use half::bf16;
+use remoe_kernels::rng::SplitMix64;
+use remoe_kernels::{
+    moe_backward, moe_forward, Coefficient, Device, DeviceTensor, GemmPath, LayerConfig,
+    MoeContext, MoeGrads, RouterKind,
+};
+
+/// The layer output and every gradient of one forward + backward on `path`, as raw bits.
+fn run_layer(
+    dev: &Device,
+    path: GemmPath,
+    kind: RouterKind,
+    cfg: LayerConfig,
+    d: &DeviceProblem,
+    dout: &DeviceTensor<bf16>,
+) -> Vec<(&'static str, Vec<u32>)> {
+    let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+    let mut ctx = MoeContext::<bf16>::for_training(dev);
+    ctx.set_gemm_path(path).unwrap();
+    assert_eq!(ctx.gemm_path().unwrap(), path);
+    let mut out = DeviceTensor::<bf16>::zeros(dev, &[t, h]).unwrap();
+    let mut dx = DeviceTensor::<bf16>::zeros(dev, &[t, h]).unwrap();
+    let mut dwr = DeviceTensor::<f32>::zeros(dev, &[h, e]).unwrap();
+    let mut dwg = DeviceTensor::<f32>::zeros(dev, &[e, h, f]).unwrap();
+    let mut dwu = DeviceTensor::<f32>::zeros(dev, &[e, h, f]).unwrap();
+    let mut dwd = DeviceTensor::<f32>::zeros(dev, &[e, f, h]).unwrap();
+    for t in [&mut dwr, &mut dwg, &mut dwu, &mut dwd] {
+        t.poison().unwrap();
+    }
+    out.poison().unwrap();
+    dx.poison().unwrap();
+    let coeff = 1e-3;
+    moe_forward(
+        &mut ctx,
+        &cfg,
+        kind,
+        Coefficient::Fixed(coeff),
+        &d.x,
+        &d.weights(),
+        &mut out,
+    )
+    .unwrap();
+    moe_backward(
+        &mut ctx,
+        Coefficient::Fixed(coeff),
+        &d.x,
+        &d.weights(),
+        dout,
+        MoeGrads {
+            dx: &mut dx,
+            router: &mut dwr,
+            gate: &mut dwg,
+            up: &mut dwu,
+            down: &mut dwd,
+        },
+        false,
+    )
+    .unwrap();
+    let half_bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits() as u32).collect::<Vec<_>>();
+    let f32_bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    vec![
+        ("out", half_bits(out.to_host().unwrap())),
+        ("act", half_bits(ctx.act_to_host().unwrap())),
+        ("y", f32_bits(ctx.expert_out_to_host().unwrap())),
+        ("dX", half_bits(dx.to_host().unwrap())),
+        ("dWr", f32_bits(dwr.to_host().unwrap())),
+        ("dWg", f32_bits(dwg.to_host().unwrap())),
+        ("dWu", f32_bits(dwu.to_host().unwrap())),
+        ("dWd", f32_bits(dwd.to_host().unwrap())),
+    ]
+}
+
+#[test]
+fn both_gemm_paths_give_bitwise_identical_layers() {
+    let Some(dev) = gpu_or_skip("both_gemm_paths_give_bitwise_identical_layers") else {
+        return;
+    };
+    if !GemmPath::Hopper.supported_on(&dev).unwrap() {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED both_gemm_paths_give_bitwise_identical_layers: this device has no Hopper path"
+        );
+        return;
+    }
+    let cfg = |t, h, f, e, k| LayerConfig {
+        tokens: t,
+        hidden: h,
+        ffn: f,
+        experts: e,
+        k,
+    };
+    // (config, per-expert density): awkward sizes first, then one shape the size of a real layer.
+    let cases: Vec<(LayerConfig, Vec<f64>)> = vec![
+        (cfg(1, 64, 128, 4, 1), uniform_density(4, 0.5)),
+        (cfg(257, 200, 328, 5, 2), vec![0.9, 0.0, 0.3, 0.0, 0.7]),
+        (cfg(300, 72, 136, 3, 1), vec![0.0, 1.0, 0.0]),
+        (cfg(1031, 136, 264, 16, 2), skewed_density(16, 2.0)),
+        (cfg(4096, 768, 1024, 8, 1), uniform_density(8, 1.0 / 8.0)),
+    ];
+    for (c, density) in cases {
+        for kind in [RouterKind::Relu, RouterKind::TopK] {
+            let seed = SplitMix64::fresh_seed();
+            let what = format!("{kind:?} {c:?} density {density:?} seed {seed}");
+            let p = problem_with_density(c, &density, seed);
+            let d = DeviceProblem::upload(&dev, &p).unwrap();
+            let mut rng = SplitMix64::new(seed ^ 0xd0);
+            let dout_host: Vec<f64> = (0..c.tokens * c.hidden)
+                .map(|_| rng.range(-1.0, 1.0))
+                .collect();
+            let dout =
+                DeviceTensor::from_host(&dev, &to_bf16(&dout_host), &[c.tokens, c.hidden]).unwrap();
+            let hopper = run_layer(&dev, GemmPath::Hopper, kind, c, &d, &dout);
+            let mma = run_layer(&dev, GemmPath::MmaSync, kind, c, &d, &dout);
+            for ((name, a), (_, b)) in hopper.iter().zip(&mma) {
+                assert_eq!(a.len(), b.len(), "{what}: {name} lengths differ");
+                let first = a.iter().zip(b).position(|(x, y)| x != y);
+                assert!(
+                    first.is_none(),
+                    "{what}: {name} differs between the Hopper and mma.sync paths at element {}",
+                    first.unwrap_or(0)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_hopper_gpu_defaults_to_the_hopper_path() {
+    let Some(dev) = gpu_or_skip("a_hopper_gpu_defaults_to_the_hopper_path") else {
+        return;
+    };
+    let (major, minor) = dev.context().compute_capability().unwrap();
+    let forced = std::env::var("REMOE_GEMM_PATH").ok();
+    let mut ctx = MoeContext::<bf16>::new(&dev);
+    let path = ctx.gemm_path().unwrap();
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "device {major}.{minor}, REMOE_GEMM_PATH {forced:?}: expert GEMMs on {}",
+        path.name()
+    );
+    match forced.as_deref() {
+        Some("mma-sync") | Some("mma") => assert_eq!(path, GemmPath::MmaSync),
+        Some("hopper") => assert_eq!(path, GemmPath::Hopper),
+        _ if (major, minor) == (9, 0) => assert_eq!(
+            path,
+            GemmPath::Hopper,
+            "a 9.0 device must run the Hopper path (is sm_90a in REMOE_CUDA_ARCHS?)"
+        ),
+        _ => assert_eq!(path, GemmPath::MmaSync),
+    }
+    // The portable path can always be forced, and the setting sticks.
+    ctx.set_gemm_path(GemmPath::MmaSync).unwrap();
+    assert_eq!(ctx.gemm_path().unwrap(), GemmPath::MmaSync);
+}
