@@ -1,19 +1,32 @@
-//! The layer benchmark (criterion): for SPEC's configurations at the uniform load, the ReMoE and
-//! TopK layers (forward, forward+backward, and each forward stage: router, compaction, up and
-//! down projections) and the cuBLAS baselines (the MoE-free dense pair of the same FLOPs, and
-//! the per-expert GEMM loop). Criterion receives CUDA-event times (`iter_custom`), not host
-//! clocks. Skewed loads, the JSON and the plot: examples/bench_report.rs. Skips (with a
-//! message) where no CUDA device is found.
+//! The layer benchmark (criterion): for SPEC's configurations at the uniform load, on each
+//! expert-GEMM path this device runs (Hopper wgmma/TMA, mma.sync):
 //!
-//!   scripts/with-cuda cargo bench --bench layer [-- FILTER]
+//! - `layer/{cfg}/{path}/{ReMoE|TopK}/{forward|forward_backward|router|compaction|up_projection|down_projection}`:
+//!   the layer, and each forward stage;
+//! - `layer/{cfg}/cublas/{ReMoE|TopK}/{dense_floor_forward|dense_floor_forward_backward|per_expert_loop}`:
+//!   the MoE-free cuBLAS floors of the same FLOPs as that router's layer, and the per-expert
+//!   GEMM loop;
+//! - `gemm/{cfg}/{up_swiglu|down|dact|dx|dwd|dwg_dwu}/{path|cublas}`: each expert GEMM alone on
+//!   the ReMoE router's routing, and the same-shape dense cuBLAS GEMM; `gemm/{cfg}/gather_x/hopper`
+//!   the Hopper path's X row gather before dWg/dWu.
+//!
+//! Criterion receives CUDA-event times (`iter_custom`), not host clocks; inputs rotate, and
+//! ReMoE's thresholds are calibrated to T k routed pairs, as in the report
+//! (benches/support/mod.rs). Skewed loads, min/max, interleaved ReMoE/TopK runs, the JSON
+//! and the plot: examples/bench_report.rs. Skips (with a message) where no CUDA device is found.
+//!
+//!   scripts/with-cuda cargo bench --bench layer [-- FILTER]      e.g. FILTER = layer/A/hopper
 
 mod support;
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
-use remoe_kernels::{time_gpu, Device, Error, RouterKind, StageTimes};
-use support::{router_name, CublasBaselines, Load, Setup, CONFIGS};
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
+use remoe_kernels::{Device, Error, GemmPath, RouterKind, StageTimes};
+use support::{
+    available_paths, router_name, time_interleaved, DenseGemms, Filler, GemmKind, GroupedGemms,
+    Load, Setup, CONFIGS,
+};
 
 /// Picks one stage's time out of a forward's stage times.
 type StagePick = fn(&StageTimes) -> f64;
@@ -22,8 +35,24 @@ fn ms_to_duration(ms: f64) -> Duration {
     Duration::from_secs_f64(ms * 1e-3)
 }
 
-fn total(samples: &[f64]) -> Duration {
-    ms_to_duration(samples.iter().sum())
+/// Registers `id`, timing `iters` runs of `work(round)` with CUDA events; the rounds continue
+/// from one criterion batch to the next, so the rotated inputs keep rotating.
+fn bench_gpu<M: criterion::measurement::Measurement<Value = Duration>>(
+    group: &mut BenchmarkGroup<'_, M>,
+    dev: &Device,
+    id: String,
+    mut work: impl FnMut(usize) -> Result<(), Error>,
+) {
+    let mut next = 0usize;
+    group.bench_function(id.clone(), |b| {
+        b.iter_custom(|iters| {
+            let base = next;
+            let t = time_interleaved(dev, 0, iters as usize, 1, |_, i| work(base + i))
+                .unwrap_or_else(|e| panic!("{id}: {e}"));
+            next += iters as usize;
+            ms_to_duration(t[0].samples_ms.iter().sum())
+        })
+    });
 }
 
 fn bench_layer(c: &mut Criterion) {
@@ -34,58 +63,100 @@ fn bench_layer(c: &mut Criterion) {
             return;
         }
     };
+    let paths = available_paths(&dev).expect("GEMM paths");
+    let fill = Filler::new(&dev).expect("random pool");
     for (name, cfg) in CONFIGS {
-        let mut setup = Setup::new(&dev, cfg, Load::Uniform).expect("setup");
+        let mut setup = Setup::new(&dev, cfg, Load::Uniform, &paths).expect("setup");
+        setup.calibrate_density().expect("calibration");
         let mut group = c.benchmark_group(format!("layer/{name}"));
         group.sample_size(10);
         group.warm_up_time(Duration::from_millis(500));
         group.measurement_time(Duration::from_secs(2));
+        for &path in &paths {
+            let p = path.name();
+            for kind in [RouterKind::Relu, RouterKind::TopK] {
+                let r = router_name(kind);
+                bench_gpu(&mut group, &dev, format!("{p}/{r}/forward"), |_| {
+                    setup.forward(kind, path).map(|_| ())
+                });
+                bench_gpu(
+                    &mut group,
+                    &dev,
+                    format!("{p}/{r}/forward_backward"),
+                    |_| setup.forward_backward(kind, path),
+                );
+                let stages: [(&str, StagePick); 4] = [
+                    ("router", |s| s.router_ms),
+                    ("compaction", |s| s.compaction_ms),
+                    ("up_projection", |s| s.up_ms),
+                    ("down_projection", |s| s.down_ms),
+                ];
+                for (stage, pick) in stages {
+                    group.bench_function(format!("{p}/{r}/{stage}"), |b| {
+                        b.iter_custom(|iters| {
+                            let mut sum = 0.0;
+                            for _ in 0..iters {
+                                let s = setup.stage_times(kind, path, false, 1);
+                                sum += pick(&s.expect("stage times"));
+                            }
+                            ms_to_duration(sum)
+                        })
+                    });
+                }
+            }
+        }
         for kind in [RouterKind::Relu, RouterKind::TopK] {
             let r = router_name(kind);
-            let stats = setup.forward(kind).expect("forward");
-            group.bench_function(format!("{r}/forward"), |b| {
-                b.iter_custom(|iters| {
-                    let t = time_gpu(&dev, 0, iters as usize, || setup.forward(kind).map(|_| ()));
-                    total(&t.expect("forward").samples_ms)
-                })
-            });
-            group.bench_function(format!("{r}/forward_backward"), |b| {
-                b.iter_custom(|iters| {
-                    let t = time_gpu(&dev, 0, iters as usize, || setup.forward_backward(kind));
-                    total(&t.expect("forward+backward").samples_ms)
-                })
-            });
-            let stages: [(&str, StagePick); 4] = [
-                ("router", |s| s.router_ms),
-                ("compaction", |s| s.compaction_ms),
-                ("up_projection", |s| s.up_ms),
-                ("down_projection", |s| s.down_ms),
-            ];
-            for (stage, pick) in stages {
-                group.bench_function(format!("{r}/{stage}"), |b| {
-                    b.iter_custom(|iters| {
-                        let mut sum = 0.0;
-                        for _ in 0..iters {
-                            sum += pick(&setup.stage_times(kind, 1).expect("stage times"));
-                        }
-                        ms_to_duration(sum)
-                    })
-                });
+            let stats = setup.forward(kind, paths[0]).expect("forward");
+            let rows = stats.active_pairs;
+            let dense = DenseGemms::new(&dev, &fill, cfg, rows).expect("cuBLAS");
+            bench_gpu(
+                &mut group,
+                &dev,
+                format!("cublas/{r}/dense_floor_forward"),
+                |i| dense.floor_forward(rows, i),
+            );
+            bench_gpu(
+                &mut group,
+                &dev,
+                format!("cublas/{r}/dense_floor_forward_backward"),
+                |i| dense.floor_forward_backward(rows, i),
+            );
+            bench_gpu(
+                &mut group,
+                &dev,
+                format!("cublas/{r}/per_expert_loop"),
+                |i| dense.per_expert_loop(&stats.tokens_per_expert, &setup.weights, i),
+            );
+        }
+        group.finish();
+
+        let dispatch = setup
+            .dispatch(RouterKind::Relu, paths[0])
+            .expect("dispatch");
+        drop(setup);
+        let grouped = GroupedGemms::new(&dev, &fill, cfg, &dispatch).expect("expert GEMMs");
+        let dense = DenseGemms::new(&dev, &fill, cfg, grouped.pairs).expect("cuBLAS");
+        let mut group = c.benchmark_group(format!("gemm/{name}"));
+        group.sample_size(10);
+        group.warm_up_time(Duration::from_millis(300));
+        group.measurement_time(Duration::from_secs(1));
+        for kind in GemmKind::ALL {
+            for &path in &paths {
+                bench_gpu(
+                    &mut group,
+                    &dev,
+                    format!("{}/{}", kind.key(), path.name()),
+                    |i| grouped.run(kind, path, i),
+                );
             }
-            let mut blas = CublasBaselines::new(&dev, cfg, stats.active_pairs).expect("cuBLAS");
-            group.bench_function(format!("{r}/cublas_dense_floor"), |b| {
-                b.iter_custom(|iters| {
-                    let t = time_gpu(&dev, 0, iters as usize, || blas.dense_pair());
-                    total(&t.expect("dense pair").samples_ms)
-                })
+            bench_gpu(&mut group, &dev, format!("{}/cublas", kind.key()), |i| {
+                dense.run(kind, grouped.pairs, i)
             });
-            group.bench_function(format!("{r}/cublas_per_expert_loop"), |b| {
-                b.iter_custom(|iters| {
-                    let t: Result<_, Error> = time_gpu(&dev, 0, iters as usize, || {
-                        blas.per_expert_loop(&stats.tokens_per_expert, &setup.weights)
-                    });
-                    total(&t.expect("per-expert loop").samples_ms)
-                })
+        }
+        if paths.contains(&GemmPath::Hopper) {
+            bench_gpu(&mut group, &dev, "gather_x/hopper".into(), |i| {
+                grouped.gather_x(i)
             });
         }
         group.finish();

@@ -1,95 +1,505 @@
 //! The benchmark report: the ReMoE layer against the TopK dispatch layer and cuBLAS at SPEC's
-//! configurations A, B, C, D, S, uniform and skewed loads. Prints a table (median time,
-//! TFLOP/s, fraction of the dense cuBLAS floor, measured density, device) and the ReMoE/TopK
-//! throughput ratio per configuration (the paper's claim: within 3%), and writes every row as
-//! JSON. Draw the plot from the JSON with examples/bench_plot.rs.
+//! configurations A, B, C, D, S, uniform and skewed loads, on each expert-GEMM path (Hopper
+//! wgmma/TMA and the portable mma.sync). Every figure is a median of CUDA-event times with its
+//! min and max (benches/support/mod.rs says how inputs are rotated). Prints:
 //!
-//!   scripts/with-cuda cargo run --release --example bench_report -- [--json PATH] [CONFIG...]
+//! 1. the layer per (config, load, router, path): forward and forward+backward, TFLOP/s, and
+//!    the fraction of the same run's MoE-free cuBLAS floor of the same FLOPs;
+//! 2. the forward's stages;
+//! 3. ReMoE against TopK, timed interleaved (ReMoE, TopK, ReMoE, TopK, ...), with the routed
+//!    pairs of each (the paper's claim holds at equal pairs);
+//! 4. each of the layer's expert GEMMs timed alone on its real routing, per path, against the
+//!    same-shape dense cuBLAS GEMM in the same loop, as the ratio cuBLAS time / ours;
+//! 5. last, a compact table against the targets.
+//!
+//! It writes all of it as JSON; draw the plot from it with examples/bench_plot.rs.
+//!
+//!   scripts/with-cuda cargo run --release --example bench_report -- [--json PATH]
+//!       [--path hopper|mma-sync|both] [--iters N] [--warmup N] [--no-gemms] [--no-calibrate]
+//!       [CONFIG...]
+//!
+//! `--no-calibrate` keeps the synthetic problem's ReMoE thresholds as generated, instead of
+//! calibrating them to the load's intended routed pairs (benches/support: `calibrate_density`).
 
 #[path = "../benches/support/mod.rs"]
 mod support;
 
-use remoe_kernels::{Device, RouterKind};
-use support::{measure, router_name, Load, Row, CONFIGS};
+use std::time::Instant;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut json_path = String::from("bench-report.json");
-    let mut wanted = Vec::new();
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == "--json" {
-            json_path = args.next().expect("--json needs a path");
-        } else {
-            wanted.push(a);
-        }
-    }
-    let dev = Device::new(0)?;
-    let device = dev.name()?;
-    println!("device: {device}");
-    println!(
-        "{:<3} {:<8} {:<6} {:>7} {:>7} {:>8} {:>6} {:>9} {:>6} {:>9} {:>7} {:>9}",
-        "cfg",
-        "load",
-        "router",
-        "density",
-        "|A|",
-        "fwd ms",
-        "TF/s",
-        "f+b ms",
-        "TF/s",
-        "floor ms",
-        "of flr",
-        "loop ms"
-    );
-    let mut rows: Vec<Row> = Vec::new();
-    for (name, cfg) in CONFIGS {
-        if !wanted.is_empty() && !wanted.iter().any(|w| w == name) {
-            continue;
-        }
-        for load in [Load::Uniform, Load::Skewed] {
-            for r in measure(&dev, name, cfg, load, 20)? {
-                println!(
-                    "{:<3} {:<8} {:<6} {:>7.4} {:>7} {:>8.4} {:>6.0} {:>9.4} {:>6.0} {:>9.4} {:>7.2} {:>9.4}",
-                    r.config,
-                    r.load.name(),
-                    router_name(r.router),
-                    r.density,
-                    r.pairs,
-                    r.fwd_ms,
-                    r.fwd_tflops(),
-                    r.fwd_bwd_ms,
-                    r.fwd_bwd_tflops(),
-                    r.dense_floor_ms,
-                    r.floor_fraction(),
-                    r.per_expert_ms,
-                );
-                rows.push(r);
+use remoe_kernels::{Device, GemmPath, RouterKind};
+use support::{
+    available_paths, comparisons, host_problem, measure_config, router_name, GemmRow, LayerRow,
+    Load, Options, CONFIGS, ROTATION_BYTES,
+};
+
+const USAGE: &str = "usage: bench_report [--json PATH] [--path hopper|mma-sync|both] \
+[--iters N (>= 10, default 20)] [--warmup N (default 3)] [--no-gemms] [--no-calibrate] \
+[CONFIG...]
+  CONFIG: any of A B C D S (default: all)";
+
+/// The targets the report is read against (the issue's).
+const GEMM_TARGET: f64 = 0.80;
+const FLOOR_TARGET: f64 = 0.70;
+const CLAIM_TARGET: f64 = 0.03;
+
+struct Args {
+    json_path: String,
+    path: String,
+    iters: usize,
+    warmup: usize,
+    gemms: bool,
+    calibrate: bool,
+    configs: Vec<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        json_path: "bench-report.json".into(),
+        path: "both".into(),
+        iters: 20,
+        warmup: 3,
+        gemms: true,
+        calibrate: true,
+        configs: Vec::new(),
+    };
+    let mut it = std::env::args().skip(1);
+    let number = |v: Option<String>, what: &str| -> Result<usize, String> {
+        v.ok_or(format!("{what} needs a value"))?
+            .parse::<usize>()
+            .map_err(|e| format!("{what}: {e}"))
+    };
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--json" => a.json_path = it.next().ok_or("--json needs a path")?,
+            "--path" => a.path = it.next().ok_or("--path needs hopper, mma-sync or both")?,
+            "--iters" => a.iters = number(it.next(), "--iters")?,
+            "--warmup" => a.warmup = number(it.next(), "--warmup")?,
+            "--no-gemms" => a.gemms = false,
+            "--no-calibrate" => a.calibrate = false,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            s if s.starts_with('-') => return Err(format!("unknown option {s}")),
+            s => {
+                if !CONFIGS.iter().any(|(n, _)| *n == s) {
+                    return Err(format!("unknown configuration {s}"));
+                }
+                a.configs.push(s.to_string());
             }
         }
     }
+    if !["hopper", "mma-sync", "mma", "both"].contains(&a.path.as_str()) {
+        return Err(format!(
+            "--path {}: expected hopper, mma-sync or both",
+            a.path
+        ));
+    }
+    if a.iters < 10 {
+        return Err("--iters: at least 10 timed runs per figure".into());
+    }
+    Ok(a)
+}
 
-    // The paper's claim: ReMoE's throughput (tokens per second, T / time) within 3% of TopK's
-    // at the same mean k.
-    println!("\nReMoE / TopK throughput (tokens/s ratio; > 1: ReMoE faster)");
+fn choose_paths(dev: &Device, wanted: &str) -> Result<Vec<GemmPath>, Box<dyn std::error::Error>> {
+    let available = available_paths(dev)?;
+    Ok(match wanted {
+        "both" => {
+            if !available.contains(&GemmPath::Hopper) {
+                println!("note: this device cannot run the Hopper path; timing mma-sync only");
+            }
+            available
+        }
+        "hopper" => {
+            if !available.contains(&GemmPath::Hopper) {
+                return Err(
+                    "--path hopper: this device (or build) cannot run the Hopper path \
+                            (compute capability 9.0 and sm_90a code needed)"
+                        .into(),
+                );
+            }
+            vec![GemmPath::Hopper]
+        }
+        "mma-sync" | "mma" => vec![GemmPath::MmaSync],
+        other => return Err(format!("--path {other}: expected hopper, mma-sync or both").into()),
+    })
+}
+
+fn pct(x: f64) -> String {
+    format!("{:+.1}%", x * 100.0)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bench_report: {e}\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    let dev = Device::new(0)?;
+    let device = dev.name()?;
+    let paths = choose_paths(&dev, &args.path)?;
+    let opts = Options {
+        iters: args.iters,
+        warmup: args.warmup,
+        paths: paths.clone(),
+        gemms: args.gemms,
+        stage_runs: 7,
+        calibrate: args.calibrate,
+    };
+    let path_names: Vec<&str> = paths.iter().map(|p| p.name()).collect();
     println!(
-        "{:<3} {:<8} {:>9} {:>13}",
-        "cfg", "load", "forward", "fwd+bwd"
+        "device: {device}; GEMM paths: {}; {} timed runs per figure after warm-up; GEMM inputs \
+         rotated over >= {} MiB",
+        path_names.join(", "),
+        opts.iters,
+        ROTATION_BYTES >> 20
     );
-    for pair in rows.chunks(2) {
-        let (re, tk) = (&pair[0], &pair[1]);
-        assert!(re.router == RouterKind::Relu && tk.router == RouterKind::TopK);
-        println!(
-            "{:<3} {:<8} {:>+8.1}% {:>+12.1}%",
-            re.config,
-            re.load.name(),
-            (tk.fwd_ms / re.fwd_ms - 1.0) * 100.0,
-            (tk.fwd_bwd_ms / re.fwd_bwd_ms - 1.0) * 100.0
+    let started = Instant::now();
+    let mut rows: Vec<LayerRow> = Vec::new();
+    let mut gemms: Vec<GemmRow> = Vec::new();
+    for (name, cfg) in CONFIGS {
+        if !args.configs.is_empty() && !args.configs.iter().any(|w| w == name) {
+            continue;
+        }
+        let t0 = Instant::now();
+        // The two loads' host problems in parallel (the slow part on the host).
+        let problems = std::thread::scope(|s| {
+            let loads = [Load::Uniform, Load::Skewed];
+            let handles: Vec<_> = loads
+                .iter()
+                .map(|&l| s.spawn(move || (l, host_problem(cfg, l))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("problem generation"))
+                .collect::<Vec<_>>()
+        });
+        let t1 = Instant::now();
+        let (r, g) = measure_config(&dev, name, &problems, &opts)?;
+        drop(problems);
+        eprintln!(
+            "config {name}: inputs {:.1} s, GPU measurements {:.1} s (total so far {:.0} s)",
+            (t1 - t0).as_secs_f64(),
+            t1.elapsed().as_secs_f64(),
+            started.elapsed().as_secs_f64()
         );
+        rows.extend(r);
+        gemms.extend(g);
     }
 
-    let json: Vec<serde_json::Value> = rows.iter().map(|r| r.json(&device)).collect();
-    let text = serde_json::to_string_pretty(&json).expect("rows serialise");
-    std::fs::write(&json_path, text)?;
-    println!("\nwrote {} rows to {json_path}", rows.len());
+    print_layer(&rows, opts.iters);
+    print_stages(&rows, opts.stage_runs);
+    print_comparisons(&rows);
+    if !gemms.is_empty() {
+        print_gemms(&gemms, &paths, opts.iters);
+    }
+
+    let json = serde_json::json!({
+        "schema": 2,
+        "device": device,
+        "paths": path_names,
+        "runs_per_figure": opts.iters,
+        "remoe_thresholds_calibrated": opts.calibrate,
+        "warmup": opts.warmup,
+        "rotation_min_bytes": ROTATION_BYTES,
+        "targets": {
+            "gemm_cublas_over_ours": GEMM_TARGET,
+            "forward_backward_fraction_of_dense_floor": FLOOR_TARGET,
+            "remoe_vs_topk": CLAIM_TARGET,
+        },
+        "layer": rows.iter().map(|r| r.json(&device)).collect::<Vec<_>>(),
+        "remoe_vs_topk": comparisons(&rows).iter().map(|c| c.json()).collect::<Vec<_>>(),
+        "gemms": gemms.iter().map(|g| g.json()).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        &args.json_path,
+        serde_json::to_string_pretty(&json).expect("the report serialises"),
+    )?;
+    println!(
+        "\nwrote {} layer rows and {} GEMM rows to {} ({:.0} s)",
+        rows.len(),
+        gemms.len(),
+        args.json_path,
+        started.elapsed().as_secs_f64()
+    );
+
+    print_targets(&rows, &gemms, &paths);
     Ok(())
+}
+
+fn print_layer(rows: &[LayerRow], iters: usize) {
+    println!(
+        "\n== Layer: median [min-max] ms of {iters} runs (ReMoE and TopK interleaved); TF/s at \
+         the median (6|A|HF forward, 18|A|HF forward+backward); \"of fl\" = the cuBLAS floor's \
+         time / the layer's (floor: the dense GEMMs of the same FLOPs, rotated inputs, same run)"
+    );
+    println!(
+        "{:<3} {:<7} {:<5} {:<8} {:>6} {:>6} | {:>22} {:>5} {:>5} | {:>22} {:>5} {:>5} | {:>8} {:>9} {:>8}",
+        "cfg",
+        "load",
+        "route",
+        "path",
+        "dens",
+        "|A|",
+        "fwd ms",
+        "TF/s",
+        "of fl",
+        "fwd+bwd ms",
+        "TF/s",
+        "of fl",
+        "flr f ms",
+        "flr fb ms",
+        "loop ms"
+    );
+    for r in rows {
+        println!(
+            "{:<3} {:<7} {:<5} {:<8} {:>6.4} {:>6} | {:>22} {:>5.0} {:>5.2} | {:>22} {:>5.0} {:>5.2} | {:>8.3} {:>9.3} {:>8.3}",
+            r.config,
+            r.load.name(),
+            router_name(r.router),
+            r.path.name(),
+            r.density,
+            r.pairs,
+            r.fwd.fmt(),
+            r.fwd_tflops(),
+            r.floor_fraction(),
+            r.fwd_bwd.fmt(),
+            r.fwd_bwd_tflops(),
+            r.floor_fraction_fwd_bwd(),
+            r.floor_fwd.median(),
+            r.floor_fwd_bwd.median(),
+            r.per_expert.median(),
+        );
+    }
+}
+
+fn print_stages(rows: &[LayerRow], runs: usize) {
+    println!("\n== Forward stages (inference forward): us, median of {runs} stage-timed forwards");
+    println!(
+        "{:<3} {:<7} {:<5} {:<8} {:>7} {:>11} {:>10} {:>8} {:>8} {:>8}",
+        "cfg",
+        "load",
+        "route",
+        "path",
+        "router",
+        "stats+sync",
+        "compaction",
+        "up",
+        "down",
+        "combine"
+    );
+    for r in rows {
+        let s = &r.stages;
+        println!(
+            "{:<3} {:<7} {:<5} {:<8} {:>7.0} {:>11.0} {:>10.0} {:>8.0} {:>8.0} {:>8.0}",
+            r.config,
+            r.load.name(),
+            router_name(r.router),
+            r.path.name(),
+            s.router_ms * 1e3,
+            s.stats_and_sync_ms * 1e3,
+            s.compaction_ms * 1e3,
+            s.up_ms * 1e3,
+            s.down_ms * 1e3,
+            s.combine_ms * 1e3,
+        );
+    }
+}
+
+fn print_comparisons(rows: &[LayerRow]) {
+    println!(
+        "\n== ReMoE vs TopK, interleaved in one loop (ReMoE, TopK, ReMoE, TopK, ...): median \
+         [min-max] ms; \"tok/s\" = ReMoE's tokens/s over TopK's - 1 (+: ReMoE faster); \"/pair\" \
+         the same per routed pair; the claim (within 3%) is read at equal pairs (within 1%)"
+    );
+    println!(
+        "{:<3} {:<7} {:<8} {:>6} {:>6} {:>7} | {:>22} {:>22} {:>7} {:>7} | {:>22} {:>22} {:>7} {:>7}",
+        "cfg",
+        "load",
+        "path",
+        "|A|re",
+        "|A|tk",
+        "pairs",
+        "fwd ReMoE",
+        "fwd TopK",
+        "tok/s",
+        "/pair",
+        "f+b ReMoE",
+        "f+b TopK",
+        "tok/s",
+        "/pair"
+    );
+    for c in comparisons(rows) {
+        println!(
+            "{:<3} {:<7} {:<8} {:>6} {:>6} {:>7} | {:>22} {:>22} {:>7} {:>7} | {:>22} {:>22} {:>7} {:>7}",
+            c.remoe.config,
+            c.remoe.load.name(),
+            c.remoe.path.name(),
+            c.remoe.pairs,
+            c.topk.pairs,
+            pct(c.pairs_diff()),
+            c.remoe.fwd.fmt(),
+            c.topk.fwd.fmt(),
+            pct(c.fwd_diff()),
+            pct(c.fwd_per_pair_diff()),
+            c.remoe.fwd_bwd.fmt(),
+            c.topk.fwd_bwd.fmt(),
+            pct(c.fwd_bwd_diff()),
+            pct(c.fwd_bwd_per_pair_diff()),
+        );
+    }
+}
+
+fn print_gemms(gemms: &[GemmRow], paths: &[GemmPath], iters: usize) {
+    println!(
+        "\n== Expert GEMMs alone (uniform load, the ReMoE router's routing, the layer's launch \
+         arguments), each path and the same-shape dense cuBLAS GEMM interleaved in one loop: \
+         median [min-max] ms of {iters} runs, inputs rotated; \"cuB/us\" = cuBLAS time / ours; \
+         \"rot MiB\" = the rotated inputs' total, ours/cuBLAS's; \"layer\" = the same GEMM's median inside a training forward (stage timing; forward \
+         GEMMs only: the backward has no stage timing)"
+    );
+    let mut head = format!(
+        "{:<3} {:<20} {:>6} {:>6} {:>6}",
+        "cfg", "gemm", "M", "N", "K"
+    );
+    for p in paths {
+        head += &format!(
+            " | {:>22} {:>5} {:>6} {:>6}",
+            format!("{} ms", p.name()),
+            "TF/s",
+            "cuB/us",
+            "layer"
+        );
+    }
+    head += &format!(" | {:>22} {:>5} | {:>11}", "cuBLAS ms", "TF/s", "rot MiB");
+    println!("{head}");
+    for g in gemms {
+        let shape = g.kind.map(|k| k.shape(&g.cfg, g.pairs));
+        let dim = |i: usize| {
+            shape.map_or("-".to_string(), |s| {
+                let v = [s.0, s.1, s.2][i];
+                if i == 1 && s.3 > 1 {
+                    format!("{}x{v}", s.3)
+                } else {
+                    v.to_string()
+                }
+            })
+        };
+        let mut line = format!(
+            "{:<3} {:<20} {:>6} {:>6} {:>6}",
+            g.config,
+            g.name(),
+            dim(0),
+            dim(1),
+            dim(2)
+        );
+        for &p in paths {
+            match g.ours(p) {
+                Some(t) => {
+                    let tf = if g.kind.is_some() {
+                        format!("{:.0}", t.tflops(g.flops()))
+                    } else {
+                        "-".into()
+                    };
+                    let ratio = g.ratio(p).map_or("-".into(), |r| format!("{r:.2}"));
+                    let layer = g
+                        .in_layer
+                        .iter()
+                        .find(|(q, _)| *q == p)
+                        .map_or("-".into(), |(_, ms)| {
+                            format!("{ms:.p$}", p = if *ms < 1.0 { 4 } else { 3 })
+                        });
+                    line += &format!(" | {:>22} {:>5} {:>6} {:>6}", t.fmt(), tf, ratio, layer);
+                }
+                None => line += &format!(" | {:>22} {:>5} {:>6} {:>6}", "-", "-", "-", "-"),
+            }
+        }
+        match &g.cublas {
+            Some(t) => line += &format!(" | {:>22} {:>5.0}", t.fmt(), t.tflops(g.flops())),
+            None => line += &format!(" | {:>22} {:>5}", "-", "-"),
+        }
+        let mib = |b: usize| format!("{}", b >> 20);
+        let rot = match g.cublas_rotation {
+            Some(c) => format!("{}/{}", mib(g.rotation.1), mib(c.1)),
+            None => mib(g.rotation.1),
+        };
+        line += &format!(" | {rot:>11}");
+        println!("{line}");
+    }
+}
+
+/// The last, compact table: each target's figure per configuration and path.
+fn print_targets(rows: &[LayerRow], gemms: &[GemmRow], paths: &[GemmPath]) {
+    println!(
+        "\n== Against the targets: the lowest cuBLAS/ours over the six expert GEMMs (target >= \
+         {GEMM_TARGET:.2} on the Hopper path at A and D); forward+backward of the dense floor, \
+         ReMoE uniform (>= {FLOOR_TARGET:.2} at A, C, D); ReMoE vs TopK forward+backward tokens/s \
+         (within {:.0}% at equal pairs; [pairs difference])",
+        CLAIM_TARGET * 100.0
+    );
+    println!(
+        "{:<3} {:<8} | {:>5} {:<10} | {:>6} | {:>17} {:>17}",
+        "cfg", "path", "GEMM", "(lowest)", "floor", "vs TopK uniform", "vs TopK skewed"
+    );
+    let mark = |ok: bool| if ok { " " } else { "!" };
+    let hopper = |p: GemmPath| p == GemmPath::Hopper;
+    let configs: Vec<&str> = {
+        let mut v: Vec<&str> = rows.iter().map(|r| r.config).collect();
+        v.dedup();
+        v
+    };
+    let comps = comparisons(rows);
+    for cfg in configs {
+        for &p in paths {
+            let worst = gemms
+                .iter()
+                .filter(|g| g.config == cfg && g.kind.is_some())
+                .filter_map(|g| Some((g.ratio(p)?, g.name())))
+                .min_by(|a, b| a.0.total_cmp(&b.0));
+            let (gemm, which) = worst.map_or(("-".to_string(), "-"), |(r, n)| {
+                let applies = hopper(p) && (cfg == "A" || cfg == "D");
+                (format!("{r:.2}{}", mark(!applies || r >= GEMM_TARGET)), n)
+            });
+            let floor = rows
+                .iter()
+                .find(|r| {
+                    r.config == cfg
+                        && r.path == p
+                        && r.load == Load::Uniform
+                        && r.router == RouterKind::Relu
+                })
+                .map_or("-".to_string(), |r| {
+                    let f = r.floor_fraction_fwd_bwd();
+                    let applies = hopper(p) && ["A", "C", "D"].contains(&cfg);
+                    format!("{f:.2}{}", mark(!applies || f >= FLOOR_TARGET))
+                });
+            let claim = |load: Load| {
+                comps
+                    .iter()
+                    .find(|c| c.remoe.config == cfg && c.remoe.path == p && c.remoe.load == load)
+                    .map_or("-".to_string(), |c| {
+                        let d = c.fwd_bwd_diff();
+                        let ok = !c.equal_pairs() || d.abs() <= CLAIM_TARGET;
+                        format!("{}{} [{}]", pct(d), mark(ok), pct(c.pairs_diff()))
+                    })
+            };
+            println!(
+                "{:<3} {:<8} | {:>5} {:<10} | {:>6} | {:>17} {:>17}",
+                cfg,
+                p.name(),
+                gemm,
+                which,
+                floor,
+                claim(Load::Uniform),
+                claim(Load::Skewed)
+            );
+        }
+    }
+    println!(
+        "(! marks a figure below its target where the target applies: GEMMs and floor on the \
+         Hopper path at the configurations named; ReMoE/TopK at equal pairs, any path. At \
+         unequal pairs compare per pair in the table above)"
+    );
 }

@@ -1,0 +1,433 @@
+//! What the report measures for one configuration, and the rows it prints and writes.
+
+use remoe_kernels::synthetic::HostProblem;
+use remoe_kernels::{Device, Error, GemmPath, LayerConfig, RouterKind, StageTimes};
+
+use super::{
+    router_name, time_interleaved, DenseGemms, Filler, GemmKind, GroupedGemms, Load, Setup, Timing,
+};
+
+/// How long and what to measure.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Timed runs per figure (after warm-up).
+    pub iters: usize,
+    /// Untimed warm-up rounds before the layer loops.
+    pub warmup: usize,
+    pub paths: Vec<GemmPath>,
+    /// Also time each expert GEMM alone against cuBLAS (uniform load, ReMoE routing).
+    pub gemms: bool,
+    /// Stage-timed forwards per stage table.
+    pub stage_runs: usize,
+    /// Calibrate ReMoE's threshold row to the intended counts ([`Setup::calibrate_density`]).
+    pub calibrate: bool,
+}
+
+/// The layer at one (configuration, load, router, GEMM path). The ReMoE and TopK rows of one
+/// (configuration, load, path) come from one interleaved loop; the floors of a (configuration,
+/// load, router) are shared by its paths' rows (one measurement, at that router's |A|).
+#[derive(Debug, Clone)]
+pub struct LayerRow {
+    pub config: &'static str,
+    pub load: Load,
+    pub router: RouterKind,
+    pub path: GemmPath,
+    pub density: f64,
+    pub pairs: usize,
+    pub max_expert_tokens: u32,
+    pub fwd: Timing,
+    pub fwd_bwd: Timing,
+    /// Inference forward stages, medians.
+    pub stages: StageTimes,
+    /// cuBLAS dense forward pair of the same FLOPs.
+    pub floor_fwd: Timing,
+    /// cuBLAS dense training step (that pair and its four backward GEMMs) of the same FLOPs.
+    pub floor_fwd_bwd: Timing,
+    /// cuBLAS per-expert loop (forward GEMMs only).
+    pub per_expert: Timing,
+    pub saved_bytes_per_token: f64,
+    pub cfg: LayerConfig,
+    /// ReMoE: |A| of the synthetic problem before [`Setup::calibrate_density`], when it ran.
+    pub pairs_before_calibration: Option<usize>,
+}
+
+impl LayerRow {
+    pub fn fwd_flops(&self) -> f64 {
+        6.0 * self.pairs as f64 * self.cfg.hidden as f64 * self.cfg.ffn as f64
+    }
+    pub fn fwd_tflops(&self) -> f64 {
+        self.fwd.tflops(self.fwd_flops())
+    }
+    pub fn fwd_bwd_tflops(&self) -> f64 {
+        self.fwd_bwd.tflops(3.0 * self.fwd_flops())
+    }
+    /// The floor's time over the layer's (medians; = layer throughput / floor throughput, the
+    /// FLOPs being equal): 1.0 would be as fast as the MoE-free dense pair.
+    pub fn floor_fraction(&self) -> f64 {
+        self.floor_fwd.median() / self.fwd.median()
+    }
+    pub fn floor_fraction_fwd_bwd(&self) -> f64 {
+        self.floor_fwd_bwd.median() / self.fwd_bwd.median()
+    }
+    pub fn json(&self, device: &str) -> serde_json::Value {
+        let s = &self.stages;
+        let f = self.fwd_flops();
+        let mut v = serde_json::json!({
+            "device": device,
+            "config": self.config,
+            "load": self.load.name(),
+            "router": router_name(self.router),
+            "path": self.path.name(),
+            "tokens": self.cfg.tokens,
+            "hidden": self.cfg.hidden,
+            "ffn": self.cfg.ffn,
+            "experts": self.cfg.experts,
+            "k": self.cfg.k,
+            "density": self.density,
+            "active_pairs": self.pairs,
+            "max_expert_tokens": self.max_expert_tokens,
+            "active_pairs_before_calibration": self.pairs_before_calibration,
+            "runs": self.fwd.runs(),
+        });
+        let layer = serde_json::json!({
+            "forward_ms": self.fwd.median(),
+            "forward_min_ms": self.fwd.min(),
+            "forward_max_ms": self.fwd.max(),
+            "forward_tflops": self.fwd_tflops(),
+            "forward_backward_ms": self.fwd_bwd.median(),
+            "forward_backward_min_ms": self.fwd_bwd.min(),
+            "forward_backward_max_ms": self.fwd_bwd.max(),
+            "forward_backward_tflops": self.fwd_bwd_tflops(),
+        });
+        let floors = serde_json::json!({
+            "dense_floor_ms": self.floor_fwd.median(),
+            "dense_floor_min_ms": self.floor_fwd.min(),
+            "dense_floor_max_ms": self.floor_fwd.max(),
+            "dense_floor_tflops": self.floor_fwd.tflops(f),
+            "fraction_of_dense_floor": self.floor_fraction(),
+            "dense_floor_forward_backward_ms": self.floor_fwd_bwd.median(),
+            "dense_floor_forward_backward_min_ms": self.floor_fwd_bwd.min(),
+            "dense_floor_forward_backward_max_ms": self.floor_fwd_bwd.max(),
+            "dense_floor_forward_backward_tflops": self.floor_fwd_bwd.tflops(3.0 * f),
+            "fraction_of_dense_floor_forward_backward": self.floor_fraction_fwd_bwd(),
+        });
+        let rest = serde_json::json!({
+            "per_expert_cublas_ms": self.per_expert.median(),
+            "per_expert_cublas_tflops": self.per_expert.tflops(f),
+            "saved_for_backward_bytes_per_token": self.saved_bytes_per_token,
+            "stages_ms": {
+                "router": s.router_ms,
+                "stats_and_sync": s.stats_and_sync_ms,
+                "compaction": s.compaction_ms,
+                "up": s.up_ms,
+                "down": s.down_ms,
+                "combine": s.combine_ms,
+            },
+        });
+        for part in [layer, floors, rest] {
+            if let (Some(o), serde_json::Value::Object(p)) = (v.as_object_mut(), part) {
+                o.extend(p);
+            }
+        }
+        v
+    }
+}
+
+/// ReMoE against TopK at one (configuration, load, path), from one interleaved loop.
+pub struct Comparison<'a> {
+    pub remoe: &'a LayerRow,
+    pub topk: &'a LayerRow,
+}
+
+impl Comparison<'_> {
+    /// ReMoE's routed pairs over TopK's, minus 1.
+    pub fn pairs_diff(&self) -> f64 {
+        self.remoe.pairs as f64 / self.topk.pairs as f64 - 1.0
+    }
+    /// ReMoE's tokens/s over TopK's, minus 1 (> 0: ReMoE faster), at the medians.
+    pub fn tokens_diff(t_remoe: &Timing, t_topk: &Timing) -> f64 {
+        t_topk.median() / t_remoe.median() - 1.0
+    }
+    pub fn fwd_diff(&self) -> f64 {
+        Self::tokens_diff(&self.remoe.fwd, &self.topk.fwd)
+    }
+    pub fn fwd_bwd_diff(&self) -> f64 {
+        Self::tokens_diff(&self.remoe.fwd_bwd, &self.topk.fwd_bwd)
+    }
+    /// The same per routed pair (TFLOP/s ratio minus 1).
+    pub fn fwd_per_pair_diff(&self) -> f64 {
+        (1.0 + self.fwd_diff()) * (1.0 + self.pairs_diff()) - 1.0
+    }
+    pub fn fwd_bwd_per_pair_diff(&self) -> f64 {
+        (1.0 + self.fwd_bwd_diff()) * (1.0 + self.pairs_diff()) - 1.0
+    }
+    /// Equal routed pairs: within 1%.
+    pub fn equal_pairs(&self) -> bool {
+        self.pairs_diff().abs() <= 0.01
+    }
+    pub fn json(&self) -> serde_json::Value {
+        let (re, tk) = (self.remoe, self.topk);
+        serde_json::json!({
+            "config": re.config,
+            "load": re.load.name(),
+            "path": re.path.name(),
+            "remoe_pairs": re.pairs,
+            "topk_pairs": tk.pairs,
+            "pairs_diff": self.pairs_diff(),
+            "equal_pairs": self.equal_pairs(),
+            "interleaved_runs": re.fwd.runs(),
+            "forward": {
+                "remoe": re.fwd.json(),
+                "topk": tk.fwd.json(),
+                "remoe_tokens_per_s_vs_topk": self.fwd_diff(),
+                "remoe_per_pair_vs_topk": self.fwd_per_pair_diff(),
+            },
+            "forward_backward": {
+                "remoe": re.fwd_bwd.json(),
+                "topk": tk.fwd_bwd.json(),
+                "remoe_tokens_per_s_vs_topk": self.fwd_bwd_diff(),
+                "remoe_per_pair_vs_topk": self.fwd_bwd_per_pair_diff(),
+            },
+        })
+    }
+}
+
+/// The ReMoE/TopK pairs among `rows` (ordered as `measure_config` emits them).
+pub fn comparisons(rows: &[LayerRow]) -> Vec<Comparison<'_>> {
+    let mut out = Vec::new();
+    for re in rows.iter().filter(|r| r.router == RouterKind::Relu) {
+        if let Some(tk) = rows.iter().find(|r| {
+            r.router == RouterKind::TopK
+                && r.config == re.config
+                && r.load == re.load
+                && r.path == re.path
+        }) {
+            out.push(Comparison {
+                remoe: re,
+                topk: tk,
+            });
+        }
+    }
+    out
+}
+
+/// One expert GEMM of the layer at one configuration (uniform load, the ReMoE router's
+/// routing), timed alone on each path and against the same-shape dense cuBLAS GEMM, all
+/// interleaved in one loop. `kind` None is the Hopper path's X row gather before dWg/dWu.
+#[derive(Debug, Clone)]
+pub struct GemmRow {
+    pub config: &'static str,
+    pub kind: Option<GemmKind>,
+    pub pairs: usize,
+    pub cfg: LayerConfig,
+    pub ours: Vec<(GemmPath, Timing)>,
+    pub cublas: Option<Timing>,
+    /// The forward GEMMs' medians inside the layer (stage timing of a training forward).
+    pub in_layer: Vec<(GemmPath, f64)>,
+    /// (copies, total bytes) of our inputs' rotation, and of cuBLAS's.
+    pub rotation: (usize, usize),
+    pub cublas_rotation: Option<(usize, usize)>,
+}
+
+impl GemmRow {
+    pub fn name(&self) -> &'static str {
+        self.kind.map_or("X gather (Hopper dW)", |k| k.name())
+    }
+    pub fn key(&self) -> &'static str {
+        self.kind.map_or("gather_x", |k| k.key())
+    }
+    pub fn flops(&self) -> f64 {
+        self.kind.map_or(0.0, |k| k.flops(&self.cfg, self.pairs))
+    }
+    pub fn ours(&self, path: GemmPath) -> Option<&Timing> {
+        self.ours.iter().find(|(p, _)| *p == path).map(|(_, t)| t)
+    }
+    /// cuBLAS time over ours (medians): >= 1 means as fast as cuBLAS.
+    pub fn ratio(&self, path: GemmPath) -> Option<f64> {
+        Some(self.cublas.as_ref()?.median() / self.ours(path)?.median())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        let shape = self.kind.map(|k| k.shape(&self.cfg, self.pairs));
+        let mut paths = serde_json::Map::new();
+        for (p, t) in &self.ours {
+            let mut v = t.json();
+            v["tflops"] = serde_json::json!(t.tflops(self.flops()));
+            v["cublas_over_ours"] = serde_json::json!(self.ratio(*p));
+            v["in_layer_ms"] =
+                serde_json::json!(self.in_layer.iter().find(|(q, _)| q == p).map(|(_, ms)| ms));
+            paths.insert(p.name().to_string(), v);
+        }
+        serde_json::json!({
+            "config": self.config,
+            "gemm": self.key(),
+            "name": self.name(),
+            "load": "uniform",
+            "router": "ReMoE",
+            "active_pairs": self.pairs,
+            "m": shape.map(|s| s.0),
+            "n": shape.map(|s| s.1),
+            "k": shape.map(|s| s.2),
+            "calls": shape.map(|s| s.3),
+            "flops": self.flops(),
+            "paths": paths,
+            "cublas": self.cublas.as_ref().map(|t| {
+                let mut v = t.json();
+                v["tflops"] = serde_json::json!(t.tflops(self.flops()));
+                v
+            }),
+            "rotation_copies": self.rotation.0,
+            "rotation_bytes": self.rotation.1,
+            "cublas_rotation_copies": self.cublas_rotation.map(|r| r.0),
+            "cublas_rotation_bytes": self.cublas_rotation.map(|r| r.1),
+        })
+    }
+}
+
+/// Measures one configuration: for each load, the layer on each path (ReMoE and TopK
+/// interleaved), the floors, the stages; and at the uniform load each expert GEMM alone.
+/// `problems` are the host problems of the loads to run.
+pub fn measure_config(
+    dev: &Device,
+    name: &'static str,
+    problems: &[(Load, HostProblem)],
+    opts: &Options,
+) -> Result<(Vec<LayerRow>, Vec<GemmRow>), Error> {
+    let fill = Filler::new(dev)?;
+    let mut rows = Vec::new();
+    let mut gemm_rows = Vec::new();
+    let kinds = [RouterKind::Relu, RouterKind::TopK];
+    for (load, problem) in problems {
+        let cfg = problem.cfg;
+        let mut setup = Setup::from_problem(dev, problem, *load, &opts.paths)?;
+        let first = opts.paths[0];
+        let calibration = if opts.calibrate {
+            let (before, after, goal) = setup.calibrate_density()?;
+            eprintln!(
+                "config {name} {}: ReMoE |A| {before} -> {after} after calibrating the \
+                 thresholds (target {goal:.0})",
+                load.name(),
+            );
+            Some(before)
+        } else {
+            None
+        };
+        let stats = [
+            setup.forward(kinds[0], first)?,
+            setup.forward(kinds[1], first)?,
+        ];
+        // The layer, per path: ReMoE and TopK interleaved.
+        let mut per_path = Vec::new();
+        for &path in &opts.paths {
+            let (fr, ft) = setup.interleaved_forward(path, opts.warmup, opts.iters)?;
+            let (br, bt) = setup.interleaved_forward_backward(path, opts.warmup, opts.iters)?;
+            // What each router's training forward saved (one more forward+backward each).
+            let mut saved = [0.0; 2];
+            for (i, &kind) in kinds.iter().enumerate() {
+                setup.forward_backward(kind, path)?;
+                saved[i] = setup.saved_bytes_per_token(path);
+            }
+            let stages = [
+                setup.stage_times(kinds[0], path, false, opts.stage_runs)?,
+                setup.stage_times(kinds[1], path, false, opts.stage_runs)?,
+            ];
+            per_path.push((path, [fr, ft], [br, bt], stages, saved));
+        }
+        // The floors at each router's |A|, and the per-expert loop: interleaved.
+        let cap = stats.iter().map(|s| s.active_pairs).max().unwrap_or(0);
+        let dense = DenseGemms::new(dev, &fill, cfg, cap)?;
+        let mut floors = Vec::new();
+        for st in &stats {
+            let p = st.active_pairs;
+            let mut t = time_interleaved(dev, opts.warmup, opts.iters, 3, |w, i| match w {
+                0 => dense.floor_forward(p, i),
+                1 => dense.floor_forward_backward(p, i),
+                _ => dense.per_expert_loop(&st.tokens_per_expert, &setup.weights, i),
+            })?;
+            let loop_t = t.pop().unwrap();
+            let fb = t.pop().unwrap();
+            floors.push((t.pop().unwrap(), fb, loop_t));
+        }
+        for (path, fwd, fb, stages, saved) in per_path {
+            for (i, &kind) in kinds.iter().enumerate() {
+                let st = &stats[i];
+                rows.push(LayerRow {
+                    config: name,
+                    load: *load,
+                    router: kind,
+                    path,
+                    density: 1.0 - st.sparsity,
+                    pairs: st.active_pairs,
+                    max_expert_tokens: st.tokens_per_expert.iter().copied().max().unwrap_or(0),
+                    fwd: fwd[i].clone(),
+                    fwd_bwd: fb[i].clone(),
+                    stages: stages[i],
+                    floor_fwd: floors[i].0.clone(),
+                    floor_fwd_bwd: floors[i].1.clone(),
+                    per_expert: floors[i].2.clone(),
+                    saved_bytes_per_token: saved[i],
+                    cfg,
+                    pairs_before_calibration: calibration.filter(|_| kind == RouterKind::Relu),
+                });
+            }
+        }
+        // Each expert GEMM alone, on the ReMoE router's routing at the uniform load.
+        if opts.gemms && *load == Load::Uniform && stats[0].active_pairs > 0 {
+            let dispatch = setup.dispatch(RouterKind::Relu, first)?;
+            let grouped = GroupedGemms::new(dev, &fill, cfg, &dispatch)?;
+            let p = grouped.pairs;
+            let mut in_layer = Vec::new();
+            for &path in &opts.paths {
+                in_layer.push((
+                    path,
+                    setup.stage_times(kinds[0], path, true, opts.stage_runs)?,
+                ));
+            }
+            let warmup = opts.warmup.max(5);
+            for kind in GemmKind::ALL {
+                let n = opts.paths.len();
+                let mut t = time_interleaved(dev, warmup, opts.iters, n + 1, |w, i| {
+                    if w < n {
+                        grouped.run(kind, opts.paths[w], i)
+                    } else {
+                        dense.run(kind, p, i)
+                    }
+                })?;
+                let cublas = t.pop();
+                let layer_stage = |s: &StageTimes| match kind {
+                    GemmKind::Up => Some(s.up_ms),
+                    GemmKind::Down => Some(s.down_ms),
+                    _ => None,
+                };
+                gemm_rows.push(GemmRow {
+                    config: name,
+                    kind: Some(kind),
+                    pairs: p,
+                    cfg,
+                    ours: opts.paths.iter().copied().zip(t).collect(),
+                    cublas,
+                    in_layer: in_layer
+                        .iter()
+                        .filter_map(|(q, s)| layer_stage(s).map(|ms| (*q, ms)))
+                        .collect(),
+                    rotation: grouped.rotation(kind),
+                    cublas_rotation: Some(dense.rotation(kind, p)),
+                });
+            }
+            if opts.paths.contains(&GemmPath::Hopper) {
+                let t = time_interleaved(dev, warmup, opts.iters, 1, |_, i| grouped.gather_x(i))?;
+                gemm_rows.push(GemmRow {
+                    config: name,
+                    kind: None,
+                    pairs: p,
+                    cfg,
+                    ours: vec![(GemmPath::Hopper, t[0].clone())],
+                    cublas: None,
+                    in_layer: Vec::new(),
+                    rotation: grouped.gather_rotation(),
+                    cublas_rotation: None,
+                });
+            }
+        }
+    }
+    Ok((rows, gemm_rows))
+}
