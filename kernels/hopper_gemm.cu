@@ -35,17 +35,17 @@
 // accumulate. The wgmma accumulator layout puts column n and n + 128 of an m64n256 tile in the
 // same thread, which is why the up projection's B tile holds 128 columns of Wg then the same 128
 // columns of Wu: each thread owns g and u of the same outputs.
-#include "common.cuh"
-
 #include <cuda.h>
 
 #include <type_traits>
 
+#include "common.cuh"
+
 namespace {
 
-constexpr int BM = 128;             // rows (pairs) per tile: two consumer warpgroups of 64
-constexpr int BN = 256;             // B columns per tile (the up projection: 128 of Wg, 128 of Wu)
-constexpr int BK = 64;              // k per stage: one 128-byte swizzle atom of 16-bit values
+constexpr int BM = 128;  // rows (pairs) per tile: two consumer warpgroups of 64
+constexpr int BN = 256;  // B columns per tile (the up projection: 128 of Wg, 128 of Wu)
+constexpr int BK = 64;   // k per stage: one 128-byte swizzle atom of 16-bit values
 constexpr int kStages = 4;
 constexpr int kThreads = 384;
 constexpr int kATileBytes = BM * BK * 2;
@@ -144,6 +144,51 @@ __device__ __forceinline__ void wgmma_commit() {
 __device__ __forceinline__ void wgmma_wait0() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
+// wgmma.mma_async m64n256k16 with f32 accumulators d[128] += A . B, A and B from shared memory
+// through their descriptors; scale_d = 0 overwrites d instead (the first k-step of a tile).
+// kTransA / kTransB: 1 for an MN-major operand. TY: the PTX input type ("bf16" or "f16").
+// clang-format off
+#define REMOE_WGMMA_M64N256K16(TY)                                                          \
+  asm volatile(                                                                             \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                         \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " {"                         \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "                                  \
+      "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "                        \
+      "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "                        \
+      "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                        \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, "                        \
+      "%60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, "                        \
+      "%72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, "                        \
+      "%84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                        \
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, "                \
+      "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, "            \
+      "%120, %121, %122, %123, %124, %125, %126, %127"                                      \
+      "}, %128, %129, p, 1, 1, %131, %132;\n}\n"                                            \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),             \
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),           \
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),       \
+        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),       \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),       \
+        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),       \
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),       \
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),       \
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),       \
+        "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),       \
+        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]),       \
+        "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),       \
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),       \
+        "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),       \
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]),       \
+        "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),       \
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]),     \
+        "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), \
+        "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), \
+        "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), \
+        "+f"(d[126]), "+f"(d[127])                                                          \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB))
+
+// clang-format on
 template <typename T>
 struct Wgmma;
 template <>
@@ -151,56 +196,15 @@ struct Wgmma<__nv_bfloat16> {
   template <int kTransA, int kTransB>
   __device__ __forceinline__ static void mma(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
                                              int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-      "%128, %129, p, 1, 1, %131, %132;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));  }
+    REMOE_WGMMA_M64N256K16("bf16");
+  }
 };
 template <>
 struct Wgmma<__half> {
   template <int kTransA, int kTransB>
   __device__ __forceinline__ static void mma(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
                                              int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-      "%128, %129, p, 1, 1, %131, %132;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
+    REMOE_WGMMA_M64N256K16("f16");
   }
 };
 
@@ -232,8 +236,10 @@ __device__ __forceinline__ int expert_of_tile(const uint32_t *tile_offsets, int 
   int lo = 0, hi = e - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
-    if ((int)tile_offsets[mid] <= tile) lo = mid;
-    else hi = mid - 1;
+    if ((int)tile_offsets[mid] <= tile)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -346,7 +352,8 @@ __device__ __forceinline__ void load_b_stage(uint32_t b_smem, const CUtensorMap 
                   expert);
   } else if constexpr (kMode == kDown) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) tma_load_3d(b_smem + j * kAtomBytes, map0, bar, out_col0 + j * 64, k0, expert);
+    for (int j = 0; j < 4; ++j)
+      tma_load_3d(b_smem + j * kAtomBytes, map0, bar, out_col0 + j * 64, k0, expert);
   } else {
     tma_load_3d(b_smem, segment == 0 ? map0 : map1, bar, k0, out_col0, expert);
   }
@@ -358,8 +365,8 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmArgs<T> &args, ui
                                                   const CUtensorMap *map0, const CUtensorMap *map1,
                                                   int total_tiles) {
   using Tr = RowGemmTraits<kMode>;
-  const int pt = threadIdx.x;  // 0..127
-  const int chunk = pt & 7;    // this thread's 16-byte chunk of each of its rows
+  const int pt = threadIdx.x;    // 0..127
+  const int chunk = pt & 7;      // this thread's 16-byte chunk of each of its rows
   const int row_base = pt >> 3;  // rows row_base + 16 i, i = 0..7
   const int K = args.K;
   const int k_blocks = (K + BK - 1) / BK;
@@ -368,7 +375,8 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmArgs<T> &args, ui
     const int row_tile = tile / args.col_tiles;
     const int col_tile = tile - row_tile * args.col_tiles;
     const int expert = expert_of_tile(args.tile_offsets, args.e, row_tile);
-    const int row0 = (int)args.expert_offsets[expert] + (row_tile - (int)args.tile_offsets[expert]) * BM;
+    const int row0 =
+        (int)args.expert_offsets[expert] + (row_tile - (int)args.tile_offsets[expert]) * BM;
     const int rows = min(BM, (int)args.expert_offsets[expert + 1] - row0);
     uint32_t src_row[8];
     uint32_t row_ok = 0;
@@ -377,7 +385,8 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmArgs<T> &args, ui
       const int r = row_base + 16 * i;
       const bool ok = r < rows;
       row_ok |= (uint32_t)ok << i;
-      src_row[i] = ok ? (args.gather != nullptr ? args.gather[row0 + r] : (uint32_t)(row0 + r)) : 0u;
+      src_row[i] =
+          ok ? (args.gather != nullptr ? args.gather[row0 + r] : (uint32_t)(row0 + r)) : 0u;
     }
     for (int kb = 0; kb < k_blocks * Tr::kSegments; ++kb) {
       const int segment = kb >= k_blocks ? 1 : 0;
@@ -513,13 +522,16 @@ __device__ __forceinline__ void store_epilogue(const RowGemmArgs<T> &args, float
 template <typename T, int kMode>
 __device__ __forceinline__ void row_gemm_epilogue(const RowGemmArgs<T> &args, float (&acc)[128],
                                                   int row0, int rows, int col0, int wg_row0) {
-  if constexpr (kMode == kDAct) dact_epilogue<T>(args, acc, row0, rows, col0, wg_row0);
-  else store_epilogue<T, kMode>(args, acc, row0, rows, col0, wg_row0);
+  if constexpr (kMode == kDAct)
+    dact_epilogue<T>(args, acc, row0, rows, col0, wg_row0);
+  else
+    store_epilogue<T, kMode>(args, acc, row0, rows, col0, wg_row0);
 }
 
 template <typename T, int kMode>
 __device__ __forceinline__ void row_gemm_consumer(const RowGemmArgs<T> &args, uint8_t *smem,
-                                                  uint64_t *full, uint64_t *empty, int total_tiles) {
+                                                  uint64_t *full, uint64_t *empty,
+                                                  int total_tiles) {
   using Tr = RowGemmTraits<kMode>;
   const int wg = threadIdx.x / 128 - 1;  // 0 or 1: rows 64 wg .. 64 wg + 63 of the tile
   const int lane = threadIdx.x & 31;
@@ -530,7 +542,8 @@ __device__ __forceinline__ void row_gemm_consumer(const RowGemmArgs<T> &args, ui
     const int row_tile = tile / args.col_tiles;
     const int col_tile = tile - row_tile * args.col_tiles;
     const int expert = expert_of_tile(args.tile_offsets, args.e, row_tile);
-    const int row0 = (int)args.expert_offsets[expert] + (row_tile - (int)args.tile_offsets[expert]) * BM;
+    const int row0 =
+        (int)args.expert_offsets[expert] + (row_tile - (int)args.tile_offsets[expert]) * BM;
     const int rows = min(BM, (int)args.expert_offsets[expert + 1] - row0);
     for (int kb = 0; kb < k_blocks; ++kb) {
       const int s = pos.stage();
@@ -631,10 +644,12 @@ __device__ __forceinline__ void weight_grad_load_stage(const WeightGradArgs<T> &
   if (whole && pt == 0) {
     mbar_arrive_expect_tx(bar, weight_grad_tx_bytes(gathered));
 #pragma unroll
-    for (int j = 0; j < 4; ++j) tma_load_2d(b_smem + j * kAtomBytes, map_b, bar, n0 + 64 * j, p0 + k0);
+    for (int j = 0; j < 4; ++j)
+      tma_load_2d(b_smem + j * kAtomBytes, map_b, bar, n0 + 64 * j, p0 + k0);
     if (!gathered) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) tma_load_2d(a_smem + j * kAtomBytes, map_a, bar, m0 + 64 * j, p0 + k0);
+      for (int j = 0; j < 2; ++j)
+        tma_load_2d(a_smem + j * kAtomBytes, map_a, bar, m0 + 64 * j, p0 + k0);
     }
   }
   if (!whole || gathered) {
@@ -811,7 +826,7 @@ EncodeTiledFn encode_tiled() {
 template <typename T>
 constexpr CUtensorMapDataType tma_dtype() {
   return sizeof(T) == 2 && std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-                                                         : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+                                                          : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
 }
 
 // A [E][rows][cols] weight tensor (cols contiguous) as a 3-D tensor map with a box of
@@ -877,7 +892,8 @@ int launch_row_gemm(RowGemmArgs<T> args, const void *b0, const void *b1, int num
   const int box_rows = Tr::kBMNMajor ? BK : BN;
   CUtensorMap map0, map1;
   cudaError_t err = weight_map<T>(&map0, b0, args.e, b_rows, b_cols, box_rows);
-  if (err == cudaSuccess) err = weight_map<T>(&map1, b1 != nullptr ? b1 : b0, args.e, b_rows, b_cols, box_rows);
+  if (err == cudaSuccess)
+    err = weight_map<T>(&map1, b1 != nullptr ? b1 : b0, args.e, b_rows, b_cols, box_rows);
   auto kernel = row_gemm_kernel<T, kMode>;
   if (err == cudaSuccess) err = prepare(kernel);
   if (err != cudaSuccess) return (int)err;
@@ -900,8 +916,16 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
   if (err == cudaSuccess) err = rows_map<T>(&map_b, b, b_rows, N);
   if (err == cudaSuccess) err = prepare(kernel);
   if (err != cudaSuccess) return (int)err;
-  WeightGradArgs<T> args{reinterpret_cast<const T *>(a), gather, reinterpret_cast<const T *>(b),
-                         out, expert_offsets, e, M, N, (M + BM - 1) / BM, (N + BN - 1) / BN,
+  WeightGradArgs<T> args{reinterpret_cast<const T *>(a),
+                         gather,
+                         reinterpret_cast<const T *>(b),
+                         out,
+                         expert_offsets,
+                         e,
+                         M,
+                         N,
+                         (M + BM - 1) / BM,
+                         (N + BN - 1) / BN,
                          accumulate};
   const long long tiles = (long long)e * args.m_tiles * args.n_tiles;
   if (tiles > 0x7fffffffLL) return (int)cudaErrorInvalidConfiguration;
@@ -948,8 +972,8 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
     return launch_row_gemm<T, kDown>(a, wd, nullptr, num_tiles, (cudaStream_t)stream);            \
   }                                                                                               \
   extern "C" int remoe_hopper_expert_dact_##SUFFIX(                                               \
-      const uint16_t *dy, const uint16_t *wd, const uint16_t *g, const uint16_t *u,               \
-      uint16_t *dg, uint16_t *du, const uint32_t *expert_offsets, const uint32_t *tile_offsets,   \
+      const uint16_t *dy, const uint16_t *wd, const uint16_t *g, const uint16_t *u, uint16_t *dg, \
+      uint16_t *du, const uint32_t *expert_offsets, const uint32_t *tile_offsets,                 \
       int32_t num_tiles, int32_t e, int32_t h, int32_t f, remoe_stream_t stream) {                \
     RowGemmArgs<T> a{};                                                                           \
     a.a0 = reinterpret_cast<const T *>(dy);                                                       \

@@ -35,7 +35,7 @@ template <typename T>
 __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2]);
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float c[4], const uint32_t a[4],
-                                                       const uint32_t b[2]) {
+                                                        const uint32_t b[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
@@ -44,7 +44,7 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float c[4], const uint32
 }
 template <>
 __device__ __forceinline__ void mma16816<__half>(float c[4], const uint32_t a[4],
-                                                const uint32_t b[2]) {
+                                                 const uint32_t b[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
