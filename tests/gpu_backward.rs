@@ -9,8 +9,7 @@ use common::*;
 use half::bf16;
 use remoe_kernels::reference::{
     remoe_backward as ref_remoe_backward, remoe_forward as ref_remoe_forward,
-    swiglu_expert_forward, topk_backward as ref_topk_backward, topk_forward as ref_topk_forward,
-    SparsityController,
+    topk_backward as ref_topk_backward, topk_forward as ref_topk_forward, SparsityController,
 };
 use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{
@@ -83,8 +82,8 @@ fn check_backward(
     zero_dout: bool,
 ) -> [Vec<f64>; 5] {
     let seed = SplitMix64::fresh_seed();
-    let what = format!("{kind:?} {cfg:?} coeff {coeff} seed {seed}");
-    let (t, h) = (cfg.tokens, cfg.hidden);
+    let what = format!("{kind:?} {cfg:?} coeff {coeff} {}", seed_note(seed));
+    let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
     let p = problem_with_density(cfg, density, seed);
     let d = DeviceProblem::upload(dev, &p).unwrap();
     let mut rng = SplitMix64::new(seed ^ 0xd0);
@@ -143,14 +142,23 @@ fn check_backward(
         );
     }
 
-    let want = match kind {
+    let gpu_gates: Vec<f64> = ctx
+        .gates_to_host()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let (want, ref_active) = match kind {
         RouterKind::Relu => {
             let fwd = ref_remoe_forward(&p.x, &p.params, &cfg, coeff);
-            ref_remoe_backward(&p.x, &p.params, &cfg, coeff, &fwd, &dout_host)
+            let active: Vec<bool> = fwd.routing.gates.iter().map(|&g| g > 0.0).collect();
+            let g = ref_remoe_backward(&p.x, &p.params, &cfg, coeff, &fwd, &dout_host);
+            (g, active)
         }
         RouterKind::TopK => {
             let fwd = ref_topk_forward(&p.x, &p.params, &cfg, coeff);
-            ref_topk_backward(&p.x, &p.params, &cfg, coeff, &fwd, &dout_host)
+            let g = ref_topk_backward(&p.x, &p.params, &cfg, coeff, &fwd, &dout_host);
+            (g, fwd.routing.selected)
         }
     };
     let want = [
@@ -165,7 +173,19 @@ fn check_backward(
     // down GEMM's operand must be). For those two the bound is 1e-2 relative plus bf16's unit
     // round-off times the magnitude of the summed terms (|X|^T M and M |Wr|^T, with M[t,e] =
     // sum_h |dOut[t,h] y[t,e,h]|); the expert weight gradients keep the plain 1e-2.
-    let (dx_scale, dwr_scale) = router_term_scales(kind, &p, coeff, &dout_host);
+    let scales = router_term_scales(kind, &p, coeff, &dout_host);
+    let (dx_scale, dwr_scale) = (scales.dx(), scales.dwr());
+    // Per row (common::ROW_REL_BOUND, 3e-2), with the same slack per row for dX (per token) and
+    // dWr (per feature). A token the GPU routed differently from the reference (a logit within
+    // f32 rounding of the decision, see routing_flips) has a legitimately different dX row,
+    // which is left out; such a token also moves every feature's dWr entry of its expert (and,
+    // for TopK, a whole pair between two experts' weight gradients), so when one exists those
+    // per-row checks are left to the whole-tensor bounds above. It happens about once in 10^7
+    // pairs.
+    let flips = routing_flips(&what, &gpu_gates, &ref_active, e);
+    let any_flip = flips.iter().any(|&x| x);
+    let row_slack = |rows: &[f64]| -> Vec<f64> { rows.iter().map(|v| BF16_ROUNDOFF * v).collect() };
+    let (dx_slack, dwr_slack) = (row_slack(&scales.dx_rows), row_slack(&scales.dwr_rows));
     for i in 0..5 {
         let err = rel_err(&got[i], &want[i]);
         let abs: f64 = got[i]
@@ -185,51 +205,22 @@ fn check_backward(
             "{what}: {} rel err {err:e} (abs {abs:e}, norm {norm:e}, term scale {slack:e})",
             NAMES[i]
         );
+        let (cols, rows_slack, skip): (usize, &[f64], &[bool]) = match i {
+            0 => (h, &dx_slack, &flips),
+            1 => (e, &dwr_slack, &[]),
+            2 | 3 => (f, &[], &[]),
+            _ => (h, &[], &[]),
+        };
+        if any_flip && (i == 1 || (i >= 2 && kind == RouterKind::TopK)) {
+            continue;
+        }
+        assert_rows_within(&what, NAMES[i], &got[i], &want[i], cols, rows_slack, skip);
     }
     got
 }
 
 /// bf16's unit round-off, 2^-8.
 const BF16_ROUNDOFF: f64 = 1.0 / 256.0;
-
-/// The Frobenius norms of |X|^T M and M |Wr|^T, M[t,e] = sum_h |dOut[t,h] y[t,e,h]| over the
-/// routed pairs: the size of the terms whose sum dR is.
-fn router_term_scales(kind: RouterKind, p: &HostProblem, coeff: f64, dout: &[f64]) -> (f64, f64) {
-    let cfg = p.cfg;
-    let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-    let dispatch = match kind {
-        RouterKind::Relu => ref_remoe_forward(&p.x, &p.params, &cfg, coeff).dispatch,
-        RouterKind::TopK => ref_topk_forward(&p.x, &p.params, &cfg, coeff).dispatch,
-    };
-    let mut m = vec![0.0; t * e];
-    for ei in 0..e {
-        let (wg, wu, wd) = p.params.expert(ei, &cfg);
-        for pi in dispatch.range(ei) {
-            let ti = dispatch.tokens[pi] as usize;
-            let acts = swiglu_expert_forward(&p.x[ti * h..(ti + 1) * h], wg, wu, wd, h, f);
-            m[ti * e + ei] = (0..h).map(|o| (dout[ti * h + o] * acts.y[o]).abs()).sum();
-        }
-    }
-    let mut dx2 = 0.0;
-    for ti in 0..t {
-        for o in 0..h {
-            let v: f64 = (0..e)
-                .map(|ei| m[ti * e + ei] * p.params.router[o * e + ei].abs())
-                .sum();
-            dx2 += v * v;
-        }
-    }
-    let mut dwr2 = 0.0;
-    for o in 0..h {
-        for ei in 0..e {
-            let v: f64 = (0..t)
-                .map(|ti| p.x[ti * h + o].abs() * m[ti * e + ei])
-                .sum();
-            dwr2 += v * v;
-        }
-    }
-    (dx2.sqrt(), dwr2.sqrt())
-}
 
 #[test]
 fn gpu_remoe_backward_matches_reference_across_shapes() {
@@ -367,9 +358,11 @@ fn gpu_backward_accumulates_weight_gradients_on_request() {
         return;
     };
     let cfg = LayerConfig::new(700, 64, 128, 8, 2);
-    let p = problem_with_density(cfg, &uniform_density(8, 0.25), SplitMix64::fresh_seed());
+    let seed = SplitMix64::fresh_seed();
+    let what = seed_note(seed);
+    let p = problem_with_density(cfg, &uniform_density(8, 0.25), seed);
     let d = DeviceProblem::upload(&dev, &p).unwrap();
-    let mut rng = SplitMix64::new(SplitMix64::fresh_seed());
+    let mut rng = SplitMix64::new(seed ^ 0xd0);
     let dout = DeviceTensor::from_host(&dev, &to_bf16(&rng.vec_uniform(700 * 64, 1.0)), &[700, 64])
         .unwrap();
     let mut ctx = MoeContext::<bf16>::for_training(&dev);
@@ -390,7 +383,7 @@ fn gpu_backward_accumulates_weight_gradients_on_request() {
     // gate (8), act, g and u (3 x 2F bytes) and y in f32 (4H).
     let (t, e, h, f) = (700usize, 8usize, 64usize, 128usize);
     let want = t * e * 12 + 4 * e + 2 * 4 * (e + 1) + stats.active_pairs * (8 + 6 * f + 4 * h);
-    assert_eq!(ctx.saved_bytes(), want, "saved_bytes accounting");
+    assert_eq!(ctx.saved_bytes(), want, "{what}: saved_bytes accounting");
     let mut once = Grads::new(&dev, &cfg);
     moe_backward(
         &mut ctx,
@@ -417,9 +410,18 @@ fn gpu_backward_accumulates_weight_gradients_on_request() {
     }
     let (a, b) = (once.to_host(), twice.to_host());
     for i in 1..5 {
-        assert!(a[i].iter().any(|&v| v != 0.0));
+        assert!(
+            a[i].iter().any(|&v| v != 0.0),
+            "{what}: {} is zero",
+            NAMES[i]
+        );
         for (x, y) in a[i].iter().zip(&b[i]) {
-            assert_eq!(2.0 * x, *y, "{}: accumulated twice is not twice", NAMES[i]);
+            assert_eq!(
+                2.0 * x,
+                *y,
+                "{what}: {}: accumulated twice is not twice",
+                NAMES[i]
+            );
         }
     }
 }
@@ -652,9 +654,13 @@ fn gpu_training_with_the_controller_settles_the_sparsity_and_lowers_the_loss() {
         last,
         ctrl.lambda().unwrap()
     );
+    let what = seed_note(seed);
     assert!(
         (mean_late - target_s).abs() < 0.02,
-        "sparsity settled at {mean_late}, target {target_s}"
+        "{what}: sparsity settled at {mean_late}, target {target_s}"
     );
-    assert!(last < 0.8 * first, "loss did not fall: {first} -> {last}");
+    assert!(
+        last < 0.8 * first,
+        "{what}: loss did not fall: {first} -> {last}"
+    );
 }

@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use remoe_kernels::{Device, Error};
+use remoe_kernels::reference::{
+    remoe_forward as ref_remoe_forward, swiglu_expert_forward, topk_forward as ref_topk_forward,
+};
+use remoe_kernels::{Device, Error, RouterKind};
 
 /// The GPU for a GPU test, or `None` after printing why the test is skipped. With
 /// `REMOE_REQUIRE_GPU=1` a missing GPU fails the test instead.
@@ -36,6 +39,319 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     } else {
         (num / den).sqrt()
     }
+}
+
+/// How a test names its seed in a failure message: `seed N (replay with REMOE_SEED=N)`. With
+/// `REMOE_SEED=N` set, `SplitMix64::fresh_seed` returns N (src/rng.rs), so the run draws the same
+/// inputs again.
+pub fn seed_note(seed: u64) -> String {
+    format!(
+        "seed {seed} (replay with {}={seed})",
+        remoe_kernels::rng::SEED_ENV
+    )
+}
+
+/// The per-row bound of the GPU tests, checked next to their whole-tensor bound of 1e-2.
+///
+/// Why a second bound: a whole-tensor relative error averages over the rows, so one row that is
+/// entirely wrong (zeroed, stale, another token's) among R similar rows moves it by only about
+/// 1/sqrt(R): 0.0078 for one zeroed row of 16384, which passes 1e-2
+/// (`tests/gpu_f16_and_bounds.rs` checks exactly that). Per row, such a row has an error near 1
+/// (exactly 1 when zeroed).
+///
+/// Why 3e-2: a correct row goes through a few roundings to 16 bits on its way (bf16's unit
+/// round-off is u = 2^-8 = 3.9e-3; act, g, u, dY, dg and du, each pair's dX, the stored
+/// result), each worth at most u and about u/sqrt(3) on average over a row's elements; the rows
+/// checked hold 32 to 3072 elements, so a row's error stays near that average. A CPU model of
+/// those roundings (f32 elsewhere) over the shapes of the GPU tests puts most rows' worst at
+/// 3e-3 to 5e-3 and the worst row seen at 1.3e-2 (a row of 32 elements of dWu, E = 512, an
+/// expert with a handful of tokens); 3e-2 keeps a margin of two to three over that and is still
+/// more than thirty times below the error of a row that is wrong. Where a result is a sum that
+/// can cancel (dX and dWr through dR = dOut . y) the check adds the same per-row slack as the
+/// whole-tensor one.
+pub const ROW_REL_BOUND: f64 = 3e-2;
+
+/// Rows whose reference norm is below `ROW_FLOOR` times the tensor's RMS row norm are measured
+/// against that floor instead of their own norm, so that a row that is zero or nearly so in the
+/// reference (a token no expert took, an expert with no tokens) does not turn rounding noise
+/// into a huge relative error. It is far below any row that matters: a zeroed row of normal size
+/// still has error 1.
+pub const ROW_FLOOR: f64 = 1e-3;
+
+/// The denominator floor of [`row_rel_errs`]: `ROW_FLOOR` times the RMS over rows of
+/// ||want_r||; 1 when `want` is all zero (the errors are then absolute, as [`rel_err`]'s are).
+pub fn row_floor(want: &[f64], cols: usize) -> f64 {
+    let rows = want.len().checked_div(cols).unwrap_or(0);
+    if rows == 0 {
+        return 1.0;
+    }
+    let ms: f64 = want.iter().map(|v| v * v).sum::<f64>() / rows as f64;
+    if ms > 0.0 && ms.is_finite() {
+        ROW_FLOOR * ms.sqrt()
+    } else {
+        1.0
+    }
+}
+
+/// ||got_r - want_r|| and ||want_r|| of every row of `cols` values; +inf for the difference of
+/// a row with a NaN or infinite value in either tensor, so that an unwritten (poisoned) element
+/// can never pass.
+fn row_diffs(got: &[f64], want: &[f64], cols: usize) -> Vec<(f64, f64)> {
+    assert_eq!(got.len(), want.len(), "per-row error: length mismatch");
+    if cols == 0 {
+        return Vec::new();
+    }
+    assert_eq!(
+        want.len() % cols,
+        0,
+        "per-row error: length not a multiple of the row"
+    );
+    got.chunks(cols)
+        .zip(want.chunks(cols))
+        .map(|(g, w)| {
+            if g.iter().chain(w).any(|v| !v.is_finite()) {
+                // Infinite error over a finite denominator: infinite relative error.
+                return (f64::INFINITY, 0.0);
+            }
+            let norm = w.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let d = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f64>()
+                .sqrt();
+            (d, norm)
+        })
+        .collect()
+}
+
+/// Per row r of `cols` values: ||got_r - want_r|| / max(||want_r||, floor) with the floor of
+/// [`row_floor`]; +inf for a row with a non-finite value.
+pub fn row_rel_errs(got: &[f64], want: &[f64], cols: usize) -> Vec<f64> {
+    let floor = row_floor(want, cols);
+    row_diffs(got, want, cols)
+        .into_iter()
+        .map(|(d, n)| d / n.max(floor))
+        .collect()
+}
+
+/// The row with the largest [`row_rel_errs`] and that error; `(0, 0.0)` for a tensor without
+/// rows.
+pub fn worst_row_rel_err(got: &[f64], want: &[f64], cols: usize) -> (usize, f64) {
+    row_rel_errs(got, want, cols)
+        .into_iter()
+        .enumerate()
+        .fold(
+            (0, 0.0),
+            |best, (r, e)| if e > best.1 { (r, e) } else { best },
+        )
+}
+
+/// The row furthest over `||got_r - want_r|| <= bound * max(||want_r||, floor) + slack_r`.
+#[derive(Debug, Clone, Copy)]
+pub struct RowExcess {
+    /// The row, and how many rows were checked.
+    pub row: usize,
+    pub rows: usize,
+    /// Its relative error as [`row_rel_errs`] measures it.
+    pub rel_err: f64,
+    /// Its absolute slack.
+    pub slack: f64,
+    /// ||got_r - want_r|| / (bound * max(||want_r||, floor) + slack_r): the row passes when at
+    /// most 1.
+    pub ratio: f64,
+}
+
+/// The worst row of `got` against `want` (rows of `cols` values) under the per-row bound `bound`
+/// with an absolute slack per row (`slack` empty: none) and the rows marked in `skip` left out
+/// (`skip` empty: none).
+pub fn worst_row_excess(
+    got: &[f64],
+    want: &[f64],
+    cols: usize,
+    bound: f64,
+    slack: &[f64],
+    skip: &[bool],
+) -> RowExcess {
+    let floor = row_floor(want, cols);
+    let diffs = row_diffs(got, want, cols);
+    assert!(
+        slack.is_empty() || slack.len() == diffs.len(),
+        "slack per row"
+    );
+    assert!(skip.is_empty() || skip.len() == diffs.len(), "skip per row");
+    let mut worst = RowExcess {
+        row: 0,
+        rows: diffs.len(),
+        rel_err: 0.0,
+        slack: 0.0,
+        ratio: 0.0,
+    };
+    for (r, &(d, n)) in diffs.iter().enumerate() {
+        if skip.get(r) == Some(&true) {
+            continue;
+        }
+        let s = slack.get(r).copied().unwrap_or(0.0);
+        let den = n.max(floor);
+        let ratio = d / (bound * den + s);
+        // den > 0 and d is finite or +inf: the ratio is never NaN.
+        if ratio > worst.ratio {
+            worst = RowExcess {
+                row: r,
+                rows: diffs.len(),
+                rel_err: d / den,
+                slack: s,
+                ratio,
+            };
+        }
+    }
+    worst
+}
+
+/// Asserts [`ROW_REL_BOUND`] on every row of `got` (rows of `cols` values) against `want`, with
+/// an absolute `slack` per row (empty: none) and the rows marked in `skip` left out (empty:
+/// none). The message names `what` (the case, with its seed), the tensor and the worst row.
+pub fn assert_rows_within(
+    what: &str,
+    name: &str,
+    got: &[f64],
+    want: &[f64],
+    cols: usize,
+    slack: &[f64],
+    skip: &[bool],
+) {
+    assert_rows_within_bound(what, name, got, want, cols, ROW_REL_BOUND, slack, skip);
+}
+
+/// [`assert_rows_within`] with another per-row bound than [`ROW_REL_BOUND`].
+#[allow(clippy::too_many_arguments)]
+pub fn assert_rows_within_bound(
+    what: &str,
+    name: &str,
+    got: &[f64],
+    want: &[f64],
+    cols: usize,
+    bound: f64,
+    slack: &[f64],
+    skip: &[bool],
+) {
+    let w = worst_row_excess(got, want, cols, bound, slack, skip);
+    assert!(
+        w.ratio <= 1.0,
+        "{what}: {name} row {} of {}: rel err {:e} over the per-row bound {bound:e} \
+         (absolute slack {:e}; whole-tensor rel err {:e})",
+        w.row,
+        w.rows,
+        w.rel_err,
+        w.slack,
+        rel_err(got, want)
+    );
+}
+
+/// The tokens whose routing the GPU decided differently from the reference: `gpu_gates` [T,E]
+/// (a pair is active when its gate is > 0: ReMoE's ReLU gate, TopK's P where selected) against
+/// `ref_active` [T,E]. Panics, naming `what`, when more than 1 + T/1000 tokens differ.
+///
+/// A pair whose logit lies within f32 rounding of the decision (0 for ReMoE, the tie of the k-th
+/// and (k+1)-th logits for TopK) can be decided one way by the GPU's f32 logits and the other by
+/// the reference's f64 ones; with random inputs that happens about once per 10^7 pairs. The
+/// ReMoE output is continuous there (the gate is about 0), but dL = dR [L > 0] is not, and TopK's
+/// selection is not: such a token's row of dX (and of TopK's output) legitimately differs, so
+/// the per-row checks leave these rows out. A broken router flips many tokens and fails here.
+pub fn routing_flips(what: &str, gpu_gates: &[f64], ref_active: &[bool], e: usize) -> Vec<bool> {
+    assert_eq!(gpu_gates.len(), ref_active.len(), "{what}: gates [T,E]");
+    if e == 0 {
+        return Vec::new();
+    }
+    let flips: Vec<bool> = gpu_gates
+        .chunks(e)
+        .zip(ref_active.chunks(e))
+        .map(|(g, r)| g.iter().zip(r).any(|(&g, &r)| (g > 0.0) != r))
+        .collect();
+    let n = flips.iter().filter(|&&f| f).count();
+    let t = flips.len();
+    assert!(
+        n <= 1 + t / 1000,
+        "{what}: {n} of {t} tokens routed differently from the reference"
+    );
+    flips
+}
+
+/// The sizes of the terms whose sums the router parts of dX and dWr are, per row: with
+/// M[t,e] = sum_h |dOut[t,h] y[t,e,h]| over the routed pairs (the terms of dR = dOut . y),
+/// `dx_rows[t]` = ||(M |Wr|^T)_t|| and `dwr_rows[o]` = ||(|X|^T M)_o||. dR can cancel: near a
+/// cancellation its relative error is unbounded whatever the precision of the inputs (act is
+/// rounded to 16 bits, as the down GEMM's operand must be), so the bounds on dX and dWr add the
+/// unit round-off times these sizes (per row, or their Frobenius norms for the whole tensor).
+#[derive(Debug, Clone)]
+pub struct RouterTermScales {
+    /// [T]
+    pub dx_rows: Vec<f64>,
+    /// [H]
+    pub dwr_rows: Vec<f64>,
+}
+
+impl RouterTermScales {
+    /// ||M |Wr|^T||, the whole-tensor scale for dX.
+    pub fn dx(&self) -> f64 {
+        self.dx_rows.iter().map(|v| v * v).sum::<f64>().sqrt()
+    }
+
+    /// |||X|^T M||, the whole-tensor scale for dWr.
+    pub fn dwr(&self) -> f64 {
+        self.dwr_rows.iter().map(|v| v * v).sum::<f64>().sqrt()
+    }
+}
+
+/// [`RouterTermScales`] of problem `p` (routed by the reference) with `dout` [T,H].
+pub fn router_term_scales(
+    kind: RouterKind,
+    p: &HostProblem,
+    coeff: f64,
+    dout: &[f64],
+) -> RouterTermScales {
+    let cfg = p.cfg;
+    let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+    let dispatch = match kind {
+        RouterKind::Relu => ref_remoe_forward(&p.x, &p.params, &cfg, coeff).dispatch,
+        RouterKind::TopK => ref_topk_forward(&p.x, &p.params, &cfg, coeff).dispatch,
+    };
+    let mut m = vec![0.0; t * e];
+    for ei in 0..e {
+        let (wg, wu, wd) = p.params.expert(ei, &cfg);
+        for pi in dispatch.range(ei) {
+            let ti = dispatch.tokens[pi] as usize;
+            let acts = swiglu_expert_forward(&p.x[ti * h..(ti + 1) * h], wg, wu, wd, h, f);
+            m[ti * e + ei] = (0..h).map(|o| (dout[ti * h + o] * acts.y[o]).abs()).sum();
+        }
+    }
+    let dx_rows = (0..t)
+        .map(|ti| {
+            (0..h)
+                .map(|o| {
+                    let v: f64 = (0..e)
+                        .map(|ei| m[ti * e + ei] * p.params.router[o * e + ei].abs())
+                        .sum();
+                    v * v
+                })
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect();
+    let dwr_rows = (0..h)
+        .map(|o| {
+            (0..e)
+                .map(|ei| {
+                    let v: f64 = (0..t)
+                        .map(|ti| p.x[ti * h + o].abs() * m[ti * e + ei])
+                        .sum();
+                    v * v
+                })
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect();
+    RouterTermScales { dx_rows, dwr_rows }
 }
 
 #[allow(unused_imports)]
