@@ -307,6 +307,80 @@ struct PipePos {
   __device__ __forceinline__ int parity() const { return (n / kStages) & 1; }
 };
 
+// The stages and their barriers, laid out and initialised the same way by both kernels.
+// `full`: the stage is loaded (129 arrivals: each producer thread's cp.async.mbarrier.arrive, and
+// thread 0 once more, with the TMA's byte count or plainly). `empty`: both consumer warpgroups
+// are done with it (one arrival per consumer warp).
+struct Pipeline {
+  uint8_t *smem;  // kStages stages of kStageBytes (A tile, then B tile), 1024-byte aligned
+  uint64_t *full;
+  uint64_t *empty;
+
+  __device__ __forceinline__ uint32_t a_tile(PipePos pos) const {
+    return smem_u32(smem + pos.stage() * kStageBytes);
+  }
+  __device__ __forceinline__ uint32_t b_tile(PipePos pos) const {
+    return a_tile(pos) + kATileBytes;
+  }
+  __device__ __forceinline__ uint32_t full_bar(PipePos pos) const {
+    return smem_u32(&full[pos.stage()]);
+  }
+  // Producer: waits until the consumers have released the stage (passes at once on the first
+  // round: waiting for the parity before a fresh barrier's phase 0 succeeds immediately).
+  __device__ __forceinline__ void acquire(PipePos pos) const {
+    mbar_wait(smem_u32(&empty[pos.stage()]), pos.parity() ^ 1);
+  }
+  // Consumer: waits until the stage is loaded, and orders its cp.async (generic-proxy) writes
+  // before the wgmma reads that follow.
+  __device__ __forceinline__ void wait_loaded(PipePos pos) const {
+    mbar_wait(full_bar(pos), pos.parity());
+    fence_proxy_async();
+  }
+  // Consumer, after its wgmmas on the stage have completed: one arrival per warp.
+  __device__ __forceinline__ void release(PipePos pos) const {
+    if ((threadIdx.x & 31) == 0) mbar_arrive(smem_u32(&empty[pos.stage()]));
+  }
+};
+
+// Aligns the dynamic shared memory, initialises the barriers and makes them visible to the CTA.
+__device__ __forceinline__ Pipeline setup_pipeline(uint8_t *smem_raw) {
+  Pipeline p;
+  p.smem = reinterpret_cast<uint8_t *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                       ~(uintptr_t)1023);
+  p.full = reinterpret_cast<uint64_t *>(p.smem + kStages * kStageBytes);
+  p.empty = p.full + kStages;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(smem_u32(&p.full[s]), 128 + 1);
+      mbar_init(smem_u32(&p.empty[s]), 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  return p;
+}
+
+// One consumer warpgroup's MMAs on one stage: four k16 steps of m64n256k16, accumulating into acc
+// unless `overwrite` (the first stage of a tile). a and b are the warpgroup's operand tiles; a
+// K-major operand advances 32 bytes per k16 step inside its 128-byte rows, an MN-major one 16
+// rows (2048 bytes), its 64-column atoms kAtomBytes apart. Returns once the MMAs have completed,
+// so the stage can be released.
+template <typename T, int kAMNMajor, int kBMNMajor>
+__device__ __forceinline__ void mma_stage(float (&acc)[128], uint32_t a, uint32_t b,
+                                          bool overwrite) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < BK / 16; ++ks) {
+    const uint64_t da =
+        kAMNMajor ? smem_desc(a + ks * 2048, kAtomBytes, 1024) : smem_desc(a + ks * 32, 16, 1024);
+    const uint64_t db =
+        kBMNMajor ? smem_desc(b + ks * 2048, kAtomBytes, 1024) : smem_desc(b + ks * 32, 16, 1024);
+    Wgmma<T>::template mma<kAMNMajor, kBMNMajor>(acc, da, db, !overwrite || ks > 0);
+  }
+  wgmma_commit();
+  wgmma_wait0();
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // ---------------------------------------------------------------------------------------------
@@ -360,8 +434,7 @@ __device__ __forceinline__ void load_b_stage(uint32_t b_smem, const CUtensorMap 
 }
 
 template <typename T, int kMode>
-__device__ __forceinline__ void row_gemm_producer(const RowGemmArgs<T> &args, uint8_t *smem,
-                                                  uint64_t *full, uint64_t *empty,
+__device__ __forceinline__ void row_gemm_producer(const RowGemmArgs<T> &args, const Pipeline &pipe,
                                                   const CUtensorMap *map0, const CUtensorMap *map1,
                                                   int total_tiles) {
   using Tr = RowGemmTraits<kMode>;
@@ -391,10 +464,8 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmArgs<T> &args, ui
     for (int kb = 0; kb < k_blocks * Tr::kSegments; ++kb) {
       const int segment = kb >= k_blocks ? 1 : 0;
       const int k0 = (kb - segment * k_blocks) * BK;
-      const int s = pos.stage();
-      mbar_wait(smem_u32(&empty[s]), pos.parity() ^ 1);
-      uint8_t *stage = smem + s * kStageBytes;
-      const uint32_t a_smem = smem_u32(stage);
+      pipe.acquire(pos);
+      const uint32_t a_smem = pipe.a_tile(pos);
       const T *a = segment == 0 ? args.a0 : args.a1;
       const bool k_ok = k0 + chunk * 8 < K;
 #pragma unroll
@@ -404,11 +475,11 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmArgs<T> &args, ui
         const T *src = ok ? a + (size_t)src_row[i] * K + k0 + chunk * 8 : a;
         cp_async16(a_smem + swz(r, chunk), src, ok ? 16 : 0);
       }
-      const uint32_t bar = smem_u32(&full[s]);
+      const uint32_t bar = pipe.full_bar(pos);
       cp_async_arrive(bar);
       if (pt == 0) {
         mbar_arrive_expect_tx(bar, kBTileBytes);
-        load_b_stage<kMode>(a_smem + kATileBytes, map0, map1, bar, segment, expert,
+        load_b_stage<kMode>(pipe.b_tile(pos), map0, map1, bar, segment, expert,
                             col_tile * Tr::kOutCols, k0);
       }
       ++pos.n;
@@ -529,12 +600,10 @@ __device__ __forceinline__ void row_gemm_epilogue(const RowGemmArgs<T> &args, fl
 }
 
 template <typename T, int kMode>
-__device__ __forceinline__ void row_gemm_consumer(const RowGemmArgs<T> &args, uint8_t *smem,
-                                                  uint64_t *full, uint64_t *empty,
+__device__ __forceinline__ void row_gemm_consumer(const RowGemmArgs<T> &args, const Pipeline &pipe,
                                                   int total_tiles) {
   using Tr = RowGemmTraits<kMode>;
   const int wg = threadIdx.x / 128 - 1;  // 0 or 1: rows 64 wg .. 64 wg + 63 of the tile
-  const int lane = threadIdx.x & 31;
   const int k_blocks = (args.K + BK - 1) / BK * Tr::kSegments;
   float acc[128];
   PipePos pos;
@@ -546,26 +615,11 @@ __device__ __forceinline__ void row_gemm_consumer(const RowGemmArgs<T> &args, ui
         (int)args.expert_offsets[expert] + (row_tile - (int)args.tile_offsets[expert]) * BM;
     const int rows = min(BM, (int)args.expert_offsets[expert + 1] - row0);
     for (int kb = 0; kb < k_blocks; ++kb) {
-      const int s = pos.stage();
-      mbar_wait(smem_u32(&full[s]), pos.parity());
-      fence_proxy_async();
-      const uint32_t a_smem = smem_u32(smem + s * kStageBytes) + wg * (64 * 128);
-      const uint32_t b_smem = smem_u32(smem + s * kStageBytes + kATileBytes);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < BK / 16; ++ks) {
-        const uint64_t da = smem_desc(a_smem + ks * 32, 16, 1024);
-        if constexpr (Tr::kBMNMajor) {
-          const uint64_t db = smem_desc(b_smem + ks * 2048, kAtomBytes, 1024);
-          Wgmma<T>::template mma<0, 1>(acc, da, db, kb > 0 || ks > 0);
-        } else {
-          const uint64_t db = smem_desc(b_smem + ks * 32, 16, 1024);
-          Wgmma<T>::template mma<0, 0>(acc, da, db, kb > 0 || ks > 0);
-        }
-      }
-      wgmma_commit();
-      wgmma_wait0();
-      if (lane == 0) mbar_arrive(smem_u32(&empty[s]));
+      pipe.wait_loaded(pos);
+      // A is K-major (this warpgroup's 64 rows: 64 x 128 bytes in); B as the mode stores it.
+      mma_stage<T, 0, Tr::kBMNMajor ? 1 : 0>(acc, pipe.a_tile(pos) + wg * (64 * 128),
+                                             pipe.b_tile(pos), kb == 0);
+      pipe.release(pos);
       ++pos.n;
     }
     row_gemm_epilogue<T, kMode>(args, acc, row0, rows, col_tile * Tr::kOutCols, wg * 64);
@@ -580,25 +634,14 @@ __global__ void __launch_bounds__(kThreads, 1)
                     const __grid_constant__ CUtensorMap map1) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
-  uint8_t *smem = reinterpret_cast<uint8_t *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
-                                              ~(uintptr_t)1023);
-  uint64_t *full = reinterpret_cast<uint64_t *>(smem + kStages * kStageBytes);
-  uint64_t *empty = full + kStages;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(smem_u32(&full[s]), 128 + 1);  // every producer thread + the TMA's expect_tx
-      mbar_init(smem_u32(&empty[s]), 8);       // one arrival per consumer warp
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
+  const Pipeline pipe = setup_pipeline(smem_raw);
   const int total_tiles = (int)args.tile_offsets[args.e] * args.col_tiles;
   if (threadIdx.x < 128) {
     setmaxnreg_dec<56>();
-    row_gemm_producer<T, kMode>(args, smem, full, empty, &map0, &map1, total_tiles);
+    row_gemm_producer<T, kMode>(args, pipe, &map0, &map1, total_tiles);
   } else {
     setmaxnreg_inc<224>();
-    row_gemm_consumer<T, kMode>(args, smem, full, empty, total_tiles);
+    row_gemm_consumer<T, kMode>(args, pipe, total_tiles);
   }
 #endif
 }
@@ -686,9 +729,8 @@ __device__ __forceinline__ void weight_grad_load_stage(const WeightGradArgs<T> &
 }
 
 template <typename T>
-__device__ __forceinline__ void weight_grad_producer(const WeightGradArgs<T> &args, uint8_t *smem,
-                                                     uint64_t *full, uint64_t *empty,
-                                                     const CUtensorMap *map_a,
+__device__ __forceinline__ void weight_grad_producer(const WeightGradArgs<T> &args,
+                                                     const Pipeline &pipe, const CUtensorMap *map_a,
                                                      const CUtensorMap *map_b, int total_tiles) {
   const int tiles_per_expert = args.m_tiles * args.n_tiles;
   PipePos pos;
@@ -699,10 +741,9 @@ __device__ __forceinline__ void weight_grad_producer(const WeightGradArgs<T> &ar
     const int p0 = (int)args.expert_offsets[expert];
     const int K = (int)args.expert_offsets[expert + 1] - p0;
     for (int k0 = 0; k0 < K; k0 += BK) {
-      const int s = pos.stage();
-      mbar_wait(smem_u32(&empty[s]), pos.parity() ^ 1);
-      weight_grad_load_stage<T>(args, smem_u32(smem + s * kStageBytes), smem_u32(&full[s]), map_a,
-                                map_b, p0, K, k0, m0, n0);
+      pipe.acquire(pos);
+      weight_grad_load_stage<T>(args, pipe.a_tile(pos), pipe.full_bar(pos), map_a, map_b, p0, K, k0,
+                                m0, n0);
       ++pos.n;
     }
   }
@@ -710,9 +751,8 @@ __device__ __forceinline__ void weight_grad_producer(const WeightGradArgs<T> &ar
 }
 
 template <typename T>
-__device__ __forceinline__ void weight_grad_consumer(const WeightGradArgs<T> &args, uint8_t *smem,
-                                                     uint64_t *full, uint64_t *empty,
-                                                     int total_tiles) {
+__device__ __forceinline__ void weight_grad_consumer(const WeightGradArgs<T> &args,
+                                                     const Pipeline &pipe, int total_tiles) {
   const int wg = threadIdx.x / 128 - 1;
   const int lane = threadIdx.x & 31;
   const int warp = (threadIdx.x >> 5) & 3;
@@ -729,21 +769,10 @@ __device__ __forceinline__ void weight_grad_consumer(const WeightGradArgs<T> &ar
       for (int i = 0; i < 128; ++i) acc[i] = 0.f;
     }
     for (int k0 = 0; k0 < K; k0 += BK) {
-      const int s = pos.stage();
-      mbar_wait(smem_u32(&full[s]), pos.parity());
-      fence_proxy_async();
-      const uint32_t a_smem = smem_u32(smem + s * kStageBytes) + wg * kAtomBytes;
-      const uint32_t b_smem = smem_u32(smem + s * kStageBytes + kATileBytes);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < BK / 16; ++ks) {
-        const uint64_t da = smem_desc(a_smem + ks * 2048, kAtomBytes, 1024);
-        const uint64_t db = smem_desc(b_smem + ks * 2048, kAtomBytes, 1024);
-        Wgmma<T>::template mma<1, 1>(acc, da, db, k0 > 0 || ks > 0);
-      }
-      wgmma_commit();
-      wgmma_wait0();
-      if (lane == 0) mbar_arrive(smem_u32(&empty[s]));
+      pipe.wait_loaded(pos);
+      // Both operands MN-major; this warpgroup's 64 columns of m are A's atom wg.
+      mma_stage<T, 1, 1>(acc, pipe.a_tile(pos) + wg * kAtomBytes, pipe.b_tile(pos), k0 == 0);
+      pipe.release(pos);
       ++pos.n;
     }
     float *oe = args.out + (size_t)expert * args.M * args.N;
@@ -778,25 +807,14 @@ __global__ void __launch_bounds__(kThreads, 1)
                        const __grid_constant__ CUtensorMap map_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
-  uint8_t *smem = reinterpret_cast<uint8_t *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
-                                              ~(uintptr_t)1023);
-  uint64_t *full = reinterpret_cast<uint64_t *>(smem + kStages * kStageBytes);
-  uint64_t *empty = full + kStages;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(smem_u32(&full[s]), 128 + 1);  // every producer thread + thread 0's TMA
-      mbar_init(smem_u32(&empty[s]), 8);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
+  const Pipeline pipe = setup_pipeline(smem_raw);
   const int total_tiles = args.e * args.m_tiles * args.n_tiles;
   if (threadIdx.x < 128) {
     setmaxnreg_dec<56>();
-    weight_grad_producer<T>(args, smem, full, empty, &map_a, &map_b, total_tiles);
+    weight_grad_producer<T>(args, pipe, &map_a, &map_b, total_tiles);
   } else {
     setmaxnreg_inc<224>();
-    weight_grad_consumer<T>(args, smem, full, empty, total_tiles);
+    weight_grad_consumer<T>(args, pipe, total_tiles);
   }
 #endif
 }
