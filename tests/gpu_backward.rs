@@ -14,60 +14,8 @@ use remoe_kernels::reference::{
 use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{
     moe_backward, moe_forward, Coefficient, Device, DeviceTensor, Error, LambdaController,
-    LayerConfig, MoeContext, MoeGrads, RouterKind,
+    LayerConfig, MoeContext, RouterKind,
 };
-
-/// Gradient buffers on the device.
-struct Grads {
-    dx: DeviceTensor<bf16>,
-    router: DeviceTensor<f32>,
-    gate: DeviceTensor<f32>,
-    up: DeviceTensor<f32>,
-    down: DeviceTensor<f32>,
-}
-
-impl Grads {
-    fn new(dev: &Device, cfg: &LayerConfig) -> Self {
-        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-        Self {
-            dx: DeviceTensor::zeros(dev, &[t, h]).unwrap(),
-            router: DeviceTensor::zeros(dev, &[h, e]).unwrap(),
-            gate: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
-            up: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
-            down: DeviceTensor::zeros(dev, &[e, f, h]).unwrap(),
-        }
-    }
-
-    fn as_mut(&mut self) -> MoeGrads<'_, bf16> {
-        MoeGrads {
-            dx: &mut self.dx,
-            router: &mut self.router,
-            gate: &mut self.gate,
-            up: &mut self.up,
-            down: &mut self.down,
-        }
-    }
-
-    fn poison(&mut self) {
-        self.dx.poison().unwrap();
-        self.router.poison().unwrap();
-        self.gate.poison().unwrap();
-        self.up.poison().unwrap();
-        self.down.poison().unwrap();
-    }
-
-    /// dx, dWr, dWg, dWu, dWd on the host, in f64.
-    fn to_host(&self) -> [Vec<f64>; 5] {
-        let f = |t: &DeviceTensor<f32>| t.to_host().unwrap().iter().map(|&v| v as f64).collect();
-        [
-            bf16_to_f64(&self.dx.to_host().unwrap()),
-            f(&self.router),
-            f(&self.gate),
-            f(&self.up),
-            f(&self.down),
-        ]
-    }
-}
 
 const NAMES: [&str; 5] = ["dX", "dWr", "dWg", "dWu", "dWd"];
 
@@ -101,39 +49,40 @@ fn check_backward(
     let mut ctx = MoeContext::<bf16>::for_training(dev);
     let mut out = DeviceTensor::<bf16>::zeros(dev, &[t, h]).unwrap();
     let mut grads = Grads::new(dev, &cfg);
-    let run = |ctx: &mut MoeContext<bf16>, out: &mut DeviceTensor<bf16>, grads: &mut Grads| {
-        moe_forward(
-            ctx,
-            &cfg,
-            kind,
-            Coefficient::Fixed(coeff),
-            &d.x,
-            &d.weights(),
-            out,
-        )
-        .unwrap();
-        moe_backward(
-            ctx,
-            Coefficient::Fixed(coeff),
-            &d.x,
-            &d.weights(),
-            &dout,
-            grads.as_mut(),
-            false,
-        )
-        .unwrap();
-    };
+    let run =
+        |ctx: &mut MoeContext<bf16>, out: &mut DeviceTensor<bf16>, grads: &mut Grads<bf16>| {
+            moe_forward(
+                ctx,
+                &cfg,
+                kind,
+                Coefficient::Fixed(coeff),
+                &d.x,
+                &d.weights(),
+                out,
+            )
+            .unwrap();
+            moe_backward(
+                ctx,
+                Coefficient::Fixed(coeff),
+                &d.x,
+                &d.weights(),
+                &dout,
+                grads.as_mut(),
+                false,
+            )
+            .unwrap();
+        };
     run(&mut ctx, &mut out, &mut grads);
     let warm = ctx.allocations();
     ctx.poison_workspace().unwrap();
     grads.poison();
     run(&mut ctx, &mut out, &mut grads);
     assert_eq!(ctx.allocations(), warm, "{what}: steady state allocated");
-    let got = grads.to_host();
+    let got = grads.to_host(bf16::to_f64);
 
     // Deterministic: the same bits again.
     run(&mut ctx, &mut out, &mut grads);
-    let again = grads.to_host();
+    let again = grads.to_host(bf16::to_f64);
     for (i, (a, b)) in got.iter().zip(&again).enumerate() {
         assert!(
             a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
@@ -408,7 +357,7 @@ fn gpu_backward_accumulates_weight_gradients_on_request() {
         )
         .unwrap();
     }
-    let (a, b) = (once.to_host(), twice.to_host());
+    let (a, b) = (once.to_host(bf16::to_f64), twice.to_host(bf16::to_f64));
     for i in 1..5 {
         assert!(
             a[i].iter().any(|&v| v != 0.0),
@@ -627,7 +576,7 @@ fn gpu_training_with_the_controller_settles_the_sparsity_and_lowers_the_loss() {
         )
         .unwrap();
         ctrl.step().unwrap();
-        let g = grads.to_host();
+        let g = grads.to_host(bf16::to_f64);
         let lr = 2e-3;
         opt[0].update(&mut p.params.router, &g[1], lr);
         opt[1].update(&mut p.params.gate, &g[2], lr);

@@ -23,7 +23,7 @@ use remoe_kernels::reference::{
 use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{
     moe_backward, moe_forward, Coefficient, Device, DeviceTensor, ForwardStats, GemmPath,
-    HalfElement, LayerConfig, MoeContext, MoeGrads, MoeWeights, RouterKind,
+    LayerConfig, MoeContext, MoeWeights, RouterKind,
 };
 
 /// bf16's unit round-off, 2^-8.
@@ -41,58 +41,6 @@ const NAMES: [&str; 5] = ["dX", "dWr", "dWg", "dWu", "dWd"];
 fn skip(test: &str, why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-}
-
-/// Gradient buffers on the device: dX in the activation type, the weight gradients in f32.
-struct Grads<T: HalfElement> {
-    dx: DeviceTensor<T>,
-    router: DeviceTensor<f32>,
-    gate: DeviceTensor<f32>,
-    up: DeviceTensor<f32>,
-    down: DeviceTensor<f32>,
-}
-
-impl<T: HalfElement> Grads<T> {
-    fn new(dev: &Device, cfg: &LayerConfig) -> Self {
-        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-        Self {
-            dx: DeviceTensor::zeros(dev, &[t, h]).unwrap(),
-            router: DeviceTensor::zeros(dev, &[h, e]).unwrap(),
-            gate: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
-            up: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
-            down: DeviceTensor::zeros(dev, &[e, f, h]).unwrap(),
-        }
-    }
-
-    fn as_mut(&mut self) -> MoeGrads<'_, T> {
-        MoeGrads {
-            dx: &mut self.dx,
-            router: &mut self.router,
-            gate: &mut self.gate,
-            up: &mut self.up,
-            down: &mut self.down,
-        }
-    }
-
-    fn poison(&mut self) {
-        self.dx.poison().unwrap();
-        self.router.poison().unwrap();
-        self.gate.poison().unwrap();
-        self.up.poison().unwrap();
-        self.down.poison().unwrap();
-    }
-
-    /// dX, dWr, dWg, dWu, dWd on the host, in f64 (exact: every value is a 16-bit or f32 one).
-    fn to_host(&self, back: impl Fn(T) -> f64) -> [Vec<f64>; 5] {
-        let f = |t: &DeviceTensor<f32>| t.to_host().unwrap().iter().map(|&v| v as f64).collect();
-        [
-            self.dx.to_host().unwrap().into_iter().map(back).collect(),
-            f(&self.router),
-            f(&self.gate),
-            f(&self.up),
-            f(&self.down),
-        ]
-    }
 }
 
 /// The first index where two equally long slices differ bitwise.

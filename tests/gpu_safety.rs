@@ -19,56 +19,8 @@ use half::bf16;
 use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{
     moe_backward, moe_forward, BackwardOptions, Coefficient, Device, DeviceTensor, Error,
-    LambdaController, LayerConfig, MoeContext, MoeGrads, MoeWeightViews, RouterKind, TensorView,
+    LambdaController, LayerConfig, MoeContext, MoeWeightViews, RouterKind, TensorView,
 };
-
-/// Gradient buffers on the device.
-struct Grads {
-    dx: DeviceTensor<bf16>,
-    router: DeviceTensor<f32>,
-    gate: DeviceTensor<f32>,
-    up: DeviceTensor<f32>,
-    down: DeviceTensor<f32>,
-}
-
-impl Grads {
-    fn new(dev: &Device, cfg: &LayerConfig) -> Self {
-        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-        Self {
-            dx: DeviceTensor::zeros(dev, &[t, h]).unwrap(),
-            router: DeviceTensor::zeros(dev, &[h, e]).unwrap(),
-            gate: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
-            up: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
-            down: DeviceTensor::zeros(dev, &[e, f, h]).unwrap(),
-        }
-    }
-
-    fn as_mut(&mut self) -> MoeGrads<'_, bf16> {
-        MoeGrads {
-            dx: &mut self.dx,
-            router: &mut self.router,
-            gate: &mut self.gate,
-            up: &mut self.up,
-            down: &mut self.down,
-        }
-    }
-
-    /// dX (as f32), dWr, dWg, dWu, dWd on the host.
-    fn to_host(&self) -> [Vec<f32>; 5] {
-        [
-            self.dx
-                .to_host()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_f32())
-                .collect(),
-            self.router.to_host().unwrap(),
-            self.gate.to_host().unwrap(),
-            self.up.to_host().unwrap(),
-            self.down.to_host().unwrap(),
-        ]
-    }
-}
 
 const NAMES: [&str; 5] = ["dX", "dWr", "dWg", "dWu", "dWd"];
 
@@ -102,7 +54,7 @@ fn backward(
     ctx: &mut MoeContext<bf16>,
     d: &DeviceProblem,
     dout: &DeviceTensor<bf16>,
-    g: &mut Grads,
+    g: &mut Grads<bf16>,
 ) -> remoe_kernels::Result<()> {
     moe_backward(
         ctx,
@@ -155,12 +107,12 @@ fn gpu_backward_goes_by_what_the_forward_saved_not_the_current_setting() {
 
     // The other way round: a training forward, then saving turned off: the backward still has
     // what it needs and runs, and gives the same gradients as before.
-    let before = g.to_host();
+    let before = g.to_host(bf16::to_f64);
     let mut ctx = MoeContext::<bf16>::for_training(&dev);
     forward(&mut ctx, &cfg, &d, &mut out).unwrap();
     ctx.set_save_for_backward(false);
     backward(&mut ctx, &d, &dout, &mut g).unwrap();
-    let after = g.to_host();
+    let after = g.to_host(bf16::to_f64);
     for i in 0..5 {
         assert!(
             before[i]
@@ -386,7 +338,7 @@ fn gpu_the_layer_takes_views_and_wrapped_slices_without_copies() {
         bits(out_a.to_host().unwrap()),
         bits(out_b.to_host().unwrap())
     );
-    let (a, b) = (ga.to_host(), gb.to_host());
+    let (a, b) = (ga.to_host(bf16::to_f64), gb.to_host(bf16::to_f64));
     for i in 0..5 {
         assert!(
             a[i].iter()
@@ -566,7 +518,7 @@ fn gpu_balance_grad_scale_matches_the_loss_scale_on_dout() {
                 },
             )
             .unwrap();
-            g.to_host()
+            g.to_host(bf16::to_f64)
         };
         let base = run(&mut ctx, &dout, 1.0);
         let with = run(&mut ctx, &dout_s, s);
@@ -575,7 +527,7 @@ fn gpu_balance_grad_scale_matches_the_loss_scale_on_dout() {
             for (j, (a, b)) in with[i].iter().zip(&base[i]).enumerate() {
                 assert_eq!(
                     a.to_bits(),
-                    (b * s as f32).to_bits(),
+                    (b * s).to_bits(),
                     "{kind:?} {}[{j}]: {a:e} is not {s} x {b:e}",
                     NAMES[i]
                 );
@@ -587,7 +539,7 @@ fn gpu_balance_grad_scale_matches_the_loss_scale_on_dout() {
             without[1]
                 .iter()
                 .zip(&base[1])
-                .any(|(a, b)| (a - b * s as f32).abs() > 1e-2 * (b * s as f32).abs()),
+                .any(|(a, b)| (a - b * s).abs() > 1e-2 * (b * s).abs()),
             "{kind:?}: the test cannot tell the scale from none"
         );
         // The scale multiplies the balance term exactly as a scaled coefficient would (dOut = 0
@@ -605,7 +557,7 @@ fn gpu_balance_grad_scale_matches_the_loss_scale_on_dout() {
             false,
         )
         .unwrap();
-        let b = g.to_host();
+        let b = g.to_host(bf16::to_f64);
         assert!(a[1].iter().any(|&v| v != 0.0));
         for i in 0..5 {
             assert!(

@@ -4,7 +4,7 @@
 use remoe_kernels::reference::{
     remoe_forward as ref_remoe_forward, swiglu_expert_forward, topk_forward as ref_topk_forward,
 };
-use remoe_kernels::{Device, Error, RouterKind};
+use remoe_kernels::{Device, DeviceTensor, Error, HalfElement, LayerConfig, MoeGrads, RouterKind};
 
 /// The GPU for a GPU test, or `None` after printing why the test is skipped. With
 /// `REMOE_REQUIRE_GPU=1` a missing GPU fails the test instead.
@@ -356,3 +356,55 @@ pub fn router_term_scales(
 
 #[allow(unused_imports)]
 pub use remoe_kernels::synthetic::*;
+
+/// Gradient buffers of one backward on the device: dX in the activation type, the weight gradients in f32.
+pub struct Grads<T: HalfElement> {
+    pub dx: DeviceTensor<T>,
+    pub router: DeviceTensor<f32>,
+    pub gate: DeviceTensor<f32>,
+    pub up: DeviceTensor<f32>,
+    pub down: DeviceTensor<f32>,
+}
+
+impl<T: HalfElement> Grads<T> {
+    pub fn new(dev: &Device, cfg: &LayerConfig) -> Self {
+        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+        Self {
+            dx: DeviceTensor::zeros(dev, &[t, h]).unwrap(),
+            router: DeviceTensor::zeros(dev, &[h, e]).unwrap(),
+            gate: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
+            up: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
+            down: DeviceTensor::zeros(dev, &[e, f, h]).unwrap(),
+        }
+    }
+
+    pub fn as_mut(&mut self) -> MoeGrads<'_, T> {
+        MoeGrads {
+            dx: &mut self.dx,
+            router: &mut self.router,
+            gate: &mut self.gate,
+            up: &mut self.up,
+            down: &mut self.down,
+        }
+    }
+
+    pub fn poison(&mut self) {
+        self.dx.poison().unwrap();
+        self.router.poison().unwrap();
+        self.gate.poison().unwrap();
+        self.up.poison().unwrap();
+        self.down.poison().unwrap();
+    }
+
+    /// dX, dWr, dWg, dWu, dWd on the host, in f64 (exact: every value is a 16-bit or f32 one).
+    pub fn to_host(&self, back: impl Fn(T) -> f64) -> [Vec<f64>; 5] {
+        let f = |t: &DeviceTensor<f32>| t.to_host().unwrap().iter().map(|&v| v as f64).collect();
+        [
+            self.dx.to_host().unwrap().into_iter().map(back).collect(),
+            f(&self.router),
+            f(&self.gate),
+            f(&self.up),
+            f(&self.down),
+        ]
+    }
+}
