@@ -107,7 +107,7 @@ fn bench_layer(c: &mut Criterion) {
         }
         for kind in [RouterKind::Relu, RouterKind::TopK] {
             let r = router_name(kind);
-            let stats = setup.forward(kind, paths[0]).expect("forward");
+            let stats = setup.forward_stats(kind, paths[0]).expect("forward");
             let rows = stats.active_pairs;
             let dense = DenseGemms::new(&dev, &fill, cfg, rows).expect("cuBLAS");
             bench_gpu(

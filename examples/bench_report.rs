@@ -279,16 +279,7 @@ fn print_stages(rows: &[LayerRow], runs: usize) {
     println!("\n== Forward stages (inference forward): us, median of {runs} stage-timed forwards");
     println!(
         "{:<3} {:<7} {:<5} {:<8} {:>7} {:>11} {:>10} {:>8} {:>8} {:>8}",
-        "cfg",
-        "load",
-        "route",
-        "path",
-        "router",
-        "stats+sync",
-        "compaction",
-        "up",
-        "down",
-        "combine"
+        "cfg", "load", "route", "path", "router", "stats", "compaction", "up", "down", "combine"
     );
     for r in rows {
         let s = &r.stages;
@@ -299,7 +290,7 @@ fn print_stages(rows: &[LayerRow], runs: usize) {
             router_name(r.router),
             r.path.name(),
             s.router_ms * 1e3,
-            s.stats_and_sync_ms * 1e3,
+            s.stats_ms * 1e3,
             s.compaction_ms * 1e3,
             s.up_ms * 1e3,
             s.down_ms * 1e3,

@@ -14,10 +14,11 @@ template <typename T>
 __global__ void pair_grad_prep_kernel(const T *__restrict__ dout, const float *__restrict__ y,
                                       const uint32_t *__restrict__ pair_token,
                                       const float *__restrict__ pair_gate, T *__restrict__ dy,
-                                      float *__restrict__ dr, int pairs, int h) {
+                                      float *__restrict__ dr, const uint32_t *__restrict__ count,
+                                      int h) {
   const int lane = threadIdx.x & 31;
   const int p = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (p >= pairs) return;
+  if (p >= (int)*count) return;
   const size_t t = pair_token[p];
   const float gate = pair_gate[p];
   float dot = 0.f;
@@ -215,12 +216,13 @@ __global__ void router_wgrad_reduce_kernel(const float *__restrict__ partial,
 
 template <typename T>
 int launch_pair_grad_prep(const uint16_t *dout, const float *y, const uint32_t *pair_token,
-                          const float *pair_gate, uint16_t *dy, float *dr, int pairs, int h,
-                          cudaStream_t s) {
-  if (pairs == 0) return 0;
-  pair_grad_prep_kernel<T><<<(pairs + 7) / 8, 256, 0, s>>>(
+                          const float *pair_gate, uint16_t *dy, float *dr, const uint32_t *count,
+                          int capacity, int h, cudaStream_t s) {
+  if (capacity == 0) return 0;
+  // The grid covers the capacity; |A| = *count is read on the device.
+  pair_grad_prep_kernel<T><<<(capacity + 7) / 8, 256, 0, s>>>(
       reinterpret_cast<const T *>(dout), y, pair_token, pair_gate,
-      reinterpret_cast<T *>(dy), dr, pairs, h);
+      reinterpret_cast<T *>(dy), dr, count, h);
   return (int)cudaGetLastError();
 }
 
@@ -245,18 +247,18 @@ int launch_router_backward_dense(const uint16_t *x, const uint16_t *wr, const fl
 
 extern "C" int remoe_pair_grad_prep_bf16(const uint16_t *dout, const float *y,
                                          const uint32_t *pair_token, const float *pair_gate,
-                                         uint16_t *dy, float *dr, int32_t pairs, int32_t h,
-                                         remoe_stream_t stream) {
-  return launch_pair_grad_prep<__nv_bfloat16>(dout, y, pair_token, pair_gate, dy, dr, pairs, h,
-                                              (cudaStream_t)stream);
+                                         uint16_t *dy, float *dr, const uint32_t *count,
+                                         int32_t capacity, int32_t h, remoe_stream_t stream) {
+  return launch_pair_grad_prep<__nv_bfloat16>(dout, y, pair_token, pair_gate, dy, dr, count,
+                                              capacity, h, (cudaStream_t)stream);
 }
 
 extern "C" int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *y,
                                         const uint32_t *pair_token, const float *pair_gate,
-                                        uint16_t *dy, float *dr, int32_t pairs, int32_t h,
-                                        remoe_stream_t stream) {
-  return launch_pair_grad_prep<__half>(dout, y, pair_token, pair_gate, dy, dr, pairs, h,
-                                       (cudaStream_t)stream);
+                                        uint16_t *dy, float *dr, const uint32_t *count,
+                                        int32_t capacity, int32_t h, remoe_stream_t stream) {
+  return launch_pair_grad_prep<__half>(dout, y, pair_token, pair_gate, dy, dr, count, capacity,
+                                       h, (cudaStream_t)stream);
 }
 
 extern "C" int remoe_router_grad(const int32_t *pair_index, const float *dr,

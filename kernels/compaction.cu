@@ -7,8 +7,11 @@
 //      pairs start inside the expert's list), and sums the gate partials in a fixed order;
 //   2. finalize: one warp scans the experts (expert offsets, GEMM row-tile offsets) and reduces
 //      the statistics (|A|, sparsity, the balance loss); it also copies the context's error word
-//      (non-finite logits, written by the router) next to them, so that the forward's one host
-//      read sees it, and then leaves the adaptive controller's running sum alone;
+//      (non-finite logits, written by the router) next to them. When |A| exceeds the capacity
+//      the pair buffers were sized for, it raises the overflow half of the error word and
+//      publishes an empty dispatch (all offsets 0), so that no later kernel writes or reads past
+//      the buffers: the layer's output is then zero, and the host learns of it at its next
+//      check (the sync-free contract: nothing is read back during a forward);
 //   3. scatter: one block per 64 tokens writes its pairs at their final positions, ascending
 //      token order within an expert from a warp ballot, and the [T, E] pair index the combine
 //      reads.
@@ -65,7 +68,7 @@ __global__ void finalize_kernel(const uint32_t *__restrict__ counts,
                                 float *__restrict__ stats_f32, int t, int e, int k,
                                 const double *__restrict__ coeff, double *__restrict__ sparsity_sum,
                                 uint32_t *__restrict__ sparsity_count,
-                                const uint32_t *__restrict__ error_flags) {
+                                uint32_t *__restrict__ error_flags, uint32_t capacity) {
   const int lane = threadIdx.x;
   uint32_t pairs = 0, tiles = 0;
   double weighted = 0.0;  // sum_e n_e * gate_sums[e]
@@ -84,9 +87,24 @@ __global__ void finalize_kernel(const uint32_t *__restrict__ counts,
     tiles += __shfl_sync(0xffffffffu, incl_t, 31);
   }
   weighted = warp_sum(weighted);
+  const bool overflow = pairs > capacity;
+  if (overflow) {
+    __syncwarp();
+    for (int i = lane; i <= e; i += 32) {
+      expert_offsets[i] = 0u;
+      tile_offsets[i] = 0u;
+    }
+  }
   if (lane == 0) {
-    expert_offsets[e] = pairs;
-    tile_offsets[e] = tiles;
+    if (overflow && error_flags != nullptr) {
+      // The largest |A| that did not fit since the last check, and the capacity it met.
+      error_flags[2] = pairs > error_flags[2] ? pairs : error_flags[2];
+      error_flags[3] = capacity;
+    }
+    if (!overflow) {
+      expert_offsets[e] = pairs;
+      tile_offsets[e] = tiles;
+    }
     stats_u32[0] = pairs;
     stats_u32[1] = tiles;
     const uint32_t bad_count = error_flags != nullptr ? error_flags[0] : 0u;
@@ -120,6 +138,9 @@ __global__ void __launch_bounds__(256)
   const int token0 = blockIdx.x * kTokensPerBlock;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x / 32;
+  // An overflow (finalize_kernel) left the offsets at 0 while gates are positive: then no pair
+  // is written and every pair index is -1. Without an overflow a positive gate implies |A| > 0.
+  const bool dispatched = expert_offsets[e] != 0u;
   for (int e0 = 0; e0 < e; e0 += kChunk) {
     for (int i = threadIdx.x; i < kTokensPerBlock * kChunk; i += blockDim.x) {
       const int r = i / kChunk, c = i % kChunk;
@@ -134,7 +155,7 @@ __global__ void __launch_bounds__(256)
       for (int half = 0; half < kTokensPerBlock / 32; ++half) {
         const int r = half * 32 + lane;
         const float gate = g[r][c];
-        const bool active = gate > 0.f;
+        const bool active = dispatched && gate > 0.f;
         const uint32_t mask = __ballot_sync(0xffffffffu, active);
         const uint32_t mine = pos + __popc(mask & ((1u << lane) - 1u));
         if (active) {
@@ -162,8 +183,8 @@ extern "C" int remoe_routing_stats(const uint32_t *block_counts, const float *bl
                                    uint32_t *expert_offsets, uint32_t *tile_offsets,
                                    uint32_t *stats_u32, float *stats_f32, int32_t t, int32_t e,
                                    int32_t k, const double *coeff, double *sparsity_sum,
-                                   uint32_t *sparsity_count, const uint32_t *error_flags,
-                                   remoe_stream_t stream) {
+                                   uint32_t *sparsity_count, uint32_t *error_flags,
+                                   int32_t capacity, remoe_stream_t stream) {
   cudaStream_t s = (cudaStream_t)stream;
   const int num_blocks = (t + kTokensPerBlock - 1) / kTokensPerBlock;
   constexpr int kWarps = 8;
@@ -171,7 +192,7 @@ extern "C" int remoe_routing_stats(const uint32_t *block_counts, const float *bl
       block_counts, block_sums, block_offsets, counts, gate_sums, num_blocks, e);
   finalize_kernel<<<1, 32, 0, s>>>(counts, gate_sums, expert_offsets, tile_offsets, stats_u32,
                                    stats_f32, t, e, k, coeff, sparsity_sum, sparsity_count,
-                                   error_flags);
+                                   error_flags, (uint32_t)capacity);
   return (int)cudaGetLastError();
 }
 

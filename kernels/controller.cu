@@ -16,7 +16,16 @@ __global__ void lambda_step_kernel(double *lambda, double *sparsity_sum, uint32_
   *count = 0;
 }
 
+// A host value into a device scalar as a kernel argument, not a copy: a copy from pageable host
+// memory cannot be captured in a CUDA graph, a kernel node can (its argument is captured).
+__global__ void fill_f64_kernel(double *dst, double value) { *dst = value; }
+
 }  // namespace
+
+extern "C" int remoe_fill_f64(double *dst, double value, remoe_stream_t stream) {
+  fill_f64_kernel<<<1, 1, 0, (cudaStream_t)stream>>>(dst, value);
+  return (int)cudaGetLastError();
+}
 
 extern "C" int remoe_lambda_step(double *lambda, double *sparsity_sum, uint32_t *count,
                                  double alpha, double target, remoe_stream_t stream) {

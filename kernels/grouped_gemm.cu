@@ -1,10 +1,11 @@
 // Grouped expert GEMMs over variable-length per-expert row lists, on the tensor cores.
 //
 // Work decomposition: the rows of expert e (its pairs, contiguous after the compaction) are cut
-// into 128-row tiles; the grid is (all row tiles of all experts) x (column tiles), with the
-// column tile fastest so that neighbouring blocks share their A rows in L2. A block finds its
-// expert by binary search in tile_offsets. An expert with no tokens has no tiles: it costs
-// nothing.
+// into 128-row tiles; the grid is (row tiles) x (column tiles), with the column tile fastest so
+// that neighbouring blocks share their A rows in L2. The host sizes the grid for the most row
+// tiles the pair capacity allows; the row-tile count of this forward is read from tile_offsets
+// on the device, and the blocks past it leave at once. A block finds its expert by binary search
+// in tile_offsets. An expert with no tokens has no tiles: it costs nothing.
 //
 // Block tile 128 x 128 x 64, 8 warps as 2 (rows) x 4 (columns), warp tile 64 x 32: per 16-deep
 // k step a warp issues 4 x 4 mma.sync.m16n8k16 (bf16/f16 in, f32 accumulate). A and B tiles
@@ -121,6 +122,9 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
 
   const int tile = blockIdx.x / args.col_tiles;
   const int col_tile = blockIdx.x % args.col_tiles;
+  // The grid covers the most row tiles the pair capacity allows (the host does not know |A|);
+  // the blocks past this forward's tiles leave at once.
+  if (tile >= (int)args.tile_offsets[args.e]) return;
   const int expert = expert_of_tile(args.tile_offsets, args.e, tile);
   const int row0 = args.expert_offsets[expert] + (tile - (int)args.tile_offsets[expert]) * BM;
   const int rows = min(BM, (int)args.expert_offsets[expert + 1] - row0);

@@ -77,16 +77,22 @@ int remoe_topk_softmax(const float *logits, float *probs, float *gates, uint32_t
  *   stats_f32 [2]  { sparsity 1 - |A|/(t e), balance loss coeff*e/(k t^2)*sum_e n_e*gate_sums[e] }
  * coeff: a device pointer to lambda (ReMoE) or c (TopK), f64. When sparsity_sum is non-NULL the
  * layer's sparsity is added to *sparsity_sum and *sparsity_count incremented (the adaptive
- * controller's running mean), unless the error word error_flags [2] (see the router; may be
- * NULL, then read as 0) shows a non-finite logit. nb = ceil(t / REMOE_ROUTER_TOKENS_PER_BLOCK).
+ * controller's running mean), unless the error word (see the router; may be NULL) shows a
+ * non-finite logit. nb = ceil(t / REMOE_ROUTER_TOKENS_PER_BLOCK).
+ * capacity: the pairs the pair buffers hold. When |A| > capacity the dispatch is published empty
+ * (expert_offsets and tile_offsets all 0, so the compaction writes no pair and the GEMMs do
+ * nothing) and the error word's overflow half is raised: error_flags[2] = max(error_flags[2],
+ * |A|), error_flags[3] = capacity. The statistics still describe the real routing.
+ * error_flags [4] u32 (may be NULL): { non-finite count, ~first token (router), overflow |A|,
+ * capacity (here) }.
  * Deterministic: every sum has a fixed order.
  */
 int remoe_routing_stats(const uint32_t *block_counts, const float *block_sums,
                         uint32_t *block_offsets, uint32_t *counts, float *gate_sums,
                         uint32_t *expert_offsets, uint32_t *tile_offsets, uint32_t *stats_u32,
                         float *stats_f32, int32_t t, int32_t e, int32_t k, const double *coeff,
-                        double *sparsity_sum, uint32_t *sparsity_count,
-                        const uint32_t *error_flags, remoe_stream_t stream);
+                        double *sparsity_sum, uint32_t *sparsity_count, uint32_t *error_flags,
+                        int32_t capacity, remoe_stream_t stream);
 
 /*
  * Compaction (kernels/compaction.cu): the pairs with gate > 0, grouped by expert, ascending
@@ -99,8 +105,12 @@ int remoe_compact_pairs(const float *gates, const uint32_t *block_offsets,
                         int32_t *pair_index, int32_t t, int32_t e, remoe_stream_t stream);
 
 /*
- * Grouped expert GEMMs (kernels/grouped_gemm.cu). Row tile i of the grid belongs to the expert
- * e with tile_offsets[e] <= i < tile_offsets[e+1]; num_tiles = tile_offsets[e] (total).
+ * Grouped expert GEMMs (kernels/grouped_gemm.cu). Row tile i belongs to the expert e with
+ * tile_offsets[e] <= i < tile_offsets[e+1]; the kernels read the total, tile_offsets[e], on the
+ * device. num_tiles is an upper bound of it that the host knows without reading anything back
+ * (from the pair capacity: ceil((capacity + e * (REMOE_GEMM_TILE_ROWS - 1)) /
+ * REMOE_GEMM_TILE_ROWS)); it sizes the grid, and 0 launches nothing. Row buffers (act, g, u, y,
+ * ...) hold at least the pairs the offsets describe.
  * h % 8 == 0, f % 8 == 0 everywhere.
  *
  * Up projection with SwiGLU: for each pair p of expert e, with x_t the row pair_token[p] of x,
@@ -235,11 +245,14 @@ int remoe_hopper_expert_weight_grad_f16(const uint16_t *a, const uint32_t *gathe
                                         int32_t n, int32_t accumulate, remoe_stream_t stream);
 
 /*
- * Row gather (kernels/gather.cu): out[p, :] = x[rows[p], :] for p < pairs, 16-bit elements
- * (bf16 or f16 alike). x [*, h] holds every row named in rows; out [pairs, h]; h % 8 == 0.
+ * Row gather (kernels/gather.cu): out[p, :] = x[rows[p], :] for p < *count, 16-bit elements
+ * (bf16 or f16 alike); count is a device pointer (|A|: expert_offsets[e]) and *count <=
+ * capacity, which sizes the grid. x [*, h] holds every row named in rows; out [capacity, h];
+ * h % 8 == 0.
  */
-int remoe_gather_rows_16(const uint16_t *x, const uint32_t *rows, uint16_t *out, int32_t pairs,
-                         int32_t h, remoe_stream_t stream);
+int remoe_gather_rows_16(const uint16_t *x, const uint32_t *rows, uint16_t *out,
+                         const uint32_t *count, int32_t capacity, int32_t h,
+                         remoe_stream_t stream);
 
 /*
  * Combine (kernels/combine.cu): out[t, :] = sum over experts e in ascending order with
@@ -262,15 +275,18 @@ int remoe_token_sum_f16(const uint16_t *rows, const int32_t *pair_index, const f
 /*
  * Backward helpers (kernels/backward.cu).
  *
- * Per pair p of token t = pair_token[p]: dy[p, :] = pair_gate[p] * dout[t, :] and
+ * Per pair p < *count of token t = pair_token[p]: dy[p, :] = pair_gate[p] * dout[t, :] and
  * dr[p] = dout[t, :] . y[p, :].    dout [t, h]; y [|A|, h] f32; dy [|A|, h]; dr [|A|] f32.
+ * count is a device pointer (|A|: expert_offsets[e]), *count <= capacity (which sizes the grid).
  */
 int remoe_pair_grad_prep_bf16(const uint16_t *dout, const float *y, const uint32_t *pair_token,
-                              const float *pair_gate, uint16_t *dy, float *dr, int32_t pairs,
-                              int32_t h, remoe_stream_t stream);
+                              const float *pair_gate, uint16_t *dy, float *dr,
+                              const uint32_t *count, int32_t capacity, int32_t h,
+                              remoe_stream_t stream);
 int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *y, const uint32_t *pair_token,
-                             const float *pair_gate, uint16_t *dy, float *dr, int32_t pairs,
-                             int32_t h, remoe_stream_t stream);
+                             const float *pair_gate, uint16_t *dy, float *dr,
+                             const uint32_t *count, int32_t capacity, int32_t h,
+                             remoe_stream_t stream);
 /*
  * The router's logit gradient dl [t, e] (f32). With s = grad_scale * coeff E / (k t^2):
  * probs == NULL: ReMoE, dl = dr[pair] + s n_e where pair_index >= 0, else 0;
@@ -302,6 +318,12 @@ int remoe_router_backward_dense_f16(const uint16_t *x, const uint16_t *wr, const
  */
 int remoe_lambda_step(double *lambda, double *sparsity_sum, uint32_t *count, double alpha,
                       double target, remoe_stream_t stream);
+
+/*
+ * *dst = value, as a one-thread kernel whose argument carries the value (kernels/controller.cu):
+ * unlike a copy from pageable host memory, it can be captured in a CUDA graph.
+ */
+int remoe_fill_f64(double *dst, double value, remoe_stream_t stream);
 
 #ifdef __cplusplus
 }

@@ -2,7 +2,9 @@
 //! [`MoeContext`]. The CPU reference is [`reference::remoe_backward`](crate::reference::remoe_backward)
 //! and [`reference::topk_backward`](crate::reference::topk_backward).
 //!
-//! The sequence, on the context's stream, with no host round-trip:
+//! The sequence, on the context's stream, with no host round-trip (the per-pair buffers are
+//! sized by the forward's pair capacity, and the kernels read |A| and the offsets from device
+//! memory, so a backward can be captured in a CUDA graph with its forward):
 //!
 //! 1. per pair: dY = R dOut_t and the data term of dR, dOut_t . y (y was saved by the forward,
 //!    so dR needs no recompute);
@@ -48,6 +50,21 @@ pub(crate) struct BackwardScratch<T: Element> {
     partial: GrowBuf<f32>,
     /// X's rows in pair order, for the Hopper weight gradients (see step 5).
     x_rows: GrowBuf<T>,
+}
+
+impl<T: Element> BackwardScratch<T> {
+    /// Bytes of the allocations.
+    pub(crate) fn bytes(&self) -> usize {
+        self.dy.bytes()
+            + self.dr.bytes()
+            + self.dg.bytes()
+            + self.du.bytes()
+            + self.dx_pair.bytes()
+            + self.dl.bytes()
+            + self.dxr.bytes()
+            + self.partial.bytes()
+            + self.x_rows.bytes()
+    }
 }
 
 impl<T: Element> Default for BackwardScratch<T> {
@@ -221,46 +238,49 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
         k,
     } = cfg;
     let dev = ctx.dev.clone();
-    let (pairs, tiles) = (saved.active_pairs, saved.tiles);
+    // Per-pair buffers are sized by the forward's capacity: |A| <= cap stays on the device.
+    let (cap, max_tiles) = (saved.capacity, saved.max_tiles);
     let path = ctx.gemm_path()?;
     let slices = router_wgrad_slices(t, h, e);
     {
         let c = &mut *ctx;
         let a = &mut c.allocations;
         let b = &mut c.bwd;
-        MoeContext::<T>::grow(&dev, a, &mut b.dy, pairs * h)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.dr, pairs)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.dg, pairs * f)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.du, pairs * f)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.dx_pair, pairs * h)?;
+        MoeContext::<T>::grow(&dev, a, &mut b.dy, cap * h)?;
+        MoeContext::<T>::grow(&dev, a, &mut b.dr, cap)?;
+        MoeContext::<T>::grow(&dev, a, &mut b.dg, cap * f)?;
+        MoeContext::<T>::grow(&dev, a, &mut b.du, cap * f)?;
+        MoeContext::<T>::grow(&dev, a, &mut b.dx_pair, cap * h)?;
         MoeContext::<T>::grow(&dev, a, &mut b.dl, t * e)?;
         MoeContext::<T>::grow(&dev, a, &mut b.dxr, t * h)?;
         MoeContext::<T>::grow(&dev, a, &mut b.partial, slices * h * e)?;
         // The Hopper weight-gradient kernel reads whole blocks by TMA, which cannot gather: it
         // gets X's rows in pair order instead (the mma.sync kernel gathers inside its loads).
-        let x_rows = if path == GemmPath::Hopper {
-            pairs * h
-        } else {
-            0
-        };
+        let x_rows = if path == GemmPath::Hopper { cap * h } else { 0 };
         MoeContext::<T>::grow(&dev, a, &mut b.x_rows, x_rows)?;
     }
     ctx.upload_fixed_coeff(&coeff)?;
     let (ti, hi, fi, ei, ki) = (t as i32, h as i32, f as i32, e as i32, k as i32);
     let acc = options.accumulate as i32;
-    let pairs_i = pairs as i32; // |A| <= T*E <= i32::MAX (validate_for_gpu)
+    let cap_i = cap as i32; // cap <= T*E <= i32::MAX (validate_for_gpu)
 
     // 1. dY and dR's data term.
-    if pairs > 0 {
+    if cap > 0 {
         let mut l = Launch::on(&dev);
         let d = l.input("dout", &dout, t * h)?;
-        let y = l.input("y", &ctx.y, pairs * h)?;
-        let pt = l.input("pair tokens", &ctx.pair_token, pairs)?;
-        let pg = l.input("pair gates", &ctx.pair_gate, pairs)?;
-        let dy = l.output("dy", &mut ctx.bwd.dy, pairs * h)?;
-        let dr = l.output("dr", &mut ctx.bwd.dr, pairs)?;
-        // SAFETY: dout [t,h]; y, dy [|A|,h]; pair tokens, pair gates, dr [|A|] (checked by
-        // `l`); pair tokens < t (written by the recorded forward); h % 8 == 0.
+        let y = l.input("y", &ctx.y, cap * h)?;
+        let pt = l.input("pair tokens", &ctx.pair_token, cap)?;
+        let pg = l.input("pair gates", &ctx.pair_gate, cap)?;
+        let dy = l.output("dy", &mut ctx.bwd.dy, cap * h)?;
+        let dr = l.output("dr", &mut ctx.bwd.dr, cap)?;
+        // |A| = expert_offsets[e], read by the kernel.
+        let count = l
+            .input_raw("expert offsets", &ctx.expert_offsets, e + 1)?
+            .wrapping_add(e);
+        // SAFETY: dout [t,h]; y, dy [cap,h]; pair tokens, pair gates, dr [cap] (checked by `l`);
+        // count points at expert_offsets[e] (e + 1 elements checked), |A| <= cap (the forward's
+        // routing statistics publish an empty dispatch past it); pair tokens < t (written by the
+        // recorded forward); h % 8 == 0.
         let code = unsafe {
             T::PAIR_GRAD_PREP(
                 d as *const u16,
@@ -269,7 +289,8 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
                 pg,
                 dy as *mut u16,
                 dr,
-                pairs_i,
+                count,
+                cap_i,
                 hi,
                 l.stream(),
             )
@@ -280,7 +301,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     if t > 0 {
         let mut l = Launch::on(&dev);
         let pi = l.input("pair index", &ctx.pair_index, t * e)?;
-        let dr = l.input("dr", &ctx.bwd.dr, pairs)?;
+        let dr = l.input("dr", &ctx.bwd.dr, cap)?;
         let cn = l.input("counts", &ctx.counts, e)?;
         let probs = match router {
             RouterKind::Relu => std::ptr::null(),
@@ -292,7 +313,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
         };
         let dl = l.output("dl", &mut ctx.bwd.dl, t * e)?;
         let scale = options.balance_grad_scale;
-        // SAFETY: pair index, probs, dl [t,e]; dr [|A|] indexed by valid pair indices; counts
+        // SAFETY: pair index, probs, dl [t,e]; dr [cap] indexed by valid pair indices; counts
         // [e]; cp one f64 of this context (all checked by `l` and check_coefficient).
         let code = unsafe {
             ffi::remoe_router_grad(pi, dr, cn, probs, cp, scale, dl, ti, ei, ki, l.stream())
@@ -301,19 +322,20 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     }
     let gemms = path.gemms::<T>();
     // 3-4. Expert input-side gradients.
-    if tiles > 0 {
-        let tiles_i = tiles as i32;
+    if max_tiles > 0 {
+        let max_tiles_i = max_tiles as i32;
         {
             let mut l = Launch::on(&dev);
-            let dy = l.input("dy", &ctx.bwd.dy, pairs * h)?;
+            let dy = l.input("dy", &ctx.bwd.dy, cap * h)?;
             let wd = l.input("down weight", &w.down, e * f * h)?;
-            let g = l.input("g", &ctx.g, pairs * f)?;
-            let u = l.input("u", &ctx.u, pairs * f)?;
-            let dg = l.output("dg", &mut ctx.bwd.dg, pairs * f)?;
-            let du = l.output("du", &mut ctx.bwd.du, pairs * f)?;
+            let g = l.input("g", &ctx.g, cap * f)?;
+            let u = l.input("u", &ctx.u, cap * f)?;
+            let dg = l.output("dg", &mut ctx.bwd.dg, cap * f)?;
+            let du = l.output("du", &mut ctx.bwd.du, cap * f)?;
             let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
             let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
-            // SAFETY: dy [|A|,h]; wd [e,f,h]; g, u, dg, du [|A|,f]; offsets as in the forward.
+            // SAFETY: dy [cap,h]; wd [e,f,h]; g, u, dg, du [cap,f]; the offsets describe at most
+            // cap rows in at most max_tiles tiles (the forward's).
             let code = unsafe {
                 (gemms.dact)(
                     dy as *const u16,
@@ -324,7 +346,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
                     du as *mut u16,
                     eo,
                     to,
-                    tiles_i,
+                    max_tiles_i,
                     ei,
                     hi,
                     fi,
@@ -335,14 +357,14 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
         }
         {
             let mut l = Launch::on(&dev);
-            let dg = l.input("dg", &ctx.bwd.dg, pairs * f)?;
-            let du = l.input("du", &ctx.bwd.du, pairs * f)?;
+            let dg = l.input("dg", &ctx.bwd.dg, cap * f)?;
+            let du = l.input("du", &ctx.bwd.du, cap * f)?;
             let wg = l.input("gate weight", &w.gate, e * h * f)?;
             let wu = l.input("up weight", &w.up, e * h * f)?;
-            let dxp = l.output("dx pair", &mut ctx.bwd.dx_pair, pairs * h)?;
+            let dxp = l.output("dx pair", &mut ctx.bwd.dx_pair, cap * h)?;
             let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
             let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
-            // SAFETY: dg, du [|A|,f]; wg, wu [e,h,f]; dx pair [|A|,h]; offsets as above.
+            // SAFETY: dg, du [cap,f]; wg, wu [e,h,f]; dx pair [cap,h]; offsets as above.
             let code = unsafe {
                 (gemms.dx)(
                     dg as *const u16,
@@ -352,7 +374,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
                     dxp as *mut u16,
                     eo,
                     to,
-                    tiles_i,
+                    max_tiles_i,
                     ei,
                     hi,
                     fi,
@@ -374,16 +396,15 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
                        s: ffi::remoe_stream_t,
                        what: &'static str| {
         // SAFETY (for each call below): a holds a_rows rows of m columns indexed by the
-        // (gathered) pair, b [|A|, n], out [e, m, n] f32; offsets [e+1] over |A| pairs.
-        let code = unsafe {
-            (gemms.weight_grad)(a, gather, b, out, eo, a_rows, pairs_i, ei, m, n, acc, s)
-        };
+        // (gathered) pair, b [cap, n], out [e, m, n] f32; offsets [e+1] over |A| <= cap pairs.
+        let code =
+            unsafe { (gemms.weight_grad)(a, gather, b, out, eo, a_rows, cap_i, ei, m, n, acc, s) };
         ffi::check(what, code)
     };
     {
         let mut l = Launch::on(&dev);
-        let act = l.input("act", &ctx.act, pairs * f)?;
-        let dy = l.input("dy", &ctx.bwd.dy, pairs * h)?;
+        let act = l.input("act", &ctx.act, cap * f)?;
+        let dy = l.input("dy", &ctx.bwd.dy, cap * h)?;
         let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
         let out = l.output("dWd", &mut *grads.down, e * f * h)?;
         weight_grad(
@@ -392,36 +413,41 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
             dy as _,
             out,
             eo,
-            pairs_i,
+            cap_i,
             fi,
             hi,
             l.stream(),
             "dWd",
         )?;
     }
-    let gather_x = path == GemmPath::Hopper && pairs > 0;
+    let gather_x = path == GemmPath::Hopper && cap > 0;
     if gather_x {
         let mut l = Launch::on(&dev);
         let xp = l.input("x", &x, t * h)?;
-        let pt = l.input("pair tokens", &ctx.pair_token, pairs)?;
-        let xr = l.output("x rows", &mut ctx.bwd.x_rows, pairs * h)?;
-        // SAFETY: x [t,h]; pair tokens [|A|], each < t; x rows holds |A|*h; h % 8 == 0.
-        let code =
-            unsafe { ffi::remoe_gather_rows_16(xp as _, pt, xr as _, pairs_i, hi, l.stream()) };
+        let pt = l.input("pair tokens", &ctx.pair_token, cap)?;
+        let xr = l.output("x rows", &mut ctx.bwd.x_rows, cap * h)?;
+        let count = l
+            .input_raw("expert offsets", &ctx.expert_offsets, e + 1)?
+            .wrapping_add(e);
+        // SAFETY: x [t,h]; pair tokens [cap], the first |A| each < t; x rows holds cap*h; count
+        // points at expert_offsets[e] = |A| <= cap; h % 8 == 0.
+        let code = unsafe {
+            ffi::remoe_gather_rows_16(xp as _, pt, xr as _, count, cap_i, hi, l.stream())
+        };
         ffi::check("gather_rows", code)?;
     }
     {
         let mut l = Launch::on(&dev);
         let (a, gather, a_rows) = if gather_x {
-            let xr = l.input("x rows", &ctx.bwd.x_rows, pairs * h)?;
-            (xr as *const u16, std::ptr::null(), pairs_i)
+            let xr = l.input("x rows", &ctx.bwd.x_rows, cap * h)?;
+            (xr as *const u16, std::ptr::null(), cap_i)
         } else {
             let xp = l.input("x", &x, t * h)?;
-            let pt = l.input("pair tokens", &ctx.pair_token, pairs)?;
+            let pt = l.input("pair tokens", &ctx.pair_token, cap)?;
             (xp as *const u16, pt, ti)
         };
-        let dg = l.input("dg", &ctx.bwd.dg, pairs * f)?;
-        let du = l.input("du", &ctx.bwd.du, pairs * f)?;
+        let dg = l.input("dg", &ctx.bwd.dg, cap * f)?;
+        let du = l.input("du", &ctx.bwd.du, cap * f)?;
         let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
         let og = l.output("dWg", &mut *grads.gate, e * h * f)?;
         let ou = l.output("dWu", &mut *grads.up, e * h * f)?;
@@ -482,12 +508,12 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     // 7. dX.
     if t > 0 {
         let mut l = Launch::on(&dev);
-        let dxp = l.input("dx pair", &ctx.bwd.dx_pair, pairs * h)?;
+        let dxp = l.input("dx pair", &ctx.bwd.dx_pair, cap * h)?;
         let pi = l.input("pair index", &ctx.pair_index, t * e)?;
         let dxr = l.input("dx router", &ctx.bwd.dxr, t * h)?;
         let dx = l.output("dx", &mut *grads.dx, t * h)?;
-        // SAFETY: dx pair [|A|,h]; pair index [t,e]; dxr f32 [t,h]; dx [t,h] (checked by `l`);
-        // every pair index is -1 or < |A|.
+        // SAFETY: dx pair [cap,h]; pair index [t,e]; dxr f32 [t,h]; dx [t,h] (checked by `l`);
+        // every pair index is -1 or < |A| <= cap.
         let code = unsafe {
             T::TOKEN_SUM(
                 dxp as *const u16,

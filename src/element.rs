@@ -78,7 +78,7 @@ pub(crate) type TokenSumFn = unsafe extern "C" fn(
     Stream,
 ) -> i32;
 
-/// dout, y (f32), pair_token, pair_gate, dy, dr, pairs, h, stream.
+/// dout, y (f32), pair_token, pair_gate, dy, dr, count (device |A|), capacity, h, stream.
 pub(crate) type PairGradPrepFn = unsafe extern "C" fn(
     *const u16,
     *const f32,
@@ -86,6 +86,7 @@ pub(crate) type PairGradPrepFn = unsafe extern "C" fn(
     *const f32,
     *mut u16,
     *mut f32,
+    *const u32,
     i32,
     i32,
     Stream,

@@ -48,6 +48,16 @@ pub enum Error {
     /// its expert as not selectable (TopK), so nothing out of bounds or undefined happened; the
     /// forward's results are not to be used.
     NonFiniteLogits { count: usize, first_token: usize },
+    /// A forward routed more (token, expert) pairs than the context's pair buffers hold (see
+    /// [`crate::capacity`]): `needed` is the largest such |A| since the last check, `capacity`
+    /// the buffers' size. That forward dispatched nothing (its output and its backward's expert
+    /// gradients were zero); raise the capacity with
+    /// [`MoeContext::set_pair_capacity`](crate::MoeContext::set_pair_capacity).
+    CapacityExceeded { needed: usize, capacity: usize },
+    /// An operation that cannot be captured in a CUDA graph was asked of a stream that is being
+    /// captured (a workspace that must grow, stage timing, a read back to the host). Nothing
+    /// was enqueued.
+    CaptureUnsupported(String),
 }
 
 impl fmt::Display for Error {
@@ -90,6 +100,14 @@ impl fmt::Display for Error {
                 f,
                 "{what}: the kernel needs {required} elements, the device buffer holds {actual}"
             ),
+            Error::CapacityExceeded { needed, capacity } => write!(
+                f,
+                "a forward routed {needed} pairs, past the pair capacity of {capacity}; it \
+                 dispatched nothing (raise MoeContext::set_pair_capacity)"
+            ),
+            Error::CaptureUnsupported(why) => {
+                write!(f, "not possible while the stream is being captured: {why}")
+            }
             Error::NonFiniteLogits { count, first_token } => write!(
                 f,
                 "{count} router logit(s) were NaN or infinite, the first in token {first_token}"

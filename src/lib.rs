@@ -23,6 +23,7 @@
 //! needs no GPU at all.
 
 pub mod backward;
+pub mod capacity;
 pub mod config;
 pub mod controller;
 pub mod device;
@@ -30,6 +31,7 @@ mod element;
 pub mod error;
 mod ffi;
 pub mod gemm;
+pub mod graph;
 pub mod moe;
 pub mod reference;
 pub mod rng;
@@ -41,12 +43,14 @@ pub mod timing;
 mod workspace;
 
 pub use backward::{moe_backward, BackwardOptions, MoeGrads};
+pub use capacity::PairCapacity;
 pub use config::LayerConfig;
 pub use controller::{Coefficient, LambdaController};
 pub use device::{driver_library_present, Device, CUDA_TARGETS};
 pub use element::HalfElement;
 pub use error::{Error, Result};
 pub use gemm::GemmPath;
+pub use graph::Graph;
 pub use moe::{
     moe_forward, remoe_forward, topk_forward, ForwardStats, HostDispatch, MoeContext,
     MoeWeightViews, MoeWeights, RouterKind, SavedForward, StageTimes,

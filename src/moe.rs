@@ -7,12 +7,27 @@
 //! 1. router: logits, gates and per-64-token-block statistics (ReLU), or logits then the
 //!    softmax/top-k tail (TopK);
 //! 2. routing statistics: n_e, expert offsets, GEMM row-tile offsets, sparsity, balance loss;
-//! 3. **one host round-trip**: n_e and the totals are read back (a few bytes) so that the
-//!    pair buffers can be sized and the GEMM grids launched at their exact size, and so that the
-//!    statistics can be returned; removing it is planned (device-side tile scheduling);
-//! 4. compaction into per-expert token lists, ascending token order;
-//! 5. grouped up projection with the X gather and SwiGLU fused; grouped down projection;
-//! 6. the gate-weighted combine into `out`, without atomics.
+//! 3. compaction into per-expert token lists, ascending token order;
+//! 4. grouped up projection with the X gather and SwiGLU fused; grouped down projection;
+//! 5. the gate-weighted combine into `out`, without atomics.
+//!
+//! ## No host round-trip
+//!
+//! Nothing is read back to the host during a forward or a backward: the kernels read n_e, |A|
+//! and the GEMM tile counts from device memory, and every grid is sized from what the host
+//! knows (T, E, and the pair capacity of [`crate::capacity`]; the Hopper GEMMs are persistent,
+//! the others let their surplus blocks leave at once). So a forward returns as soon as its
+//! kernels are enqueued, the CPU runs ahead of the GPU, and a forward, a backward or a whole
+//! training step can be captured in a CUDA graph and replayed (see [`crate::graph`]). The
+//! routing statistics stay on the device until asked for ([`MoeContext::stats`]).
+//!
+//! What only the device can know is reported at the next host-visible call of the context
+//! ([`MoeContext::stats`], [`MoeContext::check_device_errors`], [`MoeContext::lambda`]), as a
+//! typed error: a pair count past the capacity ([`Error::CapacityExceeded`]), a non-finite
+//! router logit ([`Error::NonFiniteLogits`]). A training loop that never reads anything back
+//! should call [`MoeContext::check_device_errors`] (an 16-byte read) as often as it can afford,
+//! at least before it trusts a checkpoint: between two checks a step may have run on a
+//! forward that overflowed (its output and expert gradients were zero) or met a NaN.
 //!
 //! ## Who owns the workspace
 //!
@@ -46,16 +61,14 @@
 //!   logits) and is never selected: a token selects its k largest finite logits, or all of them
 //!   when it has fewer than k, never more than k;
 //! - the router kernel counts such logits in the context's device error word (an atomic on the
-//!   rare path, no host synchronisation), and the error is reported as
-//!   [`Error::NonFiniteLogits`] at the next host-visible check: today the forward's own read of
-//!   its statistics, so that forward returns the error (and leaves no saved state for a
-//!   backward, and records no sparsity into an adaptive controller);
-//!   [`MoeContext::check_device_errors`] reads (and clears) the word explicitly, which is the
-//!   check to call once a forward no longer reads back.
+//!   rare path, no host synchronisation), that forward records no sparsity into an adaptive
+//!   controller, and the error is reported as [`Error::NonFiniteLogits`] at the next
+//!   host-visible call of the context (see above), which clears it.
 //!
 //! Only the routing is defined this way: a NaN or Inf elsewhere (an expert weight, dOut) flows
 //! through the arithmetic as IEEE says.
 
+use crate::capacity::{max_row_tiles, PairCapacity};
 use crate::config::LayerConfig;
 use crate::controller::Coefficient;
 use crate::device::Device;
@@ -158,8 +171,8 @@ pub struct HostDispatch {
 pub struct StageTimes {
     /// Router GEMM with its ReLU or softmax/top-k tail.
     pub router_ms: f64,
-    /// Routing statistics and the host round-trip that reads them.
-    pub stats_and_sync_ms: f64,
+    /// Routing statistics (on the device; nothing is read back).
+    pub stats_ms: f64,
     /// Compaction into per-expert lists.
     pub compaction_ms: f64,
     /// Up projection with the gather and SwiGLU.
@@ -179,10 +192,11 @@ pub struct SavedForward {
     pub config: LayerConfig,
     /// The forward's router.
     pub router: RouterKind,
-    /// |A|, the pairs computed.
-    pub active_pairs: usize,
-    /// The grouped GEMMs' row tiles over those pairs.
-    pub tiles: usize,
+    /// The pairs the forward's pair buffers hold (its [`PairCapacity`](crate::PairCapacity));
+    /// |A| itself stays on the device.
+    pub capacity: usize,
+    /// The most grouped-GEMM row tiles that capacity allows (the GEMM grids' bound).
+    pub max_tiles: usize,
     /// Whether the forward wrote g and u (the context saved for backward when it ran).
     pub saved_for_backward: bool,
     /// The number of successful forwards of this context, this one included (1 for the first).
@@ -210,7 +224,7 @@ pub(crate) struct SavedLens {
 }
 
 impl SavedLens {
-    /// What a forward of `cfg` with `router` and `pairs` active pairs writes.
+    /// The buffers of a forward of `cfg` with `router` and room for `pairs` pairs.
     pub(crate) fn of(cfg: &LayerConfig, router: RouterKind, pairs: usize, saved: bool) -> Self {
         let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
         Self {
@@ -270,12 +284,30 @@ impl SavedForward {
     }
 }
 
-/// The error word's two values as the error they report, if any: `first_word` is the bitwise
-/// complement of the lowest token with a non-finite logit, 0 when there was none.
-pub(crate) fn non_finite_error(count: u32, first_word: u32) -> Option<Error> {
-    (first_word != 0).then_some(Error::NonFiniteLogits {
-        count: count as usize,
-        first_token: !first_word as usize,
+/// Words of the device error word: [non-finite logits, ~first such token, the largest |A| past
+/// the capacity, that capacity] (kernels/remoe_kernels.h).
+pub(crate) const ERROR_WORDS: usize = 4;
+
+/// The first error the error word reports, if any, with the range of words that reporting it
+/// clears: non-finite logits first (they make the routing itself meaningless), then an overflow.
+pub(crate) fn device_error(word: &[u32]) -> Option<(Error, std::ops::Range<usize>)> {
+    if word[1] != 0 {
+        return Some((
+            Error::NonFiniteLogits {
+                count: word[0] as usize,
+                first_token: !word[1] as usize,
+            },
+            0..2,
+        ));
+    }
+    (word[2] != 0).then(|| {
+        (
+            Error::CapacityExceeded {
+                needed: word[2] as usize,
+                capacity: word[3] as usize,
+            },
+            2..4,
+        )
     })
 }
 
@@ -314,9 +346,11 @@ pub struct MoeContext<T: HalfElement> {
     pub(crate) u: GrowBuf<T>,
     /// A host-given coefficient, copied here for the kernels.
     pub(crate) coeff: GrowBuf<f64>,
-    /// The device error word [count, ~first token] of non-finite logits (see the module
-    /// documentation): raised by the router kernel, cleared when reported.
+    /// The device error word (see [`ERROR_WORDS`] and the module documentation): raised by the
+    /// router (non-finite logits) and the routing statistics (capacity), cleared when reported.
     pub(crate) device_errors: GrowBuf<u32>,
+    /// How many pairs the pair buffers are sized for.
+    pub(crate) capacity: PairCapacity,
     /// The backward's scratch (src/backward.rs).
     pub(crate) bwd: crate::backward::BackwardScratch<T>,
     /// The expert GEMMs' implementation; None until the first call resolves the default.
@@ -355,6 +389,7 @@ impl<T: HalfElement> MoeContext<T> {
             u: GrowBuf::default(),
             coeff: GrowBuf::default(),
             device_errors: GrowBuf::default(),
+            capacity: PairCapacity::default(),
             bwd: Default::default(),
             gemm_path: None,
         }
@@ -370,14 +405,50 @@ impl<T: HalfElement> MoeContext<T> {
         ctx
     }
 
-    /// Bytes of device memory holding what the last forward saved for the backward: logits,
-    /// gates and pair index ([T, E]; probs too for TopK), the dispatch lists, and per pair act,
-    /// y (and g, u when saving for backward). Divide by T for bytes per token.
-    pub fn saved_bytes(&self) -> usize {
-        // From the forward's record of what it wrote (the same lengths the backward checks).
-        self.saved
-            .as_ref()
-            .map_or(0, |s| s.lens.bytes(std::mem::size_of::<T>()))
+    /// Bytes of device memory holding what the last forward saved for the backward, for its
+    /// |A| pairs: logits, gates and pair index ([T, E]; probs too for TopK), the dispatch lists,
+    /// and per pair act, y (and g, u when saving for backward). Divide by T for bytes per token.
+    /// The buffers themselves are sized by the capacity ([`MoeContext::workspace_bytes`]).
+    /// Reads |A| from the device (waits for the stream).
+    pub fn saved_bytes(&self) -> Result<usize> {
+        let Some(s) = self.saved.as_ref() else {
+            return Ok(0);
+        };
+        let pairs = self.dispatched_pairs()?;
+        let lens = SavedLens::of(&s.config, s.router, pairs, s.saved_for_backward);
+        Ok(lens.bytes(std::mem::size_of::<T>()))
+    }
+
+    /// Bytes of device memory the context's buffers hold (forward and backward workspace, sized
+    /// by the largest batch and the pair capacity). No device access.
+    pub fn workspace_bytes(&self) -> usize {
+        let b = &self.bwd;
+        [
+            self.logits.bytes(),
+            self.gates.bytes(),
+            self.probs.bytes(),
+            self.block_counts.bytes(),
+            self.block_sums.bytes(),
+            self.block_offsets.bytes(),
+            self.counts.bytes(),
+            self.gate_sums.bytes(),
+            self.expert_offsets.bytes(),
+            self.tile_offsets.bytes(),
+            self.stats_u32.bytes(),
+            self.stats_f32.bytes(),
+            self.pair_token.bytes(),
+            self.pair_gate.bytes(),
+            self.pair_index.bytes(),
+            self.act.bytes(),
+            self.y.bytes(),
+            self.g.bytes(),
+            self.u.bytes(),
+            self.coeff.bytes(),
+            self.device_errors.bytes(),
+        ]
+        .iter()
+        .sum::<usize>()
+            + b.bytes()
     }
 
     /// The record of what the last successful forward saved, if any (see the module
@@ -386,23 +457,72 @@ impl<T: HalfElement> MoeContext<T> {
         self.saved.as_ref()
     }
 
-    /// Reads the device error word and clears it: [`Error::NonFiniteLogits`] when a forward
-    /// since the last check met a NaN or infinite router logit (see the module documentation).
-    /// Waits for the stream (an 8-byte read). Every forward currently reads the word with its
-    /// statistics and reports and clears it itself, so after forwards that returned `Ok` this
-    /// returns `Ok`; it is the check to call once forwards no longer read back.
+    /// Chooses how many routed pairs the pair buffers hold from the next forward on (see
+    /// [`crate::capacity`]); the default is [`PairCapacity::Auto`] with a 4 GiB budget.
+    pub fn set_pair_capacity(&mut self, capacity: PairCapacity) {
+        self.capacity = capacity;
+    }
+
+    /// The pair capacity setting (see [`MoeContext::set_pair_capacity`]).
+    pub fn pair_capacity(&self) -> PairCapacity {
+        self.capacity
+    }
+
+    /// Reads the device error word and clears what it reports: [`Error::NonFiniteLogits`] when a
+    /// forward since the last check met a NaN or infinite router logit, else
+    /// [`Error::CapacityExceeded`] when one routed more pairs than its capacity (see the module
+    /// documentation). Waits for the stream (a 16-byte read). One call reports one error; a
+    /// second call reports the other, if both happened.
     pub fn check_device_errors(&mut self) -> Result<()> {
         if self.device_errors.len() == 0 {
             return Ok(());
         }
         let word = self.device_errors.to_host()?;
-        match non_finite_error(word[0], word[1]) {
-            Some(err) => {
-                self.device_errors.zero()?;
+        match device_error(&word) {
+            Some((err, words)) => {
+                self.device_errors.zero_range(words)?;
                 Err(err)
             }
             None => Ok(()),
         }
+    }
+
+    /// The routing statistics of the last forward (|A|, sparsity, the balance loss, n_e), read
+    /// from the device: the host-visible call that reports what the device found
+    /// ([`MoeContext::check_device_errors`] first, so an overflowed or non-finite forward gives
+    /// its error here, and a second call its statistics). Waits for the stream.
+    pub fn stats(&mut self) -> Result<ForwardStats> {
+        if self.saved.is_none() {
+            return Err(Error::InvalidConfig(
+                "MoeContext::stats: this context holds no successful forward".into(),
+            ));
+        }
+        self.check_device_errors()?;
+        let counts = self.counts.to_host()?;
+        let su = self.stats_u32.to_host()?;
+        let sf = self.stats_f32.to_host()?;
+        Ok(ForwardStats {
+            active_pairs: su[0] as usize,
+            sparsity: sf[0] as f64,
+            balance_loss: sf[1] as f64,
+            tokens_per_expert: counts,
+        })
+    }
+
+    /// The adaptive controller's lambda, read after [`MoeContext::check_device_errors`]: a
+    /// training loop's one host read per step (or per logging interval) that also reports what
+    /// the device found. Waits for the stream.
+    pub fn lambda(&mut self, controller: &crate::LambdaController) -> Result<f64> {
+        controller.expect_device(&self.dev)?;
+        self.check_device_errors()?;
+        controller.lambda()
+    }
+
+    /// The pairs the last forward dispatched (|A|, or 0 after an overflow), read from the
+    /// device.
+    fn dispatched_pairs(&self) -> Result<usize> {
+        let offsets = self.expert_offsets.to_host()?;
+        Ok(offsets.last().map_or(0, |&n| n as usize))
     }
 
     /// Chooses the implementation of the expert GEMMs for the next calls (the default is
@@ -477,10 +597,12 @@ impl<T: HalfElement> MoeContext<T> {
 
     /// The dispatch lists of the last forward.
     pub fn dispatch_to_host(&self) -> Result<HostDispatch> {
+        let offsets = self.expert_offsets.to_host()?;
+        let pairs = offsets.last().map_or(0, |&n| n as usize);
         Ok(HostDispatch {
-            offsets: self.expert_offsets.to_host()?,
-            tokens: self.pair_token.to_host()?,
-            gates: self.pair_gate.to_host()?,
+            offsets,
+            tokens: self.pair_token.prefix_to_host(pairs)?,
+            gates: self.pair_gate.prefix_to_host(pairs)?,
         })
     }
 
@@ -491,13 +613,15 @@ impl<T: HalfElement> MoeContext<T> {
 
     /// act = SiLU(x Wg) * (x Wu) of every pair, [|A|, F], in dispatch order.
     pub fn act_to_host(&self) -> Result<Vec<T>> {
-        self.act.to_host()
+        let f = self.saved.as_ref().map_or(0, |s| s.config.ffn);
+        self.act.prefix_to_host(self.dispatched_pairs()? * f)
     }
 
     /// y = act Wd of every pair, [|A|, H], in dispatch order (f32: the backward's dR = dOut . y
     /// is a dot product that can cancel, and bf16 storage of y would dominate its error).
     pub fn expert_out_to_host(&self) -> Result<Vec<f32>> {
-        self.y.to_host()
+        let h = self.saved.as_ref().map_or(0, |s| s.config.hidden);
+        self.y.prefix_to_host(self.dispatched_pairs()? * h)
     }
 
     /// Overwrites every workspace buffer with 0xFF bytes (NaN floats, -1 indices). For tests:
@@ -532,8 +656,12 @@ impl<T: HalfElement> MoeContext<T> {
     /// (an adaptive one already lives on the device).
     pub(crate) fn upload_fixed_coeff(&mut self, coeff: &Coefficient) -> Result<()> {
         if let Coefficient::Fixed(v) = *coeff {
-            let s = self.dev.stream().clone();
-            s.memcpy_htod(&[v], self.coeff.slice_mut()?)?;
+            let dev = self.dev.clone();
+            let mut l = Launch::on(&dev);
+            let p = l.output_raw("coefficient", &mut self.coeff, 1)?;
+            // SAFETY: p points at the context's one-f64 coefficient buffer (checked by `l`).
+            let code = unsafe { ffi::remoe_fill_f64(p, v, l.stream()) };
+            ffi::check("fill_f64", code)?;
         }
         Ok(())
     }
@@ -561,7 +689,7 @@ pub fn remoe_forward<'x, 'w, T: HalfElement>(
     x: impl Into<TensorView<'x, T>>,
     w: impl Into<MoeWeightViews<'w, T>>,
     out: &mut DeviceTensor<T>,
-) -> Result<ForwardStats> {
+) -> Result<()> {
     moe_forward(ctx, cfg, RouterKind::Relu, lambda, x, w, out)
 }
 
@@ -573,7 +701,7 @@ pub fn topk_forward<'x, 'w, T: HalfElement>(
     x: impl Into<TensorView<'x, T>>,
     w: impl Into<MoeWeightViews<'w, T>>,
     out: &mut DeviceTensor<T>,
-) -> Result<ForwardStats> {
+) -> Result<()> {
     moe_forward(
         ctx,
         cfg,
@@ -646,14 +774,19 @@ pub(crate) fn check_layer_tensors<T: HalfElement>(
 }
 
 /// The layer forward with either router, on the context's device and stream. `coeff` is lambda
-/// (ReMoE) or c (TopK); it scales the returned balance loss, and an adaptive controller also
-/// records the layer's sparsity. `x` and the weights are `&DeviceTensor`s (`&MoeWeights`) or
-/// views ([`TensorView`], [`MoeWeightViews`]).
+/// (ReMoE) or c (TopK); it scales the balance loss of the statistics, and an adaptive controller
+/// also records the layer's sparsity. `x` and the weights are `&DeviceTensor`s (`&MoeWeights`)
+/// or views ([`TensorView`], [`MoeWeightViews`]).
+///
+/// Enqueues the forward and returns: nothing is read back (see the module documentation), so
+/// it can be captured in a CUDA graph once the context is warm (its buffers sized by an earlier
+/// forward of the same or a larger batch). The statistics come from [`MoeContext::stats`].
 ///
 /// On `Ok` the context holds this forward's [`SavedForward`]. Bad input is refused before
-/// anything changes; a failure after that (a non-finite logit, [`Error::NonFiniteLogits`]; a
-/// device error) leaves the context without saved state, so no backward can run on a
-/// half-written workspace.
+/// anything is enqueued and leaves the context as it was; a failure after that (a launch or
+/// driver error) leaves the context without saved state, so no backward can run on a
+/// half-written workspace. What only the device can know (an overflow of the pair capacity, a
+/// non-finite logit) is reported by the next host-visible call of the context.
 pub fn moe_forward<'x, 'w, T: HalfElement>(
     ctx: &mut MoeContext<T>,
     cfg: &LayerConfig,
@@ -662,23 +795,110 @@ pub fn moe_forward<'x, 'w, T: HalfElement>(
     x: impl Into<TensorView<'x, T>>,
     w: impl Into<MoeWeightViews<'w, T>>,
     out: &mut DeviceTensor<T>,
-) -> Result<ForwardStats> {
+) -> Result<()> {
     let (x, w) = (x.into(), w.into());
     check_inputs(ctx, cfg, router, &coeff, &x, &w, out)?;
-    let (t, h, f, e, k) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts, cfg.k);
-    let blocks = t.div_ceil(ROUTER_BLOCK);
-    let dev = ctx.dev.clone();
-    // Whether this forward writes g and u: fixed here, recorded at the end.
-    let save = ctx.save_for_backward;
+    let plan = ForwardPlan::new(ctx, cfg, router);
+    if ctx.stage_timing && ctx.dev.is_capturing()? {
+        return Err(Error::CaptureUnsupported(
+            "stage timing waits for its events; turn it off to capture a forward".into(),
+        ));
+    }
     // From here on the workspace is rewritten: the previous forward's saved state is gone, and
-    // this forward's is recorded only once it has succeeded.
+    // this forward's is recorded only once it has been enqueued.
     ctx.saved = None;
-    {
+    plan.size_workspace(ctx)?;
+    ctx.upload_fixed_coeff(&coeff)?;
+    let dev = ctx.dev.clone();
+    let mut marks = StageMarks::new(&dev, ctx.stage_timing)?;
+    plan.router(ctx, &x, &w)?;
+    marks.mark()?;
+    plan.routing_stats(ctx, &mut coeff)?;
+    marks.mark()?;
+    plan.compaction(ctx)?;
+    marks.mark()?;
+    plan.up_projection(ctx, &x, &w)?;
+    marks.mark()?;
+    plan.down_projection(ctx, &w)?;
+    marks.mark()?;
+    plan.combine(ctx, out)?;
+    marks.mark()?;
+    ctx.stage_times = marks.finish()?;
+
+    ctx.generation += 1;
+    ctx.saved = Some(SavedForward {
+        config: *cfg,
+        router,
+        capacity: plan.cap,
+        max_tiles: plan.max_tiles,
+        saved_for_backward: plan.save,
+        generation: ctx.generation,
+        lens: SavedLens::of(cfg, router, plan.cap, plan.save),
+    });
+    Ok(())
+}
+
+/// One forward's sizes, all known on the host before anything runs: the shapes, the pair
+/// capacity and the GEMM grids' row-tile bound. Each method enqueues one stage.
+struct ForwardPlan {
+    cfg: LayerConfig,
+    router: RouterKind,
+    /// Router blocks of 64 tokens.
+    blocks: usize,
+    /// Pairs the pair buffers hold.
+    cap: usize,
+    /// The most row tiles `cap` pairs can make.
+    max_tiles: usize,
+    /// Whether g and u are written (fixed at the start, recorded at the end).
+    save: bool,
+}
+
+impl ForwardPlan {
+    fn new<T: HalfElement>(ctx: &MoeContext<T>, cfg: &LayerConfig, router: RouterKind) -> Self {
+        let save = ctx.save_for_backward;
+        let cap = ctx.capacity.pairs_for(cfg, save, std::mem::size_of::<T>());
+        Self {
+            cfg: *cfg,
+            router,
+            blocks: cfg.tokens.div_ceil(ROUTER_BLOCK),
+            cap,
+            max_tiles: max_row_tiles(cap, cfg.experts, TILE_ROWS),
+            save,
+        }
+    }
+
+    /// The i32 sizes the launchers take: exact, since validate_for_gpu bounds T*H, T*E, H*E and
+    /// E*H*F (so every factor) by i32::MAX, and cap <= T*E.
+    fn dims(&self) -> (i32, i32, i32, i32, i32) {
+        let c = &self.cfg;
+        (
+            c.tokens as i32,
+            c.hidden as i32,
+            c.ffn as i32,
+            c.experts as i32,
+            c.k as i32,
+        )
+    }
+
+    fn size_workspace<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
+        let LayerConfig {
+            tokens: t,
+            hidden: h,
+            ffn: f,
+            experts: e,
+            ..
+        } = self.cfg;
+        let (blocks, cap) = (self.blocks, self.cap);
+        let dev = ctx.dev.clone();
         let c = &mut *ctx;
         let a = &mut c.allocations;
         MoeContext::<T>::grow(&dev, a, &mut c.logits, t * e)?;
         MoeContext::<T>::grow(&dev, a, &mut c.gates, t * e)?;
-        let probs = if router == RouterKind::TopK { t * e } else { 0 };
+        let probs = if self.router == RouterKind::TopK {
+            t * e
+        } else {
+            0
+        };
         MoeContext::<T>::grow(&dev, a, &mut c.probs, probs)?;
         MoeContext::<T>::grow(&dev, a, &mut c.block_counts, blocks * e)?;
         MoeContext::<T>::grow(&dev, a, &mut c.block_sums, blocks * e)?;
@@ -691,74 +911,103 @@ pub fn moe_forward<'x, 'w, T: HalfElement>(
         MoeContext::<T>::grow(&dev, a, &mut c.stats_f32, 2)?;
         MoeContext::<T>::grow(&dev, a, &mut c.pair_index, t * e)?;
         MoeContext::<T>::grow(&dev, a, &mut c.coeff, 1)?;
-        // Allocated zeroed once (no error), then only ever cleared: ensure(2) keeps contents.
-        MoeContext::<T>::grow(&dev, a, &mut c.device_errors, 2)?;
-    }
-    ctx.upload_fixed_coeff(&coeff)?;
-    let mut marks = StageMarks::new(&dev, ctx.stage_timing)?;
-    // validate_for_gpu bounds T*H, T*E, H*E and E*H*F by i32::MAX: the i32 casts below are exact.
-    let (ti, hi, fi, ei, ki) = (t as i32, h as i32, f as i32, e as i32, k as i32);
-
-    // 1. Router.
-    if t > 0 {
-        let mut l = Launch::on(&dev);
-        let xp = l.input("x", &x, t * h)?;
-        let wp = l.input("router weight", &w.router, h * e)?;
-        let lp = l.output("logits", &mut ctx.logits, t * e)?;
-        let (gp, bc, bs) = match router {
-            // The ReLU router writes the gates and the statistics itself.
-            RouterKind::Relu => (
-                l.output("gates", &mut ctx.gates, t * e)?,
-                l.output("block counts", &mut ctx.block_counts, blocks * e)?,
-                l.output("block sums", &mut ctx.block_sums, blocks * e)?,
-            ),
-            // TopK: only the logits matter here; the ReLU gates land in the probs buffer, which
-            // the softmax tail overwrites.
-            RouterKind::TopK => (
-                l.output("probs", &mut ctx.probs, t * e)?,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            ),
-        };
-        let ef = l.output_raw("error word", &mut ctx.device_errors, 2)?;
-        // SAFETY: `l` checked every buffer for the elements the kernel accesses: x t*h, wr h*e,
-        // logits and gates/probs t*e, the block buffers ceil(t/64)*e, the error word 2; the
-        // i32 sizes are exact (validate_for_gpu); H % 8 == 0 and the checked 16-byte aligned
-        // bases keep the vector loads aligned.
-        let code = unsafe {
-            T::ROUTER_FORWARD(
-                xp as *const u16,
-                wp as *const u16,
-                lp,
-                gp,
-                bc,
-                bs,
-                ef,
-                ti,
-                hi,
-                ei,
-                l.stream(),
-            )
-        };
-        ffi::check("router_forward", code)?;
-    }
-    if router == RouterKind::TopK && t > 0 {
-        let mut l = Launch::on(&dev);
-        let lp = l.input("logits", &ctx.logits, t * e)?;
-        let pp = l.output("probs", &mut ctx.probs, t * e)?;
-        let gp = l.output("gates", &mut ctx.gates, t * e)?;
-        let bc = l.output("block counts", &mut ctx.block_counts, blocks * e)?;
-        let bs = l.output("block sums", &mut ctx.block_sums, blocks * e)?;
-        // SAFETY: logits, probs, gates hold t*e f32, the block buffers ceil(t/64)*e (checked by
-        // `l`); 1 <= k <= e <= 512 was checked.
-        let code = unsafe { ffi::remoe_topk_softmax(lp, pp, gp, bc, bs, ti, ei, ki, l.stream()) };
-        ffi::check("topk_softmax", code)?;
+        // Allocated zeroed once (no error), then only ever cleared: ensure keeps contents.
+        MoeContext::<T>::grow(&dev, a, &mut c.device_errors, ERROR_WORDS)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.pair_token, cap)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.pair_gate, cap)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.act, cap * f)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.y, cap * h)?;
+        let saved = if self.save { cap * f } else { 0 };
+        MoeContext::<T>::grow(&dev, a, &mut c.g, saved)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.u, saved)
     }
 
-    marks.mark()?;
+    /// The router GEMM and its tail: logits, gates (or probs) and per-block statistics.
+    fn router<T: HalfElement>(
+        &self,
+        ctx: &mut MoeContext<T>,
+        x: &TensorView<T>,
+        w: &MoeWeightViews<T>,
+    ) -> Result<()> {
+        let (t, h, e, blocks) = (
+            self.cfg.tokens,
+            self.cfg.hidden,
+            self.cfg.experts,
+            self.blocks,
+        );
+        if t == 0 {
+            return Ok(());
+        }
+        let (ti, hi, _, ei, ki) = self.dims();
+        let dev = ctx.dev.clone();
+        {
+            let mut l = Launch::on(&dev);
+            let xp = l.input("x", x, t * h)?;
+            let wp = l.input("router weight", &w.router, h * e)?;
+            let lp = l.output("logits", &mut ctx.logits, t * e)?;
+            let (gp, bc, bs) = match self.router {
+                // The ReLU router writes the gates and the statistics itself.
+                RouterKind::Relu => (
+                    l.output("gates", &mut ctx.gates, t * e)?,
+                    l.output("block counts", &mut ctx.block_counts, blocks * e)?,
+                    l.output("block sums", &mut ctx.block_sums, blocks * e)?,
+                ),
+                // TopK: only the logits matter here; the ReLU gates land in the probs buffer,
+                // which the softmax tail overwrites.
+                RouterKind::TopK => (
+                    l.output("probs", &mut ctx.probs, t * e)?,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                ),
+            };
+            let ef = l.output_raw("error word", &mut ctx.device_errors, 2)?;
+            // SAFETY: `l` checked every buffer for the elements the kernel accesses: x t*h, wr
+            // h*e, logits and gates/probs t*e, the block buffers ceil(t/64)*e, the error word's
+            // first 2; the i32 sizes are exact (dims); H % 8 == 0 and the checked 16-byte
+            // aligned bases keep the vector loads aligned.
+            let code = unsafe {
+                T::ROUTER_FORWARD(
+                    xp as *const u16,
+                    wp as *const u16,
+                    lp,
+                    gp,
+                    bc,
+                    bs,
+                    ef,
+                    ti,
+                    hi,
+                    ei,
+                    l.stream(),
+                )
+            };
+            ffi::check("router_forward", code)?;
+        }
+        if self.router == RouterKind::TopK {
+            let mut l = Launch::on(&dev);
+            let lp = l.input("logits", &ctx.logits, t * e)?;
+            let pp = l.output("probs", &mut ctx.probs, t * e)?;
+            let gp = l.output("gates", &mut ctx.gates, t * e)?;
+            let bc = l.output("block counts", &mut ctx.block_counts, blocks * e)?;
+            let bs = l.output("block sums", &mut ctx.block_sums, blocks * e)?;
+            // SAFETY: logits, probs, gates hold t*e f32, the block buffers ceil(t/64)*e
+            // (checked by `l`); 1 <= k <= e <= 512 was checked.
+            let code =
+                unsafe { ffi::remoe_topk_softmax(lp, pp, gp, bc, bs, ti, ei, ki, l.stream()) };
+            ffi::check("topk_softmax", code)?;
+        }
+        Ok(())
+    }
 
-    // 2. Routing statistics.
-    {
+    /// n_e, the offsets, the statistics; the capacity check (an overflow publishes an empty
+    /// dispatch and raises the error word).
+    fn routing_stats<T: HalfElement>(
+        &self,
+        ctx: &mut MoeContext<T>,
+        coeff: &mut Coefficient,
+    ) -> Result<()> {
+        let (e, blocks) = (self.cfg.experts, self.blocks);
+        let (ti, _, _, ei, ki) = self.dims();
+        let dev = ctx.dev.clone();
         let mut l = Launch::on(&dev);
         let bc = l.input("block counts", &ctx.block_counts, blocks * e)?;
         let bs = l.input("block sums", &ctx.block_sums, blocks * e)?;
@@ -769,8 +1018,8 @@ pub fn moe_forward<'x, 'w, T: HalfElement>(
         let to = l.output("tile offsets", &mut ctx.tile_offsets, e + 1)?;
         let su = l.output("stats", &mut ctx.stats_u32, 4)?;
         let sf = l.output("stats", &mut ctx.stats_f32, 2)?;
-        let ef = l.input_raw("error word", &ctx.device_errors, 2)?;
-        let (cp, sum, cnt) = match &mut coeff {
+        let ef = l.output_raw("error word", &mut ctx.device_errors, ERROR_WORDS)?;
+        let (cp, sum, cnt) = match coeff {
             Coefficient::Fixed(_) => (
                 l.input_raw("coefficient", &ctx.coeff, 1)?,
                 std::ptr::null_mut(),
@@ -784,7 +1033,8 @@ pub fn moe_forward<'x, 'w, T: HalfElement>(
         };
         // SAFETY: buffer sizes as documented in remoe_kernels.h for this t and e, checked by
         // `l`; cp points at one f64, sum and cnt at one f64 and one u32 (or are null), ef at the
-        // two-word error word; the controller's buffers are in this context (check_inputs).
+        // four-word error word; the controller's buffers are in this context (check_inputs);
+        // cap <= T*E fits in i32.
         let code = unsafe {
             ffi::remoe_routing_stats(
                 bc,
@@ -803,187 +1053,152 @@ pub fn moe_forward<'x, 'w, T: HalfElement>(
                 sum,
                 cnt,
                 ef,
+                self.cap as i32,
                 l.stream(),
             )
         };
-        ffi::check("routing_stats", code)?;
+        ffi::check("routing_stats", code)
     }
 
-    // 3. The host round-trip (module docs): sizes for the pair buffers and the GEMM grids.
-    let counts = ctx.counts.to_host()?;
-    let su = ctx.stats_u32.to_host()?;
-    let sf = ctx.stats_f32.to_host()?;
-    // The error word came back with the statistics: report a non-finite logit here (and clear
-    // the word, so the next forward starts clean).
-    if let Some(err) = non_finite_error(su[2], su[3]) {
-        ctx.device_errors.zero()?;
-        return Err(err);
-    }
-    let (pairs, tiles) = (su[0] as usize, su[1] as usize);
-    check_routing_totals(&counts, pairs, tiles, t * e)?;
-    {
-        let c = &mut *ctx;
-        let a = &mut c.allocations;
-        MoeContext::<T>::grow(&dev, a, &mut c.pair_token, pairs)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.pair_gate, pairs)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.act, pairs * f)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.y, pairs * h)?;
-        let saved = if save { pairs * f } else { 0 };
-        MoeContext::<T>::grow(&dev, a, &mut c.g, saved)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.u, saved)?;
-    }
-
-    marks.mark()?;
-
-    // 4. Compaction.
-    if t > 0 {
+    fn compaction<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
+        let (t, e, blocks, cap) = (self.cfg.tokens, self.cfg.experts, self.blocks, self.cap);
+        if t == 0 {
+            return Ok(());
+        }
+        let (ti, _, _, ei, _) = self.dims();
+        let dev = ctx.dev.clone();
         let mut l = Launch::on(&dev);
         let gp = l.input("gates", &ctx.gates, t * e)?;
         let bo = l.input("block offsets", &ctx.block_offsets, blocks * e)?;
         let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-        let pt = l.output("pair tokens", &mut ctx.pair_token, pairs)?;
-        let pg = l.output("pair gates", &mut ctx.pair_gate, pairs)?;
+        let pt = l.output("pair tokens", &mut ctx.pair_token, cap)?;
+        let pg = l.output("pair gates", &mut ctx.pair_gate, cap)?;
         let pi = l.output("pair index", &mut ctx.pair_index, t * e)?;
-        // SAFETY: pair_token and pair_gate hold |A| (= the total of the offsets, checked
-        // against n_e above) elements, pair_index t*e; gates t*e; block offsets ceil(t/64)*e
-        // (all checked by `l`).
+        // SAFETY: pair_token and pair_gate hold cap elements and the offsets describe at most cap
+        // pairs (routing_stats publishes an empty dispatch past it), pair_index t*e; gates t*e;
+        // block offsets ceil(t/64)*e (all checked by `l`).
         let code = unsafe { ffi::remoe_compact_pairs(gp, bo, eo, pt, pg, pi, ti, ei, l.stream()) };
-        ffi::check("compact_pairs", code)?;
+        ffi::check("compact_pairs", code)
     }
 
-    marks.mark()?;
-
-    // 5. Experts.
-    if tiles > 0 {
+    fn up_projection<T: HalfElement>(
+        &self,
+        ctx: &mut MoeContext<T>,
+        x: &TensorView<T>,
+        w: &MoeWeightViews<T>,
+    ) -> Result<()> {
+        if self.max_tiles == 0 {
+            return Ok(());
+        }
+        let LayerConfig {
+            tokens: t,
+            hidden: h,
+            ffn: f,
+            experts: e,
+            ..
+        } = self.cfg;
+        let cap = self.cap;
+        let (_, hi, fi, ei, _) = self.dims();
         let gemms = ctx.gemm_path()?.gemms::<T>();
-        let tiles_i = i32::try_from(tiles).map_err(|_| Error::TooLarge {
-            what: "grouped GEMM row tiles",
-            elements: tiles,
-        })?;
-        {
-            let mut l = Launch::on(&dev);
-            let xp = l.input("x", &x, t * h)?;
-            let pt = l.input("pair tokens", &ctx.pair_token, pairs)?;
-            let wg = l.input("gate weight", &w.gate, e * h * f)?;
-            let wu = l.input("up weight", &w.up, e * h * f)?;
-            let ap = l.output("act", &mut ctx.act, pairs * f)?;
-            let (gp, up) = if save {
-                (
-                    l.output("g", &mut ctx.g, pairs * f)? as *mut u16,
-                    l.output("u", &mut ctx.u, pairs * f)? as *mut u16,
-                )
-            } else {
-                (std::ptr::null_mut(), std::ptr::null_mut())
-            };
-            let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-            let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
-            // SAFETY: x [t,h]; wg, wu [e,h,f]; act (and g, u when saving) hold |A|*f; pair
-            // tokens < t; the offsets describe `tiles` row tiles over |A| rows; h, f multiples
-            // of 8.
-            let code = unsafe {
-                (gemms.up)(
-                    xp as *const u16,
-                    pt,
-                    wg as *const u16,
-                    wu as *const u16,
-                    ap as *mut u16,
-                    gp,
-                    up,
-                    eo,
-                    to,
-                    tiles_i,
-                    ei,
-                    hi,
-                    fi,
-                    l.stream(),
-                )
-            };
-            ffi::check("expert_up_swiglu", code)?;
-        }
-        marks.mark()?;
-        {
-            let mut l = Launch::on(&dev);
-            let ap = l.input("act", &ctx.act, pairs * f)?;
-            let wd = l.input("down weight", &w.down, e * f * h)?;
-            let yp = l.output("expert out", &mut ctx.y, pairs * h)?;
-            let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-            let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
-            // SAFETY: act |A|*f, wd [e,f,h], y holds |A|*h; offsets as above.
-            let code = unsafe {
-                (gemms.down)(
-                    ap as *const u16,
-                    wd as *const u16,
-                    yp,
-                    eo,
-                    to,
-                    tiles_i,
-                    ei,
-                    hi,
-                    fi,
-                    l.stream(),
-                )
-            };
-            ffi::check("expert_down", code)?;
-        }
-    } else {
-        marks.mark()?;
-    }
-    marks.mark()?;
-
-    // 6. Combine (also for |A| = 0: it writes the zeros).
-    if t > 0 {
+        let dev = ctx.dev.clone();
         let mut l = Launch::on(&dev);
-        let yp = l.input("expert out", &ctx.y, pairs * h)?;
+        let xp = l.input("x", x, t * h)?;
+        let pt = l.input("pair tokens", &ctx.pair_token, cap)?;
+        let wg = l.input("gate weight", &w.gate, e * h * f)?;
+        let wu = l.input("up weight", &w.up, e * h * f)?;
+        let ap = l.output("act", &mut ctx.act, cap * f)?;
+        let (gp, up) = if self.save {
+            (
+                l.output("g", &mut ctx.g, cap * f)? as *mut u16,
+                l.output("u", &mut ctx.u, cap * f)? as *mut u16,
+            )
+        } else {
+            (std::ptr::null_mut(), std::ptr::null_mut())
+        };
+        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
+        let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
+        // SAFETY: x [t,h]; wg, wu [e,h,f]; act (and g, u when saving) hold cap*f; pair tokens
+        // < t; the offsets describe at most cap rows in at most max_tiles tiles; h, f multiples
+        // of 8.
+        let code = unsafe {
+            (gemms.up)(
+                xp as *const u16,
+                pt,
+                wg as *const u16,
+                wu as *const u16,
+                ap as *mut u16,
+                gp,
+                up,
+                eo,
+                to,
+                self.max_tiles as i32,
+                ei,
+                hi,
+                fi,
+                l.stream(),
+            )
+        };
+        ffi::check("expert_up_swiglu", code)
+    }
+
+    fn down_projection<T: HalfElement>(
+        &self,
+        ctx: &mut MoeContext<T>,
+        w: &MoeWeightViews<T>,
+    ) -> Result<()> {
+        if self.max_tiles == 0 {
+            return Ok(());
+        }
+        let (h, f, e, cap) = (self.cfg.hidden, self.cfg.ffn, self.cfg.experts, self.cap);
+        let (_, hi, fi, ei, _) = self.dims();
+        let gemms = ctx.gemm_path()?.gemms::<T>();
+        let dev = ctx.dev.clone();
+        let mut l = Launch::on(&dev);
+        let ap = l.input("act", &ctx.act, cap * f)?;
+        let wd = l.input("down weight", &w.down, e * f * h)?;
+        let yp = l.output("expert out", &mut ctx.y, cap * h)?;
+        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
+        let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
+        // SAFETY: act cap*f, wd [e,f,h], y holds cap*h; offsets as in up_projection.
+        let code = unsafe {
+            (gemms.down)(
+                ap as *const u16,
+                wd as *const u16,
+                yp,
+                eo,
+                to,
+                self.max_tiles as i32,
+                ei,
+                hi,
+                fi,
+                l.stream(),
+            )
+        };
+        ffi::check("expert_down", code)
+    }
+
+    /// The gate-weighted combine (also with no pairs: it writes the zeros).
+    fn combine<T: HalfElement>(
+        &self,
+        ctx: &mut MoeContext<T>,
+        out: &mut DeviceTensor<T>,
+    ) -> Result<()> {
+        let (t, h, e, cap) = (self.cfg.tokens, self.cfg.hidden, self.cfg.experts, self.cap);
+        if t == 0 {
+            return Ok(());
+        }
+        let (ti, hi, _, ei, _) = self.dims();
+        let dev = ctx.dev.clone();
+        let mut l = Launch::on(&dev);
+        let yp = l.input("expert out", &ctx.y, cap * h)?;
         let gp = l.input("gates", &ctx.gates, t * e)?;
         let pi = l.input("pair index", &ctx.pair_index, t * e)?;
         let op = l.output("out", &mut *out, t * h)?;
-        // SAFETY: y |A|*h, gates and pair index t*e, out [t,h] (checked by `l`); every pair
-        // index is -1 or < |A| (the compaction wrote them from the same offsets).
+        // SAFETY: y cap*h, gates and pair index t*e, out [t,h] (checked by `l`); every pair
+        // index is -1 or < |A| <= cap (the compaction wrote them from the same offsets).
         let code = unsafe { T::COMBINE(yp, gp, pi, op as *mut u16, ti, hi, ei, l.stream()) };
-        ffi::check("combine", code)?;
+        ffi::check("combine", code)
     }
-    marks.mark()?;
-    ctx.stage_times = marks.finish()?;
-
-    // The forward succeeded: record what it saved for the backward.
-    ctx.generation += 1;
-    ctx.saved = Some(SavedForward {
-        config: *cfg,
-        router,
-        active_pairs: pairs,
-        tiles,
-        saved_for_backward: save,
-        generation: ctx.generation,
-        lens: SavedLens::of(cfg, router, pairs, save),
-    });
-    Ok(ForwardStats {
-        active_pairs: pairs,
-        sparsity: sf[0] as f64,
-        balance_loss: sf[1] as f64,
-        tokens_per_expert: counts,
-    })
-}
-
-/// The totals read back from the device must agree with each other before they size buffers and
-/// grids: |A| = sum of n_e <= T E, and the row tiles = sum of ceil(n_e / 128).
-fn check_routing_totals(
-    counts: &[u32],
-    pairs: usize,
-    tiles: usize,
-    max_pairs: usize,
-) -> Result<()> {
-    let sum: usize = counts.iter().map(|&n| n as usize).sum();
-    let want_tiles: usize = counts
-        .iter()
-        .map(|&n| (n as usize).div_ceil(TILE_ROWS))
-        .sum();
-    if sum != pairs || pairs > max_pairs || tiles != want_tiles {
-        return Err(Error::InvalidConfig(format!(
-            "routing statistics read back are inconsistent: |A| {pairs}, sum of n_e {sum}, \
-             {tiles} tiles for {want_tiles} (at most {max_pairs} pairs)"
-        )));
-    }
-    Ok(())
 }
 
 /// CUDA events between the stages of one forward, when stage timing is on.
@@ -1022,7 +1237,7 @@ impl<'a> StageMarks<'a> {
         let ms = |i: usize| -> Result<f64> { Ok(ev[i].elapsed_ms(&ev[i + 1])? as f64) };
         Ok(Some(StageTimes {
             router_ms: ms(0)?,
-            stats_and_sync_ms: ms(1)?,
+            stats_ms: ms(1)?,
             compaction_ms: ms(2)?,
             up_ms: ms(3)?,
             down_ms: ms(4)?,
@@ -1040,8 +1255,8 @@ mod tests {
         SavedForward {
             config: cfg,
             router: RouterKind::Relu,
-            active_pairs: 20,
-            tiles: 8,
+            capacity: 20,
+            max_tiles: max_row_tiles(20, 8, TILE_ROWS),
             saved_for_backward,
             generation: 1,
             lens: SavedLens::of(&cfg, RouterKind::Relu, 20, saved_for_backward),
@@ -1086,23 +1301,30 @@ mod tests {
 
     #[test]
     fn the_error_word_decodes_to_a_typed_error() {
-        assert_eq!(non_finite_error(0, 0), None);
+        assert_eq!(device_error(&[0, 0, 0, 0]), None);
         assert_eq!(
-            non_finite_error(3, !5u32),
-            Some(Error::NonFiniteLogits {
-                count: 3,
-                first_token: 5
-            })
+            device_error(&[3, !5u32, 0, 0]),
+            Some((
+                Error::NonFiniteLogits {
+                    count: 3,
+                    first_token: 5
+                },
+                0..2
+            ))
         );
         // A count that wrapped still reports: the token word decides.
-        assert!(non_finite_error(0, !0u32).is_some());
-    }
-
-    #[test]
-    fn inconsistent_totals_are_refused() {
-        assert!(check_routing_totals(&[128, 1, 0], 129, 2, 1000).is_ok());
-        assert!(check_routing_totals(&[128, 1, 0], 130, 2, 1000).is_err());
-        assert!(check_routing_totals(&[128, 1, 0], 129, 3, 1000).is_err());
-        assert!(check_routing_totals(&[128, 1, 0], 129, 2, 100).is_err());
+        assert!(device_error(&[0, !0u32, 0, 0]).is_some());
+        assert_eq!(
+            device_error(&[0, 0, 4100, 4096]),
+            Some((
+                Error::CapacityExceeded {
+                    needed: 4100,
+                    capacity: 4096
+                },
+                2..4
+            ))
+        );
+        // Both: the non-finite logits first, clearing only their half.
+        assert_eq!(device_error(&[1, !0u32, 9, 8]).unwrap().1, 0..2);
     }
 }

@@ -95,8 +95,14 @@ Routing statistics (kernels/compaction.cu), from the router's per-block statisti
   stats_f32 [2]  { sparsity 1 - |A|/(t e), balance loss coeff*e/(k t^2)*sum_e n_e*gate_sums[e] }
 coeff: a device pointer to lambda (ReMoE) or c (TopK), f64. When sparsity_sum is non-NULL the
 layer's sparsity is added to *sparsity_sum and *sparsity_count incremented (the adaptive
-controller's running mean), unless the error word error_flags [2] (see the router; may be
-NULL, then read as 0) shows a non-finite logit. nb = ceil(t / REMOE_ROUTER_TOKENS_PER_BLOCK).
+controller's running mean), unless the error word (see the router; may be NULL) shows a
+non-finite logit. nb = ceil(t / REMOE_ROUTER_TOKENS_PER_BLOCK).
+capacity: the pairs the pair buffers hold. When |A| > capacity the dispatch is published empty
+(expert_offsets and tile_offsets all 0, so the compaction writes no pair and the GEMMs do
+nothing) and the error word's overflow half is raised: error_flags[2] = max(error_flags[2],
+|A|), error_flags[3] = capacity. The statistics still describe the real routing.
+error_flags [4] u32 (may be NULL): { non-finite count, ~first token (router), overflow |A|,
+capacity (here) }.
 Deterministic: every sum has a fixed order.
 ```*/
     pub fn remoe_routing_stats(
@@ -115,7 +121,8 @@ Deterministic: every sum has a fixed order.
         coeff: *const f64,
         sparsity_sum: *mut f64,
         sparsity_count: *mut u32,
-        error_flags: *const u32,
+        error_flags: *mut u32,
+        capacity: i32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
@@ -144,8 +151,12 @@ unsafe extern "C" {
     /**Grouped expert GEMMs (kernels/grouped\_gemm.cu).
 
 ```text
-Grouped expert GEMMs (kernels/grouped_gemm.cu). Row tile i of the grid belongs to the expert
-e with tile_offsets[e] <= i < tile_offsets[e+1]; num_tiles = tile_offsets[e] (total).
+Grouped expert GEMMs (kernels/grouped_gemm.cu). Row tile i belongs to the expert e with
+tile_offsets[e] <= i < tile_offsets[e+1]; the kernels read the total, tile_offsets[e], on the
+device. num_tiles is an upper bound of it that the host knows without reading anything back
+(from the pair capacity: ceil((capacity + e * (REMOE_GEMM_TILE_ROWS - 1)) /
+REMOE_GEMM_TILE_ROWS)); it sizes the grid, and 0 launches nothing. Row buffers (act, g, u, y,
+...) hold at least the pairs the offsets describe.
 h % 8 == 0, f % 8 == 0 everywhere.
 
 Up projection with SwiGLU: for each pair p of expert e, with x_t the row pair_token[p] of x,
@@ -517,14 +528,17 @@ unsafe extern "C" {
     /**Row gather (kernels/gather.cu).
 
 ```text
-Row gather (kernels/gather.cu): out[p, :] = x[rows[p], :] for p < pairs, 16-bit elements
-(bf16 or f16 alike). x [*, h] holds every row named in rows; out [pairs, h]; h % 8 == 0.
+Row gather (kernels/gather.cu): out[p, :] = x[rows[p], :] for p < *count, 16-bit elements
+(bf16 or f16 alike); count is a device pointer (|A|: expert_offsets[e]) and *count <=
+capacity, which sizes the grid. x [*, h] holds every row named in rows; out [capacity, h];
+h % 8 == 0.
 ```*/
     pub fn remoe_gather_rows_16(
         x: *const u16,
         rows: *const u32,
         out: *mut u16,
-        pairs: i32,
+        count: *const u32,
+        capacity: i32,
         h: i32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
@@ -596,8 +610,9 @@ unsafe extern "C" {
 ```text
 Backward helpers (kernels/backward.cu).
 
-Per pair p of token t = pair_token[p]: dy[p, :] = pair_gate[p] * dout[t, :] and
+Per pair p < *count of token t = pair_token[p]: dy[p, :] = pair_gate[p] * dout[t, :] and
 dr[p] = dout[t, :] . y[p, :].    dout [t, h]; y [|A|, h] f32; dy [|A|, h]; dr [|A|] f32.
+count is a device pointer (|A|: expert_offsets[e]), *count <= capacity (which sizes the grid).
 ```*/
     pub fn remoe_pair_grad_prep_bf16(
         dout: *const u16,
@@ -606,7 +621,8 @@ dr[p] = dout[t, :] . y[p, :].    dout [t, h]; y [|A|, h] f32; dy [|A|, h]; dr [|
         pair_gate: *const f32,
         dy: *mut u16,
         dr: *mut f32,
-        pairs: i32,
+        count: *const u32,
+        capacity: i32,
         h: i32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
@@ -619,7 +635,8 @@ unsafe extern "C" {
         pair_gate: *const f32,
         dy: *mut u16,
         dr: *mut f32,
-        pairs: i32,
+        count: *const u32,
+        capacity: i32,
         h: i32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
@@ -701,6 +718,19 @@ sum and count are reset. All on the device: no host synchronisation.
         count: *mut u32,
         alpha: f64,
         target: f64,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    /**\*dst = value, as a one-thread kernel whose argument carries the value (kernels/controller.cu).
+
+```text
+*dst = value, as a one-thread kernel whose argument carries the value (kernels/controller.cu):
+unlike a copy from pageable host memory, it can be captured in a CUDA graph.
+```*/
+    pub fn remoe_fill_f64(
+        dst: *mut f64,
+        value: f64,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }

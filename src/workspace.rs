@@ -28,11 +28,22 @@ impl<T: Element> GrowBuf<T> {
     /// Makes room for `n` elements (at least one, so the buffer always has an address); returns
     /// whether it had to allocate. On an allocation failure the buffer is left empty (length 0,
     /// no allocation), never with a length its allocation does not have.
+    ///
+    /// Growing while the stream is being captured into a CUDA graph is refused
+    /// ([`Error::CaptureUnsupported`]): the allocation would become the graph's, and the free of
+    /// the old buffer a node of it. A context is warmed up by an eager call of the same (or a
+    /// larger) size before it is captured.
     pub(crate) fn ensure(&mut self, dev: &Device, n: usize) -> Result<bool> {
         let need = n.max(1);
         if self.data.as_ref().is_some_and(|d| d.len() >= need) {
             self.len = n;
             return Ok(false);
+        }
+        if dev.is_capturing()? {
+            return Err(Error::CaptureUnsupported(format!(
+                "a workspace buffer must grow to {n} elements while the stream is being captured; \
+                 run the same call once before capturing it (or reserve a larger capacity)"
+            )));
         }
         self.len = 0;
         self.data = None; // free before allocating the larger one
@@ -46,9 +57,11 @@ impl<T: Element> GrowBuf<T> {
         self.len
     }
 
-    /// The whole allocation, for cudarc's own (length-checked) copies.
-    pub(crate) fn slice_mut(&mut self) -> Result<&mut CudaSlice<T>> {
-        self.data.as_mut().ok_or_else(unallocated)
+    /// Bytes of the allocation (0 before the first `ensure`).
+    pub(crate) fn bytes(&self) -> usize {
+        self.data
+            .as_ref()
+            .map_or(0, |d| d.len() * std::mem::size_of::<T>())
     }
 
     /// The first `len` elements, read-only.
@@ -69,9 +82,14 @@ impl<T: Element> GrowBuf<T> {
         self.fill_bytes(0xFF)
     }
 
-    /// Fills the whole allocation with zero bytes.
-    pub(crate) fn zero(&mut self) -> Result<()> {
-        self.fill_bytes(0)
+    /// Sets elements `range` (of the logical length) to zero.
+    pub(crate) fn zero_range(&mut self, range: std::ops::Range<usize>) -> Result<()> {
+        let zeros = vec![<T as bytemuck::Zeroable>::zeroed(); range.len()];
+        let mut v = self.view_mut()?;
+        let mut part = v.slice_mut(range);
+        let stream = part.stream().clone();
+        stream.memcpy_htod(&zeros, &mut part)?;
+        Ok(())
     }
 
     fn fill_bytes(&mut self, byte: u8) -> Result<()> {
@@ -90,10 +108,24 @@ impl<T: Element> GrowBuf<T> {
     /// The first `len` elements (as set by the last `ensure`), copied to the host (synchronises
     /// the stream).
     pub(crate) fn to_host(&self) -> Result<Vec<T>> {
-        if self.len == 0 {
+        self.prefix_to_host(self.len)
+    }
+
+    /// The first `n` elements (at most the logical length), copied to the host (synchronises
+    /// the stream).
+    pub(crate) fn prefix_to_host(&self, n: usize) -> Result<Vec<T>> {
+        if n == 0 {
             return Ok(Vec::new());
         }
+        if n > self.len {
+            return Err(Error::BufferTooShort {
+                what: "workspace read",
+                required: n,
+                actual: self.len,
+            });
+        }
         let v = self.view()?;
+        let v = v.slice(..n);
         Ok(v.stream().clone_dtoh(&v)?)
     }
 }

@@ -23,7 +23,7 @@ use remoe_kernels::reference::{
 use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{
     moe_backward, moe_forward, Coefficient, Device, DeviceTensor, ForwardStats, GemmPath,
-    LayerConfig, MoeContext, MoeWeights, RouterKind,
+    LayerConfig, MoeContext, MoeWeights, PairCapacity, RouterKind,
 };
 
 /// bf16's unit round-off, 2^-8.
@@ -266,7 +266,8 @@ fn check_layer_f16(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[
     let mut grads = Grads::<f16>::new(dev, &cfg);
     let run = |ctx: &mut MoeContext<f16>, out: &mut DeviceTensor<f16>, grads: &mut Grads<f16>| {
         let fixed = Coefficient::Fixed(coeff);
-        let stats = moe_forward(ctx, &cfg, kind, fixed, &d.x, &w, out).unwrap();
+        moe_forward(ctx, &cfg, kind, fixed, &d.x, &w, out).unwrap();
+        let stats = ctx.stats().unwrap();
         let fixed = Coefficient::Fixed(coeff);
         moe_backward(ctx, fixed, &d.x, &w, &dout, grads.as_mut(), false).unwrap();
         stats
@@ -593,6 +594,9 @@ fn gpu_remoe_layer_past_2_pow_31_act_elements_matches_the_reference_on_sampled_r
     let coeff = 1e-2;
 
     let mut ctx = MoeContext::<bf16>::for_training(&dev);
+    // The worst case, T E pairs, does not fit the device: buffers for 5% over the expected |A|
+    // (an overflow would fail the stats() below with CapacityExceeded, never pass silently).
+    ctx.set_pair_capacity(PairCapacity::Pairs(expected_pairs + expected_pairs / 20));
     let mut out = DeviceTensor::<bf16>::zeros(&dev, &[t, h]).unwrap();
     let mut grads = Grads::<bf16>::new(&dev, &cfg);
     let run = |ctx: &mut MoeContext<bf16>,
@@ -600,7 +604,8 @@ fn gpu_remoe_layer_past_2_pow_31_act_elements_matches_the_reference_on_sampled_r
                grads: &mut Grads<bf16>|
      -> ForwardStats {
         let fixed = Coefficient::Fixed(coeff);
-        let stats = moe_forward(ctx, &cfg, RouterKind::Relu, fixed, &d.x, &w, out).unwrap();
+        moe_forward(ctx, &cfg, RouterKind::Relu, fixed, &d.x, &w, out).unwrap();
+        let stats = ctx.stats().unwrap();
         let fixed = Coefficient::Fixed(coeff);
         moe_backward(ctx, fixed, &d.x, &w, &dout, grads.as_mut(), false).unwrap();
         stats

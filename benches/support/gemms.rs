@@ -745,13 +745,17 @@ impl GroupedGemms {
         let r = round % self.copies[GATHER];
         self.dev.bind_to_thread()?;
         let s = sys::stream_handle(self.dev.stream());
+        // |A| as the kernel reads it: expert_offsets[E] on the device.
+        let count = (self.expert_offsets as *const u32).wrapping_add(self.cfg.experts);
         // SAFETY: x [T, H] (copy r), pair tokens [|A|] each < T, X rows out [|A|, H], h % 8 == 0;
-        // all live buffers of this struct.
+        // count points at expert_offsets[E] = |A| ([E + 1] offsets); all live buffers of this
+        // struct.
         let code = unsafe {
             sys::remoe_gather_rows_16(
                 self.x.ptr(r) as *const u16,
                 self.pair_token as *const u32,
                 self.xrows_o as *mut u16,
+                count,
                 self.pairs as i32,
                 self.cfg.hidden as i32,
                 s,

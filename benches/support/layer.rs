@@ -131,8 +131,9 @@ impl Setup {
         i
     }
 
-    /// One inference forward on `path` (the next X of the rotation).
-    pub fn forward(&mut self, kind: RouterKind, path: GemmPath) -> Result<ForwardStats, Error> {
+    /// One inference forward on `path` (the next X of the rotation); enqueued, nothing read
+    /// back.
+    pub fn forward(&mut self, kind: RouterKind, path: GemmPath) -> Result<(), Error> {
         let (i, s) = (self.rotate(), self.slot(path));
         moe_forward(
             &mut self.contexts[s].inference,
@@ -143,6 +144,17 @@ impl Setup {
             &self.weights.weights(),
             &mut self.out,
         )
+    }
+
+    /// One inference forward on `path` and its routing statistics (a host read).
+    pub fn forward_stats(
+        &mut self,
+        kind: RouterKind,
+        path: GemmPath,
+    ) -> Result<ForwardStats, Error> {
+        self.forward(kind, path)?;
+        let s = self.slot(path);
+        self.contexts[s].inference.stats()
     }
 
     /// One training forward and backward on `path`.
@@ -213,7 +225,8 @@ impl Setup {
     /// Bytes the training forward saved for the backward, per token (after a forward_backward
     /// on `path`).
     pub fn saved_bytes_per_token(&self, path: GemmPath) -> f64 {
-        self.contexts[self.slot(path)].training.saved_bytes() as f64 / self.cfg.tokens.max(1) as f64
+        let bytes = self.contexts[self.slot(path)].training.saved_bytes();
+        bytes.expect("reading |A| back") as f64 / self.cfg.tokens.max(1) as f64
     }
 
     /// Per-stage forward times on `path`: each stage's median over `runs` stage-timed forwards
@@ -254,7 +267,7 @@ impl Setup {
         let med = |f: fn(&StageTimes) -> f64| Timing::new(all.iter().map(f).collect()).median();
         Ok(StageTimes {
             router_ms: med(|s| s.router_ms),
-            stats_and_sync_ms: med(|s| s.stats_and_sync_ms),
+            stats_ms: med(|s| s.stats_ms),
             compaction_ms: med(|s| s.compaction_ms),
             up_ms: med(|s| s.up_ms),
             down_ms: med(|s| s.down_ms),
@@ -284,7 +297,7 @@ impl Setup {
             let mut w = original.clone();
             w[..e].copy_from_slice(row);
             s.weights.router.copy_from_host(&w)?;
-            Ok(s.forward(RouterKind::Relu, path)?.tokens_per_expert)
+            Ok(s.forward_stats(RouterKind::Relu, path)?.tokens_per_expert)
         };
         let error = |c: &[u32]| -> f64 {
             c.iter()

@@ -117,7 +117,7 @@ impl LayerRow {
             "saved_for_backward_bytes_per_token": self.saved_bytes_per_token,
             "stages_ms": {
                 "router": s.router_ms,
-                "stats_and_sync": s.stats_and_sync_ms,
+                "stats": s.stats_ms,
                 "compaction": s.compaction_ms,
                 "up": s.up_ms,
                 "down": s.down_ms,
@@ -312,8 +312,8 @@ pub fn measure_config(
             None
         };
         let stats = [
-            setup.forward(kinds[0], first)?,
-            setup.forward(kinds[1], first)?,
+            setup.forward_stats(kinds[0], first)?,
+            setup.forward_stats(kinds[1], first)?,
         ];
         // The layer, per path: ReMoE and TopK interleaved.
         let mut per_path = Vec::new();

@@ -25,6 +25,14 @@ pub fn gpu_or_skip(test: &str) -> Option<Device> {
     }
 }
 
+/// Like [`gpu_or_skip`], with cudarc's event tracking off (what capturing a CUDA graph needs;
+/// see `remoe_kernels::graph`).
+pub fn untracked_gpu_or_skip(test: &str) -> Option<Device> {
+    gpu_or_skip(test)?;
+    // SAFETY: the tests use this device's one stream only.
+    Some(unsafe { Device::new_untracked(0) }.expect("opening the device untracked"))
+}
+
 /// ||a - b|| / ||b|| in f64; 0 when both are empty or zero. NaN anywhere gives +inf, so an
 /// unwritten (poisoned) element can never pass.
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {

@@ -167,11 +167,11 @@ static void run(const char* name, int T, int H, int F, int E, int mode /*0 unifo
   {
     auto xg = dalloc<uint16_t>(PH);
     poison(w_h, (size_t)E * F * H * 4);
-    LK(remoe_gather_rows_16(x, d_pt, xg, P, H, s));
+    LK(remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s));
     LK(remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, w_h, d_eo, P, P, E, H, F, 0, s)); CK(cudaDeviceSynchronize());
     Cmp c7 = compare(w_h, w_r, (size_t)E * H, F);
-    th = time_it([&] { remoe_gather_rows_16(x, d_pt, xg, P, H, s); remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, w_h, d_eo, P, P, E, H, F, 0, s); }, reps);
-    auto tg = time_it([&] { remoe_gather_rows_16(x, d_pt, xg, P, H, s); }, reps);
+    th = time_it([&] { remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s); remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, w_h, d_eo, P, P, E, H, F, 0, s); }, reps);
+    auto tg = time_it([&] { remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s); }, reps);
     report(name, "dWg+g", c7, 1e-3, th, tm, fl_down, true);
     printf("%-4s gather alone %.4f ms (%.0f GB/s)\n", name, tg[tg.size() / 2], 2.0 * PH * 2 / tg[tg.size() / 2] / 1e6);
     cudaFree(xg);

@@ -1,0 +1,136 @@
+//! How many routed pairs a context's pair buffers hold: the contract that lets a forward run
+//! without reading |A| back to the host.
+//!
+//! A ReMoE forward routes a data-dependent number of (token, expert) pairs |A|, anywhere from 0 to
+//! T E (in the dense stage of training, most of them). The GPU layer never reads |A| back while
+//! it runs (so it can be captured in a CUDA graph, and the CPU never waits for it): the pair
+//! buffers (act, y, g, u, the backward's per-pair gradients) are sized up front by a capacity,
+//! and every kernel reads the real counts from device memory.
+//!
+//! - [`PairCapacity::Auto`] (the default) takes the worst case, T E pairs, whenever the pair
+//!   buffers of that many fit in a memory budget, so a forward can never overflow; when they do
+//!   not, it takes twice the pairs of a k-of-E router, 2 k T (at most T E).
+//! - [`PairCapacity::Pairs`] fixes the number.
+//!
+//! A forward whose |A| exceeds the capacity computes nothing past the buffers: the device
+//! publishes an empty dispatch (the layer's output is zero, the backward's expert gradients
+//! are zero), raises a flag, and the next host-visible call of the context
+//! ([`MoeContext::stats`](crate::MoeContext::stats),
+//! [`MoeContext::check_device_errors`](crate::MoeContext::check_device_errors),
+//! [`MoeContext::lambda`](crate::MoeContext::lambda)) returns
+//! [`Error::CapacityExceeded`](crate::Error::CapacityExceeded) with the |A| that did not fit.
+//! Nothing is dropped silently.
+
+use crate::config::LayerConfig;
+
+/// The default memory budget of [`PairCapacity::Auto`]: 4 GiB of per-pair buffers.
+pub const DEFAULT_PAIR_BUDGET_BYTES: usize = 4 << 30;
+
+/// How many routed pairs the pair buffers are sized for (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairCapacity {
+    /// T E pairs when their buffers take at most `budget_bytes`, else 2 k T (at most T E).
+    Auto {
+        /// Bytes the per-pair buffers (forward, and backward when saving for it) may take.
+        budget_bytes: usize,
+    },
+    /// This many pairs (at most T E are ever used).
+    Pairs(usize),
+}
+
+impl Default for PairCapacity {
+    fn default() -> Self {
+        Self::Auto {
+            budget_bytes: DEFAULT_PAIR_BUDGET_BYTES,
+        }
+    }
+}
+
+impl PairCapacity {
+    /// The pairs a forward of `cfg` gets buffers for. `training`: whether the forward saves for
+    /// backward (then the backward's per-pair buffers count against the budget too); `elem`:
+    /// the activation dtype's size in bytes.
+    pub fn pairs_for(&self, cfg: &LayerConfig, training: bool, elem: usize) -> usize {
+        let worst = cfg.tokens * cfg.experts;
+        match *self {
+            Self::Pairs(n) => n.min(worst),
+            Self::Auto { budget_bytes } => {
+                let per_pair = bytes_per_pair(cfg, training, elem);
+                if worst.saturating_mul(per_pair) <= budget_bytes {
+                    worst
+                } else {
+                    (2 * cfg.k * cfg.tokens).min(worst)
+                }
+            }
+        }
+    }
+}
+
+/// Device bytes per routed pair: the forward's pair token and gate (4 + 4), act (F), y (4 H,
+/// f32) and, when training, g and u (2 F) and the backward's dY, dX per pair and X's gathered row
+/// (3 H), dR (4), dg and du (2 F); F and H counted in elements of `elem` bytes.
+pub(crate) fn bytes_per_pair(cfg: &LayerConfig, training: bool, elem: usize) -> usize {
+    let (h, f) = (cfg.hidden, cfg.ffn);
+    let forward = 8 + elem * f + 4 * h;
+    if training {
+        forward + elem * 2 * f + elem * 3 * h + 4 + elem * 2 * f
+    } else {
+        forward
+    }
+}
+
+/// The most GEMM row tiles (of `tile_rows` rows, per expert) that `capacity` pairs over `e`
+/// experts can make: what sizes the grouped GEMMs' grids without knowing the real n_e.
+pub(crate) fn max_row_tiles(capacity: usize, e: usize, tile_rows: usize) -> usize {
+    if capacity == 0 {
+        return 0;
+    }
+    // Each expert adds at most one partial tile: sum ceil(n_e / r) <= (sum n_e + e (r - 1)) / r.
+    (capacity + e * (tile_rows - 1)) / tile_rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_takes_the_worst_case_when_it_fits_the_budget() {
+        let cfg = LayerConfig::new(512, 256, 512, 8, 1);
+        let c = PairCapacity::default();
+        assert_eq!(c.pairs_for(&cfg, true, 2), 512 * 8);
+        let tight = PairCapacity::Auto {
+            budget_bytes: 512 * 8 * bytes_per_pair(&cfg, true, 2) - 1,
+        };
+        assert_eq!(tight.pairs_for(&cfg, true, 2), 2 * 512);
+        // The same budget holds the worst case of an inference forward (no backward buffers).
+        assert_eq!(tight.pairs_for(&cfg, false, 2), 512 * 8);
+    }
+
+    #[test]
+    fn a_fixed_capacity_is_clamped_to_every_pair() {
+        let cfg = LayerConfig::new(10, 64, 64, 4, 2);
+        assert_eq!(PairCapacity::Pairs(7).pairs_for(&cfg, true, 2), 7);
+        assert_eq!(PairCapacity::Pairs(1000).pairs_for(&cfg, true, 2), 40);
+        assert_eq!(PairCapacity::Pairs(0).pairs_for(&cfg, false, 2), 0);
+    }
+
+    #[test]
+    fn the_tile_bound_covers_every_split_of_the_pairs() {
+        for e in [1usize, 2, 3, 8] {
+            for cap in 0..300usize {
+                let bound = max_row_tiles(cap, e, 128);
+                // Any split over two experts (the others empty).
+                for a in 0..=cap {
+                    let tiles = a.div_ceil(128) + (cap - a).div_ceil(128);
+                    if e >= 2 {
+                        assert!(tiles <= bound, "cap {cap} e {e} split {a}");
+                    }
+                }
+                // e - 1 experts with one pair each, the rest on the last one.
+                let singles = cap.min(e - 1);
+                let tiles = singles + (cap - singles).div_ceil(128);
+                assert!(tiles <= bound, "cap {cap} e {e} singles");
+            }
+        }
+    }
+}
