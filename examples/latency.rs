@@ -15,6 +15,7 @@
 //! Medians with min and max.
 //!
 //!   scripts/with-cuda cargo run --release --example latency -- [--iters N] [--json PATH]
+//!       [--tokens T (one batch size instead of all four)]
 
 #[path = "../benches/support/mod.rs"]
 mod support;
@@ -253,11 +254,13 @@ fn probe_tracked_capture() -> String {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut iters = 200usize;
     let mut json: Option<String> = None;
+    let mut tokens: Vec<usize> = TOKENS.to_vec();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--iters" => iters = args.next().ok_or("--iters needs N")?.parse()?,
             "--json" => json = Some(args.next().ok_or("--json needs a path")?),
+            "--tokens" => tokens = vec![args.next().ok_or("--tokens needs T")?.parse()?],
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -272,7 +275,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let probe = probe_tracked_capture();
     println!("capture with cudarc's event tracking on: {probe}");
     let mut rows = Vec::new();
-    for t in TOKENS {
+    for &t in &tokens {
         rows.extend(measure(t, iters, 20)?);
     }
     println!(

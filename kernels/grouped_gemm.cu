@@ -109,6 +109,10 @@ struct GemmArgs {
   const uint32_t *expert_offsets;
   const uint32_t *tile_offsets;
   int e, K, N, col_tiles;
+  // kDown's split-K (1 elsewhere): blockIdx.y takes the K blocks [y kb / k_splits,
+  // (y + 1) kb / k_splits) of kb = ceil(K / BK), the same ranges as the Hopper kernel's, and
+  // writes its partial sums to plane y of out_f32 (planes of plane_rows x N floats).
+  int k_splits, plane_rows;
 };
 
 template <typename T, int kMode>
@@ -178,9 +182,12 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
   }
 
   const int k_tiles = (K + BK - 1) / BK;
-  const int total_k_tiles = k_tiles * kSegments;
+  const int kt_begin = (int)((long long)blockIdx.y * k_tiles * kSegments / args.k_splits);
+  const int kt_end = (int)((long long)(blockIdx.y + 1) * k_tiles * kSegments / args.k_splits);
+  const int total_k_tiles = kt_end - kt_begin;
 
-  auto load_stage = [&](int stage, int kt_all) {
+  auto load_stage = [&](int stage, int kt) {
+    const int kt_all = kt_begin + kt;
     const int sgm = kSegments == 1 ? 0 : kt_all / k_tiles;
     const int k0 = (kt_all - sgm * k_tiles) * BK;
     const T *a = sgm == 0 ? args.a0 : args.a1;
@@ -315,7 +322,8 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
             store2<T>(args.out0 + orow + col, v0 * u[0] * dsilu0, v1 * u[1] * dsilu1);
             store2<T>(args.out1 + orow + col, v0 * g[0] * s0, v1 * g[1] * s1);
           } else if (kMode == kDown) {
-            *reinterpret_cast<float2 *>(args.out_f32 + orow + col) = make_float2(v0, v1);
+            float *y = args.out_f32 + (size_t)blockIdx.y * args.plane_rows * N;
+            *reinterpret_cast<float2 *>(y + orow + col) = make_float2(v0, v1);
           } else {
             store2<T>(args.out0 + orow + col, v0, v1);
           }
@@ -338,7 +346,8 @@ int launch_grouped_gemm(GemmArgs<T> args, int num_tiles, cudaStream_t stream) {
   args.col_tiles = (args.N + cols_per_tile - 1) / cols_per_tile;
   const long long blocks = (long long)num_tiles * args.col_tiles;
   if (blocks > 0x7fffffffLL) return (int)cudaErrorInvalidConfiguration;
-  kernel<<<(unsigned)blocks, kThreads, kSmemBytes, stream>>>(args);
+  if (args.k_splits < 1) args.k_splits = 1;
+  kernel<<<dim3((unsigned)blocks, (unsigned)args.k_splits), kThreads, kSmemBytes, stream>>>(args);
   return (int)cudaGetLastError();
 }
 
@@ -515,11 +524,13 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
   extern "C" int remoe_expert_down_##SUFFIX(                                                      \
       const uint16_t *act, const uint16_t *wd, float *y, const uint32_t *expert_offsets,          \
       const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,           \
-      remoe_stream_t stream) {                                                                    \
+      int32_t k_splits, int32_t plane_rows, remoe_stream_t stream) {                              \
     GemmArgs<T> a{};                                                                              \
     a.a0 = reinterpret_cast<const T *>(act);                                                      \
     a.b0 = reinterpret_cast<const T *>(wd);                                                       \
     a.out_f32 = y;                                                                                \
+    a.k_splits = k_splits;                                                                        \
+    a.plane_rows = plane_rows;                                                                    \
     a.expert_offsets = expert_offsets;                                                            \
     a.tile_offsets = tile_offsets;                                                                \
     a.e = e;                                                                                      \

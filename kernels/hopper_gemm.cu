@@ -400,7 +400,33 @@ struct RowGemmArgs {
   const T *in_g;                   // dAct: saved g
   const T *in_u;                   // dAct: saved u
   int e, K, N, col_tiles;
+  // Split-K (the down projection at small |A|, 1 elsewhere): each output tile's K blocks are cut
+  // into k_splits ranges [s kb / k_splits, (s + 1) kb / k_splits), each a separate work unit
+  // that writes its partial sums to plane s of out_f32 (planes of plane_rows x N floats).
+  int k_splits, plane_rows;
 };
+
+// One unit of a row GEMM's persistent work: a (row tile, column tile) and one of its K ranges.
+struct RowUnit {
+  int expert, row0, rows, col_tile, split, kb_begin, kb_end;
+};
+
+// Unit `unit` of the grid's walk; k_blocks counts every K block of the tile (both segments of
+// dX). Split fastest, so that the CTAs sharing an output tile run side by side.
+template <typename T>
+__device__ __forceinline__ RowUnit row_unit(const RowGemmArgs<T> &args, int unit, int k_blocks) {
+  RowUnit u;
+  u.split = unit % args.k_splits;
+  const int tile = unit / args.k_splits;
+  const int row_tile = tile / args.col_tiles;
+  u.col_tile = tile - row_tile * args.col_tiles;
+  u.expert = expert_of_tile(args.tile_offsets, args.e, row_tile);
+  u.row0 = (int)args.expert_offsets[u.expert] + (row_tile - (int)args.tile_offsets[u.expert]) * BM;
+  u.rows = min(BM, (int)args.expert_offsets[u.expert + 1] - u.row0);
+  u.kb_begin = (int)((long long)u.split * k_blocks / args.k_splits);
+  u.kb_end = (int)((long long)(u.split + 1) * k_blocks / args.k_splits);
+  return u;
+}
 
 // Column layout of each mode's B operand and output.
 template <int kMode>
@@ -444,13 +470,9 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmArgs<T> &args, co
   const int K = args.K;
   const int k_blocks = (K + BK - 1) / BK;
   PipePos pos;
-  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-    const int row_tile = tile / args.col_tiles;
-    const int col_tile = tile - row_tile * args.col_tiles;
-    const int expert = expert_of_tile(args.tile_offsets, args.e, row_tile);
-    const int row0 =
-        (int)args.expert_offsets[expert] + (row_tile - (int)args.tile_offsets[expert]) * BM;
-    const int rows = min(BM, (int)args.expert_offsets[expert + 1] - row0);
+  for (int unit = blockIdx.x; unit < total_tiles; unit += gridDim.x) {
+    const RowUnit u = row_unit(args, unit, k_blocks * Tr::kSegments);
+    const int expert = u.expert, row0 = u.row0, rows = u.rows, col_tile = u.col_tile;
     uint32_t src_row[8];
     uint32_t row_ok = 0;
 #pragma unroll
@@ -461,7 +483,7 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmArgs<T> &args, co
       src_row[i] =
           ok ? (args.gather != nullptr ? args.gather[row0 + r] : (uint32_t)(row0 + r)) : 0u;
     }
-    for (int kb = 0; kb < k_blocks * Tr::kSegments; ++kb) {
+    for (int kb = u.kb_begin; kb < u.kb_end; ++kb) {
       const int segment = kb >= k_blocks ? 1 : 0;
       const int k0 = (kb - segment * k_blocks) * BK;
       pipe.acquire(pos);
@@ -551,7 +573,8 @@ __device__ __forceinline__ void dact_epilogue(const RowGemmArgs<T> &args, float 
 // Up (SwiGLU, and g and u when saving), down (f32 y) and dX (plain store).
 template <typename T, int kMode>
 __device__ __forceinline__ void store_epilogue(const RowGemmArgs<T> &args, float (&acc)[128],
-                                               int row0, int rows, int col0, int wg_row0) {
+                                               int row0, int rows, int col0, int wg_row0,
+                                               int split) {
   using Tr = RowGemmTraits<kMode>;
   const int lane = threadIdx.x & 31;
   const int warp = (threadIdx.x >> 5) & 3;
@@ -579,7 +602,8 @@ __device__ __forceinline__ void store_epilogue(const RowGemmArgs<T> &args, float
         }
       } else if constexpr (kMode == kDown) {
         if (!row_ok || col >= N) continue;
-        float4 *o = reinterpret_cast<float4 *>(args.out_f32 + orow + col);
+        float *y = args.out_f32 + (size_t)split * args.plane_rows * N;
+        float4 *o = reinterpret_cast<float4 *>(y + orow + col);
         o[0] = make_float4(v[0], v[1], v[2], v[3]);
         o[1] = make_float4(v[4], v[5], v[6], v[7]);
       } else {
@@ -592,11 +616,12 @@ __device__ __forceinline__ void store_epilogue(const RowGemmArgs<T> &args, float
 
 template <typename T, int kMode>
 __device__ __forceinline__ void row_gemm_epilogue(const RowGemmArgs<T> &args, float (&acc)[128],
-                                                  int row0, int rows, int col0, int wg_row0) {
+                                                  int row0, int rows, int col0, int wg_row0,
+                                                  int split) {
   if constexpr (kMode == kDAct)
     dact_epilogue<T>(args, acc, row0, rows, col0, wg_row0);
   else
-    store_epilogue<T, kMode>(args, acc, row0, rows, col0, wg_row0);
+    store_epilogue<T, kMode>(args, acc, row0, rows, col0, wg_row0, split);
 }
 
 template <typename T, int kMode>
@@ -607,22 +632,18 @@ __device__ __forceinline__ void row_gemm_consumer(const RowGemmArgs<T> &args, co
   const int k_blocks = (args.K + BK - 1) / BK * Tr::kSegments;
   float acc[128];
   PipePos pos;
-  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-    const int row_tile = tile / args.col_tiles;
-    const int col_tile = tile - row_tile * args.col_tiles;
-    const int expert = expert_of_tile(args.tile_offsets, args.e, row_tile);
-    const int row0 =
-        (int)args.expert_offsets[expert] + (row_tile - (int)args.tile_offsets[expert]) * BM;
-    const int rows = min(BM, (int)args.expert_offsets[expert + 1] - row0);
-    for (int kb = 0; kb < k_blocks; ++kb) {
+  for (int unit = blockIdx.x; unit < total_tiles; unit += gridDim.x) {
+    const RowUnit u = row_unit(args, unit, k_blocks);
+    for (int kb = u.kb_begin; kb < u.kb_end; ++kb) {
       pipe.wait_loaded(pos);
       // A is K-major (this warpgroup's 64 rows: 64 x 128 bytes in); B as the mode stores it.
       mma_stage<T, 0, Tr::kBMNMajor ? 1 : 0>(acc, pipe.a_tile(pos) + wg * (64 * 128),
-                                             pipe.b_tile(pos), kb == 0);
+                                             pipe.b_tile(pos), kb == u.kb_begin);
       pipe.release(pos);
       ++pos.n;
     }
-    row_gemm_epilogue<T, kMode>(args, acc, row0, rows, col_tile * Tr::kOutCols, wg * 64);
+    row_gemm_epilogue<T, kMode>(args, acc, u.row0, u.rows, u.col_tile * Tr::kOutCols, wg * 64,
+                                u.split);
   }
 }
 
@@ -635,7 +656,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const Pipeline pipe = setup_pipeline(smem_raw);
-  const int total_tiles = (int)args.tile_offsets[args.e] * args.col_tiles;
+  const int total_tiles = (int)args.tile_offsets[args.e] * args.col_tiles * args.k_splits;
   if (threadIdx.x < 128) {
     setmaxnreg_dec<56>();
     row_gemm_producer<T, kMode>(args, pipe, &map0, &map1, total_tiles);
@@ -916,7 +937,8 @@ int launch_row_gemm(RowGemmArgs<T> args, const void *b0, const void *b1, int num
   if (err == cudaSuccess) err = prepare(kernel);
   if (err != cudaSuccess) return (int)err;
   args.col_tiles = (args.N + Tr::kOutCols - 1) / Tr::kOutCols;
-  const long long tiles = (long long)num_tiles * args.col_tiles;
+  if (args.k_splits < 1) args.k_splits = 1;
+  const long long tiles = (long long)num_tiles * args.col_tiles * args.k_splits;
   if (tiles > 0x7fffffffLL) return (int)cudaErrorInvalidConfiguration;
   const int grid = (int)(tiles < (long long)sm_count() ? tiles : (long long)sm_count());
   if (grid <= 0) return (int)cudaErrorInvalidDevice;
@@ -978,10 +1000,12 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
   extern "C" int remoe_hopper_expert_down_##SUFFIX(                                               \
       const uint16_t *act, const uint16_t *wd, float *y, const uint32_t *expert_offsets,          \
       const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,           \
-      remoe_stream_t stream) {                                                                    \
+      int32_t k_splits, int32_t plane_rows, remoe_stream_t stream) {                              \
     RowGemmArgs<T> a{};                                                                           \
     a.a0 = reinterpret_cast<const T *>(act);                                                      \
     a.out_f32 = y;                                                                                \
+    a.k_splits = k_splits;                                                                        \
+    a.plane_rows = plane_rows;                                                                    \
     a.expert_offsets = expert_offsets;                                                            \
     a.tile_offsets = tile_offsets;                                                                \
     a.e = e;                                                                                      \

@@ -119,6 +119,10 @@ int remoe_compact_pairs(const float *gates, const uint32_t *block_offsets,
  *   backward needs them).
  * Down projection:
  *   y[p, :] = act[p, :] Wd_e                     y [|A|, h] f32;  wd [e, f, h]
+ *   with split-K when k_splits > 1: plane s of y (planes of plane_rows x h floats, plane_rows >=
+ *   |A|) gets the partial sum over act's columns [s kb / k_splits, (s + 1) kb / k_splits) x 64,
+ *   kb = ceil(f / 64) (the same ranges on both paths); remoe_sum_planes_f32 then adds the planes
+ *   into the first. k_splits <= kb. y holds k_splits planes.
  *   (y stays in f32: the backward's dR = dOut . y is a dot product that can cancel, and bf16
  *   storage of y would dominate its error.)
  * Backward of the down projection and of SwiGLU:
@@ -139,11 +143,11 @@ int remoe_expert_up_swiglu_f16(const uint16_t *x, const uint32_t *pair_token, co
 int remoe_expert_down_bf16(const uint16_t *act, const uint16_t *wd, float *y,
                            const uint32_t *expert_offsets, const uint32_t *tile_offsets,
                            int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                           remoe_stream_t stream);
+                           int32_t k_splits, int32_t plane_rows, remoe_stream_t stream);
 int remoe_expert_down_f16(const uint16_t *act, const uint16_t *wd, float *y,
                           const uint32_t *expert_offsets, const uint32_t *tile_offsets,
                           int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                          remoe_stream_t stream);
+                          int32_t k_splits, int32_t plane_rows, remoe_stream_t stream);
 int remoe_expert_dact_bf16(const uint16_t *dy, const uint16_t *wd, const uint16_t *g,
                            const uint16_t *u, uint16_t *dg, uint16_t *du,
                            const uint32_t *expert_offsets, const uint32_t *tile_offsets,
@@ -208,11 +212,11 @@ int remoe_hopper_expert_up_swiglu_f16(const uint16_t *x, const uint32_t *pair_to
 int remoe_hopper_expert_down_bf16(const uint16_t *act, const uint16_t *wd, float *y,
                                   const uint32_t *expert_offsets, const uint32_t *tile_offsets,
                                   int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                                  remoe_stream_t stream);
+                                  int32_t k_splits, int32_t plane_rows, remoe_stream_t stream);
 int remoe_hopper_expert_down_f16(const uint16_t *act, const uint16_t *wd, float *y,
                                  const uint32_t *expert_offsets, const uint32_t *tile_offsets,
                                  int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                                 remoe_stream_t stream);
+                                 int32_t k_splits, int32_t plane_rows, remoe_stream_t stream);
 int remoe_hopper_expert_dact_bf16(const uint16_t *dy, const uint16_t *wd, const uint16_t *g,
                                   const uint16_t *u, uint16_t *dg, uint16_t *du,
                                   const uint32_t *expert_offsets, const uint32_t *tile_offsets,
@@ -243,6 +247,14 @@ int remoe_hopper_expert_weight_grad_f16(const uint16_t *a, const uint32_t *gathe
                                         const uint32_t *expert_offsets, int32_t a_rows,
                                   int32_t b_rows, int32_t e, int32_t m,
                                         int32_t n, int32_t accumulate, remoe_stream_t stream);
+
+/*
+ * Split-K's reduction (kernels/split_k.cu): y[p, :] = sum over s = 0 .. planes-1, in that order,
+ * of plane s's row p, written into plane 0, for p < *count (a device pointer: |A|). Planes of
+ * plane_rows x h floats, contiguous; h % 8 == 0. planes <= 1 does nothing.
+ */
+int remoe_sum_planes_f32(float *y, int32_t planes, int32_t plane_rows, const uint32_t *count,
+                         int32_t h, remoe_stream_t stream);
 
 /*
  * Row gather (kernels/gather.cu): out[p, :] = x[rows[p], :] for p < *count, 16-bit elements

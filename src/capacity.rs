@@ -89,6 +89,31 @@ pub(crate) fn max_row_tiles(capacity: usize, e: usize, tile_rows: usize) -> usiz
     (capacity + e * (tile_rows - 1)) / tile_rows
 }
 
+/// How many K ranges the down projection is split into (split-K, see kernels/split_k.cu), from
+/// what the host knows: the expected pairs k T (TopK's exact |A|; ReMoE's once its controller
+/// has settled), at most the capacity. Few pairs make few output tiles (128 rows x 256 columns),
+/// too few to keep the SMs streaming the expert weights; splitting F multiplies the work units
+/// up to about 128 (an H100 has 132 SMs), with at least 8 K blocks of 64 per range. The result
+/// only moves work around: any |A| <= capacity is computed, and both GEMM paths split alike.
+pub(crate) fn down_k_splits(cfg: &LayerConfig, capacity: usize) -> usize {
+    const UNITS: usize = 128;
+    const MAX_SPLITS: usize = 4;
+    let rows = (cfg.k * cfg.tokens).min(capacity);
+    if rows == 0 {
+        return 1;
+    }
+    let e = cfg.experts;
+    // Row tiles if the rows spread evenly over the experts (each expert's last tile partial).
+    let row_tiles = if rows >= e {
+        e * rows.div_ceil(e).div_ceil(128)
+    } else {
+        rows
+    };
+    let units = row_tiles * cfg.hidden.div_ceil(256);
+    let k_blocks = cfg.ffn.div_ceil(64);
+    (UNITS / units.max(1)).clamp(1, MAX_SPLITS.min(k_blocks / 8).max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +137,24 @@ mod tests {
         assert_eq!(PairCapacity::Pairs(7).pairs_for(&cfg, true, 2), 7);
         assert_eq!(PairCapacity::Pairs(1000).pairs_for(&cfg, true, 2), 40);
         assert_eq!(PairCapacity::Pairs(0).pairs_for(&cfg, false, 2), 0);
+    }
+
+    #[test]
+    fn split_k_only_for_few_pairs_and_long_enough_k() {
+        // Config S (T 512, H 768, F 3072, E 8, k 1): 8 tiles x 3 columns -> 4 ranges.
+        let s = LayerConfig::new(512, 768, 3072, 8, 1);
+        assert_eq!(down_k_splits(&s, 4096), 4);
+        // Decode.
+        assert_eq!(down_k_splits(&LayerConfig::new(8, 768, 3072, 8, 1), 64), 4);
+        // Config A: 128 tiles, no split.
+        assert_eq!(
+            down_k_splits(&LayerConfig::new(16384, 768, 3072, 8, 1), 32768),
+            1
+        );
+        // A short F cannot be split into ranges of 8 K blocks.
+        assert_eq!(down_k_splits(&LayerConfig::new(8, 768, 256, 8, 1), 64), 1);
+        // No pairs.
+        assert_eq!(down_k_splits(&LayerConfig::new(0, 64, 64, 8, 1), 0), 1);
     }
 
     #[test]

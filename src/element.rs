@@ -40,13 +40,16 @@ pub(crate) type ExpertUpFn = unsafe extern "C" fn(
     Stream,
 ) -> i32;
 
-/// act, wd, y (f32), expert_offsets, tile_offsets, num_tiles, e, h, f, stream.
+/// act, wd, y (f32), expert_offsets, tile_offsets, num_tiles, e, h, f, k_splits, plane_rows,
+/// stream.
 pub(crate) type ExpertDownFn = unsafe extern "C" fn(
     *const u16,
     *const u16,
     *mut f32,
     *const u32,
     *const u32,
+    i32,
+    i32,
     i32,
     i32,
     i32,

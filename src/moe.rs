@@ -68,7 +68,7 @@
 //! Only the routing is defined this way: a NaN or Inf elsewhere (an expert weight, dOut) flows
 //! through the arithmetic as IEEE says.
 
-use crate::capacity::{max_row_tiles, PairCapacity};
+use crate::capacity::{down_k_splits, max_row_tiles, PairCapacity};
 use crate::config::LayerConfig;
 use crate::controller::Coefficient;
 use crate::device::Device;
@@ -833,7 +833,10 @@ pub fn moe_forward<'x, 'w, T: HalfElement>(
         max_tiles: plan.max_tiles,
         saved_for_backward: plan.save,
         generation: ctx.generation,
-        lens: SavedLens::of(cfg, router, plan.cap, plan.save),
+        lens: SavedLens {
+            y: plan.k_splits * plan.cap * cfg.hidden,
+            ..SavedLens::of(cfg, router, plan.cap, plan.save)
+        },
     });
     Ok(())
 }
@@ -849,6 +852,8 @@ struct ForwardPlan {
     cap: usize,
     /// The most row tiles `cap` pairs can make.
     max_tiles: usize,
+    /// The down projection's split-K ranges (y holds this many planes of cap x H).
+    k_splits: usize,
     /// Whether g and u are written (fixed at the start, recorded at the end).
     save: bool,
 }
@@ -863,6 +868,7 @@ impl ForwardPlan {
             blocks: cfg.tokens.div_ceil(ROUTER_BLOCK),
             cap,
             max_tiles: max_row_tiles(cap, cfg.experts, TILE_ROWS),
+            k_splits: down_k_splits(cfg, cap),
             save,
         }
     }
@@ -916,7 +922,7 @@ impl ForwardPlan {
         MoeContext::<T>::grow(&dev, a, &mut c.pair_token, cap)?;
         MoeContext::<T>::grow(&dev, a, &mut c.pair_gate, cap)?;
         MoeContext::<T>::grow(&dev, a, &mut c.act, cap * f)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.y, cap * h)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.y, self.k_splits * cap * h)?;
         let saved = if self.save { cap * f } else { 0 };
         MoeContext::<T>::grow(&dev, a, &mut c.g, saved)?;
         MoeContext::<T>::grow(&dev, a, &mut c.u, saved)
@@ -1156,10 +1162,12 @@ impl ForwardPlan {
         let mut l = Launch::on(&dev);
         let ap = l.input("act", &ctx.act, cap * f)?;
         let wd = l.input("down weight", &w.down, e * f * h)?;
-        let yp = l.output("expert out", &mut ctx.y, cap * h)?;
+        let splits = self.k_splits;
+        let yp = l.output("expert out", &mut ctx.y, splits * cap * h)?;
         let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
         let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
-        // SAFETY: act cap*f, wd [e,f,h], y holds cap*h; offsets as in up_projection.
+        // SAFETY: act cap*f, wd [e,f,h], y holds k_splits planes of cap*h; offsets as in
+        // up_projection; 1 <= k_splits <= ceil(f / 64) / 8 (down_k_splits); cap < 2^31.
         let code = unsafe {
             (gemms.down)(
                 ap as *const u16,
@@ -1171,10 +1179,24 @@ impl ForwardPlan {
                 ei,
                 hi,
                 fi,
+                splits as i32,
+                cap as i32,
                 l.stream(),
             )
         };
-        ffi::check("expert_down", code)
+        ffi::check("expert_down", code)?;
+        if splits > 1 {
+            // The planes of partial sums into y, in plane order.
+            let count = l.input_raw("expert offsets", &ctx.expert_offsets, e + 1)?;
+            let count = count.wrapping_add(e);
+            // SAFETY: yp holds splits planes of cap*h f32 (checked above); count points at
+            // expert_offsets[e] = |A| <= cap; h % 8 == 0.
+            let code = unsafe {
+                ffi::remoe_sum_planes_f32(yp, splits as i32, cap as i32, count, hi, l.stream())
+            };
+            ffi::check("sum_planes", code)?;
+        }
+        Ok(())
     }
 
     /// The gate-weighted combine (also with no pairs: it writes the zeros).

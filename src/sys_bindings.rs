@@ -165,6 +165,10 @@ Up projection with SwiGLU: for each pair p of expert e, with x_t the row pair_to
   backward needs them).
 Down projection:
   y[p, :] = act[p, :] Wd_e                     y [|A|, h] f32;  wd [e, f, h]
+  with split-K when k_splits > 1: plane s of y (planes of plane_rows x h floats, plane_rows >=
+  |A|) gets the partial sum over act's columns [s kb / k_splits, (s + 1) kb / k_splits) x 64,
+  kb = ceil(f / 64) (the same ranges on both paths); remoe_sum_planes_f32 then adds the planes
+  into the first. k_splits <= kb. y holds k_splits planes.
   (y stays in f32: the backward's dR = dOut . y is a dot product that can cancel, and bf16
   storage of y would dominate its error.)
 Backward of the down projection and of SwiGLU:
@@ -218,6 +222,8 @@ unsafe extern "C" {
         e: i32,
         h: i32,
         f: i32,
+        k_splits: i32,
+        plane_rows: i32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
@@ -232,6 +238,8 @@ unsafe extern "C" {
         e: i32,
         h: i32,
         f: i32,
+        k_splits: i32,
+        plane_rows: i32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
@@ -409,6 +417,8 @@ unsafe extern "C" {
         e: i32,
         h: i32,
         f: i32,
+        k_splits: i32,
+        plane_rows: i32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
@@ -423,6 +433,8 @@ unsafe extern "C" {
         e: i32,
         h: i32,
         f: i32,
+        k_splits: i32,
+        plane_rows: i32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
@@ -521,6 +533,23 @@ unsafe extern "C" {
         m: i32,
         n: i32,
         accumulate: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    /**Split-K's reduction (kernels/split\_k.cu).
+
+```text
+Split-K's reduction (kernels/split_k.cu): y[p, :] = sum over s = 0 .. planes-1, in that order,
+of plane s's row p, written into plane 0, for p < *count (a device pointer: |A|). Planes of
+plane_rows x h floats, contiguous; h % 8 == 0. planes <= 1 does nothing.
+```*/
+    pub fn remoe_sum_planes_f32(
+        y: *mut f32,
+        planes: i32,
+        plane_rows: i32,
+        count: *const u32,
+        h: i32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }

@@ -203,6 +203,12 @@ fn gpu_remoe_backward_matches_reference_across_shapes() {
             LayerConfig::new(500, 64, 32, 512, 8),
             uniform_density(512, 8.0 / 512.0),
         ),
+        // Few pairs, long F: the forward's down projection splits K, and y (which dR reads)
+        // is the sum of its planes.
+        (
+            LayerConfig::new(97, 136, 2056, 6, 1),
+            uniform_density(6, 0.2),
+        ),
     ];
     for (cfg, density) in cases {
         check_backward(&dev, RouterKind::Relu, cfg, &density, 1e-2, false);

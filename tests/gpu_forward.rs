@@ -314,6 +314,11 @@ fn gpu_remoe_forward_matches_reference_across_shapes_and_densities() {
             LayerConfig::new(4096, 768, 256, 8, 1),
             uniform_density(8, 1.0 / 8.0),
         ),
+        // Few pairs, long F: the down projection's split-K (4 uneven K ranges).
+        (
+            LayerConfig::new(97, 136, 2056, 6, 1),
+            uniform_density(6, 0.2),
+        ),
     ];
     for (cfg, density) in cases {
         check_case(&dev, RouterKind::Relu, cfg, &density);

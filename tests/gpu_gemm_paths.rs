@@ -5,7 +5,8 @@
 //! and once with `REMOE_GEMM_PATH=mma-sync`. Here the paths meet directly: on the same inputs
 //! they must give bitwise-identical outputs and gradients (both add the same k16 products in the
 //! same order), over shapes that stress the tiling: one token, a prime T, sizes that are not
-//! multiples of the tiles, experts with no tokens, one expert taking every token.
+//! multiples of the tiles, experts with no tokens, one expert taking every token, and the down
+//! projection's split-K at small batches (both paths cut K into the same ranges).
 
 mod common;
 
@@ -109,6 +110,11 @@ fn both_gemm_paths_give_bitwise_identical_layers() {
         (cfg(300, 72, 136, 3, 1), vec![0.0, 1.0, 0.0]),
         (cfg(1031, 136, 264, 16, 2), skewed_density(16, 2.0)),
         (cfg(4096, 768, 1024, 8, 1), uniform_density(8, 1.0 / 8.0)),
+        // Few pairs and a long F: the down projection splits K into 4 uneven ranges (33 K
+        // blocks, the last one partial), and the planes are summed.
+        (cfg(97, 136, 2056, 6, 1), uniform_density(6, 0.2)),
+        // Decode at config S's shape.
+        (cfg(8, 768, 3072, 8, 1), uniform_density(8, 1.0 / 8.0)),
     ];
     for (c, density) in cases {
         for kind in [RouterKind::Relu, RouterKind::TopK] {

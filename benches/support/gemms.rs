@@ -671,7 +671,10 @@ impl GroupedGemms {
                     };
                     let (act, wd) = (c(self.act.ptr(r)), c(self.wd.ptr(r)));
                     let y = self.y_o as *mut f32;
-                    ("expert_down", launch(act, wd, y, eo, to, tiles, e, h, f, s))
+                    (
+                        "expert_down",
+                        launch(act, wd, y, eo, to, tiles, e, h, f, 1, pairs, s),
+                    )
                 }
                 GemmKind::DAct => {
                     let launch = if hopper {

@@ -13,7 +13,7 @@
 #include "remoe_kernels.h"
 extern "C" {
 #define UP_SIG(name) int name(const uint16_t*, const uint32_t*, const uint16_t*, const uint16_t*, uint16_t*, uint16_t*, uint16_t*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
-#define DOWN_SIG(name) int name(const uint16_t*, const uint16_t*, float*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
+#define DOWN_SIG(name) int name(const uint16_t*, const uint16_t*, float*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
 #define DACT_SIG(name) int name(const uint16_t*, const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, uint16_t*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
 #define DX_SIG(name) int name(const uint16_t*, const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
 #define WG_SIG(name) int name(const uint16_t*, const uint32_t*, const uint16_t*, float*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
@@ -114,14 +114,14 @@ static void run(const char* name, int T, int H, int F, int E, int mode /*0 unifo
   LK(remoe_hopper_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_h, nullptr, nullptr, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
   report(name, "up.nos", compare(act_h, act_r, P, F), 2e-2, {}, {}, 0, true);
   // down
-  LK(remoe_expert_down_bf16(act_r, wd, y_r, d_eo, d_to, tiles, E, H, F, s));
+  LK(remoe_expert_down_bf16(act_r, wd, y_r, d_eo, d_to, tiles, E, H, F, 1, P, s));
   poison(y_h, PH * 4);
-  LK(remoe_hopper_expert_down_bf16(act_r, wd, y_h, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_down_bf16(act_r, wd, y_h, d_eo, d_to, tiles, E, H, F, 1, P, s)); CK(cudaDeviceSynchronize());
   Cmp c2 = compare(y_h, y_r, P, H);
-  LK(remoe_hopper_expert_down_bf16(act_r, wd, tmp32, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_down_bf16(act_r, wd, tmp32, d_eo, d_to, tiles, E, H, F, 1, P, s)); CK(cudaDeviceSynchronize());
   rep = same_bits(tmp32, y_h, PH);
-  th = time_it([&] { remoe_hopper_expert_down_bf16(act_r, wd, y_h, d_eo, d_to, tiles, E, H, F, s); }, reps);
-  tm = time_it([&] { remoe_expert_down_bf16(act_r, wd, y_r, d_eo, d_to, tiles, E, H, F, s); }, reps);
+  th = time_it([&] { remoe_hopper_expert_down_bf16(act_r, wd, y_h, d_eo, d_to, tiles, E, H, F, 1, P, s); }, reps);
+  tm = time_it([&] { remoe_expert_down_bf16(act_r, wd, y_r, d_eo, d_to, tiles, E, H, F, 1, P, s); }, reps);
   report(name, "down", c2, 1e-3, th, tm, fl_down, rep);
   // dact
   LK(remoe_expert_dact_bf16(dy, wd, g_r, u_r, dg_r, du_r, d_eo, d_to, tiles, E, H, F, s));
