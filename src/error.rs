@@ -48,6 +48,8 @@ pub enum Error {
     /// its expert as not selectable (TopK), so nothing out of bounds or undefined happened; the
     /// forward's results are not to be used.
     NonFiniteLogits { count: usize, first_token: usize },
+    /// A checkpoint could not be read or written (see [`crate::weights`]).
+    Weights(crate::weights::WeightsError),
 }
 
 impl fmt::Display for Error {
@@ -94,6 +96,7 @@ impl fmt::Display for Error {
                 f,
                 "{count} router logit(s) were NaN or infinite, the first in token {first_token}"
             ),
+            Error::Weights(e) => write!(f, "weights: {e}"),
         }
     }
 }
