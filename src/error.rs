@@ -58,6 +58,8 @@ pub enum Error {
     /// captured (a workspace that must grow, stage timing, a read back to the host). Nothing
     /// was enqueued.
     CaptureUnsupported(String),
+    /// A checkpoint could not be read or written (see [`crate::weights`]).
+    Weights(crate::weights::WeightsError),
 }
 
 impl fmt::Display for Error {
@@ -112,6 +114,7 @@ impl fmt::Display for Error {
                 f,
                 "{count} router logit(s) were NaN or infinite, the first in token {first_token}"
             ),
+            Error::Weights(e) => write!(f, "weights: {e}"),
         }
     }
 }

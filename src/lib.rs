@@ -23,6 +23,8 @@
 //! needs no GPU at all.
 
 pub mod backward;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod capacity;
 pub mod config;
 pub mod controller;
@@ -40,6 +42,7 @@ pub mod synthetic;
 pub mod sys;
 pub mod tensor;
 pub mod timing;
+pub mod weights;
 mod workspace;
 
 pub use backward::{moe_backward, BackwardOptions, MoeGrads};
@@ -58,3 +61,4 @@ pub use moe::{
 pub use router::router_forward;
 pub use tensor::{DType, DeviceTensor, Element, TensorView};
 pub use timing::{time_gpu, GpuTimings};
+pub use weights::{DeviceMoeWeights, HostMoeWeights, WeightLayout, WeightsError};

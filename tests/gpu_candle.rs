@@ -1,0 +1,225 @@
+//! The candle modules (feature `candle`) on the GPU: candle's gradients through the layer, the
+//! balance loss included, against the crate's CPU reference; a small model that trains with a
+//! candle-nn optimiser; checkpoint layouts in and out of a trained layer.
+//!
+//!     scripts/with-cuda cargo test --no-default-features --features candle --test gpu_candle
+//!
+//! (see the README's "candle" section for the link step on a machine without a driver).
+#![cfg(feature = "candle")]
+
+mod common;
+
+use candle_core::{DType, Device as CDevice, Module, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use half::bf16;
+use remoe_kernels::candle::MoeLayer;
+use remoe_kernels::reference::{self, LayerParams};
+use remoe_kernels::rng::SplitMix64;
+use remoe_kernels::{HostMoeWeights, LayerConfig, RouterKind, WeightLayout};
+
+use common::{gpu_or_skip, rel_err, seed_note};
+
+/// candle's CUDA device 0, or `None` after the crate's skip message.
+fn candle_gpu_or_skip(test: &str) -> Option<CDevice> {
+    gpu_or_skip(test)?;
+    Some(CDevice::new_cuda(0).expect("candle opens the device the crate opened"))
+}
+
+fn bf16_vec(v: &[f64]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f64(x)).collect()
+}
+
+fn f64_of(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// loss = sum(out * G) + w * balance_loss through the candle module, against the reference's
+/// forward and backward (dOut = G, balance gradient scaled by w) on the same bf16 inputs.
+fn gradients_match_the_reference(router: RouterKind, test: &str) {
+    let Some(cdev) = candle_gpu_or_skip(test) else {
+        return;
+    };
+    let seed = SplitMix64::fresh_seed();
+    let mut rng = SplitMix64::new(seed);
+    let (t, h, f, e, k) = (192, 64, 96, 8, 2);
+    let cfg = LayerConfig::new(t, h, f, e, k);
+    let (coeff, w) = (0.05, 0.5);
+
+    let round = |v: Vec<f64>| -> Vec<f64> { bf16_vec(&v).iter().map(|x| x.to_f64()).collect() };
+    let x = round(rng.vec_uniform(t * h, 1.0));
+    let params = LayerParams {
+        router: round(rng.vec_uniform(h * e, 0.3)),
+        gate: round(rng.vec_uniform(e * h * f, 0.2)),
+        up: round(rng.vec_uniform(e * h * f, 0.2)),
+        down: round(rng.vec_uniform(e * f * h, 0.2)),
+    };
+    let g = round(rng.vec_uniform(t * h, 1.0));
+
+    let host = HostMoeWeights::new(
+        h,
+        f,
+        e,
+        LayerParams {
+            router: bf16_vec(&params.router),
+            gate: bf16_vec(&params.gate),
+            up: bf16_vec(&params.up),
+            down: bf16_vec(&params.down),
+        },
+    )
+    .unwrap();
+    let mut layer = MoeLayer::from_host_weights(router, &host, k, coeff, &cdev).unwrap();
+    layer.set_fixed_coefficient(coeff);
+    let xv = Var::from_tensor(&Tensor::from_slice(&bf16_vec(&x), (t, h), &cdev).unwrap()).unwrap();
+    let gt = Tensor::from_slice(&bf16_vec(&g), (t, h), &cdev).unwrap();
+
+    let y = layer.forward_with_loss(xv.as_tensor()).unwrap();
+    let task = (y.out.to_dtype(DType::F32).unwrap() * gt.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let loss = (task + (y.balance_loss.clone() * w).unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+
+    let (want_out, want_loss, want) = match router {
+        RouterKind::Relu => {
+            let fwd = reference::remoe_forward(&x, &params, &cfg, coeff);
+            let b = reference::remoe_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, w);
+            (fwd.out, fwd.reg_loss, b)
+        }
+        RouterKind::TopK => {
+            let fwd = reference::topk_forward(&x, &params, &cfg, coeff);
+            let b = reference::topk_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, w);
+            (fwd.out, fwd.aux_loss, b)
+        }
+    };
+    let note = seed_note(seed);
+    let got_loss = y.balance_loss.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        (got_loss - want_loss).abs() <= 1e-2 * want_loss.abs().max(1e-6),
+        "{test}: balance loss {got_loss} vs {want_loss}, {note}"
+    );
+    let e_out = rel_err(&f64_of(&y.out), &want_out);
+    assert!(e_out < 1e-2, "{test}: out rel err {e_out}, {note}");
+
+    let [wr, wg, wu, wd] = layer.parameters();
+    for (what, got, want) in [
+        ("dx", grads.get(xv.as_tensor()), &want.dx),
+        ("dWr", grads.get(wr), &want.params.router),
+        ("dWg", grads.get(wg), &want.params.gate),
+        ("dWu", grads.get(wu), &want.params.up),
+        ("dWd", grads.get(wd), &want.params.down),
+    ] {
+        let got = got.unwrap_or_else(|| panic!("{test}: candle has no gradient for {what}"));
+        let err = rel_err(&f64_of(got), want);
+        assert!(err < 1e-2, "{test}: {what} rel err {err}, {note}");
+    }
+
+    // The balance loss left out of the total: no balance gradient, so dWr is the task's alone.
+    let plain = layer.forward(xv.as_tensor()).unwrap();
+    let task_only = (plain.to_dtype(DType::F32).unwrap() * gt.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let g2 = task_only.backward().unwrap();
+    let want0 = match router {
+        RouterKind::Relu => {
+            let fwd = reference::remoe_forward(&x, &params, &cfg, coeff);
+            reference::remoe_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, 0.0)
+        }
+        RouterKind::TopK => {
+            let fwd = reference::topk_forward(&x, &params, &cfg, coeff);
+            reference::topk_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, 0.0)
+        }
+    };
+    let err = rel_err(&f64_of(g2.get(wr).unwrap()), &want0.params.router);
+    assert!(
+        err < 1e-2,
+        "{test}: dWr without the balance loss, rel err {err}, {note}"
+    );
+}
+
+#[test]
+fn remoe_gradients_through_candle_match_the_reference() {
+    gradients_match_the_reference(
+        RouterKind::Relu,
+        "remoe_gradients_through_candle_match_the_reference",
+    );
+}
+
+#[test]
+fn topk_gradients_through_candle_match_the_reference() {
+    gradients_match_the_reference(
+        RouterKind::TopK,
+        "topk_gradients_through_candle_match_the_reference",
+    );
+}
+
+/// A model of one ReMoE layer and a linear head, parameters from a VarMap, trained with AdamW on
+/// a fixed regression target: the loss goes down, lambda moves, and the trained layer's weights
+/// survive a checkpoint round trip in every layout.
+#[test]
+fn a_small_candle_model_trains() {
+    let test = "a_small_candle_model_trains";
+    let Some(cdev) = candle_gpu_or_skip(test) else {
+        return;
+    };
+    let seed = SplitMix64::fresh_seed();
+    let mut rng = SplitMix64::new(seed);
+    let (t, h, f, e, k) = (256, 64, 128, 8, 2);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::BF16, &cdev);
+    let moe = MoeLayer::<bf16>::remoe(vb.pp("moe"), h, f, e, k).unwrap();
+    let head = candle_nn::linear_no_bias(h, h, vb.pp("head")).unwrap();
+
+    let x = Tensor::from_slice(&bf16_vec(&rng.vec_uniform(t * h, 1.0)), (t, h), &cdev).unwrap();
+    let target = Tensor::from_slice(&rng.vec_uniform(t * h, 0.5), (t, h), &cdev)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let params = ParamsAdamW {
+        lr: 3e-3,
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(varmap.all_vars(), params).unwrap();
+    let lambda0 = moe.coefficient().unwrap();
+
+    let mut losses = Vec::new();
+    for _ in 0..150 {
+        let y = moe.forward_with_loss(&x).unwrap();
+        let pred = head.forward(&(&x + &y.out).unwrap()).unwrap();
+        let mse = (pred.to_dtype(DType::F32).unwrap() - &target)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        losses.push(mse.to_scalar::<f32>().unwrap());
+        let loss = (mse + y.balance_loss).unwrap();
+        opt.backward_step(&loss).unwrap();
+        moe.end_step().unwrap();
+    }
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(
+        last.is_finite() && last < 0.7 * first,
+        "{test}: loss {first} -> {last}, {}",
+        seed_note(seed)
+    );
+    assert_ne!(
+        moe.coefficient().unwrap(),
+        lambda0,
+        "{test}: lambda never moved"
+    );
+
+    let trained = moe.host_weights().unwrap();
+    for layout in WeightLayout::ALL {
+        let bytes = trained.to_safetensors("moe.", layout).unwrap();
+        let back = HostMoeWeights::<bf16>::from_safetensors(&bytes, "moe.", layout).unwrap();
+        assert_eq!(back, trained, "{test}: {layout:?}");
+    }
+}
