@@ -43,13 +43,19 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 # scripts/gpu-bundle gzips the binaries; unpack them once.
-for packed in "$here"/tests/*.gz "$here"/benches/*.gz "$here"/examples/*.gz; do
+for packed in "$here"/tests/*.gz "$here"/benches/*.gz "$here"/examples/*.gz "$here"/candle/*.gz; do
   [[ -e "$packed" ]] || continue
   gunzip -f "$packed" && chmod +x "${packed%.gz}"
 done
 # The cuBLAS baselines load libcublas at run time: put the toolkit's (or a wheel's) on the path.
 if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
   lib=$(find /usr/local/cuda*/ /opt /usr/lib -name 'libcublas.so.1*' 2>/dev/null | head -1)
+  [[ -n "$lib" ]] && export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+# The candle tests (scripts/gpu-bundle --candle) link CUDA's libraries (libcublas.so.13, ...):
+# the toolkit's folder goes on the loader path.
+if [[ -e "$here/candle/gpu_candle" ]] && ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.13'; then
+  lib=$(find /usr/local/cuda*/ /opt /usr/lib -name 'libcublas.so.13' 2>/dev/null | head -1)
   [[ -n "$lib" ]] && export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 export REMOE_REQUIRE_GPU=1
@@ -62,9 +68,12 @@ total_fail=0
 # On a Hopper GPU the GPU tests run twice: on the default (Hopper) GEMM path, then with the
 # portable mma.sync path forced (REMOE_GEMM_PATH, src/gemm.rs), so both paths pass every test.
 runs=()
+gpu_bins=("$here"/tests/gpu_*)
+[[ -e "$here/candle/gpu_candle" ]] && gpu_bins+=("$here/candle/gpu_candle")
 for bin in "$here"/tests/*; do runs+=("$bin|"); done
+[[ -e "$here/candle/gpu_candle" ]] && runs+=("$here/candle/gpu_candle|")
 if nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
-  for bin in "$here"/tests/gpu_*; do runs+=("$bin|mma-sync"); done
+  for bin in "${gpu_bins[@]}"; do runs+=("$bin|mma-sync"); done
 fi
 for run in "${runs[@]}"; do
   [[ $tests -eq 1 ]] || break
@@ -107,7 +116,7 @@ if [[ $sanitize -eq 1 ]]; then
     esac
     tool_log="$out/sanitizer-$tool.log"
     : >"$tool_log"
-    for bin in "$here"/tests/gpu_*; do
+    for bin in "${gpu_bins[@]}"; do
       [[ -e "$bin" ]] || continue
       name="$(basename "$bin")"
       log="$out/tmp-sanitizer.log"
