@@ -554,6 +554,28 @@ impl<T: HalfElement> MoeContext<T> {
 /// The ReMoE layer forward: `out` = the layer's output; the returned statistics carry the L1
 /// regulariser's value at `lambda` (fixed, or the adaptive controller's, which then records this
 /// layer's sparsity). See [`moe_forward`].
+///
+/// ```
+/// use half::bf16;
+/// use remoe_kernels::{remoe_forward, Coefficient, Device, DeviceTensor, LayerConfig};
+/// use remoe_kernels::{MoeContext, MoeWeights, Result};
+///
+/// /// The layer's output for `x` [T,H] at a fixed lambda. Keep `ctx` (made with
+/// /// `MoeContext::new(dev)` for inference, `for_training` before a backward) for the next
+/// /// batch: its buffers are reused.
+/// fn forward(
+///     dev: &Device,
+///     ctx: &mut MoeContext<bf16>,
+///     cfg: &LayerConfig,
+///     x: &DeviceTensor<bf16>,
+///     weights: &MoeWeights<'_, bf16>,
+/// ) -> Result<DeviceTensor<bf16>> {
+///     let mut out = DeviceTensor::zeros(dev, &[cfg.tokens, cfg.hidden])?;
+///     let stats = remoe_forward(ctx, cfg, Coefficient::Fixed(1e-3), x, weights, &mut out)?;
+///     println!("{} routed pairs, sparsity {:.3}", stats.active_pairs, stats.sparsity);
+///     Ok(out)
+/// }
+/// ```
 pub fn remoe_forward<'x, 'w, T: HalfElement>(
     ctx: &mut MoeContext<T>,
     cfg: &LayerConfig,
