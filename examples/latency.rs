@@ -25,12 +25,12 @@ use std::time::Instant;
 use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
 use remoe_kernels::graph::{capture, Graph};
-use remoe_kernels::rng::SplitMix64;
-use remoe_kernels::synthetic::{problem_with_density, uniform_density, DeviceProblem};
 use remoe_kernels::{
     moe_backward, remoe_forward, Coefficient, Device, DeviceTensor, Error, LayerConfig, MoeContext,
     MoeGrads,
 };
+use remoe_testkit::rng::{seeded, Rng};
+use remoe_testkit::synthetic::{problem_with_density, uniform_density, DeviceProblem};
 use support::Timing;
 
 const COPIES: usize = 3;
@@ -59,9 +59,9 @@ impl Layer {
                 DeviceProblem::upload(dev, &p)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut rng = SplitMix64::new(9);
+        let mut rng = seeded(9);
         let dout: Vec<bf16> = (0..t * h)
-            .map(|_| bf16::from_f64(rng.range(-1.0, 1.0)))
+            .map(|_| bf16::from_f64(rng.random_range(-1.0..1.0)))
             .collect();
         Ok(Self {
             cfg,
