@@ -4,8 +4,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
-use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{router_forward, Device, DeviceTensor, LayerConfig};
+use remoe_testkit::rng::{fresh_seed, seeded, UniformVec};
 
 fn bench_router(c: &mut Criterion) {
     let dev = match Device::new(0) {
@@ -22,7 +22,7 @@ fn bench_router(c: &mut Criterion) {
         ("D", LayerConfig::new(16384, 1536, 6144, 8, 1)),
     ];
     let mut group = c.benchmark_group("router_forward");
-    let mut rng = SplitMix64::new(SplitMix64::fresh_seed());
+    let mut rng = seeded(fresh_seed());
     for (name, cfg) in configs {
         let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
         let to_bf16 = |v: Vec<f64>| v.into_iter().map(bf16::from_f64).collect::<Vec<_>>();

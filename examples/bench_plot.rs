@@ -8,6 +8,9 @@
 //!
 //!   cargo run --release --example bench_plot -- bench-report.json docs/benchmarks.png
 
+use std::path::PathBuf;
+
+use clap::Parser;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 use serde_json::Value;
@@ -135,10 +138,20 @@ where
     Ok(())
 }
 
+/// Draws the benchmark report's JSON (examples/bench_report.rs) as a PNG.
+#[derive(Parser)]
+#[command(name = "bench_plot")]
+struct Args {
+    /// The report's JSON.
+    #[arg(default_value = "bench-report.json")]
+    input: PathBuf,
+    /// The PNG to write.
+    #[arg(default_value = "docs/benchmarks.png")]
+    output: PathBuf,
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let input = args.next().unwrap_or_else(|| "bench-report.json".into());
-    let output = args.next().unwrap_or_else(|| "docs/benchmarks.png".into());
+    let Args { input, output } = Args::parse();
     load_font()?;
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(&input)?)?;
     let array = |v: &Value| v.as_array().cloned().unwrap_or_default();
@@ -307,6 +320,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )?;
     }
     root.present()?;
-    println!("wrote {output}");
+    println!("wrote {}", output.display());
     Ok(())
 }

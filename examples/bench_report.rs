@@ -24,93 +24,95 @@
 #[path = "../benches/support/mod.rs"]
 mod support;
 
+use std::path::PathBuf;
 use std::time::Instant;
 
+use clap::{ArgAction, Parser, ValueEnum};
 use remoe_kernels::{Device, GemmPath, RouterKind};
 use support::{
     available_paths, comparisons, host_problem, measure_config, router_name, GemmRow, LayerRow,
     Load, Options, CONFIGS, ROTATION_BYTES,
 };
 
-const USAGE: &str = "usage: bench_report [--json PATH] [--path hopper|mma-sync|both] \
-[--iters N (>= 10, default 20)] [--warmup N (default 3)] [--no-gemms] [--no-calibrate] \
-[CONFIG...]
-  CONFIG: any of A B C D S (default: all)";
-
 /// The targets the report is read against (the issue's).
 const GEMM_TARGET: f64 = 0.80;
 const FLOOR_TARGET: f64 = 0.70;
 const CLAIM_TARGET: f64 = 0.03;
 
+/// Which expert-GEMM paths to time.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PathChoice {
+    /// The Hopper wgmma/TMA path (compute capability 9.0 and sm_90a code needed).
+    Hopper,
+    /// The portable mma.sync path.
+    #[value(name = "mma-sync", alias = "mma")]
+    MmaSync,
+    /// Every path this device runs.
+    Both,
+}
+
+/// The benchmark report: the ReMoE layer against the TopK layer and cuBLAS at SPEC's
+/// configurations, on each expert-GEMM path; prints the tables and writes the JSON.
+#[derive(Parser)]
+#[command(name = "bench_report")]
 struct Args {
-    json_path: String,
-    path: String,
+    /// Where to write the JSON report.
+    #[arg(
+        long = "json",
+        value_name = "PATH",
+        default_value = "bench-report.json"
+    )]
+    json_path: PathBuf,
+    /// The expert-GEMM paths to time.
+    #[arg(long, value_enum, default_value_t = PathChoice::Both)]
+    path: PathChoice,
+    /// Timed runs per figure (at least 10).
+    #[arg(long, default_value_t = 20, value_parser = at_least_10)]
     iters: usize,
+    /// Untimed warm-up runs before each figure.
+    #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// Skip timing each expert GEMM alone.
+    #[arg(long = "no-gemms", action = ArgAction::SetFalse)]
     gemms: bool,
+    /// Keep the synthetic problem's ReMoE thresholds as generated (see the module docs).
+    #[arg(long = "no-calibrate", action = ArgAction::SetFalse)]
     calibrate: bool,
+    /// Configurations to run, any of A B C D S (default: all).
+    #[arg(value_name = "CONFIG", value_parser = config_name)]
     configs: Vec<String>,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        json_path: "bench-report.json".into(),
-        path: "both".into(),
-        iters: 20,
-        warmup: 3,
-        gemms: true,
-        calibrate: true,
-        configs: Vec::new(),
-    };
-    let mut it = std::env::args().skip(1);
-    let number = |v: Option<String>, what: &str| -> Result<usize, String> {
-        v.ok_or(format!("{what} needs a value"))?
-            .parse::<usize>()
-            .map_err(|e| format!("{what}: {e}"))
-    };
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--json" => a.json_path = it.next().ok_or("--json needs a path")?,
-            "--path" => a.path = it.next().ok_or("--path needs hopper, mma-sync or both")?,
-            "--iters" => a.iters = number(it.next(), "--iters")?,
-            "--warmup" => a.warmup = number(it.next(), "--warmup")?,
-            "--no-gemms" => a.gemms = false,
-            "--no-calibrate" => a.calibrate = false,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            s if s.starts_with('-') => return Err(format!("unknown option {s}")),
-            s => {
-                if !CONFIGS.iter().any(|(n, _)| *n == s) {
-                    return Err(format!("unknown configuration {s}"));
-                }
-                a.configs.push(s.to_string());
-            }
-        }
+fn at_least_10(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if n < 10 {
+        return Err("at least 10 timed runs per figure".into());
     }
-    if !["hopper", "mma-sync", "mma", "both"].contains(&a.path.as_str()) {
-        return Err(format!(
-            "--path {}: expected hopper, mma-sync or both",
-            a.path
-        ));
-    }
-    if a.iters < 10 {
-        return Err("--iters: at least 10 timed runs per figure".into());
-    }
-    Ok(a)
+    Ok(n)
 }
 
-fn choose_paths(dev: &Device, wanted: &str) -> Result<Vec<GemmPath>, Box<dyn std::error::Error>> {
+fn config_name(s: &str) -> Result<String, String> {
+    if CONFIGS.iter().any(|(n, _)| *n == s) {
+        Ok(s.to_string())
+    } else {
+        let names: Vec<&str> = CONFIGS.iter().map(|(n, _)| *n).collect();
+        Err(format!("expected one of {}", names.join(" ")))
+    }
+}
+
+fn choose_paths(
+    dev: &Device,
+    wanted: PathChoice,
+) -> Result<Vec<GemmPath>, Box<dyn std::error::Error>> {
     let available = available_paths(dev)?;
     Ok(match wanted {
-        "both" => {
+        PathChoice::Both => {
             if !available.contains(&GemmPath::Hopper) {
                 println!("note: this device cannot run the Hopper path; timing mma-sync only");
             }
             available
         }
-        "hopper" => {
+        PathChoice::Hopper => {
             if !available.contains(&GemmPath::Hopper) {
                 return Err(
                     "--path hopper: this device (or build) cannot run the Hopper path \
@@ -120,8 +122,7 @@ fn choose_paths(dev: &Device, wanted: &str) -> Result<Vec<GemmPath>, Box<dyn std
             }
             vec![GemmPath::Hopper]
         }
-        "mma-sync" | "mma" => vec![GemmPath::MmaSync],
-        other => return Err(format!("--path {other}: expected hopper, mma-sync or both").into()),
+        PathChoice::MmaSync => vec![GemmPath::MmaSync],
     })
 }
 
@@ -130,16 +131,10 @@ fn pct(x: f64) -> String {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("bench_report: {e}\n{USAGE}");
-            std::process::exit(2);
-        }
-    };
+    let args = Args::parse();
     let dev = Device::new(0)?;
     let device = dev.name()?;
-    let paths = choose_paths(&dev, &args.path)?;
+    let paths = choose_paths(&dev, args.path)?;
     let opts = Options {
         iters: args.iters,
         warmup: args.warmup,
@@ -221,7 +216,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "\nwrote {} layer rows and {} GEMM rows to {} ({:.0} s)",
         rows.len(),
         gemms.len(),
-        args.json_path,
+        args.json_path.display(),
         started.elapsed().as_secs_f64()
     );
 

@@ -25,12 +25,12 @@ use std::time::Instant;
 use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
 use remoe_kernels::graph::{capture, Graph};
-use remoe_kernels::rng::SplitMix64;
-use remoe_kernels::synthetic::{problem_with_density, uniform_density, DeviceProblem};
 use remoe_kernels::{
     moe_backward, remoe_forward, Coefficient, Device, DeviceTensor, Error, LayerConfig, MoeContext,
     MoeGrads,
 };
+use remoe_testkit::rng::{seeded, Rng};
+use remoe_testkit::synthetic::{problem_with_density, uniform_density, DeviceProblem};
 use support::Timing;
 
 const COPIES: usize = 3;
@@ -59,9 +59,9 @@ impl Layer {
                 DeviceProblem::upload(dev, &p)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut rng = SplitMix64::new(9);
+        let mut rng = seeded(9);
         let dout: Vec<bf16> = (0..t * h)
-            .map(|_| bf16::from_f64(rng.range(-1.0, 1.0)))
+            .map(|_| bf16::from_f64(rng.random_range(-1.0..1.0)))
             .collect();
         Ok(Self {
             cfg,
@@ -251,19 +251,25 @@ fn probe_tracked_capture() -> String {
     }
 }
 
+/// Small-batch latency of the ReMoE layer: eager calls and CUDA-graph replays.
+#[derive(clap::Parser)]
+struct Args {
+    /// Timed samples per figure (after 20 warm-ups).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    iters: u64,
+    /// Where to write the JSON rows.
+    #[arg(long)]
+    json: Option<String>,
+    /// One batch size instead of all four (1, 8, 64, 512).
+    #[arg(long)]
+    tokens: Option<usize>,
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut iters = 200usize;
-    let mut json: Option<String> = None;
-    let mut tokens: Vec<usize> = TOKENS.to_vec();
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--iters" => iters = args.next().ok_or("--iters needs N")?.parse()?,
-            "--json" => json = Some(args.next().ok_or("--json needs a path")?),
-            "--tokens" => tokens = vec![args.next().ok_or("--tokens needs T")?.parse()?],
-            other => return Err(format!("unknown argument {other}").into()),
-        }
-    }
+    let args = <Args as clap::Parser>::parse();
+    let iters = args.iters as usize;
+    let json = args.json;
+    let tokens: Vec<usize> = args.tokens.map_or(TOKENS.to_vec(), |t| vec![t]);
     match Device::new(0) {
         Err(Error::NoCudaDevice(why)) => {
             println!("no CUDA device ({why}): nothing to time");

@@ -10,11 +10,12 @@
 
 use half::bf16;
 use remoe_kernels::reference::{remoe_backward, remoe_forward as reference_forward, LayerParams};
-use remoe_kernels::rng::SplitMix64;
-use remoe_kernels::synthetic::{problem_with_density, uniform_density, DeviceProblem};
 use remoe_kernels::{
-    remoe_forward, time_gpu, Coefficient, Device, DeviceTensor, Error, LayerConfig, MoeContext,
+    remoe_forward, Coefficient, Device, DeviceTensor, Error, LayerConfig, MoeContext,
 };
+use remoe_testkit::rng::{fresh_seed, seeded, UniformVec};
+use remoe_testkit::synthetic::{problem_with_density, uniform_density, DeviceProblem};
+use remoe_testkit::time_gpu;
 
 fn main() -> Result<(), Error> {
     match Device::new(0) {
@@ -36,11 +37,7 @@ fn run_gpu(dev: &Device) -> Result<(), Error> {
         "GPU: {} — ReMoE layer forward at config A {cfg:?}",
         dev.name()?
     );
-    let p = problem_with_density(
-        cfg,
-        &uniform_density(e, k as f64 / e as f64),
-        SplitMix64::fresh_seed(),
-    );
+    let p = problem_with_density(cfg, &uniform_density(e, k as f64 / e as f64), fresh_seed());
     let d = DeviceProblem::upload(dev, &p)?;
     let mut ctx = MoeContext::<bf16>::new(dev);
     let mut out = DeviceTensor::<bf16>::zeros(dev, &[t, h])?;
@@ -93,7 +90,7 @@ fn run_gpu(dev: &Device) -> Result<(), Error> {
 fn run_cpu() {
     let cfg = LayerConfig::new(64, 32, 48, 8, 1);
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-    let mut rng = SplitMix64::new(SplitMix64::fresh_seed());
+    let mut rng = seeded(fresh_seed());
     let x = rng.vec_uniform(t * h, 1.0);
     let params = LayerParams {
         router: rng.vec_uniform(h * e, 0.3),

@@ -213,6 +213,25 @@ fn router_wgrad_slices(t: usize, h: usize, e: usize) -> usize {
 /// the weight gradients are added to what `grads` holds (micro-batches), otherwise overwritten
 /// (`grads.dx` is always overwritten); `balance_grad_scale` multiplies the balance loss's
 /// gradient (give the loss scale or averaging factor that `dout` carries).
+///
+/// ```
+/// use half::bf16;
+/// use remoe_kernels::{moe_backward, Coefficient, DeviceTensor, MoeContext, MoeGrads};
+/// use remoe_kernels::{MoeWeights, Result};
+///
+/// /// The weight gradients of the last forward run with `ctx` (a training context), summed
+/// /// into `grads` over micro-batches; dX overwritten.
+/// fn backward(
+///     ctx: &mut MoeContext<bf16>,
+///     lambda: f64,
+///     x: &DeviceTensor<bf16>,
+///     weights: &MoeWeights<'_, bf16>,
+///     dout: &DeviceTensor<bf16>,
+///     grads: MoeGrads<'_, bf16>,
+/// ) -> Result<()> {
+///     moe_backward(ctx, Coefficient::Fixed(lambda), x, weights, dout, grads, true)
+/// }
+/// ```
 pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     ctx: &mut MoeContext<T>,
     coeff: Coefficient,

@@ -24,6 +24,8 @@ pub struct LayerConfig {
 pub const MAX_I32_ELEMENTS: usize = i32::MAX as usize;
 
 impl LayerConfig {
+    /// The sizes in SPEC's order: T tokens, hidden size H, expert FFN size F, E experts, k
+    /// active experts per token (TopK; ReMoE's target sparsity is 1 - k/E).
     pub fn new(tokens: usize, hidden: usize, ffn: usize, experts: usize, k: usize) -> Self {
         Self {
             tokens,

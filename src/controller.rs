@@ -30,6 +30,8 @@ impl LambdaController {
         Self::with_params(dev, 1e-8, 1.2, 1.0 - k as f64 / experts as f64)
     }
 
+    /// A controller starting at `lambda0`, stepping by the factor `alpha` (> 1) towards the
+    /// sparsity `target`; [`Error::InvalidConfig`](crate::Error::InvalidConfig) otherwise.
     pub fn with_params(dev: &Device, lambda0: f64, alpha: f64, target: f64) -> Result<Self> {
         if !(alpha > 1.0 && lambda0 > 0.0 && lambda0.is_finite()) {
             return Err(crate::Error::InvalidConfig(format!(
@@ -47,6 +49,7 @@ impl LambdaController {
         })
     }
 
+    /// The target sparsity.
     pub fn target(&self) -> f64 {
         self.target
     }

@@ -49,6 +49,17 @@ impl Device {
     /// Opens device `ordinal` (its primary context, shared with cudarc and the CUDA runtime)
     /// and creates a stream on it. A machine with no driver, no device, a device that cannot be
     /// opened or one this build has no code for gives [`Error::NoCudaDevice`].
+    ///
+    /// ```
+    /// use remoe_kernels::{Device, Error};
+    ///
+    /// match Device::new(0) {
+    ///     Ok(dev) => println!("running on {}", dev.name()?),
+    ///     Err(Error::NoCudaDevice(why)) => println!("no GPU ({why}): the CPU reference then"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn new(ordinal: usize) -> Result<Self> {
         Self::open(ordinal, true)
     }
@@ -93,7 +104,7 @@ impl Device {
         }));
         match opened {
             Ok(Ok(dev)) => Ok(dev),
-            Ok(Err(Error::Driver(msg))) => Err(Error::NoCudaDevice(msg)),
+            Ok(Err(Error::Driver(e))) => Err(Error::NoCudaDevice(crate::error::driver_message(&e))),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(Error::NoCudaDevice(
                 "the CUDA driver panicked while opening the device".into(),
@@ -125,6 +136,7 @@ impl Device {
         Ok(Self { ctx, stream })
     }
 
+    /// The cudarc context the device's stream belongs to.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }

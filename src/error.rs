@@ -1,45 +1,88 @@
 //! The crate's one error type. Every check of the safe layer ends here, so a caller can match on
 //! what went wrong instead of parsing a message.
 
-use std::fmt;
+use cudarc::driver::DriverError;
 
 /// Everything the safe API can refuse or fail with.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// `#[non_exhaustive]`: later versions may add variants, so a `match` outside this crate needs a
+/// `_` arm.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// No usable CUDA device: no driver library (`libcuda`) on this machine, no device, or the
     /// device could not be opened. The string says which.
+    #[error("no CUDA device: {0}")]
     NoCudaDevice(String),
     /// A layer configuration that the math or the kernels cannot take (zero sizes, k > E, a
     /// size that is not a multiple of 8 where the kernels load 16-byte vectors, ...).
+    #[error("invalid configuration: {0}")]
     InvalidConfig(String),
     /// A tensor whose shape is not the one the operation needs.
+    #[error("{what}: expected shape {expected:?}, got {actual:?}")]
     ShapeMismatch {
+        /// The tensor.
         what: &'static str,
+        /// The shape the operation needs.
         expected: Vec<usize>,
+        /// The tensor's shape.
         actual: Vec<usize>,
     },
     /// A buffer (host data, or a device buffer or view wrapped as a tensor) whose length does not
     /// match the shape given with it.
+    #[error("{what}: expected {expected} elements, got {actual}")]
     LengthMismatch {
+        /// The buffer.
         what: &'static str,
+        /// The element count of the shape.
         expected: usize,
+        /// The buffer's element count.
         actual: usize,
     },
     /// A device pointer that is not aligned as the kernel's vector loads need.
-    Misaligned { what: &'static str, required: usize },
+    #[error("{what}: device pointer must be {required}-byte aligned")]
+    Misaligned {
+        /// The tensor.
+        what: &'static str,
+        /// The alignment needed, in bytes.
+        required: usize,
+    },
     /// A size whose element count would overflow the kernels' 32-bit indices.
-    TooLarge { what: &'static str, elements: usize },
+    #[error("{what}: {elements} elements overflow the kernels' 32-bit indices")]
+    TooLarge {
+        /// The tensor or size.
+        what: &'static str,
+        /// Its element count.
+        elements: usize,
+    },
     /// The operation ran on a tensor that belongs to another device context.
-    WrongContext { what: &'static str },
-    /// A CUDA driver call failed.
-    Driver(String),
+    #[error("{what}: tensor belongs to another CUDA context")]
+    WrongContext {
+        /// The tensor.
+        what: &'static str,
+    },
+    /// A CUDA driver call failed. The message names the error (`CUDA_ERROR_...`) and the
+    /// driver's description of it; the driver's error is the
+    /// [`source`](std::error::Error::source).
+    #[error("CUDA driver error {}", driver_message(.0))]
+    Driver(#[from] DriverError),
     /// A kernel launch failed; `code` is the `cudaError_t` the launcher returned.
-    Launch { kernel: &'static str, code: i32 },
+    #[error("kernel launch failed: {kernel} returned cudaError {code}")]
+    Launch {
+        /// The launcher.
+        kernel: &'static str,
+        /// The `cudaError_t` it returned.
+        code: i32,
+    },
     /// A device buffer holds fewer elements than the kernel about to be launched reads or writes
     /// through it. Checked at every launch, before anything is enqueued.
+    #[error("{what}: the kernel needs {required} elements, the device buffer holds {actual}")]
     BufferTooShort {
+        /// The buffer.
         what: &'static str,
+        /// The elements the kernel reads or writes.
         required: usize,
+        /// The elements the buffer holds.
         actual: usize,
     },
     /// A router logit was NaN or infinite (see the crate documentation's policy on non-finite
@@ -47,85 +90,75 @@ pub enum Error {
     /// the first of them in token `first_token`. Such a logit's gate was treated as 0 (ReMoE) or
     /// its expert as not selectable (TopK), so nothing out of bounds or undefined happened; the
     /// forward's results are not to be used.
-    NonFiniteLogits { count: usize, first_token: usize },
+    #[error("{count} router logit(s) were NaN or infinite, the first in token {first_token}")]
+    NonFiniteLogits {
+        /// How many logits were not finite.
+        count: usize,
+        /// The token of the first of them.
+        first_token: usize,
+    },
     /// A forward routed more (token, expert) pairs than the context's pair buffers hold (see
-    /// [`crate::capacity`]): `needed` is the largest such |A| since the last check, `capacity`
-    /// the buffers' size. That forward dispatched nothing (its output and its backward's expert
-    /// gradients were zero); raise the capacity with
+    /// [`crate::capacity`]): `needed` is the largest such |A| since the last check. That
+    /// forward dispatched nothing (its output and its backward's expert gradients were zero);
+    /// raise the capacity with
     /// [`MoeContext::set_pair_capacity`](crate::MoeContext::set_pair_capacity).
-    CapacityExceeded { needed: usize, capacity: usize },
+    #[error(
+        "a forward routed {needed} pairs, past the pair capacity of {capacity}; it dispatched \
+         nothing (raise MoeContext::set_pair_capacity)"
+    )]
+    CapacityExceeded {
+        /// The pairs routed.
+        needed: usize,
+        /// The pairs the buffers hold.
+        capacity: usize,
+    },
     /// An operation that cannot be captured in a CUDA graph was asked of a stream that is being
     /// captured (a workspace that must grow, stage timing, a read back to the host). Nothing
     /// was enqueued.
+    #[error("not possible while the stream is being captured: {0}")]
     CaptureUnsupported(String),
     /// A checkpoint could not be read or written (see [`crate::weights`]).
-    Weights(crate::weights::WeightsError),
+    #[error("weights: {0}")]
+    Weights(#[source] crate::weights::WeightsError),
 }
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::NoCudaDevice(why) => write!(f, "no CUDA device: {why}"),
-            Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
-            Error::ShapeMismatch {
-                what,
-                expected,
-                actual,
-            } => write!(f, "{what}: expected shape {expected:?}, got {actual:?}"),
-            Error::LengthMismatch {
-                what,
-                expected,
-                actual,
-            } => write!(f, "{what}: expected {expected} elements, got {actual}"),
-            Error::Misaligned { what, required } => {
-                write!(f, "{what}: device pointer must be {required}-byte aligned")
-            }
-            Error::TooLarge { what, elements } => write!(
-                f,
-                "{what}: {elements} elements overflow the kernels' 32-bit indices"
-            ),
-            Error::WrongContext { what } => {
-                write!(f, "{what}: tensor belongs to another CUDA context")
-            }
-            Error::Driver(msg) => write!(f, "CUDA driver error: {msg}"),
-            Error::Launch { kernel, code } => {
-                write!(
-                    f,
-                    "kernel launch failed: {kernel} returned cudaError {code}"
-                )
-            }
-            Error::BufferTooShort {
-                what,
-                required,
-                actual,
-            } => write!(
-                f,
-                "{what}: the kernel needs {required} elements, the device buffer holds {actual}"
-            ),
-            Error::CapacityExceeded { needed, capacity } => write!(
-                f,
-                "a forward routed {needed} pairs, past the pair capacity of {capacity}; it \
-                 dispatched nothing (raise MoeContext::set_pair_capacity)"
-            ),
-            Error::CaptureUnsupported(why) => {
-                write!(f, "not possible while the stream is being captured: {why}")
-            }
-            Error::NonFiniteLogits { count, first_token } => write!(
-                f,
-                "{count} router logit(s) were NaN or infinite, the first in token {first_token}"
-            ),
-            Error::Weights(e) => write!(f, "weights: {e}"),
-        }
+/// A driver error as the messages name it: `CUDA_ERROR_OUT_OF_MEMORY (2): out of memory`. The
+/// name and code come from the error itself; the description from the driver
+/// (`cuGetErrorString`), asked only where the driver library can be loaded (cudarc's loader
+/// panics where it cannot, and a message must not).
+pub(crate) fn driver_message(e: &DriverError) -> String {
+    let name = format!("{:?} ({})", e.0, e.0 as u32);
+    if !crate::device::driver_library_present() {
+        return name;
     }
-}
-
-impl std::error::Error for Error {}
-
-impl From<cudarc::driver::DriverError> for Error {
-    fn from(e: cudarc::driver::DriverError) -> Self {
-        Error::Driver(e.to_string())
+    match e.error_string() {
+        Ok(what) => format!("{name}: {}", what.to_string_lossy()),
+        Err(_) => name,
     }
 }
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cudarc::driver::sys::CUresult;
+
+    #[test]
+    fn a_driver_error_keeps_its_source_and_names_the_cuda_error() {
+        let driver = DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+        let e = Error::from(driver);
+        assert_eq!(e, Error::Driver(driver));
+        assert!(matches!(e.clone(), Error::Driver(d) if d == driver));
+        // Without a driver library (as here, in CI) the description is left out, never a panic.
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("CUDA driver error CUDA_ERROR_OUT_OF_MEMORY (2)"),
+            "{msg}"
+        );
+        let source = std::error::Error::source(&e).expect("the driver error is the source");
+        let source = source.downcast_ref::<DriverError>().expect("a DriverError");
+        assert_eq!(*source, driver);
+    }
+}

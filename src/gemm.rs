@@ -19,7 +19,7 @@
 //! variable `REMOE_GEMM_PATH` (`mma-sync` forces the fallback, which is how the GPU suite runs
 //! both paths on an H100; `hopper` insists on the Hopper path; `auto` or unset chooses).
 
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use crate::device::Device;
 use crate::element::{ExpertGemms, HalfElement};
@@ -112,7 +112,7 @@ fn hopper_available(dev: &Device) -> Result<bool> {
     let ordinal = dev.context().ordinal();
     if let Some(Some(known)) = HOPPER_AVAILABLE
         .lock()
-        .map_err(|_| Error::Driver("GEMM path cache poisoned".into()))?
+        .unwrap_or_else(PoisonError::into_inner)
         .get(ordinal)
     {
         return Ok(*known);
@@ -129,9 +129,11 @@ fn hopper_available(dev: &Device) -> Result<bool> {
     } else {
         false
     };
+    // A panic elsewhere while the lock was held leaves the cache as valid as ever (each entry
+    // is written whole): poisoning is ignored.
     let mut cache = HOPPER_AVAILABLE
         .lock()
-        .map_err(|_| Error::Driver("GEMM path cache poisoned".into()))?;
+        .unwrap_or_else(PoisonError::into_inner);
     if cache.len() <= ordinal {
         cache.resize(ordinal + 1, None);
     }

@@ -192,7 +192,7 @@ pub struct SavedForward {
     pub config: LayerConfig,
     /// The forward's router.
     pub router: RouterKind,
-    /// The pairs the forward's pair buffers hold (its [`PairCapacity`](crate::PairCapacity));
+    /// The pairs the forward's pair buffers hold (its [`PairCapacity`]);
     /// |A| itself stays on the device.
     pub capacity: usize,
     /// The most grouped-GEMM row tiles that capacity allows (the GEMM grids' bound).
@@ -679,9 +679,33 @@ impl<T: HalfElement> MoeContext<T> {
     }
 }
 
-/// The ReMoE layer forward: `out` = the layer's output; the returned statistics carry the L1
-/// regulariser's value at `lambda` (fixed, or the adaptive controller's, which then records this
-/// layer's sparsity). See [`moe_forward`].
+/// The ReMoE layer forward: `out` = the layer's output; the statistics
+/// ([`MoeContext::stats`]) carry the L1 regulariser's value at `lambda` (fixed, or the adaptive
+/// controller's, which then records this layer's sparsity). See [`moe_forward`].
+///
+/// ```
+/// use half::bf16;
+/// use remoe_kernels::{remoe_forward, Coefficient, Device, DeviceTensor, LayerConfig};
+/// use remoe_kernels::{MoeContext, MoeWeights, Result};
+///
+/// /// The layer's output for `x` [T,H] at a fixed lambda. Keep `ctx` (made with
+/// /// `MoeContext::new(dev)` for inference, `for_training` before a backward) for the next
+/// /// batch: its buffers are reused.
+/// fn forward(
+///     dev: &Device,
+///     ctx: &mut MoeContext<bf16>,
+///     cfg: &LayerConfig,
+///     x: &DeviceTensor<bf16>,
+///     weights: &MoeWeights<'_, bf16>,
+/// ) -> Result<DeviceTensor<bf16>> {
+///     let mut out = DeviceTensor::zeros(dev, &[cfg.tokens, cfg.hidden])?;
+///     remoe_forward(ctx, cfg, Coefficient::Fixed(1e-3), x, weights, &mut out)?;
+///     // Enqueued only; the statistics are read (waiting for the GPU) when asked for.
+///     let stats = ctx.stats()?;
+///     println!("{} routed pairs, sparsity {:.3}", stats.active_pairs, stats.sparsity);
+///     Ok(out)
+/// }
+/// ```
 pub fn remoe_forward<'x, 'w, T: HalfElement>(
     ctx: &mut MoeContext<T>,
     cfg: &LayerConfig,
@@ -693,7 +717,8 @@ pub fn remoe_forward<'x, 'w, T: HalfElement>(
     moe_forward(ctx, cfg, RouterKind::Relu, lambda, x, w, out)
 }
 
-/// The TopK baseline forward; the returned statistics carry the Switch aux loss at `aux_coeff`.
+/// The TopK baseline forward; the statistics ([`MoeContext::stats`]) carry the Switch aux loss
+/// at `aux_coeff`.
 pub fn topk_forward<'x, 'w, T: HalfElement>(
     ctx: &mut MoeContext<T>,
     cfg: &LayerConfig,

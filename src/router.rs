@@ -8,8 +8,8 @@ use crate::error::Result;
 use crate::ffi;
 use crate::tensor::{DeviceTensor, Launch, TensorView};
 
-/// Computes `logits` [T,E] and `gates` [T,E] (f32) from `x` [T,H] and the router weight `wr`
-/// [H,E], writing into caller-owned buffers (no allocation). Enqueued on `dev`'s stream. `x` and
+/// Computes `logits` \[T,E\] and `gates` \[T,E\] (f32) from `x` \[T,H\] and the router weight `wr`
+/// \[H,E\], writing into caller-owned buffers (no allocation). Enqueued on `dev`'s stream. `x` and
 /// `wr` are `&DeviceTensor`s or [`TensorView`]s.
 ///
 /// A non-finite logit gets the gate 0 (the crate's policy); this low-level op has no context to

@@ -29,11 +29,17 @@ use crate::error::{Error, Result};
 /// Element types a [`DeviceTensor`] can hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
+    /// [`half::bf16`].
     BF16,
+    /// [`half::f16`].
     F16,
+    /// `f32`.
     F32,
+    /// `u32`.
     U32,
+    /// `i32`.
     I32,
+    /// `f64`.
     F64,
 }
 
@@ -41,6 +47,7 @@ pub enum DType {
 pub trait Element:
     DeviceRepr + ValidAsZeroBits + bytemuck::Pod + Default + std::fmt::Debug
 {
+    /// The type's [`DType`].
     const DTYPE: DType;
 }
 
@@ -161,10 +168,12 @@ impl<T: Element> DeviceTensor<T> {
         Ok(std::mem::replace(&mut self.data, data))
     }
 
+    /// The shape, row-major.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         T::DTYPE
     }
@@ -174,6 +183,7 @@ impl<T: Element> DeviceTensor<T> {
         numel(&self.shape)
     }
 
+    /// Whether the tensor has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -307,6 +317,7 @@ impl<'a, T: Element> TensorView<'a, T> {
         })
     }
 
+    /// The shape, row-major.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -316,6 +327,7 @@ impl<'a, T: Element> TensorView<'a, T> {
         numel(&self.shape)
     }
 
+    /// Whether the view has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -65,6 +65,7 @@ pub enum WeightLayout {
 }
 
 impl WeightLayout {
+    /// Every layout, in the order [`WeightLayout::detect`] tries them.
     pub const ALL: [WeightLayout; 3] = [Self::Mixtral, Self::GateUpDown, Self::MegatronGrouped];
 
     /// The layout whose router name is in `file` under `prefix` (and, for the Hugging Face
@@ -110,16 +111,27 @@ impl WeightLayout {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WeightsError {
     /// A tensor the layout needs is not in the file.
-    Missing { name: String },
+    Missing {
+        /// The tensor's name in the file.
+        name: String,
+    },
     /// A tensor's stored shape disagrees with the layer's sizes, as read from the router (E, H)
     /// and the first expert tensor (F).
     Shape {
+        /// The tensor's name in the file.
         name: String,
+        /// The shape the layer's sizes call for.
         expected: Vec<usize>,
+        /// The shape stored.
         actual: Vec<usize>,
     },
     /// A tensor stored in a dtype other than bf16, f16 or f32.
-    Dtype { name: String, dtype: String },
+    Dtype {
+        /// The tensor's name in the file.
+        name: String,
+        /// The dtype stored.
+        dtype: String,
+    },
     /// The bytes are not a safetensors file (the parser's message), or the layer has no experts.
     Format(String),
     /// Reading or writing the file failed.
@@ -150,6 +162,8 @@ impl fmt::Display for WeightsError {
     }
 }
 
+impl std::error::Error for WeightsError {}
+
 impl From<WeightsError> for Error {
     fn from(e: WeightsError) -> Self {
         Error::Weights(e)
@@ -159,8 +173,11 @@ impl From<WeightsError> for Error {
 /// The layer's weights on the host in the crate's layout, with the sizes they were read with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostMoeWeights<T> {
+    /// H, the model width.
     pub hidden: usize,
+    /// F, each expert's hidden width.
     pub ffn: usize,
+    /// E, the number of experts.
     pub experts: usize,
     /// Wr \[H,E\], Wg and Wu \[E,H,F\], Wd \[E,F,H\].
     pub params: LayerParams<T>,
@@ -379,9 +396,13 @@ impl<T: HalfElement> HostMoeWeights<T> {
 /// The layer's weights owned on the device, in the crate's layout.
 #[derive(Debug)]
 pub struct DeviceMoeWeights<T: HalfElement> {
+    /// Wr \[H,E\].
     pub router: DeviceTensor<T>,
+    /// Wg \[E,H,F\].
     pub gate: DeviceTensor<T>,
+    /// Wu \[E,H,F\].
     pub up: DeviceTensor<T>,
+    /// Wd \[E,F,H\].
     pub down: DeviceTensor<T>,
 }
 

@@ -1,6 +1,7 @@
 //! The CPU reference as a specification: hand-worked values of the forward formulas of SPEC.md,
 //! the TopK tie rule, the adaptive controller's update rule, and finite-difference checks (f64)
-//! of every gradient of both layers on small random problems.
+//! of every gradient of both layers on small random problems; and how the tests' seeds are read
+//! (`REMOE_SEED`, remoe-testkit).
 
 use approx::assert_relative_eq;
 use remoe_kernels::reference::{
@@ -8,8 +9,8 @@ use remoe_kernels::reference::{
     softmax_topk_router, swiglu_expert_forward, topk_backward, topk_forward, Dispatch, LayerGrads,
     LayerParams, SparsityController, TOPK_AUX_COEFF,
 };
-use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{Error, LayerConfig};
+use remoe_testkit::rng::{fresh_seed, parse_seed, seeded, Rng, TestRng, UniformVec, SEED_ENV};
 
 // ---------------------------------------------------------------------------------------------
 // ReLU router, regulariser, dispatch: hand-worked values.
@@ -120,9 +121,9 @@ fn output_is_the_gate_weighted_sum_of_the_active_experts() {
 #[test]
 fn all_gates_zero_gives_zero_output_full_sparsity_and_zero_gradients() {
     let cfg = LayerConfig::new(4, 3, 2, 3, 1);
-    let mut rng = SplitMix64::new(11);
+    let mut rng = seeded(11);
     // Positive inputs, negative router: every logit is negative.
-    let x: Vec<f64> = (0..12).map(|_| rng.range(0.1, 1.0)).collect();
+    let x: Vec<f64> = (0..12).map(|_| rng.random_range(0.1..1.0)).collect();
     let mut params = random_params(&cfg, &mut rng);
     params.router.iter_mut().for_each(|w| *w = -w.abs() - 0.1);
     let fwd = remoe_forward(&x, &params, &cfg, 0.3);
@@ -143,8 +144,8 @@ fn all_gates_zero_gives_zero_output_full_sparsity_and_zero_gradients() {
 #[test]
 fn one_expert_can_take_every_token() {
     let cfg = LayerConfig::new(9, 3, 2, 4, 1);
-    let mut rng = SplitMix64::new(12);
-    let x: Vec<f64> = (0..27).map(|_| rng.range(0.1, 1.0)).collect();
+    let mut rng = seeded(12);
+    let x: Vec<f64> = (0..27).map(|_| rng.random_range(0.1..1.0)).collect();
     let mut params = random_params(&cfg, &mut rng);
     for i in 0..3 {
         for e in 0..4 {
@@ -160,7 +161,7 @@ fn one_expert_can_take_every_token() {
 #[test]
 fn an_empty_batch_has_empty_outputs_and_no_loss() {
     let cfg = LayerConfig::new(0, 4, 3, 5, 2);
-    let mut rng = SplitMix64::new(13);
+    let mut rng = seeded(13);
     let params = random_params(&cfg, &mut rng);
     let fwd = remoe_forward(&[], &params, &cfg, 1.0);
     assert!(fwd.out.is_empty());
@@ -209,7 +210,7 @@ fn topk_gates_are_the_selected_softmax_probabilities_without_renormalisation() {
 
 #[test]
 fn topk_selects_exactly_k_experts_per_token() {
-    let mut rng = SplitMix64::new(SplitMix64::fresh_seed());
+    let mut rng = seeded(fresh_seed());
     for (t, e, k) in [(17, 8, 1), (13, 8, 2), (5, 64, 8), (3, 4, 4)] {
         let cfg = LayerConfig::new(t, 6, 2, e, k);
         let x = rng.vec_uniform(t * 6, 1.0);
@@ -322,7 +323,7 @@ fn gpu_configs_need_multiples_of_8_and_32_bit_sizes() {
 // ---------------------------------------------------------------------------------------------
 // Finite differences (f64): every gradient of both layers.
 
-fn random_params(cfg: &LayerConfig, rng: &mut SplitMix64) -> LayerParams<f64> {
+fn random_params(cfg: &LayerConfig, rng: &mut TestRng) -> LayerParams<f64> {
     let (h, f, e) = (cfg.hidden, cfg.ffn, cfg.experts);
     LayerParams {
         router: rng.vec_uniform(h * e, 0.5),
@@ -351,7 +352,7 @@ fn remoe_problem(
 ) -> Problem {
     let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
     assert!(h >= 3, "the bias features need H >= 3");
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = seeded(seed);
     loop {
         let mut x = rng.vec_uniform(t * h, 1.0);
         let mut params = random_params(&cfg, &mut rng);
@@ -371,7 +372,7 @@ fn remoe_problem(
             params.router[ei] = if Some(ei) == starved {
                 -(noise + 1.0)
             } else {
-                rng.range(-0.4, 0.6)
+                rng.random_range(-0.4..0.6)
             };
             params.router[e + ei] = -(noise + 1.0);
         }
@@ -392,7 +393,7 @@ fn remoe_problem(
 /// the selection does not change under the finite-difference steps.
 fn topk_problem(cfg: LayerConfig, seed: u64) -> Problem {
     let (t, h, e, k) = (cfg.tokens, cfg.hidden, cfg.experts, cfg.k);
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = seeded(seed);
     loop {
         let x = rng.vec_uniform(t * h, 1.0);
         let mut params = random_params(&cfg, &mut rng);
@@ -639,7 +640,7 @@ fn the_layer_with_a_non_finite_logit_stays_finite_where_the_policy_says() {
     // the loss and the experts' weight gradients stay finite (dX picks up 0 * NaN through the
     // router's dense part, as IEEE says, in the reference and the kernels alike).
     let cfg = LayerConfig::new(5, 4, 3, 3, 1);
-    let mut rng = SplitMix64::new(11);
+    let mut rng = seeded(11);
     let x = rng.vec_uniform(5 * 4, 1.0);
     let mut params = random_params(&cfg, &mut rng);
     for i in 0..4 {
@@ -719,7 +720,7 @@ fn topk_never_selects_a_non_finite_logit_nor_more_than_k() {
 #[test]
 fn the_topk_layer_with_a_non_finite_logit_keeps_finite_router_and_expert_gradients() {
     let cfg = LayerConfig::new(6, 4, 3, 4, 2);
-    let mut rng = SplitMix64::new(12);
+    let mut rng = seeded(12);
     let x = rng.vec_uniform(6 * 4, 1.0);
     let mut params = random_params(&cfg, &mut rng);
     for i in 0..4 {
@@ -822,4 +823,54 @@ fn the_balance_gradient_scale_multiplies_only_the_balance_term() {
     let b = topk_backward(&p.x, &p.params, &p.cfg, 0.5 * 4.0, &fwd, &p.dout);
     assert_eq!(a, b);
     assert!(a.params.router.iter().any(|&v| v != 0.0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Seeds: REMOE_SEED's format, and replay.
+
+#[test]
+fn a_seed_reads_as_decimal_or_0x_hexadecimal() {
+    assert_eq!(parse_seed("0"), Ok(0));
+    assert_eq!(parse_seed("12345"), Ok(12345));
+    assert_eq!(parse_seed(" 42\n"), Ok(42));
+    assert_eq!(parse_seed("18446744073709551615"), Ok(u64::MAX));
+    assert_eq!(parse_seed("0x1f"), Ok(31));
+    assert_eq!(parse_seed("0XFFFFFFFFFFFFFFFF"), Ok(u64::MAX));
+    assert_eq!(parse_seed("0xdeadBEEF"), Ok(0xdead_beef));
+}
+
+#[test]
+fn a_bad_seed_is_refused_with_a_message_naming_the_variable_and_the_value() {
+    for bad in [
+        "",
+        "abc",
+        "-1",
+        "+1",
+        "1.5",
+        "0x",
+        "0xg1",
+        "1e3",
+        "18446744073709551616",
+        "0x1_0000_0000_0000_0000",
+        "0x10000000000000000",
+    ] {
+        let why = parse_seed(bad).expect_err(bad);
+        assert!(why.contains(SEED_ENV), "{why}");
+        assert!(why.contains(&format!("{bad:?}")), "{why}");
+    }
+}
+
+#[test]
+fn the_same_seed_draws_the_same_values() {
+    let seed = fresh_seed();
+    let (mut a, mut b) = (seeded(seed), seeded(seed));
+    for _ in 0..100 {
+        assert_eq!(a.random::<u64>(), b.random::<u64>(), "seed {seed}");
+    }
+    assert_eq!(
+        a.vec_uniform(50, 2.0),
+        b.vec_uniform(50, 2.0),
+        "seed {seed}"
+    );
+    assert!(seeded(seed ^ 1).random::<u64>() != seeded(seed).random::<u64>());
 }

@@ -11,11 +11,11 @@ use remoe_kernels::reference::{
     remoe_backward as ref_remoe_backward, remoe_forward as ref_remoe_forward,
     topk_backward as ref_topk_backward, topk_forward as ref_topk_forward, SparsityController,
 };
-use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{
     moe_backward, moe_forward, Coefficient, Device, DeviceTensor, Error, LambdaController,
     LayerConfig, MoeContext, RouterKind,
 };
+use remoe_testkit::rng::{fresh_seed, seeded, Rng, UniformVec};
 
 const NAMES: [&str; 5] = ["dX", "dWr", "dWg", "dWu", "dWd"];
 
@@ -29,18 +29,18 @@ fn check_backward(
     coeff: f64,
     zero_dout: bool,
 ) -> [Vec<f64>; 5] {
-    let seed = SplitMix64::fresh_seed();
+    let seed = fresh_seed();
     let what = format!("{kind:?} {cfg:?} coeff {coeff} {}", seed_note(seed));
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
     let p = problem_with_density(cfg, density, seed);
     let d = DeviceProblem::upload(dev, &p).unwrap();
-    let mut rng = SplitMix64::new(seed ^ 0xd0);
+    let mut rng = seeded(seed ^ 0xd0);
     let dout_host: Vec<f64> = (0..t * h)
         .map(|_| {
             if zero_dout {
                 0.0
             } else {
-                bf16::from_f64(rng.range(-1.0, 1.0)).to_f64()
+                bf16::from_f64(rng.random_range(-1.0..1.0)).to_f64()
             }
         })
         .collect();
@@ -313,11 +313,11 @@ fn gpu_backward_accumulates_weight_gradients_on_request() {
         return;
     };
     let cfg = LayerConfig::new(700, 64, 128, 8, 2);
-    let seed = SplitMix64::fresh_seed();
+    let seed = fresh_seed();
     let what = seed_note(seed);
     let p = problem_with_density(cfg, &uniform_density(8, 0.25), seed);
     let d = DeviceProblem::upload(&dev, &p).unwrap();
-    let mut rng = SplitMix64::new(seed ^ 0xd0);
+    let mut rng = seeded(seed ^ 0xd0);
     let dout = DeviceTensor::from_host(&dev, &to_bf16(&rng.vec_uniform(700 * 64, 1.0)), &[700, 64])
         .unwrap();
     let mut ctx = MoeContext::<bf16>::for_training(&dev);
@@ -515,9 +515,9 @@ fn gpu_training_with_the_controller_settles_the_sparsity_and_lowers_the_loss() {
     // at about half of the experts per token; the controller must bring it to k of E.
     let cfg = LayerConfig::new(512, 64, 64, 8, 1);
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-    let seed = SplitMix64::fresh_seed();
+    let seed = fresh_seed();
     let mut p = problem_with_density(cfg, &uniform_density(e, 0.5), seed);
-    let mut rng = SplitMix64::new(seed ^ 7);
+    let mut rng = seeded(seed ^ 7);
     let map = rng.vec_uniform(h * h, (3.0 / h as f64).sqrt());
     let target: Vec<f64> = (0..t * h)
         .map(|i| {

@@ -14,8 +14,8 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use half::bf16;
 use remoe_kernels::candle::MoeLayer;
 use remoe_kernels::reference::{self, LayerParams};
-use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{HostMoeWeights, LayerConfig, RouterKind, WeightLayout};
+use remoe_testkit::rng::{fresh_seed, seeded, UniformVec};
 
 use common::{gpu_or_skip, rel_err, seed_note};
 
@@ -44,8 +44,8 @@ fn gradients_match_the_reference(router: RouterKind, test: &str) {
     let Some(cdev) = candle_gpu_or_skip(test) else {
         return;
     };
-    let seed = SplitMix64::fresh_seed();
-    let mut rng = SplitMix64::new(seed);
+    let seed = fresh_seed();
+    let mut rng = seeded(seed);
     let (t, h, f, e, k) = (192, 64, 96, 8, 2);
     let cfg = LayerConfig::new(t, h, f, e, k);
     let (coeff, w) = (0.05, 0.5);
@@ -168,8 +168,8 @@ fn a_small_candle_model_trains() {
     let Some(cdev) = candle_gpu_or_skip(test) else {
         return;
     };
-    let seed = SplitMix64::fresh_seed();
-    let mut rng = SplitMix64::new(seed);
+    let seed = fresh_seed();
+    let mut rng = seeded(seed);
     let (t, h, f, e, k) = (256, 64, 128, 8, 2);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::BF16, &cdev);

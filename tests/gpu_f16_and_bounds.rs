@@ -20,11 +20,11 @@ use remoe_kernels::reference::{
     silu_grad, swiglu_expert_backward, swiglu_expert_forward, topk_backward as ref_topk_backward,
     topk_forward as ref_topk_forward, Dispatch,
 };
-use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{
     moe_backward, moe_forward, Coefficient, Device, DeviceTensor, ForwardStats, GemmPath,
     LayerConfig, MoeContext, MoeWeights, PairCapacity, RouterKind,
 };
+use remoe_testkit::rng::{fresh_seed, seeded, Rng, StandardNormal};
 
 /// bf16's unit round-off, 2^-8.
 const BF16_ROUNDOFF: f64 = 1.0 / 256.0;
@@ -56,17 +56,19 @@ fn first_difference(a: &[f64], b: &[f64]) -> Option<usize> {
 
 #[test]
 fn a_zeroed_row_among_16384_passes_the_whole_tensor_bound_but_fails_the_per_row_bound() {
-    let seed = SplitMix64::fresh_seed();
+    let seed = fresh_seed();
     let what = seed_note(seed);
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = seeded(seed);
     // The shape of an output at SPEC's T = 16384 (64 columns keep the test quick; the
     // whole-tensor error of one zeroed row does not depend on the width).
     let (rows, cols) = (16384, 64);
-    let want: Vec<f64> = (0..rows * cols).map(|_| rng.normal()).collect();
+    let want: Vec<f64> = (0..rows * cols)
+        .map(|_| rng.sample::<f64, _>(StandardNormal))
+        .collect();
     // A correct result: every element off by up to bf16's unit round-off.
     let good: Vec<f64> = want
         .iter()
-        .map(|&w| w * (1.0 + rng.range(-1.0, 1.0) * BF16_ROUNDOFF))
+        .map(|&w| w * (1.0 + rng.random_range(-1.0..1.0) * BF16_ROUNDOFF))
         .collect();
     let (_, good_row) = worst_row_rel_err(&good, &want, cols);
     assert!(rel_err(&good, &want) < 1e-2, "{what}");
@@ -74,7 +76,7 @@ fn a_zeroed_row_among_16384_passes_the_whole_tensor_bound_but_fails_the_per_row_
     assert!(worst_row_excess(&good, &want, cols, ROW_REL_BOUND, &[], &[]).ratio <= 1.0);
 
     // The same result with one row left unwritten (zero).
-    let zeroed = (rng.next_u64() % rows as u64) as usize;
+    let zeroed = rng.random_range(0..rows);
     let mut bad = good.clone();
     bad[zeroed * cols..(zeroed + 1) * cols].fill(0.0);
     let whole = rel_err(&bad, &want);
@@ -100,16 +102,18 @@ fn a_zeroed_row_among_16384_passes_the_whole_tensor_bound_but_fails_the_per_row_
 
 #[test]
 fn the_per_row_error_is_infinite_for_a_nan_and_floored_for_a_zero_row() {
-    let seed = SplitMix64::fresh_seed();
+    let seed = fresh_seed();
     let what = seed_note(seed);
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = seeded(seed);
     let (rows, cols) = (100, 32);
-    let mut want: Vec<f64> = (0..rows * cols).map(|_| rng.normal()).collect();
+    let mut want: Vec<f64> = (0..rows * cols)
+        .map(|_| rng.sample::<f64, _>(StandardNormal))
+        .collect();
     // Row 7 is zero in the reference; the result has rounding noise there.
     want[7 * cols..8 * cols].fill(0.0);
     let mut got = want.clone();
     for v in &mut got[7 * cols..8 * cols] {
-        *v = 1e-9 * rng.range(-1.0, 1.0);
+        *v = 1e-9 * rng.random_range(-1.0..1.0);
     }
     let errs = row_rel_errs(&got, &want, cols);
     assert!(
@@ -135,11 +139,13 @@ fn the_per_row_error_is_infinite_for_a_nan_and_floored_for_a_zero_row() {
 
 #[test]
 fn the_per_row_slack_and_skip_relax_only_the_rows_they_name() {
-    let seed = SplitMix64::fresh_seed();
+    let seed = fresh_seed();
     let what = seed_note(seed);
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = seeded(seed);
     let (rows, cols) = (10, 16);
-    let want: Vec<f64> = (0..rows * cols).map(|_| rng.normal()).collect();
+    let want: Vec<f64> = (0..rows * cols)
+        .map(|_| rng.sample::<f64, _>(StandardNormal))
+        .collect();
     let mut got = want.clone();
     // Row 3 off by 10%.
     for v in &mut got[3 * cols..4 * cols] {
@@ -171,7 +177,7 @@ fn the_per_row_slack_and_skip_relax_only_the_rows_they_name() {
 #[test]
 fn a_seed_note_names_the_seed_and_how_to_replay_it() {
     assert_eq!(seed_note(42), "seed 42 (replay with REMOE_SEED=42)");
-    assert_eq!(remoe_kernels::rng::SEED_ENV, "REMOE_SEED");
+    assert_eq!(remoe_testkit::rng::SEED_ENV, "REMOE_SEED");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -249,15 +255,15 @@ impl F16Problem {
 /// f16 path that computed at bf16's precision would not pass. dX and dWr keep their slack for the cancellation in dR = dOut . y, at f16's unit
 /// round-off (the act that y is made from is rounded to f16).
 fn check_layer_f16(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[f64], coeff: f64) {
-    let seed = SplitMix64::fresh_seed();
+    let seed = fresh_seed();
     let what = format!("f16 {kind:?} {cfg:?} coeff {coeff} {}", seed_note(seed));
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
     let p = f16_problem(cfg, density, seed);
     let d = F16Problem::upload(dev, &p);
     let w = d.weights();
-    let mut rng = SplitMix64::new(seed ^ 0xd0);
+    let mut rng = seeded(seed ^ 0xd0);
     let dout_host: Vec<f64> = (0..t * h)
-        .map(|_| f16::from_f64(rng.range(-1.0, 1.0)).to_f64())
+        .map(|_| f16::from_f64(rng.random_range(-1.0..1.0)).to_f64())
         .collect();
     let dout = DeviceTensor::from_host(dev, &to_f16(&dout_host), &[t, h]).unwrap();
 
@@ -581,14 +587,14 @@ fn gpu_remoe_layer_past_2_pow_31_act_elements_matches_the_reference_on_sampled_r
         return;
     }
 
-    let seed = SplitMix64::fresh_seed();
+    let seed = fresh_seed();
     let what = format!("ReMoE {cfg:?} density {density} {}", seed_note(seed));
     let p = problem_with_density(cfg, &uniform_density(e, density), seed);
     let d = DeviceProblem::upload(&dev, &p).unwrap();
     let w = d.weights();
-    let mut rng = SplitMix64::new(seed ^ 0xd0);
+    let mut rng = seeded(seed ^ 0xd0);
     let dout_host: Vec<f64> = (0..t * h)
-        .map(|_| bf16::from_f64(rng.range(-1.0, 1.0)).to_f64())
+        .map(|_| bf16::from_f64(rng.random_range(-1.0..1.0)).to_f64())
         .collect();
     let dout = DeviceTensor::from_host(&dev, &to_bf16(&dout_host), &[t, h]).unwrap();
     let coeff = 1e-2;
@@ -730,8 +736,8 @@ fn gpu_remoe_layer_past_2_pow_31_act_elements_matches_the_reference_on_sampled_r
     // dX row. The samples include the pairs around the first one whose act row starts at or
     // past element 2^31, the last pair, each expert's first and last pairs, and random pairs on
     // both sides of that boundary.
-    let mut srng = SplitMix64::new(seed ^ 0x5a);
-    let mut pick = |lo: usize, hi: usize| lo + (srng.next_u64() % (hi - lo) as u64) as usize;
+    let mut srng = seeded(seed ^ 0x5a);
+    let mut pick = |lo: usize, hi: usize| srng.random_range(lo..hi);
     let mut sample_pairs = vec![0, boundary - 1, boundary, boundary + 1, pairs - 1];
     for ei in 0..e {
         let (lo, hi) = (disp.offsets[ei] as usize, disp.offsets[ei + 1] as usize);

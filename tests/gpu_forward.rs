@@ -18,10 +18,10 @@ use remoe_kernels::reference::{
     l1_balance_loss, matmul, relu_router, remoe_forward as ref_remoe_forward, softmax_topk_router,
     swiglu_expert_forward, topk_forward as ref_topk_forward, Dispatch,
 };
-use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{
     moe_forward, Coefficient, Device, DeviceTensor, Error, LayerConfig, MoeContext, RouterKind,
 };
+use remoe_testkit::rng::fresh_seed;
 
 const LAMBDA: f64 = 1e-3;
 const AUX: f64 = 1e-2;
@@ -41,7 +41,7 @@ fn identity(e: usize) -> Vec<f64> {
 
 /// Runs one case on the GPU and checks every stage. Returns what the caller may check further.
 fn check_case(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[f64]) -> Outcome {
-    let seed = SplitMix64::fresh_seed();
+    let seed = fresh_seed();
     let what = format!("{kind:?} {cfg:?} {}", seed_note(seed));
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
     let p = problem_with_density(cfg, density, seed);

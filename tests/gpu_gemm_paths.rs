@@ -12,11 +12,11 @@ mod common;
 
 use common::*;
 use half::bf16;
-use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{
     moe_backward, moe_forward, Coefficient, Device, DeviceTensor, GemmPath, LayerConfig,
     MoeContext, MoeGrads, RouterKind,
 };
+use remoe_testkit::rng::{fresh_seed, seeded, Rng};
 
 /// The layer output and every gradient of one forward + backward on `path`, as raw bits.
 fn run_layer(
@@ -118,13 +118,13 @@ fn both_gemm_paths_give_bitwise_identical_layers() {
     ];
     for (c, density) in cases {
         for kind in [RouterKind::Relu, RouterKind::TopK] {
-            let seed = SplitMix64::fresh_seed();
+            let seed = fresh_seed();
             let what = format!("{kind:?} {c:?} density {density:?} seed {seed}");
             let p = problem_with_density(c, &density, seed);
             let d = DeviceProblem::upload(&dev, &p).unwrap();
-            let mut rng = SplitMix64::new(seed ^ 0xd0);
+            let mut rng = seeded(seed ^ 0xd0);
             let dout_host: Vec<f64> = (0..c.tokens * c.hidden)
-                .map(|_| rng.range(-1.0, 1.0))
+                .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
             let dout =
                 DeviceTensor::from_host(&dev, &to_bf16(&dout_host), &[c.tokens, c.hidden]).unwrap();

@@ -11,12 +11,12 @@ mod common;
 use common::*;
 use half::bf16;
 use remoe_kernels::graph::capture;
-use remoe_kernels::rng::SplitMix64;
-use remoe_kernels::synthetic::{problem_with_density, to_bf16, uniform_density, DeviceProblem};
 use remoe_kernels::{
     moe_backward, moe_forward, Coefficient, DeviceTensor, Error, LambdaController, LayerConfig,
     MoeContext, PairCapacity, RouterKind,
 };
+use remoe_testkit::rng::{fresh_seed, seeded, Rng};
+use remoe_testkit::synthetic::{problem_with_density, to_bf16, uniform_density, DeviceProblem};
 
 const COEFF: f64 = 1e-2;
 
@@ -25,9 +25,9 @@ fn bits(v: &[bf16]) -> Vec<u16> {
 }
 
 fn random_host(n: usize, seed: u64) -> Vec<bf16> {
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = seeded(seed);
     (0..n)
-        .map(|_| bf16::from_f64(rng.range(-1.0, 1.0)))
+        .map(|_| bf16::from_f64(rng.random_range(-1.0..1.0)))
         .collect()
 }
 
@@ -75,7 +75,7 @@ fn gpu_a_captured_forward_replays_new_inputs_like_an_eager_forward() {
     else {
         return;
     };
-    let seed = SplitMix64::fresh_seed();
+    let seed = fresh_seed();
     for kind in [RouterKind::Relu, RouterKind::TopK] {
         // T prime, E not a power of two.
         let cfg = LayerConfig::new(257, 128, 256, 6, 2);
@@ -122,7 +122,7 @@ fn gpu_a_captured_forward_and_backward_replays_like_eager_runs() {
     else {
         return;
     };
-    let seed = SplitMix64::fresh_seed();
+    let seed = fresh_seed();
     for kind in [RouterKind::Relu, RouterKind::TopK] {
         let cfg = LayerConfig::new(509, 64, 192, 8, 2);
         let what = format!("{kind:?} {cfg:?} {}", seed_note(seed));
@@ -178,7 +178,7 @@ fn gpu_a_captured_training_step_with_the_lambda_controller_replays_like_eager_st
     ) else {
         return;
     };
-    let seed = SplitMix64::fresh_seed();
+    let seed = fresh_seed();
     let cfg = LayerConfig::new(384, 64, 128, 8, 1);
     let what = format!("{cfg:?} {}", seed_note(seed));
     let p = problem_with_density(cfg, &uniform_density(8, 0.3), seed);
@@ -246,7 +246,7 @@ fn gpu_a_pair_count_past_the_capacity_is_reported_and_computes_nothing() {
     ) else {
         return;
     };
-    let seed = SplitMix64::fresh_seed();
+    let seed = fresh_seed();
     let cfg = LayerConfig::new(300, 64, 128, 8, 1);
     let what = format!("{cfg:?} {}", seed_note(seed));
     let p = problem_with_density(cfg, &uniform_density(8, 0.5), seed);

@@ -6,8 +6,8 @@ mod common;
 use common::{gpu_or_skip, rel_err};
 use half::{bf16, f16};
 use remoe_kernels::reference::relu_router;
-use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{router_forward, Device, DeviceTensor, Error, HalfElement, LayerConfig};
+use remoe_testkit::rng::{fresh_seed, seeded, UniformVec};
 
 /// Runs the GPU router on random inputs rounded to `T`, and compares with the reference on the
 /// same rounded values.
@@ -17,8 +17,8 @@ fn check_router<T: HalfElement>(
     to: fn(f64) -> T,
     back: fn(T) -> f64,
 ) {
-    let seed = SplitMix64::fresh_seed();
-    let mut rng = SplitMix64::new(seed);
+    let seed = fresh_seed();
+    let mut rng = seeded(seed);
     let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
     let x: Vec<T> = rng.vec_uniform(t * h, 1.0).into_iter().map(to).collect();
     let wr: Vec<T> = rng

@@ -17,18 +17,18 @@ mod common;
 use common::*;
 use cudarc::driver::DevicePtr;
 use half::bf16;
-use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{
     moe_backward, moe_forward, BackwardOptions, Coefficient, Device, DeviceTensor, Error,
     LambdaController, LayerConfig, MoeContext, MoeWeightViews, RouterKind, TensorView,
 };
+use remoe_testkit::rng::{seeded, Rng};
 
 const NAMES: [&str; 5] = ["dX", "dWr", "dWg", "dWu", "dWd"];
 
 fn random_dout(dev: &Device, cfg: &LayerConfig, seed: u64) -> (Vec<f64>, DeviceTensor<bf16>) {
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = seeded(seed);
     let host: Vec<f64> = (0..cfg.tokens * cfg.hidden)
-        .map(|_| bf16::from_f64(rng.range(-1.0, 1.0)).to_f64())
+        .map(|_| bf16::from_f64(rng.random_range(-1.0..1.0)).to_f64())
         .collect();
     let d = DeviceTensor::from_host(dev, &to_bf16(&host), &[cfg.tokens, cfg.hidden]).unwrap();
     (host, d)

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use half::{bf16, f16};
 use remoe_kernels::reference::LayerParams;
-use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::{Error, HalfElement, HostMoeWeights, WeightLayout, WeightsError};
+use remoe_testkit::rng::{fresh_seed, seeded, Rng, TestRng};
 use safetensors::tensor::{Dtype, TensorView};
 
 use common::seed_note;
@@ -33,11 +33,15 @@ impl Drop for TempDir {
 }
 
 fn random_weights<T: HalfElement>(
-    rng: &mut SplitMix64,
+    rng: &mut TestRng,
     from_f64: fn(f64) -> T,
     (h, f, e): (usize, usize, usize),
 ) -> HostMoeWeights<T> {
-    let mut v = |n: usize| -> Vec<T> { (0..n).map(|_| from_f64(rng.range(-2.0, 2.0))).collect() };
+    let mut v = |n: usize| -> Vec<T> {
+        (0..n)
+            .map(|_| from_f64(rng.random_range(-2.0..2.0)))
+            .collect()
+    };
     let params = LayerParams {
         router: v(h * e),
         gate: v(e * h * f),
@@ -48,8 +52,8 @@ fn random_weights<T: HalfElement>(
 }
 
 fn round_trips<T: HalfElement + PartialEq>(from_f64: fn(f64) -> T, name: &str) {
-    let seed = SplitMix64::fresh_seed();
-    let mut rng = SplitMix64::new(seed);
+    let seed = fresh_seed();
+    let mut rng = seeded(seed);
     let dir = TempDir::new(name);
     for dims in [(8, 16, 4), (24, 8, 3), (8, 8, 1)] {
         let w = random_weights(&mut rng, from_f64, dims);

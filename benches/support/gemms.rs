@@ -6,9 +6,9 @@ use std::ffi::c_void;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
-use remoe_kernels::rng::SplitMix64;
-use remoe_kernels::synthetic::DeviceProblem;
 use remoe_kernels::{sys, Device, Error, GemmPath, HostDispatch, LayerConfig};
+use remoe_testkit::rng::{seeded, Rng};
+use remoe_testkit::synthetic::DeviceProblem;
 
 use super::{cublas_err, launch_check, MAX_COPIES, ROTATION_BYTES};
 
@@ -24,9 +24,9 @@ const POOL_LEN: usize = 1 << 21;
 
 impl Filler {
     pub fn new(dev: &Device) -> Result<Self, Error> {
-        let mut rng = SplitMix64::new(0xf111);
+        let mut rng = seeded(0xf111);
         let host: Vec<bf16> = (0..POOL_LEN)
-            .map(|_| bf16::from_f64(rng.range(-1.0, 1.0)))
+            .map(|_| bf16::from_f64(rng.random_range(-1.0..1.0)))
             .collect();
         Ok(Self {
             pool: dev.stream().clone_htod(&host)?,

@@ -1,13 +1,13 @@
 //! A configuration's problem on the device, and the layer run on each GEMM path.
 
 use half::bf16;
-use remoe_kernels::rng::SplitMix64;
-use remoe_kernels::synthetic::{
-    problem_with_density, skewed_density, uniform_density, DeviceProblem, HostProblem,
-};
 use remoe_kernels::{
     moe_backward, moe_forward, Coefficient, Device, DeviceTensor, Error, ForwardStats, GemmPath,
     HostDispatch, LayerConfig, MoeContext, MoeGrads, RouterKind, StageTimes,
+};
+use remoe_testkit::rng::{seeded, Rng};
+use remoe_testkit::synthetic::{
+    problem_with_density, skewed_density, uniform_density, DeviceProblem, HostProblem,
 };
 
 use super::{time_interleaved, Load, Timing, COEFF, X_COPIES};
@@ -80,9 +80,9 @@ impl Setup {
                 .collect();
             xs.push(DeviceTensor::from_host(dev, &host, &[t, h])?);
         }
-        let mut rng = SplitMix64::new(0xd0);
+        let mut rng = seeded(0xd0);
         let dout_host: Vec<bf16> = (0..t * h)
-            .map(|_| bf16::from_f64(rng.range(-1.0, 1.0)))
+            .map(|_| bf16::from_f64(rng.random_range(-1.0..1.0)))
             .collect();
         let mut contexts = Vec::with_capacity(paths.len());
         for &path in paths {

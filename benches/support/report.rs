@@ -1,7 +1,7 @@
 //! What the report measures for one configuration, and the rows it prints and writes.
 
-use remoe_kernels::synthetic::HostProblem;
 use remoe_kernels::{Device, Error, GemmPath, LayerConfig, RouterKind, StageTimes};
+use remoe_testkit::synthetic::HostProblem;
 
 use super::{
     router_name, time_interleaved, DenseGemms, Filler, GemmKind, GroupedGemms, Load, Setup, Timing,

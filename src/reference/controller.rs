@@ -16,6 +16,7 @@ pub struct SparsityController {
 impl SparsityController {
     /// The paper's defaults: lambda_0 = 1e-8, alpha = 1.2.
     pub const DEFAULT_LAMBDA0: f64 = 1e-8;
+    /// See [`DEFAULT_LAMBDA0`](Self::DEFAULT_LAMBDA0).
     pub const DEFAULT_ALPHA: f64 = 1.2;
 
     /// A controller with the paper's defaults for `k` active experts out of `experts`.
@@ -27,6 +28,8 @@ impl SparsityController {
         )
     }
 
+    /// A controller starting at `lambda0` (> 0), stepping by the factor `alpha` (> 1) towards
+    /// the sparsity `target`. Panics otherwise.
     pub fn with_params(lambda0: f64, alpha: f64, target: f64) -> Self {
         assert!(
             alpha > 1.0,
@@ -42,10 +45,12 @@ impl SparsityController {
         }
     }
 
+    /// The current coefficient lambda.
     pub fn lambda(&self) -> f64 {
         self.lambda
     }
 
+    /// The target sparsity.
     pub fn target(&self) -> f64 {
         self.target
     }

@@ -5,17 +5,17 @@ use super::{silu, silu_grad, Real};
 /// The intermediates of one (token, expert) pair, kept in f64.
 #[derive(Debug, Clone)]
 pub struct ExpertActivations {
-    /// g = x Wg_e [F]
+    /// g = x Wg_e \[F\]
     pub g: Vec<f64>,
-    /// u = x Wu_e [F]
+    /// u = x Wu_e \[F\]
     pub u: Vec<f64>,
-    /// a = SiLU(g) * u [F]
+    /// a = SiLU(g) * u \[F\]
     pub a: Vec<f64>,
-    /// y = a Wd_e [H]
+    /// y = a Wd_e \[H\]
     pub y: Vec<f64>,
 }
 
-/// y = (SiLU(x Wg) * (x Wu)) Wd for one token row `x` [H], with `wg`, `wu` [H,F] and `wd` [F,H]
+/// y = (SiLU(x Wg) * (x Wu)) Wd for one token row `x` \[H\], with `wg`, `wu` \[H,F\] and `wd` \[F,H\]
 /// the expert's own matrices.
 pub fn swiglu_expert_forward<T: Real>(
     x: &[T],
@@ -44,8 +44,8 @@ pub fn swiglu_expert_forward<T: Real>(
     ExpertActivations { g, u, a, y }
 }
 
-/// Backward of [`swiglu_expert_forward`] given dY = d loss / d y [H]: adds this pair's share to
-/// dx [H] and to the expert's weight gradients dwg, dwu [H,F] and dwd [F,H].
+/// Backward of [`swiglu_expert_forward`] given dY = d loss / d y \[H\]: adds this pair's share to
+/// dx \[H\] and to the expert's weight gradients dwg, dwu \[H,F\] and dwd \[F,H\].
 #[allow(clippy::too_many_arguments)]
 pub fn swiglu_expert_backward<T: Real>(
     x: &[T],

@@ -10,13 +10,17 @@ use crate::config::LayerConfig;
 /// The Switch aux-loss coefficient c of the TopK baseline (SPEC).
 pub const TOPK_AUX_COEFF: f64 = 1e-2;
 
-/// The layer's parameters, in the crate's layout: `router` [H,E], `gate` and `up` [E,H,F],
-/// `down` [E,F,H].
+/// The layer's parameters, in the crate's layout: `router` \[H,E\], `gate` and `up` \[E,H,F\],
+/// `down` \[E,F,H\].
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerParams<T> {
+    /// The router weight Wr \[H,E\].
     pub router: Vec<T>,
+    /// The experts' gate weights Wg \[E,H,F\].
     pub gate: Vec<T>,
+    /// The experts' up weights Wu \[E,H,F\].
     pub up: Vec<T>,
+    /// The experts' down weights Wd \[E,F,H\].
     pub down: Vec<T>,
 }
 
@@ -51,7 +55,9 @@ impl<T: Real> LayerParams<T> {
 /// Gradients of the layer's inputs and parameters, same layouts as the values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerGrads<T> {
+    /// dX \[T,H\].
     pub dx: Vec<T>,
+    /// The parameters' gradients dWr, dWg, dWu, dWd.
     pub params: LayerParams<T>,
 }
 
@@ -59,21 +65,31 @@ pub struct LayerGrads<T> {
 /// L1 load-balancing regulariser at coefficient lambda.
 #[derive(Debug, Clone)]
 pub struct RemoeForward<T> {
+    /// The layer's output \[T,H\].
     pub out: Vec<T>,
+    /// The ReLU router's logits, gates and statistics.
     pub routing: Routing<T>,
+    /// Each expert's (token, gate) pairs.
     pub dispatch: Dispatch<T>,
+    /// The L1 regulariser's value at lambda.
     pub reg_loss: f64,
 }
 
 /// The TopK forward: output, routing, dispatch lists and the Switch aux loss.
 #[derive(Debug, Clone)]
 pub struct TopkForward<T> {
+    /// The layer's output \[T,H\].
     pub out: Vec<T>,
+    /// The TopK router's logits, probabilities, selection and statistics.
     pub routing: TopkRouting<T>,
+    /// Each expert's (token, gate) pairs.
     pub dispatch: Dispatch<T>,
+    /// The Switch aux loss at the coefficient given.
     pub aux_loss: f64,
 }
 
+/// The ReMoE layer forward of `x` \[T,H\] (SPEC): the ReLU router, the SwiGLU experts over the
+/// active pairs, the gate-weighted combine, and the L1 regulariser at coefficient `lambda`.
 pub fn remoe_forward<T: Real>(
     x: &[T],
     params: &LayerParams<T>,
@@ -93,6 +109,8 @@ pub fn remoe_forward<T: Real>(
     }
 }
 
+/// The TopK baseline's forward of `x` \[T,H\] (SPEC): softmax, top-k selection without
+/// renormalisation, the SwiGLU experts, the combine, and the Switch aux loss at `aux_coeff`.
 pub fn topk_forward<T: Real>(
     x: &[T],
     params: &LayerParams<T>,

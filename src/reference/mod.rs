@@ -7,8 +7,8 @@
 //! each function is written to be read against the formula it implements.
 //!
 //! Layouts (row-major, the same as the GPU path's):
-//! - `x` [T,H]; router weight `wr` [H,E];
-//! - expert weights stacked per expert: gate `wg` [E,H,F], up `wu` [E,H,F], down `wd` [E,F,H].
+//! - `x` \[T,H\]; router weight `wr` \[H,E\];
+//! - expert weights stacked per expert: gate `wg` \[E,H,F\], up `wu` \[E,H,F\], down `wd` \[E,F,H\].
 
 mod controller;
 mod experts;
@@ -28,7 +28,9 @@ pub use routing::{
 
 /// Storage type of the reference: f32 or f64. Arithmetic goes through f64.
 pub trait Real: Copy + Default + PartialOrd + std::fmt::Debug + Send + Sync + 'static {
+    /// `v` rounded to this type.
     fn from_f64(v: f64) -> Self;
+    /// The value in f64 (exact).
     fn to_f64(self) -> f64;
 }
 
@@ -78,6 +80,7 @@ pub fn silu_grad(z: f64) -> f64 {
     s * (1.0 + z * (1.0 - s))
 }
 
+/// The logistic function 1 / (1 + e^-z).
 pub fn sigmoid(z: f64) -> f64 {
     1.0 / (1.0 + (-z).exp())
 }

@@ -10,7 +10,7 @@ use super::{matmul, Real};
 use crate::config::LayerConfig;
 use crate::error::{Error, Result};
 
-/// [`Error::NonFiniteLogits`] if any of `logits` [T,E] is NaN or infinite: how many, and the
+/// [`Error::NonFiniteLogits`] if any of `logits` \[T,E\] is NaN or infinite: how many, and the
 /// first token that has one (the error the GPU forward reports).
 pub fn check_logits_finite<T: Real>(logits: &[T], e: usize) -> Result<()> {
     let mut count = 0usize;
@@ -30,13 +30,13 @@ pub fn check_logits_finite<T: Real>(logits: &[T], e: usize) -> Result<()> {
 /// What the ReLU router produces (SPEC: L = X Wr, R = ReLU(L), A = {R > 0}).
 #[derive(Debug, Clone)]
 pub struct Routing<T> {
-    /// L [T,E].
+    /// L \[T,E\].
     pub logits: Vec<T>,
-    /// R [T,E] = ReLU(L).
+    /// R \[T,E\] = ReLU(L).
     pub gates: Vec<T>,
     /// n_e: tokens routed to each expert.
     pub counts: Vec<u32>,
-    /// sum over t of R[t,e], per expert, in f64.
+    /// sum over t of R\[t,e\], per expert, in f64.
     pub gate_sums: Vec<f64>,
     /// |A|.
     pub active_pairs: usize,
@@ -113,17 +113,18 @@ pub fn relu_gate(l: f64) -> f64 {
 /// The TopK router of the baseline (SPEC: pre-softmax top-k, no renormalisation).
 #[derive(Debug, Clone)]
 pub struct TopkRouting<T> {
+    /// L \[T,E\] = X Wr.
     pub logits: Vec<T>,
-    /// P [T,E] = softmax(L) per token.
+    /// P \[T,E\] = softmax(L) per token.
     pub probs: Vec<T>,
-    /// R [T,E] = P where selected, else 0.
+    /// R \[T,E\] = P where selected, else 0.
     pub gates: Vec<T>,
-    /// The selection, [T,E]: k per token (fewer only for a token with fewer than k finite
+    /// The selection, \[T,E\]: k per token (fewer only for a token with fewer than k finite
     /// logits).
     pub selected: Vec<bool>,
     /// n_e: tokens selecting each expert.
     pub counts: Vec<u32>,
-    /// sum over all t of P[t,e] (the aux loss uses every pair, selected or not).
+    /// sum over all t of P\[t,e\] (the aux loss uses every pair, selected or not).
     pub prob_sums: Vec<f64>,
 }
 
@@ -133,6 +134,7 @@ impl<T: Real> TopkRouting<T> {
         check_logits_finite(&self.logits, self.counts.len())
     }
 
+    /// The selected pairs as per-expert token lists, for `e` experts.
     pub fn dispatch(&self, e: usize) -> Dispatch<T> {
         Dispatch::from_selection(&self.gates, e, |t, ei, _| self.selected[t * e + ei])
     }
@@ -239,11 +241,11 @@ pub(crate) fn balance_scale(cfg: &LayerConfig, coeff: f64) -> f64 {
 /// produces, and it must match it exactly.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dispatch<T> {
-    /// [E+1], offsets[0] = 0, offsets[E] = |A|.
+    /// [E+1], offsets\[0\] = 0, offsets\[E\] = |A|.
     pub offsets: Vec<u32>,
     /// [|A|] token index of each pair.
     pub tokens: Vec<u32>,
-    /// [|A|] gate value R[t,e] of each pair.
+    /// [|A|] gate value R\[t,e\] of each pair.
     pub gates: Vec<T>,
 }
 
@@ -271,6 +273,7 @@ impl<T: Real> Dispatch<T> {
         }
     }
 
+    /// E, the number of experts.
     pub fn num_experts(&self) -> usize {
         self.offsets.len() - 1
     }

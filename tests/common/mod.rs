@@ -50,12 +50,12 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// How a test names its seed in a failure message: `seed N (replay with REMOE_SEED=N)`. With
-/// `REMOE_SEED=N` set, `SplitMix64::fresh_seed` returns N (src/rng.rs), so the run draws the same
+/// `REMOE_SEED=N` set, `fresh_seed` returns N (testkit/src/rng.rs), so the run draws the same
 /// inputs again.
 pub fn seed_note(seed: u64) -> String {
     format!(
         "seed {seed} (replay with {}={seed})",
-        remoe_kernels::rng::SEED_ENV
+        remoe_testkit::rng::SEED_ENV
     )
 }
 
@@ -363,7 +363,7 @@ pub fn router_term_scales(
 }
 
 #[allow(unused_imports)]
-pub use remoe_kernels::synthetic::*;
+pub use remoe_testkit::synthetic::*;
 
 /// Gradient buffers of one backward on the device: dX in the activation type, the weight gradients in f32.
 pub struct Grads<T: HalfElement> {

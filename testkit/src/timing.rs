@@ -2,8 +2,7 @@
 
 use cudarc::driver::sys::CUevent_flags;
 
-use crate::device::Device;
-use crate::error::Result;
+use remoe_kernels::{Device, Result};
 
 /// Timings of one piece of GPU work, in milliseconds.
 #[derive(Debug, Clone)]
@@ -13,6 +12,7 @@ pub struct GpuTimings {
 }
 
 impl GpuTimings {
+    /// The median of the samples (NaN without samples).
     pub fn median_ms(&self) -> f64 {
         let n = self.samples_ms.len();
         if n == 0 {
@@ -25,6 +25,7 @@ impl GpuTimings {
         }
     }
 
+    /// The fastest sample (NaN without samples).
     pub fn min_ms(&self) -> f64 {
         self.samples_ms.first().copied().unwrap_or(f64::NAN)
     }
