@@ -37,14 +37,14 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{
-    loss::cross_entropy, ops::softmax_last_dim, AdamW, Embedding, Init, Linear, Optimizer,
-    ParamsAdamW, RmsNorm, VarBuilder, VarMap,
+    loss::cross_entropy, ops::softmax, AdamW, Embedding, Init, Linear, Optimizer, ParamsAdamW,
+    RmsNorm, VarBuilder, VarMap,
 };
 use clap::Parser;
 use half::bf16;
 use indicatif::{ProgressBar, ProgressStyle};
 use remoe_kernels::candle::MoeLayer;
-use remoe_kernels::rng::SplitMix64;
+use remoe_testkit::rng::{seeded, TestRng};
 use serde_json::json;
 
 use corpus::{Batch, Corpus, DOMAINS};
@@ -103,6 +103,15 @@ struct Args {
     /// Steps timed (after training) for the MoE layers' share of the step time.
     #[arg(long, default_value_t = 20)]
     timing_steps: usize,
+    /// ReMoE's starting lambda (the paper's 1e-8).
+    #[arg(long, default_value_t = 1e-8)]
+    lambda0: f64,
+    /// ReMoE's controller step factor alpha (the paper's 1.2).
+    #[arg(long, default_value_t = 1.2)]
+    alpha: f64,
+    /// Fix ReMoE's lambda at this value instead of the adaptive controller (an ablation).
+    #[arg(long)]
+    fixed_lambda: Option<f64>,
     /// Skip the TopK run.
     #[arg(long)]
     no_topk: bool,
@@ -228,7 +237,9 @@ fn causal_attention(qkv: &Tensor, heads: usize, mask: &Tensor) -> candle_core::R
     let v = qkv.get(2)?.contiguous()?;
     let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
     let mask = mask.narrow(0, 0, l)?.narrow(1, 0, l)?;
-    let att = softmax_last_dim(&att.broadcast_add(&mask)?)?;
+    // candle_nn's fused softmax_last_dim and RmsNorm::forward have no backward (a gradient would
+    // silently stop there): the differentiable forms.
+    let att = softmax(&att.broadcast_add(&mask)?, candle_core::D::Minus1)?;
     att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))
 }
 
@@ -260,7 +271,21 @@ impl Model {
             let b = vb.pp(format!("block{i}"));
             let moe_vb = vb16.pp(format!("block{i}.moe"));
             let moe = match kind {
-                Kind::Remoe => MoeLayer::remoe(moe_vb, h, args.ffn, args.experts, args.k)?,
+                Kind::Remoe => {
+                    let mut m = MoeLayer::remoe_with_controller(
+                        moe_vb,
+                        h,
+                        args.ffn,
+                        args.experts,
+                        args.k,
+                        args.lambda0,
+                        args.alpha,
+                    )?;
+                    if let Some(lambda) = args.fixed_lambda {
+                        m.set_fixed_coefficient(lambda);
+                    }
+                    m
+                }
                 Kind::Topk => {
                     MoeLayer::topk(moe_vb, h, args.ffn, args.experts, args.k, args.aux_coeff)?
                 }
@@ -296,11 +321,11 @@ impl Model {
         let mut sparsities = Vec::new();
         let mut moe_inputs = Vec::new();
         for b in &self.blocks {
-            let qkv = b.qkv.forward(&b.norm1.forward(&x)?)?;
+            let qkv = b.qkv.forward(&b.norm1.forward_diff(&x)?)?;
             x = (&x
                 + b.proj
                     .forward(&causal_attention(&qkv, self.heads, &self.mask)?)?)?;
-            let hin = b.norm2.forward(&x)?.to_dtype(DType::BF16)?;
+            let hin = b.norm2.forward_diff(&x)?.to_dtype(DType::BF16)?;
             let y = b.moe.forward_with_loss(&hin)?;
             x = (&x + y.out.to_dtype(DType::F32)?)?;
             balance.push(y.balance_loss);
@@ -312,7 +337,7 @@ impl Model {
                 moe_inputs.push(flat()?);
             }
         }
-        let logits = self.head.forward(&self.norm.forward(&x)?)?;
+        let logits = self.head.forward(&self.norm.forward_diff(&x)?)?;
         let n = sparsities.len();
         let sparsity = if n > 0 {
             Some((Tensor::stack(&sparsities, 0)?.sum_all()? / n as f64)?)
@@ -433,7 +458,7 @@ fn moe_share(
     train: &Corpus,
     args: &Args,
     dev: &Device,
-    rng: &mut SplitMix64,
+    rng: &mut TestRng,
 ) -> candle_core::Result<(f64, String)> {
     let (mut full, mut moe) = (Vec::new(), Vec::new());
     const WARM: usize = 3;
@@ -529,7 +554,7 @@ fn train_gpu(
         weight_decay: 0.01,
     };
     let mut opt = AdamW::new(varmap.all_vars(), params)?;
-    let mut rng = SplitMix64::new(args.seed ^ 0xba7c);
+    let mut rng = seeded(args.seed ^ 0xba7c);
     let tokens_per_step = args.batch * args.seq;
 
     let bar = ProgressBar::new(args.steps as u64);

@@ -7,7 +7,7 @@
 //! sample's domain). The domain of each sample is drawn uniformly at random, so a training
 //! window mixes domains at unpredictable boundaries; nothing in the text names the domain.
 
-use remoe_kernels::rng::SplitMix64;
+use remoe_testkit::rng::{seeded, Rng, TestRng};
 
 /// The domains, in label order.
 pub const DOMAINS: [&str; 5] = ["arithmetic", "code", "english", "dna", "json"];
@@ -30,17 +30,17 @@ pub struct Batch {
     pub domains: Vec<u8>,
 }
 
-fn below(rng: &mut SplitMix64, n: usize) -> usize {
-    (rng.next_u64() % n as u64) as usize
+fn below(rng: &mut TestRng, n: usize) -> usize {
+    rng.random_range(0..n)
 }
 
-fn pick<'a>(rng: &mut SplitMix64, words: &[&'a str]) -> &'a str {
+fn pick<'a>(rng: &mut TestRng, words: &[&'a str]) -> &'a str {
     words[below(rng, words.len())]
 }
 
 /// "a op b=c" expressions, several per line: digits and `+-*= ` only; the result is right, so a
 /// model can learn carries.
-fn arithmetic(rng: &mut SplitMix64, out: &mut String) {
+fn arithmetic(rng: &mut TestRng, out: &mut String) {
     let n = 2 + below(rng, 4);
     for i in 0..n {
         let (a, b) = (below(rng, 1000) as i64, below(rng, 100) as i64);
@@ -57,7 +57,7 @@ fn arithmetic(rng: &mut SplitMix64, out: &mut String) {
 }
 
 /// A Rust-like function: keywords, braces, semicolons, short identifiers.
-fn code(rng: &mut SplitMix64, out: &mut String) {
+fn code(rng: &mut TestRng, out: &mut String) {
     const NAMES: &[&str] = &["f", "g", "sum", "step", "mix", "fold", "scan", "norm"];
     const VARS: &[&str] = &["x", "y", "z", "acc", "i", "n", "tmp"];
     const OPS: &[&str] = &["+", "-", "*", "^", "&"];
@@ -90,7 +90,7 @@ fn code(rng: &mut SplitMix64, out: &mut String) {
 
 /// Sentences from a small grammar: determiner, optional adjective, noun, verb, object, optional
 /// prepositional phrase.
-fn english(rng: &mut SplitMix64, out: &mut String) {
+fn english(rng: &mut TestRng, out: &mut String) {
     const DET: &[&str] = &["the", "a", "every", "some", "that"];
     const ADJ: &[&str] = &["quick", "small", "old", "green", "quiet", "bright", "heavy"];
     const NOUN: &[&str] = &[
@@ -106,7 +106,7 @@ fn english(rng: &mut SplitMix64, out: &mut String) {
         "likes",
     ];
     const PREP: &[&str] = &["near", "under", "behind", "across", "with"];
-    let phrase = |rng: &mut SplitMix64, s: &mut String| {
+    let phrase = |rng: &mut TestRng, s: &mut String| {
         s.push_str(pick(rng, DET));
         s.push(' ');
         if below(rng, 2) == 0 {
@@ -140,7 +140,7 @@ fn english(rng: &mut SplitMix64, out: &mut String) {
 }
 
 /// A gene-like string: ATG, random codons, a stop codon. Upper-case ACGT only.
-fn dna(rng: &mut SplitMix64, out: &mut String) {
+fn dna(rng: &mut TestRng, out: &mut String) {
     const BASES: [char; 4] = ['A', 'C', 'G', 'T'];
     const STOPS: &[&str] = &["TAA", "TAG", "TGA"];
     out.push_str("ATG");
@@ -151,7 +151,7 @@ fn dna(rng: &mut SplitMix64, out: &mut String) {
 }
 
 /// A JSON record with fixed keys in a fixed order and varying values.
-fn json(rng: &mut SplitMix64, out: &mut String) {
+fn json(rng: &mut TestRng, out: &mut String) {
     const NAMES: &[&str] = &["ana", "bo", "chen", "dara", "eli", "fatma", "gus", "hana"];
     const CITIES: &[&str] = &["oslo", "lima", "pune", "kyiv", "doha", "rome"];
     const TAGS: &[&str] = &["red", "blue", "admin", "new", "vip", "beta"];
@@ -170,7 +170,7 @@ fn json(rng: &mut SplitMix64, out: &mut String) {
 }
 
 /// Appends one sample of domain `d` (without its newline).
-fn sample(d: usize, rng: &mut SplitMix64, out: &mut String) {
+fn sample(d: usize, rng: &mut TestRng, out: &mut String) {
     match d {
         0 => arithmetic(rng, out),
         1 => code(rng, out),
@@ -183,7 +183,7 @@ fn sample(d: usize, rng: &mut SplitMix64, out: &mut String) {
 impl Corpus {
     /// At least `min_bytes` bytes of samples from `seed` (the same seed, the same corpus).
     pub fn generate(seed: u64, min_bytes: usize) -> Self {
-        let mut rng = SplitMix64::new(seed);
+        let mut rng = seeded(seed);
         let mut bytes = Vec::with_capacity(min_bytes + 512);
         let mut domains = Vec::with_capacity(min_bytes + 512);
         let mut line = String::new();
@@ -208,7 +208,7 @@ impl Corpus {
     }
 
     /// `batch` windows of `seq` bytes starting at random offsets drawn from `rng`.
-    pub fn random_batch(&self, rng: &mut SplitMix64, batch: usize, seq: usize) -> Batch {
+    pub fn random_batch(&self, rng: &mut TestRng, batch: usize, seq: usize) -> Batch {
         let span = self.bytes.len() - seq - 1;
         let starts: Vec<usize> = (0..batch).map(|_| below(rng, span)).collect();
         self.batch_at(&starts, seq)
@@ -296,7 +296,7 @@ mod tests {
 
     #[test]
     fn arithmetic_results_are_right() {
-        let mut rng = SplitMix64::new(5);
+        let mut rng = seeded(5);
         for _ in 0..200 {
             let mut s = String::new();
             arithmetic(&mut rng, &mut s);
@@ -318,7 +318,7 @@ mod tests {
     #[test]
     fn batches_shift_targets_by_one_and_carry_labels() {
         let c = Corpus::generate(11, 10_000);
-        let mut rng = SplitMix64::new(2);
+        let mut rng = seeded(2);
         let b = c.random_batch(&mut rng, 4, 64);
         assert_eq!(b.inputs.len(), 4 * 64);
         assert_eq!(b.targets.len(), 4 * 64);

@@ -12,8 +12,8 @@ use remoe_kernels::reference::{
     matmul, remoe_backward, remoe_forward, topk_backward, topk_forward, LayerParams,
     SparsityController,
 };
-use remoe_kernels::rng::SplitMix64;
 use remoe_kernels::LayerConfig;
+use remoe_testkit::rng::{seeded, Rng, StandardNormal};
 
 use super::corpus::{Batch, Corpus, DOMAINS};
 use super::report::{Affinity, RunLog, StepLog};
@@ -91,9 +91,12 @@ fn transpose(a: &[f64], m: usize, n: usize) -> Vec<f64> {
 impl Model {
     fn new(s: &CpuSizes, remoe: bool) -> Self {
         let (h, f, e) = (s.hidden, s.ffn, s.experts);
-        let mut rng = SplitMix64::new(s.seed);
-        let mut normal =
-            |n: usize, std: f64| -> Vec<f64> { (0..n).map(|_| std * rng.normal()).collect() };
+        let mut rng = seeded(s.seed);
+        let mut normal = |n: usize, std: f64| -> Vec<f64> {
+            (0..n)
+                .map(|_| std * rng.sample::<f64, _>(StandardNormal))
+                .collect()
+        };
         Self {
             emb: normal(VOCAB * h, 1.0),
             moe: LayerParams {
@@ -184,7 +187,7 @@ pub fn train(s: &CpuSizes, remoe: bool, train: &Corpus, held: &Corpus) -> RunLog
     let mut opt_emb = Adam::new(model.emb.len());
     let mut opt_head = Adam::new(model.head.len());
     let mut opt_moe: Vec<Adam> = sizes.iter().map(|&n| Adam::new(n)).collect();
-    let mut rng = SplitMix64::new(s.seed ^ 0x5eed);
+    let mut rng = seeded(s.seed ^ 0x5eed);
     let mut steps = Vec::with_capacity(s.steps);
     let start = Instant::now();
     for step in 0..s.steps {

@@ -146,8 +146,25 @@ impl<T: CandleElement> MoeLayer<T> {
         experts: usize,
         k: usize,
     ) -> candle_core::Result<Self> {
+        Self::remoe_with_controller(vb, hidden, ffn, experts, k, 1e-8, 1.2)
+    }
+
+    /// [`remoe`](Self::remoe) with the adaptive controller's starting lambda and step factor
+    /// chosen (the paper's defaults are 1e-8 and 1.2; see
+    /// [`LambdaController::with_params`]); the target stays 1 - k/E.
+    pub fn remoe_with_controller(
+        vb: VarBuilder,
+        hidden: usize,
+        ffn: usize,
+        experts: usize,
+        k: usize,
+        lambda0: f64,
+        alpha: f64,
+    ) -> candle_core::Result<Self> {
         let dev = crate_device(vb.device())?;
-        let lambda = LambdaController::new(&dev, k, experts).map_err(candle_err)?;
+        let target = 1.0 - k as f64 / experts as f64;
+        let lambda =
+            LambdaController::with_params(&dev, lambda0, alpha, target).map_err(candle_err)?;
         let coeff = LayerCoeff::Adaptive(Arc::new(Mutex::new(lambda)));
         Self::from_builder(vb, RouterKind::Relu, coeff, (hidden, ffn, experts, k))
     }
