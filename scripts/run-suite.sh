@@ -13,8 +13,9 @@
 # --filter passes a test-name filter to every test binary (e.g. --filter router).
 # On a compute capability 9.0 GPU every GPU test binary runs a second time with
 # REMOE_GEMM_PATH=mma-sync: both expert-GEMM paths pass the whole suite.
-# --bench runs the kernel-level check of the GEMM paths (tools/gemm-paths), the examples (the
-# main job and the benchmark report, whose JSON lands in $OUT);
+# --bench runs the kernel-level check of the GEMM paths (tools/gemm-paths), the examples (one
+# layer at config A, the benchmark report, whose JSON lands in $OUT, and with --candle bundles
+# the main job, whose output lands in $OUT/train);
 # --criterion runs the criterion layer bench restricted to FILTER (e.g. layer/A).
 # Full logs go to $OUT (the device tool's output folder) when it is set.
 set -uo pipefail
@@ -150,6 +151,12 @@ if [[ $bench -eq 1 ]]; then
       grep -E "^(A|D) |router|PASSED|FAILED" | cut -c1-170
   fi
   { echo "=== remoe_layer"; "$here/examples/remoe_layer" 2>&1; } | tee -a "$out/examples.log" | tail -5
+  if [[ -x "$here/candle/train" ]]; then
+    font="$here/candle/DejaVuSans.ttf"
+    { echo "=== train (the main job)"
+      REMOE_PLOT_FONT="${REMOE_PLOT_FONT:-$font}" "$here/candle/train" --out "$out/train" 2>&1; } |
+      tee -a "$out/examples.log" | grep -vE '^ *\[' | tail -12
+  fi
   { echo "=== bench_report"; "$here/examples/bench_report" --json "$out/bench-report.json" 2>&1; } |
     tee -a "$out/examples.log" | tail -45
 fi
