@@ -297,4 +297,177 @@ mod tests {
         let routed: u64 = log.affinity.counts[0].iter().flatten().sum();
         assert!(routed > 0);
     }
+
+    /// A tiny model whose weights are large enough that every term of the gradient matters
+    /// (std 0.5 for the router, the experts and the head; the embedding's std 1), and a batch
+    /// with repeated bytes, so that embedding rows collect gradients from several positions.
+    fn fd_problem(remoe: bool) -> (Model, Batch, LayerConfig) {
+        let (t, h, f, e, k) = (12, 8, 8, 4, 1);
+        let mut rng = seeded(7);
+        let mut normal = |n: usize, std: f64| -> Vec<f64> {
+            (0..n)
+                .map(|_| std * rng.sample::<f64, _>(StandardNormal))
+                .collect()
+        };
+        let model = Model {
+            emb: normal(VOCAB * h, 1.0),
+            moe: LayerParams {
+                router: normal(h * e, 0.5),
+                gate: normal(e * h * f, 0.5),
+                up: normal(e * h * f, 0.5),
+                down: normal(e * f * h, 0.5),
+            },
+            head: normal(h * VOCAB, 0.5),
+            remoe,
+        };
+        let text = b"abcabdacbbdca";
+        let b = Batch {
+            inputs: text[..t].iter().map(|&v| u32::from(v)).collect(),
+            targets: text[1..=t].iter().map(|&v| u32::from(v)).collect(),
+            domains: vec![0; t],
+        };
+        (model, b, LayerConfig::new(t, h, f, e, k))
+    }
+
+    const NAMES: [&str; 6] = ["embedding", "head", "router", "gate", "up", "down"];
+
+    /// The model's parameter group `i`, in the order of [`NAMES`].
+    fn group(m: &mut Model, i: usize) -> &mut Vec<f64> {
+        match i {
+            0 => &mut m.emb,
+            1 => &mut m.head,
+            2 => &mut m.moe.router,
+            3 => &mut m.moe.gate,
+            4 => &mut m.moe.up,
+            _ => &mut m.moe.down,
+        }
+    }
+
+    /// The analytic gradients of lm_loss + balance, in the order of [`NAMES`].
+    fn analytic(model: &Model, b: &Batch, cfg: &LayerConfig, coeff: f64) -> [Vec<f64>; 6] {
+        let p = model.pass(b, cfg, coeff, true);
+        let (demb, dmoe, dhead) = p.grads.expect("training pass");
+        [demb, dhead, dmoe.router, dmoe.gate, dmoe.up, dmoe.down]
+    }
+
+    fn max_abs(v: &[f64]) -> f64 {
+        v.iter().fold(0.0f64, |a, x| a.max(x.abs()))
+    }
+
+    /// Central differences of `loss` (of a forward pass) against the analytic gradients `g` of
+    /// the groups `which`. An entry whose +-step changes the routing mask is skipped: the loss
+    /// has a kink there (ReLU at L = 0, a swap in the top-k selection), and the regulariser even
+    /// jumps (n_e changes). Returns, per group, the largest |analytic - numeric| over the
+    /// group's largest |analytic|, and the number of entries skipped.
+    fn fd_errors(
+        model: &Model,
+        b: &Batch,
+        cfg: &LayerConfig,
+        coeff: f64,
+        g: &[Vec<f64>; 6],
+        which: &[usize],
+        loss: impl Fn(&Pass) -> f64,
+    ) -> ([f64; 6], usize) {
+        let step = 1e-5;
+        let base = model.pass(b, cfg, coeff, false).active;
+        let mut m = Model {
+            emb: model.emb.clone(),
+            moe: model.moe.clone(),
+            head: model.head.clone(),
+            remoe: model.remoe,
+        };
+        let mut errs = [0.0f64; 6];
+        let mut skipped = 0;
+        for &gi in which {
+            let scale = max_abs(&g[gi]);
+            assert!(scale > 0.0, "{} has no gradient at all", NAMES[gi]);
+            for (i, &gv) in g[gi].iter().enumerate() {
+                let w = group(&mut m, gi)[i];
+                group(&mut m, gi)[i] = w + step;
+                let plus = m.pass(b, cfg, coeff, false);
+                group(&mut m, gi)[i] = w - step;
+                let minus = m.pass(b, cfg, coeff, false);
+                group(&mut m, gi)[i] = w;
+                if plus.active != base || minus.active != base {
+                    skipped += 1;
+                    continue;
+                }
+                let fd = (loss(&plus) - loss(&minus)) / (2.0 * step);
+                errs[gi] = errs[gi].max((fd - gv).abs() / scale);
+            }
+        }
+        (errs, skipped)
+    }
+
+    /// Finite differences of the whole model's gradients (embedding, head, router, gate, up,
+    /// down) in f64: ReMoE at a nonzero lambda, TopK at its aux coefficient, and the
+    /// regulariser's part alone (the analytic gradient at lambda minus the one at lambda = 0,
+    /// against the finite differences of the regulariser's value).
+    ///
+    /// The bound: with the central step h = 1e-5 the truncation error is h^2 |f'''| / 6, about
+    /// 1e-11 here, and the rounding error about eps |loss| / h = 2e-16 * 6 / 1e-5, about 1e-10;
+    /// against groups whose largest gradient is 1e-2..1 that is 1e-8 at worst. A missing or
+    /// wrong term (the residual, the regulariser, a scale) is a relative error of 1e-2 or more,
+    /// so 1e-6 tells the two apart by orders of magnitude either way.
+    #[test]
+    fn whole_model_gradients_match_finite_differences() {
+        const BOUND: f64 = 1e-6;
+        let all = [0, 1, 2, 3, 4, 5];
+        for (remoe, coeff) in [(true, 0.3), (false, AUX_COEFF)] {
+            let (model, b, cfg) = fd_problem(remoe);
+            let p = model.pass(&b, &cfg, coeff, false);
+            let g = analytic(&model, &b, &cfg, coeff);
+            let (errs, skipped) =
+                fd_errors(&model, &b, &cfg, coeff, &g, &all, |p| p.lm_loss + p.balance);
+            let name = if remoe { "ReMoE" } else { "TopK" };
+            println!(
+                "{name}: sparsity {:.3}, loss {:.4}, balance {:.4}, skipped {skipped}",
+                p.sparsity, p.lm_loss, p.balance
+            );
+            for (n, (err, v)) in NAMES.iter().zip(errs.iter().zip(&g)) {
+                println!(
+                    "  {n:>9}: max |g| {:.3e}, relative error {err:.2e}",
+                    max_abs(v)
+                );
+            }
+            assert!(skipped < 20, "{skipped} entries at a kink");
+            for (n, err) in NAMES.iter().zip(errs) {
+                assert!(err < BOUND, "{name} {n}: relative error {err:.2e}");
+            }
+            if !remoe {
+                continue;
+            }
+            // Some pairs active and some not, and a regulariser that is not negligible.
+            assert!(p.sparsity > 0.2 && p.sparsity < 0.8, "{}", p.sparsity);
+            assert!(p.balance > 1e-2 * p.lm_loss, "{} {}", p.balance, p.lm_loss);
+            // The regulariser alone: it reaches the router, and the embedding through x.
+            let g0 = analytic(&model, &b, &cfg, 0.0);
+            let dreg: [Vec<f64>; 6] =
+                std::array::from_fn(|i| g[i].iter().zip(&g0[i]).map(|(a, z)| a - z).collect());
+            for i in [1, 3, 4, 5] {
+                assert_eq!(max_abs(&dreg[i]), 0.0, "{} sees the regulariser", NAMES[i]);
+            }
+            println!(
+                "  regulariser's share: router {:.3e} of {:.3e}, embedding {:.3e} of {:.3e}",
+                max_abs(&dreg[2]),
+                max_abs(&g[2]),
+                max_abs(&dreg[0]),
+                max_abs(&g[0])
+            );
+            assert!(max_abs(&dreg[2]) > 1e-2 * max_abs(&g[2]));
+            let (errs, _) = fd_errors(&model, &b, &cfg, coeff, &dreg, &[0, 2], |p| p.balance);
+            println!(
+                "  regulariser alone: embedding {:.2e}, router {:.2e}",
+                errs[0], errs[2]
+            );
+            for i in [0, 2] {
+                assert!(
+                    errs[i] < BOUND,
+                    "regulariser, {}: {:.2e}",
+                    NAMES[i],
+                    errs[i]
+                );
+            }
+        }
+    }
 }
