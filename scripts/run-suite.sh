@@ -7,7 +7,8 @@
 # again under each compute-sanitizer tool: memcheck, racecheck (hazard reports only), initcheck
 # and synccheck; each run's summary line goes into the final table and its log into
 # $OUT/sanitizer-<tool>.log. A sanitizer run that reports errors, fails or runs
-# past --sanitizer-timeout (default 600 s per tool and binary) fails the suite.
+# past --sanitizer-timeout (default 600 s per tool and test; each test runs in a process of
+# its own) fails the suite.
 # --no-sanitizer skips the sanitizers; --sanitizers memcheck,synccheck picks some of them;
 # --sanitizers-only skips the plain test runs; --no-tests skips tests and sanitizers (--bench).
 # --filter passes a test-name filter to every test binary (e.g. --filter router).
@@ -120,25 +121,40 @@ if [[ $sanitize -eq 1 ]]; then
     for bin in "${gpu_bins[@]}"; do
       [[ -e "$bin" ]] || continue
       name="$(basename "$bin")"
-      log="$out/tmp-sanitizer.log"
       start=$SECONDS
-      timeout "$sanitizer_timeout" compute-sanitizer --tool "$tool" "${opts[@]}" --print-limit 50 \
-        --error-exitcode 86 "$bin" --test-threads=1 "${filter[@]}" >"$log" 2>&1
-      rc=$?
+      # One process per test: the sanitizers' host memory grows with the work a process has
+      # launched (racecheck reached 128 GB on gpu_backward as one process), so each test gets a
+      # fresh one and --sanitizer-timeout applies per test.
+      mapfile -t tests_of_bin < <("$bin" --list --format terse "${filter[@]}" 2>/dev/null |
+        sed -n 's/: test$//p')
+      bin_rc=0 errors=0 checked=0 bad=()
+      for test in "${tests_of_bin[@]}"; do
+        log="$out/tmp-sanitizer.log"
+        t0=$SECONDS
+        timeout "$sanitizer_timeout" compute-sanitizer --tool "$tool" "${opts[@]}" --print-limit 50 \
+          --error-exitcode 86 "$bin" --test-threads=1 --exact "$test" >"$log" 2>&1
+        rc=$?
+        { echo "=== $tool $name $test (rc=$rc, $((SECONDS - t0))s)"; cat "$log"; } >>"$tool_log"
+        if grep -q 'terminated before first instrumented API call' "$log" &&
+          grep -qE 'test result: ok\. 1 passed; 0 failed' "$log"; then
+          continue # a CPU-only test, or one skipped under the sanitizer: no GPU work to check
+        fi
+        checked=$((checked + 1))
+        line="$(grep -E '(ERROR|RACECHECK) SUMMARY' "$log" | tail -1)"
+        n="$(sed -nE 's/.*SUMMARY: ([0-9]+) (errors?|hazards?).*/\1/p' <<<"$line")"
+        errors=$((errors + ${n:-0}))
+        if [[ $rc -ne 0 || -z "$n" ]]; then
+          bin_rc=$rc
+          [[ $rc -eq 124 ]] && bad+=("$test: timed out after ${sanitizer_timeout}s") ||
+            bad+=("$test: rc=$rc${line:+, ${line##*SUMMARY: }}")
+        fi
+      done
       secs=$((SECONDS - start))
-      { echo "=== $tool $name (rc=$rc, ${secs}s)"; cat "$log"; } >>"$tool_log"
-      line="$(grep -E '(ERROR|RACECHECK) SUMMARY' "$log" | tail -1 | sed 's/^=* *//')"
-      if [[ $rc -eq 124 ]]; then
-        line="timed out after ${sanitizer_timeout}s"
-      elif grep -q 'terminated before first instrumented API call' "$log" &&
-        grep -qE 'test result: ok\. [0-9]+ passed; 0 failed' "$log"; then
-        # No test of this binary touched the GPU (all filtered out): nothing to check.
-        line="no GPU work (no test selected)"
-        rc=0
-      fi
-      [[ -z "$line" ]] && line="no summary line (see $(basename "$tool_log"))"
-      [[ $rc -ne 0 ]] && san_fail=$((san_fail + 1))
-      san_summary+=("$(printf '%-10s %-22s rc=%-3s %5ss  %s' "$tool" "$name" "$rc" "$secs" "$line")")
+      what=$([[ $tool == racecheck ]] && echo hazards || echo errors)
+      line="$checked tests with GPU work, $errors $what"
+      [[ ${#bad[@]} -gt 0 ]] && line+="; FAILED: ${bad[*]}"
+      [[ $bin_rc -ne 0 || ${#bad[@]} -gt 0 ]] && san_fail=$((san_fail + 1))
+      san_summary+=("$(printf '%-10s %-22s rc=%-3s %5ss  %s' "$tool" "$name" "$bin_rc" "$secs" "$line")")
       echo "${san_summary[-1]}"
     done
   done

@@ -17,7 +17,7 @@ use remoe_kernels::reference::{self, LayerParams};
 use remoe_kernels::{HostMoeWeights, LayerConfig, RouterKind, WeightLayout};
 use remoe_testkit::rng::{fresh_seed, seeded, UniformVec};
 
-use common::{gpu_or_skip, rel_err, seed_note};
+use common::{gpu_or_skip, rel_err, seed_note, training_steps};
 
 /// candle's CUDA device 0, or `None` after the crate's skip message.
 fn candle_gpu_or_skip(test: &str) -> Option<CDevice> {
@@ -189,8 +189,9 @@ fn a_small_candle_model_trains() {
     let mut opt = AdamW::new(varmap.all_vars(), params).unwrap();
     let lambda0 = moe.coefficient().unwrap();
 
+    let steps = training_steps(150);
     let mut losses = Vec::new();
-    for _ in 0..150 {
+    for _ in 0..steps {
         let y = moe.forward_with_loss(&x).unwrap();
         let pred = head.forward(&(&x + &y.out).unwrap()).unwrap();
         let mse = (pred.to_dtype(DType::F32).unwrap() - &target)
@@ -206,7 +207,12 @@ fn a_small_candle_model_trains() {
     }
     let (first, last) = (losses[0], *losses.last().unwrap());
     assert!(
-        last.is_finite() && last < 0.7 * first,
+        losses.iter().all(|l| l.is_finite()),
+        "{test}: loss {losses:?}, {}",
+        seed_note(seed)
+    );
+    assert!(
+        steps < 150 || last < 0.7 * first, // fewer steps only under compute-sanitizer
         "{test}: loss {first} -> {last}, {}",
         seed_note(seed)
     );

@@ -492,18 +492,6 @@ fn the_large_case_passes_2_pow_31_elements_and_fits_in_40_gb() {
     assert!(bytes < 40_000_000_000);
 }
 
-/// Whether this process runs under NVIDIA's compute-sanitizer, whose injection libraries are
-/// mapped into the process once the driver is initialised (`Device::new` has done that).
-fn under_compute_sanitizer() -> bool {
-    let mapped = std::fs::read_to_string("/proc/self/maps")
-        .map(|m| m.contains("libsanitizer-collection") || m.contains("libsanitizer-public"))
-        .unwrap_or(false);
-    let injected = std::env::var("CUDA_INJECTION64_PATH")
-        .map(|v| v.contains("sanitizer"))
-        .unwrap_or(false);
-    mapped || injected
-}
-
 /// Set to 1 to run the large case under compute-sanitizer too (it is skipped there by default:
 /// the tools' overhead on a 27 GB working set would not fit the GPU suite's time limit per
 /// binary). For example `REMOE_LARGE_UNDER_SANITIZER=1 compute-sanitizer --tool memcheck

@@ -83,64 +83,112 @@ fn run_layer(
     ]
 }
 
-#[test]
-fn both_gemm_paths_give_bitwise_identical_layers() {
-    let Some(dev) = gpu_or_skip("both_gemm_paths_give_bitwise_identical_layers") else {
+/// The layer (ReMoE and TopK, forward and every gradient) on the Hopper path and on the mma.sync
+/// path gives the same bits at one shape. Each shape is its own test so that a failure names it
+/// and compute-sanitizer runs each in a process of its own (scripts/run-suite.sh).
+fn both_gemm_paths_agree(test: &str, c: LayerConfig, density: &[f64]) {
+    let Some(dev) = gpu_or_skip(test) else {
         return;
     };
     if !GemmPath::Hopper.supported_on(&dev).unwrap() {
         use std::io::Write;
         let _ = writeln!(
             std::io::stderr(),
-            "SKIPPED both_gemm_paths_give_bitwise_identical_layers: this device has no Hopper path"
+            "SKIPPED {test}: this device has no Hopper path"
         );
         return;
     }
-    let cfg = |t, h, f, e, k| LayerConfig {
-        tokens: t,
-        hidden: h,
-        ffn: f,
-        experts: e,
-        k,
-    };
-    // (config, per-expert density): awkward sizes first, then one shape the size of a real layer.
-    let cases: Vec<(LayerConfig, Vec<f64>)> = vec![
-        (cfg(1, 64, 128, 4, 1), uniform_density(4, 0.5)),
-        (cfg(257, 200, 328, 5, 2), vec![0.9, 0.0, 0.3, 0.0, 0.7]),
-        (cfg(300, 72, 136, 3, 1), vec![0.0, 1.0, 0.0]),
-        (cfg(1031, 136, 264, 16, 2), skewed_density(16, 2.0)),
-        (cfg(4096, 768, 1024, 8, 1), uniform_density(8, 1.0 / 8.0)),
-        // Few pairs and a long F: the down projection splits K into 4 uneven ranges (33 K
-        // blocks, the last one partial), and the planes are summed.
-        (cfg(97, 136, 2056, 6, 1), uniform_density(6, 0.2)),
-        // Decode at config S's shape.
-        (cfg(8, 768, 3072, 8, 1), uniform_density(8, 1.0 / 8.0)),
-    ];
-    for (c, density) in cases {
-        for kind in [RouterKind::Relu, RouterKind::TopK] {
-            let seed = fresh_seed();
-            let what = format!("{kind:?} {c:?} density {density:?} seed {seed}");
-            let p = problem_with_density(c, &density, seed);
-            let d = DeviceProblem::upload(&dev, &p).unwrap();
-            let mut rng = seeded(seed ^ 0xd0);
-            let dout_host: Vec<f64> = (0..c.tokens * c.hidden)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            let dout =
-                DeviceTensor::from_host(&dev, &to_bf16(&dout_host), &[c.tokens, c.hidden]).unwrap();
-            let hopper = run_layer(&dev, GemmPath::Hopper, kind, c, &d, &dout);
-            let mma = run_layer(&dev, GemmPath::MmaSync, kind, c, &d, &dout);
-            for ((name, a), (_, b)) in hopper.iter().zip(&mma) {
-                assert_eq!(a.len(), b.len(), "{what}: {name} lengths differ");
-                let first = a.iter().zip(b).position(|(x, y)| x != y);
-                assert!(
-                    first.is_none(),
-                    "{what}: {name} differs between the Hopper and mma.sync paths at element {}",
-                    first.unwrap_or(0)
-                );
-            }
+    for kind in [RouterKind::Relu, RouterKind::TopK] {
+        let seed = fresh_seed();
+        let what = format!("{test}: {kind:?} {c:?} density {density:?} seed {seed}");
+        let p = problem_with_density(c, density, seed);
+        let d = DeviceProblem::upload(&dev, &p).unwrap();
+        let mut rng = seeded(seed ^ 0xd0);
+        let dout_host: Vec<f64> = (0..c.tokens * c.hidden)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let dout =
+            DeviceTensor::from_host(&dev, &to_bf16(&dout_host), &[c.tokens, c.hidden]).unwrap();
+        let hopper = run_layer(&dev, GemmPath::Hopper, kind, c, &d, &dout);
+        let mma = run_layer(&dev, GemmPath::MmaSync, kind, c, &d, &dout);
+        for ((name, a), (_, b)) in hopper.iter().zip(&mma) {
+            assert_eq!(a.len(), b.len(), "{what}: {name} lengths differ");
+            let first = a.iter().zip(b).position(|(x, y)| x != y);
+            assert!(
+                first.is_none(),
+                "{what}: {name} differs between the Hopper and mma.sync paths at element {}",
+                first.unwrap_or(0)
+            );
         }
     }
+}
+
+#[test]
+fn both_gemm_paths_agree_on_one_token() {
+    both_gemm_paths_agree(
+        "both_gemm_paths_agree_on_one_token",
+        LayerConfig::new(1, 64, 128, 4, 1),
+        &uniform_density(4, 0.5),
+    );
+}
+
+/// Ragged widths (H 200, F 328) and two experts with no tokens.
+#[test]
+fn both_gemm_paths_agree_on_ragged_widths_and_empty_experts() {
+    both_gemm_paths_agree(
+        "both_gemm_paths_agree_on_ragged_widths_and_empty_experts",
+        LayerConfig::new(257, 200, 328, 5, 2),
+        &[0.9, 0.0, 0.3, 0.0, 0.7],
+    );
+}
+
+#[test]
+fn both_gemm_paths_agree_when_one_expert_takes_every_token() {
+    both_gemm_paths_agree(
+        "both_gemm_paths_agree_when_one_expert_takes_every_token",
+        LayerConfig::new(300, 72, 136, 3, 1),
+        &[0.0, 1.0, 0.0],
+    );
+}
+
+#[test]
+fn both_gemm_paths_agree_on_skewed_loads() {
+    both_gemm_paths_agree(
+        "both_gemm_paths_agree_on_skewed_loads",
+        LayerConfig::new(1031, 136, 264, 16, 2),
+        &skewed_density(16, 2.0),
+    );
+}
+
+/// A shape the size of a real layer's.
+#[test]
+fn both_gemm_paths_agree_at_a_real_layer_size() {
+    both_gemm_paths_agree(
+        "both_gemm_paths_agree_at_a_real_layer_size",
+        LayerConfig::new(4096, 768, 1024, 8, 1),
+        &uniform_density(8, 1.0 / 8.0),
+    );
+}
+
+/// Few pairs and a long F: the down projection splits K into 4 uneven ranges (33 K blocks, the
+/// last one partial), and the planes are summed.
+#[test]
+fn both_gemm_paths_agree_on_a_split_k_down_projection() {
+    both_gemm_paths_agree(
+        "both_gemm_paths_agree_on_a_split_k_down_projection",
+        LayerConfig::new(97, 136, 2056, 6, 1),
+        &uniform_density(6, 0.2),
+    );
+}
+
+/// Decode at config S's shape.
+#[test]
+fn both_gemm_paths_agree_at_decode() {
+    both_gemm_paths_agree(
+        "both_gemm_paths_agree_at_decode",
+        LayerConfig::new(8, 768, 3072, 8, 1),
+        &uniform_density(8, 1.0 / 8.0),
+    );
 }
 
 #[test]

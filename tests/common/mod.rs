@@ -25,6 +25,31 @@ pub fn gpu_or_skip(test: &str) -> Option<Device> {
     }
 }
 
+/// Whether this process runs under NVIDIA's compute-sanitizer, whose injection libraries are
+/// mapped into the process once the driver is initialised (`Device::new` has done that).
+pub fn under_compute_sanitizer() -> bool {
+    let mapped = std::fs::read_to_string("/proc/self/maps")
+        .map(|m| m.contains("libsanitizer-collection") || m.contains("libsanitizer-public"))
+        .unwrap_or(false);
+    let injected = std::env::var("CUDA_INJECTION64_PATH")
+        .map(|v| v.contains("sanitizer"))
+        .unwrap_or(false);
+    mapped || injected
+}
+
+/// Optimiser steps for a training test: `plain` in a plain run; under compute-sanitizer a dozen,
+/// which run every kernel of a step (forward, backward, controller, optimiser) many times over.
+/// The sanitizers check kernels, not convergence, and their cost grows with every launch (a
+/// 150-step candle run took racecheck past 128 GB of host memory); the convergence assertions
+/// belong to the plain run.
+pub fn training_steps(plain: usize) -> usize {
+    if under_compute_sanitizer() {
+        plain.min(12)
+    } else {
+        plain
+    }
+}
+
 /// Like [`gpu_or_skip`], with cudarc's event tracking off (what capturing a CUDA graph needs;
 /// see `remoe_kernels::graph`).
 pub fn untracked_gpu_or_skip(test: &str) -> Option<Device> {
