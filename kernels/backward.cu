@@ -8,10 +8,13 @@
 
 namespace {
 
-// One warp per pair p (token t): dy[p] = R[p] * dOut[t] (the expert's output gradient) and
-// dr[p] = dOut[t] . y[p] (the data term of dR), in one pass over the two rows.
+// One warp per pair p (token t): dy[p] = R[p] * dOut[t] (the expert's output gradient, for
+// dWd) and dr[p] = dOut[t] . y[p], the data term of dR, from the dAct GEMM's 32-column group
+// sums (kernels/swiglu.cuh): lane l adds groups l, l + 32, ... in ascending order, then the
+// warp's butterfly. A fixed order: the same bits on every run and on both GEMM paths.
 template <typename T>
-__global__ void pair_grad_prep_kernel(const T *__restrict__ dout, const float *__restrict__ y,
+__global__ void pair_grad_prep_kernel(const T *__restrict__ dout,
+                                      const float *__restrict__ row_dots, int groups,
                                       const uint32_t *__restrict__ pair_token,
                                       const float *__restrict__ pair_gate, T *__restrict__ dy,
                                       float *__restrict__ dr, const uint32_t *__restrict__ count,
@@ -21,18 +24,15 @@ __global__ void pair_grad_prep_kernel(const T *__restrict__ dout, const float *_
   if (p >= (int)*count) return;
   const size_t t = pair_token[p];
   const float gate = pair_gate[p];
-  float dot = 0.f;
   for (int c = lane; c < h / 8; c += 32) {
-    float d[8], v[8], o[8];
+    float d[8], o[8];
     load8_as_float(dout + t * h + c * 8, d);
-    load8_as_float(y + (size_t)p * h + c * 8, v);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      dot = fmaf(d[i], v[i], dot);
-      o[i] = gate * d[i];
-    }
+    for (int i = 0; i < 8; ++i) o[i] = gate * d[i];
     store8(dy + (size_t)p * h + c * 8, o);
   }
+  float dot = 0.f;
+  for (int j = lane; j < groups; j += 32) dot += row_dots[(size_t)p * groups + j];
   dot = warp_sum(dot);
   if (lane == 0) dr[p] = dot;
 }
@@ -215,13 +215,13 @@ __global__ void router_wgrad_reduce_kernel(const float *__restrict__ partial,
 }
 
 template <typename T>
-int launch_pair_grad_prep(const uint16_t *dout, const float *y, const uint32_t *pair_token,
-                          const float *pair_gate, uint16_t *dy, float *dr, const uint32_t *count,
-                          int capacity, int h, cudaStream_t s) {
+int launch_pair_grad_prep(const uint16_t *dout, const float *row_dots, int groups,
+                          const uint32_t *pair_token, const float *pair_gate, uint16_t *dy,
+                          float *dr, const uint32_t *count, int capacity, int h, cudaStream_t s) {
   if (capacity == 0) return 0;
   // The grid covers the capacity; |A| = *count is read on the device.
   pair_grad_prep_kernel<T><<<(capacity + 7) / 8, 256, 0, s>>>(
-      reinterpret_cast<const T *>(dout), y, pair_token, pair_gate,
+      reinterpret_cast<const T *>(dout), row_dots, groups, pair_token, pair_gate,
       reinterpret_cast<T *>(dy), dr, count, h);
   return (int)cudaGetLastError();
 }
@@ -245,20 +245,22 @@ int launch_router_backward_dense(const uint16_t *x, const uint16_t *wr, const fl
 
 }  // namespace
 
-extern "C" int remoe_pair_grad_prep_bf16(const uint16_t *dout, const float *y,
-                                         const uint32_t *pair_token, const float *pair_gate,
-                                         uint16_t *dy, float *dr, const uint32_t *count,
-                                         int32_t capacity, int32_t h, remoe_stream_t stream) {
-  return launch_pair_grad_prep<__nv_bfloat16>(dout, y, pair_token, pair_gate, dy, dr, count,
-                                              capacity, h, (cudaStream_t)stream);
+extern "C" int remoe_pair_grad_prep_bf16(const uint16_t *dout, const float *row_dots,
+                                         int32_t groups, const uint32_t *pair_token,
+                                         const float *pair_gate, uint16_t *dy, float *dr,
+                                         const uint32_t *count, int32_t capacity, int32_t h,
+                                         remoe_stream_t stream) {
+  return launch_pair_grad_prep<__nv_bfloat16>(dout, row_dots, groups, pair_token, pair_gate, dy,
+                                              dr, count, capacity, h, (cudaStream_t)stream);
 }
 
-extern "C" int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *y,
-                                        const uint32_t *pair_token, const float *pair_gate,
-                                        uint16_t *dy, float *dr, const uint32_t *count,
-                                        int32_t capacity, int32_t h, remoe_stream_t stream) {
-  return launch_pair_grad_prep<__half>(dout, y, pair_token, pair_gate, dy, dr, count, capacity,
-                                       h, (cudaStream_t)stream);
+extern "C" int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *row_dots,
+                                        int32_t groups, const uint32_t *pair_token,
+                                        const float *pair_gate, uint16_t *dy, float *dr,
+                                        const uint32_t *count, int32_t capacity, int32_t h,
+                                        remoe_stream_t stream) {
+  return launch_pair_grad_prep<__half>(dout, row_dots, groups, pair_token, pair_gate, dy, dr,
+                                       count, capacity, h, (cudaStream_t)stream);
 }
 
 extern "C" int remoe_router_grad(const int32_t *pair_index, const float *dr,

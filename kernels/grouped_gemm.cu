@@ -21,12 +21,15 @@
 //
 // The backward uses the same main loop in two more modes, with B read from the weights as
 // stored (n-major: each output column's K values contiguous), through ldmatrix without .trans:
-//   kDAct: da = dY Wd_e^T, and in the epilogue SwiGLU's backward from the saved g and u:
-//          dg = da * u * SiLU'(g), du = da * SiLU(g);
+//   kDAct: A = dOut's rows gathered through pair_token (unscaled), so the accumulators hold
+//          dOut_t Wd_e^T; the epilogue recomputes a from the saved g and u (written for dWd),
+//          accumulates dR = a . (dOut_t Wd_e^T) per 32-column group (swiglu.cuh), and applies
+//          SwiGLU's backward to da = R (dOut_t Wd_e^T): dg = da * u * SiLU'(g), du = da * SiLU(g);
 //   kDX:   dX_pair = dg Wg_e^T + du Wu_e^T, as one GEMM over two K segments.
 // And a separate kernel for the weight gradients, whose reduction runs over an expert's pairs
 // (K = n_e, zero allowed), both operands read k-major and fed through ldmatrix.trans.
 #include "mma_sync.cuh"
+#include "swiglu.cuh"
 
 namespace {
 
@@ -49,9 +52,6 @@ __device__ __forceinline__ int a_offset(int row, int chunk) {
 __device__ __forceinline__ int b_offset(int k, int chunk) {
   return k * BN + ((chunk ^ (k & 7)) << 3);
 }
-
-__device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + __expf(-z)); }
-__device__ __forceinline__ float silu(float z) { return z * sigmoid(z); }
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -97,15 +97,17 @@ template <typename T>
 struct GemmArgs {
   const T *a0;              // A rows [|A| or T, K]; kDX: dg
   const T *a1;              // kDX: du (second K segment)
-  const uint32_t *gather;   // kUpSwiGLU: A row of pair p is gather[p]
+  const uint32_t *gather;   // kUpSwiGLU, kDAct: A row of pair p is gather[p]
   const T *b0;              // weights, per expert: kUpSwiGLU Wg [E,K,N]; kDown Wd [E,K,N];
   const T *b1;              //   kDAct Wd [E,N,K]; kDX Wg [E,N,K] then (b1) Wu [E,N,K]
   T *out0;                  // kUpSwiGLU act; kDAct dg; kDX dX_pair
-  float *out_f32;           // kDown: y, kept in f32 (the backward's dR = dOut . y needs it)
+  float *out_f32;           // kDown: y (f32: the combine weighs it by the gate)
   T *out1;                  // kUpSwiGLU g (may be null); kDAct du
-  T *out2;                  // kUpSwiGLU u (may be null)
+  T *out2;                  // kUpSwiGLU u (may be null); kDAct act, recomputed
   const T *in_g;            // kDAct: saved g [|A|, N]
   const T *in_u;            // kDAct: saved u [|A|, N]
+  const float *row_scale;   // kDAct: the pairs' gates R [|A|]
+  float *row_dots;          // kDAct: dR's 32-column group sums [|A|, ceil(N / 32)]
   const uint32_t *expert_offsets;
   const uint32_t *tile_offsets;
   int e, K, N, col_tiles;
@@ -115,9 +117,57 @@ struct GemmArgs {
   int k_splits, plane_rows;
 };
 
+// dAct's epilogue for one warp's 64 x 32 tile (rows wm_row0.., columns col0..col0 + 31: one of
+// dR's 32-column groups). The quad shuffles need every lane, so rows and columns past the edge
+// compute on zeros and only their loads and stores are masked.
+template <typename T>
+__device__ __forceinline__ void dact_epilogue(const GemmArgs<T> &args, const float (&acc)[4][4][4],
+                                              int row0, int rows, int col0, int wm_row0,
+                                              int lane) {
+  const int N = args.N;
+  const int groups = (N + 31) / 32;
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = wm_row0 + mi * 16 + (lane >> 2) + half * 8;
+      const bool row_ok = r < rows;
+      const size_t row = (size_t)row0 + (row_ok ? r : 0);
+      const float gate = row_ok ? args.row_scale[row] : 0.f;
+      float sums[4];
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const int col = col0 + ni * 8 + (lane & 3) * 2;
+        const bool ok = row_ok && col < N;
+        const float d0 = acc[mi][ni][half * 2], d1 = acc[mi][ni][half * 2 + 1];
+        float g[2] = {0.f, 0.f}, u[2] = {0.f, 0.f};
+        if (ok) {
+          load2<T>(args.in_g + row * N + col, g);
+          load2<T>(args.in_u + row * N + col, u);
+        }
+        const float s0 = sigmoid(g[0]), s1 = sigmoid(g[1]);
+        const float a0 = swiglu_rounded<T>(g[0], u[0], s0);
+        const float a1 = swiglu_rounded<T>(g[1], u[1], s1);
+        sums[ni] = quad_tree(dot2(a0, d0, a1, d1));
+        if (ok) {
+          float dg0, du0, dg1, du1;
+          dswiglu(gate * d0, g[0], u[0], s0, dg0, du0);
+          dswiglu(gate * d1, g[1], u[1], s1, dg1, du1);
+          store2<T>(args.out0 + row * N + col, dg0, dg1);
+          store2<T>(args.out1 + row * N + col, du0, du1);
+          store2<T>(args.out2 + row * N + col, a0, a1);
+        }
+      }
+      if (row_ok && (lane & 3) == 0 && col0 < N)
+        args.row_dots[row * groups + col0 / 32] = tree4(sums[0], sums[1], sums[2], sums[3]);
+    }
+  }
+}
+
 template <typename T, int kMode>
 __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArgs<T> args) {
   constexpr bool kSwiGLU = kMode == kUpSwiGLU;
+  constexpr bool kGathered = kSwiGLU || kMode == kDAct;  // A rows through args.gather
   constexpr bool kBNMajor = kMode == kDAct || kMode == kDX;  // B stored [N, K] per expert
   constexpr int kSegments = kMode == kDX ? 2 : 1;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -154,7 +204,7 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
     a_chunk[i] = id % kKChunks;
     a_ok[i] = a_row[i] < rows;
     const int p = row0 + a_row[i];
-    a_src_row[i] = a_ok[i] ? (kSwiGLU ? (size_t)args.gather[p] : (size_t)p) : 0;
+    a_src_row[i] = a_ok[i] ? (kGathered ? (size_t)args.gather[p] : (size_t)p) : 0;
   }
   // B chunk coordinates: k-major tiles (forward) are 32 k-rows x 16 chunks; n-major tiles
   // (backward) are 128 n-rows x 4 chunks, like A.
@@ -285,47 +335,42 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
 
   // Epilogue. Accumulator layout of m16n8: c0,c1 at (lane/4, 2*(lane%4) + {0,1}), c2,c3 eight
   // rows below.
+  if constexpr (kMode == kDAct) {
+    dact_epilogue<T>(args, acc, row0, rows, n0 + wn * 32, wm * 64, lane);
+  } else {
 #pragma unroll
-  for (int mi = 0; mi < 4; ++mi) {
+    for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = wm * 64 + mi * 16 + (lane >> 2) + half * 8;
-      if (r >= rows) continue;
-      const size_t orow = (size_t)(row0 + r) * N;
-      if (kSwiGLU) {
+      for (int half = 0; half < 2; ++half) {
+        const int r = wm * 64 + mi * 16 + (lane >> 2) + half * 8;
+        if (r >= rows) continue;
+        const size_t orow = (size_t)(row0 + r) * N;
+        if (kSwiGLU) {
 #pragma unroll
-        for (int ni = 0; ni < 2; ++ni) {
-          const int col = n0 + wn * 16 + ni * 8 + (lane & 3) * 2;
-          if (col < N) {
-            const float g0 = acc[mi][ni][half * 2], g1 = acc[mi][ni][half * 2 + 1];
-            const float u0 = acc[mi][ni + 2][half * 2], u1 = acc[mi][ni + 2][half * 2 + 1];
-            store2<T>(args.out0 + orow + col, silu(g0) * u0, silu(g1) * u1);
-            if (args.out1 != nullptr) {
-              store2<T>(args.out1 + orow + col, g0, g1);
-              store2<T>(args.out2 + orow + col, u0, u1);
+          for (int ni = 0; ni < 2; ++ni) {
+            const int col = n0 + wn * 16 + ni * 8 + (lane & 3) * 2;
+            if (col < N) {
+              const float g0 = acc[mi][ni][half * 2], g1 = acc[mi][ni][half * 2 + 1];
+              const float u0 = acc[mi][ni + 2][half * 2], u1 = acc[mi][ni + 2][half * 2 + 1];
+              store2<T>(args.out0 + orow + col, swiglu<T>(g0, u0), swiglu<T>(g1, u1));
+              if (args.out1 != nullptr) {
+                store2<T>(args.out1 + orow + col, g0, g1);
+                store2<T>(args.out2 + orow + col, u0, u1);
+              }
             }
           }
-        }
-      } else {
+        } else {
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-          const int col = n0 + wn * 32 + ni * 8 + (lane & 3) * 2;
-          if (col >= N) continue;
-          const float v0 = acc[mi][ni][half * 2], v1 = acc[mi][ni][half * 2 + 1];
-          if (kMode == kDAct) {
-            float g[2], u[2];
-            load2<T>(args.in_g + orow + col, g);
-            load2<T>(args.in_u + orow + col, u);
-            const float s0 = sigmoid(g[0]), s1 = sigmoid(g[1]);
-            const float dsilu0 = s0 * (1.f + g[0] * (1.f - s0));
-            const float dsilu1 = s1 * (1.f + g[1] * (1.f - s1));
-            store2<T>(args.out0 + orow + col, v0 * u[0] * dsilu0, v1 * u[1] * dsilu1);
-            store2<T>(args.out1 + orow + col, v0 * g[0] * s0, v1 * g[1] * s1);
-          } else if (kMode == kDown) {
-            float *y = args.out_f32 + (size_t)blockIdx.y * args.plane_rows * N;
-            *reinterpret_cast<float2 *>(y + orow + col) = make_float2(v0, v1);
-          } else {
-            store2<T>(args.out0 + orow + col, v0, v1);
+          for (int ni = 0; ni < 4; ++ni) {
+            const int col = n0 + wn * 32 + ni * 8 + (lane & 3) * 2;
+            if (col >= N) continue;
+            const float v0 = acc[mi][ni][half * 2], v1 = acc[mi][ni][half * 2 + 1];
+            if (kMode == kDown) {
+              float *y = args.out_f32 + (size_t)blockIdx.y * args.plane_rows * N;
+              *reinterpret_cast<float2 *>(y + orow + col) = make_float2(v0, v1);
+            } else {
+              store2<T>(args.out0 + orow + col, v0, v1);
+            }
           }
         }
       }
@@ -539,16 +584,22 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
     return launch_grouped_gemm<T, kDown>(a, num_tiles, (cudaStream_t)stream);                     \
   }                                                                                               \
   extern "C" int remoe_expert_dact_##SUFFIX(                                                      \
-      const uint16_t *dy, const uint16_t *wd, const uint16_t *g, const uint16_t *u,               \
-      uint16_t *dg, uint16_t *du, const uint32_t *expert_offsets, const uint32_t *tile_offsets,   \
-      int32_t num_tiles, int32_t e, int32_t h, int32_t f, remoe_stream_t stream) {                \
+      const uint16_t *dout, const uint32_t *pair_token, const float *pair_gate,                   \
+      const uint16_t *wd, const uint16_t *g, const uint16_t *u, uint16_t *dg, uint16_t *du,       \
+      uint16_t *act, float *row_dots, const uint32_t *expert_offsets,                             \
+      const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,           \
+      remoe_stream_t stream) {                                                                    \
     GemmArgs<T> a{};                                                                              \
-    a.a0 = reinterpret_cast<const T *>(dy);                                                       \
+    a.a0 = reinterpret_cast<const T *>(dout);                                                     \
+    a.gather = pair_token;                                                                        \
+    a.row_scale = pair_gate;                                                                      \
     a.b0 = reinterpret_cast<const T *>(wd);                                                       \
     a.in_g = reinterpret_cast<const T *>(g);                                                      \
     a.in_u = reinterpret_cast<const T *>(u);                                                      \
     a.out0 = reinterpret_cast<T *>(dg);                                                           \
     a.out1 = reinterpret_cast<T *>(du);                                                           \
+    a.out2 = reinterpret_cast<T *>(act);                                                          \
+    a.row_dots = row_dots;                                                                        \
     a.expert_offsets = expert_offsets;                                                            \
     a.tile_offsets = tile_offsets;                                                                \
     a.e = e;                                                                                      \

@@ -40,6 +40,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "swiglu.cuh"
 
 namespace {
 
@@ -217,8 +218,6 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
-__device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + __expf(-z)); }
-
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <>
@@ -390,15 +389,17 @@ template <typename T>
 struct RowGemmArgs {
   const T *a0;                     // A rows [*, K]: X (up, gathered), act, dy, dg
   const T *a1;                     // dX only: du, the second K segment (B = Wu^T)
-  const uint32_t *gather;          // up only: A row of pair p is gather[p]
+  const uint32_t *gather;          // up, dAct: A row of pair p is gather[p]
   const uint32_t *expert_offsets;  // [E+1]
   const uint32_t *tile_offsets;    // [E+1], row tiles of BM
   T *out0;                         // up: act; dAct: dg; dX: dx_pair
   T *out1;                         // up: g (may be null); dAct: du
-  T *out2;                         // up: u (may be null)
+  T *out2;                         // up: u (may be null); dAct: act, recomputed
   float *out_f32;                  // down: y
   const T *in_g;                   // dAct: saved g
   const T *in_u;                   // dAct: saved u
+  const float *row_scale;          // dAct: the pairs' gates R
+  float *row_dots;                 // dAct: dR's 32-column group sums [|A|, ceil(N / 32)]
   int e, K, N, col_tiles;
   // Split-K (the down projection at small |A|, 1 elsewhere): each output tile's K blocks are cut
   // into k_splits ranges [s kb / k_splits, (s + 1) kb / k_splits), each a separate work unit
@@ -510,42 +511,28 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmArgs<T> &args, co
   cp_async_wait_all();
 }
 
-// SwiGLU's backward on one row's 8 consecutive columns: da from the accumulators, g and u as
-// saved by the forward (raw 16-byte vectors).
-template <typename T>
-__device__ __forceinline__ void dswiglu8(const float (&da)[8], uint4 g_raw, uint4 u_raw, T *dg,
-                                         T *du) {
-  const T *ge = reinterpret_cast<const T *>(&g_raw);
-  const T *ue = reinterpret_cast<const T *>(&u_raw);
-  float vdg[8], vdu[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const float g = to_float(ge[i]), u = to_float(ue[i]);
-    const float s = sigmoid(g);
-    vdg[i] = da[i] * u * (s * (1.f + g * (1.f - s)));
-    vdu[i] = da[i] * g * s;
-  }
-  store8v<T>(dg, vdg);
-  store8v<T>(du, vdu);
-}
-
 // Epilogue policies of the row GEMMs. Each thread owns rows wg_row0 + 16 warp + lane/4 (+ 8) of
 // the tile; quad_columns hands it 8 consecutive columns at a time. Every lane of a quad takes
 // part in the shuffles; the loads and stores are masked after.
 
-// dAct: SwiGLU's backward from the saved g and u, which come from memory: four column groups'
-// loads are issued before the first is used, so their latencies overlap instead of adding up.
+// dAct: A was dOut's rows gathered through pair_token, so the accumulators hold dOut_t Wd_e^T.
+// From the saved g and u (four column groups' loads issued before the first is used, so their
+// latencies overlap): a recomputed and written for dWd; dR's sum over each 32-column group (one
+// quad's 32 columns, swiglu.cuh's order); SwiGLU's backward of da = R (dOut_t Wd_e^T).
 template <typename T>
 __device__ __forceinline__ void dact_epilogue(const RowGemmArgs<T> &args, float (&acc)[128],
                                               int row0, int rows, int col0, int wg_row0) {
   const int lane = threadIdx.x & 31;
   const int warp = (threadIdx.x >> 5) & 3;
   const int N = args.N;
+  const int groups = (N + 31) / 32;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = wg_row0 + warp * 16 + (lane >> 2) + half * 8;
     const bool row_ok = r < rows;
-    const size_t orow = (size_t)(row0 + (row_ok ? r : 0)) * N;
+    const size_t row = (size_t)row0 + (row_ok ? r : 0);
+    const size_t orow = row * N;
+    const float gate = row_ok ? args.row_scale[row] : 0.f;
 #pragma unroll
     for (int batch = 0; batch < BN / 32; batch += 4) {
       uint4 g_raw[4], u_raw[4];
@@ -563,8 +550,24 @@ __device__ __forceinline__ void dact_epilogue(const RowGemmArgs<T> &args, float 
         float v[8];
         quad_columns(acc, batch + b, half, v);
         const int col = col0 + (batch + b) * 32 + (lane & 3) * 8;
-        if (row_ok && col < N)
-          dswiglu8<T>(v, g_raw[b], u_raw[b], args.out0 + orow + col, args.out1 + orow + col);
+        const T *ge = reinterpret_cast<const T *>(&g_raw[b]);
+        const T *ue = reinterpret_cast<const T *>(&u_raw[b]);
+        float a[8], dg[8], du[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float g = to_float(ge[i]), u = to_float(ue[i]), s = sigmoid(g);
+          a[i] = swiglu_rounded<T>(g, u, s);
+          dswiglu(gate * v[i], g, u, s, dg[i], du[i]);
+        }
+        const float eight = tree4(dot2(a[0], v[0], a[1], v[1]), dot2(a[2], v[2], a[3], v[3]),
+                                  dot2(a[4], v[4], a[5], v[5]), dot2(a[6], v[6], a[7], v[7]));
+        const float group = quad_tree(eight);
+        if (row_ok && col < N) {
+          store8v<T>(args.out0 + orow + col, dg);
+          store8v<T>(args.out1 + orow + col, du);
+          store8v<T>(args.out2 + orow + col, a);
+          if ((lane & 3) == 0) args.row_dots[row * groups + col / 32] = group;
+        }
       }
     }
   }
@@ -594,7 +597,7 @@ __device__ __forceinline__ void store_epilogue(const RowGemmArgs<T> &args, float
         quad_columns(acc, jg + 4, half, u);  // Wu's columns: 128 further in the tile
         if (!row_ok || col >= N) continue;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) a[i] = v[i] * sigmoid(v[i]) * u[i];
+        for (int i = 0; i < 8; ++i) a[i] = swiglu<T>(v[i], u[i]);
         store8v<T>(args.out0 + orow + col, a);
         if (args.out1 != nullptr) {
           store8v<T>(args.out1 + orow + col, v);
@@ -1014,15 +1017,21 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
     return launch_row_gemm<T, kDown>(a, wd, nullptr, num_tiles, (cudaStream_t)stream);            \
   }                                                                                               \
   extern "C" int remoe_hopper_expert_dact_##SUFFIX(                                               \
-      const uint16_t *dy, const uint16_t *wd, const uint16_t *g, const uint16_t *u, uint16_t *dg, \
-      uint16_t *du, const uint32_t *expert_offsets, const uint32_t *tile_offsets,                 \
-      int32_t num_tiles, int32_t e, int32_t h, int32_t f, remoe_stream_t stream) {                \
+      const uint16_t *dout, const uint32_t *pair_token, const float *pair_gate,                   \
+      const uint16_t *wd, const uint16_t *g, const uint16_t *u, uint16_t *dg, uint16_t *du,       \
+      uint16_t *act, float *row_dots, const uint32_t *expert_offsets,                             \
+      const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,           \
+      remoe_stream_t stream) {                                                                    \
     RowGemmArgs<T> a{};                                                                           \
-    a.a0 = reinterpret_cast<const T *>(dy);                                                       \
+    a.a0 = reinterpret_cast<const T *>(dout);                                                     \
+    a.gather = pair_token;                                                                        \
+    a.row_scale = pair_gate;                                                                      \
     a.in_g = reinterpret_cast<const T *>(g);                                                      \
     a.in_u = reinterpret_cast<const T *>(u);                                                      \
     a.out0 = reinterpret_cast<T *>(dg);                                                           \
     a.out1 = reinterpret_cast<T *>(du);                                                           \
+    a.out2 = reinterpret_cast<T *>(act);                                                          \
+    a.row_dots = row_dots;                                                                        \
     a.expert_offsets = expert_offsets;                                                            \
     a.tile_offsets = tile_offsets;                                                                \
     a.e = e;                                                                                      \

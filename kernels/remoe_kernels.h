@@ -116,17 +116,22 @@ int remoe_compact_pairs(const float *gates, const uint32_t *block_offsets,
  * Up projection with SwiGLU: for each pair p of expert e, with x_t the row pair_token[p] of x,
  *   g = x_t Wg_e, u = x_t Wu_e, act[p, :] = SiLU(g) * u     act, g, u [|A|, f]
  *   x [t, h]; wg, wu [e, h, f]. g and u are written only when both pointers are non-NULL (the
- *   backward needs them).
+ *   backward needs them). act is computed from g and u rounded to the element type, whether
+ *   they are written or not, so that the backward recomputes it bit for bit.
  * Down projection:
  *   y[p, :] = act[p, :] Wd_e                     y [|A|, h] f32;  wd [e, f, h]
  *   with split-K when k_splits > 1: plane s of y (planes of plane_rows x h floats, plane_rows >=
  *   |A|) gets the partial sum over act's columns [s kb / k_splits, (s + 1) kb / k_splits) x 64,
  *   kb = ceil(f / 64) (the same ranges on both paths); remoe_sum_planes_f32 then adds the planes
  *   into the first. k_splits <= kb. y holds k_splits planes.
- *   (y stays in f32: the backward's dR = dOut . y is a dot product that can cancel, and bf16
- *   storage of y would dominate its error.)
- * Backward of the down projection and of SwiGLU:
- *   da = dy[p, :] Wd_e^T;  dg = da * u * SiLU'(g);  du = da * SiLU(g)   dg, du [|A|, f]
+ *   (y stays in f32: the combine weighs it by the gate and sums a token's pairs.)
+ * Backward of the down projection and of SwiGLU, for each pair p of expert e, with dout_t the
+ * row pair_token[p] of dout and R = pair_gate[p]:
+ *   d = dout_t Wd_e^T (f32);  act[p, :] = SiLU(g) * u recomputed from the saved g, u;
+ *   row_dots[p, j] = sum over columns 32 j .. 32 j + 31 of act * d (dR = dout_t . y, in the
+ *   order of kernels/swiglu.cuh; the groups are summed by remoe_pair_grad_prep);
+ *   da = R d;  dg = da * u * SiLU'(g);  du = da * SiLU(g)
+ *   dout [t, h]; g, u, dg, du, act [|A|, f]; row_dots [|A|, ceil(f / 32)] f32.
  * Backward of the up projection, per pair (summed over a token's pairs elsewhere):
  *   dx_pair[p, :] = dg[p, :] Wg_e^T + du[p, :] Wu_e^T                    dx_pair [|A|, h]
  */
@@ -148,16 +153,18 @@ int remoe_expert_down_f16(const uint16_t *act, const uint16_t *wd, float *y,
                           const uint32_t *expert_offsets, const uint32_t *tile_offsets,
                           int32_t num_tiles, int32_t e, int32_t h, int32_t f,
                           int32_t k_splits, int32_t plane_rows, remoe_stream_t stream);
-int remoe_expert_dact_bf16(const uint16_t *dy, const uint16_t *wd, const uint16_t *g,
-                           const uint16_t *u, uint16_t *dg, uint16_t *du,
-                           const uint32_t *expert_offsets, const uint32_t *tile_offsets,
-                           int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                           remoe_stream_t stream);
-int remoe_expert_dact_f16(const uint16_t *dy, const uint16_t *wd, const uint16_t *g,
-                          const uint16_t *u, uint16_t *dg, uint16_t *du,
-                          const uint32_t *expert_offsets, const uint32_t *tile_offsets,
-                          int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                          remoe_stream_t stream);
+int remoe_expert_dact_bf16(const uint16_t *dout, const uint32_t *pair_token,
+                           const float *pair_gate, const uint16_t *wd, const uint16_t *g,
+                           const uint16_t *u, uint16_t *dg, uint16_t *du, uint16_t *act,
+                           float *row_dots, const uint32_t *expert_offsets,
+                           const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h,
+                           int32_t f, remoe_stream_t stream);
+int remoe_expert_dact_f16(const uint16_t *dout, const uint32_t *pair_token,
+                          const float *pair_gate, const uint16_t *wd, const uint16_t *g,
+                          const uint16_t *u, uint16_t *dg, uint16_t *du, uint16_t *act,
+                          float *row_dots, const uint32_t *expert_offsets,
+                          const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h,
+                          int32_t f, remoe_stream_t stream);
 int remoe_expert_dx_bf16(const uint16_t *dg, const uint16_t *du, const uint16_t *wg,
                          const uint16_t *wu, uint16_t *dx_pair, const uint32_t *expert_offsets,
                          const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h,
@@ -217,16 +224,18 @@ int remoe_hopper_expert_down_f16(const uint16_t *act, const uint16_t *wd, float 
                                  const uint32_t *expert_offsets, const uint32_t *tile_offsets,
                                  int32_t num_tiles, int32_t e, int32_t h, int32_t f,
                                  int32_t k_splits, int32_t plane_rows, remoe_stream_t stream);
-int remoe_hopper_expert_dact_bf16(const uint16_t *dy, const uint16_t *wd, const uint16_t *g,
-                                  const uint16_t *u, uint16_t *dg, uint16_t *du,
-                                  const uint32_t *expert_offsets, const uint32_t *tile_offsets,
-                                  int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                                  remoe_stream_t stream);
-int remoe_hopper_expert_dact_f16(const uint16_t *dy, const uint16_t *wd, const uint16_t *g,
-                                 const uint16_t *u, uint16_t *dg, uint16_t *du,
-                                 const uint32_t *expert_offsets, const uint32_t *tile_offsets,
-                                 int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                                 remoe_stream_t stream);
+int remoe_hopper_expert_dact_bf16(const uint16_t *dout, const uint32_t *pair_token,
+                                  const float *pair_gate, const uint16_t *wd, const uint16_t *g,
+                                  const uint16_t *u, uint16_t *dg, uint16_t *du, uint16_t *act,
+                                  float *row_dots, const uint32_t *expert_offsets,
+                                  const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h,
+                                  int32_t f, remoe_stream_t stream);
+int remoe_hopper_expert_dact_f16(const uint16_t *dout, const uint32_t *pair_token,
+                                 const float *pair_gate, const uint16_t *wd, const uint16_t *g,
+                                 const uint16_t *u, uint16_t *dg, uint16_t *du, uint16_t *act,
+                                 float *row_dots, const uint32_t *expert_offsets,
+                                 const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h,
+                                 int32_t f, remoe_stream_t stream);
 int remoe_hopper_expert_dx_bf16(const uint16_t *dg, const uint16_t *du, const uint16_t *wg,
                                 const uint16_t *wu, uint16_t *dx_pair,
                                 const uint32_t *expert_offsets, const uint32_t *tile_offsets,
@@ -288,16 +297,17 @@ int remoe_token_sum_f16(const uint16_t *rows, const int32_t *pair_index, const f
  * Backward helpers (kernels/backward.cu).
  *
  * Per pair p < *count of token t = pair_token[p]: dy[p, :] = pair_gate[p] * dout[t, :] and
- * dr[p] = dout[t, :] . y[p, :].    dout [t, h]; y [|A|, h] f32; dy [|A|, h]; dr [|A|] f32.
+ * dr[p] = the sum of row_dots[p, 0 .. groups) (= dout[t, :] . y[p, :], from the dAct GEMM).
+ * dout [t, h]; row_dots [|A|, groups] f32; dy [|A|, h]; dr [|A|] f32.
  * count is a device pointer (|A|: expert_offsets[e]), *count <= capacity (which sizes the grid).
  */
-int remoe_pair_grad_prep_bf16(const uint16_t *dout, const float *y, const uint32_t *pair_token,
-                              const float *pair_gate, uint16_t *dy, float *dr,
-                              const uint32_t *count, int32_t capacity, int32_t h,
+int remoe_pair_grad_prep_bf16(const uint16_t *dout, const float *row_dots, int32_t groups,
+                              const uint32_t *pair_token, const float *pair_gate, uint16_t *dy,
+                              float *dr, const uint32_t *count, int32_t capacity, int32_t h,
                               remoe_stream_t stream);
-int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *y, const uint32_t *pair_token,
-                             const float *pair_gate, uint16_t *dy, float *dr,
-                             const uint32_t *count, int32_t capacity, int32_t h,
+int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *row_dots, int32_t groups,
+                             const uint32_t *pair_token, const float *pair_gate, uint16_t *dy,
+                             float *dr, const uint32_t *count, int32_t capacity, int32_t h,
                              remoe_stream_t stream);
 /*
  * The router's logit gradient dl [t, e] (f32). With s = grad_scale * coeff E / (k t^2):

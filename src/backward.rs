@@ -6,11 +6,14 @@
 //! sized by the forward's pair capacity, and the kernels read |A| and the offsets from device
 //! memory, so a backward can be captured in a CUDA graph with its forward):
 //!
-//! 1. per pair: dY = R dOut_t and the data term of dR, dOut_t . y (y was saved by the forward,
-//!    so dR needs no recompute);
-//! 2. the router's logit gradient dL: ReMoE, dR plus lambda E n_e / (k T^2) on the active pairs;
+//! 1. the dAct GEMM, d = dOut_t Wd^T for every pair (dOut's rows gathered by token), with an
+//!    epilogue that recomputes act = SiLU(g) u from the saved g and u (bit for bit the
+//!    forward's, which is therefore not kept), sums dR's data term dOut_t . y = act . d per
+//!    32-column group (so y is not kept either), and applies SwiGLU's backward to da = R d
+//!    (dg, du);
+//! 2. per pair: dY = R dOut_t (for dWd) and dR, the sum of its groups;
+//! 3. the router's logit gradient dL: ReMoE, dR plus lambda E n_e / (k T^2) on the active pairs;
 //!    TopK, the softmax backward with the aux loss's term;
-//! 3. da = dY Wd^T with SwiGLU's backward fused (dg, du, from the saved g and u);
 //! 4. per-pair dX = dg Wg^T + du Wu^T;
 //! 5. weight gradients dWd = act^T dY, dWg = X^T dg, dWu = X^T du per expert (reduction over its
 //!    pairs), f32, optionally accumulated into the caller's buffers;
@@ -41,6 +44,8 @@ use crate::workspace::GrowBuf;
 #[derive(Debug)]
 pub(crate) struct BackwardScratch<T: Element> {
     dy: GrowBuf<T>,
+    /// dR's 32-column group sums from the dAct GEMM, [capacity, ceil(F / 32)].
+    row_dots: GrowBuf<f32>,
     dr: GrowBuf<f32>,
     dg: GrowBuf<T>,
     du: GrowBuf<T>,
@@ -56,6 +61,7 @@ impl<T: Element> BackwardScratch<T> {
     /// Bytes of the allocations.
     pub(crate) fn bytes(&self) -> usize {
         self.dy.bytes()
+            + self.row_dots.bytes()
             + self.dr.bytes()
             + self.dg.bytes()
             + self.du.bytes()
@@ -71,6 +77,7 @@ impl<T: Element> Default for BackwardScratch<T> {
     fn default() -> Self {
         Self {
             dy: GrowBuf::default(),
+            row_dots: GrowBuf::default(),
             dr: GrowBuf::default(),
             dg: GrowBuf::default(),
             du: GrowBuf::default(),
@@ -149,7 +156,7 @@ impl<T: HalfElement> MoeContext<T> {
     /// Every saved buffer the backward reads holds what the record says its forward wrote.
     fn check_saved_buffers(&self, saved: &SavedForward) -> Result<()> {
         let l = &saved.lens;
-        let bufs: [(&'static str, usize, usize); 13] = [
+        let bufs: [(&'static str, usize, usize); 11] = [
             ("logits", l.logits, self.logits.len()),
             ("gates", l.gates, self.gates.len()),
             ("probs", l.probs, self.probs.len()),
@@ -163,8 +170,6 @@ impl<T: HalfElement> MoeContext<T> {
             ("tile offsets", l.tile_offsets, self.tile_offsets.len()),
             ("pair tokens", l.pair_token, self.pair_token.len()),
             ("pair gates", l.pair_gate, self.pair_gate.len()),
-            ("act", l.act, self.act.len()),
-            ("y", l.y, self.y.len()),
             ("g", l.g, self.g.len()),
             ("u", l.u, self.u.len()),
         ];
@@ -183,6 +188,7 @@ impl<T: HalfElement> MoeContext<T> {
     pub(crate) fn backward_poison(&mut self) -> Result<()> {
         let b = &mut self.bwd;
         b.dy.poison()?;
+        b.row_dots.poison()?;
         b.dr.poison()?;
         b.dg.poison()?;
         b.du.poison()?;
@@ -261,11 +267,13 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     let (cap, max_tiles) = (saved.capacity, saved.max_tiles);
     let path = ctx.gemm_path()?;
     let slices = router_wgrad_slices(t, h, e);
+    let groups = f.div_ceil(32); // dR's column groups (kernels/swiglu.cuh)
     {
         let c = &mut *ctx;
         let a = &mut c.allocations;
         let b = &mut c.bwd;
         MoeContext::<T>::grow(&dev, a, &mut b.dy, cap * h)?;
+        MoeContext::<T>::grow(&dev, a, &mut b.row_dots, cap * groups)?;
         MoeContext::<T>::grow(&dev, a, &mut b.dr, cap)?;
         MoeContext::<T>::grow(&dev, a, &mut b.dg, cap * f)?;
         MoeContext::<T>::grow(&dev, a, &mut b.du, cap * f)?;
@@ -283,11 +291,54 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     let acc = options.accumulate as i32;
     let cap_i = cap as i32; // cap <= T*E <= i32::MAX (validate_for_gpu)
 
-    // 1. dY and dR's data term.
+    let gemms = path.gemms::<T>();
+    let max_tiles_i = max_tiles as i32;
+    // 1. The dAct GEMM (dg, du, act recomputed, dR's group sums).
+    if max_tiles > 0 {
+        let mut l = Launch::on(&dev);
+        let d = l.input("dout", &dout, t * h)?;
+        let pt = l.input("pair tokens", &ctx.pair_token, cap)?;
+        let pg = l.input("pair gates", &ctx.pair_gate, cap)?;
+        let wd = l.input("down weight", &w.down, e * f * h)?;
+        let g = l.input("g", &ctx.g, cap * f)?;
+        let u = l.input("u", &ctx.u, cap * f)?;
+        let dg = l.output("dg", &mut ctx.bwd.dg, cap * f)?;
+        let du = l.output("du", &mut ctx.bwd.du, cap * f)?;
+        let act = l.output("act", &mut ctx.act, cap * f)?;
+        let dots = l.output("row dots", &mut ctx.bwd.row_dots, cap * groups)?;
+        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
+        let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
+        // SAFETY: dout [t,h]; pair tokens (each < t, written by the recorded forward) and pair
+        // gates [cap]; wd [e,f,h]; g, u, dg, du, act [cap,f]; row dots [cap, ceil(f/32)]; the
+        // offsets describe at most cap rows in at most max_tiles tiles (the forward's).
+        let code = unsafe {
+            (gemms.dact)(
+                d as *const u16,
+                pt,
+                pg,
+                wd as *const u16,
+                g as *const u16,
+                u as *const u16,
+                dg as *mut u16,
+                du as *mut u16,
+                act as *mut u16,
+                dots,
+                eo,
+                to,
+                max_tiles_i,
+                ei,
+                hi,
+                fi,
+                l.stream(),
+            )
+        };
+        ffi::check("expert_dact", code)?;
+    }
+    // 2. dY and dR.
     if cap > 0 {
         let mut l = Launch::on(&dev);
         let d = l.input("dout", &dout, t * h)?;
-        let y = l.input("y", &ctx.y, cap * h)?;
+        let dots = l.input("row dots", &ctx.bwd.row_dots, cap * groups)?;
         let pt = l.input("pair tokens", &ctx.pair_token, cap)?;
         let pg = l.input("pair gates", &ctx.pair_gate, cap)?;
         let dy = l.output("dy", &mut ctx.bwd.dy, cap * h)?;
@@ -296,14 +347,16 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
         let count = l
             .input_raw("expert offsets", &ctx.expert_offsets, e + 1)?
             .wrapping_add(e);
-        // SAFETY: dout [t,h]; y, dy [cap,h]; pair tokens, pair gates, dr [cap] (checked by `l`);
-        // count points at expert_offsets[e] (e + 1 elements checked), |A| <= cap (the forward's
-        // routing statistics publish an empty dispatch past it); pair tokens < t (written by the
+        // SAFETY: dout [t,h]; row dots [cap, groups] (the first |A| rows written by step 1);
+        // dy [cap,h]; pair tokens, pair gates, dr [cap] (checked by `l`); count points at
+        // expert_offsets[e] (e + 1 elements checked), |A| <= cap (the forward's routing
+        // statistics publish an empty dispatch past it); pair tokens < t (written by the
         // recorded forward); h % 8 == 0.
         let code = unsafe {
             T::PAIR_GRAD_PREP(
                 d as *const u16,
-                y,
+                dots,
+                groups as i32,
                 pt,
                 pg,
                 dy as *mut u16,
@@ -316,7 +369,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
         };
         ffi::check("pair_grad_prep", code)?;
     }
-    // 2. dL.
+    // 3. dL.
     if t > 0 {
         let mut l = Launch::on(&dev);
         let pi = l.input("pair index", &ctx.pair_index, t * e)?;
@@ -339,69 +392,34 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
         };
         ffi::check("router_grad", code)?;
     }
-    let gemms = path.gemms::<T>();
-    // 3-4. Expert input-side gradients.
+    // 4. Per-pair dX.
     if max_tiles > 0 {
-        let max_tiles_i = max_tiles as i32;
-        {
-            let mut l = Launch::on(&dev);
-            let dy = l.input("dy", &ctx.bwd.dy, cap * h)?;
-            let wd = l.input("down weight", &w.down, e * f * h)?;
-            let g = l.input("g", &ctx.g, cap * f)?;
-            let u = l.input("u", &ctx.u, cap * f)?;
-            let dg = l.output("dg", &mut ctx.bwd.dg, cap * f)?;
-            let du = l.output("du", &mut ctx.bwd.du, cap * f)?;
-            let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-            let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
-            // SAFETY: dy [cap,h]; wd [e,f,h]; g, u, dg, du [cap,f]; the offsets describe at most
-            // cap rows in at most max_tiles tiles (the forward's).
-            let code = unsafe {
-                (gemms.dact)(
-                    dy as *const u16,
-                    wd as *const u16,
-                    g as *const u16,
-                    u as *const u16,
-                    dg as *mut u16,
-                    du as *mut u16,
-                    eo,
-                    to,
-                    max_tiles_i,
-                    ei,
-                    hi,
-                    fi,
-                    l.stream(),
-                )
-            };
-            ffi::check("expert_dact", code)?;
-        }
-        {
-            let mut l = Launch::on(&dev);
-            let dg = l.input("dg", &ctx.bwd.dg, cap * f)?;
-            let du = l.input("du", &ctx.bwd.du, cap * f)?;
-            let wg = l.input("gate weight", &w.gate, e * h * f)?;
-            let wu = l.input("up weight", &w.up, e * h * f)?;
-            let dxp = l.output("dx pair", &mut ctx.bwd.dx_pair, cap * h)?;
-            let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-            let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
-            // SAFETY: dg, du [cap,f]; wg, wu [e,h,f]; dx pair [cap,h]; offsets as above.
-            let code = unsafe {
-                (gemms.dx)(
-                    dg as *const u16,
-                    du as *const u16,
-                    wg as *const u16,
-                    wu as *const u16,
-                    dxp as *mut u16,
-                    eo,
-                    to,
-                    max_tiles_i,
-                    ei,
-                    hi,
-                    fi,
-                    l.stream(),
-                )
-            };
-            ffi::check("expert_dx", code)?;
-        }
+        let mut l = Launch::on(&dev);
+        let dg = l.input("dg", &ctx.bwd.dg, cap * f)?;
+        let du = l.input("du", &ctx.bwd.du, cap * f)?;
+        let wg = l.input("gate weight", &w.gate, e * h * f)?;
+        let wu = l.input("up weight", &w.up, e * h * f)?;
+        let dxp = l.output("dx pair", &mut ctx.bwd.dx_pair, cap * h)?;
+        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
+        let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
+        // SAFETY: dg, du [cap,f]; wg, wu [e,h,f]; dx pair [cap,h]; offsets as in step 1.
+        let code = unsafe {
+            (gemms.dx)(
+                dg as *const u16,
+                du as *const u16,
+                wg as *const u16,
+                wu as *const u16,
+                dxp as *mut u16,
+                eo,
+                to,
+                max_tiles_i,
+                ei,
+                hi,
+                fi,
+                l.stream(),
+            )
+        };
+        ffi::check("expert_dx", code)?;
     }
     // 5. Expert weight gradients (launched even with no pairs: they write zeros).
     let weight_grad = |a: *const u16,

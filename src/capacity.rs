@@ -68,12 +68,13 @@ impl PairCapacity {
 
 /// Device bytes per routed pair: the forward's pair token and gate (4 + 4), act (F), y (4 H,
 /// f32) and, when training, g and u (2 F) and the backward's dY, dX per pair and X's gathered row
-/// (3 H), dR (4), dg and du (2 F); F and H counted in elements of `elem` bytes.
+/// (3 H), dR (4) and its column-group sums (4 ceil(F / 32)), dg and du (2 F); F and H counted in
+/// elements of `elem` bytes.
 pub(crate) fn bytes_per_pair(cfg: &LayerConfig, training: bool, elem: usize) -> usize {
     let (h, f) = (cfg.hidden, cfg.ffn);
     let forward = 8 + elem * f + 4 * h;
     if training {
-        forward + elem * 2 * f + elem * 3 * h + 4 + elem * 2 * f
+        forward + elem * 2 * f + elem * 3 * h + 4 + 4 * f.div_ceil(32) + elem * 2 * f
     } else {
         forward
     }

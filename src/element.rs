@@ -81,10 +81,12 @@ pub(crate) type TokenSumFn = unsafe extern "C" fn(
     Stream,
 ) -> i32;
 
-/// dout, y (f32), pair_token, pair_gate, dy, dr, count (device |A|), capacity, h, stream.
+/// dout, row_dots (f32), groups, pair_token, pair_gate, dy, dr, count (device |A|), capacity,
+/// h, stream.
 pub(crate) type PairGradPrepFn = unsafe extern "C" fn(
     *const u16,
     *const f32,
+    i32,
     *const u32,
     *const f32,
     *mut u16,
@@ -95,14 +97,19 @@ pub(crate) type PairGradPrepFn = unsafe extern "C" fn(
     Stream,
 ) -> i32;
 
-/// dy, wd, g, u, dg, du, expert_offsets, tile_offsets, num_tiles, e, h, f, stream.
+/// dout, pair_token, pair_gate, wd, g, u, dg, du, act, row_dots (f32), expert_offsets,
+/// tile_offsets, num_tiles, e, h, f, stream.
 pub(crate) type ExpertDActFn = unsafe extern "C" fn(
     *const u16,
+    *const u32,
+    *const f32,
     *const u16,
     *const u16,
     *const u16,
     *mut u16,
     *mut u16,
+    *mut u16,
+    *mut f32,
     *const u32,
     *const u32,
     i32,

@@ -217,8 +217,6 @@ pub(crate) struct SavedLens {
     pub(crate) tile_offsets: usize,
     pub(crate) pair_token: usize,
     pub(crate) pair_gate: usize,
-    pub(crate) act: usize,
-    pub(crate) y: usize,
     pub(crate) g: usize,
     pub(crate) u: usize,
 }
@@ -226,7 +224,7 @@ pub(crate) struct SavedLens {
 impl SavedLens {
     /// The buffers of a forward of `cfg` with `router` and room for `pairs` pairs.
     pub(crate) fn of(cfg: &LayerConfig, router: RouterKind, pairs: usize, saved: bool) -> Self {
-        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+        let (t, f, e) = (cfg.tokens, cfg.ffn, cfg.experts);
         Self {
             logits: t * e,
             gates: t * e,
@@ -237,15 +235,13 @@ impl SavedLens {
             tile_offsets: e + 1,
             pair_token: pairs,
             pair_gate: pairs,
-            act: pairs * f,
-            y: pairs * h,
             g: if saved { pairs * f } else { 0 },
             u: if saved { pairs * f } else { 0 },
         }
     }
 
-    /// Bytes of device memory these buffers hold (activations act, g, u of `elem` bytes; the
-    /// rest 4-byte f32, i32 or u32).
+    /// Bytes of device memory these buffers hold (g and u of `elem` bytes; the rest 4-byte
+    /// f32, i32 or u32).
     fn bytes(&self, elem: usize) -> usize {
         4 * (self.logits
             + self.gates
@@ -255,9 +251,8 @@ impl SavedLens {
             + self.expert_offsets
             + self.tile_offsets
             + self.pair_token
-            + self.pair_gate
-            + self.y)
-            + elem * (self.act + self.g + self.u)
+            + self.pair_gate)
+            + elem * (self.g + self.u)
     }
 }
 
@@ -396,9 +391,10 @@ impl<T: HalfElement> MoeContext<T> {
     }
 
     /// A context whose forwards save what [`moe_backward`](crate::moe_backward) needs: the
-    /// expert pre-activations g and u, 4 F bytes per routed pair on top of act and y (which
-    /// every forward keeps). Recomputing them instead would cost the up projection's
-    /// 4 |A| H F FLOPs again in the backward.
+    /// expert pre-activations g and u, 4 F bytes per routed pair. Recomputing them instead
+    /// would cost the up projection's 4 |A| H F FLOPs again in the backward. The activation
+    /// act and the expert outputs y are not needed: the backward recomputes act from g and u
+    /// (bit for bit) and takes dR = dOut . y from its dAct GEMM.
     pub fn for_training(dev: &Device) -> Self {
         let mut ctx = Self::new(dev);
         ctx.save_for_backward = true;
@@ -406,9 +402,11 @@ impl<T: HalfElement> MoeContext<T> {
     }
 
     /// Bytes of device memory holding what the last forward saved for the backward, for its
-    /// |A| pairs: logits, gates and pair index ([T, E]; probs too for TopK), the dispatch lists,
-    /// and per pair act, y (and g, u when saving for backward). Divide by T for bytes per token.
-    /// The buffers themselves are sized by the capacity ([`MoeContext::workspace_bytes`]).
+    /// |A| pairs: logits, gates and pair index ([T, E]; probs too for TopK), the dispatch lists
+    /// (token and gate per pair), and g and u per pair when saving for backward. Divide by T
+    /// for bytes per token. The forward's act and y are scratch that the backward does not
+    /// read. The buffers themselves are sized by the capacity
+    /// ([`MoeContext::workspace_bytes`]).
     /// Reads |A| from the device (waits for the stream).
     pub fn saved_bytes(&self) -> Result<usize> {
         let Some(s) = self.saved.as_ref() else {
@@ -617,8 +615,7 @@ impl<T: HalfElement> MoeContext<T> {
         self.act.prefix_to_host(self.dispatched_pairs()? * f)
     }
 
-    /// y = act Wd of every pair, [|A|, H], in dispatch order (f32: the backward's dR = dOut . y
-    /// is a dot product that can cancel, and bf16 storage of y would dominate its error).
+    /// y = act Wd of every pair, [|A|, H], in dispatch order (f32, as the combine reads it).
     pub fn expert_out_to_host(&self) -> Result<Vec<f32>> {
         let h = self.saved.as_ref().map_or(0, |s| s.config.hidden);
         self.y.prefix_to_host(self.dispatched_pairs()? * h)
@@ -858,10 +855,7 @@ pub fn moe_forward<'x, 'w, T: HalfElement>(
         max_tiles: plan.max_tiles,
         saved_for_backward: plan.save,
         generation: ctx.generation,
-        lens: SavedLens {
-            y: plan.k_splits * plan.cap * cfg.hidden,
-            ..SavedLens::of(cfg, router, plan.cap, plan.save)
-        },
+        lens: SavedLens::of(cfg, router, plan.cap, plan.save),
     });
     Ok(())
 }
@@ -1338,9 +1332,9 @@ mod tests {
             (l.logits, l.probs, l.g, l.u),
             (700 * 8, 0, 300 * 128, 300 * 128)
         );
-        let (t, e, h, f, p) = (700, 8, 64, 128, 300);
-        // As documented for saved_bytes (bf16 activations).
-        let want = t * e * 12 + 4 * e + 2 * 4 * (e + 1) + p * (8 + 6 * f + 4 * h);
+        let (t, e, f, p) = (700, 8, 128, 300);
+        // As documented for saved_bytes (bf16 activations): no act, no y.
+        let want = t * e * 12 + 4 * e + 2 * 4 * (e + 1) + p * (8 + 4 * f);
         assert_eq!(l.bytes(2), want);
         let inference = SavedLens::of(&cfg, RouterKind::TopK, 300, false);
         assert_eq!((inference.probs, inference.g, inference.u), (t * e, 0, 0));

@@ -162,17 +162,22 @@ h % 8 == 0, f % 8 == 0 everywhere.
 Up projection with SwiGLU: for each pair p of expert e, with x_t the row pair_token[p] of x,
   g = x_t Wg_e, u = x_t Wu_e, act[p, :] = SiLU(g) * u     act, g, u [|A|, f]
   x [t, h]; wg, wu [e, h, f]. g and u are written only when both pointers are non-NULL (the
-  backward needs them).
+  backward needs them). act is computed from g and u rounded to the element type, whether
+  they are written or not, so that the backward recomputes it bit for bit.
 Down projection:
   y[p, :] = act[p, :] Wd_e                     y [|A|, h] f32;  wd [e, f, h]
   with split-K when k_splits > 1: plane s of y (planes of plane_rows x h floats, plane_rows >=
   |A|) gets the partial sum over act's columns [s kb / k_splits, (s + 1) kb / k_splits) x 64,
   kb = ceil(f / 64) (the same ranges on both paths); remoe_sum_planes_f32 then adds the planes
   into the first. k_splits <= kb. y holds k_splits planes.
-  (y stays in f32: the backward's dR = dOut . y is a dot product that can cancel, and bf16
-  storage of y would dominate its error.)
-Backward of the down projection and of SwiGLU:
-  da = dy[p, :] Wd_e^T;  dg = da * u * SiLU'(g);  du = da * SiLU(g)   dg, du [|A|, f]
+  (y stays in f32: the combine weighs it by the gate and sums a token's pairs.)
+Backward of the down projection and of SwiGLU, for each pair p of expert e, with dout_t the
+row pair_token[p] of dout and R = pair_gate[p]:
+  d = dout_t Wd_e^T (f32);  act[p, :] = SiLU(g) * u recomputed from the saved g, u;
+  row_dots[p, j] = sum over columns 32 j .. 32 j + 31 of act * d (dR = dout_t . y, in the
+  order of kernels/swiglu.cuh; the groups are summed by remoe_pair_grad_prep);
+  da = R d;  dg = da * u * SiLU'(g);  du = da * SiLU(g)
+  dout [t, h]; g, u, dg, du, act [|A|, f]; row_dots [|A|, ceil(f / 32)] f32.
 Backward of the up projection, per pair (summed over a token's pairs elsewhere):
   dx_pair[p, :] = dg[p, :] Wg_e^T + du[p, :] Wu_e^T                    dx_pair [|A|, h]
 ```*/
@@ -245,12 +250,16 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn remoe_expert_dact_bf16(
-        dy: *const u16,
+        dout: *const u16,
+        pair_token: *const u32,
+        pair_gate: *const f32,
         wd: *const u16,
         g: *const u16,
         u: *const u16,
         dg: *mut u16,
         du: *mut u16,
+        act: *mut u16,
+        row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
         num_tiles: i32,
@@ -262,12 +271,16 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn remoe_expert_dact_f16(
-        dy: *const u16,
+        dout: *const u16,
+        pair_token: *const u32,
+        pair_gate: *const f32,
         wd: *const u16,
         g: *const u16,
         u: *const u16,
         dg: *mut u16,
         du: *mut u16,
+        act: *mut u16,
+        row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
         num_tiles: i32,
@@ -440,12 +453,16 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn remoe_hopper_expert_dact_bf16(
-        dy: *const u16,
+        dout: *const u16,
+        pair_token: *const u32,
+        pair_gate: *const f32,
         wd: *const u16,
         g: *const u16,
         u: *const u16,
         dg: *mut u16,
         du: *mut u16,
+        act: *mut u16,
+        row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
         num_tiles: i32,
@@ -457,12 +474,16 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn remoe_hopper_expert_dact_f16(
-        dy: *const u16,
+        dout: *const u16,
+        pair_token: *const u32,
+        pair_gate: *const f32,
         wd: *const u16,
         g: *const u16,
         u: *const u16,
         dg: *mut u16,
         du: *mut u16,
+        act: *mut u16,
+        row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
         num_tiles: i32,
@@ -640,12 +661,14 @@ unsafe extern "C" {
 Backward helpers (kernels/backward.cu).
 
 Per pair p < *count of token t = pair_token[p]: dy[p, :] = pair_gate[p] * dout[t, :] and
-dr[p] = dout[t, :] . y[p, :].    dout [t, h]; y [|A|, h] f32; dy [|A|, h]; dr [|A|] f32.
+dr[p] = the sum of row_dots[p, 0 .. groups) (= dout[t, :] . y[p, :], from the dAct GEMM).
+dout [t, h]; row_dots [|A|, groups] f32; dy [|A|, h]; dr [|A|] f32.
 count is a device pointer (|A|: expert_offsets[e]), *count <= capacity (which sizes the grid).
 ```*/
     pub fn remoe_pair_grad_prep_bf16(
         dout: *const u16,
-        y: *const f32,
+        row_dots: *const f32,
+        groups: i32,
         pair_token: *const u32,
         pair_gate: *const f32,
         dy: *mut u16,
@@ -659,7 +682,8 @@ count is a device pointer (|A|: expert_offsets[e]), *count <= capacity (which si
 unsafe extern "C" {
     pub fn remoe_pair_grad_prep_f16(
         dout: *const u16,
-        y: *const f32,
+        row_dots: *const f32,
+        groups: i32,
         pair_token: *const u32,
         pair_gate: *const f32,
         dy: *mut u16,

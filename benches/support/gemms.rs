@@ -475,7 +475,9 @@ pub struct GroupedGemms {
     pub pairs: usize,
     tiles: i32,
     _routing: [CudaSlice<u32>; 3],
+    _pair_gate: CudaSlice<f32>,
     pair_token: u64,
+    pair_gate: u64,
     expert_offsets: u64,
     tile_offsets: u64,
     /// [T, H]
@@ -500,6 +502,7 @@ pub struct GroupedGemms {
     act_o: u64,
     gu_o: u64,
     y_o: u64,
+    row_dots_o: u64,
     dgdu_o: u64,
     dxp_o: u64,
     xrows_o: u64,
@@ -547,7 +550,7 @@ impl GroupedGemms {
         let footprint = [
             xb + 2 * wb,       // up: x, Wg, Wu
             actb + wb,         // down: act, Wd
-            dyb + wb + gub,    // dAct: dy, Wd, g, u
+            xb + wb + gub,     // dAct: dOut (X's shape), Wd, g, u
             gub + 2 * wb,      // dX: dg, du, Wg, Wu
             actb + dyb,        // dWd: act, dy
             xrb.max(xb) + gub, // dWg+dWu: X rows (or X), dg, du
@@ -562,8 +565,11 @@ impl GroupedGemms {
             s.alloc_zeros::<bf16>((p * h).max(1))?,
             s.alloc_zeros::<bf16>((p * h).max(1))?,
         ];
+        // The pairs' gates, for the dAct GEMM's epilogue (any value does: 0.5).
+        let pair_gate = s.clone_htod(&vec![0.5f32; p.max(1)])?;
         let outs32 = vec![
             s.alloc_zeros::<f32>((p * h).max(1))?,
+            s.alloc_zeros::<f32>((p * f.div_ceil(32)).max(1))?,
             s.alloc_zeros::<f32>(e * f * h)?,
             s.alloc_zeros::<f32>(e * h * f)?,
             s.alloc_zeros::<f32>(e * h * f)?,
@@ -573,13 +579,15 @@ impl GroupedGemms {
             expert_offsets: addr(dev, &routing[1]),
             tile_offsets: addr(dev, &routing[2]),
             _routing: routing,
-            x: Rotated::new(dev, fill, t * h, most(&[0, 5, GATHER]))?,
+            pair_gate: addr(dev, &pair_gate),
+            _pair_gate: pair_gate,
+            x: Rotated::new(dev, fill, t * h, most(&[0, 2, 5, GATHER]))?,
             wg: Rotated::new(dev, fill, e * h * f, most(&[0, 3]))?,
             wu: Rotated::new(dev, fill, e * h * f, most(&[0, 3]))?,
             wd: Rotated::new(dev, fill, e * f * h, most(&[1, 2]))?,
             act: Rotated::new(dev, fill, p * f, most(&[1, 4]))?,
             gu: Rotated::new(dev, fill, 2 * p * f, copies[2])?,
-            dy: Rotated::new(dev, fill, p * h, most(&[2, 4]))?,
+            dy: Rotated::new(dev, fill, p * h, copies[4])?,
             dgdu: Rotated::new(dev, fill, 2 * p * f, most(&[3, 5]))?,
             xrows: Rotated::new(dev, fill, p * h, copies[5])?,
             act_o: addr(dev, &outs16[0]),
@@ -588,9 +596,10 @@ impl GroupedGemms {
             dxp_o: addr(dev, &outs16[3]),
             xrows_o: addr(dev, &outs16[4]),
             y_o: addr(dev, &outs32[0]),
-            dwd_o: addr(dev, &outs32[1]),
-            dwg_o: addr(dev, &outs32[2]),
-            dwu_o: addr(dev, &outs32[3]),
+            row_dots_o: addr(dev, &outs32[1]),
+            dwd_o: addr(dev, &outs32[2]),
+            dwg_o: addr(dev, &outs32[3]),
+            dwu_o: addr(dev, &outs32[4]),
             _outs16: outs16,
             _outs32: outs32,
             dev: dev.clone(),
@@ -642,8 +651,9 @@ impl GroupedGemms {
         // SAFETY: every pointer is a live buffer of this struct holding what the header
         // (kernels/remoe_kernels.h) says the launcher reads or writes for this configuration and
         // |A| = self.pairs: x [T, H]; Wg, Wu [E, H, F]; Wd [E, F, H]; act, g, u, dg, du
-        // [|A|, F]; dy, X rows, dx_pair [|A|, H]; y [|A|, H] f32; the weight gradients
-        // [E, H, F] / [E, F, H] f32. The routing (pair tokens < T, expert offsets, tile offsets
+        // [|A|, F]; dy, X rows, dx_pair [|A|, H]; y [|A|, H] f32; pair gates [|A|] f32; dR's
+        // group sums [|A|, ceil(F / 32)] f32; the weight gradients [E, H, F] / [E, F, H] f32
+        // (the dAct GEMM reads X as its dOut, the same shape). The routing (pair tokens < T, expert offsets, tile offsets
         // of 128-row tiles, `tiles` their total) is a layer forward's, as the layer passes it;
         // H and F are multiples of 8 (the layer's own check) and every buffer is a separate
         // cudarc allocation (256-byte aligned, no overlap). The Hopper launchers run only where
@@ -682,12 +692,16 @@ impl GroupedGemms {
                     } else {
                         sys::remoe_expert_dact_bf16
                     };
-                    let (dy, wd) = (c(self.dy.ptr(r)), c(self.wd.ptr(r)));
+                    let (dout, wd) = (c(self.x.ptr(r)), c(self.wd.ptr(r)));
+                    let pg = self.pair_gate as *const f32;
                     let (g, u) = (c(self.gu.ptr(r)), c(self.gu.ptr(r) + half));
                     let (dg, du) = (m(self.dgdu_o), m(self.dgdu_o + half));
+                    let (act, dots) = (m(self.act_o), self.row_dots_o as *mut f32);
                     (
                         "expert_dact",
-                        launch(dy, wd, g, u, dg, du, eo, to, tiles, e, h, f, s),
+                        launch(
+                            dout, pt, pg, wd, g, u, dg, du, act, dots, eo, to, tiles, e, h, f, s,
+                        ),
                     )
                 }
                 GemmKind::DX => {

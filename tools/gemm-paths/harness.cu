@@ -14,7 +14,7 @@
 extern "C" {
 #define UP_SIG(name) int name(const uint16_t*, const uint32_t*, const uint16_t*, const uint16_t*, uint16_t*, uint16_t*, uint16_t*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
 #define DOWN_SIG(name) int name(const uint16_t*, const uint16_t*, float*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
-#define DACT_SIG(name) int name(const uint16_t*, const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, uint16_t*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
+#define DACT_SIG(name) int name(const uint16_t*, const uint32_t*, const float*, const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, uint16_t*, uint16_t*, float*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
 #define DX_SIG(name) int name(const uint16_t*, const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
 #define WG_SIG(name) int name(const uint16_t*, const uint32_t*, const uint16_t*, float*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
 UP_SIG(remoe_hopper_expert_up_swiglu_bf16);
@@ -123,16 +123,27 @@ static void run(const char* name, int T, int H, int F, int E, int mode /*0 unifo
   th = time_it([&] { remoe_hopper_expert_down_bf16(act_r, wd, y_h, d_eo, d_to, tiles, E, H, F, 1, P, s); }, reps);
   tm = time_it([&] { remoe_expert_down_bf16(act_r, wd, y_r, d_eo, d_to, tiles, E, H, F, 1, P, s); }, reps);
   report(name, "down", c2, 1e-3, th, tm, fl_down, rep);
-  // dact
-  LK(remoe_expert_dact_bf16(dy, wd, g_r, u_r, dg_r, du_r, d_eo, d_to, tiles, E, H, F, s));
-  poison(dg_h, PF * 2); poison(du_h, PF * 2);
-  LK(remoe_hopper_expert_dact_bf16(dy, wd, g_r, u_r, dg_h, du_h, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
-  Cmp c3 = compare(dg_h, dg_r, P, F), c3u = compare(du_h, du_r, P, F);
-  LK(remoe_hopper_expert_dact_bf16(dy, wd, g_r, u_r, tmp16, du_h, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
-  rep = same_bits(tmp16, dg_h, PF);
-  th = time_it([&] { remoe_hopper_expert_dact_bf16(dy, wd, g_r, u_r, dg_h, du_h, d_eo, d_to, tiles, E, H, F, s); }, reps);
-  tm = time_it([&] { remoe_expert_dact_bf16(dy, wd, g_r, u_r, dg_r, du_r, d_eo, d_to, tiles, E, H, F, s); }, reps);
+  // dact: A is x's rows gathered through the pair tokens (standing in for dOut), gates in (0, 1).
+  const int G = (F + 31) / 32;
+  std::vector<float> gates_h(std::max(P, 1)); for (auto& v : gates_h) v = urand();
+  auto d_gate = dalloc<float>(P); CK(cudaMemcpy(d_gate, gates_h.data(), 4 * std::max(P, 1), cudaMemcpyHostToDevice));
+  auto dots_r = dalloc<float>((size_t)P * G), dots_h = dalloc<float>((size_t)P * G);
+  LK(remoe_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, dg_r, du_r, act_r, dots_r, d_eo, d_to, tiles, E, H, F, s));
+  poison(dg_h, PF * 2); poison(du_h, PF * 2); poison(act_h, PF * 2); poison(dots_h, (size_t)P * G * 4);
+  LK(remoe_hopper_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, dg_h, du_h, act_h, dots_h, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
+  Cmp c3 = compare(dg_h, dg_r, P, F), c3u = compare(du_h, du_r, P, F), c3a = compare(act_h, act_r, P, F), c3d = compare(dots_h, dots_r, P, G);
+  // The paths must agree bit for bit (the layer's bitwise test relies on it).
+  bool same = same_bits(dg_h, dg_r, PF) && same_bits(du_h, du_r, PF) && same_bits(act_h, act_r, PF) && same_bits(dots_h, dots_r, (size_t)P * G);
+  LK(remoe_hopper_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, tmp16, du_h, act_h, dots_h, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
+  rep = same_bits(tmp16, dg_h, PF) && same;
+  th = time_it([&] { remoe_hopper_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, dg_h, du_h, act_h, dots_h, d_eo, d_to, tiles, E, H, F, s); }, reps);
+  tm = time_it([&] { remoe_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, dg_r, du_r, act_r, dots_r, d_eo, d_to, tiles, E, H, F, s); }, reps);
   report(name, "dact", c3, 2e-2, th, tm, fl_down, rep); report(name, "dact.u", c3u, 2e-2, {}, {}, 0, true);
+  report(name, "dact.a", c3a, 2e-2, {}, {}, 0, true); report(name, "dact.dR", c3d, 1e-3, {}, {}, 0, true);
+  // The recomputed act is the up projection's, bit for bit: recompute the forward's into act_r.
+  LK(remoe_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_r, g_r, u_r, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
+  report(name, "dact.a=up", compare(act_h, act_r, P, F), 0, {}, {}, 0, same_bits(act_h, act_r, PF));
+  CK(cudaFree(d_gate)); CK(cudaFree(dots_r)); CK(cudaFree(dots_h));
   // dx
   LK(remoe_expert_dx_bf16(dg_r, du_r, wg, wu, dx_r, d_eo, d_to, tiles, E, H, F, s));
   poison(dx_h, PH * 2);
