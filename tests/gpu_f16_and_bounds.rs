@@ -75,8 +75,19 @@ fn a_zeroed_row_among_16384_passes_the_whole_tensor_bound_but_fails_the_per_row_
     assert!(good_row < ROW_REL_BOUND, "{what}: worst row {good_row:e}");
     assert!(worst_row_excess(&good, &want, cols, ROW_REL_BOUND, &[], &[]).ratio <= 1.0);
 
-    // The same result with one row left unwritten (zero).
-    let zeroed = rng.random_range(0..rows);
+    // The same result with one row left unwritten (zero): a row of at most the mean squared
+    // norm, whose share of the whole tensor's norm is then at most 1/sqrt(16384) = 0.0078 (a
+    // row drawn from all of them exceeds 1e-2 about once in a thousand seeds).
+    let norm2 = |r: usize| {
+        want[r * cols..(r + 1) * cols]
+            .iter()
+            .map(|v| v * v)
+            .sum::<f64>()
+    };
+    let mean2 = (0..rows).map(norm2).sum::<f64>() / rows as f64;
+    let zeroed = std::iter::repeat_with(|| rng.random_range(0..rows))
+        .find(|&r| norm2(r) <= mean2)
+        .unwrap();
     let mut bad = good.clone();
     bad[zeroed * cols..(zeroed + 1) * cols].fill(0.0);
     let whole = rel_err(&bad, &want);
