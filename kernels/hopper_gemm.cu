@@ -20,8 +20,8 @@
 //   rows or columns past an expert's edge are zero-filled by the copy engine rather than read
 //   from the next expert.
 // - A (rows of routed pairs) comes through cp.async from the producer warpgroup's 128 threads:
-//   the up projection gathers X's rows through pair_token inside the load (no permuted copy of X),
-//   and every row past the expert's last pair is zero-filled. Each producer thread's arrival on
+//   the up projection gathers X's rows, and dAct dOut's, through pair_token inside the load (no
+//   permuted copy), and every row past the expert's last pair is zero-filled. Each producer thread's arrival on
 //   the stage's `full` barrier is made by the hardware when its copies land
 //   (cp.async.mbarrier.arrive), so every stage can be in flight at once; the consumers order
 //   those generic-proxy writes before their wgmma reads with fence.proxy.async.

@@ -478,67 +478,23 @@ fn gpu_backward_accumulates_weight_gradients_on_request() {
     }
 }
 
-/// The forward does not keep act for the backward: the backward's dAct GEMM recomputes it from
-/// the saved g and u, and the recomputation is the forward's act bit for bit (both round g and u
-/// first, kernels/swiglu.cuh). The f16 layer too, whose rounding differs.
+/// The forward does not keep act for the backward, whose recomputation is the forward's act
+/// bit for bit (the f16 layer: tests/gpu_f16_and_bounds.rs).
 #[test]
 fn gpu_backward_recomputes_the_forwards_act_bit_for_bit() {
     let test = "gpu_backward_recomputes_the_forwards_act_bit_for_bit";
     let Some(dev) = gpu_or_skip(test) else {
         return;
     };
-    recomputed_act_matches(&dev, test, bf16::from_f64, bf16::to_bits);
-    recomputed_act_matches(&dev, test, half::f16::from_f64, half::f16::to_bits);
-}
-
-fn recomputed_act_matches<T: remoe_kernels::HalfElement>(
-    dev: &Device,
-    test: &str,
-    from_f64: fn(f64) -> T,
-    bits: fn(T) -> u16,
-) {
     let cfg = LayerConfig::new(517, 72, 200, 8, 2);
     let seed = fresh_seed();
-    let what = format!(
-        "{test} ({}): {}",
-        std::any::type_name::<T>(),
-        seed_note(seed)
-    );
     let p = problem_with_density(cfg, &skewed_density(8, 2.0), seed);
-    let half = |v: &[f64]| -> Vec<T> { v.iter().map(|&x| from_f64(x)).collect() };
-    let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-    let x = DeviceTensor::from_host(dev, &half(&p.x), &[t, h]).unwrap();
-    let wr = DeviceTensor::from_host(dev, &half(&p.params.router), &[h, e]).unwrap();
-    let wg = DeviceTensor::from_host(dev, &half(&p.params.gate), &[e, h, f]).unwrap();
-    let wu = DeviceTensor::from_host(dev, &half(&p.params.up), &[e, h, f]).unwrap();
-    let wd = DeviceTensor::from_host(dev, &half(&p.params.down), &[e, f, h]).unwrap();
-    let w = remoe_kernels::MoeWeights {
-        router: &wr,
-        gate: &wg,
-        up: &wu,
-        down: &wd,
-    };
+    let d = DeviceProblem::upload(&dev, &p).unwrap();
     let mut rng = seeded(seed ^ 0xd0);
-    let dout = DeviceTensor::from_host(dev, &half(&rng.vec_uniform(t * h, 1.0)), &[t, h]).unwrap();
-    let mut ctx = MoeContext::<T>::for_training(dev);
-    let mut out = DeviceTensor::<T>::zeros(dev, &[t, h]).unwrap();
-    let coeff = || Coefficient::Fixed(1e-2);
-    moe_forward(&mut ctx, &cfg, RouterKind::Relu, coeff(), &x, &w, &mut out).unwrap();
-    let forward_act = ctx.act_to_host().unwrap();
-    assert!(!forward_act.is_empty(), "{what}: no pairs");
-    let mut grads = Grads::<T>::new(dev, &cfg);
-    moe_backward(&mut ctx, coeff(), &x, &w, &dout, grads.as_mut(), false).unwrap();
-    let recomputed = ctx.act_to_host().unwrap();
-    assert_eq!(recomputed.len(), forward_act.len(), "{what}");
-    let first = forward_act
-        .iter()
-        .zip(&recomputed)
-        .position(|(&a, &b)| bits(a) != bits(b));
-    assert!(
-        first.is_none(),
-        "{what}: the backward's act differs from the forward's at element {}",
-        first.unwrap_or(0)
-    );
+    let dout = DeviceTensor::from_host(&dev, &to_bf16(&rng.vec_uniform(517 * 72, 1.0)), &[517, 72])
+        .unwrap();
+    let what = format!("{test}: {}", seed_note(seed));
+    assert_backward_recomputes_act(&dev, &what, &cfg, &d.x, d.weights(), &dout);
 }
 
 #[test]

@@ -402,6 +402,25 @@ fn check_layer_f16(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[
     }
 }
 
+/// The f16 layer's backward recomputes the forward's act bit for bit, as the bf16 one does
+/// (tests/gpu_backward.rs): f16 rounds g and u differently.
+#[test]
+fn gpu_f16_backward_recomputes_the_forwards_act_bit_for_bit() {
+    let test = "gpu_f16_backward_recomputes_the_forwards_act_bit_for_bit";
+    let Some(dev) = gpu_or_skip(test) else {
+        return;
+    };
+    let cfg = LayerConfig::new(517, 72, 200, 8, 2);
+    let seed = fresh_seed();
+    let p = problem_with_density(cfg, &skewed_density(8, 2.0), seed);
+    let d = F16Problem::upload(&dev, &p);
+    let mut rng = seeded(seed ^ 0xd0);
+    let dout_host: Vec<f64> = (0..517 * 72).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let dout = DeviceTensor::from_host(&dev, &to_f16(&dout_host), &[517, 72]).unwrap();
+    let what = format!("{test}: {}", seed_note(seed));
+    assert_backward_recomputes_act(&dev, &what, &cfg, &d.x, d.weights(), &dout);
+}
+
 #[test]
 fn gpu_f16_remoe_layer_forward_and_backward_match_the_reference() {
     let Some(dev) = gpu_or_skip("gpu_f16_remoe_layer_forward_and_backward_match_the_reference")

@@ -90,8 +90,12 @@ fn transpose(a: &[f64], m: usize, n: usize) -> Vec<f64> {
 
 impl Model {
     fn new(s: &CpuSizes, remoe: bool) -> Self {
-        let (h, f, e) = (s.hidden, s.ffn, s.experts);
-        let mut rng = seeded(s.seed);
+        Self::random(s.hidden, s.ffn, s.experts, s.seed, 0.02, remoe)
+    }
+
+    /// Embedding rows of std 1; the router, experts and head of std `std`.
+    fn random(h: usize, f: usize, e: usize, seed: u64, std: f64, remoe: bool) -> Self {
+        let mut rng = seeded(seed);
         let mut normal = |n: usize, std: f64| -> Vec<f64> {
             (0..n)
                 .map(|_| std * rng.sample::<f64, _>(StandardNormal))
@@ -100,12 +104,12 @@ impl Model {
         Self {
             emb: normal(VOCAB * h, 1.0),
             moe: LayerParams {
-                router: normal(h * e, 0.02),
-                gate: normal(e * h * f, 0.02),
-                up: normal(e * h * f, 0.02),
-                down: normal(e * f * h, 0.02),
+                router: normal(h * e, std),
+                gate: normal(e * h * f, std),
+                up: normal(e * h * f, std),
+                down: normal(e * f * h, std),
             },
-            head: normal(h * VOCAB, 0.02),
+            head: normal(h * VOCAB, std),
             remoe,
         }
     }
@@ -303,23 +307,7 @@ mod tests {
     /// with repeated bytes, so that embedding rows collect gradients from several positions.
     fn fd_problem(remoe: bool) -> (Model, Batch, LayerConfig) {
         let (t, h, f, e, k) = (12, 8, 8, 4, 1);
-        let mut rng = seeded(7);
-        let mut normal = |n: usize, std: f64| -> Vec<f64> {
-            (0..n)
-                .map(|_| std * rng.sample::<f64, _>(StandardNormal))
-                .collect()
-        };
-        let model = Model {
-            emb: normal(VOCAB * h, 1.0),
-            moe: LayerParams {
-                router: normal(h * e, 0.5),
-                gate: normal(e * h * f, 0.5),
-                up: normal(e * h * f, 0.5),
-                down: normal(e * f * h, 0.5),
-            },
-            head: normal(h * VOCAB, 0.5),
-            remoe,
-        };
+        let model = Model::random(h, f, e, 7, 0.5, remoe);
         let text = b"abcabdacbbdca";
         let b = Batch {
             inputs: text[..t].iter().map(|&v| u32::from(v)).collect(),

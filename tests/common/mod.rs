@@ -390,6 +390,41 @@ pub fn router_term_scales(
 #[allow(unused_imports)]
 pub use remoe_testkit::synthetic::*;
 
+/// The forward does not keep act for the backward: the backward's dAct GEMM recomputes it from
+/// the saved g and u. Checks that the recomputation is the forward's act bit for bit (both round
+/// g and u first, kernels/swiglu.cuh): a ReMoE forward and backward of `cfg` with `x`, `w` and
+/// `dout`, act read back after each.
+pub fn assert_backward_recomputes_act<T: HalfElement>(
+    dev: &Device,
+    what: &str,
+    cfg: &LayerConfig,
+    x: &DeviceTensor<T>,
+    w: remoe_kernels::MoeWeights<'_, T>,
+    dout: &DeviceTensor<T>,
+) {
+    use remoe_kernels::{moe_backward, moe_forward, Coefficient, MoeContext};
+    let mut ctx = MoeContext::<T>::for_training(dev);
+    let mut out = DeviceTensor::<T>::zeros(dev, &[cfg.tokens, cfg.hidden]).unwrap();
+    let coeff = || Coefficient::Fixed(1e-2);
+    moe_forward(&mut ctx, cfg, RouterKind::Relu, coeff(), x, &w, &mut out).unwrap();
+    let forward_act = ctx.act_to_host().unwrap();
+    assert!(!forward_act.is_empty(), "{what}: no pairs");
+    let mut grads = Grads::<T>::new(dev, cfg);
+    moe_backward(&mut ctx, coeff(), x, &w, dout, grads.as_mut(), false).unwrap();
+    let recomputed = ctx.act_to_host().unwrap();
+    let (a, b): (&[u16], &[u16]) = (
+        bytemuck::cast_slice(&forward_act),
+        bytemuck::cast_slice(&recomputed),
+    );
+    assert_eq!(a.len(), b.len(), "{what}");
+    let first = a.iter().zip(b).position(|(x, y)| x != y);
+    assert!(
+        first.is_none(),
+        "{what}: the backward's act differs from the forward's at element {}",
+        first.unwrap_or(0)
+    );
+}
+
 /// Gradient buffers of one backward on the device: dX in the activation type, the weight gradients in f32.
 pub struct Grads<T: HalfElement> {
     pub dx: DeviceTensor<T>,
