@@ -22,16 +22,6 @@ namespace {
 constexpr int kTokensPerBlock = REMOE_ROUTER_TOKENS_PER_BLOCK;
 constexpr int kTileRows = REMOE_GEMM_TILE_ROWS;
 
-__device__ __forceinline__ uint32_t warp_inclusive_scan(uint32_t v) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const uint32_t n = __shfl_up_sync(0xffffffffu, v, d);
-    if (lane >= d) v += n;
-  }
-  return v;
-}
-
 __global__ void expert_scan_kernel(const uint32_t *__restrict__ block_counts,
                                    const float *__restrict__ block_sums,
                                    uint32_t *__restrict__ block_offsets,

@@ -30,6 +30,7 @@
 // (K = n_e, zero allowed), both operands read k-major and fed through ldmatrix.trans.
 #include "mma_sync.cuh"
 #include "swiglu.cuh"
+#include "weight_grad_split.cuh"
 
 namespace {
 
@@ -397,23 +398,30 @@ int launch_grouped_gemm(GemmArgs<T> args, int num_tiles, cudaStream_t stream) {
 }
 
 // Weight gradients: out_e[m, n] (+)= sum over expert e's pairs p of A[p, m] * B[p, n], with the
-// A rows gathered through `gather` when given. One block per (expert, 128 x 128 output tile);
-// its K loop walks the expert's pairs, so the reduction order is fixed (no split-K, no atomics)
-// and an expert with no pairs writes zeros (or leaves `out` as it is when accumulating).
+// A rows gathered through `gather` when given. One block per (chunk of an expert's pairs,
+// 128 x 128 output tile): without a plan a chunk is a whole expert; with one, a hot expert's
+// pairs are cut into chunks whose partial sums are added in chunk order (weight_grad_split.cuh).
+// Either way the reduction order is fixed, and an expert with no pairs writes zeros (or leaves
+// `out` as it is when accumulating). The grid has room for the most chunks any plan makes; the
+// blocks past this launch's count leave at once.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     weight_grad_kernel(const T *__restrict__ a, const uint32_t *__restrict__ gather,
                        const T *__restrict__ b, float *__restrict__ out,
-                       const uint32_t *__restrict__ expert_offsets, int M, int N, int m_tiles,
-                       int n_tiles, int accumulate) {
+                       const uint32_t *__restrict__ expert_offsets, int e, int M, int N,
+                       int m_tiles, int n_tiles, int accumulate, remoe_wgrad_split_t split) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ int last_flag;
   T *smem = reinterpret_cast<T *>(smem_raw);
-  const int tiles_per_expert = m_tiles * n_tiles;
-  const int expert = blockIdx.x / tiles_per_expert;
-  const int m0 = (blockIdx.x % tiles_per_expert) / n_tiles * BM;
-  const int n0 = (blockIdx.x % n_tiles) * BN;
-  const int p0 = expert_offsets[expert];
-  const int K = (int)expert_offsets[expert + 1] - p0;
+  const int tiles = m_tiles * n_tiles;
+  const int tile = blockIdx.x % tiles;
+  if ((int)(blockIdx.x / tiles) >= wg_total_chunks(split.plan, e)) return;
+  const WgChunk chunk = wg_chunk(split.plan, expert_offsets, e, blockIdx.x / tiles);
+  const int expert = chunk.expert;
+  const int m0 = tile / n_tiles * BM;
+  const int n0 = tile % n_tiles * BN;
+  const int p0 = chunk.p0;
+  const int K = chunk.len;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -502,6 +510,18 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   cp_async_wait<0>();
 
+  if (chunk.chunks > 1) {
+    // A chunk of a split expert: leave the partial in its slot; the tile's last block adds all.
+    float *flat = &acc[0][0][0];
+    const size_t stride = (size_t)tiles * BM * BN;
+    float *tile0 = split.slots + (size_t)(chunk.slot - chunk.chunk) * stride + (size_t)tile * BM * BN;
+    wg_store_partial<64>(tile0 + (size_t)chunk.chunk * stride, tid, kThreads, flat);
+    if (!wg_arrive(split.counters + (size_t)expert * tiles + tile, chunk.chunks, tid, &last_flag,
+                   [] { __syncthreads(); }))
+      return;
+    wg_fold<64>(tile0, stride, chunk.chunks, tid, kThreads, flat);
+  }
+
   float *oe = out + (size_t)expert * M * N;
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi) {
@@ -529,17 +549,19 @@ __global__ void __launch_bounds__(kThreads, 2)
 template <typename T>
 int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,
                        const uint32_t *expert_offsets, int e, int M, int N, int accumulate,
-                       cudaStream_t stream) {
+                       const remoe_wgrad_split_t *split, cudaStream_t stream) {
   auto kernel = weight_grad_kernel<T>;
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return (int)err;
+  const remoe_wgrad_split_t s = split != nullptr ? *split : remoe_wgrad_split_t{};
   const int m_tiles = (M + BM - 1) / BM, n_tiles = (N + BN - 1) / BN;
-  const long long blocks = (long long)e * m_tiles * n_tiles;
+  const int chunks = e + (s.plan != nullptr ? wg_max_slots(M, N) : 0);
+  const long long blocks = (long long)chunks * m_tiles * n_tiles;
   if (blocks > 0x7fffffffLL) return (int)cudaErrorInvalidConfiguration;
   kernel<<<(unsigned)blocks, kThreads, kSmemBytes, stream>>>(
       reinterpret_cast<const T *>(a), gather, reinterpret_cast<const T *>(b), out, expert_offsets,
-      M, N, m_tiles, n_tiles, accumulate);
+      e, M, N, m_tiles, n_tiles, accumulate, s);
   return (int)cudaGetLastError();
 }
 
@@ -627,10 +649,10 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
   extern "C" int remoe_expert_weight_grad_##SUFFIX(                                               \
       const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,                   \
       const uint32_t *expert_offsets, int32_t a_rows, int32_t b_rows, int32_t e, int32_t m,       \
-      int32_t n, int32_t accumulate, remoe_stream_t stream) {                                     \
+      int32_t n, int32_t accumulate, const remoe_wgrad_split_t *split, remoe_stream_t stream) {   \
     (void)a_rows; /* this path needs no row counts: cp.async checks each row against n_e */      \
     (void)b_rows;                                                                                 \
-    return launch_weight_grad<T>(a, gather, b, out, expert_offsets, e, m, n, accumulate,          \
+    return launch_weight_grad<T>(a, gather, b, out, expert_offsets, e, m, n, accumulate, split,   \
                                  (cudaStream_t)stream);                                           \
   }
 

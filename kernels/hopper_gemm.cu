@@ -41,6 +41,7 @@
 
 #include "common.cuh"
 #include "swiglu.cuh"
+#include "weight_grad_split.cuh"
 
 namespace {
 
@@ -684,7 +685,28 @@ struct WeightGradArgs {
   float *out;
   const uint32_t *expert_offsets;
   int e, M, N, m_tiles, n_tiles, accumulate;
+  // The fixed-order split (weight_grad_split.cuh); plan == nullptr: one chunk per expert.
+  const uint32_t *plan;
+  float *slots;
+  uint32_t *counters;
 };
+
+// Work unit u is output tile (u % tiles) of chunk (u / tiles), tiles = m_tiles * n_tiles: the
+// tiles of one chunk are neighbours, so they share their B rows (and A's) in L2.
+struct WgTile {
+  WgChunk c;
+  int tile, m0, n0;
+};
+template <typename T>
+__device__ __forceinline__ WgTile weight_grad_unit(const WeightGradArgs<T> &args, int unit) {
+  const int tiles = args.m_tiles * args.n_tiles;
+  WgTile w;
+  w.c = wg_chunk(args.plan, args.expert_offsets, args.e, unit / tiles);
+  w.tile = unit % tiles;
+  w.m0 = w.tile / args.n_tiles * BM;
+  w.n0 = w.tile % args.n_tiles * BN;
+  return w;
+}
 
 // Bytes a full block of 64 pairs brings by TMA: B always, A when it is not gathered.
 __host__ __device__ constexpr int weight_grad_tx_bytes(bool gathered) {
@@ -755,51 +777,59 @@ __device__ __forceinline__ void weight_grad_load_stage(const WeightGradArgs<T> &
 template <typename T>
 __device__ __forceinline__ void weight_grad_producer(const WeightGradArgs<T> &args,
                                                      const Pipeline &pipe, const CUtensorMap *map_a,
-                                                     const CUtensorMap *map_b, int total_tiles) {
-  const int tiles_per_expert = args.m_tiles * args.n_tiles;
+                                                     const CUtensorMap *map_b, int units) {
   PipePos pos;
-  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-    const int expert = tile / tiles_per_expert;
-    const int m0 = (tile % tiles_per_expert) / args.n_tiles * BM;
-    const int n0 = (tile % args.n_tiles) * BN;
-    const int p0 = (int)args.expert_offsets[expert];
-    const int K = (int)args.expert_offsets[expert + 1] - p0;
-    for (int k0 = 0; k0 < K; k0 += BK) {
+  for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    const WgTile w = weight_grad_unit(args, unit);
+    for (int k0 = 0; k0 < w.c.len; k0 += BK) {
       pipe.acquire(pos);
-      weight_grad_load_stage<T>(args, pipe.a_tile(pos), pipe.full_bar(pos), map_a, map_b, p0, K, k0,
-                                m0, n0);
+      weight_grad_load_stage<T>(args, pipe.a_tile(pos), pipe.full_bar(pos), map_a, map_b, w.c.p0,
+                                w.c.len, k0, w.m0, w.n0);
       ++pos.n;
     }
   }
   cp_async_wait_all();
 }
 
+// Barrier 1 over the two consumer warpgroups (barrier 0 is __syncthreads').
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
 template <typename T>
 __device__ __forceinline__ void weight_grad_consumer(const WeightGradArgs<T> &args,
-                                                     const Pipeline &pipe, int total_tiles) {
+                                                     const Pipeline &pipe, int units) {
+  __shared__ int last_flag;
   const int wg = threadIdx.x / 128 - 1;
   const int lane = threadIdx.x & 31;
   const int warp = (threadIdx.x >> 5) & 3;
-  const int tiles_per_expert = args.m_tiles * args.n_tiles;
+  const int ct = threadIdx.x - 128;  // 0..255 over the consumers
+  const int tiles = args.m_tiles * args.n_tiles;
   float acc[128];
   PipePos pos;
-  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
-    const int expert = tile / tiles_per_expert;
-    const int m0 = (tile % tiles_per_expert) / args.n_tiles * BM;
-    const int n0 = (tile % args.n_tiles) * BN;
-    const int K = (int)args.expert_offsets[expert + 1] - (int)args.expert_offsets[expert];
-    if (K == 0) {
+  for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    const WgTile w = weight_grad_unit(args, unit);
+    const int m0 = w.m0, n0 = w.n0;
+    if (w.c.len == 0) {
 #pragma unroll
       for (int i = 0; i < 128; ++i) acc[i] = 0.f;
     }
-    for (int k0 = 0; k0 < K; k0 += BK) {
+    for (int k0 = 0; k0 < w.c.len; k0 += BK) {
       pipe.wait_loaded(pos);
       // Both operands MN-major; this warpgroup's 64 columns of m are A's atom wg.
       mma_stage<T, 1, 1>(acc, pipe.a_tile(pos) + wg * kAtomBytes, pipe.b_tile(pos), k0 == 0);
       pipe.release(pos);
       ++pos.n;
     }
-    float *oe = args.out + (size_t)expert * args.M * args.N;
+    if (w.c.chunks > 1) {
+      // A chunk of a split expert: leave the partial in its slot; the tile's last unit adds all.
+      const size_t stride = (size_t)tiles * BM * BN;
+      float *tile0 = args.slots + (size_t)(w.c.slot - w.c.chunk) * stride + (size_t)w.tile * BM * BN;
+      wg_store_partial<128>(tile0 + (size_t)w.c.chunk * stride, ct, 256, acc);
+      if (!wg_arrive(args.counters + (size_t)w.c.expert * tiles + w.tile, w.c.chunks, ct,
+                     &last_flag, consumer_sync))
+        continue;
+      wg_fold<128>(tile0, stride, w.c.chunks, ct, 256, acc);
+    }
+    float *oe = args.out + (size_t)w.c.expert * args.M * args.N;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int m = m0 + wg * 64 + warp * 16 + (lane >> 2) + half * 8;
@@ -832,13 +862,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const Pipeline pipe = setup_pipeline(smem_raw);
-  const int total_tiles = args.e * args.m_tiles * args.n_tiles;
+  const int units = wg_total_chunks(args.plan, args.e) * args.m_tiles * args.n_tiles;
   if (threadIdx.x < 128) {
     setmaxnreg_dec<56>();
-    weight_grad_producer<T>(args, pipe, &map_a, &map_b, total_tiles);
+    weight_grad_producer<T>(args, pipe, &map_a, &map_b, units);
   } else {
     setmaxnreg_inc<224>();
-    weight_grad_consumer<T>(args, pipe, total_tiles);
+    weight_grad_consumer<T>(args, pipe, units);
   }
 #endif
 }
@@ -952,7 +982,7 @@ int launch_row_gemm(RowGemmArgs<T> args, const void *b0, const void *b1, int num
 template <typename T>
 int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,
                        const uint32_t *expert_offsets, int a_rows, int b_rows, int e, int M, int N,
-                       int accumulate, cudaStream_t stream) {
+                       int accumulate, const remoe_wgrad_split_t *split, cudaStream_t stream) {
   auto kernel = weight_grad_kernel<T>;
   CUtensorMap map_a, map_b;
   cudaError_t err = rows_map<T>(&map_a, a, a_rows, M);
@@ -969,8 +999,14 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
                          N,
                          (M + BM - 1) / BM,
                          (N + BN - 1) / BN,
-                         accumulate};
-  const long long tiles = (long long)e * args.m_tiles * args.n_tiles;
+                         accumulate,
+                         split != nullptr ? split->plan : nullptr,
+                         split != nullptr ? split->slots : nullptr,
+                         split != nullptr ? split->counters : nullptr};
+  // Enough CTAs for the most units any plan makes (each expert at least one chunk, the split
+  // ones at most wg_max_slots more); the kernel reads this launch's count from the plan.
+  const int chunks = e + (args.plan != nullptr ? wg_max_slots(M, N) : 0);
+  const long long tiles = (long long)chunks * args.m_tiles * args.n_tiles;
   if (tiles > 0x7fffffffLL) return (int)cudaErrorInvalidConfiguration;
   if (tiles == 0) return 0;
   const int grid = (int)(tiles < (long long)sm_count() ? tiles : (long long)sm_count());
@@ -1057,9 +1093,9 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
   extern "C" int remoe_hopper_expert_weight_grad_##SUFFIX(                                        \
       const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,                   \
       const uint32_t *expert_offsets, int32_t a_rows, int32_t b_rows, int32_t e, int32_t m,       \
-      int32_t n, int32_t accumulate, remoe_stream_t stream) {                                     \
+      int32_t n, int32_t accumulate, const remoe_wgrad_split_t *split, remoe_stream_t stream) {   \
     return launch_weight_grad<T>(a, gather, b, out, expert_offsets, a_rows, b_rows, e, m, n,      \
-                                 accumulate, (cudaStream_t)stream);                               \
+                                 accumulate, split, (cudaStream_t)stream);                        \
   }
 
 REMOE_HOPPER_GEMM_ENTRY_POINTS(bf16, __nv_bfloat16)

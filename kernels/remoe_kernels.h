@@ -183,15 +183,42 @@ int remoe_expert_dx_f16(const uint16_t *dg, const uint16_t *du, const uint16_t *
  * Deterministic (fixed reduction order).
  *   dWd: a = act [|A|, f], b = dy [|A|, h]              (m = f, n = h)
  *   dWg: a = x [t, h] gathered by pair_token, b = dg    (m = h, n = f); dWu likewise with du.
+ * split: NULL, or the fixed-order split of a hot expert's reduction (below); the result is
+ * deterministic either way, and the same on both paths for the same split argument.
  */
+/*
+ * The weight gradients' fixed-order split (kernels/weight_grad_split.cu{h}). A hot expert's
+ * reduction over its pairs is cut into chunks (a rule of the counts alone, documented in the
+ * .cuh), every chunk of every output tile is a work unit, and a tile's chunks are added in chunk
+ * order by whichever unit finishes last, through partial-sum slots in device memory.
+ *   plan:     3e + 1 words written by remoe_weight_grad_plan for the launch's expert_offsets and
+ *             h x f (the same plan serves dWg, dWu and dWd: m x n is h x f or f x h);
+ *   slots:    slot_floats floats of remoe_weight_grad_split_sizes (0 when no split is possible:
+ *             then plan still works and the pointer is not read);
+ *   counters: counters words, zero before the first launch; every launch leaves them zero.
+ * Launches that share slots and counters must be ordered (one stream).
+ */
+typedef struct remoe_wgrad_split {
+  const uint32_t *plan;
+  float *slots;
+  uint32_t *counters;
+} remoe_wgrad_split_t;
+/* The buffer sizes for e experts of h x f weights (host only; 0 or cudaErrorInvalidValue). */
+int remoe_weight_grad_split_sizes(int32_t e, int32_t h, int32_t f, uint64_t *plan_words,
+                                  uint64_t *slot_floats, uint64_t *counters);
+/* The plan for these counts (expert_offsets [e + 1] on the device): one warp, no host read. */
+int remoe_weight_grad_plan(const uint32_t *expert_offsets, int32_t e, int32_t h, int32_t f,
+                           uint32_t *plan, remoe_stream_t stream);
 int remoe_expert_weight_grad_bf16(const uint16_t *a, const uint32_t *gather, const uint16_t *b,
                                   float *out, const uint32_t *expert_offsets, int32_t a_rows,
                                   int32_t b_rows, int32_t e, int32_t m, int32_t n,
-                                  int32_t accumulate, remoe_stream_t stream);
+                                  int32_t accumulate, const remoe_wgrad_split_t *split,
+                                  remoe_stream_t stream);
 int remoe_expert_weight_grad_f16(const uint16_t *a, const uint32_t *gather, const uint16_t *b,
                                  float *out, const uint32_t *expert_offsets, int32_t a_rows,
                                  int32_t b_rows, int32_t e, int32_t m, int32_t n,
-                                 int32_t accumulate, remoe_stream_t stream);
+                                 int32_t accumulate, const remoe_wgrad_split_t *split,
+                                 remoe_stream_t stream);
 
 /*
  * The same five expert GEMMs for Hopper (kernels/hopper_gemm.cu: wgmma, TMA, warp-specialised
@@ -249,13 +276,15 @@ int remoe_hopper_expert_dx_f16(const uint16_t *dg, const uint16_t *du, const uin
 int remoe_hopper_expert_weight_grad_bf16(const uint16_t *a, const uint32_t *gather,
                                          const uint16_t *b, float *out,
                                          const uint32_t *expert_offsets, int32_t a_rows,
-                                  int32_t b_rows, int32_t e, int32_t m,
-                                         int32_t n, int32_t accumulate, remoe_stream_t stream);
+                                         int32_t b_rows, int32_t e, int32_t m, int32_t n,
+                                         int32_t accumulate, const remoe_wgrad_split_t *split,
+                                         remoe_stream_t stream);
 int remoe_hopper_expert_weight_grad_f16(const uint16_t *a, const uint32_t *gather,
                                         const uint16_t *b, float *out,
                                         const uint32_t *expert_offsets, int32_t a_rows,
-                                  int32_t b_rows, int32_t e, int32_t m,
-                                        int32_t n, int32_t accumulate, remoe_stream_t stream);
+                                        int32_t b_rows, int32_t e, int32_t m, int32_t n,
+                                        int32_t accumulate, const remoe_wgrad_split_t *split,
+                                        remoe_stream_t stream);
 
 /*
  * Split-K's reduction (kernels/split_k.cu): y[p, :] = sum over s = 0 .. planes-1, in that order,

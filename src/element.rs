@@ -135,7 +135,7 @@ pub(crate) type ExpertDxFn = unsafe extern "C" fn(
     Stream,
 ) -> i32;
 
-/// a, gather, b, out, expert_offsets, a_rows, b_rows, e, m, n, accumulate, stream.
+/// a, gather, b, out, expert_offsets, a_rows, b_rows, e, m, n, accumulate, split, stream.
 pub(crate) type WeightGradFn = unsafe extern "C" fn(
     *const u16,
     *const u32,
@@ -148,6 +148,7 @@ pub(crate) type WeightGradFn = unsafe extern "C" fn(
     i32,
     i32,
     i32,
+    *const crate::ffi::remoe_wgrad_split_t,
     Stream,
 ) -> i32;
 

@@ -322,19 +322,47 @@ unsafe extern "C" {
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
+#[doc = "Expert weight gradients (kernels/grouped\\_gemm.cu).\n\n```text\nExpert weight gradients (kernels/grouped_gemm.cu): for every expert e (zero pairs allowed),\n  out[e, i, j] (+)= sum over e's pairs p of a[row(p), i] * b[p, j]     out [e, m, n] f32\nwhere row(p) = gather[p] if gather is non-NULL, else p; a has m columns, b has n; a_rows and\nb_rows are the rows a and b hold (every row(p) < a_rows, every pair < b_rows: the bounds of the\nHopper path's tensor maps). accumulate != 0 adds to out, otherwise out is overwritten.\nDeterministic (fixed reduction order).\n  dWd: a = act [|A|, f], b = dy [|A|, h]              (m = f, n = h)\n  dWg: a = x [t, h] gathered by pair_token, b = dg    (m = h, n = f); dWu likewise with du.\nsplit: NULL, or the fixed-order split of a hot expert's reduction (below); the result is\ndeterministic either way, and the same on both paths for the same split argument.\n/*\nThe weight gradients' fixed-order split (kernels/weight_grad_split.cu{h}). A hot expert's\nreduction over its pairs is cut into chunks (a rule of the counts alone, documented in the\n.cuh), every chunk of every output tile is a work unit, and a tile's chunks are added in chunk\norder by whichever unit finishes last, through partial-sum slots in device memory.\n  plan:     3e + 1 words written by remoe_weight_grad_plan for the launch's expert_offsets and\n            h x f (the same plan serves dWg, dWu and dWd: m x n is h x f or f x h);\n  slots:    slot_floats floats of remoe_weight_grad_split_sizes (0 when no split is possible:\n            then plan still works and the pointer is not read);\n  counters: counters words, zero before the first launch; every launch leaves them zero.\nLaunches that share slots and counters must be ordered (one stream).\n```"]
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct remoe_wgrad_split {
+    pub plan: *const u32,
+    pub slots: *mut f32,
+    pub counters: *mut u32,
+}
+#[doc = "Expert weight gradients (kernels/grouped\\_gemm.cu).\n\n```text\nExpert weight gradients (kernels/grouped_gemm.cu): for every expert e (zero pairs allowed),\n  out[e, i, j] (+)= sum over e's pairs p of a[row(p), i] * b[p, j]     out [e, m, n] f32\nwhere row(p) = gather[p] if gather is non-NULL, else p; a has m columns, b has n; a_rows and\nb_rows are the rows a and b hold (every row(p) < a_rows, every pair < b_rows: the bounds of the\nHopper path's tensor maps). accumulate != 0 adds to out, otherwise out is overwritten.\nDeterministic (fixed reduction order).\n  dWd: a = act [|A|, f], b = dy [|A|, h]              (m = f, n = h)\n  dWg: a = x [t, h] gathered by pair_token, b = dg    (m = h, n = f); dWu likewise with du.\nsplit: NULL, or the fixed-order split of a hot expert's reduction (below); the result is\ndeterministic either way, and the same on both paths for the same split argument.\n/*\nThe weight gradients' fixed-order split (kernels/weight_grad_split.cu{h}). A hot expert's\nreduction over its pairs is cut into chunks (a rule of the counts alone, documented in the\n.cuh), every chunk of every output tile is a work unit, and a tile's chunks are added in chunk\norder by whichever unit finishes last, through partial-sum slots in device memory.\n  plan:     3e + 1 words written by remoe_weight_grad_plan for the launch's expert_offsets and\n            h x f (the same plan serves dWg, dWu and dWd: m x n is h x f or f x h);\n  slots:    slot_floats floats of remoe_weight_grad_split_sizes (0 when no split is possible:\n            then plan still works and the pointer is not read);\n  counters: counters words, zero before the first launch; every launch leaves them zero.\nLaunches that share slots and counters must be ordered (one stream).\n```"]
+pub type remoe_wgrad_split_t = remoe_wgrad_split;
 unsafe extern "C" {
-    /**Expert weight gradients (kernels/grouped\_gemm.cu).
+    /**The buffer sizes for e experts of h x f weights (host only; 0 or cudaErrorInvalidValue).
 
 ```text
-Expert weight gradients (kernels/grouped_gemm.cu): for every expert e (zero pairs allowed),
-  out[e, i, j] (+)= sum over e's pairs p of a[row(p), i] * b[p, j]     out [e, m, n] f32
-where row(p) = gather[p] if gather is non-NULL, else p; a has m columns, b has n; a_rows and
-b_rows are the rows a and b hold (every row(p) < a_rows, every pair < b_rows: the bounds of the
-Hopper path's tensor maps). accumulate != 0 adds to out, otherwise out is overwritten.
-Deterministic (fixed reduction order).
-  dWd: a = act [|A|, f], b = dy [|A|, h]              (m = f, n = h)
-  dWg: a = x [t, h] gathered by pair_token, b = dg    (m = h, n = f); dWu likewise with du.
+The buffer sizes for e experts of h x f weights (host only; 0 or cudaErrorInvalidValue).
 ```*/
+    pub fn remoe_weight_grad_split_sizes(
+        e: i32,
+        h: i32,
+        f: i32,
+        plan_words: *mut u64,
+        slot_floats: *mut u64,
+        counters: *mut u64,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    /**The plan for these counts (expert\_offsets \[e + 1\] on the device).
+
+```text
+The plan for these counts (expert_offsets [e + 1] on the device): one warp, no host read.
+```*/
+    pub fn remoe_weight_grad_plan(
+        expert_offsets: *const u32,
+        e: i32,
+        h: i32,
+        f: i32,
+        plan: *mut u32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
     pub fn remoe_expert_weight_grad_bf16(
         a: *const u16,
         gather: *const u32,
@@ -347,6 +375,7 @@ Deterministic (fixed reduction order).
         m: i32,
         n: i32,
         accumulate: i32,
+        split: *const remoe_wgrad_split_t,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
@@ -363,6 +392,7 @@ unsafe extern "C" {
         m: i32,
         n: i32,
         accumulate: i32,
+        split: *const remoe_wgrad_split_t,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
@@ -538,6 +568,7 @@ unsafe extern "C" {
         m: i32,
         n: i32,
         accumulate: i32,
+        split: *const remoe_wgrad_split_t,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
@@ -554,6 +585,7 @@ unsafe extern "C" {
         m: i32,
         n: i32,
         accumulate: i32,
+        split: *const remoe_wgrad_split_t,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }

@@ -278,6 +278,146 @@ fn gpu_remoe_backward_one_expert_takes_every_token() {
     );
 }
 
+/// Hot experts whose weight gradients are reduced in fixed-order chunks
+/// (kernels/weight_grad_split.cuh): expert 0 takes every one of a prime number of tokens (its
+/// pairs cut into 9 chunks, the last one short), expert 3 about 1500 (2 chunks), expert 1 a few
+/// hundred (not split) and expert 2 none; ragged widths. Against the reference, and bitwise
+/// repeatable (check_backward runs it twice).
+#[test]
+fn gpu_remoe_backward_splits_a_hot_experts_weight_gradients() {
+    remoe_backward_case(
+        "gpu_remoe_backward_splits_a_hot_experts_weight_gradients",
+        LayerConfig::new(5003, 72, 136, 4, 1),
+        &[1.0, 0.05, 0.0, 0.3],
+    );
+}
+
+/// The weight-gradient plan that the backward computes on the device follows the rule of
+/// kernels/weight_grad_split.cuh, restated here: an expert is cut into
+/// c = min(16, floor(n / target)) chunks when that is at least 2, where
+/// target = max(512, ceil(ceil(H F / 32768) |A| / 64)); each chunk but the last holds
+/// ceil(n / c) pairs rounded up to a multiple of 64; split experts take consecutive slots.
+#[test]
+fn gpu_weight_gradient_plan_follows_the_rule() {
+    let Some(dev) = gpu_or_skip("gpu_weight_gradient_plan_follows_the_rule") else {
+        return;
+    };
+    let seed = fresh_seed();
+    let mut rng = seeded(seed);
+    for (h, f) in [(64usize, 128usize), (768, 3072), (1536, 6144), (8, 8)] {
+        for round in 0..20 {
+            let e: usize = [1, 3, 8, 33, 64, 257][round % 6];
+            // A mix of loads: uniform, one hot expert, many hot, empties.
+            let counts: Vec<u32> = (0..e)
+                .map(|i| match round % 4 {
+                    0 => rng.random_range(0..3000),
+                    1 => {
+                        if i == e / 2 {
+                            rng.random_range(0..200_000)
+                        } else {
+                            rng.random_range(0..50)
+                        }
+                    }
+                    2 => rng.random_range(0..40_000),
+                    _ => 0,
+                })
+                .collect();
+            let what = format!("H {h} F {f} E {e} counts {counts:?} {}", seed_note(seed));
+            let mut offsets = vec![0u32; e + 1];
+            for i in 0..e {
+                offsets[i + 1] = offsets[i] + counts[i];
+            }
+            let got = device_weight_grad_plan(&dev, &offsets, h, f);
+            let want = weight_grad_plan_rule(&counts, h, f);
+            assert_eq!(got, want, "{what}");
+            // What the plan must guarantee whatever the rule: chunks cover each expert's pairs
+            // exactly, in whole 64-pair blocks but the last, and the slots fit the workspace.
+            let (chunk_offsets, len, slots) =
+                (&got[..=e], &got[e + 1..2 * e + 1], &got[2 * e + 1..]);
+            let max_slots = {
+                let tiles = (h * f).div_ceil(32768);
+                let s = 64 / tiles;
+                if s >= 2 {
+                    s
+                } else {
+                    0
+                }
+            };
+            let mut used = 0usize;
+            for i in 0..e {
+                let c = (chunk_offsets[i + 1] - chunk_offsets[i]) as usize;
+                let n = counts[i] as usize;
+                assert!((1..=16).contains(&c), "{what}: expert {i} has {c} chunks");
+                if c > 1 {
+                    let l = len[i] as usize;
+                    assert!(
+                        l.is_multiple_of(64) && (c - 1) * l < n && c * l >= n,
+                        "{what}: expert {i}"
+                    );
+                    assert_eq!(slots[i] as usize, used, "{what}: expert {i}'s first slot");
+                    used += c;
+                } else {
+                    assert_eq!(len[i] as usize, n, "{what}: expert {i} unsplit");
+                }
+            }
+            assert!(used <= max_slots, "{what}: {used} slots of {max_slots}");
+        }
+    }
+}
+
+/// The plan as the device computes it for these offsets: [chunk offsets E+1][len E][slot E].
+fn device_weight_grad_plan(dev: &Device, offsets: &[u32], h: usize, f: usize) -> Vec<u32> {
+    use remoe_kernels::sys;
+    let e = offsets.len() - 1;
+    let s = dev.stream();
+    let eo = s.clone_htod(offsets).unwrap();
+    let mut plan = s.alloc_zeros::<u32>(3 * e + 1).unwrap();
+    {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let (eo_p, _g1) = eo.device_ptr(s);
+        let (plan_p, _g2) = plan.device_ptr_mut(s);
+        // SAFETY: eo holds e + 1 offsets and plan 3e + 1 words, both on this stream.
+        let code = unsafe {
+            sys::remoe_weight_grad_plan(
+                eo_p as *const u32,
+                e as i32,
+                h as i32,
+                f as i32,
+                plan_p as *mut u32,
+                sys::stream_handle(s),
+            )
+        };
+        assert_eq!(code, 0, "remoe_weight_grad_plan");
+    }
+    s.clone_dtoh(&plan).unwrap()
+}
+
+/// The rule of kernels/weight_grad_split.cuh, on the host.
+fn weight_grad_plan_rule(counts: &[u32], h: usize, f: usize) -> Vec<u32> {
+    let pairs: u64 = counts.iter().map(|&c| c as u64).sum();
+    let tiles = ((h * f) as u64).div_ceil(32768);
+    let splittable = 64 / tiles >= 2;
+    let target = (tiles * pairs).div_ceil(64).max(512);
+    let (mut offsets, mut lens, mut slots) = (vec![0u32], Vec::new(), Vec::new());
+    let mut used = 0u32;
+    for &n in counts {
+        let c = (n as u64 / target).min(16);
+        let (chunks, len) = if splittable && c >= 2 {
+            let l = (n as u64).div_ceil(c).div_ceil(64) * 64;
+            ((n as u64).div_ceil(l) as u32, l as u32)
+        } else {
+            (1, n)
+        };
+        offsets.push(offsets.last().unwrap() + chunks);
+        lens.push(len);
+        slots.push(used);
+        if chunks > 1 {
+            used += chunks;
+        }
+    }
+    [offsets, lens, slots].concat()
+}
+
 #[test]
 fn gpu_remoe_regulariser_gradient_alone_matches_reference() {
     let Some(dev) = gpu_or_skip("gpu_remoe_regulariser_gradient_alone_matches_reference") else {
@@ -400,19 +540,38 @@ fn gpu_backward_with_no_pairs_gives_zero_weight_gradients() {
 
 #[test]
 fn gpu_backward_accumulates_weight_gradients_on_request() {
-    let Some(dev) = gpu_or_skip("gpu_backward_accumulates_weight_gradients_on_request") else {
+    accumulates_weight_gradients(
+        "gpu_backward_accumulates_weight_gradients_on_request",
+        LayerConfig::new(700, 64, 128, 8, 2),
+        &uniform_density(8, 0.25),
+    );
+}
+
+/// The same with hot experts whose weight gradients are reduced in chunks (the tile's last
+/// chunk adds the old value after the chunks' sum).
+#[test]
+fn gpu_backward_accumulates_split_weight_gradients() {
+    accumulates_weight_gradients(
+        "gpu_backward_accumulates_split_weight_gradients",
+        LayerConfig::new(3001, 64, 128, 4, 1),
+        &[1.0, 0.2, 0.0, 0.5],
+    );
+}
+
+fn accumulates_weight_gradients(test: &str, cfg: LayerConfig, density: &[f64]) {
+    let Some(dev) = gpu_or_skip(test) else {
         return;
     };
-    let cfg = LayerConfig::new(700, 64, 128, 8, 2);
+    let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
     let seed = fresh_seed();
-    let what = seed_note(seed);
-    let p = problem_with_density(cfg, &uniform_density(8, 0.25), seed);
+    let what = format!("{test}: {}", seed_note(seed));
+    let p = problem_with_density(cfg, density, seed);
     let d = DeviceProblem::upload(&dev, &p).unwrap();
     let mut rng = seeded(seed ^ 0xd0);
-    let dout = DeviceTensor::from_host(&dev, &to_bf16(&rng.vec_uniform(700 * 64, 1.0)), &[700, 64])
-        .unwrap();
+    let dout =
+        DeviceTensor::from_host(&dev, &to_bf16(&rng.vec_uniform(t * h, 1.0)), &[t, h]).unwrap();
     let mut ctx = MoeContext::<bf16>::for_training(&dev);
-    let mut out = DeviceTensor::<bf16>::zeros(&dev, &[700, 64]).unwrap();
+    let mut out = DeviceTensor::<bf16>::zeros(&dev, &[t, h]).unwrap();
     let lambda = Coefficient::Fixed(1e-2);
     moe_forward(
         &mut ctx,
@@ -429,7 +588,6 @@ fn gpu_backward_accumulates_weight_gradients_on_request() {
     // gate and pair index (12 bytes); per expert n_e and two offsets; per pair its token and
     // gate (8), g and u (2 x 2F bytes). Not act, nor y: the backward recomputes act and takes
     // dR from its dAct GEMM.
-    let (t, e, f) = (700usize, 8usize, 128usize);
     let want = t * e * 12 + 4 * e + 2 * 4 * (e + 1) + stats.active_pairs * (8 + 4 * f);
     assert_eq!(
         ctx.saved_bytes().unwrap(),

@@ -151,6 +151,17 @@ fn both_gemm_paths_agree_when_one_expert_takes_every_token() {
     );
 }
 
+/// Hot experts whose weight gradients are reduced in fixed-order chunks (9 and 2 of them here):
+/// the chunks' partial sums, and the order they are added in, are the same on both paths.
+#[test]
+fn both_gemm_paths_agree_on_split_weight_gradients() {
+    both_gemm_paths_agree(
+        "both_gemm_paths_agree_on_split_weight_gradients",
+        LayerConfig::new(5003, 72, 136, 4, 1),
+        &[1.0, 0.05, 0.0, 0.3],
+    );
+}
+
 #[test]
 fn both_gemm_paths_agree_on_skewed_loads() {
     both_gemm_paths_agree(

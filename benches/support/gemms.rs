@@ -12,6 +12,60 @@ use remoe_testkit::synthetic::DeviceProblem;
 
 use super::{cublas_err, launch_check, MAX_COPIES, ROTATION_BYTES};
 
+/// The weight gradients' split buffers for a dispatch whose expert offsets are `eo`, with the
+/// plan computed on the device as the layer's backward does.
+#[allow(clippy::type_complexity)]
+fn weight_grad_split(
+    dev: &Device,
+    eo: &CudaSlice<u32>,
+    e: usize,
+    h: usize,
+    f: usize,
+) -> Result<
+    (
+        sys::remoe_wgrad_split_t,
+        (CudaSlice<u32>, CudaSlice<f32>, CudaSlice<u32>),
+    ),
+    Error,
+> {
+    let (mut words, mut floats, mut counters) = (0u64, 0u64, 0u64);
+    // SAFETY: host arithmetic; three valid out-pointers.
+    let code = unsafe {
+        sys::remoe_weight_grad_split_sizes(
+            e as i32,
+            h as i32,
+            f as i32,
+            &mut words,
+            &mut floats,
+            &mut counters,
+        )
+    };
+    launch_check("weight_grad_split_sizes", code)?;
+    let s = dev.stream();
+    let plan = s.alloc_zeros::<u32>(words as usize)?;
+    let slots = s.alloc_zeros::<f32>((floats as usize).max(1))?;
+    let count = s.alloc_zeros::<u32>((counters as usize).max(1))?;
+    let (plan_p, eo_p) = (addr(dev, &plan), addr(dev, eo));
+    // SAFETY: eo holds e + 1 offsets, plan 3e + 1 words; both on the crate's stream.
+    let code = unsafe {
+        sys::remoe_weight_grad_plan(
+            eo_p as *const u32,
+            e as i32,
+            h as i32,
+            f as i32,
+            plan_p as *mut u32,
+            sys::stream_handle(s),
+        )
+    };
+    launch_check("weight_grad_plan", code)?;
+    let split = sys::remoe_wgrad_split_t {
+        plan: plan_p as *const u32,
+        slots: addr(dev, &slots) as *mut f32,
+        counters: addr(dev, &count) as *mut u32,
+    };
+    Ok((split, (plan, slots, count)))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rotated device buffers
 
@@ -512,6 +566,10 @@ pub struct GroupedGemms {
     /// Copies of the inputs per kind, and for the X gather (last).
     copies: [usize; 7],
     footprint: [usize; 7],
+    /// The weight gradients' fixed-order split, as the layer runs it: the plan for this
+    /// dispatch (computed once), slots and counters.
+    split: sys::remoe_wgrad_split_t,
+    _split_bufs: (CudaSlice<u32>, CudaSlice<f32>, CudaSlice<u32>),
 }
 
 const GATHER: usize = 6;
@@ -558,6 +616,7 @@ impl GroupedGemms {
         ];
         let copies = footprint.map(copies_for);
         let most = |idx: &[usize]| idx.iter().map(|&i| copies[i]).max().unwrap();
+        let (split, split_bufs) = weight_grad_split(dev, &routing[1], e, h, f)?;
         let outs16 = vec![
             s.alloc_zeros::<bf16>((p * f).max(1))?,
             s.alloc_zeros::<bf16>((2 * p * f).max(1))?,
@@ -608,6 +667,8 @@ impl GroupedGemms {
             tiles: tile_offsets[e] as i32,
             copies,
             footprint,
+            split,
+            _split_bufs: split_bufs,
         })
     }
 
@@ -725,12 +786,13 @@ impl GroupedGemms {
                         sys::remoe_expert_weight_grad_bf16
                     };
                     let null = std::ptr::null::<u32>();
+                    let sp = &self.split as *const sys::remoe_wgrad_split_t;
                     if kind == GemmKind::DWd {
                         let (act, dy) = (c(self.act.ptr(r)), c(self.dy.ptr(r)));
                         let out = self.dwd_o as *mut f32;
                         (
                             "dWd",
-                            launch(act, null, dy, out, eo, pairs, pairs, e, f, h, 0, s),
+                            launch(act, null, dy, out, eo, pairs, pairs, e, f, h, 0, sp, s),
                         )
                     } else {
                         let (dg, du) = (c(self.dgdu.ptr(r)), c(self.dgdu.ptr(r) + half));
@@ -741,13 +803,13 @@ impl GroupedGemms {
                             (c(self.x.ptr(r)), pt, t)
                         };
                         let (og, ou) = (self.dwg_o as *mut f32, self.dwu_o as *mut f32);
-                        let code = launch(a, gather, dg, og, eo, a_rows, pairs, e, h, f, 0, s);
+                        let code = launch(a, gather, dg, og, eo, a_rows, pairs, e, h, f, 0, sp, s);
                         if code != 0 {
                             ("dWg", code)
                         } else {
                             (
                                 "dWu",
-                                launch(a, gather, du, ou, eo, a_rows, pairs, e, h, f, 0, s),
+                                launch(a, gather, du, ou, eo, a_rows, pairs, e, h, f, 0, sp, s),
                             )
                         }
                     }

@@ -15,4 +15,4 @@ lib="$(dirname "$(dirname "$(command -v "$nvcc")")")/lib"
 "$nvcc" -std=c++17 -O3 -lineinfo --expt-relaxed-constexpr -I"$here/../../kernels" \
   -gencode=arch=compute_90a,code=sm_90a -L"$lib" -L"$lib/../lib64" -cudart static \
   -o "$out" "$here/harness.cu" "$here/../../kernels/hopper_gemm.cu" \
-  "$here/../../kernels/grouped_gemm.cu" "$here/../../kernels/gather.cu" "$here/../../kernels/router.cu"
+  "$here/../../kernels/grouped_gemm.cu" "$here/../../kernels/gather.cu" "$here/../../kernels/router.cu" "$here/../../kernels/weight_grad_split.cu"

@@ -16,7 +16,7 @@ extern "C" {
 #define DOWN_SIG(name) int name(const uint16_t*, const uint16_t*, float*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
 #define DACT_SIG(name) int name(const uint16_t*, const uint32_t*, const float*, const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, uint16_t*, uint16_t*, float*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
 #define DX_SIG(name) int name(const uint16_t*, const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
-#define WG_SIG(name) int name(const uint16_t*, const uint32_t*, const uint16_t*, float*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
+#define WG_SIG(name) int name(const uint16_t*, const uint32_t*, const uint16_t*, float*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, const remoe_wgrad_split_t*, remoe_stream_t)
 UP_SIG(remoe_hopper_expert_up_swiglu_bf16);
 DOWN_SIG(remoe_hopper_expert_down_bf16);
 DACT_SIG(remoe_hopper_expert_dact_bf16);
@@ -97,6 +97,16 @@ static void run(const char* name, int T, int H, int F, int E, int mode /*0 unifo
   auto w_r = dalloc<float>((size_t)E * H * F), w_h = dalloc<float>((size_t)E * H * F);
   auto poison = [](void* p, size_t bytes) { CK(cudaMemset(p, 0xFF, std::max<size_t>(bytes, 1))); };
   double fl_up = 2.0 * P * H * 2.0 * F, fl_down = 2.0 * P * F * H;
+  // The weight gradients' fixed-order split, planned on the device as the layer's backward does.
+  uint64_t plan_words, slot_floats, counter_words;
+  LK(remoe_weight_grad_split_sizes(E, H, F, &plan_words, &slot_floats, &counter_words));
+  auto d_plan = dalloc<uint32_t>(plan_words), d_counters = dalloc<uint32_t>(counter_words);
+  auto d_slots = dalloc<float>(slot_floats);
+  CK(cudaMemset(d_counters, 0, std::max<uint64_t>(counter_words, 1) * 4));
+  LK(remoe_weight_grad_plan(d_eo, E, H, F, d_plan, 0));
+  const remoe_wgrad_split_t sp{d_plan, d_slots, d_counters};
+  { auto plan = host(d_plan, plan_words); int split = 0; for (int e = 0; e < E; ++e) split += plan[e + 1] - plan[e] > 1;
+    printf("%-4s weight-grad plan: %u chunks for %d experts, %d split, %llu slot floats\n", name, plan[E], E, split, (unsigned long long)slot_floats); }
   cudaStream_t s = 0;
   // up
   LK(remoe_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_r, g_r, u_r, d_eo, d_to, tiles, E, H, F, s));
@@ -155,39 +165,50 @@ static void run(const char* name, int T, int H, int F, int E, int mode /*0 unifo
   tm = time_it([&] { remoe_expert_dx_bf16(dg_r, du_r, wg, wu, dx_r, d_eo, d_to, tiles, E, H, F, s); }, reps);
   report(name, "dx", c4, 2e-2, th, tm, fl_up, rep);
   // weight grads: dWd = act^T dy (m=F, n=H); dWg = X_g^T dg (m=H, n=F, gathered)
-  LK(remoe_expert_weight_grad_bf16(act_r, nullptr, dy, w_r, d_eo, P, P, E, F, H, 0, s));
+  LK(remoe_expert_weight_grad_bf16(act_r, nullptr, dy, w_r, d_eo, P, P, E, F, H, 0, &sp, s));
   poison(w_h, (size_t)E * F * H * 4);
-  LK(remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, w_h, d_eo, P, P, E, F, H, 0, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, w_h, d_eo, P, P, E, F, H, 0, &sp, s)); CK(cudaDeviceSynchronize());
   Cmp c5 = compare(w_h, w_r, (size_t)E * F, H);
-  LK(remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, tmp32, d_eo, P, P, E, F, H, 0, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, tmp32, d_eo, P, P, E, F, H, 0, &sp, s)); CK(cudaDeviceSynchronize());
   rep = same_bits(tmp32, w_h, (size_t)E * F * H);
   // accumulate: twice = 2x
-  LK(remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, tmp32, d_eo, P, P, E, F, H, 1, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, tmp32, d_eo, P, P, E, F, H, 1, &sp, s)); CK(cudaDeviceSynchronize());
   { auto a = host(tmp32, (size_t)E * F * H), b = host(w_h, (size_t)E * F * H); size_t bad = 0; for (size_t i = 0; i < a.size(); ++i) if (a[i] != 2 * b[i]) ++bad; if (bad) { printf("accumulate mismatch %zu\n", bad); ++failures; } }
-  th = time_it([&] { remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, w_h, d_eo, P, P, E, F, H, 0, s); }, reps);
-  tm = time_it([&] { remoe_expert_weight_grad_bf16(act_r, nullptr, dy, w_r, d_eo, P, P, E, F, H, 0, s); }, reps);
+  th = time_it([&] { remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, w_h, d_eo, P, P, E, F, H, 0, &sp, s); }, reps);
+  tm = time_it([&] { remoe_expert_weight_grad_bf16(act_r, nullptr, dy, w_r, d_eo, P, P, E, F, H, 0, &sp, s); }, reps);
   report(name, "dWd", c5, 1e-3, th, tm, fl_down, rep);
-  LK(remoe_expert_weight_grad_bf16(x, d_pt, dg_r, w_r, d_eo, T, P, E, H, F, 0, s));
+  report(name, "dWd=mma", c5, 1e-3, {}, {}, 0, same_bits(w_h, w_r, (size_t)E * F * H));
+  {  // The same launch with one chunk per expert (no split): its result within f32 rounding, and its time.
+    LK(remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, tmp32, d_eo, P, P, E, F, H, 0, nullptr, s)); CK(cudaDeviceSynchronize());
+    Cmp c = compare(tmp32, w_h, (size_t)E * F, H);
+    auto tn = time_it([&] { remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, tmp32, d_eo, P, P, E, F, H, 0, nullptr, s); }, reps);
+    report(name, "dWd-1c", c, 1e-4, tn, {}, fl_down, true);
+  }
+  LK(remoe_expert_weight_grad_bf16(x, d_pt, dg_r, w_r, d_eo, T, P, E, H, F, 0, &sp, s));
   poison(w_h, (size_t)E * F * H * 4);
-  LK(remoe_hopper_expert_weight_grad_bf16(x, d_pt, dg_r, w_h, d_eo, T, P, E, H, F, 0, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_weight_grad_bf16(x, d_pt, dg_r, w_h, d_eo, T, P, E, H, F, 0, &sp, s)); CK(cudaDeviceSynchronize());
   Cmp c6 = compare(w_h, w_r, (size_t)E * H, F);
-  th = time_it([&] { remoe_hopper_expert_weight_grad_bf16(x, d_pt, dg_r, w_h, d_eo, T, P, E, H, F, 0, s); }, reps);
-  tm = time_it([&] { remoe_expert_weight_grad_bf16(x, d_pt, dg_r, w_r, d_eo, T, P, E, H, F, 0, s); }, reps);
+  th = time_it([&] { remoe_hopper_expert_weight_grad_bf16(x, d_pt, dg_r, w_h, d_eo, T, P, E, H, F, 0, &sp, s); }, reps);
+  tm = time_it([&] { remoe_expert_weight_grad_bf16(x, d_pt, dg_r, w_r, d_eo, T, P, E, H, F, 0, &sp, s); }, reps);
   report(name, "dWg", c6, 1e-3, th, tm, fl_down, true);
   // dWg as the backward's Hopper path runs it: X's rows gathered once, then all-TMA blocks.
   {
     auto xg = dalloc<uint16_t>(PH);
     poison(w_h, (size_t)E * F * H * 4);
     LK(remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s));
-    LK(remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, w_h, d_eo, P, P, E, H, F, 0, s)); CK(cudaDeviceSynchronize());
+    LK(remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, w_h, d_eo, P, P, E, H, F, 0, &sp, s)); CK(cudaDeviceSynchronize());
     Cmp c7 = compare(w_h, w_r, (size_t)E * H, F);
-    th = time_it([&] { remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s); remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, w_h, d_eo, P, P, E, H, F, 0, s); }, reps);
+    report(name, "dWg=mma", c7, 1e-3, {}, {}, 0, same_bits(w_h, w_r, (size_t)E * H * F));
+    th = time_it([&] { remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s); remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, w_h, d_eo, P, P, E, H, F, 0, &sp, s); }, reps);
     auto tg = time_it([&] { remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s); }, reps);
     report(name, "dWg+g", c7, 1e-3, th, tm, fl_down, true);
+    auto tn = time_it([&] { remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s); remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, tmp32, d_eo, P, P, E, H, F, 0, nullptr, s); }, reps);
+    report(name, "dWg-1c", compare(tmp32, w_h, (size_t)E * H, F), 1e-4, tn, {}, fl_down, true);
     printf("%-4s gather alone %.4f ms (%.0f GB/s)\n", name, tg[tg.size() / 2], 2.0 * PH * 2 / tg[tg.size() / 2] / 1e6);
     cudaFree(xg);
   }
   CK(cudaDeviceSynchronize());
+  for (void* p : {(void*)d_plan, (void*)d_counters, (void*)d_slots}) cudaFree(p);
   for (void* p : {(void*)d_eo, (void*)d_to, (void*)d_pt, (void*)x, (void*)wg, (void*)wu, (void*)wd, (void*)dy, (void*)act_r, (void*)g_r, (void*)u_r, (void*)act_h, (void*)g_h, (void*)u_h, (void*)tmp16, (void*)y_r, (void*)y_h, (void*)tmp32, (void*)dg_r, (void*)du_r, (void*)dg_h, (void*)du_h, (void*)dx_r, (void*)dx_h, (void*)w_r, (void*)w_h}) cudaFree(p);
 }
 
@@ -215,10 +236,13 @@ int main(int argc, char** argv) {
   if (argc > 2) only = argv[2];
   cudaDeviceProp p; CK(cudaGetDeviceProperties(&p, 0)); printf("device %s, %d SMs\n", p.name, p.multiProcessorCount);
   run("tiny", 300, 200, 328, 5, 1, 3);       // H, F not multiples of 64; an empty expert; skew
-  run("one", 1000, 128, 256, 4, 2, 3);        // one expert takes every token
+  run("one", 4099, 128, 256, 4, 2, 3);        // one expert takes every token (its reduction in 8 chunks)
   run("prim", 257, 72, 136, 3, 0, 3);         // prime T
   run("A", 16384, 768, 3072, 8, 0, reps);
   run("Ask", 16384, 768, 3072, 8, 1, reps);
+  run("Ahot", 16384, 768, 3072, 8, 2, reps);  // one expert takes every pair (not split: see weight_grad_split.cuh)
+  run("Shot", 32768, 512, 1024, 16, 2, reps); // small experts (16 tiles), one takes every pair: split 4 ways
+  run("Ssk", 32768, 512, 1024, 16, 1, reps);  // the same experts, skewed
   run("B", 131072, 768, 384, 64, 0, reps);     // k=8: 8T pairs
   run("D", 16384, 1536, 6144, 8, 0, reps);
   if (!only || strcmp(only, "router") == 0) { router_timing(8); router_timing(16); router_timing(64); router_timing(63); router_timing(128); router_timing(512); }
