@@ -117,6 +117,17 @@ pub enum Error {
     /// was enqueued.
     #[error("not possible while the stream is being captured: {0}")]
     CaptureUnsupported(String),
+    /// The ranks of an expert-parallel group disagree (see [`crate::ep`]): rank `rank`'s setup
+    /// record or count message differs from what this rank expects (another layer shape, call
+    /// number, layer or phase), or that rank aborted the call after a check of its own failed.
+    /// Every rank sees the same records and messages, so every rank returns the same error.
+    #[error("expert-parallel rank {rank} is out of step: {what}")]
+    EpMismatch {
+        /// The first rank (in rank order) that disagrees.
+        rank: usize,
+        /// How it disagrees.
+        what: String,
+    },
     /// A checkpoint could not be read or written (see [`crate::weights`]).
     #[error("weights: {0}")]
     Weights(#[source] crate::weights::WeightsError),

@@ -78,6 +78,7 @@ pub mod config;
 pub mod controller;
 pub mod device;
 mod element;
+pub mod ep;
 pub mod error;
 mod ffi;
 pub mod gemm;

@@ -132,7 +132,7 @@ impl<'a, T: HalfElement> From<&MoeWeightViews<'a, T>> for MoeWeightViews<'a, T> 
 }
 
 /// How the gates are made.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouterKind {
     /// ReMoE: R = ReLU(X Wr); the balance loss is the L1 regulariser at coefficient lambda.
     Relu,

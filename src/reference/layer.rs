@@ -157,16 +157,34 @@ pub fn remoe_backward_scaled<T: Real>(
     dout: &[T],
     balance_grad_scale: f64,
 ) -> LayerGrads<T> {
-    let (t, e) = (cfg.tokens, cfg.experts);
     let mut acc = ExpertGradAcc::new(cfg);
     let d_gate_pairs = experts_backward(x, params, cfg, &fwd.dispatch, dout, &mut acc);
+    let d_logits = remoe_d_logits(cfg, lambda * balance_grad_scale, fwd, &d_gate_pairs);
+    router_backward(
+        x,
+        &params.router,
+        cfg,
+        &d_logits,
+        &mut acc.dx,
+        &mut acc.d_router,
+    );
+    acc.finish()
+}
 
-    // dR over the active pairs, with the regulariser's lambda E n_e / (k T^2); dL = dR where
-    // L > 0, which is exactly the active set.
+/// dL of the ReMoE router from each pair's dOut_t . y (`d_gate_pairs`, dispatch order): dR over
+/// the active pairs, with the regulariser's `coeff` E n_e / (k T^2); dL = dR where L > 0, which
+/// is exactly the active set.
+pub(super) fn remoe_d_logits<T: Real>(
+    cfg: &LayerConfig,
+    coeff: f64,
+    fwd: &RemoeForward<T>,
+    d_gate_pairs: &[f64],
+) -> Vec<f64> {
+    let (t, e) = (cfg.tokens, cfg.experts);
     let reg = if t == 0 {
         0.0
     } else {
-        balance_scale(cfg, balance_grad_scale * lambda)
+        balance_scale(cfg, coeff)
     };
     let mut d_logits = vec![0.0f64; t * e];
     for ei in 0..e {
@@ -178,8 +196,7 @@ pub fn remoe_backward_scaled<T: Real>(
             }
         }
     }
-    acc.router_backward(x, &params.router, cfg, &d_logits);
-    acc.finish()
+    d_logits
 }
 
 /// Gradients of `sum(out * dout) + aux_loss` for the TopK layer (SPEC: "TopK baseline").
@@ -205,15 +222,33 @@ pub fn topk_backward_scaled<T: Real>(
     dout: &[T],
     balance_grad_scale: f64,
 ) -> LayerGrads<T> {
-    let (t, e) = (cfg.tokens, cfg.experts);
     let mut acc = ExpertGradAcc::new(cfg);
     let d_gate_pairs = experts_backward(x, params, cfg, &fwd.dispatch, dout, &mut acc);
+    let d_logits = topk_d_logits(cfg, aux_coeff * balance_grad_scale, fwd, &d_gate_pairs);
+    router_backward(
+        x,
+        &params.router,
+        cfg,
+        &d_logits,
+        &mut acc.dx,
+        &mut acc.d_router,
+    );
+    acc.finish()
+}
 
-    // dP = dR on the selected pairs + c E n_e / (k T^2) on every pair.
+/// dL of the TopK router from each pair's dOut_t . y (`d_gate_pairs`, dispatch order): dP = dR
+/// on the selected pairs + `coeff` E n_e / (k T^2) on every pair, then the softmax's backward.
+pub(super) fn topk_d_logits<T: Real>(
+    cfg: &LayerConfig,
+    coeff: f64,
+    fwd: &TopkForward<T>,
+    d_gate_pairs: &[f64],
+) -> Vec<f64> {
+    let (t, e) = (cfg.tokens, cfg.experts);
     let aux = if t == 0 {
         0.0
     } else {
-        balance_scale(cfg, balance_grad_scale * aux_coeff)
+        balance_scale(cfg, coeff)
     };
     let mut d_probs = vec![0.0f64; t * e];
     for ti in 0..t {
@@ -244,8 +279,7 @@ pub fn topk_backward_scaled<T: Real>(
             d_logits[ti * e + ei] = p[ei] * (d_probs[ti * e + ei] - dot);
         }
     }
-    acc.router_backward(x, &params.router, cfg, &d_logits);
-    acc.finish()
+    d_logits
 }
 
 fn check_inputs<T: Real>(x: &[T], params: &LayerParams<T>, cfg: &LayerConfig) {
@@ -263,16 +297,28 @@ fn experts_and_combine<T: Real>(
     dispatch: &Dispatch<T>,
 ) -> Vec<T> {
     let (h, f) = (cfg.hidden, cfg.ffn);
-    let mut out = vec![0.0f64; cfg.tokens * h];
+    let mut y = vec![0.0f64; dispatch.tokens.len() * h];
     for ei in 0..cfg.experts {
         let (wg, wu, wd) = params.expert(ei, cfg);
         for p in dispatch.range(ei) {
             let ti = dispatch.tokens[p] as usize;
             let acts = swiglu_expert_forward(&x[ti * h..(ti + 1) * h], wg, wu, wd, h, f);
-            let r = dispatch.gates[p].to_f64();
-            for (o, yo) in acts.y.iter().enumerate() {
-                out[ti * h + o] += r * yo;
-            }
+            y[p * h..(p + 1) * h].copy_from_slice(&acts.y);
+        }
+    }
+    combine(cfg, dispatch, &y)
+}
+
+/// out_t = sum over token t's pairs p of R\[t,e\] y_p, from each pair's expert output `y`
+/// \[|A|,H\] in dispatch order; each token's sum runs in ascending expert order.
+pub(super) fn combine<T: Real>(cfg: &LayerConfig, dispatch: &Dispatch<T>, y: &[f64]) -> Vec<T> {
+    let h = cfg.hidden;
+    let mut out = vec![0.0f64; cfg.tokens * h];
+    for p in 0..dispatch.tokens.len() {
+        let ti = dispatch.tokens[p] as usize;
+        let r = dispatch.gates[p].to_f64();
+        for (o, yo) in y[p * h..(p + 1) * h].iter().enumerate() {
+            out[ti * h + o] += r * yo;
         }
     }
     out.into_iter().map(T::from_f64).collect()
@@ -301,34 +347,45 @@ impl ExpertGradAcc {
         }
     }
 
-    /// dWr = X^T dL ; dX += dL Wr^T.
-    fn router_backward<T: Real>(&mut self, x: &[T], wr: &[T], cfg: &LayerConfig, dl: &[f64]) {
-        let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
-        for ti in 0..t {
-            for i in 0..h {
-                let xi = x[ti * h + i].to_f64();
-                let mut s = 0.0;
-                for ei in 0..e {
-                    let d = dl[ti * e + ei];
-                    self.d_router[i * e + ei] += xi * d;
-                    s += d * wr[i * e + ei].to_f64();
-                }
-                self.dx[ti * h + i] += s;
-            }
-        }
-    }
-
     fn finish<T: Real>(self) -> LayerGrads<T> {
-        let conv = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect::<Vec<T>>();
         debug_assert_eq!(self.dx.len(), self.cfg.tokens * self.cfg.hidden);
         LayerGrads {
-            dx: conv(self.dx),
+            dx: to_real(self.dx),
             params: LayerParams {
-                router: conv(self.d_router),
-                gate: conv(self.d_gate),
-                up: conv(self.d_up),
-                down: conv(self.d_down),
+                router: to_real(self.d_router),
+                gate: to_real(self.d_gate),
+                up: to_real(self.d_up),
+                down: to_real(self.d_down),
             },
+        }
+    }
+}
+
+/// f64 accumulators rounded to the reference's storage type.
+pub(super) fn to_real<T: Real>(v: Vec<f64>) -> Vec<T> {
+    v.into_iter().map(T::from_f64).collect()
+}
+
+/// The router's backward from dL \[T,E\]: dWr += X^T dL ; dX += dL Wr^T.
+pub(super) fn router_backward<T: Real>(
+    x: &[T],
+    wr: &[T],
+    cfg: &LayerConfig,
+    dl: &[f64],
+    dx: &mut [f64],
+    d_router: &mut [f64],
+) {
+    let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
+    for ti in 0..t {
+        for i in 0..h {
+            let xi = x[ti * h + i].to_f64();
+            let mut s = 0.0;
+            for ei in 0..e {
+                let d = dl[ti * e + ei];
+                d_router[i * e + ei] += xi * d;
+                s += d * wr[i * e + ei].to_f64();
+            }
+            dx[ti * h + i] += s;
         }
     }
 }
@@ -348,35 +405,58 @@ fn experts_backward<T: Real>(
     let mut d_gate_pairs = vec![0.0f64; dispatch.tokens.len()];
     let hf = h * f;
     for ei in 0..cfg.experts {
-        let (wg, wu, wd) = params.expert(ei, cfg);
         let w = ei * hf..(ei + 1) * hf;
+        let mut grads = ExpertGrads {
+            gate: &mut acc.d_gate[w.clone()],
+            up: &mut acc.d_up[w.clone()],
+            down: &mut acc.d_down[w],
+        };
         for p in dispatch.range(ei) {
             let ti = dispatch.tokens[p] as usize;
-            let xt = &x[ti * h..(ti + 1) * h];
-            let acts = swiglu_expert_forward(xt, wg, wu, wd, h, f);
-            let dout_t = &dout[ti * h..(ti + 1) * h];
-            d_gate_pairs[p] = dout_t
-                .iter()
-                .zip(&acts.y)
-                .map(|(d, y)| d.to_f64() * y)
-                .sum();
-            let r = dispatch.gates[p].to_f64();
-            let dy: Vec<f64> = dout_t.iter().map(|d| r * d.to_f64()).collect();
-            swiglu_expert_backward(
-                xt,
-                wg,
-                wu,
-                wd,
-                &acts,
-                &dy,
-                h,
-                f,
-                &mut acc.dx[ti * h..(ti + 1) * h],
-                &mut acc.d_gate[w.clone()],
-                &mut acc.d_up[w.clone()],
-                &mut acc.d_down[w.clone()],
+            let rows = ti * h..(ti + 1) * h;
+            d_gate_pairs[p] = pair_backward(
+                &x[rows.clone()],
+                params.expert(ei, cfg),
+                dispatch.gates[p].to_f64(),
+                &dout[rows.clone()],
+                (h, f),
+                &mut acc.dx[rows],
+                &mut grads,
             );
         }
     }
     d_gate_pairs
+}
+
+/// One expert's weight-gradient accumulators: gate and up \[H,F\], down \[F,H\].
+pub(super) struct ExpertGrads<'a> {
+    pub(super) gate: &'a mut [f64],
+    pub(super) up: &'a mut [f64],
+    pub(super) down: &'a mut [f64],
+}
+
+/// One pair's backward: token row `xt` \[H\] through expert weights `w` = (Wg, Wu, Wd) with
+/// gate value `gate`, given the token's `dout_t` \[H\]. Adds the pair's share to `dx` \[H\]
+/// and to the expert's `grads`, and returns dOut_t . y (the data term of dR).
+pub(super) fn pair_backward<T: Real>(
+    xt: &[T],
+    w: (&[T], &[T], &[T]),
+    gate: f64,
+    dout_t: &[T],
+    (h, f): (usize, usize),
+    dx: &mut [f64],
+    grads: &mut ExpertGrads<'_>,
+) -> f64 {
+    let (wg, wu, wd) = w;
+    let acts = swiglu_expert_forward(xt, wg, wu, wd, h, f);
+    let d_gate = dout_t
+        .iter()
+        .zip(&acts.y)
+        .map(|(d, y)| d.to_f64() * y)
+        .sum();
+    let dy: Vec<f64> = dout_t.iter().map(|d| gate * d.to_f64()).collect();
+    swiglu_expert_backward(
+        xt, wg, wu, wd, &acts, &dy, h, f, dx, grads.gate, grads.up, grads.down,
+    );
+    d_gate
 }

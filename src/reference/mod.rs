@@ -11,6 +11,7 @@
 //! - expert weights stacked per expert: gate `wg` \[E,H,F\], up `wu` \[E,H,F\], down `wd` \[E,F,H\].
 
 mod controller;
+pub mod expert_parallel;
 mod experts;
 mod layer;
 mod routing;

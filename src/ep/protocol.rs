@@ -1,0 +1,621 @@
+//! The expert-parallel protocol's host side: ownership, the setup record, the count message,
+//! the traffic matrix and the owner's receive plan.
+//!
+//! One forward of the expert-parallel layer, on every rank r:
+//!
+//! 1. route and compact its own tokens as on one GPU: pairs sorted by expert, then by token;
+//! 2. send every rank the same **count message**: a [`CallHeader`] and r's pair count per
+//!    expert (all E of them), so that every rank then holds the whole R×E [`TrafficMatrix`] and
+//!    takes every decision (validation, buffer sizes) the same way, with no rank left waiting;
+//! 3. send each owner q the rows of q's experts: the contiguous pair range
+//!    `send_offsets(r)[q] .. send_offsets(r)[q+1]`;
+//! 4. as owner, order the received rows with the [`ReceivePlan`], run the local experts, and
+//!    return each result row to its source, which lands it at the pair's own index.
+//!
+//! Messages are words (`u32`) so that the GPU layer can build them in a kernel and move them as
+//! bytes; nothing here depends on the transport.
+
+use std::ops::Range;
+
+use crate::config::LayerConfig;
+use crate::error::{Error, Result};
+use crate::moe::RouterKind;
+use crate::tensor::DType;
+
+/// The version of the setup record and the count message; a rank with another version is
+/// refused at setup.
+pub const PROTOCOL_VERSION: u32 = 1;
+const SETUP_MAGIC: u32 = u32::from_le_bytes(*b"REPS");
+const COUNT_MAGIC: u32 = u32::from_le_bytes(*b"REPC");
+/// Words of a count message before the per-expert counts.
+pub const COUNT_HEADER_WORDS: usize = 8;
+/// Flag of a count message: its sender failed a check of its own and takes part only so that
+/// nobody waits for it.
+const FLAG_ABORT: u32 = 1;
+
+/// Which rank owns which experts: rank q owns the contiguous block `[q El, (q+1) El)` with
+/// El = E / R. Contiguous blocks make the pairs bound for one owner one range of a source's
+/// expert-sorted pairs, so nothing has to be packed before sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertPartition {
+    world: usize,
+    experts: usize,
+}
+
+impl ExpertPartition {
+    /// `experts` split over `world` ranks. Refused unless `world` ≥ 1 divides `experts`: equal
+    /// blocks keep every rank's expert weights the same shape, \[El,H,F\].
+    pub fn new(experts: usize, world: usize) -> Result<Self> {
+        if world == 0 || experts == 0 || !experts.is_multiple_of(world) {
+            return Err(Error::InvalidConfig(format!(
+                "expert parallelism needs the {experts} experts split evenly over the ranks \
+                 ({world} ranks)"
+            )));
+        }
+        Ok(Self { world, experts })
+    }
+
+    /// R, the number of ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// E, the number of experts of the whole layer.
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+
+    /// El = E / R, the experts each rank owns.
+    pub fn local_experts(&self) -> usize {
+        self.experts / self.world
+    }
+
+    /// The experts rank `rank` owns.
+    pub fn experts_of(&self, rank: usize) -> Range<usize> {
+        assert!(rank < self.world, "rank {rank} of {} ranks", self.world);
+        let el = self.local_experts();
+        rank * el..(rank + 1) * el
+    }
+
+    /// The rank that owns expert `expert`.
+    pub fn owner(&self, expert: usize) -> usize {
+        assert!(expert < self.experts, "expert {expert} of {}", self.experts);
+        expert / self.local_experts()
+    }
+}
+
+/// What every rank of an expert-parallel group must agree on, exchanged once when the group is
+/// made: every rank compares all ranks' records, so all of them reach the same verdict
+/// ([`Error::EpMismatch`] naming the first rank that differs from rank 0) instead of some
+/// waiting for messages of a size their peer never sends. T is not in it: ranks may hold
+/// different numbers of tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpSetup {
+    /// R, the number of ranks.
+    pub world: usize,
+    /// E, H, F and k of the layer (its `tokens` is not compared).
+    pub config: LayerConfig,
+    /// The activations' dtype, bf16 or f16.
+    pub dtype: DType,
+    /// ReMoE's ReLU router or the TopK baseline.
+    pub router: RouterKind,
+}
+
+/// The setup record's fields in the order of its words (after the magic and the version).
+const SETUP_FIELDS: [&str; 7] = ["R", "E", "H", "F", "k", "dtype", "router"];
+
+impl EpSetup {
+    /// The words of the record: 16 `u32`, 64 bytes.
+    pub const WORDS: usize = 16;
+
+    /// The record as it travels. Refused when a size does not fit in 32 bits, or when the
+    /// experts do not split evenly over the ranks.
+    pub fn to_words(&self) -> Result<[u32; Self::WORDS]> {
+        ExpertPartition::new(self.config.experts, self.world)?;
+        let c = &self.config;
+        let dtype = match self.dtype {
+            DType::BF16 => 1,
+            DType::F16 => 2,
+            other => {
+                return Err(Error::InvalidConfig(format!(
+                    "expert parallelism moves bf16 or f16 activations, not {other:?}"
+                )))
+            }
+        };
+        let router = match self.router {
+            RouterKind::Relu => 1,
+            RouterKind::TopK => 2,
+        };
+        let mut w = [0u32; Self::WORDS];
+        w[0] = SETUP_MAGIC;
+        w[1] = PROTOCOL_VERSION;
+        let sizes = [self.world, c.experts, c.hidden, c.ffn, c.k];
+        for (slot, (v, name)) in w[2..7].iter_mut().zip(sizes.iter().zip(SETUP_FIELDS)) {
+            *slot = u32::try_from(*v).map_err(|_| Error::TooLarge {
+                what: name,
+                elements: *v,
+            })?;
+        }
+        w[7] = dtype;
+        w[8] = router;
+        Ok(w)
+    }
+
+    /// Checks all ranks' records (`records[q]` from rank q) against each other. Every rank
+    /// calls this on the same records and gets the same answer; the first rank whose record is
+    /// malformed, or differs from rank 0's, is named.
+    pub fn check_agreement(records: &[[u32; Self::WORDS]]) -> Result<()> {
+        let Some(first) = records.first() else {
+            return Err(Error::InvalidConfig("no setup records".into()));
+        };
+        for (rank, rec) in records.iter().enumerate() {
+            if rec[0] != SETUP_MAGIC {
+                return mismatch(rank, "its setup record is not one (wrong magic word)");
+            }
+            if rec[1] != PROTOCOL_VERSION {
+                return mismatch(
+                    rank,
+                    format!(
+                        "protocol version {} where this build speaks {PROTOCOL_VERSION}",
+                        rec[1]
+                    ),
+                );
+            }
+            if rec[2] as usize != records.len() {
+                return mismatch(
+                    rank,
+                    format!("R = {} in a group of {} ranks", rec[2], records.len()),
+                );
+            }
+            for (i, name) in SETUP_FIELDS.iter().enumerate() {
+                if rec[2 + i] != first[2 + i] {
+                    return mismatch(
+                        rank,
+                        format!("{name} = {} where rank 0 has {}", rec[2 + i], first[2 + i]),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A digest of the record, carried by every count message so that a message from a group
+    /// set up differently is refused.
+    pub fn digest(&self) -> Result<u32> {
+        Ok(fnv1a(&self.to_words()?))
+    }
+}
+
+fn mismatch<T>(rank: usize, what: impl Into<String>) -> Result<T> {
+    Err(Error::EpMismatch {
+        rank,
+        what: what.into(),
+    })
+}
+
+/// FNV-1a over the words' little-endian bytes: a fixed function every rank computes alike.
+fn fnv1a(words: &[u32]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in words.iter().flat_map(|w| w.to_le_bytes()) {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// Which exchange a count message opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// A forward.
+    Forward = 1,
+    /// A backward (it reuses its forward's sizes; the code is reserved for a backward that
+    /// re-checks them).
+    Backward = 2,
+}
+
+/// What every count message of one call must carry alike: a rank whose header differs is out
+/// of step (it skipped a layer, or runs a backward against a forward).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallHeader {
+    /// The group's call counter; every rank counts its calls alike.
+    pub seq: u32,
+    /// Which layer of the model (the caller's numbering).
+    pub layer_id: u32,
+    /// Forward or backward.
+    pub phase: Phase,
+    /// [`EpSetup::digest`] of the group's setup.
+    pub setup_digest: u32,
+}
+
+impl CallHeader {
+    /// Rank `rank`'s count message: the header, then its pairs per expert, as differences of its
+    /// dispatch's `expert_offsets` \[E+1\]. Differences of the offsets, not the router's counts:
+    /// a source whose pairs overflowed its capacity publishes all-zero offsets (an empty
+    /// dispatch), so it sends no pairs while its counts still describe the routing.
+    /// `abort`: the sender failed a check of its own and takes part only so that its peers fail
+    /// at once ([`Error::EpMismatch`]) instead of waiting for it.
+    pub fn count_message(&self, rank: usize, expert_offsets: &[u32], abort: bool) -> Vec<u32> {
+        assert!(
+            !expert_offsets.is_empty(),
+            "expert_offsets holds E+1 entries"
+        );
+        let mut msg = Vec::with_capacity(COUNT_HEADER_WORDS + expert_offsets.len() - 1);
+        msg.extend_from_slice(&[
+            COUNT_MAGIC,
+            PROTOCOL_VERSION,
+            rank as u32,
+            self.seq,
+            self.layer_id,
+            self.phase as u32,
+            if abort { FLAG_ABORT } else { 0 },
+            self.setup_digest,
+        ]);
+        msg.extend(expert_offsets.windows(2).map(|w| w[1] - w[0]));
+        msg
+    }
+
+    /// Checks source `rank`'s message against this header (the receiver's own).
+    fn check(&self, rank: usize, msg: &[u32], experts: usize) -> Result<()> {
+        let want = COUNT_HEADER_WORDS + experts;
+        if msg.len() != want {
+            return mismatch(
+                rank,
+                format!("a count message of {} words, not {want}", msg.len()),
+            );
+        }
+        if msg[0] != COUNT_MAGIC || msg[1] != PROTOCOL_VERSION {
+            return mismatch(
+                rank,
+                "its count message is not one of this protocol version",
+            );
+        }
+        if msg[2] as usize != rank {
+            return mismatch(rank, format!("its message says it is rank {}", msg[2]));
+        }
+        if msg[6] & FLAG_ABORT != 0 {
+            return mismatch(rank, "it aborted this call after a check of its own failed");
+        }
+        let fields = [
+            ("call number", msg[3], self.seq),
+            ("layer", msg[4], self.layer_id),
+            ("phase", msg[5], self.phase as u32),
+            ("setup digest", msg[7], self.setup_digest),
+        ];
+        for (name, theirs, ours) in fields {
+            if theirs != ours {
+                return mismatch(rank, format!("{name} {theirs} where this rank has {ours}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Who sends how many pairs of which expert: `count(s, e)` is source s's pairs of expert e.
+/// Built from all ranks' count messages, so every rank holds the same matrix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrafficMatrix {
+    partition: ExpertPartition,
+    /// \[R, E\], row s = source s.
+    counts: Vec<usize>,
+}
+
+impl TrafficMatrix {
+    /// The matrix from `messages[s]`, source s's count message, each checked against `header`
+    /// (this rank's own). The first source (in rank order) whose message is malformed, out of
+    /// step or aborted is named in an [`Error::EpMismatch`]; every rank sees the same messages,
+    /// so every rank returns the same error.
+    pub fn from_messages(
+        partition: ExpertPartition,
+        header: &CallHeader,
+        messages: &[Vec<u32>],
+    ) -> Result<Self> {
+        let (r, e) = (partition.world(), partition.experts());
+        if messages.len() != r {
+            return Err(Error::InvalidConfig(format!(
+                "{} count messages for {r} ranks",
+                messages.len()
+            )));
+        }
+        let mut counts = Vec::with_capacity(r * e);
+        for (s, msg) in messages.iter().enumerate() {
+            header.check(s, msg, e)?;
+            counts.extend(msg[COUNT_HEADER_WORDS..].iter().map(|&c| c as usize));
+        }
+        Ok(Self { partition, counts })
+    }
+
+    /// The partition the matrix is over.
+    pub fn partition(&self) -> ExpertPartition {
+        self.partition
+    }
+
+    /// Source `src`'s pairs of expert `expert`.
+    pub fn count(&self, src: usize, expert: usize) -> usize {
+        self.counts[src * self.partition.experts() + expert]
+    }
+
+    /// The pairs source `src` sends owner `dst` (itself included).
+    pub fn pairs(&self, src: usize, dst: usize) -> usize {
+        self.partition
+            .experts_of(dst)
+            .map(|e| self.count(src, e))
+            .sum()
+    }
+
+    /// Where source `src`'s pairs for each owner start in its expert-sorted pairs, \[R+1\]: owner
+    /// q's are `[off[q], off[q+1])`, and `off[R]` is the source's |A|. These are the source's
+    /// own `expert_offsets[q El]`.
+    pub fn send_offsets(&self, src: usize) -> Vec<usize> {
+        prefix((0..self.partition.world()).map(|q| self.pairs(src, q)))
+    }
+
+    /// Where each source's rows start in owner `dst`'s receive buffer, \[R+1\]: source s's are
+    /// `[base[s], base[s+1])`, in the source's order, and `base[R]` is all the owner receives.
+    pub fn receive_bases(&self, dst: usize) -> Vec<usize> {
+        prefix((0..self.partition.world()).map(|s| self.pairs(s, dst)))
+    }
+}
+
+/// 0, a0, a0+a1, ...: the exclusive prefix sums and the total.
+fn prefix(items: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut out = vec![0];
+    let mut acc = 0;
+    for n in items {
+        acc += n;
+        out.push(acc);
+    }
+    out
+}
+
+/// Where each row an owner received goes in its local expert-sorted order, and back.
+///
+/// The receive buffer holds source 0's rows, then source 1's, and so on; each source's rows
+/// are sorted by expert, then by token (the source's own order). The local order is expert by
+/// expert and, within an expert, source by source: for each expert, the pair sequence of the
+/// one-rank layer run on all ranks' tokens concatenated in rank order. That is what makes the
+/// owner's weight gradients bitwise those of the one-rank layer.
+///
+/// This is the host form of the owner's dispatch; the GPU layer will build the same arrays in
+/// a kernel from the count messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivePlan {
+    /// \[El+1\]: local expert j's pairs are `[expert_offsets[j], expert_offsets[j+1])` of the
+    /// local order.
+    pub expert_offsets: Vec<usize>,
+    /// \[R+1\]: source s's rows are `[src_base[s], src_base[s+1])` of the receive buffer.
+    pub src_base: Vec<usize>,
+    /// \[N\]: the received row of local pair p (the row the experts gather).
+    pub row_of_pair: Vec<usize>,
+    /// \[N\]: the local pair of received row i (`row_of_pair`'s inverse), which puts the
+    /// results back in receive order for the return trip.
+    pub pair_of_row: Vec<usize>,
+}
+
+impl ReceivePlan {
+    /// Owner `owner`'s plan for the traffic `m`.
+    pub fn new(m: &TrafficMatrix, owner: usize) -> Self {
+        let part = m.partition();
+        let experts = part.experts_of(owner);
+        let world = part.world();
+        let src_base = m.receive_bases(owner);
+        // Where each local expert's rows start within each source's segment.
+        let seg_start: Vec<Vec<usize>> = (0..world)
+            .map(|s| prefix(experts.clone().map(|e| m.count(s, e))))
+            .collect();
+        let total = src_base[world];
+        let mut row_of_pair = Vec::with_capacity(total);
+        let mut expert_offsets = vec![0];
+        for (j, e) in experts.enumerate() {
+            for (s, starts) in seg_start.iter().enumerate() {
+                let first = src_base[s] + starts[j];
+                row_of_pair.extend(first..first + m.count(s, e));
+            }
+            expert_offsets.push(row_of_pair.len());
+        }
+        let mut pair_of_row = vec![0; total];
+        for (p, &i) in row_of_pair.iter().enumerate() {
+            pair_of_row[i] = p;
+        }
+        Self {
+            expert_offsets,
+            src_base,
+            row_of_pair,
+            pair_of_row,
+        }
+    }
+
+    /// N, the pairs the owner computes.
+    pub fn pairs(&self) -> usize {
+        self.row_of_pair.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(world: usize, e: usize) -> EpSetup {
+        EpSetup {
+            world,
+            config: LayerConfig::new(0, 64, 128, e, 2),
+            dtype: DType::BF16,
+            router: RouterKind::Relu,
+        }
+    }
+
+    #[test]
+    fn experts_are_owned_in_contiguous_equal_blocks() {
+        let p = ExpertPartition::new(12, 3).unwrap();
+        assert_eq!(p.local_experts(), 4);
+        assert_eq!(p.experts_of(1), 4..8);
+        assert_eq!((0..12).map(|e| p.owner(e)).collect::<Vec<_>>(), {
+            let mut v = vec![0; 4];
+            v.extend([1; 4]);
+            v.extend([2; 4]);
+            v
+        });
+        for (e, r) in [(10, 3), (8, 0), (0, 1)] {
+            assert!(
+                matches!(ExpertPartition::new(e, r), Err(Error::InvalidConfig(_))),
+                "E = {e}, R = {r}"
+            );
+        }
+    }
+
+    #[test]
+    fn ranks_agree_on_a_setup_only_when_every_field_matches() {
+        let words = setup(2, 8).to_words().unwrap();
+        EpSetup::check_agreement(&[words, words]).unwrap();
+
+        let mut other = setup(2, 8);
+        other.config.hidden = 72;
+        let err = EpSetup::check_agreement(&[words, other.to_words().unwrap()]).unwrap_err();
+        assert_eq!(
+            err,
+            Error::EpMismatch {
+                rank: 1,
+                what: "H = 72 where rank 0 has 64".into()
+            }
+        );
+
+        // A group of two whose records both say R = 3.
+        let three = setup(3, 9).to_words().unwrap();
+        assert!(matches!(
+            EpSetup::check_agreement(&[three, three]),
+            Err(Error::EpMismatch { rank: 0, .. })
+        ));
+
+        let mut version = words;
+        version[1] += 1;
+        assert!(matches!(
+            EpSetup::check_agreement(&[words, version]),
+            Err(Error::EpMismatch { rank: 1, .. })
+        ));
+
+        // T may differ; every other field is compared.
+        let mut more_tokens = setup(2, 8);
+        more_tokens.config.tokens = 999;
+        assert_eq!(more_tokens.to_words().unwrap(), words);
+        let mut topk = setup(2, 8);
+        topk.router = RouterKind::TopK;
+        assert_ne!(topk.digest().unwrap(), setup(2, 8).digest().unwrap());
+        let mut f16 = setup(2, 8);
+        f16.dtype = DType::F16;
+        assert!(matches!(
+            EpSetup::check_agreement(&[words, f16.to_words().unwrap()]),
+            Err(Error::EpMismatch { rank: 1, .. })
+        ));
+        let mut f32 = setup(2, 8);
+        f32.dtype = DType::F32;
+        assert!(matches!(f32.to_words(), Err(Error::InvalidConfig(_))));
+    }
+
+    fn header() -> CallHeader {
+        CallHeader {
+            seq: 7,
+            layer_id: 3,
+            phase: Phase::Forward,
+            setup_digest: setup(2, 4).digest().unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_traffic_matrix_comes_from_the_sources_offsets() {
+        let part = ExpertPartition::new(4, 2).unwrap();
+        let h = header();
+        // Source 0: 3, 0, 2, 1 pairs of experts 0..4; source 1: 0, 5, 0, 0.
+        let msgs = vec![
+            h.count_message(0, &[0, 3, 3, 5, 6], false),
+            h.count_message(1, &[0, 0, 5, 5, 5], false),
+        ];
+        let m = TrafficMatrix::from_messages(part, &h, &msgs).unwrap();
+        assert_eq!(m.pairs(0, 0), 3);
+        assert_eq!(m.pairs(0, 1), 3);
+        assert_eq!(m.pairs(1, 0), 5);
+        assert_eq!(m.pairs(1, 1), 0);
+        // The send offsets are the source's own expert offsets at the owners' first experts.
+        assert_eq!(m.send_offsets(0), vec![0, 3, 6]);
+        assert_eq!(m.send_offsets(1), vec![0, 5, 5]);
+        assert_eq!(m.receive_bases(0), vec![0, 3, 8]);
+        assert_eq!(m.receive_bases(1), vec![0, 3, 3]);
+
+        // An overflowed source publishes all-zero offsets: it sends nothing.
+        let empty = h.count_message(1, &[0; 5], false);
+        let m = TrafficMatrix::from_messages(part, &h, &[msgs[0].clone(), empty]).unwrap();
+        assert_eq!(m.receive_bases(0), vec![0, 3, 3]);
+    }
+
+    #[test]
+    fn an_out_of_step_or_aborted_rank_is_named_by_every_receiver() {
+        let part = ExpertPartition::new(4, 2).unwrap();
+        let h = header();
+        let good = h.count_message(0, &[0, 1, 2, 3, 4], false);
+        let cases: Vec<(Vec<u32>, &str)> = vec![
+            (
+                CallHeader { seq: 8, ..h }.count_message(1, &[0; 5], false),
+                "call number 8 where this rank has 7",
+            ),
+            (
+                CallHeader { layer_id: 4, ..h }.count_message(1, &[0; 5], false),
+                "layer 4 where this rank has 3",
+            ),
+            (
+                CallHeader {
+                    phase: Phase::Backward,
+                    ..h
+                }
+                .count_message(1, &[0; 5], false),
+                "phase 2 where this rank has 1",
+            ),
+            (
+                h.count_message(1, &[0; 5], true),
+                "it aborted this call after a check of its own failed",
+            ),
+            (
+                h.count_message(1, &[0; 7], false),
+                "a count message of 14 words, not 12",
+            ),
+            (
+                h.count_message(0, &[0; 5], false),
+                "its message says it is rank 0",
+            ),
+        ];
+        for (bad, what) in cases {
+            let err = TrafficMatrix::from_messages(part, &h, &[good.clone(), bad]).unwrap_err();
+            assert_eq!(
+                err,
+                Error::EpMismatch {
+                    rank: 1,
+                    what: what.into()
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn the_receive_plan_orders_pairs_by_expert_then_source() {
+        let part = ExpertPartition::new(4, 2).unwrap();
+        let h = header();
+        // Owner 1 (experts 2, 3) gets from source 0: 2 of expert 2, 1 of expert 3; from
+        // source 1: 1 of expert 2, 2 of expert 3.
+        let msgs = vec![
+            h.count_message(0, &[0, 1, 1, 3, 4], false),
+            h.count_message(1, &[0, 0, 4, 5, 7], false),
+        ];
+        let m = TrafficMatrix::from_messages(part, &h, &msgs).unwrap();
+        let plan = ReceivePlan::new(&m, 1);
+        // Receive buffer: [s0 e2, s0 e2, s0 e3, s1 e2, s1 e3, s1 e3].
+        assert_eq!(plan.src_base, vec![0, 3, 6]);
+        assert_eq!(plan.expert_offsets, vec![0, 3, 6]);
+        assert_eq!(plan.row_of_pair, vec![0, 1, 3, 2, 4, 5]);
+        assert_eq!(plan.pair_of_row, vec![0, 1, 3, 2, 4, 5]);
+        for (p, &i) in plan.row_of_pair.iter().enumerate() {
+            assert_eq!(plan.pair_of_row[i], p);
+        }
+        // Owner 0 gets nothing of source 0's expert 1 and all of source 1's expert 1.
+        let plan = ReceivePlan::new(&m, 0);
+        assert_eq!(plan.src_base, vec![0, 1, 5]);
+        assert_eq!(plan.expert_offsets, vec![0, 1, 5]);
+        assert_eq!(plan.row_of_pair, vec![0, 1, 2, 3, 4]);
+    }
+}
