@@ -128,6 +128,19 @@ pub enum Error {
         /// How it disagrees.
         what: String,
     },
+    /// An expert-parallel exchange waited `waited` for ranks that never took part (see
+    /// [`crate::ep::loopback`]); the group is aborted.
+    #[error("expert-parallel {op} gave up after {waited:?}: a rank never took part")]
+    EpTimeout {
+        /// The exchange.
+        op: &'static str,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+    /// The expert-parallel group was aborted by an earlier failure (the string describes the
+    /// first one); every later call fails. Make a new group.
+    #[error("the expert-parallel group was aborted: {0}")]
+    EpAborted(String),
     /// A checkpoint could not be read or written (see [`crate::weights`]).
     #[error("weights: {0}")]
     Weights(#[source] crate::weights::WeightsError),

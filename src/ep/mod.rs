@@ -8,6 +8,11 @@
 //!   must agree on ([`EpSetup`]), the per-call count message and the traffic matrix built from
 //!   all ranks' messages ([`TrafficMatrix`]), and where each received pair goes on its owner
 //!   ([`ReceivePlan`]).
+//! - [`loopback`]: the all-to-all of R ranks (threads) of one process with every wait bounded,
+//!   which turns a size mismatch or a rank that never calls into a typed error on every rank
+//!   ([`Error::EpMismatch`](crate::Error::EpMismatch),
+//!   [`Error::EpTimeout`](crate::Error::EpTimeout), then
+//!   [`Error::EpAborted`](crate::Error::EpAborted)) where NCCL would hang.
 //! - [`crate::reference::expert_parallel`]: the whole expert-parallel layer on the CPU, R ranks
 //!   simulated in one process, whose tests show the protocol's central claim: each rank's output
 //!   and gradients are **bitwise** those of the one-rank layer on that rank's tokens, and each
@@ -15,7 +20,8 @@
 //!   order.
 //!
 //! Not built yet: the GPU layer, its kernels (the count message and the owner's dispatch, whose
-//! CPU versions are here) and the NCCL transport.
+//! CPU versions are here), the device-buffer transport over the loopback hub, and the NCCL
+//! transport.
 //!
 //! # Why the results are exact
 //!
@@ -27,6 +33,8 @@
 //! the pair's own row, and every reduction (the combine, the token sum, the weight gradients)
 //! runs in the same order as on one rank.
 
+pub mod loopback;
 pub mod protocol;
 
+pub use loopback::{Endpoint, LoopbackHub, Msg};
 pub use protocol::{CallHeader, EpSetup, ExpertPartition, Phase, ReceivePlan, TrafficMatrix};
