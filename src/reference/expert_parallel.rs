@@ -61,29 +61,16 @@ pub fn ep_remoe_forward<T: Real>(
     shards: &[LayerParams<T>],
     lambda: f64,
 ) -> Vec<RemoeForward<T>> {
-    let ranks = Ranks::new(part, cfg, xs, shards);
-    let routings: Vec<_> = (0..part.world())
-        .map(|r| relu_router(&xs[r], &shards[r].router, &ranks.cfg_of(r)))
-        .collect();
-    let dispatches: Vec<_> = routings.iter().map(|g| g.dispatch(cfg.experts)).collect();
-    let outs = ranks.experts_and_combine(&dispatches);
-    routings
-        .into_iter()
-        .zip(dispatches)
-        .zip(outs)
-        .enumerate()
-        .map(|(r, ((routing, dispatch), out))| RemoeForward {
-            reg_loss: l1_balance_loss(
-                &routing.counts,
-                &routing.gate_sums,
-                &ranks.cfg_of(r),
-                lambda,
-            ),
+    Ranks::new(part, cfg, xs, shards).forward(
+        |x, wr, cfg| relu_router(x, wr, cfg),
+        |r| r.dispatch(cfg.experts),
+        |cfg, routing, dispatch, out| RemoeForward {
+            reg_loss: l1_balance_loss(&routing.counts, &routing.gate_sums, cfg, lambda),
             out,
             routing,
             dispatch,
-        })
-        .collect()
+        },
+    )
 }
 
 /// The TopK layer over R ranks (see [`ep_remoe_forward`]), with each rank's Switch aux loss at
@@ -95,29 +82,16 @@ pub fn ep_topk_forward<T: Real>(
     shards: &[LayerParams<T>],
     aux_coeff: f64,
 ) -> Vec<TopkForward<T>> {
-    let ranks = Ranks::new(part, cfg, xs, shards);
-    let routings: Vec<_> = (0..part.world())
-        .map(|r| softmax_topk_router(&xs[r], &shards[r].router, &ranks.cfg_of(r)))
-        .collect();
-    let dispatches: Vec<_> = routings.iter().map(|g| g.dispatch(cfg.experts)).collect();
-    let outs = ranks.experts_and_combine(&dispatches);
-    routings
-        .into_iter()
-        .zip(dispatches)
-        .zip(outs)
-        .enumerate()
-        .map(|(r, ((routing, dispatch), out))| TopkForward {
-            aux_loss: l1_balance_loss(
-                &routing.counts,
-                &routing.prob_sums,
-                &ranks.cfg_of(r),
-                aux_coeff,
-            ),
+    Ranks::new(part, cfg, xs, shards).forward(
+        |x, wr, cfg| softmax_topk_router(x, wr, cfg),
+        |r| r.dispatch(cfg.experts),
+        |cfg, routing, dispatch, out| TopkForward {
+            aux_loss: l1_balance_loss(&routing.counts, &routing.prob_sums, cfg, aux_coeff),
             out,
             routing,
             dispatch,
-        })
-        .collect()
+        },
+    )
 }
 
 /// The backward of [`ep_remoe_forward`] given each rank's `douts[r]` \[T_r,H\], with the
@@ -245,6 +219,30 @@ impl<'a, T: Real> Ranks<'a, T> {
                     .iter()
                     .copied()
             })
+            .collect()
+    }
+
+    /// The forward: each rank routes its own tokens (`route(x, wr, cfg)`, then `dispatch`),
+    /// the experts run on their owners, and each rank's forward is `finish(its cfg, routing,
+    /// dispatch, out)`.
+    fn forward<G, O>(
+        &self,
+        route: impl Fn(&[T], &[T], &LayerConfig) -> G,
+        dispatch: impl Fn(&G) -> Dispatch<T>,
+        finish: impl Fn(&LayerConfig, G, Dispatch<T>, Vec<T>) -> O,
+    ) -> Vec<O> {
+        let world = self.part.world();
+        let routings: Vec<G> = (0..world)
+            .map(|r| route(&self.xs[r], &self.shards[r].router, &self.cfg_of(r)))
+            .collect();
+        let dispatches: Vec<Dispatch<T>> = routings.iter().map(dispatch).collect();
+        let outs = self.experts_and_combine(&dispatches);
+        routings
+            .into_iter()
+            .zip(dispatches)
+            .zip(outs)
+            .enumerate()
+            .map(|(r, ((g, d), out))| finish(&self.cfg_of(r), g, d, out))
             .collect()
     }
 

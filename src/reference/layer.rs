@@ -160,14 +160,7 @@ pub fn remoe_backward_scaled<T: Real>(
     let mut acc = ExpertGradAcc::new(cfg);
     let d_gate_pairs = experts_backward(x, params, cfg, &fwd.dispatch, dout, &mut acc);
     let d_logits = remoe_d_logits(cfg, lambda * balance_grad_scale, fwd, &d_gate_pairs);
-    router_backward(
-        x,
-        &params.router,
-        cfg,
-        &d_logits,
-        &mut acc.dx,
-        &mut acc.d_router,
-    );
+    acc.router_backward(x, &params.router, cfg, &d_logits);
     acc.finish()
 }
 
@@ -225,14 +218,7 @@ pub fn topk_backward_scaled<T: Real>(
     let mut acc = ExpertGradAcc::new(cfg);
     let d_gate_pairs = experts_backward(x, params, cfg, &fwd.dispatch, dout, &mut acc);
     let d_logits = topk_d_logits(cfg, aux_coeff * balance_grad_scale, fwd, &d_gate_pairs);
-    router_backward(
-        x,
-        &params.router,
-        cfg,
-        &d_logits,
-        &mut acc.dx,
-        &mut acc.d_router,
-    );
+    acc.router_backward(x, &params.router, cfg, &d_logits);
     acc.finish()
 }
 
@@ -345,6 +331,11 @@ impl ExpertGradAcc {
             d_up: vec![0.0; e * h * f],
             d_down: vec![0.0; e * f * h],
         }
+    }
+
+    /// The router's backward into dX and dWr (see [`router_backward`]).
+    fn router_backward<T: Real>(&mut self, x: &[T], wr: &[T], cfg: &LayerConfig, dl: &[f64]) {
+        router_backward(x, wr, cfg, dl, &mut self.dx, &mut self.d_router);
     }
 
     fn finish<T: Real>(self) -> LayerGrads<T> {
