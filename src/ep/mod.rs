@@ -33,6 +33,9 @@
 //! the pair's own row, and every reduction (the combine, the token sum, the weight gradients)
 //! runs in the same order as on one rank.
 
+// The GPU layer that calls these is not built yet; the unit tests hold them to the protocol.
+#[allow(dead_code)]
+mod dispatch;
 pub mod loopback;
 pub mod protocol;
 

@@ -240,7 +240,15 @@ impl CallHeader {
             "expert_offsets holds E+1 entries"
         );
         let mut msg = Vec::with_capacity(COUNT_HEADER_WORDS + expert_offsets.len() - 1);
-        msg.extend_from_slice(&[
+        msg.extend_from_slice(&self.words(rank, abort));
+        msg.extend(expert_offsets.windows(2).map(|w| w[1] - w[0]));
+        msg
+    }
+
+    /// The first [`COUNT_HEADER_WORDS`] words of rank `rank`'s count message (the GPU layer's
+    /// kernel takes them as they are and appends the counts).
+    pub fn words(&self, rank: usize, abort: bool) -> [u32; COUNT_HEADER_WORDS] {
+        [
             COUNT_MAGIC,
             PROTOCOL_VERSION,
             rank as u32,
@@ -249,9 +257,7 @@ impl CallHeader {
             self.phase as u32,
             if abort { FLAG_ABORT } else { 0 },
             self.setup_digest,
-        ]);
-        msg.extend(expert_offsets.windows(2).map(|w| w[1] - w[0]));
-        msg
+        ]
     }
 
     /// Checks source `rank`'s message against this header (the receiver's own).
