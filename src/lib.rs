@@ -80,6 +80,7 @@ pub mod device;
 mod element;
 pub mod ep;
 pub mod error;
+mod experts;
 mod ffi;
 pub mod gemm;
 pub mod graph;

@@ -74,6 +74,7 @@ use crate::controller::Coefficient;
 use crate::device::Device;
 use crate::element::HalfElement;
 use crate::error::{Error, Result};
+use crate::experts::ExpertBatch;
 use crate::ffi;
 use crate::gemm::GemmPath;
 use crate::tensor::{DeviceTensor, Launch, TensorView};
@@ -1106,64 +1107,53 @@ impl ForwardPlan {
         ffi::check("compact_pairs", code)
     }
 
+    /// The expert batch of this forward's own dispatch (the context's pair buffers).
+    fn batch<'a>(
+        &self,
+        pair_token: &'a GrowBuf<u32>,
+        expert_offsets: &'a GrowBuf<u32>,
+        tile_offsets: &'a GrowBuf<u32>,
+    ) -> ExpertBatch<'a> {
+        ExpertBatch {
+            pair_row: pair_token,
+            expert_offsets,
+            tile_offsets,
+            experts: self.cfg.experts,
+            cap: self.cap,
+            max_tiles: self.max_tiles,
+            hidden: self.cfg.hidden,
+            ffn: self.cfg.ffn,
+        }
+    }
+
     fn up_projection<T: HalfElement>(
         &self,
         ctx: &mut MoeContext<T>,
         x: &TensorView<T>,
         w: &MoeWeightViews<T>,
     ) -> Result<()> {
-        if self.max_tiles == 0 {
-            return Ok(());
-        }
-        let LayerConfig {
-            tokens: t,
-            hidden: h,
-            ffn: f,
-            experts: e,
-            ..
-        } = self.cfg;
-        let cap = self.cap;
-        let (_, hi, fi, ei, _) = self.dims();
         let gemms = ctx.gemm_path()?.gemms::<T>();
         let dev = ctx.dev.clone();
-        let mut l = Launch::on(&dev);
-        let xp = l.input("x", x, t * h)?;
-        let pt = l.input("pair tokens", &ctx.pair_token, cap)?;
-        let wg = l.input("gate weight", &w.gate, e * h * f)?;
-        let wu = l.input("up weight", &w.up, e * h * f)?;
-        let ap = l.output("act", &mut ctx.act, cap * f)?;
-        let (gp, up) = if self.save {
-            (
-                l.output("g", &mut ctx.g, cap * f)? as *mut u16,
-                l.output("u", &mut ctx.u, cap * f)? as *mut u16,
-            )
-        } else {
-            (std::ptr::null_mut(), std::ptr::null_mut())
-        };
-        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-        let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
-        // SAFETY: x [t,h]; wg, wu [e,h,f]; act (and g, u when saving) hold cap*f; pair tokens
-        // < t; the offsets describe at most cap rows in at most max_tiles tiles; h, f multiples
-        // of 8.
-        let code = unsafe {
-            (gemms.up)(
-                xp as *const u16,
-                pt,
-                wg as *const u16,
-                wu as *const u16,
-                ap as *mut u16,
-                gp,
-                up,
-                eo,
-                to,
-                self.max_tiles as i32,
-                ei,
-                hi,
-                fi,
-                l.stream(),
-            )
-        };
-        ffi::check("expert_up_swiglu", code)
+        let MoeContext {
+            pair_token,
+            expert_offsets,
+            tile_offsets,
+            act,
+            g,
+            u,
+            ..
+        } = ctx;
+        let batch = self.batch(pair_token, expert_offsets, tile_offsets);
+        let saved = if self.save { Some((g, u)) } else { None };
+        batch.up_swiglu(
+            &dev,
+            &gemms,
+            x,
+            self.cfg.tokens,
+            (&w.gate, &w.up),
+            act,
+            saved,
+        )
     }
 
     fn down_projection<T: HalfElement>(
@@ -1171,51 +1161,18 @@ impl ForwardPlan {
         ctx: &mut MoeContext<T>,
         w: &MoeWeightViews<T>,
     ) -> Result<()> {
-        if self.max_tiles == 0 {
-            return Ok(());
-        }
-        let (h, f, e, cap) = (self.cfg.hidden, self.cfg.ffn, self.cfg.experts, self.cap);
-        let (_, hi, fi, ei, _) = self.dims();
         let gemms = ctx.gemm_path()?.gemms::<T>();
         let dev = ctx.dev.clone();
-        let mut l = Launch::on(&dev);
-        let ap = l.input("act", &ctx.act, cap * f)?;
-        let wd = l.input("down weight", &w.down, e * f * h)?;
-        let splits = self.k_splits;
-        let yp = l.output("expert out", &mut ctx.y, splits * cap * h)?;
-        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-        let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
-        // SAFETY: act cap*f, wd [e,f,h], y holds k_splits planes of cap*h; offsets as in
-        // up_projection; 1 <= k_splits <= ceil(f / 64) / 8 (down_k_splits); cap < 2^31.
-        let code = unsafe {
-            (gemms.down)(
-                ap as *const u16,
-                wd as *const u16,
-                yp,
-                eo,
-                to,
-                self.max_tiles as i32,
-                ei,
-                hi,
-                fi,
-                splits as i32,
-                cap as i32,
-                l.stream(),
-            )
-        };
-        ffi::check("expert_down", code)?;
-        if splits > 1 {
-            // The planes of partial sums into y, in plane order.
-            let count = l.input_raw("expert offsets", &ctx.expert_offsets, e + 1)?;
-            let count = count.wrapping_add(e);
-            // SAFETY: yp holds splits planes of cap*h f32 (checked above); count points at
-            // expert_offsets[e] = |A| <= cap; h % 8 == 0.
-            let code = unsafe {
-                ffi::remoe_sum_planes_f32(yp, splits as i32, cap as i32, count, hi, l.stream())
-            };
-            ffi::check("sum_planes", code)?;
-        }
-        Ok(())
+        let MoeContext {
+            pair_token,
+            expert_offsets,
+            tile_offsets,
+            act,
+            y,
+            ..
+        } = ctx;
+        let batch = self.batch(pair_token, expert_offsets, tile_offsets);
+        batch.down(&dev, &gemms, act, &w.down, self.k_splits, y)
     }
 
     /// The gate-weighted combine (also with no pairs: it writes the zeros).
