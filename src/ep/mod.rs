@@ -38,6 +38,7 @@
 mod dispatch;
 pub mod loopback;
 pub mod protocol;
+pub mod transport;
 
 pub use loopback::{Endpoint, LoopbackHub, Msg};
 pub use protocol::{CallHeader, EpSetup, ExpertPartition, Phase, ReceivePlan, TrafficMatrix};

@@ -1,0 +1,193 @@
+//! How an expert-parallel group moves device buffers: one all-to-all per call, a send and a
+//! receive per peer (self and empty messages included), enqueued on the rank's stream.
+//!
+//! Two transports: NCCL between GPUs ([`super::nccl`], feature `ep`), and the device loopback,
+//! R ranks as threads on one GPU over a [`LoopbackHub`]. NCCL refuses several ranks on one
+//! device. The loopback is what lets the protocol be tested on one GPU, and it catches what NCCL
+//! cannot: a receiver whose expected size differs from the sender's is an
+//! [`Error::EpMismatch`] on every rank, where NCCL would hang until a timeout.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cudarc::driver::{result as driver, CudaEvent, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+
+use super::loopback::{Endpoint, LoopbackHub, Msg};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::Element;
+
+/// What one rank hands another through the hub in the device loopback.
+#[derive(Debug, Clone)]
+pub enum Handoff {
+    /// A send: the source's buffer, readable once `ready` has completed.
+    Data {
+        /// The buffer's device address (in the one context all ranks share).
+        ptr: u64,
+        /// Recorded on the sender's stream after the work that wrote the buffer.
+        ready: Arc<CudaEvent>,
+    },
+    /// A receiver's note that it has copied what the sender sent (the sender may then reuse
+    /// its buffer).
+    Done(Arc<CudaEvent>),
+}
+
+/// One rank of the device loopback: threads on one GPU, every wait bounded by the hub.
+#[derive(Debug)]
+pub struct DeviceLoopback {
+    endpoint: Endpoint<Handoff>,
+}
+
+impl DeviceLoopback {
+    /// Rank `rank`'s side of `hub` (R threads, one per rank, each with its own [`Device`] on
+    /// the same GPU); every exchange waits at most `timeout` for the other ranks.
+    pub fn new(hub: &LoopbackHub<Handoff>, rank: usize, timeout: Duration) -> Result<Self> {
+        Ok(Self {
+            endpoint: hub.endpoint(rank, timeout)?,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.endpoint.rank()
+    }
+
+    /// R.
+    pub fn world(&self) -> usize {
+        self.endpoint.world()
+    }
+
+    /// Sends `send[send_ranges[q]]` to rank q and receives rank q's message into
+    /// `recv[recv_ranges[q]]`, for every q (ranges in elements; see [`check_ranges`]). On return
+    /// the copies are enqueued on `dev`'s stream, ordered after each sender's earlier work; the
+    /// sender's stream waits for its readers before it runs anything else, so it may overwrite
+    /// or free its buffers afterwards as usual.
+    pub fn exchange<T: Element>(
+        &mut self,
+        dev: &Device,
+        op: &'static str,
+        (send, send_ranges): (&CudaView<'_, T>, &[Range<usize>]),
+        (recv, recv_ranges): (&mut CudaViewMut<'_, T>, &[Range<usize>]),
+    ) -> Result<()> {
+        check_ranges(
+            op,
+            self.world(),
+            send.len(),
+            send_ranges,
+            recv.len(),
+            recv_ranges,
+        )?;
+        let stream = dev.stream();
+        let elem = std::mem::size_of::<T>();
+        let ready = Arc::new(stream.record_event(None)?);
+        let (src_base, src_guard) = send.device_ptr(stream);
+        let posts = send_ranges
+            .iter()
+            .map(|r| Msg {
+                bytes: r.len() * elem,
+                payload: Handoff::Data {
+                    ptr: src_base + (r.start * elem) as u64,
+                    ready: Arc::clone(&ready),
+                },
+            })
+            .collect();
+        let expect: Vec<usize> = recv_ranges.iter().map(|r| r.len() * elem).collect();
+        let got = self.endpoint.exchange(op, posts, &expect)?;
+        let (dst_base, dst_guard) = recv.device_ptr_mut(stream);
+        for (src, (handoff, r)) in got.iter().zip(recv_ranges).enumerate() {
+            let Handoff::Data { ptr, ready } = handoff else {
+                return Err(out_of_step(src, op));
+            };
+            stream.wait(ready)?;
+            if !r.is_empty() {
+                // SAFETY: the destination is inside this rank's receive view (check_ranges) and
+                // disjoint from the other destinations; the source is the sender's range of the
+                // same byte count (the hub checked both sizes), in the context all ranks share,
+                // kept alive and unwritten until this copy completes: the sender's stream waits
+                // for our `done` event below before it runs anything else.
+                unsafe {
+                    driver::memcpy_dtod_async(
+                        dst_base + (r.start * elem) as u64,
+                        *ptr,
+                        r.len() * elem,
+                        stream.cu_stream(),
+                    )?
+                };
+            }
+        }
+        let done = Arc::new(stream.record_event(None)?);
+        let notes = (0..self.world())
+            .map(|_| Msg {
+                bytes: 0,
+                payload: Handoff::Done(Arc::clone(&done)),
+            })
+            .collect();
+        let readers = match self.endpoint.exchange(op, notes, &vec![0; self.world()]) {
+            Ok(readers) => readers,
+            Err(e) => {
+                // Peers may still be copying out of this rank's buffer, which the caller is
+                // free to drop once we return: let every stream of the shared context drain
+                // first (their copies wait only on events that were recorded).
+                dev.context().synchronize()?;
+                return Err(e);
+            }
+        };
+        for (reader, note) in readers.iter().enumerate() {
+            let Handoff::Done(done) = note else {
+                return Err(out_of_step(reader, op));
+            };
+            stream.wait(done)?;
+        }
+        drop((src_guard, dst_guard));
+        Ok(())
+    }
+}
+
+/// The ranges of one exchange, in elements: one per rank each, every one inside its buffer, and
+/// the receive ranges in rank order without overlap (two peers never write the same element).
+/// Send ranges may overlap (an all-gather sends one buffer to everyone).
+pub(crate) fn check_ranges(
+    op: &'static str,
+    world: usize,
+    send_len: usize,
+    send: &[Range<usize>],
+    recv_len: usize,
+    recv: &[Range<usize>],
+) -> Result<()> {
+    let bad = |why: String| Err(Error::InvalidConfig(format!("{op}: {why}")));
+    if send.len() != world || recv.len() != world {
+        return bad(format!(
+            "{} send and {} receive ranges for {world} ranks",
+            send.len(),
+            recv.len()
+        ));
+    }
+    for (q, r) in send.iter().enumerate() {
+        if r.start > r.end || r.end > send_len {
+            return bad(format!(
+                "send range {r:?} for rank {q} outside {send_len} elements"
+            ));
+        }
+    }
+    let mut floor = 0;
+    for (q, r) in recv.iter().enumerate() {
+        if r.start > r.end || r.end > recv_len || r.start < floor {
+            return bad(format!(
+                "receive range {r:?} for rank {q} outside {recv_len} elements or overlapping \
+                 the previous rank's"
+            ));
+        }
+        floor = r.end;
+    }
+    Ok(())
+}
+
+/// A handoff of the other kind: the ranks' exchanges are out of step (each exchange is two hub
+/// rounds on every rank, so this needs a rank that went on after an error it ignored).
+fn out_of_step(rank: usize, op: &'static str) -> Error {
+    Error::EpMismatch {
+        rank,
+        what: format!("out of step in {op}: a handoff of the other round"),
+    }
+}
