@@ -553,19 +553,17 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     }
     let gather_x = path == GemmPath::Hopper && cap > 0;
     if gather_x {
-        let mut l = Launch::on(&dev);
-        let xp = l.input("x", &x, t * h)?;
-        let pt = l.input("pair tokens", &ctx.pair_token, cap)?;
-        let xr = l.output("x rows", &mut ctx.bwd.x_rows, cap * h)?;
-        let count = l
-            .input_raw("expert offsets", &ctx.expert_offsets, e + 1)?
-            .wrapping_add(e);
-        // SAFETY: x [t,h]; pair tokens [cap], the first |A| each < t; x rows holds cap*h; count
-        // points at expert_offsets[e] = |A| <= cap; h % 8 == 0.
-        let code = unsafe {
-            ffi::remoe_gather_rows_16(xp as _, pt, xr as _, count, cap_i, hi, l.stream())
-        };
-        ffi::check("gather_rows", code)?;
+        // The rows named by the dispatch's pair tokens (each < t), |A| = expert_offsets[e].
+        crate::gather::gather_rows(
+            &dev,
+            &x,
+            t,
+            &ctx.pair_token,
+            &mut ctx.bwd.x_rows,
+            (&ctx.expert_offsets, e),
+            cap,
+            h,
+        )?;
     }
     {
         let mut l = Launch::on(&dev);

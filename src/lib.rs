@@ -82,6 +82,7 @@ pub mod ep;
 pub mod error;
 mod experts;
 mod ffi;
+mod gather;
 pub mod gemm;
 pub mod graph;
 pub mod moe;

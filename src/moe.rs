@@ -863,23 +863,27 @@ pub fn moe_forward<'x, 'w, T: HalfElement>(
 
 /// One forward's sizes, all known on the host before anything runs: the shapes, the pair
 /// capacity and the GEMM grids' row-tile bound. Each method enqueues one stage.
-struct ForwardPlan {
+pub(crate) struct ForwardPlan {
     cfg: LayerConfig,
     router: RouterKind,
     /// Router blocks of 64 tokens.
     blocks: usize,
     /// Pairs the pair buffers hold.
-    cap: usize,
+    pub(crate) cap: usize,
     /// The most row tiles `cap` pairs can make.
-    max_tiles: usize,
+    pub(crate) max_tiles: usize,
     /// The down projection's split-K ranges (y holds this many planes of cap x H).
-    k_splits: usize,
+    pub(crate) k_splits: usize,
     /// Whether g and u are written (fixed at the start, recorded at the end).
-    save: bool,
+    pub(crate) save: bool,
 }
 
 impl ForwardPlan {
-    fn new<T: HalfElement>(ctx: &MoeContext<T>, cfg: &LayerConfig, router: RouterKind) -> Self {
+    pub(crate) fn new<T: HalfElement>(
+        ctx: &MoeContext<T>,
+        cfg: &LayerConfig,
+        router: RouterKind,
+    ) -> Self {
         let save = ctx.save_for_backward;
         let cap = ctx.capacity.pairs_for(cfg, save, std::mem::size_of::<T>());
         Self {
@@ -907,10 +911,16 @@ impl ForwardPlan {
     }
 
     fn size_workspace<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
+        self.size_routing(ctx)?;
+        self.size_experts(ctx)
+    }
+
+    /// The router's, the dispatch's and the combine's buffers (y included): all an
+    /// expert-parallel source needs, whose experts run on their owners.
+    pub(crate) fn size_routing<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
         let LayerConfig {
             tokens: t,
             hidden: h,
-            ffn: f,
             experts: e,
             ..
         } = self.cfg;
@@ -941,15 +951,23 @@ impl ForwardPlan {
         MoeContext::<T>::grow(&dev, a, &mut c.device_errors, ERROR_WORDS)?;
         MoeContext::<T>::grow(&dev, a, &mut c.pair_token, cap)?;
         MoeContext::<T>::grow(&dev, a, &mut c.pair_gate, cap)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.y, self.k_splits * cap * h)
+    }
+
+    /// The experts' own buffers: act, and g and u when saving.
+    fn size_experts<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
+        let (f, cap) = (self.cfg.ffn, self.cap);
+        let dev = ctx.dev.clone();
+        let c = &mut *ctx;
+        let a = &mut c.allocations;
         MoeContext::<T>::grow(&dev, a, &mut c.act, cap * f)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.y, self.k_splits * cap * h)?;
         let saved = if self.save { cap * f } else { 0 };
         MoeContext::<T>::grow(&dev, a, &mut c.g, saved)?;
         MoeContext::<T>::grow(&dev, a, &mut c.u, saved)
     }
 
     /// The router GEMM and its tail: logits, gates (or probs) and per-block statistics.
-    fn router<T: HalfElement>(
+    pub(crate) fn router<T: HalfElement>(
         &self,
         ctx: &mut MoeContext<T>,
         x: &TensorView<T>,
@@ -1026,7 +1044,7 @@ impl ForwardPlan {
 
     /// n_e, the offsets, the statistics; the capacity check (an overflow publishes an empty
     /// dispatch and raises the error word).
-    fn routing_stats<T: HalfElement>(
+    pub(crate) fn routing_stats<T: HalfElement>(
         &self,
         ctx: &mut MoeContext<T>,
         coeff: &mut Coefficient,
@@ -1086,7 +1104,7 @@ impl ForwardPlan {
         ffi::check("routing_stats", code)
     }
 
-    fn compaction<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
+    pub(crate) fn compaction<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
         let (t, e, blocks, cap) = (self.cfg.tokens, self.cfg.experts, self.blocks, self.cap);
         if t == 0 {
             return Ok(());
@@ -1176,7 +1194,7 @@ impl ForwardPlan {
     }
 
     /// The gate-weighted combine (also with no pairs: it writes the zeros).
-    fn combine<T: HalfElement>(
+    pub(crate) fn combine<T: HalfElement>(
         &self,
         ctx: &mut MoeContext<T>,
         out: &mut DeviceTensor<T>,
