@@ -677,7 +677,7 @@ fn check_backward_inputs<T: HalfElement>(
     dout: &TensorView<T>,
     g: &MoeGrads<T>,
 ) -> Result<()> {
-    check_layer_tensors(ctx, cfg, x, w)?;
+    check_layer_tensors(ctx, cfg, cfg.experts, x, w)?;
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
     dout.expect_shape("dout", &[t, h])?;
     dout.expect_device("dout", &ctx.dev)?;

@@ -745,6 +745,14 @@ fn check_inputs<T: HalfElement>(
     w: &MoeWeightViews<T>,
     out: &DeviceTensor<T>,
 ) -> Result<()> {
+    check_config(cfg, router)?;
+    check_layer_tensors(ctx, cfg, cfg.experts, x, w)?;
+    check_coefficient(ctx, coeff)?;
+    check_out(ctx, cfg, out)
+}
+
+/// A configuration the kernels take with this router.
+pub(crate) fn check_config(cfg: &LayerConfig, router: RouterKind) -> Result<()> {
     cfg.validate_for_gpu()?;
     if router == RouterKind::TopK && cfg.experts > TOPK_MAX_EXPERTS {
         return Err(Error::InvalidConfig(format!(
@@ -752,8 +760,15 @@ fn check_inputs<T: HalfElement>(
             cfg.experts
         )));
     }
-    check_layer_tensors(ctx, cfg, x, w)?;
-    check_coefficient(ctx, coeff)?;
+    Ok(())
+}
+
+/// The layer's output, [T, H] in the context's device.
+pub(crate) fn check_out<T: HalfElement>(
+    ctx: &MoeContext<T>,
+    cfg: &LayerConfig,
+    out: &DeviceTensor<T>,
+) -> Result<()> {
     out.expect_shape("out", &[cfg.tokens, cfg.hidden])?;
     out.expect_device("out", &ctx.dev)
 }
@@ -774,10 +789,12 @@ pub(crate) fn check_coefficient<T: HalfElement>(
 }
 
 /// The checks the forward and the backward share: `x` [T, H] and the weights in their layout,
-/// all in the context's device.
+/// all in the context's device. The router weight covers all E experts; the expert weights the
+/// `held` experts this call runs (E on one GPU, E/R on an expert-parallel rank).
 pub(crate) fn check_layer_tensors<T: HalfElement>(
     ctx: &MoeContext<T>,
     cfg: &LayerConfig,
+    held: usize,
     x: &TensorView<T>,
     w: &MoeWeightViews<T>,
 ) -> Result<()> {
@@ -785,9 +802,9 @@ pub(crate) fn check_layer_tensors<T: HalfElement>(
     let tensors: [(&'static str, &TensorView<T>, &[usize]); 5] = [
         ("x", x, &[t, h]),
         ("router weight", &w.router, &[h, e]),
-        ("gate weight", &w.gate, &[e, h, f]),
-        ("up weight", &w.up, &[e, h, f]),
-        ("down weight", &w.down, &[e, f, h]),
+        ("gate weight", &w.gate, &[held, h, f]),
+        ("up weight", &w.up, &[held, h, f]),
+        ("down weight", &w.down, &[held, f, h]),
     ];
     for (what, tensor, shape) in tensors {
         tensor.expect_shape(what, shape)?;
@@ -848,16 +865,7 @@ pub fn moe_forward<'x, 'w, T: HalfElement>(
     marks.mark()?;
     ctx.stage_times = marks.finish()?;
 
-    ctx.generation += 1;
-    ctx.saved = Some(SavedForward {
-        config: *cfg,
-        router,
-        capacity: plan.cap,
-        max_tiles: plan.max_tiles,
-        saved_for_backward: plan.save,
-        generation: ctx.generation,
-        lens: SavedLens::of(cfg, router, plan.cap, plan.save),
-    });
+    plan.record(ctx);
     Ok(())
 }
 
@@ -895,6 +903,20 @@ impl ForwardPlan {
             k_splits: down_k_splits(cfg, cap),
             save,
         }
+    }
+
+    /// Records the enqueued forward as the context's saved state (what a backward checks).
+    pub(crate) fn record<T: HalfElement>(&self, ctx: &mut MoeContext<T>) {
+        ctx.generation += 1;
+        ctx.saved = Some(SavedForward {
+            config: self.cfg,
+            router: self.router,
+            capacity: self.cap,
+            max_tiles: self.max_tiles,
+            saved_for_backward: self.save,
+            generation: ctx.generation,
+            lens: SavedLens::of(&self.cfg, self.router, self.cap, self.save),
+        });
     }
 
     /// The i32 sizes the launchers take: exact, since validate_for_gpu bounds T*H, T*E, H*E and

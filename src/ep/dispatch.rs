@@ -68,6 +68,21 @@ pub(crate) struct ReceiveDispatch {
 }
 
 impl ReceiveDispatch {
+    /// Fills every buffer with all-ones bits.
+    pub(crate) fn poison(&mut self) -> Result<()> {
+        for b in [
+            &mut self.expert_offsets,
+            &mut self.tile_offsets,
+            &mut self.src_base,
+            &mut self.row_of_pair,
+            &mut self.pair_of_row,
+            &mut self.segments,
+        ] {
+            b.poison()?;
+        }
+        self.pair_gate.poison()
+    }
+
     /// Builds owner `owner`'s dispatch from `msgs` \[R\]\[8+E\], the count messages it received
     /// (message s from source s), for the `rows` rows the host's checked traffic matrix says it
     /// receives. `recv_gate` \[rows\], the gates that came with the rows, is permuted into
@@ -147,6 +162,7 @@ impl ReceiveDispatch {
 /// `dst[i] = src[index[i]]` for `i < count`, where `count` is the device word
 /// `count_buf[count_at]` and at most `capacity`: 32-bit words of any type (f32 dr, u32 ids).
 #[allow(clippy::too_many_arguments)] // three buffers, the device count's place and the bound
+#[allow(dead_code)] // for the expert-parallel backward (dr's return trip), not built yet
 pub(crate) fn permute_32<'a, T: crate::tensor::Element>(
     dev: &'a Device,
     src: impl InputBuf<'a, T>,
@@ -323,17 +339,7 @@ mod tests {
                 // Size the buffers, poison them, then the run that is checked.
                 d.build(&dev, part, owner, &dmsgs, Some(&dgates), n)
                     .unwrap();
-                for b in [
-                    &mut d.expert_offsets,
-                    &mut d.tile_offsets,
-                    &mut d.src_base,
-                    &mut d.row_of_pair,
-                    &mut d.pair_of_row,
-                    &mut d.segments,
-                ] {
-                    b.poison().unwrap();
-                }
-                d.pair_gate.poison().unwrap();
+                d.poison().unwrap();
                 d.build(&dev, part, owner, &dmsgs, Some(&dgates), n)
                     .unwrap();
 

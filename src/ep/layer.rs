@@ -1,0 +1,541 @@
+//! The expert-parallel layer on the GPU: each rank routes and compacts its own tokens, sends
+//! every owner the rows of the pairs of its experts, runs its own experts on what it received,
+//! returns the results, and combines as the one-GPU layer does.
+//!
+//! Sizes travel first: one count exchange per forward, read back by the host, so every buffer
+//! is sized exactly and every rank derives the same traffic matrix (the count-exchange mode of
+//! docs/EXPERT_PARALLEL_DESIGN.md §7.2). This forward therefore cannot be captured in a CUDA
+//! graph. The source side keeps the one-GPU capacity contract: a rank whose pairs overflow its
+//! capacity sends none, and reports `CapacityExceeded` at its next host-visible call.
+
+use std::ops::Range;
+
+use cudarc::driver::{CudaView, CudaViewMut};
+
+use super::dispatch::{count_message, ReceiveDispatch};
+use super::protocol::{
+    CallHeader, EpSetup, ExpertPartition, Phase, TrafficMatrix, COUNT_HEADER_WORDS,
+};
+use super::transport::DeviceLoopback;
+use crate::capacity::{max_row_tiles, PairCapacity};
+use crate::config::LayerConfig;
+use crate::controller::Coefficient;
+use crate::device::Device;
+use crate::element::HalfElement;
+use crate::error::{Error, Result};
+use crate::experts::ExpertBatch;
+use crate::gather::gather_rows;
+use crate::gemm::GemmPath;
+use crate::moe::{
+    check_coefficient, check_config, check_layer_tensors, check_out, ForwardPlan, ForwardStats,
+    MoeContext, MoeWeightViews, RouterKind,
+};
+use crate::tensor::{DeviceTensor, Element, TensorView};
+use crate::workspace::GrowBuf;
+
+const TILE_ROWS: usize = crate::ffi::REMOE_GEMM_TILE_ROWS as usize;
+
+/// How a group's ranks reach each other.
+#[derive(Debug)]
+pub enum Transport {
+    /// R threads on one GPU (tests of the protocol on one device).
+    Loopback(DeviceLoopback),
+}
+
+impl Transport {
+    fn rank(&self) -> usize {
+        match self {
+            Self::Loopback(t) => t.rank(),
+        }
+    }
+
+    fn world(&self) -> usize {
+        match self {
+            Self::Loopback(t) => t.world(),
+        }
+    }
+
+    /// One all-to-all of `send`'s ranges into `recv`'s (see
+    /// [`DeviceLoopback::exchange`]), enqueued on `dev`'s stream.
+    fn exchange<T: Element>(
+        &mut self,
+        dev: &Device,
+        op: &'static str,
+        send: (&CudaView<'_, T>, &[Range<usize>]),
+        recv: (&mut CudaViewMut<'_, T>, &[Range<usize>]),
+    ) -> Result<()> {
+        match self {
+            Self::Loopback(t) => t.exchange(dev, op, send, recv),
+        }
+    }
+}
+
+/// R ranks that agreed on one setup, one per GPU (or thread), and the call counter that keeps
+/// them in step.
+#[derive(Debug)]
+pub struct EpGroup {
+    dev: Device,
+    transport: Transport,
+    setup: EpSetup,
+    partition: ExpertPartition,
+    digest: u32,
+    seq: u32,
+}
+
+impl EpGroup {
+    /// Joins the group: every rank exchanges its setup record with every other, and all of
+    /// them refuse a group whose records differ ([`Error::EpMismatch`], the same on every rank).
+    /// A rank whose own setup is invalid still takes part (with a record its peers refuse), so
+    /// that they fail at once instead of waiting for it.
+    pub fn new(dev: &Device, mut transport: Transport, setup: EpSetup) -> Result<Self> {
+        let world = transport.world();
+        let own = setup.to_words();
+        let words = own.clone().unwrap_or([0; EpSetup::WORDS]);
+        let mut mine = GrowBuf::<u32>::default();
+        mine.ensure(dev, EpSetup::WORDS)?;
+        dev.stream().memcpy_htod(&words, &mut mine.view_mut()?)?;
+        let mut all = GrowBuf::<u32>::default();
+        all.ensure(dev, world * EpSetup::WORDS)?;
+        let w = EpSetup::WORDS;
+        let same: Vec<Range<usize>> = (0..world).map(|_| 0..w).collect();
+        let each: Vec<Range<usize>> = (0..world).map(|q| q * w..(q + 1) * w).collect();
+        transport.exchange(
+            dev,
+            "setup",
+            (&mine.view()?, &same),
+            (&mut all.view_mut()?, &each),
+        )?;
+        let flat = all.to_host()?;
+        let records: Vec<[u32; EpSetup::WORDS]> = flat
+            .chunks_exact(w)
+            .map(|c| c.try_into().expect("chunks of the record's length"))
+            .collect();
+        own?;
+        EpSetup::check_agreement(&records)?;
+        if setup.world != world {
+            return Err(Error::InvalidConfig(format!(
+                "a setup for {} ranks in a group of {world}",
+                setup.world
+            )));
+        }
+        Ok(Self {
+            dev: dev.clone(),
+            partition: ExpertPartition::new(setup.config.experts, world)?,
+            digest: setup.digest()?,
+            transport,
+            setup,
+            seq: 0,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.transport.rank()
+    }
+
+    /// Which experts each rank owns.
+    pub fn partition(&self) -> ExpertPartition {
+        self.partition
+    }
+
+    /// The header of the group's next call, which every rank numbers alike.
+    fn next_call(&mut self, layer_id: u32, phase: Phase) -> CallHeader {
+        let header = CallHeader {
+            seq: self.seq,
+            layer_id,
+            phase,
+            setup_digest: self.digest,
+        };
+        self.seq = self.seq.wrapping_add(1);
+        header
+    }
+
+    /// A call's configuration against the group's setup: everything but T must match.
+    fn check_call<T: HalfElement>(&self, cfg: &LayerConfig, router: RouterKind) -> Result<()> {
+        let s = &self.setup;
+        let same = LayerConfig {
+            tokens: cfg.tokens,
+            ..s.config
+        };
+        if *cfg != same || router != s.router || T::DTYPE != s.dtype {
+            return Err(Error::InvalidConfig(format!(
+                "a call with {cfg:?}, {router:?}, {:?} in a group set up for {:?}, {:?}, {:?} \
+                 (only T may differ)",
+                T::DTYPE,
+                s.config,
+                s.router,
+                s.dtype
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One rank's buffers: its own routing and combine (a [`MoeContext`] inside, whose statistics
+/// and device errors it reports), and what it holds as an owner. They grow to the largest call
+/// and are reused. The inner context is not handed out: its forward record describes an
+/// expert-parallel forward, on which a one-GPU backward must never run.
+#[derive(Debug)]
+pub struct EpContext<T: HalfElement> {
+    source: MoeContext<T>,
+    /// \[8+E\] this rank's count message; \[R\]\[8+E\] everyone's.
+    msg: GrowBuf<u32>,
+    msgs: GrowBuf<u32>,
+    /// \[|A|, H\] this rank's routed rows, in pair order (so each owner's are one range).
+    x_send: GrowBuf<T>,
+    /// \[N, H\] and \[N\]: the rows (and, training, the gates) this rank received as an owner.
+    recv_x: GrowBuf<T>,
+    recv_gate: GrowBuf<f32>,
+    dispatch: ReceiveDispatch,
+    /// \[N, F\] the owner's activations, and its pre-activations when training.
+    act: GrowBuf<T>,
+    g: GrowBuf<T>,
+    u: GrowBuf<T>,
+    /// \[k_splits N, H\] the owner's results in its local order; \[N, H\] in receive order.
+    y_local: GrowBuf<f32>,
+    y_ret: GrowBuf<f32>,
+    saved: Option<EpSaved>,
+}
+
+/// What the last forward leaves for its backward: the call's header and traffic, so that the
+/// backward moves exactly the rows the forward moved.
+#[derive(Debug, Clone)]
+pub struct EpSaved {
+    header: CallHeader,
+    traffic: TrafficMatrix,
+    /// N, the rows this rank received as an owner.
+    received: usize,
+    /// Whether g, u and the gates were kept (a training forward).
+    training: bool,
+}
+
+impl EpSaved {
+    /// Who sent how many pairs of which expert in that forward.
+    pub fn traffic(&self) -> &TrafficMatrix {
+        &self.traffic
+    }
+
+    /// The rows this rank received as an owner.
+    pub fn received(&self) -> usize {
+        self.received
+    }
+
+    /// The forward's call header (its number in the group, its layer).
+    pub fn call(&self) -> CallHeader {
+        self.header
+    }
+
+    /// Whether the forward kept what a backward needs.
+    pub fn training(&self) -> bool {
+        self.training
+    }
+}
+
+impl<T: HalfElement> EpContext<T> {
+    /// A context for inference on `dev`.
+    pub fn new(dev: &Device) -> Self {
+        Self::around(MoeContext::new(dev))
+    }
+
+    /// A context whose forwards keep what a backward needs.
+    pub fn for_training(dev: &Device) -> Self {
+        Self::around(MoeContext::for_training(dev))
+    }
+
+    fn around(source: MoeContext<T>) -> Self {
+        Self {
+            source,
+            msg: GrowBuf::default(),
+            msgs: GrowBuf::default(),
+            x_send: GrowBuf::default(),
+            recv_x: GrowBuf::default(),
+            recv_gate: GrowBuf::default(),
+            dispatch: ReceiveDispatch::default(),
+            act: GrowBuf::default(),
+            g: GrowBuf::default(),
+            u: GrowBuf::default(),
+            y_local: GrowBuf::default(),
+            y_ret: GrowBuf::default(),
+            saved: None,
+        }
+    }
+
+    /// This rank's routing statistics of the last forward (its own tokens, as on one GPU),
+    /// after [`EpContext::check_device_errors`]. Waits for the stream.
+    pub fn stats(&mut self) -> Result<ForwardStats> {
+        self.source.stats()
+    }
+
+    /// What the device found in this rank's routing since the last check (an overflow of the
+    /// pair capacity, a non-finite logit), as on one GPU.
+    pub fn check_device_errors(&mut self) -> Result<()> {
+        self.source.check_device_errors()
+    }
+
+    /// The pair capacity of this rank's own dispatch (see [`MoeContext::set_pair_capacity`]).
+    /// The rows a rank receives as an owner are sized from the exchanged counts and have no
+    /// capacity to exceed.
+    pub fn set_pair_capacity(&mut self, capacity: PairCapacity) {
+        self.source.set_pair_capacity(capacity)
+    }
+
+    /// The expert GEMMs' implementation (see [`MoeContext::set_gemm_path`]).
+    pub fn set_gemm_path(&mut self, path: GemmPath) -> Result<()> {
+        self.source.set_gemm_path(path)
+    }
+
+    /// Fills every buffer of the context with NaN / all-ones bits (tests: an element that a
+    /// later call reads without writing shows up).
+    pub fn poison_workspace(&mut self) -> Result<()> {
+        self.source.poison_workspace()?;
+        for b in [&mut self.msg, &mut self.msgs] {
+            b.poison()?;
+        }
+        for b in [
+            &mut self.x_send,
+            &mut self.recv_x,
+            &mut self.act,
+            &mut self.g,
+            &mut self.u,
+        ] {
+            b.poison()?;
+        }
+        for b in [&mut self.recv_gate, &mut self.y_local, &mut self.y_ret] {
+            b.poison()?;
+        }
+        self.dispatch.poison()
+    }
+
+    /// The last forward's traffic (None before one, or after a failed one).
+    pub fn saved(&self) -> Option<&EpSaved> {
+        self.saved.as_ref()
+    }
+}
+
+/// Element ranges of rows: `[b[q] row_len, b[q+1] row_len)` for each q.
+fn row_ranges(bounds: &[usize], row_len: usize) -> Vec<Range<usize>> {
+    bounds
+        .windows(2)
+        .map(|w| w[0] * row_len..w[1] * row_len)
+        .collect()
+}
+
+/// The layer forward on this rank's tokens `x` \[T, H\], with the router weight of all E
+/// experts and the expert weights of this rank's E/R (`w.gate`, `w.up` \[E/R, H, F\], `w.down`
+/// \[E/R, F, H\]). Every rank of the group calls it with its own T; `layer_id` must be the same
+/// on all of them.
+///
+/// `out` is bitwise the one-GPU [`crate::moe_forward`] on `x` with the full weights, as long as
+/// the down projection's split-K count is the same (it is for equal T on every rank; see the
+/// design's §7.5). Waits for the count exchange (a host read), so it cannot be captured.
+#[allow(clippy::too_many_arguments)] // moe_forward's arguments, plus the group and the layer id
+pub fn ep_moe_forward<'x, 'w, T: HalfElement>(
+    group: &mut EpGroup,
+    ctx: &mut EpContext<T>,
+    cfg: &LayerConfig,
+    router: RouterKind,
+    mut coeff: Coefficient,
+    layer_id: u32,
+    x: impl Into<TensorView<'x, T>>,
+    w: impl Into<MoeWeightViews<'w, T>>,
+    out: &mut DeviceTensor<T>,
+) -> Result<()> {
+    let (x, w) = (x.into(), w.into());
+    let part = group.partition;
+    group.check_call::<T>(cfg, router)?;
+    check_config(cfg, router)?;
+    check_layer_tensors(&ctx.source, cfg, part.local_experts(), &x, &w)?;
+    check_coefficient(&ctx.source, &coeff)?;
+    check_out(&ctx.source, cfg, out)?;
+    if !std::sync::Arc::ptr_eq(ctx.source.dev.stream(), group.dev.stream()) {
+        // The exchanges are ordered against the kernels by the one stream they share.
+        return Err(Error::InvalidConfig(
+            "the expert-parallel group and context must be made from the same Device".into(),
+        ));
+    }
+    ctx.saved = None;
+    ctx.source.saved = None;
+    let plan = ForwardPlan::new(&ctx.source, cfg, router);
+    plan.size_routing(&mut ctx.source)?;
+    ctx.source.upload_fixed_coeff(&coeff)?;
+    plan.router(&mut ctx.source, &x, &w)?;
+    plan.routing_stats(&mut ctx.source, &mut coeff)?;
+    plan.compaction(&mut ctx.source)?;
+
+    let header = group.next_call(layer_id, Phase::Forward);
+    let traffic = exchange_counts(group, ctx, &header, cfg.experts, plan.cap, &x)?;
+    let training = plan.save;
+    let received = send_rows(group, ctx, &traffic, cfg.hidden, training)?;
+    run_owned_experts(group, ctx, cfg, &w, received, plan.k_splits, training)?;
+    return_results(group, ctx, &traffic, cfg.hidden, received)?;
+    plan.combine(&mut ctx.source, out)?;
+
+    plan.record(&mut ctx.source);
+    ctx.saved = Some(EpSaved {
+        header,
+        traffic,
+        received,
+        training,
+    });
+    Ok(())
+}
+
+/// Every rank's count message to every rank; meanwhile this rank packs its routed rows. Returns
+/// the checked traffic matrix, the same on every rank (or the same error on every rank).
+fn exchange_counts<T: HalfElement>(
+    group: &mut EpGroup,
+    ctx: &mut EpContext<T>,
+    header: &CallHeader,
+    experts: usize,
+    cap: usize,
+    x: &TensorView<T>,
+) -> Result<TrafficMatrix> {
+    let dev = group.dev.clone();
+    let (rank, world) = (group.rank(), group.transport.world());
+    let words = COUNT_HEADER_WORDS + experts;
+    let src = &mut ctx.source;
+    ctx.msg.ensure(&dev, words)?;
+    ctx.msgs.ensure(&dev, world * words)?;
+    count_message(
+        &dev,
+        header,
+        rank,
+        false,
+        &src.expert_offsets,
+        experts,
+        &mut ctx.msg,
+    )?;
+    let same: Vec<Range<usize>> = (0..world).map(|_| 0..words).collect();
+    let each = row_ranges(&(0..=world).collect::<Vec<_>>(), words);
+    group.transport.exchange(
+        &dev,
+        "forward counts",
+        (&ctx.msg.view()?, &same),
+        (&mut ctx.msgs.view_mut()?, &each),
+    )?;
+    let h = x.shape()[1];
+    ctx.x_send.ensure(&dev, cap * h)?;
+    gather_rows(
+        &dev,
+        x,
+        x.shape()[0],
+        &src.pair_token,
+        &mut ctx.x_send,
+        (&src.expert_offsets, experts),
+        cap,
+        h,
+    )?;
+    let flat = ctx.msgs.to_host()?;
+    let messages: Vec<Vec<u32>> = flat.chunks_exact(words).map(<[u32]>::to_vec).collect();
+    TrafficMatrix::from_messages(group.partition, header, &messages)
+}
+
+/// Sends each owner its rows (and, training, their gates); builds this rank's dispatch of what
+/// it received. Returns N, the rows received.
+fn send_rows<T: HalfElement>(
+    group: &mut EpGroup,
+    ctx: &mut EpContext<T>,
+    traffic: &TrafficMatrix,
+    h: usize,
+    training: bool,
+) -> Result<usize> {
+    let dev = group.dev.clone();
+    let rank = group.rank();
+    let send = traffic.send_offsets(rank);
+    let recv = traffic.receive_bases(rank);
+    let received = *recv.last().expect("R+1 bases");
+    ctx.recv_x.ensure(&dev, received * h)?;
+    group.transport.exchange(
+        &dev,
+        "forward rows",
+        (&ctx.x_send.view()?, &row_ranges(&send, h)),
+        (&mut ctx.recv_x.view_mut()?, &row_ranges(&recv, h)),
+    )?;
+    if training {
+        ctx.recv_gate.ensure(&dev, received)?;
+        group.transport.exchange(
+            &dev,
+            "forward gates",
+            (&ctx.source.pair_gate.view()?, &row_ranges(&send, 1)),
+            (&mut ctx.recv_gate.view_mut()?, &row_ranges(&recv, 1)),
+        )?;
+    }
+    let gates = training.then_some(&ctx.recv_gate);
+    ctx.dispatch
+        .build(&dev, group.partition, rank, &ctx.msgs, gates, received)?;
+    Ok(received)
+}
+
+/// This rank's experts on the rows it received, in its local order.
+fn run_owned_experts<T: HalfElement>(
+    group: &EpGroup,
+    ctx: &mut EpContext<T>,
+    cfg: &LayerConfig,
+    w: &MoeWeightViews<T>,
+    received: usize,
+    k_splits: usize,
+    training: bool,
+) -> Result<()> {
+    let dev = group.dev.clone();
+    let (h, f, el) = (cfg.hidden, cfg.ffn, group.partition.local_experts());
+    ctx.act.ensure(&dev, received * f)?;
+    let saved_len = if training { received * f } else { 0 };
+    ctx.g.ensure(&dev, saved_len)?;
+    ctx.u.ensure(&dev, saved_len)?;
+    ctx.y_local.ensure(&dev, k_splits * received * h)?;
+    let gemms = ctx.source.gemm_path()?.gemms::<T>();
+    let d = &ctx.dispatch;
+    let batch = ExpertBatch {
+        pair_row: &d.row_of_pair,
+        expert_offsets: &d.expert_offsets,
+        tile_offsets: &d.tile_offsets,
+        experts: el,
+        cap: received,
+        max_tiles: max_row_tiles(received, el, TILE_ROWS),
+        hidden: h,
+        ffn: f,
+    };
+    let saved = training.then_some((&mut ctx.g, &mut ctx.u));
+    batch.up_swiglu(
+        &dev,
+        &gemms,
+        &ctx.recv_x,
+        received,
+        (&w.gate, &w.up),
+        &mut ctx.act,
+        saved,
+    )?;
+    batch.down(&dev, &gemms, &ctx.act, &w.down, k_splits, &mut ctx.y_local)
+}
+
+/// The owner's results back in receive order, then home: each source's y rows land where its
+/// one-GPU forward would have written them (pair order, f32), ready for the combine.
+fn return_results<T: HalfElement>(
+    group: &mut EpGroup,
+    ctx: &mut EpContext<T>,
+    traffic: &TrafficMatrix,
+    h: usize,
+    received: usize,
+) -> Result<()> {
+    let dev = group.dev.clone();
+    let (rank, world) = (group.rank(), group.transport.world());
+    ctx.y_ret.ensure(&dev, received * h)?;
+    gather_rows(
+        &dev,
+        &ctx.y_local,
+        received,
+        &ctx.dispatch.pair_of_row,
+        &mut ctx.y_ret,
+        (&ctx.dispatch.src_base, world),
+        received,
+        h,
+    )?;
+    let home = traffic.send_offsets(rank);
+    let from = traffic.receive_bases(rank);
+    group.transport.exchange(
+        &dev,
+        "forward results",
+        (&ctx.y_ret.view()?, &row_ranges(&from, h)),
+        (&mut ctx.source.y.view_mut()?, &row_ranges(&home, h)),
+    )
+}
