@@ -819,16 +819,10 @@ __device__ __forceinline__ void weight_grad_consumer(const WeightGradArgs<T> &ar
       pipe.release(pos);
       ++pos.n;
     }
-    if (w.c.chunks > 1) {
-      // A chunk of a split expert: leave the partial in its slot; the tile's last unit adds all.
-      const size_t stride = (size_t)tiles * BM * BN;
-      float *tile0 = args.slots + (size_t)(w.c.slot - w.c.chunk) * stride + (size_t)w.tile * BM * BN;
-      wg_store_partial<128>(tile0 + (size_t)w.c.chunk * stride, ct, 256, acc);
-      if (!wg_arrive(args.counters + (size_t)w.c.expert * tiles + w.tile, w.c.chunks, ct,
-                     &last_flag, consumer_sync))
-        continue;
-      wg_fold<128>(tile0, stride, w.c.chunks, ct, 256, acc);
-    }
+    // A chunk of a split expert: the tile's last unit stores the sum of all its chunks.
+    if (w.c.chunks > 1 && !wg_split_finish<128>(args.slots, args.counters, w.c, tiles, w.tile, ct,
+                                                256, &last_flag, consumer_sync, acc))
+      continue;
     float *oe = args.out + (size_t)w.c.expert * args.M * args.N;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {

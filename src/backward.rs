@@ -38,6 +38,7 @@ use crate::moe::{
     check_coefficient, check_layer_tensors, MoeContext, MoeWeightViews, RouterKind, SavedForward,
 };
 use crate::tensor::{DeviceTensor, Element, Launch, TensorView};
+use crate::weight_grad_split::WeightGradSplit;
 use crate::workspace::GrowBuf;
 
 /// The backward's scratch buffers, kept in the context and reused.
@@ -55,14 +56,8 @@ pub(crate) struct BackwardScratch<T: Element> {
     partial: GrowBuf<f32>,
     /// X's rows in pair order, for the Hopper weight gradients (see step 5).
     x_rows: GrowBuf<T>,
-    /// The weight gradients' chunk plan, [3E + 1] (kernels/weight_grad_split.cuh).
-    wg_plan: GrowBuf<u32>,
-    /// Their partial-sum slots (sized by remoe_weight_grad_split_sizes; empty when no split is
-    /// possible at this shape).
-    wg_slots: GrowBuf<f32>,
-    /// Their per-tile arrival counters: zero when allocated, and every launch leaves them zero,
-    /// so they are never poisoned.
-    wg_counters: GrowBuf<u32>,
+    /// The weight gradients' fixed-order split (step 5).
+    wg_split: WeightGradSplit,
 }
 
 impl<T: Element> BackwardScratch<T> {
@@ -78,9 +73,7 @@ impl<T: Element> BackwardScratch<T> {
             + self.dxr.bytes()
             + self.partial.bytes()
             + self.x_rows.bytes()
-            + self.wg_plan.bytes()
-            + self.wg_slots.bytes()
-            + self.wg_counters.bytes()
+            + self.wg_split.bytes()
     }
 }
 
@@ -97,9 +90,7 @@ impl<T: Element> Default for BackwardScratch<T> {
             dxr: GrowBuf::default(),
             partial: GrowBuf::default(),
             x_rows: GrowBuf::default(),
-            wg_plan: GrowBuf::default(),
-            wg_slots: GrowBuf::default(),
-            wg_counters: GrowBuf::default(),
+            wg_split: WeightGradSplit::default(),
         }
     }
 }
@@ -211,59 +202,8 @@ impl<T: HalfElement> MoeContext<T> {
         b.dxr.poison()?;
         b.partial.poison()?;
         b.x_rows.poison()?;
-        b.wg_plan.poison()?;
-        b.wg_slots.poison()
+        b.wg_split.poison()
     }
-}
-
-/// Buffer sizes of the weight gradients' fixed-order split for E experts of H x F weights.
-struct SplitSizes {
-    plan_words: usize,
-    slot_floats: usize,
-    counters: usize,
-}
-
-fn weight_grad_split_sizes(e: usize, h: usize, f: usize) -> Result<SplitSizes> {
-    let (mut plan_words, mut slot_floats, mut counters) = (0u64, 0u64, 0u64);
-    // SAFETY: host-only arithmetic; the three pointers are valid for one write each.
-    let code = unsafe {
-        ffi::remoe_weight_grad_split_sizes(
-            e as i32,
-            h as i32,
-            f as i32,
-            &mut plan_words,
-            &mut slot_floats,
-            &mut counters,
-        )
-    };
-    ffi::check("weight_grad_split_sizes", code)?;
-    let size = |n: u64| {
-        usize::try_from(n).map_err(|_| Error::TooLarge {
-            what: "weight-gradient split workspace",
-            elements: usize::MAX,
-        })
-    };
-    Ok(SplitSizes {
-        plan_words: size(plan_words)?,
-        slot_floats: size(slot_floats)?,
-        counters: size(counters)?,
-    })
-}
-
-/// The split's three buffers as one weight-gradient launch takes them (plan read; slots and
-/// counters written).
-fn split_buffers<'a>(
-    l: &mut Launch<'a>,
-    plan: &'a GrowBuf<u32>,
-    slots: &'a mut GrowBuf<f32>,
-    counters: &'a mut GrowBuf<u32>,
-    sizes: &SplitSizes,
-) -> Result<ffi::remoe_wgrad_split_t> {
-    Ok(ffi::remoe_wgrad_split_t {
-        plan: l.input_raw("weight-grad plan", plan, sizes.plan_words)?,
-        slots: l.output_raw("weight-grad slots", slots, sizes.slot_floats)?,
-        counters: l.output_raw("weight-grad counters", counters, sizes.counters)?,
-    })
 }
 
 /// How many slices the dWr reduction over T is cut into: enough blocks to fill the GPU, each
@@ -351,10 +291,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
         // gets X's rows in pair order instead (the mma.sync kernel gathers inside its loads).
         let x_rows = if path == GemmPath::Hopper { cap * h } else { 0 };
         MoeContext::<T>::grow(&dev, a, &mut b.x_rows, x_rows)?;
-        let sizes = weight_grad_split_sizes(e, h, f)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.wg_plan, sizes.plan_words)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.wg_slots, sizes.slot_floats)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.wg_counters, sizes.counters)?;
+        *a += b.wg_split.ensure(&dev, e, h, f)?;
     }
     ctx.upload_fixed_coeff(&coeff)?;
     let (ti, hi, fi, ei, ki) = (t as i32, h as i32, f as i32, e as i32, k as i32);
@@ -493,14 +430,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     }
     // 5. Expert weight gradients (launched even with no pairs: they write zeros). Their chunk
     // plan first: the counts decide on the device whether a hot expert's reduction is split.
-    {
-        let mut l = Launch::on(&dev);
-        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-        let plan = l.output_raw("weight-grad plan", &mut ctx.bwd.wg_plan, 3 * e + 1)?;
-        // SAFETY: expert offsets [e+1] (the forward's); plan holds 3e + 1 words.
-        let code = unsafe { ffi::remoe_weight_grad_plan(eo, ei, hi, fi, plan, l.stream()) };
-        ffi::check("weight_grad_plan", code)?;
-    }
+    ctx.bwd.wg_split.plan(&dev, &ctx.expert_offsets, h, f)?;
     let weight_grad = |a: *const u16,
                        gather: *const u32,
                        b: *const u16,
@@ -515,7 +445,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
         // SAFETY (for each call below): a holds a_rows rows of m columns indexed by the
         // (gathered) pair, b [cap, n], out [e, m, n] f32; offsets [e+1] over |A| <= cap pairs;
         // split's plan was written for these offsets and h x f (= m x n or n x m), its slots
-        // and counters sized by remoe_weight_grad_split_sizes for (e, h, f), counters zero.
+        // and counters sized for (e, h, f), the counters zero (WeightGradSplit).
         let code = unsafe {
             (gemms.weight_grad)(
                 a, gather, b, out, eo, a_rows, cap_i, ei, m, n, acc, split, s,
@@ -523,20 +453,13 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
         };
         ffi::check(what, code)
     };
-    let sizes = weight_grad_split_sizes(e, h, f)?;
     {
         let mut l = Launch::on(&dev);
         let act = l.input("act", &ctx.act, cap * f)?;
         let dy = l.input("dy", &ctx.bwd.dy, cap * h)?;
         let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
         let out = l.output("dWd", &mut *grads.down, e * f * h)?;
-        let split = split_buffers(
-            &mut l,
-            &ctx.bwd.wg_plan,
-            &mut ctx.bwd.wg_slots,
-            &mut ctx.bwd.wg_counters,
-            &sizes,
-        )?;
+        let split = ctx.bwd.wg_split.launch_args(&mut l)?;
         weight_grad(
             act as _,
             std::ptr::null(),
@@ -580,13 +503,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
         let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
         let og = l.output("dWg", &mut *grads.gate, e * h * f)?;
         let ou = l.output("dWu", &mut *grads.up, e * h * f)?;
-        let split = split_buffers(
-            &mut l,
-            &ctx.bwd.wg_plan,
-            &mut ctx.bwd.wg_slots,
-            &mut ctx.bwd.wg_counters,
-            &sizes,
-        )?;
+        let split = ctx.bwd.wg_split.launch_args(&mut l)?;
         weight_grad(
             a,
             gather,

@@ -90,6 +90,7 @@ pub mod reference;
 pub mod router;
 pub mod sys;
 pub mod tensor;
+mod weight_grad_split;
 pub mod weights;
 mod workspace;
 
