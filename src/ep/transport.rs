@@ -1,7 +1,7 @@
 //! How an expert-parallel group moves device buffers: one all-to-all per call, a send and a
 //! receive per peer (self and empty messages included), enqueued on the rank's stream.
 //!
-//! Two transports: NCCL between GPUs ([`super::nccl`], feature `ep`), and the device loopback,
+//! Two transports: NCCL between GPUs (feature `ep`), and the device loopback,
 //! R ranks as threads on one GPU over a [`LoopbackHub`]. NCCL refuses several ranks on one
 //! device. The loopback is what lets the protocol be tested on one GPU, and it catches what NCCL
 //! cannot: a receiver whose expected size differs from the sender's is an
@@ -59,7 +59,8 @@ impl DeviceLoopback {
     }
 
     /// Sends `send[send_ranges[q]]` to rank q and receives rank q's message into
-    /// `recv[recv_ranges[q]]`, for every q (ranges in elements; see [`check_ranges`]). On return
+    /// `recv[recv_ranges[q]]`, for every q (ranges in elements: one per rank each, inside their buffers, the receive ranges
+    /// in rank order without overlap; send ranges may overlap). On return
     /// the copies are enqueued on `dev`'s stream, ordered after each sender's earlier work; the
     /// sender's stream waits for its readers before it runs anything else, so it may overwrite
     /// or free its buffers afterwards as usual.
