@@ -206,9 +206,14 @@ typedef struct remoe_wgrad_split {
 /* The buffer sizes for e experts of h x f weights (host only; 0 or cudaErrorInvalidValue). */
 int remoe_weight_grad_split_sizes(int32_t e, int32_t h, int32_t f, uint64_t *plan_words,
                                   uint64_t *slot_floats, uint64_t *counters);
-/* The plan for these counts (expert_offsets [e + 1] on the device): one warp, no host read. */
+/*
+ * The plan for these counts (expert_offsets [e + 1] on the device): one warp, no host read.
+ * The chunking of an expert depends on its own count and on the pairs of the whole reduction:
+ * chunking_pairs, or expert_offsets[e] when it is negative. (An expert-parallel owner passes
+ * all ranks' pairs, so that its experts are cut exactly as on one GPU over every rank's tokens.)
+ */
 int remoe_weight_grad_plan(const uint32_t *expert_offsets, int32_t e, int32_t h, int32_t f,
-                           uint32_t *plan, remoe_stream_t stream);
+                           int64_t chunking_pairs, uint32_t *plan, remoe_stream_t stream);
 int remoe_expert_weight_grad_bf16(const uint16_t *a, const uint32_t *gather, const uint16_t *b,
                                   float *out, const uint32_t *expert_offsets, int32_t a_rows,
                                   int32_t b_rows, int32_t e, int32_t m, int32_t n,

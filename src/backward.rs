@@ -390,6 +390,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
             up: &mut *grads.up,
             down: &mut *grads.down,
             accumulate: options.accumulate,
+            chunking_pairs: None,
         };
         batch.backward(&dev, path, &inp, &mut bwd.batch_bufs(act), out)?;
     }

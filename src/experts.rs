@@ -204,6 +204,10 @@ pub(crate) struct BatchWeightGrads<'a> {
     pub(crate) up: &'a mut DeviceTensor<f32>,
     pub(crate) down: &'a mut DeviceTensor<f32>,
     pub(crate) accumulate: bool,
+    /// The pairs of the whole reduction the hot experts' chunks are cut for: None for the
+    /// batch's own; an expert-parallel owner gives all ranks' pairs, so that its gradients are
+    /// bit for bit those of one GPU over every rank's tokens.
+    pub(crate) chunking_pairs: Option<usize>,
 }
 
 impl ExpertBatch<'_> {
@@ -375,7 +379,8 @@ impl ExpertBatch<'_> {
         let (h, f, e, cap) = (self.hidden, self.ffn, self.experts, self.cap);
         // The chunk plan first: the counts decide on the device whether a hot expert's
         // reduction is split.
-        bufs.wg_split.plan(dev, self.expert_offsets, h, f)?;
+        bufs.wg_split
+            .plan(dev, self.expert_offsets, (h, f), out.chunking_pairs)?;
         let launch = WeightGradLaunch {
             gemms,
             cap,

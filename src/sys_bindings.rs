@@ -353,12 +353,16 @@ unsafe extern "C" {
 
 ```text
 The plan for these counts (expert_offsets [e + 1] on the device): one warp, no host read.
+The chunking of an expert depends on its own count and on the pairs of the whole reduction:
+chunking_pairs, or expert_offsets[e] when it is negative. (An expert-parallel owner passes
+all ranks' pairs, so that its experts are cut exactly as on one GPU over every rank's tokens.)
 ```*/
     pub fn remoe_weight_grad_plan(
         expert_offsets: *const u32,
         e: i32,
         h: i32,
         f: i32,
+        chunking_pairs: i64,
         plan: *mut u32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;

@@ -56,21 +56,32 @@ impl WeightGradSplit {
         Ok(grew.iter().filter(|&&g| g).count() as u64)
     }
 
-    /// Enqueues the plan for the counts in `expert_offsets` ([E + 1], on the device).
+    /// Enqueues the plan for the counts in `expert_offsets` ([E + 1], on the device), whose
+    /// chunks are cut for a reduction of `chunking_pairs` pairs in all (None: the offsets'
+    /// total; see remoe_weight_grad_plan).
     pub(crate) fn plan<'a>(
         &'a mut self,
         dev: &'a Device,
         expert_offsets: &'a GrowBuf<u32>,
-        h: usize,
-        f: usize,
+        (h, f): (usize, usize),
+        chunking_pairs: Option<usize>,
     ) -> Result<()> {
+        let chunking = chunking_pairs.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
         let e = self.experts;
         let mut l = Launch::on(dev);
         let eo = l.input("expert offsets", expert_offsets, e + 1)?;
         let plan = l.output_raw("weight-grad plan", &mut self.plan, 3 * e + 1)?;
         // SAFETY: expert offsets [e+1]; plan holds 3e + 1 words (both checked by `l`).
         let code = unsafe {
-            ffi::remoe_weight_grad_plan(eo, e as i32, h as i32, f as i32, plan, l.stream())
+            ffi::remoe_weight_grad_plan(
+                eo,
+                e as i32,
+                h as i32,
+                f as i32,
+                chunking,
+                plan,
+                l.stream(),
+            )
         };
         ffi::check("weight_grad_plan", code)
     }
