@@ -55,10 +55,12 @@ pub(crate) struct BackwardScratch<T: Element> {
     dy: GrowBuf<T>,
     /// dR's 32-column group sums from the dAct GEMM, [capacity, ceil(F / 32)].
     row_dots: GrowBuf<f32>,
-    dr: GrowBuf<f32>,
+    /// [capacity] each pair's dR, and [capacity, H] its share of dX: what the expert half
+    /// hands the router half (over the link, on an expert-parallel rank).
+    pub(crate) dr: GrowBuf<f32>,
     dg: GrowBuf<T>,
     du: GrowBuf<T>,
-    dx_pair: GrowBuf<T>,
+    pub(crate) dx_pair: GrowBuf<T>,
     dl: GrowBuf<f32>,
     dxr: GrowBuf<f32>,
     partial: GrowBuf<f32>,
@@ -130,6 +132,21 @@ impl<T: Element> BackwardScratch<T> {
             self.partial.ensure(dev, slices * h * e)?,
         ];
         Ok(grew.iter().filter(|&&g| g).count() as u64)
+    }
+
+    /// Fills every buffer that a backward rewrites before reading.
+    pub(crate) fn poison(&mut self) -> Result<()> {
+        self.dy.poison()?;
+        self.row_dots.poison()?;
+        self.dr.poison()?;
+        self.dg.poison()?;
+        self.du.poison()?;
+        self.dx_pair.poison()?;
+        self.dl.poison()?;
+        self.dxr.poison()?;
+        self.partial.poison()?;
+        self.x_rows.poison()?;
+        self.wg_split.poison()
     }
 
     /// The expert half's buffers, with the context's `act` (which the dAct GEMM recomputes).
@@ -217,7 +234,7 @@ impl From<bool> for BackwardOptions {
 }
 
 impl BackwardOptions {
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if !self.balance_grad_scale.is_finite() {
             return Err(Error::InvalidConfig(format!(
                 "moe_backward: balance_grad_scale must be finite, got {}",
@@ -262,18 +279,7 @@ impl<T: HalfElement> MoeContext<T> {
     }
 
     pub(crate) fn backward_poison(&mut self) -> Result<()> {
-        let b = &mut self.bwd;
-        b.dy.poison()?;
-        b.row_dots.poison()?;
-        b.dr.poison()?;
-        b.dg.poison()?;
-        b.du.poison()?;
-        b.dx_pair.poison()?;
-        b.dl.poison()?;
-        b.dxr.poison()?;
-        b.partial.poison()?;
-        b.x_rows.poison()?;
-        b.wg_split.poison()
+        self.bwd.poison()
     }
 }
 
@@ -331,7 +337,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     let (cfg, router) = (saved.config, saved.router);
     options.validate()?;
     check_coefficient(ctx, &coeff)?;
-    check_backward_inputs(ctx, &cfg, &x, &w, &dout, &grads)?;
+    check_backward_inputs(ctx, &cfg, cfg.experts, &x, &w, &dout, &grads)?;
     let LayerConfig {
         tokens: t,
         hidden: h,
@@ -507,15 +513,18 @@ pub(crate) fn router_half<T: HalfElement>(
     Ok(())
 }
 
-fn check_backward_inputs<T: HalfElement>(
+/// The backward's tensors: x, the weights and the weight gradients of the `held` experts (E on
+/// one GPU, E/R on an expert-parallel rank), dOut and dX, all in the context's device.
+pub(crate) fn check_backward_inputs<T: HalfElement>(
     ctx: &MoeContext<T>,
     cfg: &LayerConfig,
+    held: usize,
     x: &TensorView<T>,
     w: &MoeWeightViews<T>,
     dout: &TensorView<T>,
     g: &MoeGrads<T>,
 ) -> Result<()> {
-    check_layer_tensors(ctx, cfg, cfg.experts, x, w)?;
+    check_layer_tensors(ctx, cfg, held, x, w)?;
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
     dout.expect_shape("dout", &[t, h])?;
     dout.expect_device("dout", &ctx.dev)?;
@@ -523,9 +532,9 @@ fn check_backward_inputs<T: HalfElement>(
     g.dx.expect_device("dx", &ctx.dev)?;
     let grads: [(&'static str, &DeviceTensor<f32>, &[usize]); 4] = [
         ("router grad", &*g.router, &[h, e]),
-        ("gate grad", &*g.gate, &[e, h, f]),
-        ("up grad", &*g.up, &[e, h, f]),
-        ("down grad", &*g.down, &[e, f, h]),
+        ("gate grad", &*g.gate, &[held, h, f]),
+        ("up grad", &*g.up, &[held, h, f]),
+        ("down grad", &*g.down, &[held, f, h]),
     ];
     for (what, tensor, shape) in grads {
         tensor.expect_shape(what, shape)?;

@@ -162,7 +162,6 @@ impl ReceiveDispatch {
 /// `dst[i] = src[index[i]]` for `i < count`, where `count` is the device word
 /// `count_buf[count_at]` and at most `capacity`: 32-bit words of any type (f32 dr, u32 ids).
 #[allow(clippy::too_many_arguments)] // three buffers, the device count's place and the bound
-#[allow(dead_code)] // for the expert-parallel backward (dr's return trip), not built yet
 pub(crate) fn permute_32<'a, T: crate::tensor::Element>(
     dev: &'a Device,
     src: impl InputBuf<'a, T>,

@@ -12,11 +12,15 @@ use std::ops::Range;
 
 use cudarc::driver::{CudaView, CudaViewMut};
 
+use super::dispatch::permute_32;
 use super::dispatch::{count_message, ReceiveDispatch};
 use super::protocol::{
     CallHeader, EpSetup, ExpertPartition, Phase, TrafficMatrix, COUNT_HEADER_WORDS,
 };
 use super::transport::DeviceLoopback;
+use crate::backward::{
+    check_backward_inputs, router_half, BackwardOptions, BackwardScratch, MoeGrads,
+};
 use crate::capacity::{max_row_tiles, PairCapacity};
 use crate::config::LayerConfig;
 use crate::controller::Coefficient;
@@ -24,6 +28,7 @@ use crate::device::Device;
 use crate::element::HalfElement;
 use crate::error::{Error, Result};
 use crate::experts::ExpertBatch;
+use crate::experts::{BatchGradInputs, BatchWeightGrads};
 use crate::gather::gather_rows;
 use crate::gemm::GemmPath;
 use crate::moe::{
@@ -194,6 +199,14 @@ pub struct EpContext<T: HalfElement> {
     /// \[k_splits N, H\] the owner's results in its local order; \[N, H\] in receive order.
     y_local: GrowBuf<f32>,
     y_ret: GrowBuf<f32>,
+    /// Backward: \[|A|, H\] this rank's dOut rows in pair order; \[N, H\] the ones it received;
+    /// \[N, H\] and \[N\] the per-pair dX and dR in receive order, for the trip home.
+    dout_send: GrowBuf<T>,
+    recv_dout: GrowBuf<T>,
+    dx_ret: GrowBuf<T>,
+    dr_ret: GrowBuf<f32>,
+    /// The owner's backward buffers (the source's are in `source`).
+    owner_bwd: BackwardScratch<T>,
     saved: Option<EpSaved>,
 }
 
@@ -256,6 +269,11 @@ impl<T: HalfElement> EpContext<T> {
             u: GrowBuf::default(),
             y_local: GrowBuf::default(),
             y_ret: GrowBuf::default(),
+            dout_send: GrowBuf::default(),
+            recv_dout: GrowBuf::default(),
+            dx_ret: GrowBuf::default(),
+            dr_ret: GrowBuf::default(),
+            owner_bwd: BackwardScratch::default(),
             saved: None,
         }
     }
@@ -537,5 +555,205 @@ fn return_results<T: HalfElement>(
         "forward results",
         (&ctx.y_ret.view()?, &row_ranges(&from, h)),
         (&mut ctx.source.y.view_mut()?, &row_ranges(&home, h)),
+    )
+}
+
+/// The layer backward of this rank's last [`ep_moe_forward`] (a training context), with
+/// `dout` \[T, H\] for this rank's tokens. Every rank of the group calls it after the same
+/// forward. Each rank gets `grads.dx` \[T, H\] and `grads.router` \[H, E\] for its own
+/// tokens, and the weight gradients of the experts it owns (`grads.gate`, `grads.up`
+/// \[E/R, H, F\], `grads.down` \[E/R, F, H\]) over every rank's pairs of them; they stay on
+/// their owner (a data-parallel reduction of the router's is the caller's).
+///
+/// The backward moves the forward's rows back the way they came, so it exchanges no counts:
+/// a rank out of step (a backward against another forward) ends its peers' wait in
+/// [`Error::EpTimeout`], not in a hang.
+#[allow(clippy::too_many_arguments)] // moe_backward's arguments, plus the group
+pub fn ep_moe_backward<'x, 'w, 'd, T: HalfElement>(
+    group: &mut EpGroup,
+    ctx: &mut EpContext<T>,
+    coeff: Coefficient,
+    x: impl Into<TensorView<'x, T>>,
+    w: impl Into<MoeWeightViews<'w, T>>,
+    dout: impl Into<TensorView<'d, T>>,
+    grads: MoeGrads<T>,
+    options: impl Into<BackwardOptions>,
+) -> Result<()> {
+    let (x, w, dout, options) = (x.into(), w.into(), dout.into(), options.into());
+    let saved = match &ctx.saved {
+        Some(s) if s.training => s.clone(),
+        Some(_) => {
+            return Err(Error::InvalidConfig(
+                "ep_moe_backward: the last forward did not keep what a backward needs (make \
+                 the context with EpContext::for_training)"
+                    .into(),
+            ))
+        }
+        None => {
+            return Err(Error::InvalidConfig(
+                "ep_moe_backward: this context holds no successful forward".into(),
+            ))
+        }
+    };
+    let src_saved = ctx
+        .source
+        .saved_forward()
+        .ok_or_else(|| Error::InvalidConfig("ep_moe_backward: no forward record".into()))?
+        .clone();
+    let (cfg, router) = (src_saved.config, src_saved.router);
+    group.check_call::<T>(&cfg, router)?;
+    options.validate()?;
+    check_coefficient(&ctx.source, &coeff)?;
+    let el = group.partition.local_experts();
+    check_backward_inputs(&ctx.source, &cfg, el, &x, &w, &dout, &grads)?;
+
+    let dev = group.dev.clone();
+    let (t, h, f) = (cfg.tokens, cfg.hidden, cfg.ffn);
+    let (cap, received) = (src_saved.capacity, saved.received);
+    let path = ctx.source.gemm_path()?;
+    ctx.source.bwd.size_router_half(&dev, cap, &cfg)?;
+    ctx.owner_bwd
+        .size_expert_half(&dev, received, (h, f, el), path)?;
+    ctx.source.upload_fixed_coeff(&coeff)?;
+
+    send_douts(group, ctx, &saved.traffic, (&dout, t, h, cap))?;
+    let out = BatchWeightGrads {
+        gate: &mut *grads.gate,
+        up: &mut *grads.up,
+        down: &mut *grads.down,
+        accumulate: options.accumulate,
+        chunking_pairs: Some(saved.traffic.total_pairs()),
+    };
+    owner_backward(group, ctx, (&cfg, path), &w, received, out)?;
+    return_pair_grads(group, ctx, &saved.traffic, h, received)?;
+    router_half(
+        &mut ctx.source,
+        (&cfg, router),
+        &coeff,
+        (&x, &w.router),
+        (grads.dx, grads.router),
+        options,
+    )
+}
+
+/// This rank's dOut rows to the owners of their pairs, in the forward's ranges.
+fn send_douts<T: HalfElement>(
+    group: &mut EpGroup,
+    ctx: &mut EpContext<T>,
+    traffic: &TrafficMatrix,
+    (dout, t, h, cap): (&TensorView<T>, usize, usize, usize),
+) -> Result<()> {
+    let dev = group.dev.clone();
+    let rank = group.rank();
+    let (send, recv) = (traffic.send_offsets(rank), traffic.receive_bases(rank));
+    let received = *recv.last().expect("R+1 bases");
+    let e = group.partition.experts();
+    ctx.dout_send.ensure(&dev, cap * h)?;
+    ctx.recv_dout.ensure(&dev, received * h)?;
+    let src = &ctx.source;
+    gather_rows(
+        &dev,
+        dout,
+        t,
+        &src.pair_token,
+        &mut ctx.dout_send,
+        (&src.expert_offsets, e),
+        cap,
+        h,
+    )?;
+    group.transport.exchange(
+        &dev,
+        "backward rows",
+        (&ctx.dout_send.view()?, &row_ranges(&send, h)),
+        (&mut ctx.recv_dout.view_mut()?, &row_ranges(&recv, h)),
+    )
+}
+
+/// The expert half of the backward on the rows this rank received, in its local order: its
+/// experts' weight gradients, and each received pair's dR and dX.
+fn owner_backward<T: HalfElement>(
+    group: &EpGroup,
+    ctx: &mut EpContext<T>,
+    (cfg, path): (&LayerConfig, GemmPath),
+    w: &MoeWeightViews<T>,
+    received: usize,
+    out: BatchWeightGrads<'_>,
+) -> Result<()> {
+    let (h, f, el) = (cfg.hidden, cfg.ffn, group.partition.local_experts());
+    let d = &ctx.dispatch;
+    let batch = ExpertBatch {
+        pair_row: &d.row_of_pair,
+        expert_offsets: &d.expert_offsets,
+        tile_offsets: &d.tile_offsets,
+        experts: el,
+        cap: received,
+        max_tiles: max_row_tiles(received, el, TILE_ROWS),
+        hidden: h,
+        ffn: f,
+    };
+    let inp = BatchGradInputs {
+        x: ctx.recv_x.view()?,
+        x_rows: received,
+        dout: ctx.recv_dout.view()?,
+        dout_rows: received,
+        pair_gate: &d.pair_gate,
+        g: &ctx.g,
+        u: &ctx.u,
+        gate: &w.gate,
+        up: &w.up,
+        down: &w.down,
+    };
+    let mut bufs = ctx.owner_bwd.batch_bufs(&mut ctx.act);
+    batch.backward(&group.dev, path, &inp, &mut bufs, out)
+}
+
+/// Each received pair's dX row and dR back to receive order, then home: they land in the
+/// source's per-pair buffers in its pair order, where its router half reads them.
+fn return_pair_grads<T: HalfElement>(
+    group: &mut EpGroup,
+    ctx: &mut EpContext<T>,
+    traffic: &TrafficMatrix,
+    h: usize,
+    received: usize,
+) -> Result<()> {
+    let dev = group.dev.clone();
+    let (rank, world) = (group.rank(), group.transport.world());
+    ctx.dx_ret.ensure(&dev, received * h)?;
+    ctx.dr_ret.ensure(&dev, received)?;
+    let d = &ctx.dispatch;
+    gather_rows(
+        &dev,
+        &ctx.owner_bwd.dx_pair,
+        received,
+        &d.pair_of_row,
+        &mut ctx.dx_ret,
+        (&d.src_base, world),
+        received,
+        h,
+    )?;
+    permute_32(
+        &dev,
+        &ctx.owner_bwd.dr,
+        &d.pair_of_row,
+        &mut ctx.dr_ret,
+        &d.src_base,
+        world,
+        received,
+    )?;
+    let (home, from) = (traffic.send_offsets(rank), traffic.receive_bases(rank));
+    group.transport.exchange(
+        &dev,
+        "backward dx",
+        (&ctx.dx_ret.view()?, &row_ranges(&from, h)),
+        (
+            &mut ctx.source.bwd.dx_pair.view_mut()?,
+            &row_ranges(&home, h),
+        ),
+    )?;
+    group.transport.exchange(
+        &dev,
+        "backward dr",
+        (&ctx.dr_ret.view()?, &row_ranges(&from, 1)),
+        (&mut ctx.source.bwd.dr.view_mut()?, &row_ranges(&home, 1)),
     )
 }

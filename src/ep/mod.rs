@@ -39,6 +39,6 @@ pub mod loopback;
 pub mod protocol;
 pub mod transport;
 
-pub use layer::{ep_moe_forward, EpContext, EpGroup, EpSaved, Transport};
+pub use layer::{ep_moe_backward, ep_moe_forward, EpContext, EpGroup, EpSaved, Transport};
 pub use loopback::{Endpoint, LoopbackHub, Msg};
 pub use protocol::{CallHeader, EpSetup, ExpertPartition, Phase, ReceivePlan, TrafficMatrix};

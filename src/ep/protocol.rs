@@ -340,6 +340,11 @@ impl TrafficMatrix {
         self.counts[src * self.partition.experts() + expert]
     }
 
+    /// All pairs of all sources: what one GPU would hold for every rank's tokens.
+    pub fn total_pairs(&self) -> usize {
+        self.counts.iter().sum()
+    }
+
     /// The pairs source `src` sends owner `dst` (itself included).
     pub fn pairs(&self, src: usize, dst: usize) -> usize {
         self.partition
