@@ -1,6 +1,8 @@
-//! The expert-parallel forward on one GPU, R ranks as threads over the device loopback: each
-//! rank's output and statistics are bitwise those of the one-GPU layer run on that rank's
-//! tokens alone with the full weights, while each rank holds only its E/R experts' weights.
+//! The expert-parallel layer on one GPU, R ranks as threads over the device loopback: each
+//! rank's output, statistics, dX and dWr are bitwise those of the one-GPU layer run on that
+//! rank's tokens alone with the full weights, while each rank holds only its E/R experts'
+//! weights; each owner's expert weight gradients are bitwise its slice of the one-GPU
+//! gradients over every rank's tokens, in rank order.
 //! Ranks that disagree on their setup all get the same `EpMismatch`; a rank that never joins
 //! ends its peers' wait in `EpTimeout`, not a hang.
 //!
@@ -14,12 +16,14 @@ use std::time::{Duration, Instant};
 use common::{gpu_or_skip, seed_note};
 use half::bf16;
 use remoe_kernels::ep::transport::{DeviceLoopback, Handoff};
-use remoe_kernels::ep::{ep_moe_forward, EpContext, EpGroup, EpSetup, LoopbackHub, Transport};
-use remoe_kernels::{
-    moe_forward, Coefficient, DType, Device, DeviceTensor, Error, ForwardStats, GemmPath,
-    LayerConfig, MoeContext, MoeWeights, RouterKind,
+use remoe_kernels::ep::{
+    ep_moe_backward, ep_moe_forward, EpContext, EpGroup, EpSetup, LoopbackHub, Transport,
 };
-use remoe_testkit::rng::fresh_seed;
+use remoe_kernels::{
+    moe_backward, moe_forward, Coefficient, DType, Device, DeviceTensor, Error, ForwardStats,
+    GemmPath, LayerConfig, MoeContext, MoeGrads, MoeWeights, RouterKind,
+};
+use remoe_testkit::rng::{fresh_seed, seeded, UniformVec};
 use remoe_testkit::synthetic::{problem_with_density, to_bf16, HostProblem};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,6 +49,25 @@ fn rank_rows(p: &HostProblem, tokens: &[usize], rank: usize) -> Vec<f64> {
     p.x[first * h..(first + tokens[rank]) * h].to_vec()
 }
 
+/// Rank `rank` of `world` on its own device handle, in the group of `hub`.
+fn join(
+    hub: &LoopbackHub<Handoff>,
+    (rank, world): (usize, usize),
+    cfg: LayerConfig,
+    router: RouterKind,
+) -> remoe_kernels::Result<(Device, EpGroup)> {
+    let dev = Device::new(0)?;
+    let transport = Transport::Loopback(DeviceLoopback::new(hub, rank, TIMEOUT)?);
+    let setup = EpSetup {
+        world,
+        config: cfg,
+        dtype: DType::BF16,
+        router,
+    };
+    let group = EpGroup::new(&dev, transport, setup)?;
+    Ok((dev, group))
+}
+
 /// One rank: joins the group, runs the forward twice (the second time on poisoned buffers).
 fn ep_rank(
     hub: &LoopbackHub<Handoff>,
@@ -54,63 +77,39 @@ fn ep_rank(
     (router, path): (RouterKind, GemmPath),
 ) -> remoe_kernels::Result<RankRun> {
     let world = tokens.len();
-    let dev = Device::new(0)?;
     let cfg = LayerConfig {
         tokens: tokens[rank],
         ..p.cfg
     };
-    let (h, f, e) = (cfg.hidden, cfg.ffn, cfg.experts);
-    let el = e / world;
-    let up = |v: &[f64], shape: &[usize]| DeviceTensor::from_host(&dev, &to_bf16(v), shape);
-    let x = up(&rank_rows(p, tokens, rank), &[cfg.tokens, h])?;
-    let router_w = up(&p.params.router, &[h, e])?;
-    let own = |v: &[f64], per: usize, shape: &[usize]| {
-        up(&v[rank * el * per..(rank + 1) * el * per], shape)
-    };
-    let gate = own(&p.params.gate, h * f, &[el, h, f])?;
-    let upw = own(&p.params.up, h * f, &[el, h, f])?;
-    let down = own(&p.params.down, f * h, &[el, f, h])?;
-    let w = MoeWeights {
-        router: &router_w,
-        gate: &gate,
-        up: &upw,
-        down: &down,
-    };
-    let transport = Transport::Loopback(DeviceLoopback::new(hub, rank, TIMEOUT)?);
-    let setup = EpSetup {
-        world,
-        config: cfg,
-        dtype: DType::BF16,
-        router,
-    };
-    let mut group = EpGroup::new(&dev, transport, setup)?;
+    let (dev, mut group) = join(hub, (rank, world), cfg, router)?;
+    let h = cfg.hidden;
+    let x = DeviceTensor::from_host(
+        &dev,
+        &to_bf16(&rank_rows(p, tokens, rank)),
+        &[cfg.tokens, h],
+    )?;
+    let w = HeldWeights::upload(&dev, p, rank, world);
     let mut ctx = EpContext::<bf16>::new(&dev);
     ctx.set_gemm_path(path)?;
     let mut out = DeviceTensor::<bf16>::zeros(&dev, &[cfg.tokens, h])?;
-    ep_moe_forward(
-        &mut group,
-        &mut ctx,
-        &cfg,
-        router,
-        coeff(router),
-        7,
-        &x,
-        &w,
-        &mut out,
-    )?;
-    ctx.poison_workspace()?;
-    out.poison()?;
-    ep_moe_forward(
-        &mut group,
-        &mut ctx,
-        &cfg,
-        router,
-        coeff(router),
-        7,
-        &x,
-        &w,
-        &mut out,
-    )?;
+    for run in 0..2 {
+        if run == 1 {
+            ctx.poison_workspace()?;
+            out.poison()?;
+        }
+        let c = coeff(router);
+        ep_moe_forward(
+            &mut group,
+            &mut ctx,
+            &cfg,
+            router,
+            c,
+            7,
+            &x,
+            &w.views(),
+            &mut out,
+        )?;
+    }
     let stats = ctx.stats()?;
     let out = out.to_host()?.iter().map(|v| v.to_bits()).collect();
     Ok(RankRun { out, stats })
@@ -128,25 +127,23 @@ fn one_gpu(
         tokens: tokens[rank],
         ..p.cfg
     };
-    let (h, f, e) = (cfg.hidden, cfg.ffn, cfg.experts);
-    let up = |v: &[f64], shape: &[usize]| DeviceTensor::from_host(dev, &to_bf16(v), shape).unwrap();
-    let x = up(&rank_rows(p, tokens, rank), &[cfg.tokens, h]);
-    let (r, g, u, d) = (
-        up(&p.params.router, &[h, e]),
-        up(&p.params.gate, &[e, h, f]),
-        up(&p.params.up, &[e, h, f]),
-        up(&p.params.down, &[e, f, h]),
-    );
-    let w = MoeWeights {
-        router: &r,
-        gate: &g,
-        up: &u,
-        down: &d,
-    };
+    let h = cfg.hidden;
+    let x = DeviceTensor::from_host(dev, &to_bf16(&rank_rows(p, tokens, rank)), &[cfg.tokens, h])
+        .unwrap();
+    let w = HeldWeights::upload(dev, p, 0, 1);
     let mut ctx = MoeContext::<bf16>::new(dev);
     ctx.set_gemm_path(path).unwrap();
     let mut out = DeviceTensor::<bf16>::zeros(dev, &[cfg.tokens, h]).unwrap();
-    moe_forward(&mut ctx, &cfg, router, coeff(router), &x, &w, &mut out).unwrap();
+    moe_forward(
+        &mut ctx,
+        &cfg,
+        router,
+        coeff(router),
+        &x,
+        &w.views(),
+        &mut out,
+    )
+    .unwrap();
     let stats = ctx.stats().unwrap();
     let out = out.to_host().unwrap().iter().map(|v| v.to_bits()).collect();
     RankRun { out, stats }
@@ -310,4 +307,327 @@ fn a_rank_that_never_joins_ends_the_wait_in_a_timeout() {
         "waited {:?}",
         start.elapsed()
     );
+}
+
+/// One rank's gradients: dX and dWr for its tokens, and its experts' dWg, dWu, dWd.
+struct RankGrads {
+    dx: Vec<u16>,
+    router: Vec<f32>,
+    experts: [Vec<f32>; 3],
+}
+
+/// The weights rank `rank` holds (all of them when `world` is 1).
+struct HeldWeights {
+    router: DeviceTensor<bf16>,
+    gate: DeviceTensor<bf16>,
+    up: DeviceTensor<bf16>,
+    down: DeviceTensor<bf16>,
+}
+
+impl HeldWeights {
+    fn upload(dev: &Device, p: &HostProblem, rank: usize, world: usize) -> Self {
+        let (h, f, e) = (p.cfg.hidden, p.cfg.ffn, p.cfg.experts);
+        let el = e / world;
+        let up =
+            |v: &[f64], shape: &[usize]| DeviceTensor::from_host(dev, &to_bf16(v), shape).unwrap();
+        let own = |v: &[f64], per: usize, shape: &[usize]| {
+            up(&v[rank * el * per..(rank + 1) * el * per], shape)
+        };
+        Self {
+            router: up(&p.params.router, &[h, e]),
+            gate: own(&p.params.gate, h * f, &[el, h, f]),
+            up: own(&p.params.up, h * f, &[el, h, f]),
+            down: own(&p.params.down, f * h, &[el, f, h]),
+        }
+    }
+
+    fn views(&self) -> MoeWeights<'_, bf16> {
+        MoeWeights {
+            router: &self.router,
+            gate: &self.gate,
+            up: &self.up,
+            down: &self.down,
+        }
+    }
+}
+
+/// Gradient buffers for T tokens and `el` experts, poisoned (dX and the weight gradients are
+/// overwritten, not accumulated).
+struct GradBufs {
+    dx: DeviceTensor<bf16>,
+    router: DeviceTensor<f32>,
+    gate: DeviceTensor<f32>,
+    up: DeviceTensor<f32>,
+    down: DeviceTensor<f32>,
+}
+
+impl GradBufs {
+    fn poisoned(dev: &Device, cfg: &LayerConfig, el: usize) -> Self {
+        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+        let mut g = Self {
+            dx: DeviceTensor::zeros(dev, &[t, h]).unwrap(),
+            router: DeviceTensor::zeros(dev, &[h, e]).unwrap(),
+            gate: DeviceTensor::zeros(dev, &[el, h, f]).unwrap(),
+            up: DeviceTensor::zeros(dev, &[el, h, f]).unwrap(),
+            down: DeviceTensor::zeros(dev, &[el, f, h]).unwrap(),
+        };
+        g.dx.poison().unwrap();
+        for b in [&mut g.router, &mut g.gate, &mut g.up, &mut g.down] {
+            b.poison().unwrap();
+        }
+        g
+    }
+
+    fn grads(&mut self) -> MoeGrads<'_, bf16> {
+        MoeGrads {
+            dx: &mut self.dx,
+            router: &mut self.router,
+            gate: &mut self.gate,
+            up: &mut self.up,
+            down: &mut self.down,
+        }
+    }
+
+    fn to_host(&self) -> RankGrads {
+        RankGrads {
+            dx: self
+                .dx
+                .to_host()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect(),
+            router: self.router.to_host().unwrap(),
+            experts: [
+                self.gate.to_host().unwrap(),
+                self.up.to_host().unwrap(),
+                self.down.to_host().unwrap(),
+            ],
+        }
+    }
+}
+
+/// Rank `rank`'s forward and backward through the group (the second run on poisoned buffers).
+fn ep_rank_backward(
+    hub: &LoopbackHub<Handoff>,
+    (p, dout): (&HostProblem, &[f64]),
+    tokens: &[usize],
+    rank: usize,
+    (router, path): (RouterKind, GemmPath),
+) -> remoe_kernels::Result<RankGrads> {
+    let world = tokens.len();
+    let cfg = LayerConfig {
+        tokens: tokens[rank],
+        ..p.cfg
+    };
+    let (dev, mut group) = join(hub, (rank, world), cfg, router)?;
+    let h = cfg.hidden;
+    let x = DeviceTensor::from_host(
+        &dev,
+        &to_bf16(&rank_rows(p, tokens, rank)),
+        &[cfg.tokens, h],
+    )?;
+    let first: usize = tokens[..rank].iter().sum();
+    let d = DeviceTensor::from_host(
+        &dev,
+        &to_bf16(&dout[first * h..(first + cfg.tokens) * h]),
+        &[cfg.tokens, h],
+    )?;
+    let w = HeldWeights::upload(&dev, p, rank, world);
+    let mut ctx = EpContext::<bf16>::for_training(&dev);
+    ctx.set_gemm_path(path)?;
+    let mut out = DeviceTensor::<bf16>::zeros(&dev, &[cfg.tokens, h])?;
+    let mut grads = GradBufs::poisoned(&dev, &cfg, cfg.experts / world);
+    for run in 0..2 {
+        if run == 1 {
+            ctx.poison_workspace()?;
+            grads = GradBufs::poisoned(&dev, &cfg, cfg.experts / world);
+        }
+        ep_moe_forward(
+            &mut group,
+            &mut ctx,
+            &cfg,
+            router,
+            coeff(router),
+            7,
+            &x,
+            &w.views(),
+            &mut out,
+        )?;
+        ep_moe_backward(
+            &mut group,
+            &mut ctx,
+            coeff(router),
+            &x,
+            &w.views(),
+            &d,
+            grads.grads(),
+            false,
+        )?;
+    }
+    ctx.check_device_errors()?;
+    Ok(grads.to_host())
+}
+
+/// The one-GPU forward and backward on `tokens` rows of the problem starting at `first`.
+fn one_gpu_backward(
+    dev: &Device,
+    (p, dout): (&HostProblem, &[f64]),
+    (first, t): (usize, usize),
+    (router, path): (RouterKind, GemmPath),
+) -> RankGrads {
+    let cfg = LayerConfig { tokens: t, ..p.cfg };
+    let h = cfg.hidden;
+    let up = |v: &[f64]| DeviceTensor::from_host(dev, &to_bf16(v), &[t, h]).unwrap();
+    let x = up(&p.x[first * h..(first + t) * h]);
+    let d = up(&dout[first * h..(first + t) * h]);
+    let w = HeldWeights::upload(dev, p, 0, 1);
+    let mut ctx = MoeContext::<bf16>::for_training(dev);
+    ctx.set_gemm_path(path).unwrap();
+    let mut out = DeviceTensor::<bf16>::zeros(dev, &[t, h]).unwrap();
+    moe_forward(
+        &mut ctx,
+        &cfg,
+        router,
+        coeff(router),
+        &x,
+        &w.views(),
+        &mut out,
+    )
+    .unwrap();
+    let mut grads = GradBufs::poisoned(dev, &cfg, cfg.experts);
+    moe_backward(
+        &mut ctx,
+        coeff(router),
+        &x,
+        &w.views(),
+        &d,
+        grads.grads(),
+        false,
+    )
+    .unwrap();
+    grads.to_host()
+}
+
+fn assert_bits_f32(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+        panic!(
+            "{what}: element {i} is {} where one GPU has {}",
+            got[i], want[i]
+        );
+    }
+}
+
+fn check_backward_case(
+    dev: &Device,
+    kind: (RouterKind, GemmPath),
+    cfg: LayerConfig,
+    tokens: &[usize],
+    density: &[f64],
+) {
+    let seed = fresh_seed();
+    let what = format!(
+        "{kind:?} E {} H {} F {} T {tokens:?} {}",
+        cfg.experts,
+        cfg.hidden,
+        cfg.ffn,
+        seed_note(seed)
+    );
+    let total_t: usize = tokens.iter().sum();
+    let total = LayerConfig {
+        tokens: total_t,
+        ..cfg
+    };
+    let p = problem_with_density(total, density, seed);
+    let dout: Vec<f64> = seeded(seed ^ 0xd0)
+        .vec_uniform(total_t * cfg.hidden, 1.0)
+        .into_iter()
+        .map(|v| bf16::from_f64(v).to_f64())
+        .collect();
+    let world = tokens.len();
+    let hub = LoopbackHub::new(world).unwrap();
+    let runs: Vec<RankGrads> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let (hub, p, dout) = (&hub, &p, &dout);
+                s.spawn(move || ep_rank_backward(hub, (p, dout), tokens, rank, kind))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(rank, h)| {
+                h.join()
+                    .expect("rank thread")
+                    .unwrap_or_else(|e| panic!("rank {rank}: {e}, {what}"))
+            })
+            .collect()
+    });
+    // Each owner's experts: slice `rank` of one GPU's gradients over every rank's tokens.
+    let all = one_gpu_backward(dev, (&p, &dout), (0, total_t), kind);
+    let el = cfg.experts / world;
+    let (h, f) = (cfg.hidden, cfg.ffn);
+    for (rank, ep) in runs.iter().enumerate() {
+        let first: usize = tokens[..rank].iter().sum();
+        let own = one_gpu_backward(dev, (&p, &dout), (first, tokens[rank]), kind);
+        if let Some(i) = (0..ep.dx.len()).find(|&i| ep.dx[i] != own.dx[i]) {
+            panic!(
+                "rank {rank} dX[{i}]: {} where one GPU has {}, {what}",
+                bf16::from_bits(ep.dx[i]),
+                bf16::from_bits(own.dx[i])
+            );
+        }
+        assert_bits_f32(&ep.router, &own.router, &format!("rank {rank} dWr, {what}"));
+        for (k, name) in ["dWg", "dWu", "dWd"].iter().enumerate() {
+            let per = h * f;
+            let slice = &all.experts[k][rank * el * per..(rank + 1) * el * per];
+            assert_bits_f32(
+                &ep.experts[k],
+                slice,
+                &format!("rank {rank} {name}, {what}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn ep_backward_is_bitwise_the_one_gpu_layer() {
+    let Some(dev) = gpu_or_skip("ep_backward_is_bitwise_the_one_gpu_layer") else {
+        return;
+    };
+    let paths: Vec<GemmPath> = [GemmPath::Hopper, GemmPath::MmaSync]
+        .into_iter()
+        .filter(|p| p.supported_on(&dev).unwrap())
+        .collect();
+    for path in paths {
+        for router in [RouterKind::Relu, RouterKind::TopK] {
+            let kind = (router, path);
+            check_backward_case(
+                &dev,
+                kind,
+                LayerConfig::new(0, 128, 256, 8, 2),
+                &[300, 300],
+                &[0.3; 8],
+            );
+            check_backward_case(
+                &dev,
+                kind,
+                LayerConfig::new(0, 128, 256, 8, 2),
+                &[97, 0, 1, 331],
+                &[0.4; 8],
+            );
+        }
+        // One hot expert (rank 1's) taking every token: its weight-gradient reduction is split
+        // into chunks, cut for all ranks' pairs.
+        let mut d = vec![0.05; 8];
+        d[5] = 1.0;
+        check_backward_case(
+            &dev,
+            (RouterKind::Relu, path),
+            LayerConfig::new(0, 64, 128, 8, 1),
+            &[4096, 4096],
+            &d,
+        );
+    }
 }
