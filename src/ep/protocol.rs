@@ -549,6 +549,8 @@ mod tests {
         assert_eq!(m.send_offsets(1), vec![0, 5, 5]);
         assert_eq!(m.receive_bases(0), vec![0, 3, 8]);
         assert_eq!(m.receive_bases(1), vec![0, 3, 3]);
+        // One GPU over both ranks' tokens would hold all 11 pairs.
+        assert_eq!(m.total_pairs(), 11);
 
         // An overflowed source publishes all-zero offsets: it sends nothing.
         let empty = h.count_message(1, &[0; 5], false);

@@ -192,3 +192,29 @@ fn out_of_step(rank: usize, op: &'static str) -> Error {
         what: format!("out of step in {op}: a handoff of the other round"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exchange_ranges_stay_inside_their_buffers_and_receives_never_overlap() {
+        let ok = check_ranges("t", 2, 10, &[0..4, 2..10], 8, &[0..3, 3..8]);
+        assert_eq!(ok, Ok(()));
+        // An all-gather: one send buffer to every rank; empty ranges anywhere.
+        assert!(check_ranges("t", 3, 4, &[0..4, 0..4, 0..4], 12, &[0..4, 4..8, 8..12]).is_ok());
+        assert!(check_ranges("t", 2, 0, &[0..0, 0..0], 0, &[0..0, 0..0]).is_ok());
+        let refused = [
+            // One range too many; a send past its buffer; a receive past its buffer.
+            check_ranges("t", 2, 10, &[0..4, 0..4, 0..4], 8, &[0..3, 3..8]),
+            check_ranges("t", 2, 10, &[0..4, 6..11], 8, &[0..3, 3..8]),
+            check_ranges("t", 2, 10, &[0..4, 2..10], 8, &[0..3, 3..9]),
+            // Two receives writing element 2; receives out of rank order.
+            check_ranges("t", 2, 10, &[0..4, 2..10], 8, &[0..3, 2..8]),
+            check_ranges("t", 2, 10, &[0..4, 2..10], 8, &[4..8, 0..4]),
+        ];
+        for (i, r) in refused.into_iter().enumerate() {
+            assert!(matches!(r, Err(Error::InvalidConfig(_))), "case {i}: {r:?}");
+        }
+    }
+}
