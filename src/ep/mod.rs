@@ -2,7 +2,8 @@
 //! tokens and exchanging (token, expert) pairs with the experts' owners.
 //!
 //! What exists so far is the part that needs no GPU, and that the GPU layer will run on the host
-//! unchanged (the repository's `docs/EXPERT_PARALLEL_DESIGN.md` is the whole plan):
+//! unchanged, and the NCCL transport the GPU layer will exchange through (the repository's
+//! `docs/EXPERT_PARALLEL_DESIGN.md` is the whole plan):
 //!
 //! - [`protocol`]: who owns which experts ([`ExpertPartition`]), the setup record every rank
 //!   must agree on ([`EpSetup`]), the per-call count message and the traffic matrix built from
@@ -13,6 +14,11 @@
 //!   ([`Error::EpMismatch`](crate::Error::EpMismatch),
 //!   [`Error::EpTimeout`](crate::Error::EpTimeout), then
 //!   [`Error::EpAborted`](crate::Error::EpAborted)) where NCCL would hang.
+//! - `nccl` (feature `ep`): the NCCL transport, one rank per GPU: a nonblocking communicator
+//!   whose all-to-all is one group of sends and receives, every wait bounded, so that a rank
+//!   that never calls or a size mismatch becomes [`Error::EpTimeout`](crate::Error::EpTimeout)
+//!   and then [`Error::EpAborted`](crate::Error::EpAborted) instead of a hang. Its two-GPU
+//!   tests are `tests/gpu_ep_nccl.rs`.
 //! - [`crate::reference::expert_parallel`]: the whole expert-parallel layer on the CPU, R ranks
 //!   simulated in one process, whose tests show the protocol's central claim: each rank's output
 //!   and gradients are **bitwise** those of the one-rank layer on that rank's tokens, and each
@@ -20,8 +26,7 @@
 //!   order.
 //!
 //! Not built yet: the GPU layer, its kernels (the count message and the owner's dispatch, whose
-//! CPU versions are here), the device-buffer transport over the loopback hub, and the NCCL
-//! transport.
+//! CPU versions are here), and the device-buffer transport over the loopback hub.
 //!
 //! # Why the results are exact
 //!
@@ -36,6 +41,8 @@
 mod dispatch;
 pub mod layer;
 pub mod loopback;
+#[cfg(feature = "ep")]
+pub mod nccl;
 pub mod protocol;
 pub mod transport;
 
