@@ -116,11 +116,24 @@ fn an_exchange_delivers_every_message_between_two_gpus() {
         assert_eq!((comm.rank(), comm.world()), (rank, WORLD));
         let stream = dev.stream().clone();
 
-        // Not one buffer per rank: refused before anything is posted, and the communicator
-        // stays usable (the rounds below run on it).
+        // Ranges that are not one per rank, or that leave their buffer: refused before anything
+        // is posted, and the communicator stays usable (the rounds below run on it).
         let one = stream.clone_htod(&[0u32; 1]).unwrap();
         let mut other = stream.alloc_zeros::<u32>(1).unwrap();
-        let refused = comm.exchange("one buffer", &[one.slice(..)], &mut [other.slice_mut(..)]);
+        let refused = comm.exchange(
+            "three ranges",
+            (&one.slice(..), &[0..1, 0..1, 0..1]),
+            (&mut other.slice_mut(..), &[0..1, 1..1, 1..1]),
+        );
+        assert!(
+            matches!(refused, Err(Error::InvalidConfig(_))),
+            "{refused:?}"
+        );
+        let refused = comm.exchange(
+            "past the buffer",
+            (&one.slice(..), &[0..1, 0..1]),
+            (&mut other.slice_mut(..), &[0..1, 1..2]),
+        );
         assert!(
             matches!(refused, Err(Error::InvalidConfig(_))),
             "{refused:?}"
@@ -140,13 +153,15 @@ fn an_exchange_delivers_every_message_between_two_gpus() {
             let mut recv = stream.clone_htod(&vec![SENTINEL; recv_total + 1]).unwrap();
 
             let to0 = counts[rank][0];
-            let sends = [send.slice(..to0), send.slice(to0..to0 + counts[rank][1])];
-            {
-                let mut messages = recv.slice_mut(..recv_total);
-                let (from0, from1) = messages.split_at_mut(counts[0][rank]);
-                comm.exchange("round", &sends, &mut [from0, from1])
-                    .unwrap_or_else(|e| panic!("{what}: {e}"));
-            }
+            let sends = [0..to0, to0..to0 + counts[rank][1]];
+            let from0 = counts[0][rank];
+            let recvs = [0..from0, from0..recv_total];
+            comm.exchange(
+                "round",
+                (&send.slice(..), &sends),
+                (&mut recv.slice_mut(..), &recvs),
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
             comm.wait("round").unwrap_or_else(|e| panic!("{what}: {e}"));
 
             let got = stream.clone_dtoh(&recv).unwrap();
@@ -182,17 +197,17 @@ fn ranks_that_disagree_on_sizes_both_time_out_then_every_call_is_aborted() {
         let stream = dev.stream().clone();
         // Each rank sends its rank number to both ranks.
         let send = stream.clone_htod(&[rank as u32; 2]).unwrap();
-        let sends = [send.slice(..1), send.slice(1..2)];
+        let sends = [0..1, 1..2];
         let mut recv = stream.alloc_zeros::<u32>(BIG + 1).unwrap();
 
         // A matching exchange first, so that NCCL's connections exist and the failure below is
         // in the transfer itself.
-        {
-            let mut messages = recv.slice_mut(..2);
-            let (from0, from1) = messages.split_at_mut(1);
-            comm.exchange("warm-up", &sends, &mut [from0, from1])
-                .unwrap();
-        }
+        comm.exchange(
+            "warm-up",
+            (&send.slice(..), &sends),
+            (&mut recv.slice_mut(..), &[0..1, 1..2]),
+        )
+        .unwrap();
         comm.wait("warm-up").unwrap();
         assert_eq!(stream.clone_dtoh(&recv.slice(..2)).unwrap(), [0, 1]);
 
@@ -202,14 +217,18 @@ fn ranks_that_disagree_on_sizes_both_time_out_then_every_call_is_aborted() {
         comm.set_timeout(SHORT);
         let start = Instant::now();
         let outcome = {
-            let (own, from_peer) = recv.split_at_mut(1);
-            let mut recvs = if rank == 0 {
+            let (own, from_peer) = (0..1, 1..BIG + 1);
+            let recvs = if rank == 0 {
                 [own, from_peer]
             } else {
                 [from_peer, own]
             };
-            comm.exchange("out of step", &sends, &mut recvs)
-                .and_then(|()| comm.wait("out of step"))
+            comm.exchange(
+                "out of step",
+                (&send.slice(..), &sends),
+                (&mut recv.slice_mut(..), &recvs),
+            )
+            .and_then(|()| comm.wait("out of step"))
         };
         let elapsed = start.elapsed();
         match outcome {
@@ -230,8 +249,11 @@ fn ranks_that_disagree_on_sizes_both_time_out_then_every_call_is_aborted() {
             matches!(&later, Err(Error::EpAborted(w)) if *w == why),
             "{later:?}"
         );
-        let (from0, from1) = recv.split_at_mut(1);
-        let later = comm.exchange("after", &sends, &mut [from0, from1]);
+        let later = comm.exchange(
+            "after",
+            (&send.slice(..), &sends),
+            (&mut recv.slice_mut(..), &[0..1, 1..2]),
+        );
         assert!(
             matches!(&later, Err(Error::EpAborted(w)) if *w == why),
             "{later:?}"
@@ -251,7 +273,7 @@ fn a_rank_that_never_exchanges_ends_its_peers_exchange_in_ep_timeout() {
         let mut comm = EpComm::new(&dev, rank, WORLD, &id, LONG).unwrap();
         let stream = dev.stream().clone();
         let send = stream.clone_htod(&[rank as u32; 2]).unwrap();
-        let sends = [send.slice(..1), send.slice(1..2)];
+        let sends = [0..1, 1..2];
         let mut recv = stream.alloc_zeros::<u32>(2).unwrap();
 
         if rank == 1 {
@@ -259,8 +281,11 @@ fn a_rank_that_never_exchanges_ends_its_peers_exchange_in_ep_timeout() {
             rank0_done.wait();
             comm.abort("rank 1 left the group");
             assert_eq!(comm.poisoned(), Some("rank 1 left the group"));
-            let (from0, from1) = recv.split_at_mut(1);
-            let later = comm.exchange("after leaving", &sends, &mut [from0, from1]);
+            let later = comm.exchange(
+                "after leaving",
+                (&send.slice(..), &sends),
+                (&mut recv.slice_mut(..), &[0..1, 1..2]),
+            );
             assert!(
                 matches!(&later, Err(Error::EpAborted(w)) if w == "rank 1 left the group"),
                 "{later:?}"
@@ -273,9 +298,12 @@ fn a_rank_that_never_exchanges_ends_its_peers_exchange_in_ep_timeout() {
         comm.set_timeout(SHORT);
         let start = Instant::now();
         let outcome = {
-            let (from0, from1) = recv.split_at_mut(1);
-            comm.exchange("alone", &sends, &mut [from0, from1])
-                .and_then(|()| comm.wait("alone"))
+            comm.exchange(
+                "alone",
+                (&send.slice(..), &sends),
+                (&mut recv.slice_mut(..), &[0..1, 1..2]),
+            )
+            .and_then(|()| comm.wait("alone"))
         };
         let elapsed = start.elapsed();
         // Before any assertion, so that rank 1 never waits for a rank 0 that failed.

@@ -45,18 +45,37 @@ const TILE_ROWS: usize = crate::ffi::REMOE_GEMM_TILE_ROWS as usize;
 pub enum Transport {
     /// R threads on one GPU (tests of the protocol on one device).
     Loopback(DeviceLoopback),
+    /// NCCL, one rank per GPU (feature `ep`).
+    #[cfg(feature = "ep")]
+    Nccl(super::nccl::EpComm),
 }
 
 impl Transport {
     fn rank(&self) -> usize {
         match self {
             Self::Loopback(t) => t.rank(),
+            #[cfg(feature = "ep")]
+            Self::Nccl(c) => c.rank(),
         }
     }
 
     fn world(&self) -> usize {
         match self {
             Self::Loopback(t) => t.world(),
+            #[cfg(feature = "ep")]
+            Self::Nccl(c) => c.world(),
+        }
+    }
+
+    /// Whether the transport enqueues on `dev`'s stream (the one its exchanges are ordered on
+    /// against the layer's kernels).
+    #[cfg_attr(not(feature = "ep"), allow(unused_variables))] // only NCCL's arm reads them
+    fn uses(&self, dev: &Device) -> bool {
+        match self {
+            // The loopback enqueues on whichever device it is given at each exchange.
+            Self::Loopback(_) => true,
+            #[cfg(feature = "ep")]
+            Self::Nccl(c) => std::sync::Arc::ptr_eq(c.device().stream(), dev.stream()),
         }
     }
 
@@ -71,6 +90,21 @@ impl Transport {
     ) -> Result<()> {
         match self {
             Self::Loopback(t) => t.exchange(dev, op, send, recv),
+            #[cfg(feature = "ep")]
+            Self::Nccl(c) => c.exchange(op, send, recv),
+        }
+    }
+
+    /// Waits, at most the transport's timeout, until this rank's exchanges so far have finished
+    /// on the device: what must come before a host read of the stream, which would otherwise
+    /// block for good behind an exchange a peer never matches. (The loopback's exchanges
+    /// cannot stall on the device: every wait they enqueue is on an event already recorded.)
+    #[cfg_attr(not(feature = "ep"), allow(unused_variables))]
+    fn wait(&mut self, op: &'static str) -> Result<()> {
+        match self {
+            Self::Loopback(_) => Ok(()),
+            #[cfg(feature = "ep")]
+            Self::Nccl(c) => c.wait(op),
         }
     }
 }
@@ -93,6 +127,11 @@ impl EpGroup {
     /// A rank whose own setup is invalid still takes part (with a record its peers refuse), so
     /// that they fail at once instead of waiting for it.
     pub fn new(dev: &Device, mut transport: Transport, setup: EpSetup) -> Result<Self> {
+        if !transport.uses(dev) {
+            return Err(Error::InvalidConfig(
+                "an expert-parallel group's transport must be made from the group's Device".into(),
+            ));
+        }
         let world = transport.world();
         let own = setup.to_words();
         let words = own.clone().unwrap_or([0; EpSetup::WORDS]);
@@ -110,6 +149,7 @@ impl EpGroup {
             (&mine.view()?, &same),
             (&mut all.view_mut()?, &each),
         )?;
+        transport.wait("setup")?;
         let flat = all.to_host()?;
         let records: Vec<[u32; EpSetup::WORDS]> = flat
             .chunks_exact(w)
@@ -345,7 +385,9 @@ fn row_ranges(bounds: &[usize], row_len: usize) -> Vec<Range<usize>> {
 ///
 /// `out` is bitwise the one-GPU [`crate::moe_forward`] on `x` with the full weights, as long as
 /// the down projection's split-K count is the same (it is for equal T on every rank; see the
-/// design's §7.5). Waits for the count exchange (a host read), so it cannot be captured.
+/// design's §7.5). Waits for the count exchange (a host read), so it cannot be captured, and
+/// at the end for its exchanges to finish (bounded by the transport's timeout), so that a rank
+/// out of step surfaces as an error here and never as a stream that blocks a later read.
 #[allow(clippy::too_many_arguments)] // moe_forward's arguments, plus the group and the layer id
 pub fn ep_moe_forward<'x, 'w, T: HalfElement>(
     group: &mut EpGroup,
@@ -386,6 +428,9 @@ pub fn ep_moe_forward<'x, 'w, T: HalfElement>(
     let received = send_rows(group, ctx, &traffic, cfg.hidden, training)?;
     run_owned_experts(group, ctx, cfg, &w, received, plan.k_splits, training)?;
     return_results(group, ctx, &traffic, cfg.hidden, received)?;
+    // Bounded here, so that no later host read of the stream can block behind an exchange a
+    // peer never matched.
+    group.transport.wait("forward results")?;
     plan.combine(&mut ctx.source, out)?;
 
     plan.record(&mut ctx.source);
@@ -443,6 +488,7 @@ fn exchange_counts<T: HalfElement>(
         cap,
         h,
     )?;
+    group.transport.wait("forward counts")?;
     let flat = ctx.msgs.to_host()?;
     let messages: Vec<Vec<u32>> = flat.chunks_exact(words).map(<[u32]>::to_vec).collect();
     TrafficMatrix::from_messages(group.partition, header, &messages)
@@ -626,6 +672,7 @@ pub fn ep_moe_backward<'x, 'w, 'd, T: HalfElement>(
     };
     owner_backward(group, ctx, (&cfg, path), &w, received, out)?;
     return_pair_grads(group, ctx, &saved.traffic, h, received)?;
+    group.transport.wait("backward returns")?;
     router_half(
         &mut ctx.source,
         (&cfg, router),

@@ -41,6 +41,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,7 @@ use cudarc::driver::{
 use cudarc::nccl::result::{self, NcclError, NcclStatus};
 use cudarc::nccl::sys;
 
+use super::transport::check_ranges;
 use crate::device::Device;
 use crate::error::{Error, Result};
 
@@ -346,11 +348,13 @@ fn collective(op: &'static str, code: u32) -> Error {
 /// let stream = dev.stream().clone();
 /// let send = stream.clone_htod(&[rank as u32; 8])?;
 /// let mut recv = stream.alloc_zeros::<u32>(8)?;
-/// {
-///     let sends = [send.slice(0..4), send.slice(4..8)];
-///     let (a, b) = recv.split_at_mut(4);
-///     comm.exchange("example", &sends, &mut [a, b])?;
-/// }
+/// // Words 0..4 to rank 0 and 4..8 to rank 1; rank q's message lands at 4q.
+/// let ranges = [0..4, 4..8];
+/// comm.exchange(
+///     "example",
+///     (&send.slice(..), &ranges),
+///     (&mut recv.slice_mut(..), &ranges),
+/// )?;
 /// comm.wait("example")?; // before anything that synchronises the stream
 /// # Ok(())
 /// # }
@@ -490,11 +494,12 @@ impl EpComm {
         self.poisoned.as_deref()
     }
 
-    /// One all-to-all, named `op` in errors: `sends[q]` goes to rank q and `recvs[q]` receives
-    /// rank q's message, for every rank q, this one included; a message may be empty. Each
-    /// receive must hold exactly as many elements as its sender sends: NCCL does not check
-    /// that, and a disagreement leaves a rank waiting, which [`EpComm::wait`] turns into
-    /// [`Error::EpTimeout`].
+    /// One all-to-all, named `op` in errors: `send[send_ranges[q]]` goes to rank q and
+    /// `recv[recv_ranges[q]]` receives rank q's message, for every rank q, this one included
+    /// (ranges in elements; a message may be empty; the receive ranges must not overlap, the
+    /// send ranges may). Each receive must hold exactly as many elements as its sender sends:
+    /// NCCL does not check that, and a disagreement leaves a rank waiting, which
+    /// [`EpComm::wait`] turns into [`Error::EpTimeout`].
     ///
     /// The messages are enqueued on the device's stream, ordered after the work already there
     /// (cudarc's event tracking of the buffers included), and moved as bytes. The call returns
@@ -504,33 +509,33 @@ impl EpComm {
     /// exchange would never let that return.
     ///
     /// `T: Pod` because a receive writes whatever bytes its sender sent. Fails with
-    /// [`Error::InvalidConfig`] unless there is exactly one send and one receive per rank, or
-    /// [`Error::WrongContext`] for a buffer of another device; neither posts anything nor
-    /// poisons the communicator. NCCL's own failures, and a host side that does not finish
-    /// within the timeout, abort it ([`Error::Collective`], [`Error::EpTimeout`]).
+    /// [`Error::InvalidConfig`] unless there is exactly one send and one receive range per rank,
+    /// each inside its buffer, or [`Error::WrongContext`] for a buffer of another device;
+    /// neither posts anything nor poisons the communicator. NCCL's own failures, and a host
+    /// side that does not finish within the timeout, abort it ([`Error::Collective`],
+    /// [`Error::EpTimeout`]).
     pub fn exchange<T: DeviceRepr + bytemuck::Pod>(
         &mut self,
         op: &'static str,
-        sends: &[CudaView<'_, T>],
-        recvs: &mut [CudaViewMut<'_, T>],
+        (send, send_ranges): (&CudaView<'_, T>, &[Range<usize>]),
+        (recv, recv_ranges): (&mut CudaViewMut<'_, T>, &[Range<usize>]),
     ) -> Result<()> {
         self.usable()?;
-        if sends.len() != self.world || recvs.len() != self.world {
-            return Err(Error::InvalidConfig(format!(
-                "{op}: {} send and {} receive buffers for {} ranks (one of each per rank, this \
-                 one included)",
-                sends.len(),
-                recvs.len(),
-                self.world
-            )));
-        }
+        check_ranges(
+            op,
+            self.world,
+            send.len(),
+            send_ranges,
+            recv.len(),
+            recv_ranges,
+        )?;
         let ctx = self.dev.context().cu_ctx();
-        if sends.iter().any(|v| v.stream().context().cu_ctx() != ctx) {
+        if send.stream().context().cu_ctx() != ctx {
             return Err(Error::WrongContext {
                 what: "EpComm::exchange send buffer",
             });
         }
-        if recvs.iter().any(|v| v.stream().context().cu_ctx() != ctx) {
+        if recv.stream().context().cu_ctx() != ctx {
             return Err(Error::WrongContext {
                 what: "EpComm::exchange receive buffer",
             });
@@ -543,25 +548,17 @@ impl EpComm {
         let raw_stream = stream.cu_stream() as sys::cudaStream_t;
         // The guards record each buffer's read or write event on the stream when dropped, which
         // must come after NCCL has enqueued its kernel: only once the host side has settled.
-        let mut guards = Vec::with_capacity(2 * self.world);
-        let mut send_ptrs = Vec::with_capacity(self.world);
-        for view in sends {
-            let (ptr, guard) = view.device_ptr(&stream);
-            guards.push(guard);
-            send_ptrs.push((ptr, view.num_bytes()));
-        }
-        let mut recv_ptrs = Vec::with_capacity(self.world);
-        for view in recvs.iter_mut() {
-            let bytes = view.num_bytes();
-            let (ptr, guard) = view.device_ptr_mut(&stream);
-            guards.push(guard);
-            recv_ptrs.push((ptr, bytes));
-        }
+        let elem = std::mem::size_of::<T>();
+        let (send_base, send_guard) = send.device_ptr(&stream);
+        let (recv_base, recv_guard) = recv.device_ptr_mut(&stream);
+        let at = |base: u64, r: &Range<usize>| (base + (r.start * elem) as u64, r.len() * elem);
+        let send_ptrs: Vec<(u64, usize)> = send_ranges.iter().map(|r| at(send_base, r)).collect();
+        let recv_ptrs: Vec<(u64, usize)> = recv_ranges.iter().map(|r| at(recv_base, r)).collect();
         let done = match self.post(&send_ptrs, &recv_ptrs, raw_stream) {
             Ok(()) => self.settle(op),
             Err(stop) => Err(self.fail(op, stop)),
         };
-        drop(guards);
+        drop((send_guard, recv_guard));
         done
     }
 
