@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::{gpu_or_skip, seed_note};
 use half::bf16;
+#[cfg(feature = "ep")]
+use remoe_kernels::ep::nccl::{library_present, EpComm, NcclId};
 use remoe_kernels::ep::transport::{DeviceLoopback, Handoff};
 use remoe_kernels::ep::{
     ep_moe_backward, ep_moe_forward, EpContext, EpGroup, EpSetup, LoopbackHub, Transport,
@@ -49,15 +51,46 @@ fn rank_rows(p: &HostProblem, tokens: &[usize], rank: usize) -> Vec<f64> {
     p.x[first * h..(first + tokens[rank]) * h].to_vec()
 }
 
-/// Rank `rank` of `world` on its own device handle, in the group of `hub`.
+/// How a case's ranks are connected.
+enum Wire {
+    /// Threads on GPU 0.
+    Loopback(LoopbackHub<Handoff>),
+    /// One GPU per rank, over NCCL.
+    #[cfg(feature = "ep")]
+    Nccl(NcclId),
+}
+
+impl Wire {
+    fn for_ranks(world: usize, nccl: bool) -> Self {
+        #[cfg(feature = "ep")]
+        if nccl {
+            return Wire::Nccl(NcclId::new().unwrap());
+        }
+        assert!(!nccl, "NCCL needs the `ep` feature");
+        Wire::Loopback(LoopbackHub::new(world).unwrap())
+    }
+}
+
+/// Rank `rank` of `world` on its own device handle, joined to the group over `wire`.
 fn join(
-    hub: &LoopbackHub<Handoff>,
+    wire: &Wire,
     (rank, world): (usize, usize),
     cfg: LayerConfig,
     router: RouterKind,
 ) -> remoe_kernels::Result<(Device, EpGroup)> {
-    let dev = Device::new(0)?;
-    let transport = Transport::Loopback(DeviceLoopback::new(hub, rank, TIMEOUT)?);
+    let (dev, transport) = match wire {
+        Wire::Loopback(hub) => {
+            let dev = Device::new(0)?;
+            let t = Transport::Loopback(DeviceLoopback::new(hub, rank, TIMEOUT)?);
+            (dev, t)
+        }
+        #[cfg(feature = "ep")]
+        Wire::Nccl(id) => {
+            let dev = Device::new(rank)?;
+            let t = Transport::Nccl(EpComm::new(&dev, rank, world, id, TIMEOUT)?);
+            (dev, t)
+        }
+    };
     let setup = EpSetup {
         world,
         config: cfg,
@@ -70,7 +103,7 @@ fn join(
 
 /// One rank: joins the group, runs the forward twice (the second time on poisoned buffers).
 fn ep_rank(
-    hub: &LoopbackHub<Handoff>,
+    wire: &Wire,
     p: &HostProblem,
     tokens: &[usize],
     rank: usize,
@@ -81,7 +114,7 @@ fn ep_rank(
         tokens: tokens[rank],
         ..p.cfg
     };
-    let (dev, mut group) = join(hub, (rank, world), cfg, router)?;
+    let (dev, mut group) = join(wire, (rank, world), cfg, router)?;
     let h = cfg.hidden;
     let x = DeviceTensor::from_host(
         &dev,
@@ -151,6 +184,7 @@ fn one_gpu(
 
 fn check_case(
     dev: &Device,
+    nccl: bool,
     (router, path): (RouterKind, GemmPath),
     cfg: LayerConfig,
     tokens: &[usize],
@@ -169,12 +203,12 @@ fn check_case(
         ..cfg
     };
     let p = problem_with_density(total, density, seed);
-    let hub = LoopbackHub::new(tokens.len()).unwrap();
+    let wire = Wire::for_ranks(tokens.len(), nccl);
     let runs: Vec<RankRun> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..tokens.len())
             .map(|rank| {
-                let (hub, p) = (&hub, &p);
-                s.spawn(move || ep_rank(hub, p, tokens, rank, (router, path)))
+                let (wire, p) = (&wire, &p);
+                s.spawn(move || ep_rank(wire, p, tokens, rank, (router, path)))
             })
             .collect();
         handles
@@ -231,21 +265,21 @@ fn ep_forward_is_bitwise_the_one_gpu_layer_on_each_ranks_tokens() {
             // F = 1024 with equal T: the down projection splits K (the same count on every
             // rank).
             let c = LayerConfig::new(0, 256, 1024, 8, 2);
-            check_case(&dev, kind, c, &[200, 200], &[0.3; 8]);
+            check_case(&dev, false, kind, c, &[200, 200], &[0.3; 8]);
             // F = 256 never splits, so unequal T (0, 1, primes) stays bitwise.
             let c = LayerConfig::new(0, 128, 256, 8, 2);
-            check_case(&dev, kind, c, &[97, 0, 1, 331], &[0.4; 8]);
+            check_case(&dev, false, kind, c, &[97, 0, 1, 331], &[0.4; 8]);
             // 64 experts, 32 per rank, 8 of them never chosen by ReMoE.
             let c = LayerConfig::new(0, 128, 256, 64, 4);
             let mut d = vec![0.05; 64];
             d[..8].fill(0.0);
-            check_case(&dev, kind, c, &[509, 263], &d);
+            check_case(&dev, false, kind, c, &[509, 263], &d);
         }
         // ReMoE with every token on expert 7 (rank 1's): rank 0 owns nothing that is used.
         let c = LayerConfig::new(0, 128, 256, 8, 1);
         let mut d = vec![0.0; 8];
         d[7] = 1.0;
-        check_case(&dev, (RouterKind::Relu, path), c, &[150, 150], &d);
+        check_case(&dev, false, (RouterKind::Relu, path), c, &[150, 150], &d);
     }
 }
 
@@ -409,7 +443,7 @@ impl GradBufs {
 
 /// Rank `rank`'s forward and backward through the group (the second run on poisoned buffers).
 fn ep_rank_backward(
-    hub: &LoopbackHub<Handoff>,
+    wire: &Wire,
     (p, dout): (&HostProblem, &[f64]),
     tokens: &[usize],
     rank: usize,
@@ -420,7 +454,7 @@ fn ep_rank_backward(
         tokens: tokens[rank],
         ..p.cfg
     };
-    let (dev, mut group) = join(hub, (rank, world), cfg, router)?;
+    let (dev, mut group) = join(wire, (rank, world), cfg, router)?;
     let h = cfg.hidden;
     let x = DeviceTensor::from_host(
         &dev,
@@ -521,6 +555,7 @@ fn assert_bits_f32(got: &[f32], want: &[f32], what: &str) {
 
 fn check_backward_case(
     dev: &Device,
+    nccl: bool,
     kind: (RouterKind, GemmPath),
     cfg: LayerConfig,
     tokens: &[usize],
@@ -546,12 +581,12 @@ fn check_backward_case(
         .map(|v| bf16::from_f64(v).to_f64())
         .collect();
     let world = tokens.len();
-    let hub = LoopbackHub::new(world).unwrap();
+    let wire = Wire::for_ranks(world, nccl);
     let runs: Vec<RankGrads> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
-                let (hub, p, dout) = (&hub, &p, &dout);
-                s.spawn(move || ep_rank_backward(hub, (p, dout), tokens, rank, kind))
+                let (wire, p, dout) = (&wire, &p, &dout);
+                s.spawn(move || ep_rank_backward(wire, (p, dout), tokens, rank, kind))
             })
             .collect();
         handles
@@ -605,6 +640,7 @@ fn ep_backward_is_bitwise_the_one_gpu_layer() {
             let kind = (router, path);
             check_backward_case(
                 &dev,
+                false,
                 kind,
                 LayerConfig::new(0, 128, 256, 8, 2),
                 &[300, 300],
@@ -612,6 +648,7 @@ fn ep_backward_is_bitwise_the_one_gpu_layer() {
             );
             check_backward_case(
                 &dev,
+                false,
                 kind,
                 LayerConfig::new(0, 128, 256, 8, 2),
                 &[97, 0, 1, 331],
@@ -624,10 +661,34 @@ fn ep_backward_is_bitwise_the_one_gpu_layer() {
         d[5] = 1.0;
         check_backward_case(
             &dev,
+            false,
             (RouterKind::Relu, path),
             LayerConfig::new(0, 64, 128, 8, 1),
             &[4096, 4096],
             &d,
         );
+    }
+}
+
+/// The same layer between two GPUs over NCCL (feature `ep`): each rank bitwise the one-GPU
+/// layer, forward and backward, as over the loopback. The one-GPU references run on GPU 0.
+#[cfg(feature = "ep")]
+#[test]
+fn ep_over_nccl_is_bitwise_the_one_gpu_layer() {
+    const TEST: &str = "ep_over_nccl_is_bitwise_the_one_gpu_layer";
+    let Some(devs) = common::gpus_or_skip(TEST, 2) else {
+        return;
+    };
+    if let Err(e) = library_present() {
+        common::skip_unless_gpus_required(TEST, 2, &e.to_string());
+        return;
+    }
+    let dev = &devs[0];
+    let path = GemmPath::for_device(dev).unwrap();
+    for router in [RouterKind::Relu, RouterKind::TopK] {
+        let c = LayerConfig::new(0, 256, 1024, 8, 2);
+        check_case(dev, true, (router, path), c, &[200, 200], &[0.3; 8]);
+        let c = LayerConfig::new(0, 128, 256, 8, 2);
+        check_backward_case(dev, true, (router, path), c, &[97, 331], &[0.4; 8]);
     }
 }
