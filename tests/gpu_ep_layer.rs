@@ -13,7 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{gpu_or_skip, seed_note};
+use common::{gpu_or_skip, seed_note, Grads};
 use half::bf16;
 #[cfg(feature = "ep")]
 use remoe_kernels::ep::nccl::{library_present, EpComm, NcclId};
@@ -23,7 +23,7 @@ use remoe_kernels::ep::{
 };
 use remoe_kernels::{
     moe_backward, moe_forward, Coefficient, DType, Device, DeviceTensor, Error, ForwardStats,
-    GemmPath, LayerConfig, MoeContext, MoeGrads, MoeWeights, RouterKind,
+    GemmPath, LayerConfig, MoeContext, MoeWeights, RouterKind,
 };
 use remoe_testkit::rng::{fresh_seed, seeded, UniformVec};
 use remoe_testkit::synthetic::{problem_with_density, to_bf16, HostProblem};
@@ -44,11 +44,10 @@ struct RankRun {
     stats: ForwardStats,
 }
 
-/// Rank `rank`'s rows of the problem (the ranks' tokens are its X's rows, in rank order).
-fn rank_rows(p: &HostProblem, tokens: &[usize], rank: usize) -> Vec<f64> {
-    let h = p.cfg.hidden;
+/// Rank `rank`'s rows of `rows` (\[sum of tokens, h\], the ranks' tokens in rank order).
+fn rank_rows(rows: &[f64], h: usize, tokens: &[usize], rank: usize) -> Vec<f64> {
     let first: usize = tokens[..rank].iter().sum();
-    p.x[first * h..(first + tokens[rank]) * h].to_vec()
+    rows[first * h..(first + tokens[rank]) * h].to_vec()
 }
 
 /// How a case's ranks are connected.
@@ -101,6 +100,43 @@ fn join(
     Ok((dev, group))
 }
 
+/// What a rank brings to a case: its device and group, its config (its own T), its tokens'
+/// rows and the weights it holds.
+struct Rank {
+    dev: Device,
+    group: EpGroup,
+    cfg: LayerConfig,
+    x: DeviceTensor<bf16>,
+    w: HeldWeights,
+}
+
+impl Rank {
+    fn join(
+        wire: &Wire,
+        p: &HostProblem,
+        tokens: &[usize],
+        rank: usize,
+        router: RouterKind,
+    ) -> remoe_kernels::Result<Self> {
+        let world = tokens.len();
+        let cfg = LayerConfig {
+            tokens: tokens[rank],
+            ..p.cfg
+        };
+        let (dev, group) = join(wire, (rank, world), cfg, router)?;
+        let rows = to_bf16(&rank_rows(&p.x, p.cfg.hidden, tokens, rank));
+        let x = DeviceTensor::from_host(&dev, &rows, &[cfg.tokens, cfg.hidden])?;
+        let w = HeldWeights::upload(&dev, p, rank, world);
+        Ok(Self {
+            dev,
+            group,
+            cfg,
+            x,
+            w,
+        })
+    }
+}
+
 /// One rank: joins the group, runs the forward twice (the second time on poisoned buffers).
 fn ep_rank(
     wire: &Wire,
@@ -109,22 +145,16 @@ fn ep_rank(
     rank: usize,
     (router, path): (RouterKind, GemmPath),
 ) -> remoe_kernels::Result<RankRun> {
-    let world = tokens.len();
-    let cfg = LayerConfig {
-        tokens: tokens[rank],
-        ..p.cfg
-    };
-    let (dev, mut group) = join(wire, (rank, world), cfg, router)?;
-    let h = cfg.hidden;
-    let x = DeviceTensor::from_host(
-        &dev,
-        &to_bf16(&rank_rows(p, tokens, rank)),
-        &[cfg.tokens, h],
-    )?;
-    let w = HeldWeights::upload(&dev, p, rank, world);
+    let Rank {
+        dev,
+        mut group,
+        cfg,
+        x,
+        w,
+    } = Rank::join(wire, p, tokens, rank, router)?;
     let mut ctx = EpContext::<bf16>::new(&dev);
     ctx.set_gemm_path(path)?;
-    let mut out = DeviceTensor::<bf16>::zeros(&dev, &[cfg.tokens, h])?;
+    let mut out = DeviceTensor::<bf16>::zeros(&dev, &[cfg.tokens, cfg.hidden])?;
     for run in 0..2 {
         if run == 1 {
             ctx.poison_workspace()?;
@@ -161,8 +191,8 @@ fn one_gpu(
         ..p.cfg
     };
     let h = cfg.hidden;
-    let x = DeviceTensor::from_host(dev, &to_bf16(&rank_rows(p, tokens, rank)), &[cfg.tokens, h])
-        .unwrap();
+    let rows = to_bf16(&rank_rows(&p.x, h, tokens, rank));
+    let x = DeviceTensor::from_host(dev, &rows, &[cfg.tokens, h]).unwrap();
     let w = HeldWeights::upload(dev, p, 0, 1);
     let mut ctx = MoeContext::<bf16>::new(dev);
     ctx.set_gemm_path(path).unwrap();
@@ -343,12 +373,9 @@ fn a_rank_that_never_joins_ends_the_wait_in_a_timeout() {
     );
 }
 
-/// One rank's gradients: dX and dWr for its tokens, and its experts' dWg, dWu, dWd.
-struct RankGrads {
-    dx: Vec<u16>,
-    router: Vec<f32>,
-    experts: [Vec<f32>; 3],
-}
+/// One rank's gradients as `Grads::to_host` gives them: dX and dWr for its tokens, and its
+/// experts' dWg, dWu, dWd (exact in f64).
+type RankGrads = [Vec<f64>; 5];
 
 /// The weights rank `rank` holds (all of them when `world` is 1).
 struct HeldWeights {
@@ -385,62 +412,6 @@ impl HeldWeights {
     }
 }
 
-/// Gradient buffers for T tokens and `el` experts, poisoned (dX and the weight gradients are
-/// overwritten, not accumulated).
-struct GradBufs {
-    dx: DeviceTensor<bf16>,
-    router: DeviceTensor<f32>,
-    gate: DeviceTensor<f32>,
-    up: DeviceTensor<f32>,
-    down: DeviceTensor<f32>,
-}
-
-impl GradBufs {
-    fn poisoned(dev: &Device, cfg: &LayerConfig, el: usize) -> Self {
-        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-        let mut g = Self {
-            dx: DeviceTensor::zeros(dev, &[t, h]).unwrap(),
-            router: DeviceTensor::zeros(dev, &[h, e]).unwrap(),
-            gate: DeviceTensor::zeros(dev, &[el, h, f]).unwrap(),
-            up: DeviceTensor::zeros(dev, &[el, h, f]).unwrap(),
-            down: DeviceTensor::zeros(dev, &[el, f, h]).unwrap(),
-        };
-        g.dx.poison().unwrap();
-        for b in [&mut g.router, &mut g.gate, &mut g.up, &mut g.down] {
-            b.poison().unwrap();
-        }
-        g
-    }
-
-    fn grads(&mut self) -> MoeGrads<'_, bf16> {
-        MoeGrads {
-            dx: &mut self.dx,
-            router: &mut self.router,
-            gate: &mut self.gate,
-            up: &mut self.up,
-            down: &mut self.down,
-        }
-    }
-
-    fn to_host(&self) -> RankGrads {
-        RankGrads {
-            dx: self
-                .dx
-                .to_host()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect(),
-            router: self.router.to_host().unwrap(),
-            experts: [
-                self.gate.to_host().unwrap(),
-                self.up.to_host().unwrap(),
-                self.down.to_host().unwrap(),
-            ],
-        }
-    }
-}
-
 /// Rank `rank`'s forward and backward through the group (the second run on poisoned buffers).
 fn ep_rank_backward(
     wire: &Wire,
@@ -449,61 +420,38 @@ fn ep_rank_backward(
     rank: usize,
     (router, path): (RouterKind, GemmPath),
 ) -> remoe_kernels::Result<RankGrads> {
-    let world = tokens.len();
-    let cfg = LayerConfig {
-        tokens: tokens[rank],
-        ..p.cfg
-    };
-    let (dev, mut group) = join(wire, (rank, world), cfg, router)?;
+    let Rank {
+        dev,
+        mut group,
+        cfg,
+        x,
+        w,
+    } = Rank::join(wire, p, tokens, rank, router)?;
     let h = cfg.hidden;
-    let x = DeviceTensor::from_host(
-        &dev,
-        &to_bf16(&rank_rows(p, tokens, rank)),
-        &[cfg.tokens, h],
-    )?;
-    let first: usize = tokens[..rank].iter().sum();
     let d = DeviceTensor::from_host(
         &dev,
-        &to_bf16(&dout[first * h..(first + cfg.tokens) * h]),
+        &to_bf16(&rank_rows(dout, h, tokens, rank)),
         &[cfg.tokens, h],
     )?;
-    let w = HeldWeights::upload(&dev, p, rank, world);
     let mut ctx = EpContext::<bf16>::for_training(&dev);
     ctx.set_gemm_path(path)?;
     let mut out = DeviceTensor::<bf16>::zeros(&dev, &[cfg.tokens, h])?;
-    let mut grads = GradBufs::poisoned(&dev, &cfg, cfg.experts / world);
+    let mut grads = Grads::<bf16>::for_experts(&dev, &cfg, cfg.experts / tokens.len());
     for run in 0..2 {
         if run == 1 {
             ctx.poison_workspace()?;
-            grads = GradBufs::poisoned(&dev, &cfg, cfg.experts / world);
+            grads.poison();
         }
-        ep_moe_forward(
-            &mut group,
-            &mut ctx,
-            &cfg,
-            router,
-            coeff(router),
-            7,
-            &x,
-            &w.views(),
-            &mut out,
-        )?;
-        ep_moe_backward(
-            &mut group,
-            &mut ctx,
-            coeff(router),
-            &x,
-            &w.views(),
-            &d,
-            grads.grads(),
-            false,
-        )?;
+        let (c, wv) = (coeff(router), w.views());
+        ep_moe_forward(&mut group, &mut ctx, &cfg, router, c, 7, &x, &wv, &mut out)?;
+        let c = coeff(router);
+        ep_moe_backward(&mut group, &mut ctx, c, &x, &wv, &d, grads.as_mut(), false)?;
     }
     ctx.check_device_errors()?;
-    Ok(grads.to_host())
+    Ok(grads.to_host(|v| v.to_f64()))
 }
 
-/// The one-GPU forward and backward on `tokens` rows of the problem starting at `first`.
+/// The one-GPU forward and backward on `t` rows of the problem starting at row `first`.
 fn one_gpu_backward(
     dev: &Device,
     (p, dout): (&HostProblem, &[f64]),
@@ -519,31 +467,17 @@ fn one_gpu_backward(
     let mut ctx = MoeContext::<bf16>::for_training(dev);
     ctx.set_gemm_path(path).unwrap();
     let mut out = DeviceTensor::<bf16>::zeros(dev, &[t, h]).unwrap();
-    moe_forward(
-        &mut ctx,
-        &cfg,
-        router,
-        coeff(router),
-        &x,
-        &w.views(),
-        &mut out,
-    )
-    .unwrap();
-    let mut grads = GradBufs::poisoned(dev, &cfg, cfg.experts);
-    moe_backward(
-        &mut ctx,
-        coeff(router),
-        &x,
-        &w.views(),
-        &d,
-        grads.grads(),
-        false,
-    )
-    .unwrap();
-    grads.to_host()
+    let c = coeff(router);
+    moe_forward(&mut ctx, &cfg, router, c, &x, &w.views(), &mut out).unwrap();
+    let mut grads = Grads::<bf16>::new(dev, &cfg);
+    grads.poison();
+    let c = coeff(router);
+    moe_backward(&mut ctx, c, &x, &w.views(), &d, grads.as_mut(), false).unwrap();
+    grads.to_host(|v| v.to_f64())
 }
 
-fn assert_bits_f32(got: &[f32], want: &[f32], what: &str) {
+/// Bit for bit (the values are exact widenings of bf16 or f32 ones).
+fn assert_bits(got: &[f64], want: &[f64], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
         panic!(
@@ -606,22 +540,12 @@ fn check_backward_case(
     for (rank, ep) in runs.iter().enumerate() {
         let first: usize = tokens[..rank].iter().sum();
         let own = one_gpu_backward(dev, (&p, &dout), (first, tokens[rank]), kind);
-        if let Some(i) = (0..ep.dx.len()).find(|&i| ep.dx[i] != own.dx[i]) {
-            panic!(
-                "rank {rank} dX[{i}]: {} where one GPU has {}, {what}",
-                bf16::from_bits(ep.dx[i]),
-                bf16::from_bits(own.dx[i])
-            );
-        }
-        assert_bits_f32(&ep.router, &own.router, &format!("rank {rank} dWr, {what}"));
-        for (k, name) in ["dWg", "dWu", "dWd"].iter().enumerate() {
+        assert_bits(&ep[0], &own[0], &format!("rank {rank} dX, {what}"));
+        assert_bits(&ep[1], &own[1], &format!("rank {rank} dWr, {what}"));
+        for (k, name) in [(2, "dWg"), (3, "dWu"), (4, "dWd")] {
             let per = h * f;
-            let slice = &all.experts[k][rank * el * per..(rank + 1) * el * per];
-            assert_bits_f32(
-                &ep.experts[k],
-                slice,
-                &format!("rank {rank} {name}, {what}"),
-            );
+            let slice = &all[k][rank * el * per..(rank + 1) * el * per];
+            assert_bits(&ep[k], slice, &format!("rank {rank} {name}, {what}"));
         }
     }
 }

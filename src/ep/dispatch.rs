@@ -11,13 +11,17 @@
 //! [`ReceivePlan::new`]: super::ReceivePlan::new
 
 use super::protocol::{CallHeader, ExpertPartition, COUNT_HEADER_WORDS};
+use crate::capacity::max_row_tiles;
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::experts::ExpertBatch;
 use crate::ffi;
 use crate::tensor::{InputBuf, Launch, OutputBuf};
 use crate::workspace::GrowBuf;
 
 /// `n` as the kernels' `int32_t`.
+const TILE_ROWS: usize = ffi::REMOE_GEMM_TILE_ROWS as usize;
+
 fn index32(what: &'static str, n: usize) -> Result<i32> {
     i32::try_from(n).map_err(|_| Error::TooLarge { what, elements: n })
 }
@@ -81,6 +85,26 @@ impl ReceiveDispatch {
             b.poison()?;
         }
         self.pair_gate.poison()
+    }
+
+    /// The batch of the owner's `local_experts` experts over the `rows` rows it received, as
+    /// the expert GEMMs take it: each local pair gathers its received row.
+    pub(crate) fn batch(
+        &self,
+        local_experts: usize,
+        rows: usize,
+        (hidden, ffn): (usize, usize),
+    ) -> ExpertBatch<'_> {
+        ExpertBatch {
+            pair_row: &self.row_of_pair,
+            expert_offsets: &self.expert_offsets,
+            tile_offsets: &self.tile_offsets,
+            experts: local_experts,
+            cap: rows,
+            max_tiles: max_row_tiles(rows, local_experts, TILE_ROWS),
+            hidden,
+            ffn,
+        }
     }
 
     /// Builds owner `owner`'s dispatch from `msgs` \[R\]\[8+E\], the count messages it received
@@ -201,8 +225,6 @@ mod tests {
     use crate::ep::protocol::{Phase, ReceivePlan, TrafficMatrix};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
-
-    const TILE_ROWS: usize = ffi::REMOE_GEMM_TILE_ROWS as usize;
 
     fn rng_for(test: &str) -> (ChaCha8Rng, u64) {
         let seed = match std::env::var("REMOE_SEED") {

@@ -21,13 +21,12 @@ use super::transport::DeviceLoopback;
 use crate::backward::{
     check_backward_inputs, router_half, BackwardOptions, BackwardScratch, MoeGrads,
 };
-use crate::capacity::{max_row_tiles, PairCapacity};
+use crate::capacity::PairCapacity;
 use crate::config::LayerConfig;
 use crate::controller::Coefficient;
 use crate::device::Device;
 use crate::element::HalfElement;
 use crate::error::{Error, Result};
-use crate::experts::ExpertBatch;
 use crate::experts::{BatchGradInputs, BatchWeightGrads};
 use crate::gather::gather_rows;
 use crate::gemm::GemmPath;
@@ -37,8 +36,6 @@ use crate::moe::{
 };
 use crate::tensor::{DeviceTensor, Element, TensorView};
 use crate::workspace::GrowBuf;
-
-const TILE_ROWS: usize = crate::ffi::REMOE_GEMM_TILE_ROWS as usize;
 
 /// How a group's ranks reach each other.
 #[derive(Debug)]
@@ -548,17 +545,7 @@ fn run_owned_experts<T: HalfElement>(
     ctx.u.ensure(&dev, saved_len)?;
     ctx.y_local.ensure(&dev, k_splits * received * h)?;
     let gemms = ctx.source.gemm_path()?.gemms::<T>();
-    let d = &ctx.dispatch;
-    let batch = ExpertBatch {
-        pair_row: &d.row_of_pair,
-        expert_offsets: &d.expert_offsets,
-        tile_offsets: &d.tile_offsets,
-        experts: el,
-        cap: received,
-        max_tiles: max_row_tiles(received, el, TILE_ROWS),
-        hidden: h,
-        ffn: f,
-    };
+    let batch = ctx.dispatch.batch(el, received, (h, f));
     let saved = training.then_some((&mut ctx.g, &mut ctx.u));
     batch.up_swiglu(
         &dev,
@@ -728,16 +715,7 @@ fn owner_backward<T: HalfElement>(
 ) -> Result<()> {
     let (h, f, el) = (cfg.hidden, cfg.ffn, group.partition.local_experts());
     let d = &ctx.dispatch;
-    let batch = ExpertBatch {
-        pair_row: &d.row_of_pair,
-        expert_offsets: &d.expert_offsets,
-        tile_offsets: &d.tile_offsets,
-        experts: el,
-        cap: received,
-        max_tiles: max_row_tiles(received, el, TILE_ROWS),
-        hidden: h,
-        ffn: f,
-    };
+    let batch = d.batch(el, received, (h, f));
     let inp = BatchGradInputs {
         x: ctx.recv_x.view()?,
         x_rows: received,

@@ -472,13 +472,18 @@ pub struct Grads<T: HalfElement> {
 
 impl<T: HalfElement> Grads<T> {
     pub fn new(dev: &Device, cfg: &LayerConfig) -> Self {
+        Self::for_experts(dev, cfg, cfg.experts)
+    }
+
+    /// With the weight gradients of `held` experts (an expert-parallel rank's E/R).
+    pub fn for_experts(dev: &Device, cfg: &LayerConfig, held: usize) -> Self {
         let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
         Self {
             dx: DeviceTensor::zeros(dev, &[t, h]).unwrap(),
             router: DeviceTensor::zeros(dev, &[h, e]).unwrap(),
-            gate: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
-            up: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
-            down: DeviceTensor::zeros(dev, &[e, f, h]).unwrap(),
+            gate: DeviceTensor::zeros(dev, &[held, h, f]).unwrap(),
+            up: DeviceTensor::zeros(dev, &[held, h, f]).unwrap(),
+            down: DeviceTensor::zeros(dev, &[held, f, h]).unwrap(),
         }
     }
 
