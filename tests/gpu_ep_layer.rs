@@ -616,3 +616,62 @@ fn ep_over_nccl_is_bitwise_the_one_gpu_layer() {
         check_backward_case(dev, true, (router, path), c, &[97, 331], &[0.4; 8]);
     }
 }
+
+/// A rank whose own arguments are wrong (here a short x) gets its typed error, and still takes
+/// part in the count exchange with the abort flag: every peer fails at once with the
+/// `EpMismatch` that names it, long before the timeout.
+#[test]
+fn a_rank_with_bad_arguments_fails_its_peers_at_once() {
+    let Some(_dev) = gpu_or_skip("a_rank_with_bad_arguments_fails_its_peers_at_once") else {
+        return;
+    };
+    let cfg = LayerConfig::new(0, 64, 128, 8, 2);
+    let tokens = [50, 60];
+    let p = problem_with_density(LayerConfig { tokens: 110, ..cfg }, &[0.3; 8], fresh_seed());
+    let wire = Wire::for_ranks(2, false);
+    let start = Instant::now();
+    let results: Vec<remoe_kernels::Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                let (wire, p) = (&wire, &p);
+                s.spawn(move || {
+                    let r = Rank::join(wire, p, &tokens, rank, RouterKind::Relu)?;
+                    let Rank {
+                        dev,
+                        mut group,
+                        cfg,
+                        x,
+                        w,
+                    } = r;
+                    let mut ctx = EpContext::<bf16>::new(&dev);
+                    let mut out = DeviceTensor::<bf16>::zeros(&dev, &[cfg.tokens, cfg.hidden])?;
+                    // Rank 1 claims one token more than its x holds.
+                    let claimed = LayerConfig {
+                        tokens: cfg.tokens + rank,
+                        ..cfg
+                    };
+                    let c = coeff(RouterKind::Relu);
+                    let (r, wv) = (RouterKind::Relu, w.views());
+                    ep_moe_forward(&mut group, &mut ctx, &claimed, r, c, 3, &x, &wv, &mut out)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        start.elapsed() < TIMEOUT / 2,
+        "the peers waited {:?}",
+        start.elapsed()
+    );
+    match &results[0] {
+        Err(Error::EpMismatch { rank: 1, what }) => {
+            assert!(what.contains("aborted"), "{what}")
+        }
+        other => panic!("rank 0: {other:?}, not the mismatch naming rank 1"),
+    }
+    assert!(
+        matches!(results[1], Err(Error::ShapeMismatch { what: "x", .. })),
+        "rank 1: {:?}",
+        results[1]
+    );
+}

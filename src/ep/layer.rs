@@ -398,17 +398,12 @@ pub fn ep_moe_forward<'x, 'w, T: HalfElement>(
     out: &mut DeviceTensor<T>,
 ) -> Result<()> {
     let (x, w) = (x.into(), w.into());
-    let part = group.partition;
-    group.check_call::<T>(cfg, router)?;
-    check_config(cfg, router)?;
-    check_layer_tensors(&ctx.source, cfg, part.local_experts(), &x, &w)?;
-    check_coefficient(&ctx.source, &coeff)?;
-    check_out(&ctx.source, cfg, out)?;
-    if !std::sync::Arc::ptr_eq(ctx.source.dev.stream(), group.dev.stream()) {
-        // The exchanges are ordered against the kernels by the one stream they share.
-        return Err(Error::InvalidConfig(
-            "the expert-parallel group and context must be made from the same Device".into(),
-        ));
+    let checked = check_forward(group, ctx, (cfg, router), &coeff, (&x, &w), out);
+    if let Err(e) = checked {
+        // Still take part in the count exchange, with the abort flag, so that the peers fail
+        // at once (EpMismatch naming this rank) instead of waiting out their timeout.
+        abort_call(group, ctx, layer_id, Phase::Forward);
+        return Err(e);
     }
     ctx.saved = None;
     ctx.source.saved = None;
@@ -440,6 +435,70 @@ pub fn ep_moe_forward<'x, 'w, T: HalfElement>(
     Ok(())
 }
 
+/// The forward's checks of its own arguments, before anything is enqueued.
+fn check_forward<T: HalfElement>(
+    group: &EpGroup,
+    ctx: &EpContext<T>,
+    (cfg, router): (&LayerConfig, RouterKind),
+    coeff: &Coefficient,
+    (x, w): (&TensorView<T>, &MoeWeightViews<T>),
+    out: &DeviceTensor<T>,
+) -> Result<()> {
+    group.check_call::<T>(cfg, router)?;
+    check_config(cfg, router)?;
+    check_layer_tensors(&ctx.source, cfg, group.partition.local_experts(), x, w)?;
+    check_coefficient(&ctx.source, coeff)?;
+    check_out(&ctx.source, cfg, out)?;
+    if !std::sync::Arc::ptr_eq(ctx.source.dev.stream(), group.dev.stream()) {
+        // The exchanges are ordered against the kernels by the one stream they share.
+        return Err(Error::InvalidConfig(
+            "the expert-parallel group and context must be made from the same Device".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// This rank's part in a call it cannot run: a count message with the abort flag and no pairs,
+/// which every peer's traffic check turns into the same `EpMismatch` naming this rank. The
+/// caller returns its own error; what the exchange itself returns adds nothing to it.
+fn abort_call<T: HalfElement>(
+    group: &mut EpGroup,
+    ctx: &mut EpContext<T>,
+    layer_id: u32,
+    phase: Phase,
+) {
+    let header = group.next_call(layer_id, phase);
+    let (rank, e) = (group.rank(), group.partition.experts());
+    let words = COUNT_HEADER_WORDS + e;
+    let msg = header.count_message(rank, &vec![0; e + 1], true);
+    let dev = group.dev.clone();
+    let _ = (|| -> Result<()> {
+        ctx.msg.ensure(&dev, words)?;
+        dev.stream().memcpy_htod(&msg, &mut ctx.msg.view_mut()?)?;
+        post_count_messages(group, ctx, words)?;
+        group.transport.wait("forward counts")
+    })();
+}
+
+/// Sends `ctx.msg` (`words` words) to every rank and receives every rank's into `ctx.msgs`,
+/// in rank order.
+fn post_count_messages<T: HalfElement>(
+    group: &mut EpGroup,
+    ctx: &mut EpContext<T>,
+    words: usize,
+) -> Result<()> {
+    let world = group.transport.world();
+    ctx.msgs.ensure(&group.dev, world * words)?;
+    let same: Vec<Range<usize>> = (0..world).map(|_| 0..words).collect();
+    let each = row_ranges(&(0..=world).collect::<Vec<_>>(), words);
+    group.transport.exchange(
+        &group.dev,
+        "forward counts",
+        (&ctx.msg.view()?, &same),
+        (&mut ctx.msgs.view_mut()?, &each),
+    )
+}
+
 /// Every rank's count message to every rank; meanwhile this rank packs its routed rows. Returns
 /// the checked traffic matrix, the same on every rank (or the same error on every rank).
 fn exchange_counts<T: HalfElement>(
@@ -451,28 +510,20 @@ fn exchange_counts<T: HalfElement>(
     x: &TensorView<T>,
 ) -> Result<TrafficMatrix> {
     let dev = group.dev.clone();
-    let (rank, world) = (group.rank(), group.transport.world());
+    let rank = group.rank();
     let words = COUNT_HEADER_WORDS + experts;
-    let src = &mut ctx.source;
     ctx.msg.ensure(&dev, words)?;
-    ctx.msgs.ensure(&dev, world * words)?;
     count_message(
         &dev,
         header,
         rank,
         false,
-        &src.expert_offsets,
+        &ctx.source.expert_offsets,
         experts,
         &mut ctx.msg,
     )?;
-    let same: Vec<Range<usize>> = (0..world).map(|_| 0..words).collect();
-    let each = row_ranges(&(0..=world).collect::<Vec<_>>(), words);
-    group.transport.exchange(
-        &dev,
-        "forward counts",
-        (&ctx.msg.view()?, &same),
-        (&mut ctx.msgs.view_mut()?, &each),
-    )?;
+    post_count_messages(group, ctx, words)?;
+    let src = &ctx.source;
     let h = x.shape()[1];
     ctx.x_send.ensure(&dev, cap * h)?;
     gather_rows(
