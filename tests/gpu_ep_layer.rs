@@ -173,6 +173,11 @@ fn ep_rank(
             &mut out,
         )?;
     }
+    // The bitwise claim needs every rank on the same split-K count (see EpSaved).
+    assert!(
+        ctx.saved().unwrap().down_splits_agree(),
+        "rank {rank}: split-K counts differ"
+    );
     let stats = ctx.stats()?;
     let out = out.to_host()?.iter().map(|v| v.to_bits()).collect();
     Ok(RankRun { out, stats })
@@ -448,6 +453,10 @@ fn ep_rank_backward(
         ep_moe_backward(&mut group, &mut ctx, c, &x, &wv, &d, grads.as_mut(), false)?;
     }
     ctx.check_device_errors()?;
+    assert!(
+        ctx.saved().unwrap().down_splits_agree(),
+        "rank {rank}: split-K counts differ"
+    );
     Ok(grads.to_host(|v| v.to_f64()))
 }
 
@@ -580,14 +589,17 @@ fn ep_backward_is_bitwise_the_one_gpu_layer() {
             );
         }
         // One hot expert (rank 1's) taking every token: its weight-gradient reduction is split
-        // into chunks, cut for all ranks' pairs.
+        // into chunks whose length depends on the whole reduction's pairs. At H 256, F 512
+        // (4 notional tiles) the chunk target is pairs / 16: about 690 for both ranks' 11k
+        // pairs, about 590 for owner 1's own 9.4k, so 11 chunks against 13 had the owner cut
+        // for its own pairs; one GPU over both ranks' tokens cuts 11.
         let mut d = vec![0.05; 8];
         d[5] = 1.0;
         check_backward_case(
             &dev,
             false,
             (RouterKind::Relu, path),
-            LayerConfig::new(0, 64, 128, 8, 1),
+            LayerConfig::new(0, 256, 512, 8, 1),
             &[4096, 4096],
             &d,
         );

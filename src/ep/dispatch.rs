@@ -26,20 +26,20 @@ fn index32(what: &'static str, n: usize) -> Result<i32> {
     i32::try_from(n).map_err(|_| Error::TooLarge { what, elements: n })
 }
 
-/// Writes source `rank`'s count message for `header` into `msg` \[8 + E\]: the header words,
-/// then its pairs per expert as differences of its `expert_offsets` \[E+1\].
+/// Writes source `rank`'s count message for `header` into `msg` \[8 + E\]: the header words
+/// (with the source's split-K count `down_splits`), then its pairs per expert as differences of
+/// its `expert_offsets` \[E+1\]. (A rank that aborts sends a host-built message instead.)
 pub(crate) fn count_message<'a>(
     dev: &'a Device,
     header: &CallHeader,
-    rank: usize,
-    abort: bool,
+    (rank, down_splits): (usize, u32),
     expert_offsets: impl InputBuf<'a, u32>,
     experts: usize,
     msg: impl OutputBuf<'a, u32>,
 ) -> Result<()> {
     let e = index32("experts", experts)?;
     let words = ffi::remoe_ep_header_t {
-        words: header.words(rank, abort),
+        words: header.words(rank, false, down_splits),
     };
     let mut l = Launch::on(dev);
     let eo = l.input_raw("expert offsets", expert_offsets, experts + 1)?;
@@ -241,6 +241,7 @@ mod tests {
             layer_id: 3,
             phase: Phase::Forward,
             setup_digest: 0x5eed_f00d,
+            training: true,
         }
     }
 
@@ -289,22 +290,24 @@ mod tests {
             return;
         };
         let (mut rng, seed) = rng_for("count_message_is_the_host_message");
-        for (e, load, abort) in [
-            (1, Load::Random(50), false),
-            (8, Load::Random(300), true),
-            (64, Load::Random(1000), false),
-            (300, Load::Random(20), false),
-            (8, Load::Empty, false),
-            (16, Load::OneExpert(15, 5000), false),
+        for (e, load, splits) in [
+            (1, Load::Random(50), 1),
+            (8, Load::Random(300), 4),
+            (64, Load::Random(1000), 2),
+            (300, Load::Random(20), 1),
+            (8, Load::Empty, 1),
+            (16, Load::OneExpert(15, 5000), 3),
         ] {
             let (h, rank) = (header(), 2);
             let host_off = offsets(&mut rng, e, load);
-            let want = h.count_message(rank, &host_off, abort);
+            // The host message's words, with the split-K count in the header.
+            let mut want = h.words(rank, false, splits).to_vec();
+            want.extend(h.count_message(rank, &host_off, false)[COUNT_HEADER_WORDS..].iter());
             let off = upload(&dev, &host_off);
             let mut msg = GrowBuf::<u32>::default();
             msg.ensure(&dev, COUNT_HEADER_WORDS + e).unwrap();
             msg.poison().unwrap();
-            count_message(&dev, &h, rank, abort, &off, e, &mut msg).unwrap();
+            count_message(&dev, &h, (rank, splits), &off, e, &mut msg).unwrap();
             let got = msg.to_host().unwrap();
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(g, w, "E {e} {load:?}: word {i} (seed {seed})");

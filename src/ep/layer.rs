@@ -181,12 +181,13 @@ impl EpGroup {
     }
 
     /// The header of the group's next call, which every rank numbers alike.
-    fn next_call(&mut self, layer_id: u32, phase: Phase) -> CallHeader {
+    fn next_call(&mut self, layer_id: u32, phase: Phase, training: bool) -> CallHeader {
         let header = CallHeader {
             seq: self.seq,
             layer_id,
             phase,
             setup_digest: self.digest,
+            training,
         };
         self.seq = self.seq.wrapping_add(1);
         header
@@ -257,6 +258,8 @@ pub struct EpSaved {
     received: usize,
     /// Whether g, u and the gates were kept (a training forward).
     training: bool,
+    /// Whether every source gave the same split-K count (see [`EpSaved::down_splits_agree`]).
+    down_splits_agree: bool,
 }
 
 impl EpSaved {
@@ -278,6 +281,14 @@ impl EpSaved {
     /// Whether the forward kept what a backward needs.
     pub fn training(&self) -> bool {
         self.training
+    }
+
+    /// Whether every rank's forward chose the same split-K count for the down projection,
+    /// which is what makes each rank's output bitwise its one-GPU output (it does with equal
+    /// T on every rank). Otherwise this rank, as an owner, ran every source's rows with its own
+    /// count, and another source's output differs from its one-GPU output by split-K rounding.
+    pub fn down_splits_agree(&self) -> bool {
+        self.down_splits_agree
     }
 }
 
@@ -352,12 +363,21 @@ impl<T: HalfElement> EpContext<T> {
             &mut self.act,
             &mut self.g,
             &mut self.u,
+            &mut self.dout_send,
+            &mut self.recv_dout,
+            &mut self.dx_ret,
         ] {
             b.poison()?;
         }
-        for b in [&mut self.recv_gate, &mut self.y_local, &mut self.y_ret] {
+        for b in [
+            &mut self.recv_gate,
+            &mut self.y_local,
+            &mut self.y_ret,
+            &mut self.dr_ret,
+        ] {
             b.poison()?;
         }
+        self.owner_bwd.poison()?;
         self.dispatch.poison()
     }
 
@@ -398,6 +418,18 @@ pub fn ep_moe_forward<'x, 'w, T: HalfElement>(
     out: &mut DeviceTensor<T>,
 ) -> Result<()> {
     let (x, w) = (x.into(), w.into());
+    if group.dev.is_capturing()? {
+        // The count exchange reads back to the host. (The peers, if they are not capturing,
+        // end their wait for this rank in EpTimeout.)
+        return Err(Error::CaptureUnsupported(
+            "the expert-parallel forward reads the exchanged counts back to the host; it \
+             cannot be captured in a CUDA graph"
+                .into(),
+        ));
+    }
+    // From here on the previous forward's state is gone, whatever happens.
+    ctx.saved = None;
+    ctx.source.saved = None;
     let checked = check_forward(group, ctx, (cfg, router), &coeff, (&x, &w), out);
     if let Err(e) = checked {
         // Still take part in the count exchange, with the abort flag, so that the peers fail
@@ -405,8 +437,6 @@ pub fn ep_moe_forward<'x, 'w, T: HalfElement>(
         abort_call(group, ctx, layer_id, Phase::Forward);
         return Err(e);
     }
-    ctx.saved = None;
-    ctx.source.saved = None;
     let plan = ForwardPlan::new(&ctx.source, cfg, router);
     plan.size_routing(&mut ctx.source)?;
     ctx.source.upload_fixed_coeff(&coeff)?;
@@ -414,11 +444,16 @@ pub fn ep_moe_forward<'x, 'w, T: HalfElement>(
     plan.routing_stats(&mut ctx.source, &mut coeff)?;
     plan.compaction(&mut ctx.source)?;
 
-    let header = group.next_call(layer_id, Phase::Forward);
-    let traffic = exchange_counts(group, ctx, &header, cfg.experts, plan.cap, &x)?;
     let training = plan.save;
+    let header = group.next_call(layer_id, Phase::Forward, training);
+    let traffic = exchange_counts(group, ctx, &header, &plan, &x)?;
     let received = send_rows(group, ctx, &traffic, cfg.hidden, training)?;
-    run_owned_experts(group, ctx, cfg, &w, received, plan.k_splits, training)?;
+    // Every source's rows with the split-K count its one-GPU forward would use, when they all
+    // use the same one (equal T on every rank does that); otherwise this rank's own, and the
+    // other sources' rows differ from their one-GPU results by split-K rounding only.
+    let agreed = traffic.agreed_down_splits().map(|k| k as usize);
+    let k_splits = agreed.unwrap_or(plan.k_splits);
+    run_owned_experts(group, ctx, cfg, &w, received, k_splits, training)?;
     return_results(group, ctx, &traffic, cfg.hidden, received)?;
     // Bounded here, so that no later host read of the stream can block behind an exchange a
     // peer never matched.
@@ -431,6 +466,7 @@ pub fn ep_moe_forward<'x, 'w, T: HalfElement>(
         traffic,
         received,
         training,
+        down_splits_agree: agreed.is_some(),
     });
     Ok(())
 }
@@ -467,7 +503,8 @@ fn abort_call<T: HalfElement>(
     layer_id: u32,
     phase: Phase,
 ) {
-    let header = group.next_call(layer_id, phase);
+    let training = ctx.source.save_for_backward;
+    let header = group.next_call(layer_id, phase, training);
     let (rank, e) = (group.rank(), group.partition.experts());
     let words = COUNT_HEADER_WORDS + e;
     let msg = header.count_message(rank, &vec![0; e + 1], true);
@@ -505,19 +542,17 @@ fn exchange_counts<T: HalfElement>(
     group: &mut EpGroup,
     ctx: &mut EpContext<T>,
     header: &CallHeader,
-    experts: usize,
-    cap: usize,
+    plan: &ForwardPlan,
     x: &TensorView<T>,
 ) -> Result<TrafficMatrix> {
     let dev = group.dev.clone();
-    let rank = group.rank();
+    let (rank, experts, cap) = (group.rank(), group.partition.experts(), plan.cap);
     let words = COUNT_HEADER_WORDS + experts;
     ctx.msg.ensure(&dev, words)?;
     count_message(
         &dev,
         header,
-        rank,
-        false,
+        (rank, plan.k_splits as u32),
         &ctx.source.expert_offsets,
         experts,
         &mut ctx.msg,
