@@ -35,6 +35,7 @@
 // accumulate. The wgmma accumulator layout puts column n and n + 128 of an m64n256 tile in the
 // same thread, which is why the up projection's B tile holds 128 columns of Wg then the same 128
 // columns of Wu: each thread owns g and u of the same outputs.
+#include <atomic>
 #include <cuda.h>
 
 #include <type_traits>
@@ -929,14 +930,20 @@ cudaError_t rows_map(CUtensorMap *map, const void *base, long long rows, int col
 }
 
 // Streaming multiprocessors of the current device (the persistent grid), cached per device.
+// Atomic: several host threads launch at once (an expert-parallel group's ranks), and they
+// may fill an entry together (with the same value).
 int sm_count() {
-  static int cache[64] = {};
+  static std::atomic<int> cache[64] = {};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
+  const bool cached = dev >= 0 && dev < 64;
+  if (cached) {
+    const int known = cache[dev].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
   int n = 0;
   if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
-  if (dev >= 0 && dev < 64) cache[dev] = n;
+  if (cached) cache[dev].store(n, std::memory_order_relaxed);
   return n;
 }
 

@@ -28,9 +28,10 @@ pub enum Handoff {
         /// Recorded on the sender's stream after the work that wrote the buffer.
         ready: Arc<CudaEvent>,
     },
-    /// A receiver's note that it has copied what the sender sent (the sender may then reuse
-    /// its buffer).
-    Done(Arc<CudaEvent>),
+    /// A receiver's note that it has copied what the sender sent: the sender's stream waits for
+    /// the event before it reuses its buffer. None: the receiver failed and drained its context
+    /// instead, so nothing of it is pending.
+    Done(Option<Arc<CudaEvent>>),
 }
 
 /// One rank of the device loopback: threads on one GPU, every wait bounded by the hub.
@@ -81,8 +82,10 @@ impl DeviceLoopback {
         )?;
         let stream = dev.stream();
         let elem = std::mem::size_of::<T>();
-        let ready = Arc::new(stream.record_event(None)?);
+        // The pointer first: taking it may make the stream wait for the buffer's last write,
+        // which `ready` must follow.
         let (src_base, src_guard) = send.device_ptr(stream);
+        let ready = Arc::new(stream.record_event(None)?);
         let posts = send_ranges
             .iter()
             .map(|r| Msg {
@@ -94,55 +97,91 @@ impl DeviceLoopback {
             })
             .collect();
         let expect: Vec<usize> = recv_ranges.iter().map(|r| r.len() * elem).collect();
+        // Round 1. A failure here is the same on every rank (each checks the whole round), so
+        // no rank has enqueued a copy out of this rank's buffer.
         let got = self.endpoint.exchange(op, posts, &expect)?;
         let (dst_base, dst_guard) = recv.device_ptr_mut(stream);
-        for (src, (handoff, r)) in got.iter().zip(recv_ranges).enumerate() {
-            let Handoff::Data { ptr, ready } = handoff else {
-                return Err(out_of_step(src, op));
-            };
-            stream.wait(ready)?;
-            if !r.is_empty() {
-                // SAFETY: the destination is inside this rank's receive view (check_ranges) and
-                // disjoint from the other destinations; the source is the sender's range of the
-                // same byte count (the hub checked both sizes), in the context all ranks share,
-                // kept alive and unwritten until this copy completes: the sender's stream waits
-                // for our `done` event below before it runs anything else.
-                unsafe {
-                    driver::memcpy_dtod_async(
-                        dst_base + (r.start * elem) as u64,
-                        *ptr,
-                        r.len() * elem,
-                        stream.cu_stream(),
-                    )?
-                };
+        let copied = copy_in(dev, op, &got, (dst_base, recv_ranges), elem);
+        // Round 2, whatever happened in this rank's copies: every sender must learn when its
+        // readers are done with its buffer. After a failure this rank drains its copies and
+        // says so with no event.
+        let done = match copied.is_ok().then(|| stream.record_event(None)) {
+            Some(Ok(event)) => Some(Arc::new(event)),
+            _ => {
+                let _ = drain(dev);
+                None
             }
-        }
-        let done = Arc::new(stream.record_event(None)?);
+        };
         let notes = (0..self.world())
             .map(|_| Msg {
                 bytes: 0,
-                payload: Handoff::Done(Arc::clone(&done)),
+                payload: Handoff::Done(done.clone()),
             })
             .collect();
-        let readers = match self.endpoint.exchange(op, notes, &vec![0; self.world()]) {
-            Ok(readers) => readers,
-            Err(e) => {
-                // Peers may still be copying out of this rank's buffer, which the caller is
-                // free to drop once we return: let every stream of the shared context drain
-                // first (their copies wait only on events that were recorded).
-                dev.context().synchronize()?;
-                return Err(e);
-            }
-        };
-        for (reader, note) in readers.iter().enumerate() {
-            let Handoff::Done(done) = note else {
-                return Err(out_of_step(reader, op));
-            };
-            stream.wait(done)?;
+        let waited = self
+            .endpoint
+            .exchange(op, notes, &vec![0; self.world()])
+            .and_then(|readers| {
+                for (reader, note) in readers.iter().enumerate() {
+                    match note {
+                        Handoff::Done(Some(done)) => stream.wait(done)?,
+                        Handoff::Done(None) => {}
+                        Handoff::Data { .. } => return Err(out_of_step(reader, op)),
+                    }
+                }
+                Ok(())
+            });
+        if waited.is_err() {
+            // Peers may still be copying out of this rank's buffer, which the caller is free to
+            // drop once we return: let every stream of the shared context drain first (their
+            // copies wait only on events that were recorded).
+            let _ = drain(dev);
         }
         drop((src_guard, dst_guard));
-        Ok(())
+        copied.and(waited)
     }
+}
+
+/// Enqueues on `dev`'s stream, for each source, a wait for its `ready` event and the copy of
+/// its message into this rank's range of the receive buffer at `dst_base`.
+fn copy_in(
+    dev: &Device,
+    op: &'static str,
+    got: &[Handoff],
+    (dst_base, ranges): (u64, &[Range<usize>]),
+    elem: usize,
+) -> Result<()> {
+    let stream = dev.stream();
+    for (src, (handoff, r)) in got.iter().zip(ranges).enumerate() {
+        let Handoff::Data { ptr, ready } = handoff else {
+            return Err(out_of_step(src, op));
+        };
+        stream.wait(ready)?;
+        if !r.is_empty() {
+            // SAFETY: the destination is inside this rank's receive view (check_ranges) and
+            // disjoint from the other destinations; the source is the sender's range of the
+            // same byte count (the hub checked both sizes), in the context all ranks share,
+            // kept alive and unwritten until this copy completes: the sender's stream waits for
+            // this rank's `done` event (or, after a failure here, this rank drains its context
+            // before it answers) before it runs anything else.
+            unsafe {
+                driver::memcpy_dtod_async(
+                    dst_base + (r.start * elem) as u64,
+                    *ptr,
+                    r.len() * elem,
+                    stream.cu_stream(),
+                )?
+            };
+        }
+    }
+    Ok(())
+}
+
+/// Waits for every stream of the context all ranks share (its own and the peers'). Through the
+/// crate's own binding: cudarc's would first return an error recorded earlier, without waiting.
+fn drain(dev: &Device) -> Result<()> {
+    dev.bind_to_thread()?;
+    Ok(driver::ctx::synchronize()?)
 }
 
 /// The ranges of one exchange, in elements: one per rank each, every one inside its buffer, and
