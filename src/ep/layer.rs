@@ -685,7 +685,8 @@ fn return_results<T: HalfElement>(
 /// their owner (a data-parallel reduction of the router's is the caller's).
 ///
 /// The backward moves the forward's rows back the way they came, so it exchanges no counts:
-/// a rank out of step (a backward against another forward) ends its peers' wait in
+/// a rank out of step (a backward against another forward), or one whose own arguments are
+/// refused (it returns its typed error before any exchange), ends its peers' wait in
 /// [`Error::EpTimeout`], not in a hang.
 #[allow(clippy::too_many_arguments)] // moe_backward's arguments, plus the group
 pub fn ep_moe_backward<'x, 'w, 'd, T: HalfElement>(
