@@ -157,11 +157,9 @@ pub fn remoe_backward_scaled<T: Real>(
     dout: &[T],
     balance_grad_scale: f64,
 ) -> LayerGrads<T> {
-    let mut acc = ExpertGradAcc::new(cfg);
-    let d_gate_pairs = experts_backward(x, params, cfg, &fwd.dispatch, dout, &mut acc);
-    let d_logits = remoe_d_logits(cfg, lambda * balance_grad_scale, fwd, &d_gate_pairs);
-    acc.router_backward(x, &params.router, cfg, &d_logits);
-    acc.finish()
+    layer_backward(x, params, cfg, &fwd.dispatch, dout, |d_gate_pairs| {
+        remoe_d_logits(cfg, lambda * balance_grad_scale, fwd, d_gate_pairs)
+    })
 }
 
 /// dL of the ReMoE router from each pair's dOut_t . y (`d_gate_pairs`, dispatch order): dR over
@@ -215,11 +213,9 @@ pub fn topk_backward_scaled<T: Real>(
     dout: &[T],
     balance_grad_scale: f64,
 ) -> LayerGrads<T> {
-    let mut acc = ExpertGradAcc::new(cfg);
-    let d_gate_pairs = experts_backward(x, params, cfg, &fwd.dispatch, dout, &mut acc);
-    let d_logits = topk_d_logits(cfg, aux_coeff * balance_grad_scale, fwd, &d_gate_pairs);
-    acc.router_backward(x, &params.router, cfg, &d_logits);
-    acc.finish()
+    layer_backward(x, params, cfg, &fwd.dispatch, dout, |d_gate_pairs| {
+        topk_d_logits(cfg, aux_coeff * balance_grad_scale, fwd, d_gate_pairs)
+    })
 }
 
 /// dL of the TopK router from each pair's dOut_t . y (`d_gate_pairs`, dispatch order): dP = dR
@@ -333,11 +329,6 @@ impl ExpertGradAcc {
         }
     }
 
-    /// The router's backward into dX and dWr (see [`router_backward`]).
-    fn router_backward<T: Real>(&mut self, x: &[T], wr: &[T], cfg: &LayerConfig, dl: &[f64]) {
-        router_backward(x, wr, cfg, dl, &mut self.dx, &mut self.d_router);
-    }
-
     fn finish<T: Real>(self) -> LayerGrads<T> {
         debug_assert_eq!(self.dx.len(), self.cfg.tokens * self.cfg.hidden);
         LayerGrads {
@@ -379,6 +370,24 @@ pub(super) fn router_backward<T: Real>(
             dx[ti * h + i] += s;
         }
     }
+}
+
+/// Either router's layer backward: the experts' backward over every pair, the router's dL from
+/// each pair's dOut_t . y (`d_logits`, which is where ReMoE and TopK differ), then the router's
+/// backward into dX and dWr.
+fn layer_backward<T: Real>(
+    x: &[T],
+    params: &LayerParams<T>,
+    cfg: &LayerConfig,
+    dispatch: &Dispatch<T>,
+    dout: &[T],
+    d_logits: impl FnOnce(&[f64]) -> Vec<f64>,
+) -> LayerGrads<T> {
+    let mut acc = ExpertGradAcc::new(cfg);
+    let d_gate_pairs = experts_backward(x, params, cfg, dispatch, dout, &mut acc);
+    let dl = d_logits(&d_gate_pairs);
+    router_backward(x, &params.router, cfg, &dl, &mut acc.dx, &mut acc.d_router);
+    acc.finish()
 }
 
 /// The experts' backward over every dispatched pair: accumulates dX and the expert weight
