@@ -10,8 +10,9 @@ namespace {
 // One warp per row, 16-byte vectors: h % 8 == 0 and 16-byte aligned rows.
 __global__ void gather_rows_kernel(const uint4 *__restrict__ x, const uint32_t *__restrict__ rows,
                                    uint4 *__restrict__ out, const uint32_t *__restrict__ count,
-                                   int vecs_per_row) {
-  const int pairs = (int)*count;
+                                   uint32_t capacity, int vecs_per_row) {
+  // A count past the buffers' capacity (a broken contract) stops at the capacity.
+  const int pairs = (int)min(*count, capacity);
   const int warps = (blockDim.x * gridDim.x) >> 5;
   const int lane = threadIdx.x & 31;
   for (int p = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; p < pairs; p += warps) {
@@ -33,6 +34,6 @@ extern "C" int remoe_gather_rows_16(const uint16_t *x, const uint32_t *rows, uin
                                ? (warps_needed * 32 + threads - 1) / threads
                                : 4096);
   gather_rows_kernel<<<blocks, threads, 0, (cudaStream_t)stream>>>(
-      reinterpret_cast<const uint4 *>(x), rows, reinterpret_cast<uint4 *>(out), count, h / 8);
+      reinterpret_cast<const uint4 *>(x), rows, reinterpret_cast<uint4 *>(out), count, (uint32_t)capacity, h / 8);
   return (int)cudaGetLastError();
 }

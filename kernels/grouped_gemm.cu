@@ -510,17 +510,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   cp_async_wait<0>();
 
-  if (chunk.chunks > 1) {
-    // A chunk of a split expert: leave the partial in its slot; the tile's last block adds all.
-    float *flat = &acc[0][0][0];
-    const size_t stride = (size_t)tiles * BM * BN;
-    float *tile0 = split.slots + (size_t)(chunk.slot - chunk.chunk) * stride + (size_t)tile * BM * BN;
-    wg_store_partial<64>(tile0 + (size_t)chunk.chunk * stride, tid, kThreads, flat);
-    if (!wg_arrive(split.counters + (size_t)expert * tiles + tile, chunk.chunks, tid, &last_flag,
-                   [] { __syncthreads(); }))
-      return;
-    wg_fold<64>(tile0, stride, chunk.chunks, tid, kThreads, flat);
-  }
+  // A chunk of a split expert: the tile's last block stores the sum of all its chunks.
+  if (chunk.chunks > 1 && !wg_split_finish<64>(split.slots, split.counters, chunk, tiles, tile,
+                                               tid, kThreads, &last_flag,
+                                               [] { __syncthreads(); }, &acc[0][0][0]))
+    return;
 
   float *oe = out + (size_t)expert * M * N;
 #pragma unroll

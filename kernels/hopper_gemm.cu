@@ -35,6 +35,7 @@
 // accumulate. The wgmma accumulator layout puts column n and n + 128 of an m64n256 tile in the
 // same thread, which is why the up projection's B tile holds 128 columns of Wg then the same 128
 // columns of Wu: each thread owns g and u of the same outputs.
+#include <atomic>
 #include <cuda.h>
 
 #include <type_traits>
@@ -819,16 +820,10 @@ __device__ __forceinline__ void weight_grad_consumer(const WeightGradArgs<T> &ar
       pipe.release(pos);
       ++pos.n;
     }
-    if (w.c.chunks > 1) {
-      // A chunk of a split expert: leave the partial in its slot; the tile's last unit adds all.
-      const size_t stride = (size_t)tiles * BM * BN;
-      float *tile0 = args.slots + (size_t)(w.c.slot - w.c.chunk) * stride + (size_t)w.tile * BM * BN;
-      wg_store_partial<128>(tile0 + (size_t)w.c.chunk * stride, ct, 256, acc);
-      if (!wg_arrive(args.counters + (size_t)w.c.expert * tiles + w.tile, w.c.chunks, ct,
-                     &last_flag, consumer_sync))
-        continue;
-      wg_fold<128>(tile0, stride, w.c.chunks, ct, 256, acc);
-    }
+    // A chunk of a split expert: the tile's last unit stores the sum of all its chunks.
+    if (w.c.chunks > 1 && !wg_split_finish<128>(args.slots, args.counters, w.c, tiles, w.tile, ct,
+                                                256, &last_flag, consumer_sync, acc))
+      continue;
     float *oe = args.out + (size_t)w.c.expert * args.M * args.N;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -935,14 +930,20 @@ cudaError_t rows_map(CUtensorMap *map, const void *base, long long rows, int col
 }
 
 // Streaming multiprocessors of the current device (the persistent grid), cached per device.
+// Atomic: several host threads launch at once (an expert-parallel group's ranks), and they
+// may fill an entry together (with the same value).
 int sm_count() {
-  static int cache[64] = {};
+  static std::atomic<int> cache[64] = {};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
+  const bool cached = dev >= 0 && dev < 64;
+  if (cached) {
+    const int known = cache[dev].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
   int n = 0;
   if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
-  if (dev >= 0 && dev < 64) cache[dev] = n;
+  if (cached) cache[dev].store(n, std::memory_order_relaxed);
   return n;
 }
 

@@ -206,9 +206,14 @@ typedef struct remoe_wgrad_split {
 /* The buffer sizes for e experts of h x f weights (host only; 0 or cudaErrorInvalidValue). */
 int remoe_weight_grad_split_sizes(int32_t e, int32_t h, int32_t f, uint64_t *plan_words,
                                   uint64_t *slot_floats, uint64_t *counters);
-/* The plan for these counts (expert_offsets [e + 1] on the device): one warp, no host read. */
+/*
+ * The plan for these counts (expert_offsets [e + 1] on the device): one warp, no host read.
+ * The chunking of an expert depends on its own count and on the pairs of the whole reduction:
+ * chunking_pairs, or expert_offsets[e] when it is negative. (An expert-parallel owner passes
+ * all ranks' pairs, so that its experts are cut exactly as on one GPU over every rank's tokens.)
+ */
 int remoe_weight_grad_plan(const uint32_t *expert_offsets, int32_t e, int32_t h, int32_t f,
-                           uint32_t *plan, remoe_stream_t stream);
+                           int64_t chunking_pairs, uint32_t *plan, remoe_stream_t stream);
 int remoe_expert_weight_grad_bf16(const uint16_t *a, const uint32_t *gather, const uint16_t *b,
                                   float *out, const uint32_t *expert_offsets, int32_t a_rows,
                                   int32_t b_rows, int32_t e, int32_t m, int32_t n,
@@ -375,6 +380,55 @@ int remoe_lambda_step(double *lambda, double *sparsity_sum, uint32_t *count, dou
  * unlike a copy from pageable host memory, it can be captured in a CUDA graph.
  */
 int remoe_fill_f64(double *dst, double value, remoe_stream_t stream);
+
+/*
+ * Expert parallelism (kernels/ep_dispatch.cu). R ranks each own e / R experts, rank q the block
+ * [q e/R, (q+1) e/R); every rank sends every rank a count message of REMOE_EP_HEADER_WORDS + e
+ * words (src/ep/protocol.rs defines the header's words).
+ *
+ * Count message: msg[0..8] = header, msg[8 + i] = expert_offsets[i+1] - expert_offsets[i] for
+ * i < e (differences of the offsets, which an overflowed dispatch publishes as all zeros).
+ *   expert_offsets [e+1] (from remoe_routing_stats); msg [REMOE_EP_HEADER_WORDS + e].
+ */
+#define REMOE_EP_HEADER_WORDS 8
+typedef struct {
+  uint32_t words[REMOE_EP_HEADER_WORDS];
+} remoe_ep_header_t;
+
+int remoe_ep_count_message(const uint32_t *expert_offsets, remoe_ep_header_t header, int32_t e,
+                           uint32_t *msg, remoe_stream_t stream);
+
+/*
+ * Owner q's dispatch of what it received, from the R received count messages
+ * msgs [ranks][REMOE_EP_HEADER_WORDS + e] (message s from source s; the headers are not read).
+ * The receive buffer holds source 0's rows, then source 1's, ..., each source's sorted by expert;
+ * the local order is expert by expert, within an expert source by source, each source's rows in
+ * their own order. With el = e / ranks and N = the rows received:
+ *   expert_offsets [el+1], tile_offsets [el+1]: the local experts' pair and row-tile offsets, as
+ *     remoe_routing_stats writes them (the grouped GEMMs take them unchanged)
+ *   src_base [ranks+1]: source s's rows are [src_base[s], src_base[s+1]); src_base[ranks] = N
+ *   segments [2 e]: work space
+ *   row_of_pair [capacity]: the received row of local pair p (the GEMMs' gather index)
+ *   pair_of_row [capacity]: its inverse (local pair of received row i)
+ *   pair_gate [capacity] = recv_gate[row_of_pair[p]] when recv_gate [capacity] is not NULL
+ *     (pair_gate may be NULL otherwise)
+ * for p, i < N. capacity >= N sizes the grid; rows past capacity are never written.
+ * e % ranks == 0, 0 <= owner < ranks.
+ */
+int remoe_ep_receive_dispatch(const uint32_t *msgs, int32_t e, int32_t ranks, int32_t owner,
+                              const float *recv_gate, uint32_t *expert_offsets,
+                              uint32_t *tile_offsets, uint32_t *src_base, uint32_t *segments,
+                              uint32_t *row_of_pair, uint32_t *pair_of_row, float *pair_gate,
+                              int32_t capacity, remoe_stream_t stream);
+
+/*
+ * dst[i] = src[index[i]] for i < *count (a device pointer), 32-bit words; src, index and dst
+ * hold capacity words, *count <= capacity sizes the grid, and index[i] < capacity (an index past
+ * it reads nothing and leaves dst[i] as it was). It returns a per-pair scalar (dr) from an owner's local order to the
+ * receive order with index = pair_of_row.
+ */
+int remoe_ep_permute_32(const uint32_t *src, const uint32_t *index, uint32_t *dst,
+                        const uint32_t *count, int32_t capacity, remoe_stream_t stream);
 
 #ifdef __cplusplus
 }

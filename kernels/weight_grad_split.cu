@@ -10,10 +10,11 @@ namespace {
 
 // One warp. plan: [chunk_offsets e + 1][chunk_len e][slot_offsets e].
 __global__ void plan_kernel(const uint32_t *__restrict__ expert_offsets, int e, int h, int f,
-                            uint32_t *__restrict__ plan) {
+                            long long chunking_pairs, uint32_t *__restrict__ plan) {
   const int lane = threadIdx.x;
   uint32_t *chunk_offsets = plan, *chunk_len = plan + e + 1, *slot_offsets = plan + 2 * e + 1;
-  const uint32_t pairs = expert_offsets[e];
+  const uint32_t pairs =
+      chunking_pairs < 0 ? expert_offsets[e] : (uint32_t)min(chunking_pairs, 0xffffffffLL);
   const int max_slots = wg_max_slots(h, f);
   uint32_t chunks_run = 0, slots_run = 0;
   for (int base = 0; base < e; base += 32) {
@@ -70,8 +71,10 @@ extern "C" int remoe_weight_grad_split_sizes(int32_t e, int32_t h, int32_t f,
 }
 
 extern "C" int remoe_weight_grad_plan(const uint32_t *expert_offsets, int32_t e, int32_t h,
-                                      int32_t f, uint32_t *plan, remoe_stream_t stream) {
+                                      int32_t f, int64_t chunking_pairs, uint32_t *plan,
+                                      remoe_stream_t stream) {
   if (e < 1 || h < 1 || f < 1) return (int)cudaErrorInvalidValue;
-  plan_kernel<<<1, 32, 0, (cudaStream_t)stream>>>(expert_offsets, e, h, f, plan);
+  plan_kernel<<<1, 32, 0, (cudaStream_t)stream>>>(expert_offsets, e, h, f,
+                                                  (long long)chunking_pairs, plan);
   return (int)cudaGetLastError();
 }

@@ -84,9 +84,9 @@ struct WgPlanView {
 };
 
 // One work unit's share of the reduction: pairs [p0, p0 + len) of `expert`, chunk `chunk` of
-// `chunks`.
+// `chunks`; a split expert's chunks use slots slot0, slot0 + 1, ...
 struct WgChunk {
-  int expert, chunk, chunks, p0, len, slot;
+  int expert, chunk, chunks, p0, len, slot0;
 };
 
 // Chunk g (of all experts' chunks, in expert order). Without a plan, chunk g is expert g whole.
@@ -100,7 +100,7 @@ __device__ __forceinline__ WgChunk wg_chunk(const uint32_t *plan,
     c.chunks = 1;
     c.p0 = (int)expert_offsets[g];
     c.len = (int)expert_offsets[g + 1] - c.p0;
-    c.slot = 0;
+    c.slot0 = 0;
     return c;
   }
   const WgPlanView v(plan, e);
@@ -120,7 +120,7 @@ __device__ __forceinline__ WgChunk wg_chunk(const uint32_t *plan,
   const int begin = c.chunk * l;
   c.p0 = (int)expert_offsets[lo] + begin;
   c.len = n - begin < l ? n - begin : l;
-  c.slot = (int)v.slot_offsets[lo] + c.chunk;
+  c.slot0 = (int)v.slot_offsets[lo];
   return c;
 }
 
@@ -183,4 +183,23 @@ __device__ __forceinline__ void wg_fold(const float *slots_tile0, size_t slot_st
     acc[4 * j + 2] = r.z;
     acc[4 * j + 3] = r.w;
   }
+}
+
+// What a split expert's unit does after its mainloop, on both paths: store its partial sum,
+// and if it is the tile's last unit, fold every chunk's partial into acc in chunk order. True
+// when acc now holds the tile's sum (store it as an unsplit tile's); false when another unit
+// will. kVals accumulators in each of `threads` threads make the tile; `tiles` output tiles per
+// chunk, this unit's is `tile`.
+template <int kVals, typename Sync>
+__device__ __forceinline__ bool wg_split_finish(float *slots, uint32_t *counters,
+                                                const WgChunk &c, int tiles, int tile, int t,
+                                                int threads, int *flag, Sync sync, float *acc) {
+  const size_t tile_floats = (size_t)kVals * threads;
+  const size_t stride = (size_t)tiles * tile_floats;
+  float *tile0 = slots + (size_t)c.slot0 * stride + (size_t)tile * tile_floats;
+  wg_store_partial<kVals>(tile0 + (size_t)c.chunk * stride, t, threads, acc);
+  if (!wg_arrive(counters + (size_t)c.expert * tiles + tile, c.chunks, t, flag, sync))
+    return false;
+  wg_fold<kVals>(tile0, stride, c.chunks, t, threads, acc);
+  return true;
 }

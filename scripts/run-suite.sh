@@ -60,7 +60,23 @@ if [[ -e "$here/candle/gpu_candle" ]] && ! ldconfig -p 2>/dev/null | grep -q 'li
   lib=$(find /usr/local/cuda*/ /opt /usr/lib -name 'libcublas.so.13' 2>/dev/null | head -1)
   [[ -n "$lib" ]] && export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
+# NCCL (the expert-parallel tests, built with the `ep` feature): cudarc opens `libnccl.so`, while
+# the pip wheel and the runtime package ship only the soname libnccl.so.2, so a link in a folder
+# of our own goes on the loader path. NVLink SHARP (multicast) stays off on the shared machines.
+if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
+  nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(nvidia.nccl.__path__[0], "lib"))' 2>/dev/null)
+  [[ -z "$nccl" ]] && nccl=$(dirname "$(find /usr/lib /usr/local /opt -name 'libnccl.so.2' 2>/dev/null | head -1)" 2>/dev/null)
+  if [[ -n "$nccl" && -e "$nccl/libnccl.so.2" ]]; then
+    mkdir -p "$here/nccl-lib"
+    ln -sf "$nccl/libnccl.so.2" "$here/nccl-lib/libnccl.so"
+    export LD_LIBRARY_PATH="$here/nccl-lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+fi
+export NCCL_NVLS_ENABLE=0
 export REMOE_REQUIRE_GPU=1
+# On a machine with several GPUs, the tests that need them must run rather than skip.
+gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)
+[[ "$gpus" -ge 2 ]] && export REMOE_REQUIRE_GPUS="$gpus"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 echo "commit: $(cat "$here/COMMIT" | tr '\n' ' ')" | tee -a "$out/device.txt"
 

@@ -20,6 +20,12 @@
 //! 6. the router's dense part: dX_router = dL Wr^T and dWr = X^T dL;
 //! 7. dX = dX_router + the sum of each token's per-pair dX, experts in ascending order.
 //!
+//! Steps 1, 2, 4 and 5 are the expert half (src/experts.rs, a batch's backward, which an
+//! expert-parallel owner runs on the rows it received) and run first; steps 3, 6 and 7 are the
+//! router half, which reads only dR and the per-pair dX (an expert-parallel rank runs it on
+//! what its owners returned). No step of one half reads what another step of its own half
+//! writes out of order, so the split leaves every result bit for bit as it was.
+//!
 //! Every sum has a fixed order and no float atomics are used: two runs on the same inputs give
 //! bitwise-identical gradients.
 //!
@@ -30,14 +36,17 @@
 
 use crate::config::LayerConfig;
 use crate::controller::Coefficient;
+use crate::device::Device;
 use crate::element::HalfElement;
 use crate::error::{Error, Result};
+use crate::experts::{BatchGradBufs, BatchGradInputs, BatchWeightGrads, ExpertBatch};
 use crate::ffi;
 use crate::gemm::GemmPath;
 use crate::moe::{
     check_coefficient, check_layer_tensors, MoeContext, MoeWeightViews, RouterKind, SavedForward,
 };
 use crate::tensor::{DeviceTensor, Element, Launch, TensorView};
+use crate::weight_grad_split::WeightGradSplit;
 use crate::workspace::GrowBuf;
 
 /// The backward's scratch buffers, kept in the context and reused.
@@ -46,23 +55,19 @@ pub(crate) struct BackwardScratch<T: Element> {
     dy: GrowBuf<T>,
     /// dR's 32-column group sums from the dAct GEMM, [capacity, ceil(F / 32)].
     row_dots: GrowBuf<f32>,
-    dr: GrowBuf<f32>,
+    /// [capacity] each pair's dR, and [capacity, H] its share of dX: what the expert half
+    /// hands the router half (over the link, on an expert-parallel rank).
+    pub(crate) dr: GrowBuf<f32>,
     dg: GrowBuf<T>,
     du: GrowBuf<T>,
-    dx_pair: GrowBuf<T>,
+    pub(crate) dx_pair: GrowBuf<T>,
     dl: GrowBuf<f32>,
     dxr: GrowBuf<f32>,
     partial: GrowBuf<f32>,
     /// X's rows in pair order, for the Hopper weight gradients (see step 5).
     x_rows: GrowBuf<T>,
-    /// The weight gradients' chunk plan, [3E + 1] (kernels/weight_grad_split.cuh).
-    wg_plan: GrowBuf<u32>,
-    /// Their partial-sum slots (sized by remoe_weight_grad_split_sizes; empty when no split is
-    /// possible at this shape).
-    wg_slots: GrowBuf<f32>,
-    /// Their per-tile arrival counters: zero when allocated, and every launch leaves them zero,
-    /// so they are never poisoned.
-    wg_counters: GrowBuf<u32>,
+    /// The weight gradients' fixed-order split (step 5).
+    wg_split: WeightGradSplit,
 }
 
 impl<T: Element> BackwardScratch<T> {
@@ -78,9 +83,85 @@ impl<T: Element> BackwardScratch<T> {
             + self.dxr.bytes()
             + self.partial.bytes()
             + self.x_rows.bytes()
-            + self.wg_plan.bytes()
-            + self.wg_slots.bytes()
-            + self.wg_counters.bytes()
+            + self.wg_split.bytes()
+    }
+}
+
+impl<T: Element> BackwardScratch<T> {
+    /// Sizes the expert half's buffers for `cap` pairs of experts of (H, F), `e` of them;
+    /// returns how many it allocated.
+    pub(crate) fn size_expert_half(
+        &mut self,
+        dev: &Device,
+        cap: usize,
+        (h, f, e): (usize, usize, usize),
+        path: GemmPath,
+    ) -> Result<u64> {
+        let groups = f.div_ceil(32); // dR's column groups (kernels/swiglu.cuh)
+                                     // The Hopper weight-gradient kernel reads whole blocks by TMA, which cannot gather: it
+                                     // gets X's rows in pair order instead (the mma.sync kernel gathers inside its loads).
+        let x_rows = if path == GemmPath::Hopper { cap * h } else { 0 };
+        let grew = [
+            self.dy.ensure(dev, cap * h)?,
+            self.row_dots.ensure(dev, cap * groups)?,
+            self.dr.ensure(dev, cap)?,
+            self.dg.ensure(dev, cap * f)?,
+            self.du.ensure(dev, cap * f)?,
+            self.dx_pair.ensure(dev, cap * h)?,
+            self.x_rows.ensure(dev, x_rows)?,
+        ];
+        let split = self.wg_split.ensure(dev, e, h, f)?;
+        Ok(grew.iter().filter(|&&g| g).count() as u64 + split)
+    }
+
+    /// Sizes the router half's buffers (and the per-pair dR and dX it reads, `cap` pairs);
+    /// returns how many it allocated.
+    pub(crate) fn size_router_half(
+        &mut self,
+        dev: &Device,
+        cap: usize,
+        cfg: &LayerConfig,
+    ) -> Result<u64> {
+        let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
+        let slices = router_wgrad_slices(t, h, e);
+        let grew = [
+            self.dr.ensure(dev, cap)?,
+            self.dx_pair.ensure(dev, cap * h)?,
+            self.dl.ensure(dev, t * e)?,
+            self.dxr.ensure(dev, t * h)?,
+            self.partial.ensure(dev, slices * h * e)?,
+        ];
+        Ok(grew.iter().filter(|&&g| g).count() as u64)
+    }
+
+    /// Fills every buffer that a backward rewrites before reading.
+    pub(crate) fn poison(&mut self) -> Result<()> {
+        self.dy.poison()?;
+        self.row_dots.poison()?;
+        self.dr.poison()?;
+        self.dg.poison()?;
+        self.du.poison()?;
+        self.dx_pair.poison()?;
+        self.dl.poison()?;
+        self.dxr.poison()?;
+        self.partial.poison()?;
+        self.x_rows.poison()?;
+        self.wg_split.poison()
+    }
+
+    /// The expert half's buffers, with the context's `act` (which the dAct GEMM recomputes).
+    pub(crate) fn batch_bufs<'a>(&'a mut self, act: &'a mut GrowBuf<T>) -> BatchGradBufs<'a, T> {
+        BatchGradBufs {
+            dg: &mut self.dg,
+            du: &mut self.du,
+            act,
+            row_dots: &mut self.row_dots,
+            dy: &mut self.dy,
+            dr: &mut self.dr,
+            dx_pair: &mut self.dx_pair,
+            x_rows: &mut self.x_rows,
+            wg_split: &mut self.wg_split,
+        }
     }
 }
 
@@ -97,9 +178,7 @@ impl<T: Element> Default for BackwardScratch<T> {
             dxr: GrowBuf::default(),
             partial: GrowBuf::default(),
             x_rows: GrowBuf::default(),
-            wg_plan: GrowBuf::default(),
-            wg_slots: GrowBuf::default(),
-            wg_counters: GrowBuf::default(),
+            wg_split: WeightGradSplit::default(),
         }
     }
 }
@@ -155,7 +234,7 @@ impl From<bool> for BackwardOptions {
 }
 
 impl BackwardOptions {
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if !self.balance_grad_scale.is_finite() {
             return Err(Error::InvalidConfig(format!(
                 "moe_backward: balance_grad_scale must be finite, got {}",
@@ -200,70 +279,8 @@ impl<T: HalfElement> MoeContext<T> {
     }
 
     pub(crate) fn backward_poison(&mut self) -> Result<()> {
-        let b = &mut self.bwd;
-        b.dy.poison()?;
-        b.row_dots.poison()?;
-        b.dr.poison()?;
-        b.dg.poison()?;
-        b.du.poison()?;
-        b.dx_pair.poison()?;
-        b.dl.poison()?;
-        b.dxr.poison()?;
-        b.partial.poison()?;
-        b.x_rows.poison()?;
-        b.wg_plan.poison()?;
-        b.wg_slots.poison()
+        self.bwd.poison()
     }
-}
-
-/// Buffer sizes of the weight gradients' fixed-order split for E experts of H x F weights.
-struct SplitSizes {
-    plan_words: usize,
-    slot_floats: usize,
-    counters: usize,
-}
-
-fn weight_grad_split_sizes(e: usize, h: usize, f: usize) -> Result<SplitSizes> {
-    let (mut plan_words, mut slot_floats, mut counters) = (0u64, 0u64, 0u64);
-    // SAFETY: host-only arithmetic; the three pointers are valid for one write each.
-    let code = unsafe {
-        ffi::remoe_weight_grad_split_sizes(
-            e as i32,
-            h as i32,
-            f as i32,
-            &mut plan_words,
-            &mut slot_floats,
-            &mut counters,
-        )
-    };
-    ffi::check("weight_grad_split_sizes", code)?;
-    let size = |n: u64| {
-        usize::try_from(n).map_err(|_| Error::TooLarge {
-            what: "weight-gradient split workspace",
-            elements: usize::MAX,
-        })
-    };
-    Ok(SplitSizes {
-        plan_words: size(plan_words)?,
-        slot_floats: size(slot_floats)?,
-        counters: size(counters)?,
-    })
-}
-
-/// The split's three buffers as one weight-gradient launch takes them (plan read; slots and
-/// counters written).
-fn split_buffers<'a>(
-    l: &mut Launch<'a>,
-    plan: &'a GrowBuf<u32>,
-    slots: &'a mut GrowBuf<f32>,
-    counters: &'a mut GrowBuf<u32>,
-    sizes: &SplitSizes,
-) -> Result<ffi::remoe_wgrad_split_t> {
-    Ok(ffi::remoe_wgrad_split_t {
-        plan: l.input_raw("weight-grad plan", plan, sizes.plan_words)?,
-        slots: l.output_raw("weight-grad slots", slots, sizes.slot_floats)?,
-        counters: l.output_raw("weight-grad counters", counters, sizes.counters)?,
-    })
 }
 
 /// How many slices the dWr reduction over T is cut into: enough blocks to fill the GPU, each
@@ -320,125 +337,103 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     let (cfg, router) = (saved.config, saved.router);
     options.validate()?;
     check_coefficient(ctx, &coeff)?;
-    check_backward_inputs(ctx, &cfg, &x, &w, &dout, &grads)?;
+    check_backward_inputs(ctx, &cfg, cfg.experts, &x, &w, &dout, &grads)?;
     let LayerConfig {
         tokens: t,
         hidden: h,
         ffn: f,
         experts: e,
-        k,
+        ..
     } = cfg;
     let dev = ctx.dev.clone();
     // Per-pair buffers are sized by the forward's capacity: |A| <= cap stays on the device.
     let (cap, max_tiles) = (saved.capacity, saved.max_tiles);
     let path = ctx.gemm_path()?;
-    let slices = router_wgrad_slices(t, h, e);
-    let groups = f.div_ceil(32); // dR's column groups (kernels/swiglu.cuh)
     {
         let c = &mut *ctx;
         let a = &mut c.allocations;
-        let b = &mut c.bwd;
-        MoeContext::<T>::grow(&dev, a, &mut b.dy, cap * h)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.row_dots, cap * groups)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.dr, cap)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.dg, cap * f)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.du, cap * f)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.dx_pair, cap * h)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.dl, t * e)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.dxr, t * h)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.partial, slices * h * e)?;
-        // The Hopper weight-gradient kernel reads whole blocks by TMA, which cannot gather: it
-        // gets X's rows in pair order instead (the mma.sync kernel gathers inside its loads).
-        let x_rows = if path == GemmPath::Hopper { cap * h } else { 0 };
-        MoeContext::<T>::grow(&dev, a, &mut b.x_rows, x_rows)?;
-        let sizes = weight_grad_split_sizes(e, h, f)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.wg_plan, sizes.plan_words)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.wg_slots, sizes.slot_floats)?;
-        MoeContext::<T>::grow(&dev, a, &mut b.wg_counters, sizes.counters)?;
+        *a += c.bwd.size_expert_half(&dev, cap, (h, f, e), path)?;
+        *a += c.bwd.size_router_half(&dev, cap, &cfg)?;
     }
     ctx.upload_fixed_coeff(&coeff)?;
-    let (ti, hi, fi, ei, ki) = (t as i32, h as i32, f as i32, e as i32, k as i32);
-    let acc = options.accumulate as i32;
-    let cap_i = cap as i32; // cap <= T*E <= i32::MAX (validate_for_gpu)
+    // Steps 1, 2, 4 and 5: the experts' half, over the forward's own dispatch.
+    {
+        let MoeContext {
+            pair_token,
+            expert_offsets,
+            tile_offsets,
+            pair_gate,
+            g,
+            u,
+            act,
+            bwd,
+            ..
+        } = &mut *ctx;
+        let batch = ExpertBatch {
+            pair_row: pair_token,
+            expert_offsets,
+            tile_offsets,
+            experts: e,
+            cap,
+            max_tiles,
+            hidden: h,
+            ffn: f,
+        };
+        let inp = BatchGradInputs {
+            x: x.cuda_view(),
+            x_rows: t,
+            dout: dout.cuda_view(),
+            dout_rows: t,
+            pair_gate,
+            g,
+            u,
+            gate: &w.gate,
+            up: &w.up,
+            down: &w.down,
+        };
+        let out = BatchWeightGrads {
+            gate: &mut *grads.gate,
+            up: &mut *grads.up,
+            down: &mut *grads.down,
+            accumulate: options.accumulate,
+            chunking_pairs: None,
+        };
+        batch.backward(&dev, path, &inp, &mut bwd.batch_bufs(act), out)?;
+    }
+    // Steps 3, 6 and 7: the router's half, from each pair's dR and dX.
+    router_half(
+        ctx,
+        (&cfg, router),
+        &coeff,
+        (&x, &w.router),
+        (grads.dx, grads.router),
+        options,
+    )
+}
 
-    let gemms = path.gemms::<T>();
-    let max_tiles_i = max_tiles as i32;
-    // 1. The dAct GEMM (dg, du, act recomputed, dR's group sums).
-    if max_tiles > 0 {
-        let mut l = Launch::on(&dev);
-        let d = l.input("dout", &dout, t * h)?;
-        let pt = l.input("pair tokens", &ctx.pair_token, cap)?;
-        let pg = l.input("pair gates", &ctx.pair_gate, cap)?;
-        let wd = l.input("down weight", &w.down, e * f * h)?;
-        let g = l.input("g", &ctx.g, cap * f)?;
-        let u = l.input("u", &ctx.u, cap * f)?;
-        let dg = l.output("dg", &mut ctx.bwd.dg, cap * f)?;
-        let du = l.output("du", &mut ctx.bwd.du, cap * f)?;
-        let act = l.output("act", &mut ctx.act, cap * f)?;
-        let dots = l.output("row dots", &mut ctx.bwd.row_dots, cap * groups)?;
-        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-        let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
-        // SAFETY: dout [t,h]; pair tokens (each < t, written by the recorded forward) and pair
-        // gates [cap]; wd [e,f,h]; g, u, dg, du, act [cap,f]; row dots [cap, ceil(f/32)]; the
-        // offsets describe at most cap rows in at most max_tiles tiles (the forward's).
-        let code = unsafe {
-            (gemms.dact)(
-                d as *const u16,
-                pt,
-                pg,
-                wd as *const u16,
-                g as *const u16,
-                u as *const u16,
-                dg as *mut u16,
-                du as *mut u16,
-                act as *mut u16,
-                dots,
-                eo,
-                to,
-                max_tiles_i,
-                ei,
-                hi,
-                fi,
-                l.stream(),
-            )
-        };
-        ffi::check("expert_dact", code)?;
-    }
-    // 2. dY and dR.
-    if cap > 0 {
-        let mut l = Launch::on(&dev);
-        let d = l.input("dout", &dout, t * h)?;
-        let dots = l.input("row dots", &ctx.bwd.row_dots, cap * groups)?;
-        let pt = l.input("pair tokens", &ctx.pair_token, cap)?;
-        let pg = l.input("pair gates", &ctx.pair_gate, cap)?;
-        let dy = l.output("dy", &mut ctx.bwd.dy, cap * h)?;
-        let dr = l.output("dr", &mut ctx.bwd.dr, cap)?;
-        // |A| = expert_offsets[e], read by the kernel.
-        let count = l
-            .input_raw("expert offsets", &ctx.expert_offsets, e + 1)?
-            .wrapping_add(e);
-        // SAFETY: dout [t,h]; row dots [cap, groups] (the first |A| rows written by step 1);
-        // dy [cap,h]; pair tokens, pair gates, dr [cap] (checked by `l`); count points at
-        // expert_offsets[e] (e + 1 elements checked), |A| <= cap (the forward's routing
-        // statistics publish an empty dispatch past it); pair tokens < t (written by the
-        // recorded forward); h % 8 == 0.
-        let code = unsafe {
-            T::PAIR_GRAD_PREP(
-                d as *const u16,
-                dots,
-                groups as i32,
-                pt,
-                pg,
-                dy as *mut u16,
-                dr,
-                count,
-                cap_i,
-                hi,
-                l.stream(),
-            )
-        };
-        ffi::check("pair_grad_prep", code)?;
-    }
+/// The backward's router half, from `ctx.bwd.dr` and `ctx.bwd.dx_pair` in the forward's pair
+/// order: the logit gradient dL (step 3), the router's dense gradients dX_router and dWr (6),
+/// and dX, dX_router plus each token's per-pair dX in ascending expert order (7). An
+/// expert-parallel rank runs it on the dR and dX rows its owners returned.
+pub(crate) fn router_half<T: HalfElement>(
+    ctx: &mut MoeContext<T>,
+    (cfg, router): (&LayerConfig, RouterKind),
+    coeff: &Coefficient,
+    (x, wr): (&TensorView<T>, &TensorView<T>),
+    (dx_out, dwr_out): (&mut DeviceTensor<T>, &mut DeviceTensor<f32>),
+    options: BackwardOptions,
+) -> Result<()> {
+    let LayerConfig {
+        tokens: t,
+        hidden: h,
+        experts: e,
+        k,
+        ..
+    } = *cfg;
+    let cap = ctx.bwd.dr.len();
+    let slices = router_wgrad_slices(t, h, e);
+    let (ti, hi, ei, ki) = (t as i32, h as i32, e as i32, k as i32);
+    let dev = ctx.dev.clone();
     // 3. dL.
     if t > 0 {
         let mut l = Launch::on(&dev);
@@ -449,188 +444,35 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
             RouterKind::Relu => std::ptr::null(),
             RouterKind::TopK => l.input("probs", &ctx.probs, t * e)?,
         };
-        let cp = match &coeff {
+        let cp = match coeff {
             Coefficient::Fixed(_) => l.input_raw("coefficient", &ctx.coeff, 1)?,
             Coefficient::Adaptive(c) => l.input_raw("lambda", &c.lambda, 1)?,
         };
         let dl = l.output("dl", &mut ctx.bwd.dl, t * e)?;
         let scale = options.balance_grad_scale;
-        // SAFETY: pair index, probs, dl [t,e]; dr [cap] indexed by valid pair indices; counts
-        // [e]; cp one f64 of this context (all checked by `l` and check_coefficient).
+        // SAFETY: pair index, probs, dl [t,e]; dr [cap] indexed by valid pair indices (each
+        // < |A| <= cap); counts [e]; cp one f64 of this context (all checked by `l` and
+        // check_coefficient).
         let code = unsafe {
             ffi::remoe_router_grad(pi, dr, cn, probs, cp, scale, dl, ti, ei, ki, l.stream())
         };
         ffi::check("router_grad", code)?;
     }
-    // 4. Per-pair dX.
-    if max_tiles > 0 {
-        let mut l = Launch::on(&dev);
-        let dg = l.input("dg", &ctx.bwd.dg, cap * f)?;
-        let du = l.input("du", &ctx.bwd.du, cap * f)?;
-        let wg = l.input("gate weight", &w.gate, e * h * f)?;
-        let wu = l.input("up weight", &w.up, e * h * f)?;
-        let dxp = l.output("dx pair", &mut ctx.bwd.dx_pair, cap * h)?;
-        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-        let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
-        // SAFETY: dg, du [cap,f]; wg, wu [e,h,f]; dx pair [cap,h]; offsets as in step 1.
-        let code = unsafe {
-            (gemms.dx)(
-                dg as *const u16,
-                du as *const u16,
-                wg as *const u16,
-                wu as *const u16,
-                dxp as *mut u16,
-                eo,
-                to,
-                max_tiles_i,
-                ei,
-                hi,
-                fi,
-                l.stream(),
-            )
-        };
-        ffi::check("expert_dx", code)?;
-    }
-    // 5. Expert weight gradients (launched even with no pairs: they write zeros). Their chunk
-    // plan first: the counts decide on the device whether a hot expert's reduction is split.
-    {
-        let mut l = Launch::on(&dev);
-        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-        let plan = l.output_raw("weight-grad plan", &mut ctx.bwd.wg_plan, 3 * e + 1)?;
-        // SAFETY: expert offsets [e+1] (the forward's); plan holds 3e + 1 words.
-        let code = unsafe { ffi::remoe_weight_grad_plan(eo, ei, hi, fi, plan, l.stream()) };
-        ffi::check("weight_grad_plan", code)?;
-    }
-    let weight_grad = |a: *const u16,
-                       gather: *const u32,
-                       b: *const u16,
-                       out: *mut f32,
-                       eo: *const u32,
-                       a_rows: i32,
-                       m: i32,
-                       n: i32,
-                       split: &ffi::remoe_wgrad_split_t,
-                       s: ffi::remoe_stream_t,
-                       what: &'static str| {
-        // SAFETY (for each call below): a holds a_rows rows of m columns indexed by the
-        // (gathered) pair, b [cap, n], out [e, m, n] f32; offsets [e+1] over |A| <= cap pairs;
-        // split's plan was written for these offsets and h x f (= m x n or n x m), its slots
-        // and counters sized by remoe_weight_grad_split_sizes for (e, h, f), counters zero.
-        let code = unsafe {
-            (gemms.weight_grad)(
-                a, gather, b, out, eo, a_rows, cap_i, ei, m, n, acc, split, s,
-            )
-        };
-        ffi::check(what, code)
-    };
-    let sizes = weight_grad_split_sizes(e, h, f)?;
-    {
-        let mut l = Launch::on(&dev);
-        let act = l.input("act", &ctx.act, cap * f)?;
-        let dy = l.input("dy", &ctx.bwd.dy, cap * h)?;
-        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-        let out = l.output("dWd", &mut *grads.down, e * f * h)?;
-        let split = split_buffers(
-            &mut l,
-            &ctx.bwd.wg_plan,
-            &mut ctx.bwd.wg_slots,
-            &mut ctx.bwd.wg_counters,
-            &sizes,
-        )?;
-        weight_grad(
-            act as _,
-            std::ptr::null(),
-            dy as _,
-            out,
-            eo,
-            cap_i,
-            fi,
-            hi,
-            &split,
-            l.stream(),
-            "dWd",
-        )?;
-    }
-    let gather_x = path == GemmPath::Hopper && cap > 0;
-    if gather_x {
-        let mut l = Launch::on(&dev);
-        let xp = l.input("x", &x, t * h)?;
-        let pt = l.input("pair tokens", &ctx.pair_token, cap)?;
-        let xr = l.output("x rows", &mut ctx.bwd.x_rows, cap * h)?;
-        let count = l
-            .input_raw("expert offsets", &ctx.expert_offsets, e + 1)?
-            .wrapping_add(e);
-        // SAFETY: x [t,h]; pair tokens [cap], the first |A| each < t; x rows holds cap*h; count
-        // points at expert_offsets[e] = |A| <= cap; h % 8 == 0.
-        let code = unsafe {
-            ffi::remoe_gather_rows_16(xp as _, pt, xr as _, count, cap_i, hi, l.stream())
-        };
-        ffi::check("gather_rows", code)?;
-    }
-    {
-        let mut l = Launch::on(&dev);
-        let (a, gather, a_rows) = if gather_x {
-            let xr = l.input("x rows", &ctx.bwd.x_rows, cap * h)?;
-            (xr as *const u16, std::ptr::null(), cap_i)
-        } else {
-            let xp = l.input("x", &x, t * h)?;
-            let pt = l.input("pair tokens", &ctx.pair_token, cap)?;
-            (xp as *const u16, pt, ti)
-        };
-        let dg = l.input("dg", &ctx.bwd.dg, cap * f)?;
-        let du = l.input("du", &ctx.bwd.du, cap * f)?;
-        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-        let og = l.output("dWg", &mut *grads.gate, e * h * f)?;
-        let ou = l.output("dWu", &mut *grads.up, e * h * f)?;
-        let split = split_buffers(
-            &mut l,
-            &ctx.bwd.wg_plan,
-            &mut ctx.bwd.wg_slots,
-            &mut ctx.bwd.wg_counters,
-            &sizes,
-        )?;
-        weight_grad(
-            a,
-            gather,
-            dg as _,
-            og,
-            eo,
-            a_rows,
-            hi,
-            fi,
-            &split,
-            l.stream(),
-            "dWg",
-        )?;
-        weight_grad(
-            a,
-            gather,
-            du as _,
-            ou,
-            eo,
-            a_rows,
-            hi,
-            fi,
-            &split,
-            l.stream(),
-            "dWu",
-        )?;
-    }
     // 6. The router's dense gradients.
     {
         let mut l = Launch::on(&dev);
-        let xp = l.input("x", &x, t * h)?;
-        let wr = l.input("router weight", &w.router, h * e)?;
+        let xp = l.input("x", x, t * h)?;
+        let wrp = l.input("router weight", wr, h * e)?;
         let dl = l.input("dl", &ctx.bwd.dl, t * e)?;
         let dxr = l.output("dx router", &mut ctx.bwd.dxr, t * h)?;
         let part = l.output("dWr partial", &mut ctx.bwd.partial, slices * h * e)?;
-        let dwr = l.output("dWr", &mut *grads.router, h * e)?;
+        let dwr = l.output("dWr", dwr_out, h * e)?;
         // SAFETY: x [t,h]; wr [h,e]; dl [t,e]; dxr [t,h]; partial [slices,h,e]; dwr [h,e]
         // (checked by `l`).
         let code = unsafe {
             T::ROUTER_BACKWARD_DENSE(
                 xp as *const u16,
-                wr as *const u16,
+                wrp as *const u16,
                 dl,
                 dxr,
                 part,
@@ -639,7 +481,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
                 hi,
                 ei,
                 slices as i32,
-                acc,
+                options.accumulate as i32,
                 l.stream(),
             )
         };
@@ -651,7 +493,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
         let dxp = l.input("dx pair", &ctx.bwd.dx_pair, cap * h)?;
         let pi = l.input("pair index", &ctx.pair_index, t * e)?;
         let dxr = l.input("dx router", &ctx.bwd.dxr, t * h)?;
-        let dx = l.output("dx", &mut *grads.dx, t * h)?;
+        let dx = l.output("dx", dx_out, t * h)?;
         // SAFETY: dx pair [cap,h]; pair index [t,e]; dxr f32 [t,h]; dx [t,h] (checked by `l`);
         // every pair index is -1 or < |A| <= cap.
         let code = unsafe {
@@ -671,15 +513,18 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     Ok(())
 }
 
-fn check_backward_inputs<T: HalfElement>(
+/// The backward's tensors: x, the weights and the weight gradients of the `held` experts (E on
+/// one GPU, E/R on an expert-parallel rank), dOut and dX, all in the context's device.
+pub(crate) fn check_backward_inputs<T: HalfElement>(
     ctx: &MoeContext<T>,
     cfg: &LayerConfig,
+    held: usize,
     x: &TensorView<T>,
     w: &MoeWeightViews<T>,
     dout: &TensorView<T>,
     g: &MoeGrads<T>,
 ) -> Result<()> {
-    check_layer_tensors(ctx, cfg, x, w)?;
+    check_layer_tensors(ctx, cfg, held, x, w)?;
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
     dout.expect_shape("dout", &[t, h])?;
     dout.expect_device("dout", &ctx.dev)?;
@@ -687,9 +532,9 @@ fn check_backward_inputs<T: HalfElement>(
     g.dx.expect_device("dx", &ctx.dev)?;
     let grads: [(&'static str, &DeviceTensor<f32>, &[usize]); 4] = [
         ("router grad", &*g.router, &[h, e]),
-        ("gate grad", &*g.gate, &[e, h, f]),
-        ("up grad", &*g.up, &[e, h, f]),
-        ("down grad", &*g.down, &[e, f, h]),
+        ("gate grad", &*g.gate, &[held, h, f]),
+        ("up grad", &*g.up, &[held, h, f]),
+        ("down grad", &*g.down, &[held, f, h]),
     ];
     for (what, tensor, shape) in grads {
         tensor.expect_shape(what, shape)?;

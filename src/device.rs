@@ -227,6 +227,26 @@ fn targets_run_on(targets: &str, major: u32, minor: u32) -> bool {
     })
 }
 
+/// The GPU for one of the library's own GPU unit tests, or `None` after printing why the test
+/// is skipped; with `REMOE_REQUIRE_GPU=1` a missing GPU fails the test instead. (The
+/// integration tests have their own copy in tests/common: they cannot reach this one.)
+#[cfg(test)]
+pub(crate) fn test_device_or_skip(test: &str) -> Option<Device> {
+    match Device::new(0) {
+        Ok(dev) => Some(dev),
+        Err(Error::NoCudaDevice(why)) => {
+            if std::env::var("REMOE_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("{test}: REMOE_REQUIRE_GPU=1 but no CUDA device: {why}");
+            }
+            // Straight to stderr: libtest captures the output of passing tests.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({why})");
+            None
+        }
+        Err(e) => panic!("{test}: opening the CUDA device failed: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -141,6 +141,23 @@ pub enum Error {
     /// first one); every later call fails. Make a new group.
     #[error("the expert-parallel group was aborted: {0}")]
     EpAborted(String),
+    /// The NCCL library cannot be used (see `ep::nccl`, feature `ep`): it is not installed
+    /// under a name cudarc looks for, or it is older than the NCCL the transport needs. The
+    /// string says which, and how to fix it.
+    #[error("NCCL is not available: {0}")]
+    NcclUnavailable(String),
+    /// An NCCL call failed, or an expert-parallel communicator reported an asynchronous error
+    /// (see `ep::nccl`, feature `ep`). When it came from a communicator, that communicator is
+    /// aborted, and every later call on it returns [`Error::EpAborted`].
+    #[error("NCCL failed in {op}: {message} (ncclResult_t {code})")]
+    Collective {
+        /// The operation: the exchange as its caller named it, or the NCCL step that failed.
+        op: &'static str,
+        /// NCCL's result code (`ncclResult_t`).
+        code: i32,
+        /// NCCL's description of the code (`ncclGetErrorString`).
+        message: String,
+    },
     /// A checkpoint could not be read or written (see [`crate::weights`]).
     #[error("weights: {0}")]
     Weights(#[source] crate::weights::WeightsError),

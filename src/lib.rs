@@ -80,7 +80,9 @@ pub mod device;
 mod element;
 pub mod ep;
 pub mod error;
+mod experts;
 mod ffi;
+mod gather;
 pub mod gemm;
 pub mod graph;
 pub mod moe;
@@ -88,6 +90,7 @@ pub mod reference;
 pub mod router;
 pub mod sys;
 pub mod tensor;
+mod weight_grad_split;
 pub mod weights;
 mod workspace;
 

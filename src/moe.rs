@@ -74,6 +74,7 @@ use crate::controller::Coefficient;
 use crate::device::Device;
 use crate::element::HalfElement;
 use crate::error::{Error, Result};
+use crate::experts::ExpertBatch;
 use crate::ffi;
 use crate::gemm::GemmPath;
 use crate::tensor::{DeviceTensor, Launch, TensorView};
@@ -744,6 +745,14 @@ fn check_inputs<T: HalfElement>(
     w: &MoeWeightViews<T>,
     out: &DeviceTensor<T>,
 ) -> Result<()> {
+    check_config(cfg, router)?;
+    check_layer_tensors(ctx, cfg, cfg.experts, x, w)?;
+    check_coefficient(ctx, coeff)?;
+    check_out(ctx, cfg, out)
+}
+
+/// A configuration the kernels take with this router.
+pub(crate) fn check_config(cfg: &LayerConfig, router: RouterKind) -> Result<()> {
     cfg.validate_for_gpu()?;
     if router == RouterKind::TopK && cfg.experts > TOPK_MAX_EXPERTS {
         return Err(Error::InvalidConfig(format!(
@@ -751,8 +760,15 @@ fn check_inputs<T: HalfElement>(
             cfg.experts
         )));
     }
-    check_layer_tensors(ctx, cfg, x, w)?;
-    check_coefficient(ctx, coeff)?;
+    Ok(())
+}
+
+/// The layer's output, [T, H] in the context's device.
+pub(crate) fn check_out<T: HalfElement>(
+    ctx: &MoeContext<T>,
+    cfg: &LayerConfig,
+    out: &DeviceTensor<T>,
+) -> Result<()> {
     out.expect_shape("out", &[cfg.tokens, cfg.hidden])?;
     out.expect_device("out", &ctx.dev)
 }
@@ -773,10 +789,12 @@ pub(crate) fn check_coefficient<T: HalfElement>(
 }
 
 /// The checks the forward and the backward share: `x` [T, H] and the weights in their layout,
-/// all in the context's device.
+/// all in the context's device. The router weight covers all E experts; the expert weights the
+/// `held` experts this call runs (E on one GPU, E/R on an expert-parallel rank).
 pub(crate) fn check_layer_tensors<T: HalfElement>(
     ctx: &MoeContext<T>,
     cfg: &LayerConfig,
+    held: usize,
     x: &TensorView<T>,
     w: &MoeWeightViews<T>,
 ) -> Result<()> {
@@ -784,9 +802,9 @@ pub(crate) fn check_layer_tensors<T: HalfElement>(
     let tensors: [(&'static str, &TensorView<T>, &[usize]); 5] = [
         ("x", x, &[t, h]),
         ("router weight", &w.router, &[h, e]),
-        ("gate weight", &w.gate, &[e, h, f]),
-        ("up weight", &w.up, &[e, h, f]),
-        ("down weight", &w.down, &[e, f, h]),
+        ("gate weight", &w.gate, &[held, h, f]),
+        ("up weight", &w.up, &[held, h, f]),
+        ("down weight", &w.down, &[held, f, h]),
     ];
     for (what, tensor, shape) in tensors {
         tensor.expect_shape(what, shape)?;
@@ -847,38 +865,33 @@ pub fn moe_forward<'x, 'w, T: HalfElement>(
     marks.mark()?;
     ctx.stage_times = marks.finish()?;
 
-    ctx.generation += 1;
-    ctx.saved = Some(SavedForward {
-        config: *cfg,
-        router,
-        capacity: plan.cap,
-        max_tiles: plan.max_tiles,
-        saved_for_backward: plan.save,
-        generation: ctx.generation,
-        lens: SavedLens::of(cfg, router, plan.cap, plan.save),
-    });
+    plan.record(ctx);
     Ok(())
 }
 
 /// One forward's sizes, all known on the host before anything runs: the shapes, the pair
 /// capacity and the GEMM grids' row-tile bound. Each method enqueues one stage.
-struct ForwardPlan {
+pub(crate) struct ForwardPlan {
     cfg: LayerConfig,
     router: RouterKind,
     /// Router blocks of 64 tokens.
     blocks: usize,
     /// Pairs the pair buffers hold.
-    cap: usize,
+    pub(crate) cap: usize,
     /// The most row tiles `cap` pairs can make.
-    max_tiles: usize,
+    pub(crate) max_tiles: usize,
     /// The down projection's split-K ranges (y holds this many planes of cap x H).
-    k_splits: usize,
+    pub(crate) k_splits: usize,
     /// Whether g and u are written (fixed at the start, recorded at the end).
-    save: bool,
+    pub(crate) save: bool,
 }
 
 impl ForwardPlan {
-    fn new<T: HalfElement>(ctx: &MoeContext<T>, cfg: &LayerConfig, router: RouterKind) -> Self {
+    pub(crate) fn new<T: HalfElement>(
+        ctx: &MoeContext<T>,
+        cfg: &LayerConfig,
+        router: RouterKind,
+    ) -> Self {
         let save = ctx.save_for_backward;
         let cap = ctx.capacity.pairs_for(cfg, save, std::mem::size_of::<T>());
         Self {
@@ -890,6 +903,20 @@ impl ForwardPlan {
             k_splits: down_k_splits(cfg, cap),
             save,
         }
+    }
+
+    /// Records the enqueued forward as the context's saved state (what a backward checks).
+    pub(crate) fn record<T: HalfElement>(&self, ctx: &mut MoeContext<T>) {
+        ctx.generation += 1;
+        ctx.saved = Some(SavedForward {
+            config: self.cfg,
+            router: self.router,
+            capacity: self.cap,
+            max_tiles: self.max_tiles,
+            saved_for_backward: self.save,
+            generation: ctx.generation,
+            lens: SavedLens::of(&self.cfg, self.router, self.cap, self.save),
+        });
     }
 
     /// The i32 sizes the launchers take: exact, since validate_for_gpu bounds T*H, T*E, H*E and
@@ -906,10 +933,16 @@ impl ForwardPlan {
     }
 
     fn size_workspace<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
+        self.size_routing(ctx)?;
+        self.size_experts(ctx)
+    }
+
+    /// The router's, the dispatch's and the combine's buffers (y included): all an
+    /// expert-parallel source needs, whose experts run on their owners.
+    pub(crate) fn size_routing<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
         let LayerConfig {
             tokens: t,
             hidden: h,
-            ffn: f,
             experts: e,
             ..
         } = self.cfg;
@@ -940,15 +973,23 @@ impl ForwardPlan {
         MoeContext::<T>::grow(&dev, a, &mut c.device_errors, ERROR_WORDS)?;
         MoeContext::<T>::grow(&dev, a, &mut c.pair_token, cap)?;
         MoeContext::<T>::grow(&dev, a, &mut c.pair_gate, cap)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.y, self.k_splits * cap * h)
+    }
+
+    /// The experts' own buffers: act, and g and u when saving.
+    fn size_experts<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
+        let (f, cap) = (self.cfg.ffn, self.cap);
+        let dev = ctx.dev.clone();
+        let c = &mut *ctx;
+        let a = &mut c.allocations;
         MoeContext::<T>::grow(&dev, a, &mut c.act, cap * f)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.y, self.k_splits * cap * h)?;
         let saved = if self.save { cap * f } else { 0 };
         MoeContext::<T>::grow(&dev, a, &mut c.g, saved)?;
         MoeContext::<T>::grow(&dev, a, &mut c.u, saved)
     }
 
     /// The router GEMM and its tail: logits, gates (or probs) and per-block statistics.
-    fn router<T: HalfElement>(
+    pub(crate) fn router<T: HalfElement>(
         &self,
         ctx: &mut MoeContext<T>,
         x: &TensorView<T>,
@@ -1025,7 +1066,7 @@ impl ForwardPlan {
 
     /// n_e, the offsets, the statistics; the capacity check (an overflow publishes an empty
     /// dispatch and raises the error word).
-    fn routing_stats<T: HalfElement>(
+    pub(crate) fn routing_stats<T: HalfElement>(
         &self,
         ctx: &mut MoeContext<T>,
         coeff: &mut Coefficient,
@@ -1085,7 +1126,7 @@ impl ForwardPlan {
         ffi::check("routing_stats", code)
     }
 
-    fn compaction<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
+    pub(crate) fn compaction<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
         let (t, e, blocks, cap) = (self.cfg.tokens, self.cfg.experts, self.blocks, self.cap);
         if t == 0 {
             return Ok(());
@@ -1106,64 +1147,53 @@ impl ForwardPlan {
         ffi::check("compact_pairs", code)
     }
 
+    /// The expert batch of this forward's own dispatch (the context's pair buffers).
+    fn batch<'a>(
+        &self,
+        pair_token: &'a GrowBuf<u32>,
+        expert_offsets: &'a GrowBuf<u32>,
+        tile_offsets: &'a GrowBuf<u32>,
+    ) -> ExpertBatch<'a> {
+        ExpertBatch {
+            pair_row: pair_token,
+            expert_offsets,
+            tile_offsets,
+            experts: self.cfg.experts,
+            cap: self.cap,
+            max_tiles: self.max_tiles,
+            hidden: self.cfg.hidden,
+            ffn: self.cfg.ffn,
+        }
+    }
+
     fn up_projection<T: HalfElement>(
         &self,
         ctx: &mut MoeContext<T>,
         x: &TensorView<T>,
         w: &MoeWeightViews<T>,
     ) -> Result<()> {
-        if self.max_tiles == 0 {
-            return Ok(());
-        }
-        let LayerConfig {
-            tokens: t,
-            hidden: h,
-            ffn: f,
-            experts: e,
-            ..
-        } = self.cfg;
-        let cap = self.cap;
-        let (_, hi, fi, ei, _) = self.dims();
         let gemms = ctx.gemm_path()?.gemms::<T>();
         let dev = ctx.dev.clone();
-        let mut l = Launch::on(&dev);
-        let xp = l.input("x", x, t * h)?;
-        let pt = l.input("pair tokens", &ctx.pair_token, cap)?;
-        let wg = l.input("gate weight", &w.gate, e * h * f)?;
-        let wu = l.input("up weight", &w.up, e * h * f)?;
-        let ap = l.output("act", &mut ctx.act, cap * f)?;
-        let (gp, up) = if self.save {
-            (
-                l.output("g", &mut ctx.g, cap * f)? as *mut u16,
-                l.output("u", &mut ctx.u, cap * f)? as *mut u16,
-            )
-        } else {
-            (std::ptr::null_mut(), std::ptr::null_mut())
-        };
-        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-        let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
-        // SAFETY: x [t,h]; wg, wu [e,h,f]; act (and g, u when saving) hold cap*f; pair tokens
-        // < t; the offsets describe at most cap rows in at most max_tiles tiles; h, f multiples
-        // of 8.
-        let code = unsafe {
-            (gemms.up)(
-                xp as *const u16,
-                pt,
-                wg as *const u16,
-                wu as *const u16,
-                ap as *mut u16,
-                gp,
-                up,
-                eo,
-                to,
-                self.max_tiles as i32,
-                ei,
-                hi,
-                fi,
-                l.stream(),
-            )
-        };
-        ffi::check("expert_up_swiglu", code)
+        let MoeContext {
+            pair_token,
+            expert_offsets,
+            tile_offsets,
+            act,
+            g,
+            u,
+            ..
+        } = ctx;
+        let batch = self.batch(pair_token, expert_offsets, tile_offsets);
+        let saved = if self.save { Some((g, u)) } else { None };
+        batch.up_swiglu(
+            &dev,
+            &gemms,
+            x,
+            self.cfg.tokens,
+            (&w.gate, &w.up),
+            act,
+            saved,
+        )
     }
 
     fn down_projection<T: HalfElement>(
@@ -1171,55 +1201,22 @@ impl ForwardPlan {
         ctx: &mut MoeContext<T>,
         w: &MoeWeightViews<T>,
     ) -> Result<()> {
-        if self.max_tiles == 0 {
-            return Ok(());
-        }
-        let (h, f, e, cap) = (self.cfg.hidden, self.cfg.ffn, self.cfg.experts, self.cap);
-        let (_, hi, fi, ei, _) = self.dims();
         let gemms = ctx.gemm_path()?.gemms::<T>();
         let dev = ctx.dev.clone();
-        let mut l = Launch::on(&dev);
-        let ap = l.input("act", &ctx.act, cap * f)?;
-        let wd = l.input("down weight", &w.down, e * f * h)?;
-        let splits = self.k_splits;
-        let yp = l.output("expert out", &mut ctx.y, splits * cap * h)?;
-        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-        let to = l.input("tile offsets", &ctx.tile_offsets, e + 1)?;
-        // SAFETY: act cap*f, wd [e,f,h], y holds k_splits planes of cap*h; offsets as in
-        // up_projection; 1 <= k_splits <= ceil(f / 64) / 8 (down_k_splits); cap < 2^31.
-        let code = unsafe {
-            (gemms.down)(
-                ap as *const u16,
-                wd as *const u16,
-                yp,
-                eo,
-                to,
-                self.max_tiles as i32,
-                ei,
-                hi,
-                fi,
-                splits as i32,
-                cap as i32,
-                l.stream(),
-            )
-        };
-        ffi::check("expert_down", code)?;
-        if splits > 1 {
-            // The planes of partial sums into y, in plane order.
-            let count = l.input_raw("expert offsets", &ctx.expert_offsets, e + 1)?;
-            let count = count.wrapping_add(e);
-            // SAFETY: yp holds splits planes of cap*h f32 (checked above); count points at
-            // expert_offsets[e] = |A| <= cap; h % 8 == 0.
-            let code = unsafe {
-                ffi::remoe_sum_planes_f32(yp, splits as i32, cap as i32, count, hi, l.stream())
-            };
-            ffi::check("sum_planes", code)?;
-        }
-        Ok(())
+        let MoeContext {
+            pair_token,
+            expert_offsets,
+            tile_offsets,
+            act,
+            y,
+            ..
+        } = ctx;
+        let batch = self.batch(pair_token, expert_offsets, tile_offsets);
+        batch.down(&dev, &gemms, act, &w.down, self.k_splits, y)
     }
 
     /// The gate-weighted combine (also with no pairs: it writes the zeros).
-    fn combine<T: HalfElement>(
+    pub(crate) fn combine<T: HalfElement>(
         &self,
         ctx: &mut MoeContext<T>,
         out: &mut DeviceTensor<T>,

@@ -3,6 +3,7 @@
 pub const REMOE_ROUTER_TOKENS_PER_BLOCK: u32 = 64;
 pub const REMOE_GEMM_TILE_ROWS: u32 = 128;
 pub const REMOE_TOPK_MAX_EXPERTS: u32 = 512;
+pub const REMOE_EP_HEADER_WORDS: u32 = 8;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUstream_st {
@@ -352,12 +353,16 @@ unsafe extern "C" {
 
 ```text
 The plan for these counts (expert_offsets [e + 1] on the device): one warp, no host read.
+The chunking of an expert depends on its own count and on the pairs of the whole reduction:
+chunking_pairs, or expert_offsets[e] when it is negative. (An expert-parallel owner passes
+all ranks' pairs, so that its experts are cut exactly as on one GPU over every rank's tokens.)
 ```*/
     pub fn remoe_weight_grad_plan(
         expert_offsets: *const u32,
         e: i32,
         h: i32,
         f: i32,
+        chunking_pairs: i64,
         plan: *mut u32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
@@ -816,6 +821,75 @@ unlike a copy from pageable host memory, it can be captured in a CUDA graph.
     pub fn remoe_fill_f64(
         dst: *mut f64,
         value: f64,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct remoe_ep_header_t {
+    pub words: [u32; 8usize],
+}
+unsafe extern "C" {
+    pub fn remoe_ep_count_message(
+        expert_offsets: *const u32,
+        header: remoe_ep_header_t,
+        e: i32,
+        msg: *mut u32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    /**Owner q's dispatch of what it received, from the R received count messages msgs \[ranks\]\[REMOE\_EP\_HEADER\_WORDS + e\] (message s from source s; the headers are not read).
+
+```text
+Owner q's dispatch of what it received, from the R received count messages
+msgs [ranks][REMOE_EP_HEADER_WORDS + e] (message s from source s; the headers are not read).
+The receive buffer holds source 0's rows, then source 1's, ..., each source's sorted by expert;
+the local order is expert by expert, within an expert source by source, each source's rows in
+their own order. With el = e / ranks and N = the rows received:
+  expert_offsets [el+1], tile_offsets [el+1]: the local experts' pair and row-tile offsets, as
+    remoe_routing_stats writes them (the grouped GEMMs take them unchanged)
+  src_base [ranks+1]: source s's rows are [src_base[s], src_base[s+1]); src_base[ranks] = N
+  segments [2 e]: work space
+  row_of_pair [capacity]: the received row of local pair p (the GEMMs' gather index)
+  pair_of_row [capacity]: its inverse (local pair of received row i)
+  pair_gate [capacity] = recv_gate[row_of_pair[p]] when recv_gate [capacity] is not NULL
+    (pair_gate may be NULL otherwise)
+for p, i < N. capacity >= N sizes the grid; rows past capacity are never written.
+e % ranks == 0, 0 <= owner < ranks.
+```*/
+    pub fn remoe_ep_receive_dispatch(
+        msgs: *const u32,
+        e: i32,
+        ranks: i32,
+        owner: i32,
+        recv_gate: *const f32,
+        expert_offsets: *mut u32,
+        tile_offsets: *mut u32,
+        src_base: *mut u32,
+        segments: *mut u32,
+        row_of_pair: *mut u32,
+        pair_of_row: *mut u32,
+        pair_gate: *mut f32,
+        capacity: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    /**dst\[i\] = src\[index\[i\]\] for i \< \*count (a device pointer), 32-bit words; src, index and dst hold capacity words, \*count \<= capacity sizes the grid, and index\[i\] \< capacity (an index past it reads nothing and leaves dst\[i\] as it was).
+
+```text
+dst[i] = src[index[i]] for i < *count (a device pointer), 32-bit words; src, index and dst
+hold capacity words, *count <= capacity sizes the grid, and index[i] < capacity (an index past
+it reads nothing and leaves dst[i] as it was). It returns a per-pair scalar (dr) from an owner's local order to the
+receive order with index = pair_of_row.
+```*/
+    pub fn remoe_ep_permute_32(
+        src: *const u32,
+        index: *const u32,
+        dst: *mut u32,
+        count: *const u32,
+        capacity: i32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }

@@ -584,20 +584,9 @@ mod tests {
     /// reads 4 is refused before anything is enqueued, as input and as output.
     #[test]
     fn launch_refuses_a_short_device_buffer() {
-        let dev = match Device::new(0) {
-            Ok(dev) => dev,
-            Err(Error::NoCudaDevice(why)) => {
-                if std::env::var("REMOE_REQUIRE_GPU").as_deref() == Ok("1") {
-                    panic!("REMOE_REQUIRE_GPU=1 but no CUDA device: {why}");
-                }
-                use std::io::Write;
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED launch_refuses_a_short_device_buffer: no CUDA device ({why})"
-                );
-                return;
-            }
-            Err(e) => panic!("opening the CUDA device failed: {e}"),
+        let Some(dev) = crate::device::test_device_or_skip("launch_refuses_a_short_device_buffer")
+        else {
+            return;
         };
         let mut buf = dev.stream().alloc_zeros::<f32>(3).unwrap();
         {

@@ -252,6 +252,7 @@ fn an_owner_that_receives_nothing_sends_and_returns_empty_messages() {
         layer_id: 0,
         phase: Phase::Forward,
         setup_digest: 0,
+        training: false,
     };
     let msgs: Vec<_> = (0..2)
         .map(|r| header.count_message(r, &fwd[r].dispatch.offsets, false))

@@ -327,9 +327,17 @@ fn gpu_weight_gradient_plan_follows_the_rule() {
             for i in 0..e {
                 offsets[i + 1] = offsets[i] + counts[i];
             }
-            let got = device_weight_grad_plan(&dev, &offsets, h, f);
-            let want = weight_grad_plan_rule(&counts, h, f);
+            let got = device_weight_grad_plan(&dev, &offsets, h, f, None);
+            let want = weight_grad_plan_rule(&counts, h, f, None);
             assert_eq!(got, want, "{what}");
+            // These experts as a share of a larger reduction (an expert-parallel owner's, cut
+            // for every rank's pairs): the same rule with that total.
+            let total: u64 = counts.iter().map(|&c| c as u64).sum::<u64>() * 3 + 17;
+            assert_eq!(
+                device_weight_grad_plan(&dev, &offsets, h, f, Some(total)),
+                weight_grad_plan_rule(&counts, h, f, Some(total)),
+                "{what}, cut for {total} pairs"
+            );
             // What the plan must guarantee whatever the rule: chunks cover each expert's pairs
             // exactly, in whole 64-pair blocks but the last, and the slots fit the workspace.
             let (chunk_offsets, len, slots) =
@@ -365,8 +373,15 @@ fn gpu_weight_gradient_plan_follows_the_rule() {
     }
 }
 
-/// The plan as the device computes it for these offsets: [chunk offsets E+1][len E][slot E].
-fn device_weight_grad_plan(dev: &Device, offsets: &[u32], h: usize, f: usize) -> Vec<u32> {
+/// The plan as the device computes it for these offsets: [chunk offsets E+1][len E][slot E],
+/// cut for `chunking` pairs in all (None: the offsets' total).
+fn device_weight_grad_plan(
+    dev: &Device,
+    offsets: &[u32],
+    h: usize,
+    f: usize,
+    chunking: Option<u64>,
+) -> Vec<u32> {
     use remoe_kernels::sys;
     let e = offsets.len() - 1;
     let s = dev.stream();
@@ -383,6 +398,7 @@ fn device_weight_grad_plan(dev: &Device, offsets: &[u32], h: usize, f: usize) ->
                 e as i32,
                 h as i32,
                 f as i32,
+                chunking.map_or(-1, |n| n as i64),
                 plan_p as *mut u32,
                 sys::stream_handle(s),
             )
@@ -392,9 +408,10 @@ fn device_weight_grad_plan(dev: &Device, offsets: &[u32], h: usize, f: usize) ->
     s.clone_dtoh(&plan).unwrap()
 }
 
-/// The rule of kernels/weight_grad_split.cuh, on the host.
-fn weight_grad_plan_rule(counts: &[u32], h: usize, f: usize) -> Vec<u32> {
-    let pairs: u64 = counts.iter().map(|&c| c as u64).sum();
+/// The rule of kernels/weight_grad_split.cuh, on the host, for a reduction of `chunking` pairs
+/// in all (None: the counts' total).
+fn weight_grad_plan_rule(counts: &[u32], h: usize, f: usize, chunking: Option<u64>) -> Vec<u32> {
+    let pairs: u64 = chunking.unwrap_or_else(|| counts.iter().map(|&c| c as u64).sum());
     let tiles = ((h * f) as u64).div_ceil(32768);
     let splittable = 64 / tiles >= 2;
     let target = (tiles * pairs).div_ceil(64).max(512);

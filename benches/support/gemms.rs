@@ -53,6 +53,7 @@ fn weight_grad_split(
             e as i32,
             h as i32,
             f as i32,
+            -1, // chunks cut for the offsets' own total, as moe_backward does
             plan_p as *mut u32,
             sys::stream_handle(s),
         )

@@ -32,6 +32,10 @@ pub const COUNT_HEADER_WORDS: usize = 8;
 /// Flag of a count message: its sender failed a check of its own and takes part only so that
 /// nobody waits for it.
 const FLAG_ABORT: u32 = 1;
+/// Flag of a count message: a training call (it also sends the gates); every rank must agree.
+const FLAG_TRAINING: u32 = 2;
+/// Where the flags word carries the sender's split-K count of the down projection (8 bits).
+const SPLITS_SHIFT: u32 = 8;
 
 /// Which rank owns which experts: rank q owns the contiguous block `[q El, (q+1) El)` with
 /// El = E / R. Contiguous blocks make the pairs bound for one owner one range of a source's
@@ -225,6 +229,8 @@ pub struct CallHeader {
     pub phase: Phase,
     /// [`EpSetup::digest`] of the group's setup.
     pub setup_digest: u32,
+    /// A training call (the ranks then also exchange the gates).
+    pub training: bool,
 }
 
 impl CallHeader {
@@ -240,18 +246,29 @@ impl CallHeader {
             "expert_offsets holds E+1 entries"
         );
         let mut msg = Vec::with_capacity(COUNT_HEADER_WORDS + expert_offsets.len() - 1);
-        msg.extend_from_slice(&[
+        msg.extend_from_slice(&self.words(rank, abort, 0));
+        msg.extend(expert_offsets.windows(2).map(|w| w[1] - w[0]));
+        msg
+    }
+
+    /// The first [`COUNT_HEADER_WORDS`] words of rank `rank`'s count message (the GPU layer's
+    /// kernel takes them as they are and appends the counts). `down_splits` is the sender's
+    /// split-K count of the down projection (0: none given; at most 255), which owners read to
+    /// run every source's rows as its one-GPU forward would.
+    pub fn words(&self, rank: usize, abort: bool, down_splits: u32) -> [u32; COUNT_HEADER_WORDS] {
+        let flags = if abort { FLAG_ABORT } else { 0 }
+            | if self.training { FLAG_TRAINING } else { 0 }
+            | (down_splits.min(0xff) << SPLITS_SHIFT);
+        [
             COUNT_MAGIC,
             PROTOCOL_VERSION,
             rank as u32,
             self.seq,
             self.layer_id,
             self.phase as u32,
-            if abort { FLAG_ABORT } else { 0 },
+            flags,
             self.setup_digest,
-        ]);
-        msg.extend(expert_offsets.windows(2).map(|w| w[1] - w[0]));
-        msg
+        ]
     }
 
     /// Checks source `rank`'s message against this header (the receiver's own).
@@ -279,6 +296,11 @@ impl CallHeader {
             ("call number", msg[3], self.seq),
             ("layer", msg[4], self.layer_id),
             ("phase", msg[5], self.phase as u32),
+            (
+                "training flag",
+                msg[6] & FLAG_TRAINING,
+                self.training as u32 * FLAG_TRAINING,
+            ),
             ("setup digest", msg[7], self.setup_digest),
         ];
         for (name, theirs, ours) in fields {
@@ -297,6 +319,8 @@ pub struct TrafficMatrix {
     partition: ExpertPartition,
     /// \[R, E\], row s = source s.
     counts: Vec<usize>,
+    /// \[R\] each source's split-K count of the down projection (0: not given).
+    down_splits: Vec<u32>,
 }
 
 impl TrafficMatrix {
@@ -317,11 +341,26 @@ impl TrafficMatrix {
             )));
         }
         let mut counts = Vec::with_capacity(r * e);
+        let mut down_splits = Vec::with_capacity(r);
         for (s, msg) in messages.iter().enumerate() {
             header.check(s, msg, e)?;
             counts.extend(msg[COUNT_HEADER_WORDS..].iter().map(|&c| c as usize));
+            down_splits.push((msg[6] >> SPLITS_SHIFT) & 0xff);
         }
-        Ok(Self { partition, counts })
+        Ok(Self {
+            partition,
+            counts,
+            down_splits,
+        })
+    }
+
+    /// The split-K count of the down projection that every source gave, if they all gave the
+    /// same one: an owner that runs every source's rows with it computes, for each source,
+    /// exactly that source's one-GPU expert outputs. None when the sources differ (unequal
+    /// token counts can do that) or gave none.
+    pub fn agreed_down_splits(&self) -> Option<u32> {
+        let first = *self.down_splits.first()?;
+        (first > 0 && self.down_splits.iter().all(|&k| k == first)).then_some(first)
     }
 
     /// The partition the matrix is over.
@@ -332,6 +371,11 @@ impl TrafficMatrix {
     /// Source `src`'s pairs of expert `expert`.
     pub fn count(&self, src: usize, expert: usize) -> usize {
         self.counts[src * self.partition.experts() + expert]
+    }
+
+    /// All pairs of all sources: what one GPU would hold for every rank's tokens.
+    pub fn total_pairs(&self) -> usize {
+        self.counts.iter().sum()
     }
 
     /// The pairs source `src` sends owner `dst` (itself included).
@@ -516,6 +560,7 @@ mod tests {
             layer_id: 3,
             phase: Phase::Forward,
             setup_digest: setup(2, 4).digest().unwrap(),
+            training: true,
         }
     }
 
@@ -538,6 +583,27 @@ mod tests {
         assert_eq!(m.send_offsets(1), vec![0, 5, 5]);
         assert_eq!(m.receive_bases(0), vec![0, 3, 8]);
         assert_eq!(m.receive_bases(1), vec![0, 3, 3]);
+        // One GPU over both ranks' tokens would hold all 11 pairs.
+        assert_eq!(m.total_pairs(), 11);
+        // Messages built on the host give no split-K count; the device's give their sender's.
+        assert_eq!(m.agreed_down_splits(), None);
+        let with_splits = |rank: usize, offsets: &[u32], k: u32| {
+            let mut msg = h.words(rank, false, k).to_vec();
+            msg.extend(offsets.windows(2).map(|w| w[1] - w[0]));
+            msg
+        };
+        let same = [
+            with_splits(0, &[0, 3, 3, 5, 6], 2),
+            with_splits(1, &[0, 0, 5, 5, 5], 2),
+        ];
+        let m = TrafficMatrix::from_messages(part, &h, &same).unwrap();
+        assert_eq!(m.agreed_down_splits(), Some(2));
+        let apart = [
+            with_splits(0, &[0, 3, 3, 5, 6], 2),
+            with_splits(1, &[0, 0, 5, 5, 5], 1),
+        ];
+        let m = TrafficMatrix::from_messages(part, &h, &apart).unwrap();
+        assert_eq!(m.agreed_down_splits(), None);
 
         // An overflowed source publishes all-zero offsets: it sends nothing.
         let empty = h.count_message(1, &[0; 5], false);
@@ -566,6 +632,14 @@ mod tests {
                 }
                 .count_message(1, &[0; 5], false),
                 "phase 2 where this rank has 1",
+            ),
+            (
+                CallHeader {
+                    training: false,
+                    ..h
+                }
+                .count_message(1, &[0; 5], false),
+                "training flag 0 where this rank has 2",
             ),
             (
                 h.count_message(1, &[0; 5], true),

@@ -199,6 +199,7 @@ impl<'a, T: Real> Ranks<'a, T> {
             layer_id: 0,
             phase,
             setup_digest: 0,
+            training: false,
         };
         let msgs: Vec<_> = dispatches
             .iter()

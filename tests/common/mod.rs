@@ -25,6 +25,42 @@ pub fn gpu_or_skip(test: &str) -> Option<Device> {
     }
 }
 
+/// Whether `REMOE_REQUIRE_GPUS` (a number of GPUs) asks for at least `n`: then a test that
+/// needs `n` GPUs, or what comes with them, fails where it would otherwise skip.
+pub fn gpus_required(n: usize) -> bool {
+    std::env::var("REMOE_REQUIRE_GPUS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|want| want >= n)
+}
+
+/// Prints why a test that needs `n` GPUs is skipped, or fails it when [`gpus_required`]`(n)`.
+pub fn skip_unless_gpus_required(test: &str, n: usize, why: &str) {
+    if gpus_required(n) {
+        panic!("{test}: REMOE_REQUIRE_GPUS asks for {n} GPUs, but {why}");
+    }
+    // Straight to the stderr handle, as in gpu_or_skip.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
+/// Devices 0 to n-1 for a test that needs `n` GPUs, or `None` after printing why the test is
+/// skipped. With `REMOE_REQUIRE_GPUS=n` (or more) too few GPUs fail the test instead.
+pub fn gpus_or_skip(test: &str, n: usize) -> Option<Vec<Device>> {
+    let mut devs = Vec::with_capacity(n);
+    for ordinal in 0..n {
+        match Device::new(ordinal) {
+            Ok(dev) => devs.push(dev),
+            Err(Error::NoCudaDevice(why)) => {
+                skip_unless_gpus_required(test, n, &format!("it needs {n} CUDA devices ({why})"));
+                return None;
+            }
+            Err(e) => panic!("{test}: opening CUDA device {ordinal} failed: {e}"),
+        }
+    }
+    Some(devs)
+}
+
 /// Whether this process runs under NVIDIA's compute-sanitizer, whose injection libraries are
 /// mapped into the process once the driver is initialised (`Device::new` has done that).
 pub fn under_compute_sanitizer() -> bool {
@@ -436,13 +472,18 @@ pub struct Grads<T: HalfElement> {
 
 impl<T: HalfElement> Grads<T> {
     pub fn new(dev: &Device, cfg: &LayerConfig) -> Self {
+        Self::for_experts(dev, cfg, cfg.experts)
+    }
+
+    /// With the weight gradients of `held` experts (an expert-parallel rank's E/R).
+    pub fn for_experts(dev: &Device, cfg: &LayerConfig, held: usize) -> Self {
         let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
         Self {
             dx: DeviceTensor::zeros(dev, &[t, h]).unwrap(),
             router: DeviceTensor::zeros(dev, &[h, e]).unwrap(),
-            gate: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
-            up: DeviceTensor::zeros(dev, &[e, h, f]).unwrap(),
-            down: DeviceTensor::zeros(dev, &[e, f, h]).unwrap(),
+            gate: DeviceTensor::zeros(dev, &[held, h, f]).unwrap(),
+            up: DeviceTensor::zeros(dev, &[held, h, f]).unwrap(),
+            down: DeviceTensor::zeros(dev, &[held, f, h]).unwrap(),
         }
     }
 

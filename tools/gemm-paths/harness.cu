@@ -103,7 +103,7 @@ static void run(const char* name, int T, int H, int F, int E, int mode /*0 unifo
   auto d_plan = dalloc<uint32_t>(plan_words), d_counters = dalloc<uint32_t>(counter_words);
   auto d_slots = dalloc<float>(slot_floats);
   CK(cudaMemset(d_counters, 0, std::max<uint64_t>(counter_words, 1) * 4));
-  LK(remoe_weight_grad_plan(d_eo, E, H, F, d_plan, 0));
+  LK(remoe_weight_grad_plan(d_eo, E, H, F, -1, d_plan, 0));
   const remoe_wgrad_split_t sp{d_plan, d_slots, d_counters};
   { auto plan = host(d_plan, plan_words); int split = 0; for (int e = 0; e < E; ++e) split += plan[e + 1] - plan[e] > 1;
     printf("%-4s weight-grad plan: %u chunks for %d experts, %d split, %llu slot floats\n", name, plan[E], E, split, (unsigned long long)slot_floats); }
