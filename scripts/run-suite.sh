@@ -3,10 +3,10 @@
 #   bash .gpu-bundle/run-suite.sh [--no-tests | --sanitizers-only] [--no-sanitizer] [--sanitizers LIST]
 #                                 [--sanitizer-timeout SECONDS] [--filter TEST]
 #                                 [--bench] [--criterion FILTER]
-# Every test binary runs with REMOE_REQUIRE_GPU=1. Then every GPU test binary (tests/gpu_*) runs
-# again under each compute-sanitizer tool: memcheck, racecheck (hazard reports only), initcheck
-# and synccheck; each run's summary line goes into the final table and its log into
-# $OUT/sanitizer-<tool>.log. A sanitizer run that reports errors, fails or runs
+# Every test binary runs with REMOE_REQUIRE_GPU=1. Then every GPU test binary (tests/gpu_*, and
+# the lib's unit tests) runs again under each compute-sanitizer tool: memcheck, racecheck (hazard
+# reports only), initcheck and synccheck; each run's summary line goes into the final table and
+# its log into $OUT/sanitizer-<tool>.log. A sanitizer run that reports errors, fails or runs
 # past --sanitizer-timeout (default 600 s per tool and test; each test runs in a process of
 # its own) fails the suite.
 # --no-sanitizer skips the sanitizers; --sanitizers memcheck,synccheck picks some of them;
@@ -88,6 +88,9 @@ total_fail=0
 runs=()
 gpu_bins=("$here"/tests/gpu_*)
 [[ -e "$here/candle/gpu_candle" ]] && gpu_bins+=("$here/candle/gpu_candle")
+# The lib's unit tests hold GPU tests of their own (the expert-parallel dispatch kernels against
+# their host forms): the sanitizers check them too.
+san_bins=("${gpu_bins[@]}" "$here/tests/unit")
 for bin in "$here"/tests/*; do runs+=("$bin|"); done
 [[ -e "$here/candle/gpu_candle" ]] && runs+=("$here/candle/gpu_candle|")
 if nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
@@ -134,7 +137,7 @@ if [[ $sanitize -eq 1 ]]; then
     esac
     tool_log="$out/sanitizer-$tool.log"
     : >"$tool_log"
-    for bin in "${gpu_bins[@]}"; do
+    for bin in "${san_bins[@]}"; do
       [[ -e "$bin" ]] || continue
       name="$(basename "$bin")"
       start=$SECONDS
