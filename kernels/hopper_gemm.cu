@@ -639,16 +639,23 @@ __device__ __forceinline__ void row_gemm_consumer(const RowGemmArgs<T> &args, co
   PipePos pos;
   for (int unit = blockIdx.x; unit < total_tiles; unit += gridDim.x) {
     const RowUnit u = row_unit(args, unit, k_blocks);
+    // An expert's last tile may end before this warpgroup's rows (every tile of a small batch
+    // does: 64 pairs per expert at config S, one at decode). Its MMAs would multiply zero-filled
+    // rows that the epilogue never stores, and they share the SM's tensor cores with the other
+    // warpgroup's; so it only keeps the stages' barriers in step. The stored rows are unchanged.
+    const bool idle = wg * 64 >= u.rows;
     for (int kb = u.kb_begin; kb < u.kb_end; ++kb) {
       pipe.wait_loaded(pos);
       // A is K-major (this warpgroup's 64 rows: 64 x 128 bytes in); B as the mode stores it.
-      mma_stage<T, 0, Tr::kBMNMajor ? 1 : 0>(acc, pipe.a_tile(pos) + wg * (64 * 128),
-                                             pipe.b_tile(pos), kb == u.kb_begin);
+      if (!idle)
+        mma_stage<T, 0, Tr::kBMNMajor ? 1 : 0>(acc, pipe.a_tile(pos) + wg * (64 * 128),
+                                               pipe.b_tile(pos), kb == u.kb_begin);
       pipe.release(pos);
       ++pos.n;
     }
-    row_gemm_epilogue<T, kMode>(args, acc, u.row0, u.rows, u.col_tile * Tr::kOutCols, wg * 64,
-                                u.split);
+    if (!idle)
+      row_gemm_epilogue<T, kMode>(args, acc, u.row0, u.rows, u.col_tile * Tr::kOutCols, wg * 64,
+                                  u.split);
   }
 }
 

@@ -245,6 +245,8 @@ int main(int argc, char** argv) {
   run("Ssk", 32768, 512, 1024, 16, 1, reps);  // the same experts, skewed
   run("B", 131072, 768, 384, 64, 0, reps);     // k=8: 8T pairs
   run("D", 16384, 1536, 6144, 8, 0, reps);
+  run("S", 512, 768, 3072, 8, 0, reps);       // config S: 64 pairs per expert, bound by streaming the weights
+  run("S8", 8, 768, 3072, 8, 0, reps);        // decode-sized: one pair per expert
   if (!only || strcmp(only, "router") == 0) { router_timing(8); router_timing(16); router_timing(64); router_timing(63); router_timing(128); router_timing(512); }
   printf("%s: %d failures\n", failures ? "FAILED" : "PASSED", failures);
   return failures ? 1 : 0;
