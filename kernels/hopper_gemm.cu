@@ -32,7 +32,8 @@
 //
 // Epilogues work on the f32 accumulators in registers: SwiGLU (up), f32 store (down), SwiGLU's
 // backward from the saved g and u (dAct), plain store (dX), and the f32 weight-gradient store or
-// accumulate. The wgmma accumulator layout puts column n and n + 128 of an m64n256 tile in the
+// accumulate, which goes through shared memory so that each warp writes whole row segments
+// (store_weight_grad_tile says why). The wgmma accumulator layout puts column n and n + 128 of an m64n256 tile in the
 // same thread, which is why the up projection's B tile holds 128 columns of Wg then the same 128
 // columns of Wu: each thread owns g and u of the same outputs.
 #include <atomic>
@@ -58,6 +59,12 @@ constexpr int kAtomBytes = 64 * 128;  // one [64 rows][64 values] block of the s
 constexpr int kBarrierBytes = 2 * kStages * 8;
 // Dynamic shared memory: the stages (1024-byte aligned, as the swizzle atoms need) + barriers.
 constexpr int kSmemBytes = kStages * kStageBytes + kBarrierBytes + 1024;
+// The weight gradients' store goes through shared memory, kStagedRows rows of the f32 tile at a
+// time, after the barriers (store_weight_grad_tile). With the kernel's 1 KB of static shared
+// memory this is all but the last 1 KB of the 227 KB a CTA may have.
+constexpr int kStagedRows = 32;
+constexpr int kWeightGradSmemBytes = kSmemBytes + kStagedRows * BN * 4;
+static_assert(kWeightGradSmemBytes + 1024 <= 227 * 1024, "the staging buffer must fit");
 
 enum Mode { kUpSwiGLU = 0, kDown = 1, kDAct = 2, kDX = 3 };
 
@@ -802,13 +809,70 @@ __device__ __forceinline__ void weight_grad_producer(const WeightGradArgs<T> &ar
 // Barrier 1 over the two consumer warpgroups (barrier 0 is __syncthreads').
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 
+// Stores (or adds to out, with args.accumulate) one 128 x 256 f32 tile of a weight gradient at
+// rows m0, columns n0 of out. The small-batch weight gradients are nothing but this store (K is
+// an expert's pairs: 64 at config S, 1 in decode), and its pattern decides their speed: stored
+// from the accumulators' layout (each instruction writing 16 bytes into each of 64 rows) the
+// tile goes out at 1.3 TB/s; each warp writing whole 1 KB row segments, 2.4 TB/s
+// (tools/hbm-stream/store.cu on the H100). So the tile goes through shared memory in four
+// rounds of 32 rows (one warpgroup's rows r, r + 16, ... for half = 0 or 1): the round's
+// warpgroup writes its accumulators there, then all eight consumer warps store the rows. In
+// shared memory, staging row s's 32-byte chunks are XOR-swizzled by s % 4 (column c at
+// c ^ 8 (s % 4)), so that a half-warp's 8-byte stores (four rows at once) fall in different
+// banks; a warp reading one row's 512 bytes reads each bank four times whatever the swizzle.
+// Must be called by all 256 consumer threads.
 template <typename T>
-__device__ __forceinline__ void weight_grad_consumer(const WeightGradArgs<T> &args,
-                                                     const Pipeline &pipe, int units) {
-  __shared__ int last_flag;
+__device__ __forceinline__ void store_weight_grad_tile(const WeightGradArgs<T> &args,
+                                                       const float (&acc)[128], float *out,
+                                                       int m0, int n0, float *staging) {
   const int wg = threadIdx.x / 128 - 1;
   const int lane = threadIdx.x & 31;
-  const int warp = (threadIdx.x >> 5) & 3;
+  const int warp = (threadIdx.x >> 5) & 3;  // in the warpgroup
+  const int cw = (threadIdx.x - 128) >> 5;   // 0..7 over the consumers
+#pragma unroll
+  for (int round = 0; round < 4; ++round) {
+    const int round_wg = round >> 1, half = round & 1;
+    if (wg == round_wg) {
+      // Accumulator j covers columns 8 (j / 4) + 2 (lane % 4) + {0, 1} of row lane / 4 (+ 8
+      // for the upper pair): staging row 8 warp + lane / 4.
+      const int srow = warp * 8 + (lane >> 2);
+      float *row = staging + srow * BN;
+      const int swizzle = (srow & 3) << 3;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+        *reinterpret_cast<float2 *>(row + ((8 * j + 2 * (lane & 3)) ^ swizzle)) =
+            make_float2(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+    }
+    consumer_sync();
+    // Staging row s = 8 w + r holds tile row 64 round_wg + 16 w + r + 8 half.
+#pragma unroll
+    for (int i = 0; i < kStagedRows / 8; ++i) {
+      const int s = cw + 8 * i;
+      const int m = m0 + 64 * round_wg + 16 * (s >> 3) + (s & 7) + 8 * half;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = c * 128 + lane * 4;
+        const int n = n0 + col;
+        if (m >= args.M || n >= args.N) continue;
+        float4 v = *reinterpret_cast<const float4 *>(staging + s * BN + (col ^ ((s & 3) << 3)));
+        float4 *o = reinterpret_cast<float4 *>(out + (size_t)m * args.N + n);
+        if (args.accumulate) {
+          const float4 a = *o;
+          v.x += a.x, v.y += a.y, v.z += a.z, v.w += a.w;
+        }
+        *o = v;
+      }
+    }
+    consumer_sync();
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void weight_grad_consumer(const WeightGradArgs<T> &args,
+                                                     const Pipeline &pipe, float *staging,
+                                                     int units) {
+  __shared__ int last_flag;
+  const int wg = threadIdx.x / 128 - 1;
   const int ct = threadIdx.x - 128;  // 0..255 over the consumers
   const int tiles = args.m_tiles * args.n_tiles;
   float acc[128];
@@ -831,27 +895,8 @@ __device__ __forceinline__ void weight_grad_consumer(const WeightGradArgs<T> &ar
     if (w.c.chunks > 1 && !wg_split_finish<128>(args.slots, args.counters, w.c, tiles, w.tile, ct,
                                                 256, &last_flag, consumer_sync, acc))
       continue;
-    float *oe = args.out + (size_t)w.c.expert * args.M * args.N;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int m = m0 + wg * 64 + warp * 16 + (lane >> 2) + half * 8;
-#pragma unroll
-      for (int jg = 0; jg < BN / 32; ++jg) {
-        float v[8];
-        quad_columns(acc, jg, half, v);
-        const int n = n0 + jg * 32 + (lane & 3) * 8;
-        if (m >= args.M || n >= args.N) continue;
-        float4 *o = reinterpret_cast<float4 *>(oe + (size_t)m * args.N + n);
-        float4 lo = make_float4(v[0], v[1], v[2], v[3]), hi = make_float4(v[4], v[5], v[6], v[7]);
-        if (args.accumulate) {
-          const float4 a = o[0], b = o[1];
-          lo.x += a.x, lo.y += a.y, lo.z += a.z, lo.w += a.w;
-          hi.x += b.x, hi.y += b.y, hi.z += b.z, hi.w += b.w;
-        }
-        o[0] = lo;
-        o[1] = hi;
-      }
-    }
+    store_weight_grad_tile(args, acc, args.out + (size_t)w.c.expert * args.M * args.N, m0, n0,
+                           staging);
   }
 }
 
@@ -870,7 +915,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     weight_grad_producer<T>(args, pipe, &map_a, &map_b, units);
   } else {
     setmaxnreg_inc<224>();
-    weight_grad_consumer<T>(args, pipe, units);
+    float *staging = reinterpret_cast<float *>(pipe.smem + kStages * kStageBytes + kBarrierBytes);
+    weight_grad_consumer<T>(args, pipe, staging, units);
   }
 #endif
 }
@@ -955,10 +1001,10 @@ int sm_count() {
 }
 
 template <typename Kernel>
-cudaError_t prepare(Kernel kernel) {
+cudaError_t prepare(Kernel kernel, int smem_bytes) {
   // Set on every launch: the attribute belongs to the current device, and a process may use
   // several (the call costs far less than the kernel).
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
 }
 
 template <typename T, int kMode>
@@ -975,7 +1021,7 @@ int launch_row_gemm(RowGemmArgs<T> args, const void *b0, const void *b1, int num
   if (err == cudaSuccess)
     err = weight_map<T>(&map1, b1 != nullptr ? b1 : b0, args.e, b_rows, b_cols, box_rows);
   auto kernel = row_gemm_kernel<T, kMode>;
-  if (err == cudaSuccess) err = prepare(kernel);
+  if (err == cudaSuccess) err = prepare(kernel, kSmemBytes);
   if (err != cudaSuccess) return (int)err;
   args.col_tiles = (args.N + Tr::kOutCols - 1) / Tr::kOutCols;
   if (args.k_splits < 1) args.k_splits = 1;
@@ -995,7 +1041,7 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
   CUtensorMap map_a, map_b;
   cudaError_t err = rows_map<T>(&map_a, a, a_rows, M);
   if (err == cudaSuccess) err = rows_map<T>(&map_b, b, b_rows, N);
-  if (err == cudaSuccess) err = prepare(kernel);
+  if (err == cudaSuccess) err = prepare(kernel, kWeightGradSmemBytes);
   if (err != cudaSuccess) return (int)err;
   WeightGradArgs<T> args{reinterpret_cast<const T *>(a),
                          gather,
@@ -1019,7 +1065,7 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
   if (tiles == 0) return 0;
   const int grid = (int)(tiles < (long long)sm_count() ? tiles : (long long)sm_count());
   if (grid <= 0) return (int)cudaErrorInvalidDevice;
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(args, map_a, map_b);
+  kernel<<<grid, kThreads, kWeightGradSmemBytes, stream>>>(args, map_a, map_b);
   return (int)cudaGetLastError();
 }
 

@@ -10,7 +10,7 @@
 //             k-loop order (a TMA box of R rows x 128 bytes per stage);
 //   rowmajor: the tile's bytes in address order.
 // Every thread keeps eight 16-byte loads in flight (128 KB per CTA). Six copies of W rotate, so
-// each launch reads from HBM. Build: tools/hbm-stream/build.sh OUT_BINARY (scripts/gpu-bundle
+// each launch reads from HBM. Build: tools/hbm-stream/build.sh OUT_DIR (scripts/gpu-bundle
 // does); run it on the GPU machine with no arguments.
 #include <cuda_runtime.h>
 #include <stdint.h>
