@@ -14,14 +14,7 @@
 #include <algorithm>
 #include <vector>
 
-#define CK(x)                                                                        \
-  do {                                                                               \
-    cudaError_t e_ = (x);                                                            \
-    if (e_ != cudaSuccess) {                                                         \
-      printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      return 1;                                                                      \
-    }                                                                                \
-  } while (0)
+#include "check.cuh"
 
 constexpr int kThreads = 1024;
 constexpr int kInFlight = 8;

@@ -22,17 +22,21 @@
 #include <algorithm>
 #include <vector>
 
-#define CK(x)                                                                        \
-  do {                                                                               \
-    cudaError_t e_ = (x);                                                            \
-    if (e_ != cudaSuccess) {                                                         \
-      printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      return 1;                                                                      \
-    }                                                                                \
-  } while (0)
+#include "check.cuh"
 
 constexpr int E = 8, M = 3072, N = 768;  // dWd's shape: [E][F][H]
 constexpr int BM = 128, BN = 256;
+constexpr int kTilesM = M / BM, kTilesN = N / BN, kTiles = E * kTilesM * kTilesN;
+
+// Output tile t: its expert's matrix and its first row and column there.
+struct Tile {
+  float *out;
+  int m0, n0;
+};
+__device__ __forceinline__ Tile tile_at(float *out, int t) {
+  const int e = t / (kTilesM * kTilesN), r = t % (kTilesM * kTilesN);
+  return {out + (size_t)e * M * N, r / kTilesN * BM, r % kTilesN * BN};
+}
 
 template <bool kStreaming>
 __global__ void __launch_bounds__(256) linear(float4 *out, size_t n4, float v) {
@@ -49,11 +53,10 @@ __global__ void __launch_bounds__(256) linear(float4 *out, size_t n4, float v) {
 __global__ void __launch_bounds__(256) epilogue(float *out, float v) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wg = warp >> 2;
-  const int tiles_m = M / BM, tiles_n = N / BN, tiles = E * tiles_m * tiles_n;
-  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int e = t / (tiles_m * tiles_n), r = t % (tiles_m * tiles_n);
-    const int m0 = r / tiles_n * BM, n0 = r % tiles_n * BN;
-    float *oe = out + (size_t)e * M * N;
+  for (int t = blockIdx.x; t < kTiles; t += gridDim.x) {
+    const Tile tile = tile_at(out, t);
+    const int m0 = tile.m0, n0 = tile.n0;
+    float *oe = tile.out;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int m = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + half * 8;
@@ -75,11 +78,10 @@ __global__ void __launch_bounds__(256) epilogue(float *out, float v) {
 __global__ void __launch_bounds__(256) sectors(float *out, float v) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wg = warp >> 2, q = lane & 3;
-  const int tiles_m = M / BM, tiles_n = N / BN, tiles = E * tiles_m * tiles_n;
-  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int e = t / (tiles_m * tiles_n), r = t % (tiles_m * tiles_n);
-    const int m0 = r / tiles_n * BM, n0 = r % tiles_n * BN;
-    float *oe = out + (size_t)e * M * N;
+  for (int t = blockIdx.x; t < kTiles; t += gridDim.x) {
+    const Tile tile = tile_at(out, t);
+    const int m0 = tile.m0, n0 = tile.n0;
+    float *oe = tile.out;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int m = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + half * 8;
@@ -115,11 +117,10 @@ template <int R>
 __global__ void __launch_bounds__(256) warp_rows(float *out, float v) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   constexpr int kCols = 128 / R;  // floats per row per instruction
-  const int tiles_m = M / BM, tiles_n = N / BN, tiles = E * tiles_m * tiles_n;
-  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int e = t / (tiles_m * tiles_n), r = t % (tiles_m * tiles_n);
-    const int m0 = r / tiles_n * BM + warp * 16, n0 = r % tiles_n * BN;
-    float *oe = out + (size_t)e * M * N;
+  for (int t = blockIdx.x; t < kTiles; t += gridDim.x) {
+    const Tile tile = tile_at(out, t);
+    const int m0 = tile.m0 + warp * 16, n0 = tile.n0;
+    float *oe = tile.out;
 #pragma unroll
     for (int c = 0; c < BN / kCols; ++c)
 #pragma unroll
@@ -136,11 +137,10 @@ __global__ void __launch_bounds__(256) warp_rows(float *out, float v) {
 // 256 floats as two float4 per lane.
 __global__ void __launch_bounds__(256) staged(float *out, float v) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int tiles_m = M / BM, tiles_n = N / BN, tiles = E * tiles_m * tiles_n;
-  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int e = t / (tiles_m * tiles_n), r = t % (tiles_m * tiles_n);
-    const int m0 = r / tiles_n * BM, n0 = r % tiles_n * BN;
-    float *oe = out + (size_t)e * M * N;
+  for (int t = blockIdx.x; t < kTiles; t += gridDim.x) {
+    const Tile tile = tile_at(out, t);
+    const int m0 = tile.m0, n0 = tile.n0;
+    float *oe = tile.out;
     for (int row = warp; row < BM; row += 8) {
       float4 *o = reinterpret_cast<float4 *>(oe + (size_t)(m0 + row) * N + n0);
       const float b = v + row;

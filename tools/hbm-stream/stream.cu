@@ -18,14 +18,7 @@
 #include <algorithm>
 #include <vector>
 
-#define CK(x)                                                                        \
-  do {                                                                               \
-    cudaError_t e_ = (x);                                                            \
-    if (e_ != cudaSuccess) {                                                         \
-      printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      return 1;                                                                      \
-    }                                                                                \
-  } while (0)
+#include "check.cuh"
 
 constexpr int kRowBytes = 1536;
 constexpr int kThreads = 1024;
