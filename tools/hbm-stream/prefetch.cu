@@ -14,7 +14,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "check.cuh"
+#include "common.cuh"
 
 constexpr int kThreads = 1024;
 constexpr int kInFlight = 8;
@@ -92,12 +92,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < kInFlight; ++j)
       v[j] = load16<kLoad>(base + ((size_t)j * kThreads + threadIdx.x) * 16, pol_first);
 #pragma unroll
-    for (int j = 0; j < kInFlight; ++j) {
-      acc.x ^= v[j].x;
-      acc.y ^= v[j].y;
-      acc.z ^= v[j].z;
-      acc.w ^= v[j].w;
-    }
+    for (int j = 0; j < kInFlight; ++j) xor_into(acc, v[j]);
   }
   // Never true for the memset pattern; keeps the loads from being optimised away.
   if (acc.x == 0x12345678u) sink[blockIdx.x * kThreads + threadIdx.x] = acc;

@@ -22,7 +22,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "check.cuh"
+#include "common.cuh"
 
 constexpr int E = 8, M = 3072, N = 768;  // dWd's shape: [E][F][H]
 constexpr int BM = 128, BN = 256;
@@ -50,53 +50,37 @@ __global__ void __launch_bounds__(256) linear(float4 *out, size_t n4, float v) {
   }
 }
 
-__global__ void __launch_bounds__(256) epilogue(float *out, float v) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int wg = warp >> 2;
-  for (int t = blockIdx.x; t < kTiles; t += gridDim.x) {
-    const Tile tile = tile_at(out, t);
-    const int m0 = tile.m0, n0 = tile.n0;
-    float *oe = tile.out;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int m = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + half * 8;
-#pragma unroll
-      for (int jg = 0; jg < BN / 32; ++jg) {
-        const int n = n0 + jg * 32 + (lane & 3) * 8;
-        float4 *o = reinterpret_cast<float4 *>(oe + (size_t)m * N + n);
-        const float b = v + m + n;  // values that differ, as an accumulator's would
-        o[0] = make_float4(b, b + 1, b + 2, b + 3);
-        o[1] = make_float4(b + 4, b + 5, b + 6, b + 7);
-      }
-    }
-  }
-}
-
-// The epilogue's registers, stored so that every instruction writes whole 32-byte sectors: a
-// quad's lanes exchange the upper halves of their 8 columns with the lane two away
-// (__shfl_xor_sync), then each instruction writes 16 consecutive columns of the quad's row.
-__global__ void __launch_bounds__(256) sectors(float *out, float v) {
+// The accumulators' layout: each thread owns 8 consecutive columns of rows lane / 4 and
+// lane / 4 + 8 of its warp's 16 per 32-column group. kSectors = false stores them as two float4
+// (the epilogue as it was); kSectors = true first exchanges the upper halves with the lane two
+// away in the quad (__shfl_xor_sync), so that each instruction writes 16 consecutive columns of
+// the quad's row: whole 32-byte sectors.
+template <bool kSectors>
+__global__ void __launch_bounds__(256) accumulator_layout(float *out, float v) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wg = warp >> 2, q = lane & 3;
   for (int t = blockIdx.x; t < kTiles; t += gridDim.x) {
     const Tile tile = tile_at(out, t);
-    const int m0 = tile.m0, n0 = tile.n0;
-    float *oe = tile.out;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int m = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + half * 8;
+      const int m = tile.m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + half * 8;
 #pragma unroll
       for (int jg = 0; jg < BN / 32; ++jg) {
-        const int n = n0 + jg * 32 + q * 8;
-        const float b = v + m + n;
+        const int n = tile.n0 + jg * 32 + q * 8;
+        const float b = v + m + n;  // values that differ, as an accumulator's would
         const float4 lo = make_float4(b, b + 1, b + 2, b + 3);
         const float4 hi = make_float4(b + 4, b + 5, b + 6, b + 7);
+        float *row = tile.out + (size_t)m * N + tile.n0 + jg * 32;
+        if (!kSectors) {
+          *reinterpret_cast<float4 *>(row + 8 * q) = lo;
+          *reinterpret_cast<float4 *>(row + 8 * q + 4) = hi;
+          continue;
+        }
         float4 ph;
         ph.x = __shfl_xor_sync(0xffffffffu, hi.x, 2);
         ph.y = __shfl_xor_sync(0xffffffffu, hi.y, 2);
         ph.z = __shfl_xor_sync(0xffffffffu, hi.z, 2);
         ph.w = __shfl_xor_sync(0xffffffffu, hi.w, 2);
-        float *row = oe + (size_t)m * N + n0 + jg * 32;
         // Columns 0..15 of the group, then 16..31.
         if (q < 2) {
           *reinterpret_cast<float4 *>(row + 8 * q) = lo;
@@ -173,9 +157,9 @@ int main() {
       CK(cudaEventRecord(a));
       if (k == 0) linear<false><<<grid, 256>>>(reinterpret_cast<float4 *>(o), floats / 4, 1.f);
       if (k == 1) linear<true><<<grid, 256>>>(reinterpret_cast<float4 *>(o), floats / 4, 1.f);
-      if (k == 2) epilogue<<<grid, 256>>>(o, 1.f);
+      if (k == 2) accumulator_layout<false><<<grid, 256>>>(o, 1.f);
       if (k == 3) staged<<<grid, 256>>>(o, 1.f);
-      if (k == 4) sectors<<<grid, 256>>>(o, 1.f);
+      if (k == 4) accumulator_layout<true><<<grid, 256>>>(o, 1.f);
       if (k == 5) warp_rows<1><<<grid, 256>>>(o, 1.f);
       if (k == 6) warp_rows<2><<<grid, 256>>>(o, 1.f);
       if (k == 7) warp_rows<4><<<grid, 256>>>(o, 1.f);

@@ -18,7 +18,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "check.cuh"
+#include "common.cuh"
 
 constexpr int kRowBytes = 1536;
 constexpr int kThreads = 1024;
@@ -45,12 +45,7 @@ __global__ void __launch_bounds__(kThreads) stream_kernel(const char *__restrict
         v[j] = __ldcs(reinterpret_cast<const uint4 *>(base + off));
       }
 #pragma unroll
-      for (int j = 0; j < kInFlight; ++j) {
-        acc.x ^= v[j].x;
-        acc.y ^= v[j].y;
-        acc.z ^= v[j].z;
-        acc.w ^= v[j].w;
-      }
+      for (int j = 0; j < kInFlight; ++j) xor_into(acc, v[j]);
     }
   }
   // Never true for the memset pattern; keeps the loads from being optimised away.

@@ -1,8 +1,9 @@
-// The microbenchmarks' host-side error check: print the CUDA error and return 1 from main.
+// What the HBM microbenchmarks share.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdio.h>
 
+// Host: on a CUDA error, print it and return 1 from main.
 #define CK(x)                                                                        \
   do {                                                                               \
     cudaError_t e_ = (x);                                                            \
@@ -11,3 +12,11 @@
       return 1;                                                                      \
     }                                                                                \
   } while (0)
+
+// Device: folds loaded data into a value the kernel may store, so the loads are not optimised away.
+__device__ __forceinline__ void xor_into(uint4 &acc, const uint4 &v) {
+  acc.x ^= v.x;
+  acc.y ^= v.y;
+  acc.z ^= v.z;
+  acc.w ^= v.w;
+}
