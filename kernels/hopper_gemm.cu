@@ -33,9 +33,9 @@
 // Epilogues work on the f32 accumulators in registers: SwiGLU (up), f32 store (down), SwiGLU's
 // backward from the saved g and u (dAct), plain store (dX), and the f32 weight-gradient store or
 // accumulate, which goes through shared memory so that each warp writes whole row segments
-// (store_weight_grad_tile says why). The wgmma accumulator layout puts column n and n + 128 of an m64n256 tile in the
-// same thread, which is why the up projection's B tile holds 128 columns of Wg then the same 128
-// columns of Wu: each thread owns g and u of the same outputs.
+// (store_weight_grad_tile says why). The wgmma accumulator layout puts column n and n + 128 of
+// an m64n256 tile in the same thread, which is why the up projection's B tile holds 128 columns
+// of Wg then the same 128 columns of Wu: each thread owns g and u of the same outputs.
 #include <atomic>
 #include <cuda.h>
 
@@ -812,7 +812,7 @@ __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;
 // Stores (or adds to out, with args.accumulate) one 128 x 256 f32 tile of a weight gradient at
 // rows m0, columns n0 of out. The small-batch weight gradients are nothing but this store (K is
 // an expert's pairs: 64 at config S, 1 in decode), and its pattern decides their speed: stored
-// from the accumulators' layout (each instruction writing 16 bytes into each of 64 rows) the
+// from the accumulators' layout (each instruction writing 16 bytes into each of 8 rows) the
 // tile goes out at 1.3 TB/s; each warp writing whole 1 KB row segments, 2.4 TB/s
 // (tools/hbm-stream/store.cu on the H100). So the tile goes through shared memory in four
 // rounds of 32 rows (one warpgroup's rows r, r + 16, ... for half = 0 or 1): the round's

@@ -145,7 +145,8 @@ int main() {
   const int grid = prop.multiProcessorCount;
   printf("device %s, %d SMs; %.1f MB of f32 per launch, %d CTAs of 256\n", prop.name, grid,
          bytes / 1e6, grid);
-  const char *names[] = {"linear", "linear-cs", "epilogue", "staged", "sectors", "rows-1", "rows-2", "rows-4"};
+  const char *names[] = {"linear",  "linear-cs", "epilogue", "staged",
+                         "sectors", "rows-1",    "rows-2",   "rows-4"};
   constexpr int kPatterns = 8;
   std::vector<std::vector<float>> us(kPatterns);
   cudaEvent_t a, b;
