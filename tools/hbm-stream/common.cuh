@@ -13,7 +13,7 @@
     }                                                                                \
   } while (0)
 
-// Device: folds loaded data into a value the kernel may store, so the loads are not optimised away.
+// Device: folds loaded data into a value the kernel may store, so that the loads stay.
 __device__ __forceinline__ void xor_into(uint4 &acc, const uint4 &v) {
   acc.x ^= v.x;
   acc.y ^= v.y;

@@ -1,7 +1,7 @@
 // Can the small-batch forward's second weight stream hide under the first? At config S and in
 // decode the up projection streams Wg and Wu (75.5 MB) and then the down projection streams Wd
-// (37.7 MB), each a short kernel at about 1.9 TB/s (stream.cu), a third of the data sheet's rate
-// lost to each kernel's ramp and tail. This times two back-to-back kernels shaped like them, A
+// (37.7 MB), each a short kernel well below the data sheet's rate (stream.cu: 1.9 TB/s; the
+// plain variants here: 2.3), some of it lost to each kernel's ramp and tail. This times two back-to-back kernels shaped like them, A
 // (75.5 MB) then B (37.7 MB), where the first also asks L2 to prefetch B
 // (cp.async.bulk.prefetch.L2), under several cache policies, against the two plain kernels and
 // against one kernel that streams both. Six copies of [A | B] rotate, so every pair of launches
