@@ -1,11 +1,11 @@
 // Can the small-batch forward's second weight stream hide under the first? At config S and in
 // decode the up projection streams Wg and Wu (75.5 MB) and then the down projection streams Wd
 // (37.7 MB), each a short kernel well below the data sheet's rate (stream.cu: 1.9 TB/s; the
-// plain variants here: 2.3), some of it lost to each kernel's ramp and tail. This times two back-to-back kernels shaped like them, A
-// (75.5 MB) then B (37.7 MB), where the first also asks L2 to prefetch B
-// (cp.async.bulk.prefetch.L2), under several cache policies, against the two plain kernels and
-// against one kernel that streams both. Six copies of [A | B] rotate, so every pair of launches
-// starts with nothing of its own in L2 (H100: 50 MB of L2).
+// plain variants here: 2.3), some of it lost to each kernel's ramp and tail. This times two
+// back-to-back kernels shaped like them, A (75.5 MB) then B (37.7 MB), where the first also asks
+// L2 to prefetch B (cp.async.bulk.prefetch.L2), under several cache policies, against the two
+// plain kernels and against one kernel that streams both. Six copies of [A | B] rotate, so every
+// pair of launches starts with nothing of its own in L2 (H100: 50 MB of L2).
 //
 // Build: tools/hbm-stream/build.sh OUT_DIR; run OUT_DIR/prefetch with no arguments.
 #include <cuda_runtime.h>
