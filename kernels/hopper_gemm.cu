@@ -330,6 +330,10 @@ struct Pipeline {
   __device__ __forceinline__ uint32_t b_tile(PipePos pos) const {
     return a_tile(pos) + kATileBytes;
   }
+  // The first byte past the barriers, where a kernel's extra shared memory begins.
+  __device__ __forceinline__ uint8_t *end() const {
+    return reinterpret_cast<uint8_t *>(empty + kStages);
+  }
   __device__ __forceinline__ uint32_t full_bar(PipePos pos) const {
     return smem_u32(&full[pos.stage()]);
   }
@@ -915,7 +919,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     weight_grad_producer<T>(args, pipe, &map_a, &map_b, units);
   } else {
     setmaxnreg_inc<224>();
-    float *staging = reinterpret_cast<float *>(pipe.smem + kStages * kStageBytes + kBarrierBytes);
+    float *staging = reinterpret_cast<float *>(pipe.end());
     weight_grad_consumer<T>(args, pipe, staging, units);
   }
 #endif
