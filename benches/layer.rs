@@ -1,5 +1,6 @@
-//! The layer benchmark (criterion): for SPEC's configurations at the uniform load, on each
-//! expert-GEMM path this device runs (Hopper wgmma/TMA, mma.sync):
+//! The layer benchmark (criterion): for SPEC's named configurations (or the shapes
+//! `REMOE_BENCH_SHAPES` asks for) at the uniform load, on each expert-GEMM path this device runs
+//! (Hopper wgmma/TMA, mma.sync):
 //!
 //! - `layer/{cfg}/{path}/{ReMoE|TopK}/{forward|forward_backward|router|compaction|up_projection|down_projection}`:
 //!   the layer, and each forward stage;
@@ -16,16 +17,27 @@
 //! and the plot: examples/bench_report.rs. Skips (with a message) where no CUDA device is found.
 //!
 //!   scripts/with-cuda cargo bench --bench layer [-- FILTER]      e.g. FILTER = layer/A/hopper
+//!   REMOE_BENCH_SHAPES=A,SM7b,X1:8192:1024:512:64:4 scripts/with-cuda cargo bench --bench layer
+//!
+//! Shapes: criterion owns the command line, so the shapes come from the environment.
+//! `REMOE_BENCH_SHAPES` is a comma-separated list whose entries are named configurations (A B C
+//! D S SM1 SM7 SM7b SM30 Q3 OL, remoe_testkit::shapes) or shapes of any size given as
+//! `NAME:T:H:F:E:k` (NAME then names the ids: `layer/NAME/...`); unset, every named
+//! configuration. A malformed value stops the bench with a message naming the expected form.
+//! Every shape asked for is set up (its problem made and calibrated) before criterion's FILTER
+//! is applied to the ids, so narrow `REMOE_BENCH_SHAPES` too when filtering to a few shapes
+//! (`.gpu-bundle/run-suite.sh --criterion layer/A` does so itself). A shape whose set-up fails is
+//! reported and skipped, the others run, and the bench exits with status 1 at the end.
 
 mod support;
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
+use criterion::{BenchmarkGroup, Criterion};
 use remoe_kernels::{Device, Error, GemmPath, RouterKind, StageTimes};
 use support::{
-    available_paths, router_name, time_interleaved, DenseGemms, Filler, GemmKind, GroupedGemms,
-    Load, Setup, CONFIGS,
+    available_paths, router_name, shapes_from_env, time_interleaved, DenseGemms, Filler, GemmKind,
+    GroupedGemms, Load, Setup,
 };
 
 /// Picks one stage's time out of a forward's stage times.
@@ -55,19 +67,36 @@ fn bench_gpu<M: criterion::measurement::Measurement<Value = Duration>>(
     });
 }
 
-fn bench_layer(c: &mut Criterion) {
+/// Runs the layer benches; returns the shapes whose set-up failed (skipped), with the error.
+fn bench_layer(c: &mut Criterion) -> Vec<(String, String)> {
+    let shapes = shapes_from_env().unwrap_or_else(|e| {
+        eprintln!("layer bench: {e}");
+        std::process::exit(2);
+    });
     let dev = match Device::new(0) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("layer bench skipped: {e}");
-            return;
+            return Vec::new();
         }
     };
     let paths = available_paths(&dev).expect("GEMM paths");
     let fill = Filler::new(&dev).expect("random pool");
-    for (name, cfg) in CONFIGS {
-        let mut setup = Setup::new(&dev, cfg, Load::Uniform, &paths).expect("setup");
-        setup.calibrate_density().expect("calibration");
+    let mut failed = Vec::new();
+    for shape in &shapes {
+        let (name, cfg) = (shape.name.as_str(), shape.cfg);
+        let setup = Setup::new(&dev, cfg, Load::Uniform, &paths).and_then(|mut s| {
+            s.calibrate_density()?;
+            Ok(s)
+        });
+        let mut setup = match setup {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("layer bench: {shape}: set-up failed, skipped: {e}");
+                failed.push((shape.to_string(), e.to_string()));
+                continue;
+            }
+        };
         let mut group = c.benchmark_group(format!("layer/{name}"));
         group.sample_size(10);
         group.warm_up_time(Duration::from_millis(500));
@@ -161,7 +190,18 @@ fn bench_layer(c: &mut Criterion) {
         }
         group.finish();
     }
+    failed
 }
 
-criterion_group!(benches, bench_layer);
-criterion_main!(benches);
+// criterion_main! with an exit status: 1 when a shape's set-up failed.
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    let failed = bench_layer(&mut c);
+    c.final_summary();
+    if !failed.is_empty() {
+        for (shape, e) in &failed {
+            eprintln!("layer bench: FAILED {shape}: {e}");
+        }
+        std::process::exit(1);
+    }
+}

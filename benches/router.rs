@@ -1,13 +1,20 @@
-//! Router forward (logits + ReLU gates) at SPEC's configurations. Criterion times the launch
+//! Router forward (logits + ReLU gates) at SPEC's named configurations, or at the shapes
+//! `REMOE_BENCH_SHAPES` asks for (as for the layer bench, benches/layer.rs: named
+//! configurations and `NAME:T:H:F:E:k` shapes, comma-separated). Criterion times the launch
 //! plus a stream synchronise per iteration; the report in docs/BENCHMARKS.md uses CUDA events.
 //! Skips (with a message) where no CUDA device is found.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
-use remoe_kernels::{router_forward, Device, DeviceTensor, LayerConfig};
+use remoe_kernels::{router_forward, Device, DeviceTensor};
 use remoe_testkit::rng::{fresh_seed, seeded, UniformVec};
+use remoe_testkit::shapes::shapes_from_env;
 
 fn bench_router(c: &mut Criterion) {
+    let shapes = shapes_from_env().unwrap_or_else(|e| {
+        eprintln!("router bench: {e}");
+        std::process::exit(2);
+    });
     let dev = match Device::new(0) {
         Ok(d) => d,
         Err(e) => {
@@ -15,15 +22,10 @@ fn bench_router(c: &mut Criterion) {
             return;
         }
     };
-    let configs = [
-        ("A", LayerConfig::new(16384, 768, 3072, 8, 1)),
-        ("B", LayerConfig::new(16384, 768, 384, 64, 8)),
-        ("C", LayerConfig::new(16384, 768, 3072, 64, 1)),
-        ("D", LayerConfig::new(16384, 1536, 6144, 8, 1)),
-    ];
     let mut group = c.benchmark_group("router_forward");
     let mut rng = seeded(fresh_seed());
-    for (name, cfg) in configs {
+    for shape in &shapes {
+        let (name, cfg) = (shape.name.as_str(), shape.cfg);
         let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
         let to_bf16 = |v: Vec<f64>| v.into_iter().map(bf16::from_f64).collect::<Vec<_>>();
         let x = DeviceTensor::from_host(&dev, &to_bf16(rng.vec_uniform(t * h, 1.0)), &[t, h])

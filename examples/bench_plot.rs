@@ -2,9 +2,9 @@
 //! forward+backward throughput per configuration and load, ReMoE against TopK on each GEMM path
 //! and the cuBLAS baselines; and, when the report timed them, each expert GEMM's speed relative
 //! to the same-shape dense cuBLAS GEMM. Reads the current report (an object with `layer` and
-//! `gemms`) and the earlier one (an array of layer rows, one GEMM path). Needs a TrueType font:
-//! DejaVu Sans from the system (Debian: fonts-dejavu-core), or the file named by
-//! REMOE_PLOT_FONT.
+//! `gemms`) and the earlier one (an array of layer rows, one GEMM path); the report's FAILED
+//! rows are named on stdout, not drawn. Needs a TrueType font: DejaVu Sans from the system
+//! (Debian: fonts-dejavu-core), or the file named by REMOE_PLOT_FONT.
 //!
 //!   cargo run --release --example bench_plot -- bench-report.json docs/benchmarks.png
 
@@ -160,6 +160,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Value::Array(a) => (a.clone(), Vec::new()),
         _ => (array(&doc["layer"]), array(&doc["gemms"])),
     };
+    // A part of a configuration that failed is a row with "status": "FAILED" (no figures): not
+    // drawn, only named.
+    let (failed, rows): (Vec<Value>, Vec<Value>) =
+        rows.into_iter().partition(|r| r["status"] == "FAILED");
+    for f in &failed {
+        let s = |k: &str| f[k].as_str().unwrap_or("-").to_string();
+        println!(
+            "not drawn: {} {} {}: FAILED [{}]: {}",
+            s("config"),
+            s("load"),
+            s("path"),
+            s("stage"),
+            s("error")
+        );
+    }
     let device = doc["device"]
         .as_str()
         .or_else(|| rows.first().and_then(|r| r["device"].as_str()))

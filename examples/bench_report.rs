@@ -1,22 +1,37 @@
 //! The benchmark report: the ReMoE layer against the TopK dispatch layer and cuBLAS at SPEC's
-//! configurations A, B, C, D, S, uniform and skewed loads, on each expert-GEMM path (Hopper
-//! wgmma/TMA and the portable mma.sync). Every figure is a median of CUDA-event times with its
-//! min and max (benches/support/mod.rs says how inputs are rotated). Prints:
+//! named configurations (A, B, C, D, S, SM1, SM7, SM7b, SM30, Q3, OL: the table in
+//! remoe_testkit::shapes) and at shapes given by hand, uniform and skewed loads, on each
+//! expert-GEMM path (Hopper wgmma/TMA and the portable mma.sync). Every figure is a median of
+//! CUDA-event times with its min and max (benches/support/mod.rs says how inputs are rotated).
+//! Prints:
 //!
-//! 1. the layer per (config, load, router, path): forward and forward+backward, TFLOP/s, and
-//!    the fraction of the same run's MoE-free cuBLAS floor of the same FLOPs;
+//! 1. the layer per (config, load, router, path): forward and forward+backward, TFLOP/s, the
+//!    fraction of the same run's MoE-free cuBLAS floor of the same FLOPs, and the device memory
+//!    the layer's training context holds;
 //! 2. the forward's stages;
 //! 3. ReMoE against TopK, timed interleaved (ReMoE, TopK, ReMoE, TopK, ...), with the routed
 //!    pairs of each (the paper's claim holds at equal pairs);
 //! 4. each of the layer's expert GEMMs timed alone on its real routing, per path, against the
-//!    same-shape dense cuBLAS GEMM in the same loop, as the ratio cuBLAS time / ours;
+//!    same-shape dense cuBLAS GEMM in the same loop, as the ratio cuBLAS time / ours (at every
+//!    configuration and shape run);
 //! 5. last, a compact table against the targets.
 //!
 //! It writes all of it as JSON; draw the plot from it with examples/bench_plot.rs.
 //!
 //!   scripts/with-cuda cargo run --release --example bench_report -- [--json PATH]
-//!       [--path hopper|mma-sync|both] [--iters N] [--warmup N] [--no-gemms] [--no-calibrate]
-//!       [CONFIG...]
+//!       [--path hopper|mma-sync|both] [--iters N] [--warmup N] [--quick] [--no-gemms]
+//!       [--no-calibrate] [--shape NAME:T:H:F:E:k]... [CONFIG...]
+//!
+//! CONFIG names SPEC's configurations to run; `--shape NAME:T:H:F:E:k` (repeatable) adds a
+//! shape of any size. With neither, every named configuration runs.
+//!
+//! `--quick` is the GPU suite's short pass: 3 warm-up and 5 timed runs per figure (3
+//! stage-timed forwards), every configuration asked for still run; its figures are indicative
+//! only.
+//!
+//! A configuration's part that fails (an error such as `CapacityExceeded`, or a panic) does not
+//! end the report: it becomes a FAILED row, in the tables and in the JSON (`"status": "FAILED"`
+//! with the error), the rest runs, and the report exits with status 1 at the end.
 //!
 //! `--no-calibrate` keeps the synthetic problem's ReMoE thresholds as generated, instead of
 //! calibrating them to the load's intended routed pairs (benches/support: `calibrate_density`).
@@ -25,19 +40,26 @@
 mod support;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, CommandFactory, Parser, ValueEnum};
 use remoe_kernels::{Device, GemmPath, RouterKind};
 use support::{
-    available_paths, comparisons, host_problem, measure_config, router_name, GemmRow, LayerRow,
-    Load, Options, CONFIGS, ROTATION_BYTES,
+    available_paths, comparisons, host_problem, measure_config, named, named_list, named_shapes,
+    panic_message, router_name, Failure, GemmRow, LayerRow, Load, Measured, Options, Shape, NAMED,
+    ROTATION_BYTES,
 };
 
 /// The targets the report is read against (the issue's).
 const GEMM_TARGET: f64 = 0.80;
 const FLOOR_TARGET: f64 = 0.70;
 const CLAIM_TARGET: f64 = 0.03;
+
+/// `--quick`: warm-up rounds, timed runs and stage-timed forwards per figure.
+const QUICK_WARMUP: usize = 3;
+const QUICK_ITERS: usize = 5;
+const QUICK_STAGE_RUNS: usize = 3;
 
 /// Which expert-GEMM paths to time.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -52,7 +74,9 @@ enum PathChoice {
 }
 
 /// The benchmark report: the ReMoE layer against the TopK layer and cuBLAS at SPEC's
-/// configurations, on each expert-GEMM path; prints the tables and writes the JSON.
+/// configurations and at shapes given by hand, on each expert-GEMM path; prints the tables and
+/// writes the JSON. Exits with status 1 if any part of any configuration failed (each failure
+/// is a FAILED row; the rest still runs).
 #[derive(Parser)]
 #[command(name = "bench_report")]
 struct Args {
@@ -72,13 +96,23 @@ struct Args {
     /// Untimed warm-up runs before each figure.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// A short pass (the GPU suite's): 3 warm-up and 5 timed runs per figure, 3 stage-timed
+    /// forwards; every configuration asked for still runs. Figures are indicative only.
+    #[arg(long, conflicts_with_all = ["iters", "warmup"])]
+    quick: bool,
     /// Skip timing each expert GEMM alone.
     #[arg(long = "no-gemms", action = ArgAction::SetFalse)]
     gemms: bool,
     /// Keep the synthetic problem's ReMoE thresholds as generated (see the module docs).
     #[arg(long = "no-calibrate", action = ArgAction::SetFalse)]
     calibrate: bool,
-    /// Configurations to run, any of A B C D S (default: all).
+    /// A shape to run besides the named configurations asked for, as NAME:T:H:F:E:k (T tokens,
+    /// hidden size H, expert FFN size F, E experts, k active per token; H and F multiples of
+    /// 8); NAME is what the tables and the JSON call it. Repeatable.
+    #[arg(long = "shape", value_name = "NAME:T:H:F:E:k", value_parser = parse_shape)]
+    shapes: Vec<Shape>,
+    /// Named configurations to run (SPEC.md's): any of A B C D S SM1 SM7 SM7b SM30 Q3 OL.
+    /// Default: all of them, unless --shape is given (then only the shapes).
     #[arg(value_name = "CONFIG", value_parser = config_name)]
     configs: Vec<String>,
 }
@@ -86,18 +120,49 @@ struct Args {
 fn at_least_10(s: &str) -> Result<usize, String> {
     let n: usize = s.parse().map_err(|e| format!("{e}"))?;
     if n < 10 {
-        return Err("at least 10 timed runs per figure".into());
+        return Err("at least 10 timed runs per figure (--quick runs 5)".into());
     }
     Ok(n)
 }
 
 fn config_name(s: &str) -> Result<String, String> {
-    if CONFIGS.iter().any(|(n, _)| *n == s) {
+    if named(s).is_some() {
         Ok(s.to_string())
     } else {
-        let names: Vec<&str> = CONFIGS.iter().map(|(n, _)| *n).collect();
-        Err(format!("expected one of {}", names.join(" ")))
+        Err(format!(
+            "expected one of {} (a shape of another size: --shape NAME:T:H:F:E:k)",
+            named_list()
+        ))
     }
+}
+
+fn parse_shape(s: &str) -> Result<Shape, String> {
+    s.parse()
+}
+
+/// The shapes to run, in order: the named configurations asked for (in SPEC's order), then the
+/// --shape ones as given; every named configuration when neither was given.
+fn chosen_shapes(args: &Args) -> Vec<Shape> {
+    if args.configs.is_empty() && args.shapes.is_empty() {
+        return named_shapes();
+    }
+    let mut out: Vec<Shape> = NAMED
+        .iter()
+        .filter(|n| args.configs.iter().any(|c| c == n.name))
+        .map(|n| n.shape())
+        .collect();
+    for s in &args.shapes {
+        if out.iter().any(|o| o.name == s.name) {
+            Args::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!("--shape {s}: the name {} is given twice", s.name),
+                )
+                .exit();
+        }
+        out.push(s.clone());
+    }
+    out
 }
 
 fn choose_paths(
@@ -130,71 +195,123 @@ fn pct(x: f64) -> String {
     format!("{:+.1}%", x * 100.0)
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let args = Args::parse();
+    let shapes = chosen_shapes(&args);
     let dev = Device::new(0)?;
     let device = dev.name()?;
     let paths = choose_paths(&dev, args.path)?;
+    let (iters, warmup, stage_runs) = if args.quick {
+        (QUICK_ITERS, QUICK_WARMUP, QUICK_STAGE_RUNS)
+    } else {
+        (args.iters, args.warmup, 7)
+    };
     let opts = Options {
-        iters: args.iters,
-        warmup: args.warmup,
+        iters,
+        warmup,
         paths: paths.clone(),
         gemms: args.gemms,
-        stage_runs: 7,
+        stage_runs,
+        gemm_warmup: if args.quick { warmup } else { warmup.max(5) },
         calibrate: args.calibrate,
     };
     let path_names: Vec<&str> = paths.iter().map(|p| p.name()).collect();
+    let shape_names: Vec<&str> = shapes.iter().map(|s| s.name.as_str()).collect();
     println!(
-        "device: {device}; GEMM paths: {}; {} timed runs per figure after warm-up; GEMM inputs \
-         rotated over >= {} MiB",
+        "device: {device}; GEMM paths: {}; configurations: {}; {} timed runs per figure after \
+         {} warm-up rounds; GEMM inputs rotated over >= {} MiB",
         path_names.join(", "),
+        shape_names.join(" "),
         opts.iters,
+        opts.warmup,
         ROTATION_BYTES >> 20
     );
+    if args.quick {
+        println!(
+            "quick pass: {QUICK_WARMUP} warm-up + {QUICK_ITERS} timed runs per figure (the full \
+             report times 20), {QUICK_STAGE_RUNS} stage-timed forwards; every configuration \
+             runs, its figures are indicative only"
+        );
+    }
     let started = Instant::now();
-    let mut rows: Vec<LayerRow> = Vec::new();
-    let mut gemms: Vec<GemmRow> = Vec::new();
-    for (name, cfg) in CONFIGS {
-        if !args.configs.is_empty() && !args.configs.iter().any(|w| w == name) {
-            continue;
-        }
+    let mut all = Measured::default();
+    for shape in &shapes {
         let t0 = Instant::now();
         // The two loads' host problems in parallel (the slow part on the host).
+        let cfg = shape.cfg;
         let problems = std::thread::scope(|s| {
             let loads = [Load::Uniform, Load::Skewed];
             let handles: Vec<_> = loads
                 .iter()
-                .map(|&l| s.spawn(move || (l, host_problem(cfg, l))))
+                .map(|&l| (l, s.spawn(move || host_problem(cfg, l))))
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().expect("problem generation"))
+                .map(|(l, h)| (l, h.join()))
                 .collect::<Vec<_>>()
         });
+        let mut ok = Vec::new();
+        for (load, p) in problems {
+            match p {
+                Ok(p) => ok.push((load, p)),
+                Err(panic) => all.failures.push(Failure::new(
+                    shape,
+                    Some(load),
+                    None,
+                    "inputs",
+                    format!("panicked: {}", panic_message(&*panic)),
+                )),
+            }
+        }
         let t1 = Instant::now();
-        let (r, g) = measure_config(&dev, name, &problems, &opts)?;
-        drop(problems);
+        let measured = measure_config(&dev, shape, &ok, &opts);
+        drop(ok);
+        for f in &measured.failures {
+            eprintln!(
+                "config {} {} ({}): FAILED [{}]: {}",
+                f.config,
+                f.load_name(),
+                f.path_name(),
+                f.stage,
+                f.error
+            );
+        }
+        all.extend(measured);
         eprintln!(
-            "config {name}: inputs {:.1} s, GPU measurements {:.1} s (total so far {:.0} s)",
+            "config {}: inputs {:.1} s, GPU measurements {:.1} s (total so far {:.0} s)",
+            shape.name,
             (t1 - t0).as_secs_f64(),
             t1.elapsed().as_secs_f64(),
             started.elapsed().as_secs_f64()
         );
-        rows.extend(r);
-        gemms.extend(g);
     }
+    let Measured {
+        rows,
+        gemms,
+        failures,
+    } = all;
 
-    print_layer(&rows, opts.iters);
+    print_layer(&shapes, &rows, &failures, opts.iters);
     print_stages(&rows, opts.stage_runs);
     print_comparisons(&rows);
     if !gemms.is_empty() {
         print_gemms(&gemms, &paths, opts.iters);
     }
 
+    let layer_json: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| r.json(&device))
+        .chain(failures.iter().map(|f| f.json(&device)))
+        .collect();
     let json = serde_json::json!({
-        "schema": 2,
+        "schema": 3,
         "device": device,
         "paths": path_names,
+        "quick": args.quick,
         "runs_per_figure": opts.iters,
         "remoe_thresholds_calibrated": opts.calibrate,
         "warmup": opts.warmup,
@@ -204,7 +321,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "forward_backward_fraction_of_dense_floor": FLOOR_TARGET,
             "remoe_vs_topk": CLAIM_TARGET,
         },
-        "layer": rows.iter().map(|r| r.json(&device)).collect::<Vec<_>>(),
+        "configurations": shapes.iter().map(|s| serde_json::json!({
+            "config": s.name,
+            "named": named(&s.name).is_some(),
+            "tokens": s.cfg.tokens,
+            "hidden": s.cfg.hidden,
+            "ffn": s.cfg.ffn,
+            "experts": s.cfg.experts,
+            "k": s.cfg.k,
+        })).collect::<Vec<_>>(),
+        "failed": failures.len(),
+        "layer": layer_json,
         "remoe_vs_topk": comparisons(&rows).iter().map(|c| c.json()).collect::<Vec<_>>(),
         "gemms": gemms.iter().map(|g| g.json()).collect::<Vec<_>>(),
     });
@@ -213,25 +340,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         serde_json::to_string_pretty(&json).expect("the report serialises"),
     )?;
     println!(
-        "\nwrote {} layer rows and {} GEMM rows to {} ({:.0} s)",
+        "\nwrote {} layer rows, {} FAILED rows and {} GEMM rows to {} ({:.0} s)",
         rows.len(),
+        failures.len(),
         gemms.len(),
         args.json_path.display(),
         started.elapsed().as_secs_f64()
     );
 
-    print_targets(&rows, &gemms, &paths);
-    Ok(())
+    print_targets(&shapes, &rows, &gemms, &failures, &paths);
+    if failures.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "\n== FAILED: {} part(s) of {} configuration(s)",
+        failures.len(),
+        {
+            let mut c: Vec<&str> = failures.iter().map(|f| f.config.as_str()).collect();
+            c.dedup();
+            c.len()
+        }
+    );
+    for f in &failures {
+        println!(
+            "{} {} {} [{}]: {}",
+            f.config,
+            f.load_name(),
+            f.path_name(),
+            f.stage,
+            f.error
+        );
+    }
+    Ok(ExitCode::FAILURE)
 }
 
-fn print_layer(rows: &[LayerRow], iters: usize) {
+fn print_layer(shapes: &[Shape], rows: &[LayerRow], failures: &[Failure], iters: usize) {
     println!(
         "\n== Layer: median [min-max] ms of {iters} runs (ReMoE and TopK interleaved); TF/s at \
          the median (6|A|HF forward, 18|A|HF forward+backward); \"of fl\" = the cuBLAS floor's \
-         time / the layer's (floor: the dense GEMMs of the same FLOPs, rotated inputs, same run)"
+         time / the layer's (floor: the dense GEMMs of the same FLOPs, rotated inputs, same run); \
+         \"ws MiB\" = device memory the path's training context holds (MoeContext::\
+         workspace_bytes, shared by the ReMoE and TopK runs; the inference context's in the \
+         JSON); FAILED rows: what failed, and why"
     );
     println!(
-        "{:<3} {:<7} {:<5} {:<8} {:>6} {:>6} | {:>22} {:>5} {:>5} | {:>22} {:>5} {:>5} | {:>8} {:>9} {:>8}",
+        "{:<4} {:<7} {:<5} {:<8} {:>6} {:>6} | {:>22} {:>5} {:>5} | {:>22} {:>5} {:>5} | {:>8} {:>9} {:>8} | {:>7}",
         "cfg",
         "load",
         "route",
@@ -246,40 +399,55 @@ fn print_layer(rows: &[LayerRow], iters: usize) {
         "of fl",
         "flr f ms",
         "flr fb ms",
-        "loop ms"
+        "loop ms",
+        "ws MiB"
     );
-    for r in rows {
-        println!(
-            "{:<3} {:<7} {:<5} {:<8} {:>6.4} {:>6} | {:>22} {:>5.0} {:>5.2} | {:>22} {:>5.0} {:>5.2} | {:>8.3} {:>9.3} {:>8.3}",
-            r.config,
-            r.load.name(),
-            router_name(r.router),
-            r.path.name(),
-            r.density,
-            r.pairs,
-            r.fwd.fmt(),
-            r.fwd_tflops(),
-            r.floor_fraction(),
-            r.fwd_bwd.fmt(),
-            r.fwd_bwd_tflops(),
-            r.floor_fraction_fwd_bwd(),
-            r.floor_fwd.median(),
-            r.floor_fwd_bwd.median(),
-            r.per_expert.median(),
-        );
+    for shape in shapes {
+        for r in rows.iter().filter(|r| r.config == shape.name) {
+            println!(
+                "{:<4} {:<7} {:<5} {:<8} {:>6.4} {:>6} | {:>22} {:>5.0} {:>5.2} | {:>22} {:>5.0} {:>5.2} | {:>8.3} {:>9.3} {:>8.3} | {:>7.0}",
+                r.config,
+                r.load.name(),
+                router_name(r.router),
+                r.path.name(),
+                r.density,
+                r.pairs,
+                r.fwd.fmt(),
+                r.fwd_tflops(),
+                r.floor_fraction(),
+                r.fwd_bwd.fmt(),
+                r.fwd_bwd_tflops(),
+                r.floor_fraction_fwd_bwd(),
+                r.floor_fwd.median(),
+                r.floor_fwd_bwd.median(),
+                r.per_expert.median(),
+                mib(r.training_workspace_bytes),
+            );
+        }
+        for f in failures.iter().filter(|f| f.config == shape.name) {
+            println!(
+                "{:<4} {:<7} {:<5} {:<8} FAILED [{}]: {}",
+                f.config,
+                f.load_name(),
+                "-",
+                f.path_name(),
+                f.stage,
+                f.error
+            );
+        }
     }
 }
 
 fn print_stages(rows: &[LayerRow], runs: usize) {
     println!("\n== Forward stages (inference forward): us, median of {runs} stage-timed forwards");
     println!(
-        "{:<3} {:<7} {:<5} {:<8} {:>7} {:>11} {:>10} {:>8} {:>8} {:>8}",
+        "{:<4} {:<7} {:<5} {:<8} {:>7} {:>11} {:>10} {:>8} {:>8} {:>8}",
         "cfg", "load", "route", "path", "router", "stats", "compaction", "up", "down", "combine"
     );
     for r in rows {
         let s = &r.stages;
         println!(
-            "{:<3} {:<7} {:<5} {:<8} {:>7.0} {:>11.0} {:>10.0} {:>8.0} {:>8.0} {:>8.0}",
+            "{:<4} {:<7} {:<5} {:<8} {:>7.0} {:>11.0} {:>10.0} {:>8.0} {:>8.0} {:>8.0}",
             r.config,
             r.load.name(),
             router_name(r.router),
@@ -301,7 +469,7 @@ fn print_comparisons(rows: &[LayerRow]) {
          the same per routed pair; the claim (within 3%) is read at equal pairs (within 1%)"
     );
     println!(
-        "{:<3} {:<7} {:<8} {:>6} {:>6} {:>7} | {:>22} {:>22} {:>7} {:>7} | {:>22} {:>22} {:>7} {:>7}",
+        "{:<4} {:<7} {:<8} {:>6} {:>6} {:>7} | {:>22} {:>22} {:>7} {:>7} | {:>22} {:>22} {:>7} {:>7}",
         "cfg",
         "load",
         "path",
@@ -319,7 +487,7 @@ fn print_comparisons(rows: &[LayerRow]) {
     );
     for c in comparisons(rows) {
         println!(
-            "{:<3} {:<7} {:<8} {:>6} {:>6} {:>7} | {:>22} {:>22} {:>7} {:>7} | {:>22} {:>22} {:>7} {:>7}",
+            "{:<4} {:<7} {:<8} {:>6} {:>6} {:>7} | {:>22} {:>22} {:>7} {:>7} | {:>22} {:>22} {:>7} {:>7}",
             c.remoe.config,
             c.remoe.load.name(),
             c.remoe.path.name(),
@@ -347,7 +515,7 @@ fn print_gemms(gemms: &[GemmRow], paths: &[GemmPath], iters: usize) {
          GEMMs only: the backward has no stage timing)"
     );
     let mut head = format!(
-        "{:<3} {:<20} {:>6} {:>6} {:>6}",
+        "{:<4} {:<20} {:>6} {:>6} {:>6}",
         "cfg", "gemm", "M", "N", "K"
     );
     for p in paths {
@@ -374,7 +542,7 @@ fn print_gemms(gemms: &[GemmRow], paths: &[GemmPath], iters: usize) {
             })
         };
         let mut line = format!(
-            "{:<3} {:<20} {:>6} {:>6} {:>6}",
+            "{:<4} {:<20} {:>6} {:>6} {:>6}",
             g.config,
             g.name(),
             dim(0),
@@ -417,7 +585,13 @@ fn print_gemms(gemms: &[GemmRow], paths: &[GemmPath], iters: usize) {
 }
 
 /// The last, compact table: each target's figure per configuration and path.
-fn print_targets(rows: &[LayerRow], gemms: &[GemmRow], paths: &[GemmPath]) {
+fn print_targets(
+    shapes: &[Shape],
+    rows: &[LayerRow],
+    gemms: &[GemmRow],
+    failures: &[Failure],
+    paths: &[GemmPath],
+) {
     println!(
         "\n== Against the targets: the lowest cuBLAS/ours over the six expert GEMMs (target >= \
          {GEMM_TARGET:.2} on the Hopper path at A and D); forward+backward of the dense floor, \
@@ -426,18 +600,14 @@ fn print_targets(rows: &[LayerRow], gemms: &[GemmRow], paths: &[GemmPath]) {
         CLAIM_TARGET * 100.0
     );
     println!(
-        "{:<3} {:<8} | {:>5} {:<10} | {:>6} | {:>17} {:>17}",
+        "{:<4} {:<8} | {:>5} {:<10} | {:>6} | {:>17} {:>17}",
         "cfg", "path", "GEMM", "(lowest)", "floor", "vs TopK uniform", "vs TopK skewed"
     );
     let mark = |ok: bool| if ok { " " } else { "!" };
     let hopper = |p: GemmPath| p == GemmPath::Hopper;
-    let configs: Vec<&str> = {
-        let mut v: Vec<&str> = rows.iter().map(|r| r.config).collect();
-        v.dedup();
-        v
-    };
     let comps = comparisons(rows);
-    for cfg in configs {
+    for shape in shapes {
+        let cfg = shape.name.as_str();
         for &p in paths {
             let worst = gemms
                 .iter()
@@ -472,7 +642,7 @@ fn print_targets(rows: &[LayerRow], gemms: &[GemmRow], paths: &[GemmPath]) {
                     })
             };
             println!(
-                "{:<3} {:<8} | {:>5} {:<10} | {:>6} | {:>17} {:>17}",
+                "{:<4} {:<8} | {:>5} {:<10} | {:>6} | {:>17} {:>17}",
                 cfg,
                 p.name(),
                 gemm,
@@ -481,6 +651,10 @@ fn print_targets(rows: &[LayerRow], gemms: &[GemmRow], paths: &[GemmPath]) {
                 claim(Load::Uniform),
                 claim(Load::Skewed)
             );
+        }
+        let failed = failures.iter().filter(|f| f.config == cfg).count();
+        if failed > 0 {
+            println!("{cfg:<4} FAILED: {failed} part(s), listed at the end");
         }
     }
     println!(

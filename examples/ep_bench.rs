@@ -30,7 +30,7 @@ use remoe_kernels::{
     Coefficient, DType, Device, DeviceTensor, Error, GemmPath, LayerConfig, MoeGrads, RouterKind,
 };
 use remoe_testkit::synthetic::{to_bf16, HostProblem};
-use support::{host_problem, Load, Setup, Timing, COEFF, CONFIGS};
+use support::{host_problem, named, named_list, Load, Setup, Timing, COEFF};
 
 const WORLD: usize = 2;
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -337,8 +337,11 @@ fn main() -> Result<(), Error> {
         "ideal ms"
     );
     for name in &names {
-        let Some((_, cfg)) = CONFIGS.iter().find(|(n, _)| n == name) else {
-            eprintln!("ep_bench: no configuration {name}");
+        let Some(cfg) = named(name).map(|n| &n.cfg) else {
+            eprintln!(
+                "ep_bench: no configuration {name} (the named ones: {})",
+                named_list()
+            );
             std::process::exit(2);
         };
         // T per GPU: the problem holds both ranks' tokens.

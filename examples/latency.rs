@@ -31,7 +31,7 @@ use remoe_kernels::{
 };
 use remoe_testkit::rng::{seeded, Rng};
 use remoe_testkit::synthetic::{problem_with_density, uniform_density, DeviceProblem};
-use support::Timing;
+use support::{named, Timing};
 
 const COPIES: usize = 3;
 const TOKENS: [usize; 4] = [1, 8, 64, 512];
@@ -156,6 +156,11 @@ fn sample(dev: &Device, work: impl FnOnce() -> Result<(), Error>) -> Result<(f64
     Ok((start.elapsed_ms(&stop)? as f64, host_ms))
 }
 
+/// SPEC's configuration S (H 768, F 3072, E 8, k 1); the batch sizes vary.
+fn config_s() -> LayerConfig {
+    named("S").expect("S is a named configuration").cfg
+}
+
 struct Row {
     tokens: usize,
     what: &'static str,
@@ -165,7 +170,10 @@ struct Row {
 }
 
 fn measure(tokens: usize, iters: usize, warmup: usize) -> Result<Vec<Row>, Error> {
-    let cfg = LayerConfig::new(tokens, 768, 3072, 8, 1);
+    let cfg = LayerConfig {
+        tokens,
+        ..config_s()
+    };
     let tracked = Device::new(0)?;
     // SAFETY: this program uses the untracked device's one stream only.
     let untracked = unsafe { Device::new_untracked(0)? };
@@ -236,7 +244,11 @@ fn measure(tokens: usize, iters: usize, warmup: usize) -> Result<Vec<Row>, Error
 fn probe_tracked_capture() -> String {
     let run = || -> Result<(), Error> {
         let dev = Device::new(0)?;
-        let mut l = Layer::new(&dev, LayerConfig::new(64, 768, 3072, 8, 1))?;
+        let cfg = LayerConfig {
+            tokens: 64,
+            ..config_s()
+        };
+        let mut l = Layer::new(&dev, cfg)?;
         l.forward(0)?;
         let g = capture(&dev, || l.forward(0))?;
         // SAFETY: l's buffers are alive and unmoved.

@@ -14,6 +14,7 @@ use remoe_kernels::{
     remoe_forward, Coefficient, Device, DeviceTensor, Error, LayerConfig, MoeContext,
 };
 use remoe_testkit::rng::{fresh_seed, seeded, UniformVec};
+use remoe_testkit::shapes::named;
 use remoe_testkit::synthetic::{problem_with_density, uniform_density, DeviceProblem};
 use remoe_testkit::time_gpu;
 
@@ -30,7 +31,7 @@ fn main() -> Result<(), Error> {
 }
 
 fn run_gpu(dev: &Device) -> Result<(), Error> {
-    let cfg = LayerConfig::new(16384, 768, 3072, 8, 1);
+    let cfg = named("A").expect("A is a named configuration").cfg;
     let (t, h, e, k) = (cfg.tokens, cfg.hidden, cfg.experts, cfg.k);
     let lambda = 1e-3;
     println!(

@@ -10,7 +10,10 @@ __global__ void lambda_step_kernel(double *lambda, double *sparsity_sum, uint32_
                                    double alpha, double target) {
   if (*count > 0) {
     const double mean = *sparsity_sum / (double)*count;
-    *lambda = mean < target ? *lambda * alpha : *lambda / alpha;
+    const double next = mean < target ? *lambda * alpha : *lambda / alpha;
+    // Unclamped, a run of steps one way reaches 0 or inf in f64 and never comes back (0 * alpha
+    // is 0). The CPU reference clamps with f64::clamp: the same result for every non-NaN value.
+    *lambda = fmin(fmax(next, REMOE_LAMBDA_MIN), REMOE_LAMBDA_MAX);
   }
   *sparsity_sum = 0.0;
   *count = 0;

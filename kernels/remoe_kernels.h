@@ -30,6 +30,10 @@ typedef struct CUstream_st *remoe_stream_t;
 #define REMOE_GEMM_TILE_ROWS 128
 /* The TopK kernel holds a token's E logits in one warp's registers: E <= 512. */
 #define REMOE_TOPK_MAX_EXPERTS 512
+/* The range remoe_lambda_step keeps the adaptive lambda in (src/controller.rs, LAMBDA_MIN and
+ * LAMBDA_MAX, says why these values). */
+#define REMOE_LAMBDA_MIN 1e-12
+#define REMOE_LAMBDA_MAX 1e3
 
 /*
  * Router forward (kernels/router.cu): logits = X Wr (f32 accumulation) and gates = ReLU(logits).
@@ -369,8 +373,9 @@ int remoe_router_backward_dense_f16(const uint16_t *x, const uint16_t *wr, const
 
 /*
  * The adaptive lambda controller's step (kernels/controller.cu), one thread: if *count > 0,
- * with S = *sparsity_sum / *count: lambda *= alpha if S < target, else lambda /= alpha; then the
- * sum and count are reset. All on the device: no host synchronisation.
+ * with S = *sparsity_sum / *count: lambda *= alpha if S < target, else lambda /= alpha, then
+ * clamped into [REMOE_LAMBDA_MIN, REMOE_LAMBDA_MAX]; then the sum and count are reset. All on
+ * the device: no host synchronisation.
  */
 int remoe_lambda_step(double *lambda, double *sparsity_sum, uint32_t *count, double alpha,
                       double target, remoe_stream_t stream);

@@ -2,7 +2,7 @@
 # Runs on the lent GPU machine, from the bundle scripts/gpu-bundle made (see there).
 #   bash .gpu-bundle/run-suite.sh [--no-tests | --sanitizers-only] [--no-sanitizer] [--sanitizers LIST]
 #                                 [--sanitizer-timeout SECONDS] [--filter TEST]
-#                                 [--bench] [--criterion FILTER]
+#                                 [--bench] [--criterion FILTER] [--no-quick]
 # Every test binary runs with REMOE_REQUIRE_GPU=1. Then every GPU test binary (tests/gpu_*, and
 # the lib's unit tests) runs again under each compute-sanitizer tool: memcheck, racecheck (hazard
 # reports only), initcheck and synccheck; each run's summary line goes into the final table and
@@ -14,10 +14,19 @@
 # --filter passes a test-name filter to every test binary (e.g. --filter router).
 # On a compute capability 9.0 GPU every GPU test binary runs a second time with
 # REMOE_GEMM_PATH=mma-sync: both expert-GEMM paths pass the whole suite.
+# After the plain test runs (not with --sanitizers-only or --no-tests), the benchmark report's
+# short pass runs once: `examples/bench_report --quick` (3 warm-up and 5 timed runs per figure,
+# every named configuration of SPEC, both loads, each GEMM path, the expert GEMMs against
+# cuBLAS; about a minute or two on an H100), logged to $OUT/bench-quick.log with its JSON in
+# $OUT/bench-quick.json. It fails the suite when it exits non-zero: a configuration part that
+# failed (an error such as CapacityExceeded, or a panic) is a FAILED row there. --no-quick skips
+# it; --bench replaces it with the full report.
 # --bench runs the kernel-level check of the GEMM paths (tools/gemm-paths), the examples (one
-# layer at config A, the benchmark report, whose JSON lands in $OUT, and with --candle bundles
-# the main job, whose output lands in $OUT/train);
-# --criterion runs the criterion layer bench restricted to FILTER (e.g. layer/A).
+# layer at config A, the full benchmark report, whose JSON lands in $OUT and whose failure fails
+# the suite, and with --candle bundles the main job, whose output lands in $OUT/train);
+# --criterion runs the criterion layer bench restricted to FILTER (e.g. layer/A). Its shapes
+# come from REMOE_BENCH_SHAPES (benches/layer.rs); unset, and FILTER naming one shape as its
+# second part (layer/A, gemm/SM7b/dx), only that shape is set up.
 # Full logs go to $OUT (the device tool's output folder) when it is set.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,6 +39,7 @@ filter=()
 bench=0
 tests=1
 criterion=""
+quick=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --no-sanitizer) sanitize=0 ;;
@@ -40,6 +50,7 @@ while [[ $# -gt 0 ]]; do
     --sanitizers-only) tests=0 ;;
     --bench) bench=1 ;;
     --criterion) criterion="$2"; shift ;;
+    --no-quick) quick=0 ;;
     *) echo "run-suite.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -119,6 +130,25 @@ for run in "${runs[@]}"; do
 done
 rm -f "$out/tmp-test.log"
 
+# The benchmark report's short pass, once, after the tests (the full report with --bench).
+quick_summary=""
+quick_fail=0
+if [[ $tests -eq 1 && $quick -eq 1 && $bench -eq 0 ]]; then
+  echo "=== bench_report --quick (log: $out/bench-quick.log)"
+  start=$SECONDS
+  "$here/examples/bench_report" --quick --json "$out/bench-quick.json" >"$out/bench-quick.log" 2>&1
+  rc=$?
+  failed_rows="$(sed -nE 's/^== FAILED: ([0-9]+) part.*/\1/p' "$out/bench-quick.log")"
+  if grep -q '^== Against the targets' "$out/bench-quick.log"; then
+    sed -n '/^== Against the targets/,$p' "$out/bench-quick.log" | cut -c1-200
+  else
+    tail -20 "$out/bench-quick.log"
+  fi
+  [[ $rc -ne 0 ]] && quick_fail=1
+  quick_summary="$(printf '%-28s rc=%-3s %5ss  %s FAILED rows' "bench_report --quick" "$rc" \
+    "$((SECONDS - start))" "${failed_rows:-0}")"
+fi
+
 san_summary=()
 san_fail=0
 if [[ $sanitize -eq 1 ]]; then
@@ -192,10 +222,19 @@ if [[ $bench -eq 1 ]]; then
       REMOE_PLOT_FONT="${REMOE_PLOT_FONT:-$font}" "$here/candle/train" --out "$out/train" 2>&1; } |
       tee -a "$out/examples.log" | grep -vE '^ *\[' | tail -12
   fi
+  start=$SECONDS
   { echo "=== bench_report"; "$here/examples/bench_report" --json "$out/bench-report.json" 2>&1; } |
     tee -a "$out/examples.log" | tail -45
+  rc=${PIPESTATUS[0]}
+  [[ $rc -ne 0 ]] && quick_fail=1
+  quick_summary="$(printf '%-28s rc=%-3s %5ss  (FAILED rows: see examples.log)' "bench_report" \
+    "$rc" "$((SECONDS - start))")"
 fi
 if [[ -n "$criterion" ]]; then
+  # Only the shape the filter names is set up, unless REMOE_BENCH_SHAPES says otherwise.
+  if [[ -z "${REMOE_BENCH_SHAPES:-}" && "$criterion" =~ ^(layer|gemm)/([A-Za-z0-9_.-]+)(/|$) ]]; then
+    export REMOE_BENCH_SHAPES="${BASH_REMATCH[2]}"
+  fi
   "$here/benches/layer" --bench "$criterion" 2>&1 | grep -vE '^(Benchmarking|Warning)' | tee "$out/criterion.log" | tail -40
 fi
 
@@ -203,8 +242,9 @@ echo
 echo "=== GPU suite on $(head -1 "$out/device.txt") ==="
 printf '%s\n' "${summary[@]}"
 echo "TOTAL: $total_pass passed, $total_fail failed"
+[[ -n "$quick_summary" ]] && echo "$quick_summary"
 if [[ ${#san_summary[@]} -gt 0 ]]; then
   echo "--- compute-sanitizer ($san_fail failed)"
   printf '%s\n' "${san_summary[@]}"
 fi
-[[ $total_fail -eq 0 && $san_fail -eq 0 ]]
+[[ $total_fail -eq 0 && $san_fail -eq 0 && $quick_fail -eq 0 ]]

@@ -42,6 +42,7 @@ use crate::error::{Error, Result};
 use crate::experts::{BatchGradBufs, BatchGradInputs, BatchWeightGrads, ExpertBatch};
 use crate::ffi;
 use crate::gemm::GemmPath;
+use crate::graph;
 use crate::moe::{
     check_coefficient, check_layer_tensors, MoeContext, MoeWeightViews, RouterKind, SavedForward,
 };
@@ -246,40 +247,49 @@ impl BackwardOptions {
 }
 
 impl<T: HalfElement> MoeContext<T> {
-    /// Every saved buffer the backward reads holds what the record says its forward wrote.
-    fn check_saved_buffers(&self, saved: &SavedForward) -> Result<()> {
+    /// Gives every saved buffer the backward reads the length its forward wrote, as the record
+    /// says (a graph's replay leaves its forward's state whatever lengths later calls set); an
+    /// allocation shorter than that is an error.
+    pub(crate) fn restore_saved_lens(&mut self, saved: &SavedForward) -> Result<()> {
         let l = &saved.lens;
-        let bufs: [(&'static str, usize, usize); 11] = [
-            ("logits", l.logits, self.logits.len()),
-            ("gates", l.gates, self.gates.len()),
-            ("probs", l.probs, self.probs.len()),
-            ("pair index", l.pair_index, self.pair_index.len()),
-            ("counts", l.counts, self.counts.len()),
-            (
-                "expert offsets",
-                l.expert_offsets,
-                self.expert_offsets.len(),
-            ),
-            ("tile offsets", l.tile_offsets, self.tile_offsets.len()),
-            ("pair tokens", l.pair_token, self.pair_token.len()),
-            ("pair gates", l.pair_gate, self.pair_gate.len()),
-            ("g", l.g, self.g.len()),
-            ("u", l.u, self.u.len()),
+        let bufs: [(&'static str, usize, &mut dyn SetLen); 11] = [
+            ("logits", l.logits, &mut self.logits),
+            ("gates", l.gates, &mut self.gates),
+            ("probs", l.probs, &mut self.probs),
+            ("pair index", l.pair_index, &mut self.pair_index),
+            ("counts", l.counts, &mut self.counts),
+            ("expert offsets", l.expert_offsets, &mut self.expert_offsets),
+            ("tile offsets", l.tile_offsets, &mut self.tile_offsets),
+            ("pair tokens", l.pair_token, &mut self.pair_token),
+            ("pair gates", l.pair_gate, &mut self.pair_gate),
+            ("g", l.g, &mut self.g),
+            ("u", l.u, &mut self.u),
         ];
-        for (what, want, have) in bufs {
-            if want != have {
-                return Err(Error::InvalidConfig(format!(
-                    "moe_backward: saved buffer {what} holds {have} elements, forward {} wrote \
-                     {want}",
+        for (what, want, buf) in bufs {
+            buf.set_len_to(want).map_err(|_| {
+                Error::InvalidConfig(format!(
+                    "moe_backward: saved buffer {what} cannot hold the {want} elements forward \
+                     {} wrote",
                     saved.generation
-                )));
-            }
+                ))
+            })?;
         }
         Ok(())
     }
 
     pub(crate) fn backward_poison(&mut self) -> Result<()> {
         self.bwd.poison()
+    }
+}
+
+/// A buffer whose logical length can be set (any element type).
+trait SetLen {
+    fn set_len_to(&mut self, n: usize) -> Result<()>;
+}
+
+impl<E: Element> SetLen for GrowBuf<E> {
+    fn set_len_to(&mut self, n: usize) -> Result<()> {
+        self.set_len(n)
     }
 }
 
@@ -331,13 +341,36 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     options: impl Into<BackwardOptions>,
 ) -> Result<()> {
     let (x, w, dout, options) = (x.into(), w.into(), dout.into(), options.into());
+    let mode = graph::mode(&ctx.dev)?;
+    // Locked while the backward is enqueued (see moe_forward).
+    let cell = ctx.record.clone();
+    let mut rec = cell.lock();
     // What the forward saved, not what the context would save now.
-    let saved = SavedForward::for_backward(ctx.saved.as_ref())?.clone();
-    ctx.check_saved_buffers(&saved)?;
-    let (cfg, router) = (saved.config, saved.router);
+    let saved = SavedForward::for_backward(rec.saved.as_ref())?.clone();
+    let cfg = saved.config;
     options.validate()?;
     check_coefficient(ctx, &coeff)?;
     check_backward_inputs(ctx, &cfg, cfg.experts, &x, &w, &dout, &grads)?;
+    rec.note_call(mode, &cell, false);
+    ctx.restore_saved_lens(&saved)?;
+    let allocations = ctx.allocations;
+    let ran = backward_stages(ctx, &saved, coeff, (&x, &w, &dout), grads, options);
+    if ctx.allocations != allocations {
+        rec.layout += 1;
+    }
+    ran
+}
+
+/// The backward's steps once its inputs are checked (see the module documentation).
+fn backward_stages<T: HalfElement>(
+    ctx: &mut MoeContext<T>,
+    saved: &SavedForward,
+    coeff: Coefficient,
+    (x, w, dout): (&TensorView<T>, &MoeWeightViews<T>, &TensorView<T>),
+    grads: MoeGrads<T>,
+    options: BackwardOptions,
+) -> Result<()> {
+    let (cfg, router) = (saved.config, saved.router);
     let LayerConfig {
         tokens: t,
         hidden: h,
@@ -405,7 +438,7 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
         ctx,
         (&cfg, router),
         &coeff,
-        (&x, &w.router),
+        (x, &w.router),
         (grads.dx, grads.router),
         options,
     )

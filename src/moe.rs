@@ -68,6 +68,8 @@
 //! Only the routing is defined this way: a NaN or Inf elsewhere (an expert weight, dOut) flows
 //! through the arithmetic as IEEE says.
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use crate::capacity::{down_k_splits, max_row_tiles, PairCapacity};
 use crate::config::LayerConfig;
 use crate::controller::Coefficient;
@@ -77,6 +79,7 @@ use crate::error::{Error, Result};
 use crate::experts::ExpertBatch;
 use crate::ffi;
 use crate::gemm::GemmPath;
+use crate::graph::{self, CaptureParty, GraphPart, Mode, ReplayLock};
 use crate::tensor::{DeviceTensor, Launch, TensorView};
 use crate::workspace::GrowBuf;
 
@@ -220,11 +223,19 @@ pub(crate) struct SavedLens {
     pub(crate) pair_gate: usize,
     pub(crate) g: usize,
     pub(crate) u: usize,
+    /// The down projection's split-K planes (y holds this many planes of capacity x H).
+    pub(crate) k_splits: usize,
 }
 
 impl SavedLens {
     /// The buffers of a forward of `cfg` with `router` and room for `pairs` pairs.
-    pub(crate) fn of(cfg: &LayerConfig, router: RouterKind, pairs: usize, saved: bool) -> Self {
+    pub(crate) fn of(
+        cfg: &LayerConfig,
+        router: RouterKind,
+        pairs: usize,
+        saved: bool,
+        k_splits: usize,
+    ) -> Self {
         let (t, f, e) = (cfg.tokens, cfg.ffn, cfg.experts);
         Self {
             logits: t * e,
@@ -238,12 +249,13 @@ impl SavedLens {
             pair_gate: pairs,
             g: if saved { pairs * f } else { 0 },
             u: if saved { pairs * f } else { 0 },
+            k_splits,
         }
     }
 
     /// Bytes of device memory these buffers hold (g and u of `elem` bytes; the rest 4-byte
     /// f32, i32 or u32).
-    fn bytes(&self, elem: usize) -> usize {
+    pub(crate) fn bytes(&self, elem: usize) -> usize {
         4 * (self.logits
             + self.gates
             + self.probs
@@ -258,6 +270,26 @@ impl SavedLens {
 }
 
 impl SavedForward {
+    /// Whether `other` describes device state of the same shapes and capacity (what a graph's
+    /// captured backward needs of the forward it reads; the generation may differ).
+    pub(crate) fn same_state(&self, other: &SavedForward) -> bool {
+        (
+            &self.config,
+            self.router,
+            self.capacity,
+            self.max_tiles,
+            self.saved_for_backward,
+            &self.lens,
+        ) == (
+            &other.config,
+            other.router,
+            other.capacity,
+            other.max_tiles,
+            other.saved_for_backward,
+            &other.lens,
+        )
+    }
+
     /// The record a backward can run from: there must be one, and its forward must have saved
     /// g and u. This is the forward's state, whatever the context's settings are now.
     pub(crate) fn for_backward(saved: Option<&SavedForward>) -> Result<&SavedForward> {
@@ -307,12 +339,158 @@ pub(crate) fn device_error(word: &[u32]) -> Option<(Error, std::ops::Range<usize
     })
 }
 
+/// What a context's device buffers hold, as the host knows it: shared by the context and the
+/// graphs that captured it (see [`crate::graph`]), so that a replay can say what it left there.
+#[derive(Debug, Default)]
+pub(crate) struct RecordCell {
+    inner: Mutex<Record>,
+}
+
+/// The record proper (see [`RecordCell`]).
+#[derive(Debug, Default)]
+pub(crate) struct Record {
+    /// The forward whose state the buffers hold once the enqueued work has run (None before
+    /// one, after a failed one, or after the buffers were poisoned).
+    pub(crate) saved: Option<SavedForward>,
+    /// Counts the moves of the context's buffers (a reallocation): a graph replays only while
+    /// the buffers it captured are still where they were.
+    pub(crate) layout: u64,
+    /// Set during a capture of this thread (see [`CaptureNote`]).
+    capture: Option<CaptureNote>,
+}
+
+/// A capture in progress that uses the context.
+#[derive(Debug, Clone)]
+struct CaptureNote {
+    id: u64,
+    /// The record before the capture: what the device still holds when the capture ends.
+    before: Option<SavedForward>,
+    /// Whether a forward of the capture has run: a backward after it reads the capture's own
+    /// forward, not the one before the capture.
+    forwarded: bool,
+    /// Some(record) when a backward of the capture read the forward saved before it: every
+    /// replay needs a record like it.
+    reads: Option<Option<SavedForward>>,
+}
+
+impl RecordCell {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Record> {
+        // A panic while locked left the record as the forward or backward had set it before
+        // enqueuing (None from a forward), which is safe to keep using.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Record {
+    /// Notes a call in capture `mode` (a forward when `forward`), listing `cell` in the capture
+    /// the first time; nothing in eager mode.
+    pub(crate) fn note_call(&mut self, mode: Mode, cell: &Arc<RecordCell>, forward: bool) {
+        let Mode::Capture(id) = mode else {
+            return;
+        };
+        if self.capture.as_ref().is_none_or(|c| c.id != id) {
+            self.capture = Some(CaptureNote {
+                id,
+                before: self.saved.clone(),
+                forwarded: false,
+                reads: None,
+            });
+            graph::join(id, cell.clone());
+        }
+        let note = self.capture.as_mut().expect("set above");
+        if forward {
+            note.forwarded = true;
+        } else if !note.forwarded && note.reads.is_none() {
+            note.reads = Some(self.saved.clone());
+        }
+    }
+}
+
+impl CaptureParty for RecordCell {
+    fn end_capture(self: Arc<Self>, id: u64) -> Box<dyn GraphPart> {
+        let mut rec = self.lock();
+        let note = rec.capture.take().filter(|n| n.id == id);
+        let (leaves, reads) = match note {
+            Some(note) => {
+                let leaves = std::mem::replace(&mut rec.saved, note.before);
+                (leaves, note.reads)
+            }
+            None => (rec.saved.clone(), None),
+        };
+        let layout = rec.layout;
+        drop(rec);
+        Box::new(ContextPart {
+            cell: self,
+            layout,
+            reads,
+            leaves,
+        })
+    }
+
+    fn key(&self) -> usize {
+        self as *const Self as usize
+    }
+}
+
+/// A context's share of a graph (see [`crate::graph`]).
+struct ContextPart {
+    cell: Arc<RecordCell>,
+    /// The buffers' layout at the capture.
+    layout: u64,
+    /// The record a replay must find (Some), when the graph reads a forward from before it.
+    reads: Option<Option<SavedForward>>,
+    /// The record a replay leaves.
+    leaves: Option<SavedForward>,
+}
+
+impl GraphPart for ContextPart {
+    fn begin_replay(&self) -> Result<Box<dyn ReplayLock + '_>> {
+        let rec = self.cell.lock();
+        if rec.layout != self.layout {
+            return Err(Error::CaptureUnsupported(
+                "a context's buffers were reallocated (a larger call made them grow) since the \
+                 graph was captured; capture it again"
+                    .into(),
+            ));
+        }
+        if let Some(want) = &self.reads {
+            let same = match (want, &rec.saved) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.same_state(b),
+                _ => false,
+            };
+            if !same {
+                return Err(Error::CaptureUnsupported(
+                    "the graph's backward was captured against a forward of other shapes or \
+                     capacity than the one its context now holds; run that forward first"
+                        .into(),
+                ));
+            }
+        }
+        Ok(Box::new(ContextReplay {
+            rec,
+            leaves: &self.leaves,
+        }))
+    }
+}
+
+struct ContextReplay<'a> {
+    rec: MutexGuard<'a, Record>,
+    leaves: &'a Option<SavedForward>,
+}
+
+impl ReplayLock for ContextReplay<'_> {
+    fn replayed(&mut self) {
+        self.rec.saved = self.leaves.clone();
+    }
+}
+
 /// The forward's workspace and saved state (see the module documentation).
 #[derive(Debug)]
 pub struct MoeContext<T: HalfElement> {
     pub(crate) dev: Device,
-    /// The state the last successful forward saved (None before one, or after a failed one).
-    pub(crate) saved: Option<SavedForward>,
+    /// What the buffers hold (see [`RecordCell`]).
+    pub(crate) record: Arc<RecordCell>,
     /// Successful forwards so far.
     pub(crate) generation: u64,
     pub(crate) allocations: u64,
@@ -358,7 +536,7 @@ impl<T: HalfElement> MoeContext<T> {
     pub fn new(dev: &Device) -> Self {
         Self {
             dev: dev.clone(),
-            saved: None,
+            record: Arc::default(),
             generation: 0,
             allocations: 0,
             stage_timing: false,
@@ -410,11 +588,11 @@ impl<T: HalfElement> MoeContext<T> {
     /// ([`MoeContext::workspace_bytes`]).
     /// Reads |A| from the device (waits for the stream).
     pub fn saved_bytes(&self) -> Result<usize> {
-        let Some(s) = self.saved.as_ref() else {
+        let Some(s) = self.saved_forward() else {
             return Ok(0);
         };
         let pairs = self.dispatched_pairs()?;
-        let lens = SavedLens::of(&s.config, s.router, pairs, s.saved_for_backward);
+        let lens = SavedLens::of(&s.config, s.router, pairs, s.saved_for_backward, 1);
         Ok(lens.bytes(std::mem::size_of::<T>()))
     }
 
@@ -452,8 +630,8 @@ impl<T: HalfElement> MoeContext<T> {
 
     /// The record of what the last successful forward saved, if any (see the module
     /// documentation).
-    pub fn saved_forward(&self) -> Option<&SavedForward> {
-        self.saved.as_ref()
+    pub fn saved_forward(&self) -> Option<SavedForward> {
+        self.record.lock().saved.clone()
     }
 
     /// Chooses how many routed pairs the pair buffers hold from the next forward on (see
@@ -491,7 +669,7 @@ impl<T: HalfElement> MoeContext<T> {
     /// ([`MoeContext::check_device_errors`] first, so an overflowed or non-finite forward gives
     /// its error here, and a second call its statistics). Waits for the stream.
     pub fn stats(&mut self) -> Result<ForwardStats> {
-        if self.saved.is_none() {
+        if self.saved_forward().is_none() {
             return Err(Error::InvalidConfig(
                 "MoeContext::stats: this context holds no successful forward".into(),
             ));
@@ -571,7 +749,7 @@ impl<T: HalfElement> MoeContext<T> {
     /// The configuration and router of the last successful forward (None before one, and after
     /// a forward that failed once it had started).
     pub fn last_forward(&self) -> Option<(LayerConfig, RouterKind)> {
-        self.saved.as_ref().map(|s| (s.config, s.router))
+        self.saved_forward().map(|s| (s.config, s.router))
     }
 
     /// Logits L [T, E] of the last forward.
@@ -611,23 +789,39 @@ impl<T: HalfElement> MoeContext<T> {
     }
 
     /// act = SiLU(x Wg) * (x Wu) of every pair, [|A|, F], in dispatch order.
-    pub fn act_to_host(&self) -> Result<Vec<T>> {
-        let f = self.saved.as_ref().map_or(0, |s| s.config.ffn);
-        self.act.prefix_to_host(self.dispatched_pairs()? * f)
+    pub fn act_to_host(&mut self) -> Result<Vec<T>> {
+        let Some(s) = self.saved_forward() else {
+            return Ok(Vec::new());
+        };
+        self.act.set_len(s.capacity * s.config.ffn)?;
+        self.act.prefix_to_host(self.dispatched_pairs()? * s.config.ffn)
     }
 
     /// y = act Wd of every pair, [|A|, H], in dispatch order (f32, as the combine reads it).
-    pub fn expert_out_to_host(&self) -> Result<Vec<f32>> {
-        let h = self.saved.as_ref().map_or(0, |s| s.config.hidden);
-        self.y.prefix_to_host(self.dispatched_pairs()? * h)
+    pub fn expert_out_to_host(&mut self) -> Result<Vec<f32>> {
+        let Some(s) = self.saved_forward() else {
+            return Ok(Vec::new());
+        };
+        self.y.set_len(s.lens.k_splits * s.capacity * s.config.hidden)?;
+        self.y.prefix_to_host(self.dispatched_pairs()? * s.config.hidden)
     }
 
     /// Overwrites every workspace buffer with 0xFF bytes (NaN floats, -1 indices). For tests:
     /// after a warm-up forward, poison, run the same shapes again (no reallocation happens) and
     /// any element a kernel failed to write shows up. The device error word is left alone (it
-    /// is state, not scratch).
+    /// is state, not scratch). The buffers then hold no forward's state: the context forgets
+    /// its last forward (a backward is refused until the next forward; a graph's replay
+    /// writes its own forward's state again).
     #[doc(hidden)]
     pub fn poison_workspace(&mut self) -> Result<()> {
+        let cell = self.record.clone();
+        let mut rec = cell.lock();
+        if graph::mode(&self.dev)? != Mode::Eager {
+            return Err(Error::CaptureUnsupported(
+                "poison_workspace is not captured into graphs".into(),
+            ));
+        }
+        rec.saved = None;
         self.logits.poison()?;
         self.gates.poison()?;
         self.probs.poison()?;
@@ -773,16 +967,14 @@ pub(crate) fn check_out<T: HalfElement>(
     out.expect_device("out", &ctx.dev)
 }
 
-/// A coefficient the kernels can read: a finite fixed value, or a controller in the context's
-/// device.
+/// A coefficient the kernels can read: a fixed value in range (see
+/// [`Coefficient::validate`]), or a controller in the context's device.
 pub(crate) fn check_coefficient<T: HalfElement>(
     ctx: &MoeContext<T>,
     coeff: &Coefficient,
 ) -> Result<()> {
+    coeff.validate()?;
     match coeff {
-        Coefficient::Fixed(v) if !v.is_finite() => Err(Error::InvalidConfig(format!(
-            "the balance loss's coefficient must be finite, got {v}"
-        ))),
         Coefficient::Fixed(_) => Ok(()),
         Coefficient::Adaptive(c) => c.expect_device(&ctx.dev),
     }
@@ -818,15 +1010,20 @@ pub(crate) fn check_layer_tensors<T: HalfElement>(
 /// also records the layer's sparsity. `x` and the weights are `&DeviceTensor`s (`&MoeWeights`)
 /// or views ([`TensorView`], [`MoeWeightViews`]).
 ///
-/// Enqueues the forward and returns: nothing is read back (see the module documentation), so
-/// it can be captured in a CUDA graph once the context is warm (its buffers sized by an earlier
-/// forward of the same or a larger batch). The statistics come from [`MoeContext::stats`].
+/// Enqueues the forward and returns. Eager, it reads one number back when its pair capacity
+/// does not cover every pair (see [`crate::capacity`]): the routed-pair count, after the
+/// routing statistics, to size the pair buffers for exactly that many pairs. So an eager forward
+/// is dropless at any density and never overflows. Captured into a CUDA graph (once the context
+/// is warm: its buffers sized by an earlier forward of the same or a larger batch), nothing is
+/// read back and the capacity is fixed; an overflow is then the deferred error below. The
+/// statistics come from [`MoeContext::stats`].
 ///
 /// On `Ok` the context holds this forward's [`SavedForward`]. Bad input is refused before
 /// anything is enqueued and leaves the context as it was; a failure after that (a launch or
-/// driver error) leaves the context without saved state, so no backward can run on a
-/// half-written workspace. What only the device can know (an overflow of the pair capacity, a
-/// non-finite logit) is reported by the next host-visible call of the context.
+/// driver error, more pairs than a fixed [`PairCapacity::Pairs`], an allocation that does not
+/// fit) leaves the context without saved state, so no backward can run on a half-written
+/// workspace. What only the device can know (in a replayed graph, an overflow of the pair
+/// capacity; a non-finite logit) is reported by the next host-visible call of the context.
 pub fn moe_forward<'x, 'w, T: HalfElement>(
     ctx: &mut MoeContext<T>,
     cfg: &LayerConfig,
@@ -838,45 +1035,71 @@ pub fn moe_forward<'x, 'w, T: HalfElement>(
 ) -> Result<()> {
     let (x, w) = (x.into(), w.into());
     check_inputs(ctx, cfg, router, &coeff, &x, &w, out)?;
-    let plan = ForwardPlan::new(ctx, cfg, router);
-    if ctx.stage_timing && ctx.dev.is_capturing()? {
+    let mode = graph::mode(&ctx.dev)?;
+    if ctx.stage_timing && mode != Mode::Eager {
         return Err(Error::CaptureUnsupported(
             "stage timing waits for its events; turn it off to capture a forward".into(),
         ));
     }
+    // The record stays locked while the forward is enqueued, so that a graph replayed from
+    // another thread cannot interleave its record with this forward's.
+    let cell = ctx.record.clone();
+    let mut rec = cell.lock();
+    rec.note_call(mode, &cell, true);
+    let mut plan = ForwardPlan::new(ctx, cfg, router, mode);
     // From here on the workspace is rewritten: the previous forward's saved state is gone, and
     // this forward's is recorded only once it has been enqueued.
-    ctx.saved = None;
-    plan.size_workspace(ctx)?;
-    ctx.upload_fixed_coeff(&coeff)?;
+    rec.saved = None;
+    let allocations = ctx.allocations;
+    let ran = forward_stages(ctx, &mut plan, &mut coeff, &x, &w, out);
+    if ctx.allocations != allocations {
+        rec.layout += 1;
+    }
+    ran?;
+    rec.saved = Some(plan.record(ctx));
+    Ok(())
+}
+
+/// The forward's stages in order, sizing each buffer once its size is known.
+fn forward_stages<T: HalfElement>(
+    ctx: &mut MoeContext<T>,
+    plan: &mut ForwardPlan,
+    coeff: &mut Coefficient,
+    x: &TensorView<T>,
+    w: &MoeWeightViews<T>,
+    out: &mut DeviceTensor<T>,
+) -> Result<()> {
+    plan.size_routing(ctx)?;
+    ctx.upload_fixed_coeff(coeff)?;
     let dev = ctx.dev.clone();
     let mut marks = StageMarks::new(&dev, ctx.stage_timing)?;
-    plan.router(ctx, &x, &w)?;
+    plan.router(ctx, x, w)?;
     marks.mark()?;
-    plan.routing_stats(ctx, &mut coeff)?;
+    plan.routing_stats(ctx, coeff)?;
     marks.mark()?;
     plan.compaction(ctx)?;
     marks.mark()?;
-    plan.up_projection(ctx, &x, &w)?;
+    plan.size_experts(ctx)?;
+    plan.up_projection(ctx, x, w)?;
     marks.mark()?;
-    plan.down_projection(ctx, &w)?;
+    plan.down_projection(ctx, w)?;
     marks.mark()?;
     plan.combine(ctx, out)?;
     marks.mark()?;
     ctx.stage_times = marks.finish()?;
-
-    plan.record(ctx);
     Ok(())
 }
 
-/// One forward's sizes, all known on the host before anything runs: the shapes, the pair
-/// capacity and the GEMM grids' row-tile bound. Each method enqueues one stage.
+/// One forward's sizes: the shapes, the pair capacity and the GEMM grids' row-tile bound, all
+/// known on the host before anything runs, except in an eager forward whose capacity policy
+/// does not cover every pair: there the capacity is the routed-pair count, read back after the
+/// routing statistics ([`ForwardPlan::routing_stats`]). Each method enqueues one stage.
 pub(crate) struct ForwardPlan {
     cfg: LayerConfig,
     router: RouterKind,
     /// Router blocks of 64 tokens.
     blocks: usize,
-    /// Pairs the pair buffers hold.
+    /// Pairs the pair buffers hold (until counted: T E, what the statistics may see).
     pub(crate) cap: usize,
     /// The most row tiles `cap` pairs can make.
     pub(crate) max_tiles: usize,
@@ -884,6 +1107,17 @@ pub(crate) struct ForwardPlan {
     pub(crate) k_splits: usize,
     /// Whether g and u are written (fixed at the start, recorded at the end).
     pub(crate) save: bool,
+    /// Whether |A| is read back after the routing statistics (see [`Count`]).
+    count: Option<Count>,
+}
+
+/// What an eager forward does with the routed-pair count it reads back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Count {
+    /// [`PairCapacity::Auto`]: the pair buffers hold exactly |A| pairs.
+    Exact,
+    /// [`PairCapacity::Pairs`]: they hold this many, and more pairs is the forward's error.
+    Fixed(usize),
 }
 
 impl ForwardPlan {
@@ -891,9 +1125,26 @@ impl ForwardPlan {
         ctx: &MoeContext<T>,
         cfg: &LayerConfig,
         router: RouterKind,
+        mode: Mode,
     ) -> Self {
         let save = ctx.save_for_backward;
-        let cap = ctx.capacity.pairs_for(cfg, save, std::mem::size_of::<T>());
+        let worst = cfg.tokens * cfg.experts;
+        let policy = ctx
+            .capacity
+            .pairs_for(cfg, save, std::mem::size_of::<T>());
+        let (cap, count) = match (mode, ctx.capacity) {
+            // The buffers hold every pair the router can make: nothing to count.
+            _ if policy >= worst => (worst, None),
+            // Until counted, the statistics may see every pair.
+            (Mode::Eager, PairCapacity::Auto { .. }) => (worst, Some(Count::Exact)),
+            (Mode::Eager, PairCapacity::Pairs(n)) => (worst, Some(Count::Fixed(n.min(worst)))),
+            // Captured: a fixed capacity; what an eager warm-up sized the buffers for, when
+            // more than the policy's.
+            (Mode::Capture(_), PairCapacity::Auto { .. }) => {
+                (policy.max(ctx.pair_token.capacity()).min(worst), None)
+            }
+            (Mode::Capture(_), PairCapacity::Pairs(_)) => (policy, None),
+        };
         Self {
             cfg: *cfg,
             router,
@@ -902,21 +1153,22 @@ impl ForwardPlan {
             max_tiles: max_row_tiles(cap, cfg.experts, TILE_ROWS),
             k_splits: down_k_splits(cfg, cap),
             save,
+            count,
         }
     }
 
-    /// Records the enqueued forward as the context's saved state (what a backward checks).
-    pub(crate) fn record<T: HalfElement>(&self, ctx: &mut MoeContext<T>) {
+    /// The record of the enqueued forward (what a backward checks); counts the generation.
+    pub(crate) fn record<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> SavedForward {
         ctx.generation += 1;
-        ctx.saved = Some(SavedForward {
+        SavedForward {
             config: self.cfg,
             router: self.router,
             capacity: self.cap,
             max_tiles: self.max_tiles,
             saved_for_backward: self.save,
             generation: ctx.generation,
-            lens: SavedLens::of(&self.cfg, self.router, self.cap, self.save),
-        });
+            lens: SavedLens::of(&self.cfg, self.router, self.cap, self.save, self.k_splits),
+        }
     }
 
     /// The i32 sizes the launchers take: exact, since validate_for_gpu bounds T*H, T*E, H*E and
@@ -932,21 +1184,16 @@ impl ForwardPlan {
         )
     }
 
-    fn size_workspace<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
-        self.size_routing(ctx)?;
-        self.size_experts(ctx)
-    }
-
-    /// The router's, the dispatch's and the combine's buffers (y included): all an
-    /// expert-parallel source needs, whose experts run on their owners.
+    /// The router's and the routing statistics' buffers, sized by T and E. (The pair lists and
+    /// y follow once the capacity is known, in [`ForwardPlan::routing_stats`]: with them, all
+    /// an expert-parallel source needs, whose experts run on their owners.)
     pub(crate) fn size_routing<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
         let LayerConfig {
             tokens: t,
-            hidden: h,
             experts: e,
             ..
         } = self.cfg;
-        let (blocks, cap) = (self.blocks, self.cap);
+        let blocks = self.blocks;
         let dev = ctx.dev.clone();
         let c = &mut *ctx;
         let a = &mut c.allocations;
@@ -970,14 +1217,41 @@ impl ForwardPlan {
         MoeContext::<T>::grow(&dev, a, &mut c.pair_index, t * e)?;
         MoeContext::<T>::grow(&dev, a, &mut c.coeff, 1)?;
         // Allocated zeroed once (no error), then only ever cleared: ensure keeps contents.
-        MoeContext::<T>::grow(&dev, a, &mut c.device_errors, ERROR_WORDS)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.device_errors, ERROR_WORDS)
+    }
+
+    /// The pair lists and the expert outputs y, for `cap` pairs.
+    fn size_pairs<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
+        let (h, cap) = (self.cfg.hidden, self.cap);
+        let dev = ctx.dev.clone();
+        let c = &mut *ctx;
+        let a = &mut c.allocations;
         MoeContext::<T>::grow(&dev, a, &mut c.pair_token, cap)?;
         MoeContext::<T>::grow(&dev, a, &mut c.pair_gate, cap)?;
         MoeContext::<T>::grow(&dev, a, &mut c.y, self.k_splits * cap * h)
     }
 
+    /// An eager forward whose capacity does not cover every pair: |A| and the row tiles, read
+    /// back (the one wait of such a forward), become the capacity and the grids' bound.
+    fn count_pairs<T: HalfElement>(&mut self, ctx: &MoeContext<T>, count: Count) -> Result<()> {
+        let counted = ctx.stats_u32.prefix_to_host(2)?;
+        let (pairs, tiles) = (counted[0] as usize, counted[1] as usize);
+        (self.cap, self.max_tiles) = match count {
+            Count::Exact => (pairs, tiles),
+            Count::Fixed(n) if pairs <= n => (n, max_row_tiles(n, self.cfg.experts, TILE_ROWS)),
+            Count::Fixed(n) => {
+                return Err(Error::CapacityExceeded {
+                    needed: pairs,
+                    capacity: n,
+                })
+            }
+        };
+        self.k_splits = down_k_splits(&self.cfg, self.cap);
+        Ok(())
+    }
+
     /// The experts' own buffers: act, and g and u when saving.
-    fn size_experts<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
+    pub(crate) fn size_experts<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
         let (f, cap) = (self.cfg.ffn, self.cap);
         let dev = ctx.dev.clone();
         let c = &mut *ctx;
@@ -1065,8 +1339,21 @@ impl ForwardPlan {
     }
 
     /// n_e, the offsets, the statistics; the capacity check (an overflow publishes an empty
-    /// dispatch and raises the error word).
+    /// dispatch and raises the error word); then, when counting, the capacity from |A|; then
+    /// the pair buffers sized for the capacity.
     pub(crate) fn routing_stats<T: HalfElement>(
+        &mut self,
+        ctx: &mut MoeContext<T>,
+        coeff: &mut Coefficient,
+    ) -> Result<()> {
+        self.enqueue_routing_stats(ctx, coeff)?;
+        if let Some(count) = self.count {
+            self.count_pairs(ctx, count)?;
+        }
+        self.size_pairs(ctx)
+    }
+
+    fn enqueue_routing_stats<T: HalfElement>(
         &self,
         ctx: &mut MoeContext<T>,
         coeff: &mut Coefficient,
@@ -1297,7 +1584,7 @@ mod tests {
             max_tiles: max_row_tiles(20, 8, TILE_ROWS),
             saved_for_backward,
             generation: 1,
-            lens: SavedLens::of(&cfg, RouterKind::Relu, 20, saved_for_backward),
+            lens: SavedLens::of(&cfg, RouterKind::Relu, 20, saved_for_backward, 1),
         }
     }
 
@@ -1324,7 +1611,7 @@ mod tests {
     #[test]
     fn the_record_holds_the_saved_buffers_lengths() {
         let cfg = LayerConfig::new(700, 64, 128, 8, 2);
-        let l = SavedLens::of(&cfg, RouterKind::Relu, 300, true);
+        let l = SavedLens::of(&cfg, RouterKind::Relu, 300, true, 1);
         assert_eq!(
             (l.logits, l.probs, l.g, l.u),
             (700 * 8, 0, 300 * 128, 300 * 128)
@@ -1333,7 +1620,7 @@ mod tests {
         // As documented for saved_bytes (bf16 activations): no act, no y.
         let want = t * e * 12 + 4 * e + 2 * 4 * (e + 1) + p * (8 + 4 * f);
         assert_eq!(l.bytes(2), want);
-        let inference = SavedLens::of(&cfg, RouterKind::TopK, 300, false);
+        let inference = SavedLens::of(&cfg, RouterKind::TopK, 300, false, 1);
         assert_eq!((inference.probs, inference.g, inference.u), (t * e, 0, 0));
     }
 

@@ -3,6 +3,8 @@
 pub const REMOE_ROUTER_TOKENS_PER_BLOCK: u32 = 64;
 pub const REMOE_GEMM_TILE_ROWS: u32 = 128;
 pub const REMOE_TOPK_MAX_EXPERTS: u32 = 512;
+pub const REMOE_LAMBDA_MIN: f64 = 0.000000000001;
+pub const REMOE_LAMBDA_MAX: f64 = 1000.0;
 pub const REMOE_EP_HEADER_WORDS: u32 = 8;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -799,8 +801,9 @@ unsafe extern "C" {
 
 ```text
 The adaptive lambda controller's step (kernels/controller.cu), one thread: if *count > 0,
-with S = *sparsity_sum / *count: lambda *= alpha if S < target, else lambda /= alpha; then the
-sum and count are reset. All on the device: no host synchronisation.
+with S = *sparsity_sum / *count: lambda *= alpha if S < target, else lambda /= alpha, then
+clamped into [REMOE_LAMBDA_MIN, REMOE_LAMBDA_MAX]; then the sum and count are reset. All on
+the device: no host synchronisation.
 ```*/
     pub fn remoe_lambda_step(
         lambda: *mut f64,

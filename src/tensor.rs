@@ -193,6 +193,7 @@ impl<T: Element> DeviceTensor<T> {
         if self.is_empty() {
             return Ok(Vec::new());
         }
+        crate::graph::check_host_read(self.data.stream())?;
         Ok(self.data.stream().clone_dtoh(&self.data)?)
     }
 
@@ -205,6 +206,8 @@ impl<T: Element> DeviceTensor<T> {
         )?;
         if !host.is_empty() {
             let stream = self.data.stream().clone();
+            // A captured copy would keep the address of `host`, which the caller may free.
+            crate::graph::check_host_read(&stream)?;
             stream.memcpy_htod(host, &mut self.data)?;
         }
         Ok(())
@@ -342,6 +345,7 @@ impl<'a, T: Element> TensorView<'a, T> {
         if self.is_empty() {
             return Ok(Vec::new());
         }
+        crate::graph::check_host_read(self.view.stream())?;
         Ok(self.view.stream().clone_dtoh(&self.view)?)
     }
 
@@ -436,6 +440,9 @@ impl<'a, T: Element> OutputBuf<'a, T> for &'a mut DeviceTensor<T> {
 pub(crate) struct Launch<'a> {
     stream: &'a CudaStream,
     guards: Vec<SyncOnDrop<'a>>,
+    /// Set when this thread may not enqueue on the stream now (another thread's capture, see
+    /// [`crate::graph`]): every buffer the launch asks for returns it, so nothing launches.
+    refused: Option<Error>,
 }
 
 impl<'a> Launch<'a> {
@@ -443,6 +450,14 @@ impl<'a> Launch<'a> {
         Self {
             stream: dev.stream(),
             guards: Vec::new(),
+            refused: crate::graph::check_launch(dev).err(),
+        }
+    }
+
+    fn refused(&self) -> Result<()> {
+        match &self.refused {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
         }
     }
 
@@ -452,6 +467,7 @@ impl<'a> Launch<'a> {
         view: CudaView<'a, T>,
         need: usize,
     ) -> Result<u64> {
+        self.refused()?;
         check_len(what, need, view.len())?;
         let (ptr, guard) = view.view_ptr(self.stream);
         self.guards.push(guard);
@@ -464,6 +480,7 @@ impl<'a> Launch<'a> {
         view: CudaViewMut<'a, T>,
         need: usize,
     ) -> Result<u64> {
+        self.refused()?;
         check_len(what, need, view.len())?;
         let (ptr, guard) = view.view_ptr_mut(self.stream);
         self.guards.push(guard);

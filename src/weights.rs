@@ -37,6 +37,12 @@
 //! Every refusal is a typed [`WeightsError`] inside [`Error::Weights`]: a missing name, a shape
 //! that disagrees with the others, an unsupported dtype, a file that is not safetensors, an I/O
 //! failure.
+//!
+//! A checkpoint is untrusted input: whatever its bytes, loading gives the weights or one of
+//! these errors, never a panic or an abort. Every tensor the layer needs is found and its shape
+//! and dtype checked before anything is allocated, so what the loader allocates is backed by
+//! tensor data in the file (safetensors checks that each tensor's bytes match its shape), never
+//! by a product of sizes that the file only declares.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -96,19 +102,31 @@ impl WeightLayout {
         }
     }
 
+    /// The (gate, up, down) projections' names within an expert, in the Hugging Face layouts;
+    /// none for Megatron, which keeps all experts in two tensors.
+    fn expert_projections(self) -> &'static [&'static str] {
+        match self {
+            Self::Mixtral => &["w1", "w3", "w2"],
+            Self::GateUpDown => &["gate_proj", "up_proj", "down_proj"],
+            Self::MegatronGrouped => &[],
+        }
+    }
+
     /// Expert j's (gate, up, down) names in the Hugging Face layouts.
     fn expert_names(self, prefix: &str, j: usize) -> [String; 3] {
-        let [g, u, d] = match self {
-            Self::Mixtral => ["w1", "w3", "w2"],
-            Self::GateUpDown => ["gate_proj", "up_proj", "down_proj"],
-            Self::MegatronGrouped => unreachable!("Megatron keeps all experts in two tensors"),
+        let &[g, u, d] = self.expert_projections() else {
+            unreachable!("only the Hugging Face layouts name experts one by one")
         };
         [g, u, d].map(|p| format!("{prefix}experts.{j}.{p}.weight"))
     }
 }
 
 /// Why a checkpoint could not be read or written.
+///
+/// `#[non_exhaustive]`: later versions may refuse more kinds of malformed file, so a `match`
+/// outside this crate needs a `_` arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum WeightsError {
     /// A tensor the layout needs is not in the file.
     Missing {
@@ -125,6 +143,32 @@ pub enum WeightsError {
         /// The shape stored.
         actual: Vec<usize>,
     },
+    /// A tensor whose rank is not the layout's (every tensor the layer reads is 2-D).
+    Rank {
+        /// The tensor's name in the file.
+        name: String,
+        /// The rank the layout stores it with.
+        expected: usize,
+        /// The shape stored.
+        actual: Vec<usize>,
+    },
+    /// A tensor from which the layer's sizes are read has a zero dimension: H, F and E must all
+    /// be at least 1.
+    ZeroSize {
+        /// The tensor's name in the file.
+        name: String,
+        /// The shape stored.
+        shape: Vec<usize>,
+    },
+    /// A tensor disagrees with the layer's sizes in a way no single expected shape describes:
+    /// Megatron's fused columns that are not 2F per expert, or a Hugging Face expert past the
+    /// number of experts the router scores.
+    Inconsistent {
+        /// The tensor's name in the file.
+        name: String,
+        /// How it disagrees.
+        why: String,
+    },
     /// A tensor stored in a dtype other than bf16, f16 or f32.
     Dtype {
         /// The tensor's name in the file.
@@ -132,7 +176,9 @@ pub enum WeightsError {
         /// The dtype stored.
         dtype: String,
     },
-    /// The bytes are not a safetensors file (the parser's message), or the layer has no experts.
+    /// The bytes are not a safetensors file (the parser's message: a header that is not JSON or
+    /// overruns the file, data offsets that leave gaps or overlap, a tensor's bytes that are not
+    /// its shape's, a file cut short), or the sizes read overflow.
     Format(String),
     /// Reading or writing the file failed.
     Io(String),
@@ -150,6 +196,19 @@ impl fmt::Display for WeightsError {
                 f,
                 "tensor {name}: expected shape {expected:?}, got {actual:?}"
             ),
+            Self::Rank {
+                name,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "tensor {name}: expected a {expected}-D tensor, got shape {actual:?}"
+            ),
+            Self::ZeroSize { name, shape } => write!(
+                f,
+                "tensor {name}: shape {shape:?} has a zero dimension (H, F and E must be at least 1)"
+            ),
+            Self::Inconsistent { name, why } => write!(f, "tensor {name}: {why}"),
             Self::Dtype { name, dtype } => {
                 write!(
                     f,
@@ -171,28 +230,67 @@ impl From<WeightsError> for Error {
 }
 
 /// The layer's weights on the host in the crate's layout, with the sizes they were read with.
+///
+/// The sizes and the buffers are private so that they cannot disagree: [`new`](Self::new)
+/// checks them together, and everything after (saving above all) relies on it. To change the
+/// weights, take them with [`into_params`](Self::into_params) and make new ones.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostMoeWeights<T> {
+    hidden: usize,
+    ffn: usize,
+    experts: usize,
+    params: LayerParams<T>,
+}
+
+impl<T> HostMoeWeights<T> {
     /// H, the model width.
-    pub hidden: usize,
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
     /// F, each expert's hidden width.
-    pub ffn: usize,
+    pub fn ffn(&self) -> usize {
+        self.ffn
+    }
+
     /// E, the number of experts.
-    pub experts: usize,
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+
     /// Wr \[H,E\], Wg and Wu \[E,H,F\], Wd \[E,F,H\].
-    pub params: LayerParams<T>,
+    pub fn params(&self) -> &LayerParams<T> {
+        &self.params
+    }
+
+    /// The buffers, given up (to change them, then make new weights with
+    /// [`new`](Self::new)).
+    pub fn into_params(self) -> LayerParams<T> {
+        self.params
+    }
 }
 
 impl<T: HalfElement> HostMoeWeights<T> {
-    /// Weights of the given sizes in the crate's layout; [`Error::LengthMismatch`] when a
-    /// buffer's length is not its shape's.
+    /// Weights of the given sizes in the crate's layout; [`Error::InvalidConfig`] when a size is
+    /// zero or their product overflows, [`Error::LengthMismatch`] when a buffer's length is not
+    /// its shape's.
     pub fn new(hidden: usize, ffn: usize, experts: usize, params: LayerParams<T>) -> Result<Self> {
         let (h, f, e) = (hidden, ffn, experts);
+        if h == 0 || f == 0 || e == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "layer weights need H, F and E of at least 1, got H={h}, F={f}, E={e}"
+            )));
+        }
+        let (Some(he), Some(ehf)) = (h.checked_mul(e), elements(&[e, h, f])) else {
+            return Err(Error::InvalidConfig(format!(
+                "layer weights of H={h}, F={f}, E={e} have more elements than memory can hold"
+            )));
+        };
         for (what, want, have) in [
-            ("router weight", h * e, params.router.len()),
-            ("gate weight", e * h * f, params.gate.len()),
-            ("up weight", e * h * f, params.up.len()),
-            ("down weight", e * f * h, params.down.len()),
+            ("router weight", he, params.router.len()),
+            ("gate weight", ehf, params.gate.len()),
+            ("up weight", ehf, params.up.len()),
+            ("down weight", ehf, params.down.len()),
         ] {
             if want != have {
                 return Err(Error::LengthMismatch {
@@ -211,37 +309,39 @@ impl<T: HalfElement> HostMoeWeights<T> {
     }
 
     /// Reads the layer under `prefix` from the bytes of a safetensors file (for a large
-    /// checkpoint, memory-map it and pass the map: only this layer's tensors are copied).
+    /// checkpoint, memory-map it and pass the map: only this layer's tensors are copied). Any
+    /// file the layer cannot be read from is [`Error::Weights`] (see the module documentation).
     pub fn from_safetensors(file: &[u8], prefix: &str, layout: WeightLayout) -> Result<Self> {
         let st = parse(file)?;
         let router_name = layout.router_name(prefix);
-        let router = get(&st, &router_name)?;
-        let [e, h] = dims2(&router_name, &router)?;
-        let wr = transpose::<T>(&router_name, &router, e, h)?;
+        let (router, [e, h]) = sizing(&st, &router_name)?;
         match layout {
             WeightLayout::Mixtral | WeightLayout::GateUpDown => {
-                if e == 0 {
-                    return Err(
-                        WeightsError::Format(format!("{router_name} has no experts")).into(),
-                    );
-                }
                 let [g0, _, _] = layout.expert_names(prefix, 0);
-                let [f, _] = dims2(&g0, &get(&st, &g0)?)?;
+                let (_, [f, _]) = sizing(&st, &g0)?;
+                // Every expert is checked before anything is allocated: E and F each come from
+                // one tensor's data, but E·H·F is backed by the file only once all E experts
+                // are there.
+                for j in 0..e {
+                    let [gn, un, dn] = layout.expert_names(prefix, j);
+                    shaped(&st, &gn, [f, h])?;
+                    shaped(&st, &un, [f, h])?;
+                    shaped(&st, &dn, [h, f])?;
+                }
+                no_experts_past(&st, prefix, layout, e, &router_name)?;
+                let n = layer_elements(e, h, f)?;
                 let (mut gate, mut up, mut down) = (
-                    Vec::with_capacity(e * h * f),
-                    Vec::with_capacity(e * h * f),
-                    Vec::with_capacity(e * f * h),
+                    Vec::with_capacity(n),
+                    Vec::with_capacity(n),
+                    Vec::with_capacity(n),
                 );
                 for j in 0..e {
                     let [gn, un, dn] = layout.expert_names(prefix, j);
-                    let (g, u, d) = (get(&st, &gn)?, get(&st, &un)?, get(&st, &dn)?);
-                    expect_shape(&gn, &g, &[f, h])?;
-                    expect_shape(&un, &u, &[f, h])?;
-                    expect_shape(&dn, &d, &[h, f])?;
-                    gate.extend(transpose::<T>(&gn, &g, f, h)?);
-                    up.extend(transpose::<T>(&un, &u, f, h)?);
-                    down.extend(transpose::<T>(&dn, &d, h, f)?);
+                    gate.extend(transpose::<T>(&gn, &shaped(&st, &gn, [f, h])?, f, h)?);
+                    up.extend(transpose::<T>(&un, &shaped(&st, &un, [f, h])?, f, h)?);
+                    down.extend(transpose::<T>(&dn, &shaped(&st, &dn, [h, f])?, h, f)?);
                 }
+                let wr = transpose::<T>(&router_name, &router, e, h)?;
                 Self::new(
                     h,
                     f,
@@ -257,27 +357,42 @@ impl<T: HalfElement> HostMoeWeights<T> {
             WeightLayout::MegatronGrouped => {
                 let n1 = format!("{prefix}experts.weight1");
                 let n2 = format!("{prefix}experts.weight2");
-                let (w1, w2) = (get(&st, &n1)?, get(&st, &n2)?);
-                let [h1, cols] = dims2(&n1, &w1)?;
-                if e == 0 || h1 != h || cols % (2 * e) != 0 {
+                let (w1, [h1, cols]) = sizing(&st, &n1)?;
+                if h1 != h {
                     return Err(WeightsError::Shape {
                         name: n1,
-                        expected: vec![h, 2 * e.max(1)],
-                        actual: w1.shape().to_vec(),
+                        expected: vec![h, cols],
+                        actual: vec![h1, cols],
                     }
                     .into());
                 }
-                let f = cols / (2 * e);
-                expect_shape(&n2, &w2, &[e * f, h])?;
+                // E ≤ the router's elements and cols ≥ 1, so neither 2E nor E·F overflows;
+                // checked all the same, as everything sized from a header is.
+                let two_e = e.checked_mul(2).ok_or_else(|| too_many(&router_name))?;
+                if cols % two_e != 0 {
+                    return Err(WeightsError::Inconsistent {
+                        name: n1,
+                        why: format!(
+                            "its {cols} columns are not 2F for each of the {e} experts of \
+                             {router_name}"
+                        ),
+                    }
+                    .into());
+                }
+                let f = cols / two_e;
+                let ef = e.checked_mul(f).ok_or_else(|| too_many(&n1))?;
+                let w2 = shaped(&st, &n2, [ef, h])?;
+                let n = layer_elements(e, h, f)?;
                 let fused = convert::<T>(&n1, &w1)?;
-                let mut gate = Vec::with_capacity(e * h * f);
-                let mut up = Vec::with_capacity(e * h * f);
+                let mut gate = Vec::with_capacity(n);
+                let mut up = Vec::with_capacity(n);
                 // Row (e, h) of the [E, H, 2F] view is its gate row then its up row.
                 for row in fused.chunks_exact(2 * f) {
                     gate.extend_from_slice(&row[..f]);
                     up.extend_from_slice(&row[f..]);
                 }
                 let down = convert::<T>(&n2, &w2)?;
+                let wr = transpose::<T>(&router_name, &router, e, h)?;
                 Self::new(
                     h,
                     f,
@@ -419,13 +534,17 @@ impl<T: HalfElement> DeviceMoeWeights<T> {
 
     /// Copies the weights back (waits for the stream), e.g. to save them after training.
     pub fn to_host(&self) -> Result<HostMoeWeights<T>> {
-        let [e, h, f] = self.gate.shape() else {
-            unreachable!("the gate weight is [E, H, F]")
+        // The fields are public, so the gate may be any tensor by now.
+        let &[e, h, f] = self.gate.shape() else {
+            return Err(Error::InvalidConfig(format!(
+                "the gate weight must be [E, H, F], got shape {:?}",
+                self.gate.shape()
+            )));
         };
         HostMoeWeights::new(
-            *h,
-            *f,
-            *e,
+            h,
+            f,
+            e,
             LayerParams {
                 router: self.router.to_host()?,
                 gate: self.gate.to_host()?,
@@ -449,19 +568,33 @@ fn get<'a>(st: &SafeTensors<'a>, name: &str) -> Result<StView<'a>> {
     })
 }
 
-fn dims2(name: &str, t: &StView) -> Result<[usize; 2]> {
-    match *t.shape() {
-        [a, b] => Ok([a, b]),
-        _ => Err(WeightsError::Shape {
+/// A 2-D tensor whose dimensions give the layer's sizes: present, of a dtype the layer reads,
+/// and with no zero dimension (a zero would make every other size free of any bytes in the
+/// file, and F = 0 leaves nothing to split Megatron's rows by).
+fn sizing<'a>(st: &SafeTensors<'a>, name: &str) -> Result<(StView<'a>, [usize; 2])> {
+    let t = get(st, name)?;
+    let &[a, b] = t.shape() else {
+        return Err(WeightsError::Rank {
             name: name.to_string(),
-            expected: vec![0, 0],
+            expected: 2,
             actual: t.shape().to_vec(),
         }
-        .into()),
+        .into());
+    };
+    if a == 0 || b == 0 {
+        return Err(WeightsError::ZeroSize {
+            name: name.to_string(),
+            shape: t.shape().to_vec(),
+        }
+        .into());
     }
+    readable_dtype(name, &t)?;
+    Ok((t, [a, b]))
 }
 
-fn expect_shape(name: &str, t: &StView, expected: &[usize]) -> Result<()> {
+/// A tensor that must have the shape the layer's sizes call for, in a dtype the layer reads.
+fn shaped<'a>(st: &SafeTensors<'a>, name: &str, expected: [usize; 2]) -> Result<StView<'a>> {
+    let t = get(st, name)?;
     if t.shape() != expected {
         return Err(WeightsError::Shape {
             name: name.to_string(),
@@ -470,7 +603,76 @@ fn expect_shape(name: &str, t: &StView, expected: &[usize]) -> Result<()> {
         }
         .into());
     }
-    Ok(())
+    readable_dtype(name, &t)?;
+    Ok(t)
+}
+
+/// In the Hugging Face layouts E is the router's: a file that also holds an expert past it
+/// (a router cut short, or two layers' files merged) would otherwise load with those experts
+/// silently dropped.
+fn no_experts_past(
+    st: &SafeTensors,
+    prefix: &str,
+    layout: WeightLayout,
+    e: usize,
+    router_name: &str,
+) -> Result<()> {
+    let stem = format!("{prefix}experts.");
+    let past = |name: &str| -> bool {
+        let Some((index, rest)) = name
+            .strip_prefix(&stem)
+            .and_then(|rest| rest.split_once('.'))
+        else {
+            return false;
+        };
+        let is_projection = layout
+            .expert_projections()
+            .iter()
+            .any(|p| rest.strip_prefix(p) == Some(".weight"));
+        // An index too large for usize is past E too.
+        is_projection
+            && !index.is_empty()
+            && index.bytes().all(|b| b.is_ascii_digit())
+            && index.parse::<usize>().map_or(true, |j| j >= e)
+    };
+    // The smallest such name, so that the error is the same whatever the header's order.
+    match st.names().into_iter().filter(|n| past(n)).min() {
+        Some(name) => Err(WeightsError::Inconsistent {
+            name: name.to_string(),
+            why: format!("an expert past the {e} experts of {router_name}"),
+        }
+        .into()),
+        None => Ok(()),
+    }
+}
+
+/// E·H·F, which the checks before it have backed with bytes in the file.
+fn layer_elements(e: usize, h: usize, f: usize) -> Result<usize> {
+    elements(&[e, h, f]).ok_or_else(|| {
+        WeightsError::Format(format!(
+            "a layer of E={e}, H={h}, F={f} has more elements than memory can hold"
+        ))
+        .into()
+    })
+}
+
+fn elements(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
+fn too_many(name: &str) -> Error {
+    WeightsError::Format(format!("the sizes read from {name} overflow")).into()
+}
+
+fn readable_dtype(name: &str, t: &StView) -> Result<()> {
+    match t.dtype() {
+        StDtype::BF16 | StDtype::F16 | StDtype::F32 => Ok(()),
+        other => Err(WeightsError::Dtype {
+            name: name.to_string(),
+            dtype: format!("{other:?}"),
+        }
+        .into()),
+    }
 }
 
 fn st_dtype<T: HalfElement>() -> StDtype {

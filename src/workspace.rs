@@ -57,6 +57,26 @@ impl<T: Element> GrowBuf<T> {
         self.len
     }
 
+    /// Elements of the allocation (0 before the first `ensure`).
+    pub(crate) fn capacity(&self) -> usize {
+        self.data.as_ref().map_or(0, |d| d.len())
+    }
+
+    /// Sets the logical length to `n` without allocating: for a buffer whose contents were
+    /// written by a call of that size (a replayed graph's) after another call set another
+    /// length. More than the allocation is an error.
+    pub(crate) fn set_len(&mut self, n: usize) -> Result<()> {
+        if n > self.capacity() {
+            return Err(Error::BufferTooShort {
+                what: "workspace buffer",
+                required: n,
+                actual: self.capacity(),
+            });
+        }
+        self.len = n;
+        Ok(())
+    }
+
     /// Bytes of the allocation (0 before the first `ensure`).
     pub(crate) fn bytes(&self) -> usize {
         self.data
@@ -126,6 +146,7 @@ impl<T: Element> GrowBuf<T> {
         }
         let v = self.view()?;
         let v = v.slice(..n);
+        crate::graph::check_host_read(v.stream())?;
         Ok(v.stream().clone_dtoh(&v)?)
     }
 }

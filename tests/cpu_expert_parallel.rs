@@ -5,9 +5,17 @@
 //! ranks' tokens concatenated in rank order, restricted to q's experts. The GPU layer is held to
 //! the same claims.
 //!
+//! The call headers that keep the ranks in step are checked here too, over the host loopback
+//! hub (threads, no GPU): ranks that run the backwards of different forwards all fail.
+//!
 //! Seeds come from `REMOE_SEED` or are fresh, and are printed (remoe-testkit).
 
-use remoe_kernels::ep::{CallHeader, ExpertPartition, Phase, ReceivePlan, TrafficMatrix};
+use std::time::Duration;
+
+use remoe_kernels::ep::{
+    CallHeader, Endpoint, EpSetup, ExpertPartition, LoopbackHub, Msg, Phase, ReceivePlan,
+    TrafficMatrix,
+};
 use remoe_kernels::reference::expert_parallel::{
     ep_remoe_backward, ep_remoe_forward, ep_topk_backward, ep_topk_forward, shard_params,
 };
@@ -15,7 +23,7 @@ use remoe_kernels::reference::{
     remoe_backward_scaled, remoe_forward, topk_backward_scaled, topk_forward, LayerGrads,
     LayerParams, TOPK_AUX_COEFF,
 };
-use remoe_kernels::LayerConfig;
+use remoe_kernels::{DType, Error, LayerConfig, RouterKind};
 use remoe_testkit::rng::{fresh_seed, seeded, TestRng, UniformVec};
 
 const H: usize = 8;
@@ -289,4 +297,152 @@ fn an_owner_that_receives_nothing_sends_and_returns_empty_messages() {
         ep[0].params.gate.iter().all(|&v| v == 0.0),
         "an idle owner's expert gradients are zero"
     );
+}
+
+/// One rank's side of the protocol's host messages over the loopback hub, as the GPU layer
+/// sends them (there as device buffers): a forward's count message, a backward's header message.
+struct HostRank {
+    ep: Endpoint<Vec<u32>>,
+    part: ExpertPartition,
+    digest: u32,
+    /// The group's call counter.
+    seq: u32,
+}
+
+impl HostRank {
+    /// Sends `msg` to every rank in the exchange `op`; returns every rank's, by sender.
+    fn all_to_all(
+        &mut self,
+        op: &'static str,
+        msg: Vec<u32>,
+    ) -> remoe_kernels::Result<Vec<Vec<u32>>> {
+        let world = self.part.world();
+        let bytes = 4 * msg.len();
+        let sends = (0..world)
+            .map(|_| Msg {
+                bytes,
+                payload: msg.clone(),
+            })
+            .collect();
+        self.ep.exchange(op, sends, &vec![bytes; world])
+    }
+
+    /// A training forward of layer `layer_id` whose dispatch has `offsets` \[E+1\]: its header
+    /// and the checked traffic matrix.
+    fn forward(
+        &mut self,
+        layer_id: u32,
+        offsets: &[u32],
+    ) -> remoe_kernels::Result<(CallHeader, TrafficMatrix)> {
+        let header = CallHeader {
+            seq: self.seq,
+            layer_id,
+            phase: Phase::Forward,
+            setup_digest: self.digest,
+            training: true,
+        };
+        self.seq += 1;
+        let msg = header.count_message(self.ep.rank(), offsets, false);
+        let got = self.all_to_all("forward counts", msg)?;
+        Ok((
+            header,
+            TrafficMatrix::from_messages(self.part, &header, &got)?,
+        ))
+    }
+
+    /// The header exchange that opens the backward of the forward `forward` (with the abort
+    /// flag: this rank failed a check of its own).
+    fn backward(&mut self, forward: &CallHeader, abort: bool) -> remoe_kernels::Result<()> {
+        let header = forward.backward();
+        let msg = header.header_message(self.ep.rank(), abort).to_vec();
+        let got = self.all_to_all("backward header", msg)?;
+        header.check_header_messages(self.part.world(), &got)
+    }
+}
+
+#[test]
+fn ranks_running_the_backwards_of_different_forwards_all_fail_before_any_row_moves() {
+    let seed = fresh_seed();
+    println!("seed {seed} (replay with REMOE_SEED={seed})");
+    // Two layers on the same tokens and weights: the same traffic, so the rows of one layer's
+    // backward would fit the other's buffers exactly, and only the headers tell them apart.
+    let p = Problem::new(2, 4, &[9, 6], 2, &mut seeded(seed));
+    let fwd = ep_remoe_forward(p.part, &p.cfg, &p.xs, &p.shards(), LAMBDA);
+    let digest = EpSetup {
+        world: 2,
+        config: p.cfg,
+        dtype: DType::BF16,
+        router: RouterKind::Relu,
+    }
+    .digest()
+    .unwrap();
+    let hub = LoopbackHub::<Vec<u32>>::new(2).unwrap();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                let (hub, fwd) = (&hub, &fwd);
+                s.spawn(move || {
+                    let mut r = HostRank {
+                        ep: hub.endpoint(rank, Duration::from_secs(30)).unwrap(),
+                        part: p.part,
+                        digest,
+                        seq: 0,
+                    };
+                    let offsets = &fwd[rank].dispatch.offsets;
+                    let layers = [
+                        r.forward(0, offsets).unwrap(),
+                        r.forward(1, offsets).unwrap(),
+                    ];
+                    assert_eq!(layers[0].1, layers[1].1, "the two layers' traffic");
+                    // Rank 0 runs layer 1's backward, then layer 0's; rank 1 the reverse.
+                    let swapped = if rank == 0 { [1, 0] } else { [0, 1] };
+                    let failed: Vec<_> = swapped
+                        .iter()
+                        .map(|&l| r.backward(&layers[l].0, false))
+                        .collect();
+                    // Nothing is poisoned: the backwards in the same order (the reverse of the
+                    // forwards') then pass on both ranks.
+                    let right: Vec<_> = [1, 0]
+                        .iter()
+                        .map(|&l| r.backward(&layers[l].0, false))
+                        .collect();
+                    // Rank 1 refuses its own arguments in layer 0's backward and aborts it.
+                    let aborted = r.backward(&layers[0].0, rank == 1);
+                    (failed, right, aborted)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let describe =
+        |call: u32| format!("layer {call}, call {call}, backward, training, setup {digest:#010x}");
+    for (rank, (failed, right, aborted)) in results.into_iter().enumerate() {
+        let peer = 1 - rank;
+        let swapped = if rank == 0 { [1, 0] } else { [0, 1] };
+        for (attempt, r) in failed.into_iter().enumerate() {
+            let (ours, theirs) = (swapped[attempt], swapped[1 - attempt]);
+            assert_eq!(
+                r,
+                Err(Error::EpMismatch {
+                    rank: peer,
+                    what: format!(
+                        "call number {theirs} where this rank has {ours} (its header: {}; this \
+                         rank's: {})",
+                        describe(theirs),
+                        describe(ours)
+                    ),
+                }),
+                "rank {rank}, swapped backward {attempt}"
+            );
+        }
+        for (attempt, r) in right.into_iter().enumerate() {
+            assert_eq!(r, Ok(()), "rank {rank}, backward {attempt} in step");
+        }
+        match aborted {
+            Err(Error::EpMismatch { rank: 1, what }) => {
+                assert!(what.contains("aborted"), "rank {rank}: {what}")
+            }
+            other => panic!("rank {rank}: {other:?}, not the abort of rank 1"),
+        }
+    }
 }

@@ -4,7 +4,8 @@
 //! weights; each owner's expert weight gradients are bitwise its slice of the one-GPU
 //! gradients over every rank's tokens, in rank order.
 //! Ranks that disagree on their setup all get the same `EpMismatch`; a rank that never joins
-//! ends its peers' wait in `EpTimeout`, not a hang.
+//! ends its peers' wait in `EpTimeout`, not a hang; ranks that run the backwards of different
+//! forwards all get an `EpMismatch` before any row moves.
 //!
 //! Every case runs twice: the second run's output and workspace are poisoned first, so an
 //! element nobody wrote fails the comparison.
@@ -542,13 +543,28 @@ fn check_backward_case(
             })
             .collect()
     });
-    // Each owner's experts: slice `rank` of one GPU's gradients over every rank's tokens.
-    let all = one_gpu_backward(dev, (&p, &dout), (0, total_t), kind);
-    let el = cfg.experts / world;
-    let (h, f) = (cfg.hidden, cfg.ffn);
+    let runs: Vec<&RankGrads> = runs.iter().collect();
+    assert_one_gpu_grads(dev, (&p, &dout), tokens, kind, &runs, &what);
+}
+
+/// Each rank's gradients (`runs[rank]`) bitwise those of one GPU: dX and dWr on the rank's
+/// tokens alone; its experts' dWg, dWu and dWd as its slice of the gradients over every rank's
+/// tokens.
+fn assert_one_gpu_grads(
+    dev: &Device,
+    (p, dout): (&HostProblem, &[f64]),
+    tokens: &[usize],
+    kind: (RouterKind, GemmPath),
+    runs: &[&RankGrads],
+    what: &str,
+) {
+    let total_t: usize = tokens.iter().sum();
+    let all = one_gpu_backward(dev, (p, dout), (0, total_t), kind);
+    let el = p.cfg.experts / tokens.len();
+    let (h, f) = (p.cfg.hidden, p.cfg.ffn);
     for (rank, ep) in runs.iter().enumerate() {
         let first: usize = tokens[..rank].iter().sum();
-        let own = one_gpu_backward(dev, (&p, &dout), (first, tokens[rank]), kind);
+        let own = one_gpu_backward(dev, (p, dout), (first, tokens[rank]), kind);
         assert_bits(&ep[0], &own[0], &format!("rank {rank} dX, {what}"));
         assert_bits(&ep[1], &own[1], &format!("rank {rank} dWr, {what}"));
         for (k, name) in [(2, "dWg"), (3, "dWu"), (4, "dWd")] {
@@ -686,4 +702,193 @@ fn a_rank_with_bad_arguments_fails_its_peers_at_once() {
         "rank 1: {:?}",
         results[1]
     );
+}
+
+/// What a rank of the two-layer case gives: its two backwards in the swapped order, its
+/// gradients of layers 0 and 1 from the backwards in step, and a last backward that rank 1
+/// aborts.
+struct TwoLayers {
+    swapped: Vec<remoe_kernels::Result<()>>,
+    grads: Vec<RankGrads>,
+    aborted: remoe_kernels::Result<()>,
+}
+
+/// Rank `rank`'s two layers (one context each, one group): the forwards of layers 0 and 1, the
+/// backwards in the swapped order (rank 0 layer 1's first, rank 1 layer 0's), then both ranks'
+/// backwards in step (layer 1's, then layer 0's) on poisoned gradients, then layer 0's again
+/// with a bad dOut on rank 1.
+fn ep_rank_two_layers(
+    wire: &Wire,
+    (p, douts): (&HostProblem, &[Vec<f64>]),
+    tokens: &[usize],
+    rank: usize,
+    (router, path): (RouterKind, GemmPath),
+) -> remoe_kernels::Result<TwoLayers> {
+    let Rank {
+        dev,
+        mut group,
+        cfg,
+        x,
+        w,
+    } = Rank::join(wire, p, tokens, rank, router)?;
+    let h = cfg.hidden;
+    let mut d = Vec::new();
+    let mut ctxs = Vec::new();
+    let mut grads = Vec::new();
+    for dout in douts {
+        let rows = to_bf16(&rank_rows(dout, h, tokens, rank));
+        d.push(DeviceTensor::from_host(&dev, &rows, &[cfg.tokens, h])?);
+        let mut ctx = EpContext::<bf16>::for_training(&dev);
+        ctx.set_gemm_path(path)?;
+        ctxs.push(ctx);
+        grads.push(Grads::<bf16>::for_experts(
+            &dev,
+            &cfg,
+            cfg.experts / tokens.len(),
+        ));
+    }
+    let wv = w.views();
+    let mut out = DeviceTensor::<bf16>::zeros(&dev, &[cfg.tokens, h])?;
+    for (layer, ctx) in ctxs.iter_mut().enumerate() {
+        let c = coeff(router);
+        ep_moe_forward(
+            &mut group,
+            ctx,
+            &cfg,
+            router,
+            c,
+            layer as u32,
+            &x,
+            &wv,
+            &mut out,
+        )?;
+    }
+    let mut backward = |group: &mut EpGroup, layer: usize| {
+        let (ctx, g, c) = (&mut ctxs[layer], &mut grads[layer], coeff(router));
+        ep_moe_backward(group, ctx, c, &x, &wv, &d[layer], g.as_mut(), false)
+    };
+    let swapped = if rank == 0 { [1, 0] } else { [0, 1] };
+    let swapped = swapped.map(|layer| backward(&mut group, layer)).to_vec();
+    for g in &mut grads {
+        g.poison();
+    }
+    for layer in [1, 0] {
+        let (ctx, g, c) = (&mut ctxs[layer], &mut grads[layer], coeff(router));
+        ep_moe_backward(&mut group, ctx, c, &x, &wv, &d[layer], g.as_mut(), false)?;
+    }
+    for ctx in &mut ctxs {
+        ctx.check_device_errors()?;
+    }
+    let host = grads.iter().map(|g| g.to_host(|v| v.to_f64())).collect();
+    // Rank 1 passes a dOut of the wrong shape to layer 0's backward: it fails with its own
+    // error, and the abort flag of its header fails rank 0 at once.
+    let dout = if rank == 1 { &w.router } else { &d[0] };
+    let (ctx, g, c) = (&mut ctxs[0], &mut grads[0], coeff(router));
+    let aborted = ep_moe_backward(&mut group, ctx, c, &x, &wv, dout, g.as_mut(), false);
+    Ok(TwoLayers {
+        swapped,
+        grads: host,
+        aborted,
+    })
+}
+
+/// Two layers' forwards through one group, then their backwards. In different orders (rank 0
+/// runs layer 1's backward first, rank 1 layer 0's) both ranks fail at once with the
+/// `EpMismatch` that names the other and both headers: both layers have the same tokens and
+/// weights, so the same traffic, and the rows of one backward would fit the other's buffers
+/// exactly. In step (both ranks layer 1's, then layer 0's) each layer's gradients are bitwise
+/// the one-GPU layer's, as in `ep_backward_is_bitwise_the_one_gpu_layer`. A rank whose own
+/// backward arguments are refused fails its peer at once.
+#[test]
+fn backwards_in_different_orders_fail_on_every_rank_and_in_step_are_bitwise() {
+    const TEST: &str = "backwards_in_different_orders_fail_on_every_rank_and_in_step_are_bitwise";
+    let Some(dev) = gpu_or_skip(TEST) else {
+        return;
+    };
+    let kind = (RouterKind::Relu, GemmPath::for_device(&dev).unwrap());
+    let cfg = LayerConfig::new(0, 128, 256, 8, 2);
+    let tokens = [300, 300];
+    let seed = fresh_seed();
+    let what = format!("{kind:?} T {tokens:?} {}", seed_note(seed));
+    let total_t: usize = tokens.iter().sum();
+    let total = LayerConfig {
+        tokens: total_t,
+        ..cfg
+    };
+    let p = problem_with_density(total, &[0.3; 8], seed);
+    let douts: Vec<Vec<f64>> = [0xd0, 0xd1]
+        .into_iter()
+        .map(|salt| {
+            seeded(seed ^ salt)
+                .vec_uniform(total_t * cfg.hidden, 1.0)
+                .into_iter()
+                .map(|v| bf16::from_f64(v).to_f64())
+                .collect()
+        })
+        .collect();
+    let wire = Wire::for_ranks(2, false);
+    let start = Instant::now();
+    let runs: Vec<TwoLayers> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                let (wire, p, douts) = (&wire, &p, &douts);
+                s.spawn(move || ep_rank_two_layers(wire, (p, douts), &tokens, rank, kind))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(rank, h)| {
+                h.join()
+                    .expect("rank thread")
+                    .unwrap_or_else(|e| panic!("rank {rank}: {e}, {what}"))
+            })
+            .collect()
+    });
+    assert!(
+        start.elapsed() < TIMEOUT / 2,
+        "the ranks waited {:?}",
+        start.elapsed()
+    );
+    for (rank, run) in runs.iter().enumerate() {
+        let peer = 1 - rank;
+        let order = if rank == 0 { [1, 0] } else { [0, 1] };
+        for (i, r) in run.swapped.iter().enumerate() {
+            let (ours, theirs) = (order[i], order[1 - i]);
+            match r {
+                Err(Error::EpMismatch {
+                    rank: named,
+                    what: why,
+                }) if *named == peer => {
+                    for want in [
+                        format!("its header: layer {theirs}, call {theirs}, backward"),
+                        format!("this rank's: layer {ours}, call {ours}, backward"),
+                    ] {
+                        assert!(why.contains(&want), "rank {rank}, backward {i}: {why}");
+                    }
+                }
+                other => panic!(
+                    "rank {rank}, backward {i} (layer {ours}): {other:?}, not the mismatch of \
+                     rank {peer}"
+                ),
+            }
+        }
+    }
+    match &runs[0].aborted {
+        Err(Error::EpMismatch { rank: 1, what }) => assert!(what.contains("aborted"), "{what}"),
+        other => panic!("rank 0: {other:?}, not the mismatch naming rank 1"),
+    }
+    assert!(
+        matches!(
+            runs[1].aborted,
+            Err(Error::ShapeMismatch { what: "dout", .. })
+        ),
+        "rank 1: {:?}",
+        runs[1].aborted
+    );
+    for (layer, dout) in douts.iter().enumerate() {
+        let grads: Vec<&RankGrads> = runs.iter().map(|r| &r.grads[layer]).collect();
+        let what = format!("layer {layer}, {what}");
+        assert_one_gpu_grads(&dev, (&p, dout), &tokens, kind, &grads, &what);
+    }
 }

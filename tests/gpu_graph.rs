@@ -1,8 +1,9 @@
 //! Issue 9: the layer reads nothing back to the host, so a forward, a forward and backward, and
 //! a whole training step (with the adaptive lambda controller's step) can be captured in a CUDA
 //! graph. Replays on new inputs, copied into the captured buffers, give the same bits as eager
-//! runs. A pair count past the context's capacity is reported by the next host-visible call as
-//! `Error::CapacityExceeded`, eager or replayed, and never leaves a wrong output unreported.
+//! runs. A pair count past a fixed capacity is the eager forward's own
+//! `Error::CapacityExceeded`; in a replay it is reported by the next host-visible call, and never
+//! leaves a wrong output unreported.
 //!
 //! Without a GPU these tests print SKIPPED (set `REMOE_REQUIRE_GPU=1` to fail instead).
 
@@ -261,12 +262,45 @@ fn gpu_a_pair_count_past_the_capacity_is_reported_and_computes_nothing() {
     let real = roomy.stats().unwrap();
     assert!(real.active_pairs > 256, "{what}: |A| {}", real.active_pairs);
 
+    // Eager, the forward counts its pairs: more than a fixed capacity is its own error, and it
+    // leaves no record to run a backward from.
     let mut ctx = MoeContext::<bf16>::for_training(&dev);
     ctx.set_pair_capacity(PairCapacity::Pairs(256));
     let mut out = DeviceTensor::<bf16>::zeros(&dev, &[300, 64]).unwrap();
-    out.poison().unwrap();
-    forward(&mut ctx, &cfg, RouterKind::Relu, fixed(), &d, &mut out).unwrap();
+    assert_eq!(
+        forward(&mut ctx, &cfg, RouterKind::Relu, fixed(), &d, &mut out),
+        Err(Error::CapacityExceeded {
+            needed: real.active_pairs,
+            capacity: 256
+        }),
+        "{what}"
+    );
+    assert_eq!(ctx.saved_forward(), None);
+    let mut g = Grads::new(&dev, &cfg);
+    assert!(matches!(
+        backward(&mut ctx, fixed(), &d, &dout, &mut g),
+        Err(Error::InvalidConfig(_))
+    ));
+
+    // Captured, nothing is read back: the capacity is fixed, and a replay that overflows
+    // computes nothing past the buffers, publishes an empty dispatch (a zero output, no expert
+    // gradient) and is reported by the next host-visible call. Warm up on sparser tokens that
+    // fit, so that the capture allocates nothing.
+    let sparse = problem_with_density(cfg, &uniform_density(8, 0.05), seed ^ 9);
+    let sparse = DeviceProblem::upload(&dev, &sparse).unwrap();
+    forward(&mut ctx, &cfg, RouterKind::Relu, fixed(), &sparse, &mut out).unwrap();
+    backward(&mut ctx, fixed(), &sparse, &dout, &mut g).unwrap();
     assert_eq!(ctx.saved_forward().unwrap().capacity, 256);
+    let graph = capture(&dev, || {
+        forward(&mut ctx, &cfg, RouterKind::Relu, fixed(), &d, &mut out)?;
+        backward(&mut ctx, fixed(), &d, &dout, &mut g)
+    })
+    .unwrap();
+    ctx.check_device_errors().unwrap();
+    out.poison().unwrap();
+    g.poison();
+    // SAFETY: every captured buffer is alive and unmoved.
+    unsafe { graph.replay() }.unwrap();
     assert_eq!(
         ctx.stats(),
         Err(Error::CapacityExceeded {
@@ -284,10 +318,6 @@ fn gpu_a_pair_count_past_the_capacity_is_reported_and_computes_nothing() {
     );
     assert_eq!(ctx.dispatch_to_host().unwrap().tokens.len(), 0);
     assert!(ctx.pair_index_to_host().unwrap().iter().all(|&i| i == -1));
-    // The backward runs on what was dispatched: no expert gradient.
-    let mut g = Grads::new(&dev, &cfg);
-    g.poison();
-    backward(&mut ctx, fixed(), &d, &dout, &mut g).unwrap();
     let gh = g.to_host(bf16::to_f64);
     for (i, name) in [(2, "dWg"), (3, "dWu"), (4, "dWd")] {
         assert!(
@@ -295,19 +325,6 @@ fn gpu_a_pair_count_past_the_capacity_is_reported_and_computes_nothing() {
             "{what}: {name} after an overflow"
         );
     }
-
-    // A replay that overflows is reported the same way.
-    let graph = capture(&dev, || {
-        forward(&mut ctx, &cfg, RouterKind::Relu, fixed(), &d, &mut out)
-    })
-    .unwrap();
-    ctx.check_device_errors().unwrap();
-    // SAFETY: every captured buffer is alive and unmoved.
-    unsafe { graph.replay() }.unwrap();
-    assert!(matches!(
-        ctx.check_device_errors(),
-        Err(Error::CapacityExceeded { capacity: 256, .. })
-    ));
     drop(graph);
 
     // Exactly enough room: the output equals the roomy context's, bit for bit.

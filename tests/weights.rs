@@ -1,6 +1,9 @@
 //! Weights in and out of safetensors files (src/weights.rs), on the CPU: every layout round-trips
 //! in bf16 and f16, files written here by hand in each layout's conventions load into the crate's
-//! layout element for element, and bad files give typed errors.
+//! layout element for element, and bad files give typed errors: one test per kind of malformed
+//! file, and every file of the corpus in tests/corpus/weights/ (written by
+//! `the_corpus_holds_every_generated_failure_class`; a file found to break the loader elsewhere
+//! can be dropped in beside them). tests/weights_fuzz.rs tries random files.
 
 mod common;
 
@@ -206,11 +209,16 @@ fn to_f32<T: Copy>(v: &[T], f: fn(T) -> f32) -> Vec<f32> {
 
 fn check_loaded<T: HalfElement>(w: &HostMoeWeights<T>, to: fn(T) -> f32, what: &str) {
     let want = expected_params();
-    assert_eq!((w.hidden, w.ffn, w.experts), (H, F, E), "{what}: sizes");
-    assert_eq!(to_f32(&w.params.router, to), want.router, "{what}: router");
-    assert_eq!(to_f32(&w.params.gate, to), want.gate, "{what}: gate");
-    assert_eq!(to_f32(&w.params.up, to), want.up, "{what}: up");
-    assert_eq!(to_f32(&w.params.down, to), want.down, "{what}: down");
+    assert_eq!(
+        (w.hidden(), w.ffn(), w.experts()),
+        (H, F, E),
+        "{what}: sizes"
+    );
+    let p = w.params();
+    assert_eq!(to_f32(&p.router, to), want.router, "{what}: router");
+    assert_eq!(to_f32(&p.gate, to), want.gate, "{what}: gate");
+    assert_eq!(to_f32(&p.up, to), want.up, "{what}: up");
+    assert_eq!(to_f32(&p.down, to), want.down, "{what}: down");
 }
 
 /// Files in each checkpoint's own convention (f32, as a converter might leave them) load into
@@ -326,7 +334,7 @@ fn bad_files_give_typed_errors() {
     t[0].1 = vec![E, H, 1];
     assert!(matches!(
         weights_error(load(&t, WeightLayout::MegatronGrouped)),
-        WeightsError::Shape { name, .. } if name == "m.router.weight"
+        WeightsError::Rank { name, expected: 2, .. } if name == "m.router.weight"
     ));
 
     // A dtype the layer cannot take.
@@ -388,4 +396,653 @@ fn bad_files_give_typed_errors() {
             ..
         })
     ));
+}
+
+// Malformed files, one kind at a time. Every file here is small except where the kind needs
+// size (a router whose experts would take terabytes). Each kind's file comes from one
+// function, which both its test and the corpus use.
+
+/// A tensor as a file's header declares it, with the bytes written for it (which need not be
+/// what the declaration calls for).
+#[derive(Clone)]
+struct Raw {
+    name: String,
+    dtype: &'static str,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+/// 8 bytes of header length, the header, the data: a file with any header at all.
+fn file_with_header(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header.as_bytes());
+    file.extend_from_slice(data);
+    file
+}
+
+/// A safetensors file written by hand, in order and without padding, so that the header may
+/// declare anything (names twice, sizes no data backs); the data offsets follow the bytes.
+fn raw_file(tensors: &[Raw]) -> Vec<u8> {
+    let mut entries = Vec::new();
+    let mut data = Vec::new();
+    for t in tensors {
+        let start = data.len();
+        data.extend_from_slice(&t.data);
+        // Names here are ASCII without quotes or backslashes: Debug's quoting is JSON's.
+        entries.push(format!(
+            "{:?}:{{\"dtype\":\"{}\",\"shape\":{:?},\"data_offsets\":[{start},{}]}}",
+            t.name,
+            t.dtype,
+            t.shape,
+            data.len()
+        ));
+    }
+    file_with_header(&format!("{{{}}}", entries.join(",")), &data)
+}
+
+fn raw_f32(tensors: Vec<(String, Vec<usize>, Vec<u8>)>) -> Vec<Raw> {
+    tensors
+        .into_iter()
+        .map(|(name, shape, data)| Raw {
+            name,
+            dtype: "F32",
+            shape,
+            data,
+        })
+        .collect()
+}
+
+const P: &str = "m.";
+
+fn mixtral() -> Vec<Raw> {
+    raw_f32(hf_file(P, ["w1", "w3", "w2"]))
+}
+
+fn megatron() -> Vec<Raw> {
+    raw_f32(megatron_file(P))
+}
+
+/// The tensor of `tensors` named `m.{name}`.
+fn tensor<'a>(tensors: &'a mut [Raw], name: &str) -> &'a mut Raw {
+    let name = format!("{P}{name}");
+    tensors
+        .iter_mut()
+        .find(|t| t.name == name)
+        .unwrap_or_else(|| panic!("no tensor {name}"))
+}
+
+/// `t` declared with `shape` and given the f32 bytes that shape calls for (none when a
+/// dimension is zero, however large the others).
+fn reshape(t: &mut Raw, shape: &[usize]) {
+    let elements: usize = if shape.contains(&0) {
+        0
+    } else {
+        shape.iter().product()
+    };
+    t.shape = shape.to_vec();
+    t.data = f32_bytes((0..elements).map(|i| i as f32));
+}
+
+fn load_as<T: HalfElement>(file: &[u8], layout: WeightLayout) -> WeightsError {
+    match HostMoeWeights::<T>::from_safetensors(file, P, layout) {
+        Err(Error::Weights(e)) => e,
+        Err(other) => panic!("{layout:?}: expected a weights error, got {other:?}"),
+        Ok(w) => panic!(
+            "{layout:?}: expected a weights error, got weights of H={}, F={}, E={}",
+            w.hidden(),
+            w.ffn(),
+            w.experts()
+        ),
+    }
+}
+
+/// The error `file` gives in `layout`, of the same kind as bf16 and as f16 (the parser's
+/// messages may name either of two tensors that it finds at fault together).
+fn refused(file: &[u8], layout: WeightLayout) -> WeightsError {
+    let e = load_as::<bf16>(file, layout);
+    let as_f16 = load_as::<f16>(file, layout);
+    assert_eq!(
+        std::mem::discriminant(&as_f16),
+        std::mem::discriminant(&e),
+        "{layout:?}: {as_f16:?} as f16, {e:?} as bf16"
+    );
+    e
+}
+
+fn megatron_zero_width_weight1() -> Vec<u8> {
+    let mut t = megatron();
+    reshape(tensor(&mut t, "experts.weight1"), &[H, 0]);
+    // F = 0 also makes weight2 [E·F, H] = [0, H]: the shapes agree, and only F = 0 is wrong.
+    reshape(tensor(&mut t, "experts.weight2"), &[0, H]);
+    raw_file(&t)
+}
+
+#[test]
+fn a_zero_width_megatron_weight_is_a_weights_error() {
+    assert_eq!(
+        refused(
+            &megatron_zero_width_weight1(),
+            WeightLayout::MegatronGrouped
+        ),
+        WeightsError::ZeroSize {
+            name: "m.experts.weight1".into(),
+            shape: vec![H, 0],
+        }
+    );
+}
+
+/// A Mixtral router of `experts` × 1 and expert 0's gate of `experts` × 1, both backed by
+/// data: E = F = `experts`, H = 1, so E·H·F is `experts`² elements of which the file holds
+/// none. `full_expert`: expert 0's up and down too.
+fn router_without_experts_behind_it(experts: usize, full_expert: bool) -> Vec<u8> {
+    let bf16_zeros = |n: usize| vec![0u8; 2 * n];
+    let mut t = vec![
+        Raw {
+            name: format!("{P}gate.weight"),
+            dtype: "F32",
+            shape: vec![experts, 1],
+            data: vec![0; 4 * experts],
+        },
+        Raw {
+            name: format!("{P}experts.0.w1.weight"),
+            dtype: "BF16",
+            shape: vec![experts, 1],
+            data: bf16_zeros(experts),
+        },
+    ];
+    if full_expert {
+        let mut up = t[1].clone();
+        up.name = format!("{P}experts.0.w3.weight");
+        let mut down = up.clone();
+        down.name = format!("{P}experts.0.w2.weight");
+        down.shape = vec![1, experts];
+        t.extend([up, down]);
+    }
+    raw_file(&t)
+}
+
+/// The 6 MB file of issue 27: before any expert was checked, the loader reserved E·H·F = 2^40
+/// elements three times over, and the process aborted.
+#[test]
+fn a_router_larger_than_its_experts_is_refused_before_allocating() {
+    let file = router_without_experts_behind_it(1 << 20, false);
+    assert_eq!(file.len() >> 20, 6, "a 6 MB file");
+    assert_eq!(
+        refused(&file, WeightLayout::Mixtral),
+        WeightsError::Missing {
+            name: "m.experts.0.w3.weight".into()
+        }
+    );
+    assert_eq!(
+        refused(
+            &router_without_experts_behind_it(512, true),
+            WeightLayout::Mixtral
+        ),
+        WeightsError::Missing {
+            name: "m.experts.1.w1.weight".into()
+        }
+    );
+}
+
+/// Sizes and buffers are checked together when weights are made and cannot be changed apart
+/// afterwards (the fields are private), so saving never meets sizes its buffers disagree with:
+/// it once panicked on weights whose `ffn` was changed after loading.
+#[test]
+fn weights_cannot_be_resized_apart_from_their_buffers() {
+    let file = raw_file(&mixtral());
+    let w = HostMoeWeights::<bf16>::from_safetensors(&file, P, WeightLayout::Mixtral).unwrap();
+    for layout in WeightLayout::ALL {
+        let saved = w.to_safetensors(P, layout).unwrap();
+        let back = HostMoeWeights::<bf16>::from_safetensors(&saved, P, layout).unwrap();
+        assert_eq!(back, w, "{layout:?}");
+    }
+
+    let (h, f, e) = (w.hidden(), w.ffn(), w.experts());
+    let params = w.into_params();
+    assert!(matches!(
+        HostMoeWeights::new(h, f + 1, e, params.clone()),
+        Err(Error::LengthMismatch {
+            what: "gate weight",
+            ..
+        })
+    ));
+    assert!(matches!(
+        HostMoeWeights::new(h, 0, e, params.clone()),
+        Err(Error::InvalidConfig(_))
+    ));
+    // Sizes whose product overflows are refused, not multiplied.
+    assert!(matches!(
+        HostMoeWeights::new(usize::MAX, 2, e, params.clone()),
+        Err(Error::InvalidConfig(_))
+    ));
+    assert!(HostMoeWeights::new(h, f, e, params).is_ok());
+}
+
+#[test]
+fn a_truncated_file_is_a_weights_error() {
+    for (layout, tensors) in [
+        (WeightLayout::Mixtral, mixtral()),
+        (WeightLayout::MegatronGrouped, megatron()),
+    ] {
+        let file = raw_file(&tensors);
+        // Every cut: in the length, in the header, in the data.
+        for len in 0..file.len() {
+            assert!(
+                matches!(refused(&file[..len], layout), WeightsError::Format(_)),
+                "{layout:?} cut to {len} of {} bytes",
+                file.len()
+            );
+        }
+    }
+}
+
+fn expert_in_dtype(dtype: &'static str, bits: usize) -> Vec<u8> {
+    let mut t = mixtral();
+    let w3 = tensor(&mut t, "experts.1.w3.weight");
+    w3.dtype = dtype;
+    w3.data = vec![0; F * H * bits / 8];
+    raw_file(&t)
+}
+
+#[test]
+fn a_dtype_other_than_bf16_f16_or_f32_is_a_weights_error() {
+    for (dtype, bits) in [
+        ("BOOL", 8),
+        ("F4", 4),
+        ("F6_E2M3", 6),
+        ("U8", 8),
+        ("F8_E4M3", 8),
+        ("F8_E5M2", 8),
+        ("I16", 16),
+        ("U16", 16),
+        ("I32", 32),
+        ("F64", 64),
+        ("C64", 64),
+        ("I64", 64),
+    ] {
+        assert!(
+            matches!(
+                refused(&expert_in_dtype(dtype, bits), WeightLayout::Mixtral),
+                WeightsError::Dtype { name, dtype: d } if name == "m.experts.1.w3.weight" && d == dtype
+            ),
+            "{dtype}"
+        );
+    }
+    // The router, which gives the sizes, is checked before any expert.
+    let mut t = megatron();
+    let r = tensor(&mut t, "router.weight");
+    r.dtype = "I32";
+    assert!(matches!(
+        refused(&raw_file(&t), WeightLayout::MegatronGrouped),
+        WeightsError::Dtype { name, .. } if name == "m.router.weight"
+    ));
+}
+
+/// A Mixtral router of `experts` experts beside the file's three.
+fn mixtral_router_of(experts: usize) -> Vec<u8> {
+    let mut t = mixtral();
+    reshape(tensor(&mut t, "gate.weight"), &[experts, H]);
+    raw_file(&t)
+}
+
+fn megatron_columns_not_2f_per_expert() -> Vec<u8> {
+    let mut t = megatron();
+    // 2F·E + 2 columns: not a multiple of 2E.
+    reshape(tensor(&mut t, "experts.weight1"), &[H, 2 * F * E + 2]);
+    raw_file(&t)
+}
+
+#[test]
+fn inconsistent_expert_counts_are_a_weights_error() {
+    // More experts in the file than the router scores: they would be dropped silently.
+    assert_eq!(
+        refused(&mixtral_router_of(E - 1), WeightLayout::Mixtral),
+        WeightsError::Inconsistent {
+            name: format!("m.experts.{}.w1.weight", E - 1),
+            why: format!("an expert past the {} experts of m.gate.weight", E - 1),
+        }
+    );
+    // Fewer: the first one missing is named.
+    assert_eq!(
+        refused(&mixtral_router_of(E + 2), WeightLayout::Mixtral),
+        WeightsError::Missing {
+            name: format!("m.experts.{E}.w1.weight")
+        }
+    );
+    // Megatron's weight1 must hold 2F columns for each of the router's experts.
+    assert!(matches!(
+        refused(&megatron_columns_not_2f_per_expert(), WeightLayout::MegatronGrouped),
+        WeightsError::Inconsistent { name, .. } if name == "m.experts.weight1"
+    ));
+    // (A router of E + 1 = 4 would pass: weight1's 48 columns are 2F' for each of 4 experts
+    // with F' = 6, and weight2's 24 rows are 4·F'. Megatron's shapes cannot tell them apart.)
+    let mut t = megatron();
+    reshape(tensor(&mut t, "router.weight"), &[E + 2, H]);
+    assert!(matches!(
+        refused(&raw_file(&t), WeightLayout::MegatronGrouped),
+        WeightsError::Inconsistent { name, .. } if name == "m.experts.weight1"
+    ));
+}
+
+fn mixtral_router_shaped(shape: &[usize]) -> Vec<u8> {
+    let mut t = mixtral();
+    reshape(tensor(&mut t, "gate.weight"), shape);
+    raw_file(&t)
+}
+
+fn mixtral_zero_ffn() -> Vec<u8> {
+    let mut t = mixtral();
+    for j in 0..E {
+        reshape(tensor(&mut t, &format!("experts.{j}.w1.weight")), &[0, H]);
+        reshape(tensor(&mut t, &format!("experts.{j}.w3.weight")), &[0, H]);
+        reshape(tensor(&mut t, &format!("experts.{j}.w2.weight")), &[H, 0]);
+    }
+    raw_file(&t)
+}
+
+/// A zero anywhere lets a header declare any other size with no bytes behind it (a router of
+/// 2^62 × 0 is a valid empty tensor), and the layer needs H, F, E ≥ 1 anyway.
+#[test]
+fn a_zero_size_is_a_weights_error() {
+    let zero = |file: &[u8], layout, name: &str, shape: &[usize]| {
+        assert_eq!(
+            refused(file, layout),
+            WeightsError::ZeroSize {
+                name: name.into(),
+                shape: shape.to_vec(),
+            }
+        );
+    };
+    zero(
+        &mixtral_router_shaped(&[0, H]),
+        WeightLayout::Mixtral,
+        "m.gate.weight",
+        &[0, H],
+    );
+    zero(
+        &mixtral_router_shaped(&[1 << 62, 0]),
+        WeightLayout::Mixtral,
+        "m.gate.weight",
+        &[1 << 62, 0],
+    );
+    zero(
+        &mixtral_zero_ffn(),
+        WeightLayout::Mixtral,
+        "m.experts.0.w1.weight",
+        &[0, H],
+    );
+    let mut t = megatron();
+    reshape(tensor(&mut t, "router.weight"), &[usize::MAX, 0]);
+    zero(
+        &raw_file(&t),
+        WeightLayout::MegatronGrouped,
+        "m.router.weight",
+        &[usize::MAX, 0],
+    );
+}
+
+#[test]
+fn a_tensor_of_the_wrong_rank_is_a_weights_error() {
+    for shape in [vec![], vec![E * H], vec![E, H, 1], vec![1, E, H, 1]] {
+        assert_eq!(
+            refused(&mixtral_router_shaped(&shape), WeightLayout::Mixtral),
+            WeightsError::Rank {
+                name: "m.gate.weight".into(),
+                expected: 2,
+                actual: shape.clone(),
+            }
+        );
+    }
+    let mut t = megatron();
+    reshape(tensor(&mut t, "experts.weight1"), &[H * E * 2 * F]);
+    assert!(matches!(
+        refused(&raw_file(&t), WeightLayout::MegatronGrouped),
+        WeightsError::Rank { name, .. } if name == "m.experts.weight1"
+    ));
+    // A tensor whose shape is known from the others is a shape error.
+    let mut t = mixtral();
+    reshape(tensor(&mut t, "experts.1.w2.weight"), &[H, F, 1]);
+    assert_eq!(
+        refused(&raw_file(&t), WeightLayout::Mixtral),
+        WeightsError::Shape {
+            name: "m.experts.1.w2.weight".into(),
+            expected: vec![H, F],
+            actual: vec![H, F, 1],
+        }
+    );
+}
+
+fn mixtral_expert_reshaped(name: &str, shape: &[usize]) -> Vec<u8> {
+    let mut t = mixtral();
+    reshape(tensor(&mut t, name), shape);
+    raw_file(&t)
+}
+
+#[test]
+fn an_expert_whose_hidden_or_ffn_disagrees_is_a_weights_error() {
+    for (name, shape, expected) in [
+        ("experts.0.w1.weight", [F, H + 1], [F, H]),
+        ("experts.1.w1.weight", [F / 2, H], [F, H]),
+        ("experts.2.w2.weight", [H, F / 2], [H, F]),
+        ("experts.2.w3.weight", [F, 2 * H], [F, H]),
+    ] {
+        assert_eq!(
+            refused(
+                &mixtral_expert_reshaped(name, &shape),
+                WeightLayout::Mixtral
+            ),
+            WeightsError::Shape {
+                name: format!("{P}{name}"),
+                expected: expected.to_vec(),
+                actual: shape.to_vec(),
+            }
+        );
+    }
+    let mut t = megatron();
+    reshape(tensor(&mut t, "experts.weight2"), &[E * F, H + 1]);
+    assert!(matches!(
+        refused(&raw_file(&t), WeightLayout::MegatronGrouped),
+        WeightsError::Shape { name, .. } if name == "m.experts.weight2"
+    ));
+}
+
+/// Files whose header or framing is wrong, whatever their tensors: (corpus name, bytes).
+fn broken_framing() -> Vec<(&'static str, Vec<u8>)> {
+    let valid = raw_file(&mixtral());
+    let with_length = |n: u64| {
+        let mut f = valid.clone();
+        f[..8].copy_from_slice(&n.to_le_bytes());
+        f
+    };
+    let mut trailing = valid.clone();
+    trailing.extend_from_slice(b"tail");
+    let mut not_utf8 = valid.clone();
+    not_utf8[9] = 0xff;
+    // The router declared twice, the second time over other bytes: one of the two is left
+    // out of the data the offsets cover.
+    let mut twice = mixtral();
+    let mut again = twice[0].clone();
+    again.data = f32_bytes((0..E * H).map(|i| -(i as f32)));
+    twice.push(again);
+    // Two tensors over the same bytes.
+    let overlap = file_with_header(
+        &format!(
+            "{{\"{P}gate.weight\":{{\"dtype\":\"F32\",\"shape\":[{E},{H}],\"data_offsets\":[0,{n}]}},\
+             \"{P}experts.0.w1.weight\":{{\"dtype\":\"F32\",\"shape\":[{E},{H}],\"data_offsets\":[0,{n}]}}}}",
+            n = 4 * E * H
+        ),
+        &[0; 4 * E * H],
+    );
+    vec![
+        ("empty", Vec::new()),
+        ("not-safetensors", b"not a safetensors file".to_vec()),
+        ("header-length-past-end", with_length(valid.len() as u64)),
+        ("header-length-u64-max", with_length(u64::MAX)),
+        ("header-length-over-100-mb", with_length(100_000_001)),
+        (
+            "header-not-json",
+            file_with_header("{\"m.gate.weight\": [", &[]),
+        ),
+        ("header-not-utf8", not_utf8),
+        ("no-tensors", file_with_header("{}", &[])),
+        ("bytes-after-the-data", trailing),
+        ("name-declared-twice", raw_file(&twice)),
+        ("data-offsets-overlap", overlap),
+        (
+            "shape-overflows-usize",
+            raw_file(&[Raw {
+                name: format!("{P}gate.weight"),
+                dtype: "F32",
+                shape: vec![1 << 32, 1 << 32],
+                data: Vec::new(),
+            }]),
+        ),
+        ("truncated-data", valid[..valid.len() - 3].to_vec()),
+    ]
+}
+
+#[test]
+fn a_header_that_misstates_the_file_is_a_weights_error() {
+    for (what, file) in broken_framing() {
+        for layout in WeightLayout::ALL {
+            let e = refused(&file, layout);
+            let expected_missing = what == "no-tensors";
+            assert!(
+                if expected_missing {
+                    matches!(e, WeightsError::Missing { .. })
+                } else {
+                    matches!(e, WeightsError::Format(_))
+                },
+                "{what} as {layout:?}: {e:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_missing_tensor_is_named_in_a_weights_error() {
+    for (layout, tensors) in [
+        (WeightLayout::Mixtral, mixtral()),
+        (
+            WeightLayout::GateUpDown,
+            raw_f32(hf_file(P, ["gate_proj", "up_proj", "down_proj"])),
+        ),
+        (WeightLayout::MegatronGrouped, megatron()),
+    ] {
+        assert!(HostMoeWeights::<bf16>::from_safetensors(&raw_file(&tensors), P, layout).is_ok());
+        for i in 0..tensors.len() {
+            let mut t = tensors.clone();
+            let gone = t.remove(i);
+            assert_eq!(
+                refused(&raw_file(&t), layout),
+                WeightsError::Missing { name: gone.name },
+                "{layout:?}"
+            );
+        }
+    }
+}
+
+/// Every kind of malformed file above, named for its kind: the corpus's generated part.
+fn corpus() -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
+        ("megatron-weight1-zero-width", megatron_zero_width_weight1()),
+        (
+            "mixtral-router-without-experts-behind-it",
+            router_without_experts_behind_it(512, true),
+        ),
+        ("mixtral-expert-dtype-i32", expert_in_dtype("I32", 32)),
+        ("mixtral-expert-dtype-f4", expert_in_dtype("F4", 4)),
+        ("mixtral-experts-past-the-router", mixtral_router_of(E - 1)),
+        ("mixtral-experts-missing", mixtral_router_of(E + 2)),
+        (
+            "megatron-weight1-columns-not-2f-per-expert",
+            megatron_columns_not_2f_per_expert(),
+        ),
+        (
+            "mixtral-router-zero-experts",
+            mixtral_router_shaped(&[0, H]),
+        ),
+        (
+            "mixtral-router-zero-hidden-huge-experts",
+            mixtral_router_shaped(&[1 << 62, 0]),
+        ),
+        ("mixtral-experts-zero-ffn", mixtral_zero_ffn()),
+        ("mixtral-router-rank-0", mixtral_router_shaped(&[])),
+        ("mixtral-router-rank-3", mixtral_router_shaped(&[E, H, 1])),
+        (
+            "mixtral-expert-hidden-mismatch",
+            mixtral_expert_reshaped("experts.0.w1.weight", &[F, H + 1]),
+        ),
+        (
+            "mixtral-expert-ffn-mismatch",
+            mixtral_expert_reshaped("experts.1.w1.weight", &[F / 2, H]),
+        ),
+    ];
+    files.extend(broken_framing());
+    files
+        .into_iter()
+        .map(|(name, bytes)| (format!("{name}.safetensors"), bytes))
+        .collect()
+}
+
+fn corpus_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/weights")
+}
+
+/// The corpus is checked in so that it stays put while the generator changes; with
+/// `REMOE_WRITE_CORPUS=1` this test writes it instead of comparing.
+#[test]
+fn the_corpus_holds_every_generated_failure_class() {
+    let dir = corpus_dir();
+    let write = std::env::var("REMOE_WRITE_CORPUS").as_deref() == Ok("1");
+    if write {
+        std::fs::create_dir_all(&dir).unwrap();
+    }
+    for (name, bytes) in corpus() {
+        assert!(bytes.len() <= 8 << 10, "{name}: {} bytes", bytes.len());
+        let path = dir.join(&name);
+        if write {
+            std::fs::write(&path, &bytes).unwrap();
+        } else {
+            let kept = std::fs::read(&path).unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (REMOE_WRITE_CORPUS=1 writes the corpus)",
+                    path.display()
+                )
+            });
+            assert!(
+                kept == bytes,
+                "{name} differs from its generator (REMOE_WRITE_CORPUS=1 rewrites it)"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_file_in_the_corpus_is_a_weights_error() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(corpus_dir())
+        .expect("the corpus folder")
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= corpus().len(), "{files:?}");
+    for path in files {
+        let file = std::fs::read(&path).unwrap();
+        for layout in WeightLayout::ALL {
+            // Also through `load`, the path a checkpoint takes.
+            assert!(
+                matches!(
+                    HostMoeWeights::<bf16>::load(&path, P, layout),
+                    Err(Error::Weights(_))
+                ),
+                "{} as {layout:?}",
+                path.display()
+            );
+            refused(&file, layout);
+        }
+        match WeightLayout::detect(&file, P) {
+            Ok(_) | Err(Error::Weights(_)) => {}
+            Err(other) => panic!("{}: detect gave {other:?}", path.display()),
+        }
+    }
 }

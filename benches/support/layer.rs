@@ -229,6 +229,21 @@ impl Setup {
         bytes.expect("reading |A| back") as f64 / self.cfg.tokens.max(1) as f64
     }
 
+    /// Bytes of device memory the contexts of `path` hold ([`MoeContext::workspace_bytes`]:
+    /// the forward's dense [T, E] buffers, the pair buffers at their capacity, the backward's
+    /// workspace), as (inference context, training context). Both routers' runs share each
+    /// context, so this is the larger of their needs so far. No device access.
+    pub fn workspace_bytes(&self, path: GemmPath) -> (usize, usize) {
+        let c = &self.contexts[self.slot(path)];
+        (c.inference.workspace_bytes(), c.training.workspace_bytes())
+    }
+
+    /// Frees the contexts' device memory (every path's); the layer cannot run on this set-up
+    /// afterwards (a call that needs a context panics), its weights stay.
+    pub fn release_contexts(&mut self) {
+        self.contexts.clear();
+    }
+
     /// Per-stage forward times on `path`: each stage's median over `runs` stage-timed forwards
     /// of the inference context, or of the training context (which also writes g and u, as the
     /// up projection does before a backward).

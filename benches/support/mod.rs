@@ -1,6 +1,7 @@
 //! What the layer benchmark (benches/layer.rs) and the report (examples/bench_report.rs)
-//! share: SPEC's configurations, a problem set up at a load, the crate's layer timed with CUDA
-//! events on either GEMM path, each expert GEMM timed alone, and the cuBLAS baselines.
+//! share: SPEC's configurations (the table of remoe_testkit::shapes) and shapes given by hand,
+//! a problem set up at a load, the crate's layer timed with CUDA events on either GEMM path,
+//! each expert GEMM timed alone, and the cuBLAS baselines.
 //!
 //! Timing: CUDA events on the crate's stream around each run, after warm-up; every figure is a
 //! median with its min and max. Runs that are compared (ReMoE and TopK; our GEMM on each path
@@ -14,7 +15,7 @@
 //!
 //! FLOPs: 6 |A| H F forward, twice that backward (SPEC.md).
 //!
-//! - this file: the configurations, the loads, CUDA-event timing of interleaved runs;
+//! - this file: the shapes, the loads, CUDA-event timing of interleaved runs;
 //! - `gemms.rs`: rotated operands, the expert GEMMs launched alone, the cuBLAS baselines;
 //! - `layer.rs`: a configuration's problem on the device, the layer on each GEMM path;
 //! - `report.rs`: what the report measures per configuration, and its rows.
@@ -31,61 +32,15 @@ pub use layer::*;
 pub use report::*;
 
 use cudarc::driver::sys::CUevent_flags;
-use remoe_kernels::{Device, Error, GemmPath, LayerConfig, RouterKind};
+use remoe_kernels::{Device, Error, GemmPath, RouterKind};
 
-/// SPEC.md's benchmark configurations.
-pub const CONFIGS: [(&str, LayerConfig); 5] = [
-    (
-        "A",
-        LayerConfig {
-            tokens: 16384,
-            hidden: 768,
-            ffn: 3072,
-            experts: 8,
-            k: 1,
-        },
-    ),
-    (
-        "B",
-        LayerConfig {
-            tokens: 16384,
-            hidden: 768,
-            ffn: 384,
-            experts: 64,
-            k: 8,
-        },
-    ),
-    (
-        "C",
-        LayerConfig {
-            tokens: 16384,
-            hidden: 768,
-            ffn: 3072,
-            experts: 64,
-            k: 1,
-        },
-    ),
-    (
-        "D",
-        LayerConfig {
-            tokens: 16384,
-            hidden: 1536,
-            ffn: 6144,
-            experts: 8,
-            k: 1,
-        },
-    ),
-    (
-        "S",
-        LayerConfig {
-            tokens: 512,
-            hidden: 768,
-            ffn: 3072,
-            experts: 8,
-            k: 1,
-        },
-    ),
-];
+// SPEC.md's named configurations and shapes given by hand (remoe_testkit::shapes holds the one
+// table; the report, the criterion benches and the examples read it).
+#[allow(unused_imports)]
+pub use remoe_testkit::shapes::{
+    named, named_list, named_shapes, shapes_from_env, NamedShape, Shape, NAMED, SHAPES_ENV,
+    SHAPE_FORM,
+};
 
 /// The balance-loss coefficient used while timing (it does not change the work).
 pub const COEFF: f64 = 1e-3;
@@ -122,8 +77,9 @@ pub fn router_name(kind: RouterKind) -> &'static str {
     }
 }
 
-/// A cuBLAS failure ends the benchmark: the crate's `Error` has no variant for another
-/// library's errors (its `Driver` variant holds the CUDA driver's own).
+/// A cuBLAS failure panics: the crate's `Error` has no variant for another library's errors
+/// (its `Driver` variant holds the CUDA driver's own). The criterion bench ends there; the
+/// report catches the panic, records the configuration's part as failed and goes on.
 pub(crate) fn cublas_err(e: impl std::fmt::Debug) -> Error {
     panic!("cuBLAS: {e:?}")
 }

@@ -1,10 +1,18 @@
 //! What the report measures for one configuration, and the rows it prints and writes.
+//!
+//! A failure (an error or a panic) ends only the part of a configuration it happened in: one
+//! GEMM path's layer timings, the cuBLAS floors, the expert GEMMs, or a whole load when its
+//! set-up fails. It becomes a [`Failure`] row and the report goes on.
+
+use std::cell::Cell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use remoe_kernels::{Device, Error, GemmPath, LayerConfig, RouterKind, StageTimes};
 use remoe_testkit::synthetic::HostProblem;
 
 use super::{
-    router_name, time_interleaved, DenseGemms, Filler, GemmKind, GroupedGemms, Load, Setup, Timing,
+    router_name, time_interleaved, DenseGemms, Filler, GemmKind, GroupedGemms, Load, Setup, Shape,
+    Timing,
 };
 
 /// How long and what to measure.
@@ -19,6 +27,8 @@ pub struct Options {
     pub gemms: bool,
     /// Stage-timed forwards per stage table.
     pub stage_runs: usize,
+    /// Untimed rounds before each expert GEMM loop.
+    pub gemm_warmup: usize,
     /// Calibrate ReMoE's threshold row to the intended counts ([`Setup::calibrate_density`]).
     pub calibrate: bool,
 }
@@ -28,7 +38,7 @@ pub struct Options {
 /// load, router) are shared by its paths' rows (one measurement, at that router's |A|).
 #[derive(Debug, Clone)]
 pub struct LayerRow {
-    pub config: &'static str,
+    pub config: String,
     pub load: Load,
     pub router: RouterKind,
     pub path: GemmPath,
@@ -49,6 +59,11 @@ pub struct LayerRow {
     pub cfg: LayerConfig,
     /// ReMoE: |A| of the synthetic problem before [`Setup::calibrate_density`], when it ran.
     pub pairs_before_calibration: Option<usize>,
+    /// Device memory the path's contexts hold after the measurements
+    /// ([`remoe_kernels::MoeContext::workspace_bytes`]; shared by the ReMoE and TopK runs):
+    /// the inference context's and the training context's.
+    pub inference_workspace_bytes: usize,
+    pub training_workspace_bytes: usize,
 }
 
 impl LayerRow {
@@ -74,6 +89,7 @@ impl LayerRow {
         let f = self.fwd_flops();
         let mut v = serde_json::json!({
             "device": device,
+            "status": "ok",
             "config": self.config,
             "load": self.load.name(),
             "router": router_name(self.router),
@@ -115,6 +131,8 @@ impl LayerRow {
             "per_expert_cublas_ms": self.per_expert.median(),
             "per_expert_cublas_tflops": self.per_expert.tflops(f),
             "saved_for_backward_bytes_per_token": self.saved_bytes_per_token,
+            "inference_context_workspace_bytes": self.inference_workspace_bytes,
+            "training_context_workspace_bytes": self.training_workspace_bytes,
             "stages_ms": {
                 "router": s.router_ms,
                 "stats": s.stats_ms,
@@ -216,7 +234,7 @@ pub fn comparisons(rows: &[LayerRow]) -> Vec<Comparison<'_>> {
 /// interleaved in one loop. `kind` None is the Hopper path's X row gather before dWg/dWu.
 #[derive(Debug, Clone)]
 pub struct GemmRow {
-    pub config: &'static str,
+    pub config: String,
     pub kind: Option<GemmKind>,
     pub pairs: usize,
     pub cfg: LayerConfig,
@@ -283,58 +301,262 @@ impl GemmRow {
     }
 }
 
+/// A part of one configuration that failed: what was being measured and the error (or the
+/// panic's message). The report records it as a FAILED row and goes on.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub config: String,
+    pub cfg: LayerConfig,
+    /// The load being measured (None: before either, e.g. making the inputs).
+    pub load: Option<Load>,
+    /// The GEMM path whose part failed (None: every path of that load, or a part of no path).
+    pub path: Option<GemmPath>,
+    /// What was being measured: "inputs", "setup", "calibration", "routing", "layer",
+    /// "cuBLAS floors" or "expert GEMMs".
+    pub stage: &'static str,
+    pub error: String,
+}
+
+impl Failure {
+    pub fn new(
+        shape: &Shape,
+        load: Option<Load>,
+        path: Option<GemmPath>,
+        stage: &'static str,
+        error: String,
+    ) -> Self {
+        Self {
+            config: shape.name.clone(),
+            cfg: shape.cfg,
+            load,
+            path,
+            stage,
+            error,
+        }
+    }
+
+    pub fn load_name(&self) -> &'static str {
+        self.load.map_or("-", |l| l.name())
+    }
+
+    pub fn path_name(&self) -> &'static str {
+        self.path.map_or("all", |p| p.name())
+    }
+
+    /// A row of the JSON's `layer` array, with `"status": "FAILED"` and the error.
+    pub fn json(&self, device: &str) -> serde_json::Value {
+        serde_json::json!({
+            "device": device,
+            "status": "FAILED",
+            "config": self.config,
+            "load": self.load.map(|l| l.name()),
+            "router": null,
+            "path": self.path.map(|p| p.name()),
+            "tokens": self.cfg.tokens,
+            "hidden": self.cfg.hidden,
+            "ffn": self.cfg.ffn,
+            "experts": self.cfg.experts,
+            "k": self.cfg.k,
+            "stage": self.stage,
+            "error": self.error,
+        })
+    }
+}
+
+/// The text of a caught panic's payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(a panic without a message)".into()
+    }
+}
+
+/// What the report measured of some configurations, and what failed.
+#[derive(Debug, Default)]
+pub struct Measured {
+    pub rows: Vec<LayerRow>,
+    pub gemms: Vec<GemmRow>,
+    pub failures: Vec<Failure>,
+}
+
+impl Measured {
+    pub fn extend(&mut self, other: Measured) {
+        self.rows.extend(other.rows);
+        self.gemms.extend(other.gemms);
+        self.failures.extend(other.failures);
+    }
+}
+
 /// Measures one configuration: for each load, the layer on each path (ReMoE and TopK
-/// interleaved), the floors, the stages; and at the uniform load each expert GEMM alone.
-/// `problems` are the host problems of the loads to run.
+/// interleaved), the floors, the stages, the contexts' memory; and at the uniform load each
+/// expert GEMM alone. `problems` are the host problems of the loads to run. Never fails: what
+/// fails (an error or a panic) is recorded in the result's `failures`, and the rest goes on.
 pub fn measure_config(
     dev: &Device,
-    name: &'static str,
+    shape: &Shape,
     problems: &[(Load, HostProblem)],
     opts: &Options,
-) -> Result<(Vec<LayerRow>, Vec<GemmRow>), Error> {
-    let fill = Filler::new(dev)?;
-    let mut rows = Vec::new();
-    let mut gemm_rows = Vec::new();
-    let kinds = [RouterKind::Relu, RouterKind::TopK];
+) -> Measured {
+    let mut out = Measured::default();
     for (load, problem) in problems {
-        let cfg = problem.cfg;
-        let mut setup = Setup::from_problem(dev, problem, *load, &opts.paths)?;
-        let first = opts.paths[0];
-        let calibration = if opts.calibrate {
-            let (before, after, goal) = setup.calibrate_density()?;
-            eprintln!(
-                "config {name} {}: ReMoE |A| {before} -> {after} after calibrating the \
-                 thresholds (target {goal:.0})",
-                load.name(),
-            );
-            Some(before)
-        } else {
-            None
+        let stage = Cell::new("setup");
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            measure_load(dev, shape, *load, problem, opts, &stage, &mut out)
+        }));
+        let error = match result {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(panic) => format!("panicked: {}", panic_message(&*panic)),
         };
-        let stats = [
-            setup.forward_stats(kinds[0], first)?,
-            setup.forward_stats(kinds[1], first)?,
-        ];
-        // The layer, per path: ReMoE and TopK interleaved.
-        let mut per_path = Vec::new();
-        for &path in &opts.paths {
-            let (fr, ft) = setup.interleaved_forward(path, opts.warmup, opts.iters)?;
-            let (br, bt) = setup.interleaved_forward_backward(path, opts.warmup, opts.iters)?;
-            // What each router's training forward saved (one more forward+backward each).
-            let mut saved = [0.0; 2];
-            for (i, &kind) in kinds.iter().enumerate() {
-                setup.forward_backward(kind, path)?;
-                saved[i] = setup.saved_bytes_per_token(path);
+        out.failures
+            .push(Failure::new(shape, Some(*load), None, stage.get(), error));
+    }
+    out
+}
+
+/// One path's layer figures: (ReMoE, TopK) each.
+struct PathFigures {
+    path: GemmPath,
+    fwd: [Timing; 2],
+    fwd_bwd: [Timing; 2],
+    stages: [StageTimes; 2],
+    saved: [f64; 2],
+    workspace: (usize, usize),
+}
+
+const KINDS: [RouterKind; 2] = [RouterKind::Relu, RouterKind::TopK];
+
+fn measure_path(setup: &mut Setup, path: GemmPath, opts: &Options) -> Result<PathFigures, Error> {
+    let (fr, ft) = setup.interleaved_forward(path, opts.warmup, opts.iters)?;
+    let (br, bt) = setup.interleaved_forward_backward(path, opts.warmup, opts.iters)?;
+    // What each router's training forward saved (one more forward+backward each).
+    let mut saved = [0.0; 2];
+    for (i, &kind) in KINDS.iter().enumerate() {
+        setup.forward_backward(kind, path)?;
+        saved[i] = setup.saved_bytes_per_token(path);
+    }
+    let stages = [
+        setup.stage_times(KINDS[0], path, false, opts.stage_runs)?,
+        setup.stage_times(KINDS[1], path, false, opts.stage_runs)?,
+    ];
+    Ok(PathFigures {
+        path,
+        fwd: [fr, ft],
+        fwd_bwd: [br, bt],
+        stages,
+        saved,
+        workspace: setup.workspace_bytes(path),
+    })
+}
+
+/// One load of one configuration; `stage` follows what is being measured (for the failure
+/// record of an error returned, or of a panic). A path whose layer timings fail, and floors that
+/// fail, are recorded in `out.failures` here and the rest goes on.
+fn measure_load(
+    dev: &Device,
+    shape: &Shape,
+    load: Load,
+    problem: &HostProblem,
+    opts: &Options,
+    stage: &Cell<&'static str>,
+    out: &mut Measured,
+) -> Result<(), Error> {
+    let name = &shape.name;
+    let cfg = problem.cfg;
+    stage.set("setup");
+    let fill = Filler::new(dev)?;
+    let mut setup = Setup::from_problem(dev, problem, load, &opts.paths)?;
+    let first = opts.paths[0];
+    stage.set("calibration");
+    let calibration = if opts.calibrate {
+        let (before, after, goal) = setup.calibrate_density()?;
+        eprintln!(
+            "config {name} {}: ReMoE |A| {before} -> {after} after calibrating the thresholds \
+             (target {goal:.0})",
+            load.name(),
+        );
+        Some(before)
+    } else {
+        None
+    };
+    stage.set("routing");
+    let stats = [
+        setup.forward_stats(KINDS[0], first)?,
+        setup.forward_stats(KINDS[1], first)?,
+    ];
+    // The layer, per path: ReMoE and TopK interleaved. The rows go out now, their floors are
+    // filled in below (NaN, null in the JSON, if the floors fail).
+    stage.set("layer");
+    let start = out.rows.len();
+    for &path in &opts.paths {
+        let fig = match measure_path(&mut setup, path, opts) {
+            Ok(f) => f,
+            Err(e) => {
+                let error = e.to_string();
+                out.failures
+                    .push(Failure::new(shape, Some(load), Some(path), "layer", error));
+                continue;
             }
-            let stages = [
-                setup.stage_times(kinds[0], path, false, opts.stage_runs)?,
-                setup.stage_times(kinds[1], path, false, opts.stage_runs)?,
-            ];
-            per_path.push((path, [fr, ft], [br, bt], stages, saved));
+        };
+        for (i, &kind) in KINDS.iter().enumerate() {
+            let st = &stats[i];
+            out.rows.push(LayerRow {
+                config: name.clone(),
+                load,
+                router: kind,
+                path,
+                density: 1.0 - st.sparsity,
+                pairs: st.active_pairs,
+                max_expert_tokens: st.tokens_per_expert.iter().copied().max().unwrap_or(0),
+                fwd: fig.fwd[i].clone(),
+                fwd_bwd: fig.fwd_bwd[i].clone(),
+                stages: fig.stages[i],
+                floor_fwd: Timing::default(),
+                floor_fwd_bwd: Timing::default(),
+                per_expert: Timing::default(),
+                saved_bytes_per_token: fig.saved[i],
+                cfg,
+                pairs_before_calibration: calibration.filter(|_| kind == RouterKind::Relu),
+                inference_workspace_bytes: fig.workspace.0,
+                training_workspace_bytes: fig.workspace.1,
+            });
         }
-        // The floors at each router's |A|, and the per-expert loop: interleaved.
-        let cap = stats.iter().map(|s| s.active_pairs).max().unwrap_or(0);
-        let dense = DenseGemms::new(dev, &fill, cfg, cap)?;
+    }
+    // What the expert GEMMs timed alone need of the layer (at the uniform load): the ReMoE
+    // router's routing, and the forward GEMMs' times inside a training forward.
+    let gemm_inputs = if opts.gemms && load == Load::Uniform && stats[0].active_pairs > 0 {
+        stage.set("expert GEMMs");
+        let mut prepare = || -> Result<_, Error> {
+            let dispatch = setup.dispatch(RouterKind::Relu, first)?;
+            let mut in_layer = Vec::new();
+            for &path in &opts.paths {
+                let s = setup.stage_times(KINDS[0], path, true, opts.stage_runs)?;
+                in_layer.push((path, s));
+            }
+            Ok((dispatch, in_layer))
+        };
+        match prepare() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let error = e.to_string();
+                out.failures
+                    .push(Failure::new(shape, Some(load), None, "expert GEMMs", error));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // The contexts' memory goes back before the cuBLAS and GEMM operands are made (at SM30 all
+    // of it together would come near an H100's 80 GB).
+    setup.release_contexts();
+    // The floors at each router's |A|, and the per-expert loop: interleaved.
+    stage.set("cuBLAS floors");
+    let cap = stats.iter().map(|s| s.active_pairs).max().unwrap_or(0);
+    let floors = DenseGemms::new(dev, &fill, cfg, cap).and_then(|dense| {
         let mut floors = Vec::new();
         for st in &stats {
             let p = st.active_pairs;
@@ -347,87 +569,86 @@ pub fn measure_config(
             let fb = t.pop().unwrap();
             floors.push((t.pop().unwrap(), fb, loop_t));
         }
-        for (path, fwd, fb, stages, saved) in per_path {
-            for (i, &kind) in kinds.iter().enumerate() {
-                let st = &stats[i];
-                rows.push(LayerRow {
-                    config: name,
-                    load: *load,
-                    router: kind,
-                    path,
-                    density: 1.0 - st.sparsity,
-                    pairs: st.active_pairs,
-                    max_expert_tokens: st.tokens_per_expert.iter().copied().max().unwrap_or(0),
-                    fwd: fwd[i].clone(),
-                    fwd_bwd: fb[i].clone(),
-                    stages: stages[i],
-                    floor_fwd: floors[i].0.clone(),
-                    floor_fwd_bwd: floors[i].1.clone(),
-                    per_expert: floors[i].2.clone(),
-                    saved_bytes_per_token: saved[i],
-                    cfg,
-                    pairs_before_calibration: calibration.filter(|_| kind == RouterKind::Relu),
-                });
+        Ok((dense, floors))
+    });
+    let dense = match floors {
+        Ok((dense, floors)) => {
+            for row in &mut out.rows[start..] {
+                let i = KINDS.iter().position(|&k| k == row.router).unwrap();
+                row.floor_fwd = floors[i].0.clone();
+                row.floor_fwd_bwd = floors[i].1.clone();
+                row.per_expert = floors[i].2.clone();
             }
+            Some(dense)
         }
-        // Each expert GEMM alone, on the ReMoE router's routing at the uniform load.
-        if opts.gemms && *load == Load::Uniform && stats[0].active_pairs > 0 {
-            let dispatch = setup.dispatch(RouterKind::Relu, first)?;
-            let grouped = GroupedGemms::new(dev, &fill, cfg, &dispatch)?;
-            let p = grouped.pairs;
-            let mut in_layer = Vec::new();
-            for &path in &opts.paths {
-                in_layer.push((
-                    path,
-                    setup.stage_times(kinds[0], path, true, opts.stage_runs)?,
-                ));
-            }
-            let warmup = opts.warmup.max(5);
-            for kind in GemmKind::ALL {
-                let n = opts.paths.len();
-                let mut t = time_interleaved(dev, warmup, opts.iters, n + 1, |w, i| {
-                    if w < n {
-                        grouped.run(kind, opts.paths[w], i)
-                    } else {
-                        dense.run(kind, p, i)
-                    }
-                })?;
-                let cublas = t.pop();
-                let layer_stage = |s: &StageTimes| match kind {
-                    GemmKind::Up => Some(s.up_ms),
-                    GemmKind::Down => Some(s.down_ms),
-                    _ => None,
-                };
-                gemm_rows.push(GemmRow {
-                    config: name,
-                    kind: Some(kind),
-                    pairs: p,
-                    cfg,
-                    ours: opts.paths.iter().copied().zip(t).collect(),
-                    cublas,
-                    in_layer: in_layer
-                        .iter()
-                        .filter_map(|(q, s)| layer_stage(s).map(|ms| (*q, ms)))
-                        .collect(),
-                    rotation: grouped.rotation(kind),
-                    cublas_rotation: Some(dense.rotation(kind, p)),
-                });
-            }
-            if opts.paths.contains(&GemmPath::Hopper) {
-                let t = time_interleaved(dev, warmup, opts.iters, 1, |_, i| grouped.gather_x(i))?;
-                gemm_rows.push(GemmRow {
-                    config: name,
-                    kind: None,
-                    pairs: p,
-                    cfg,
-                    ours: vec![(GemmPath::Hopper, t[0].clone())],
-                    cublas: None,
-                    in_layer: Vec::new(),
-                    rotation: grouped.gather_rotation(),
-                    cublas_rotation: None,
-                });
-            }
+        Err(e) => {
+            let error = e.to_string();
+            out.failures.push(Failure::new(
+                shape,
+                Some(load),
+                None,
+                "cuBLAS floors",
+                error,
+            ));
+            None
         }
+    };
+    // Each expert GEMM alone, on the ReMoE router's routing at the uniform load.
+    let Some((dispatch, in_layer)) = gemm_inputs else {
+        return Ok(());
+    };
+    stage.set("expert GEMMs");
+    drop(setup);
+    let grouped = GroupedGemms::new(dev, &fill, cfg, &dispatch)?;
+    let p = grouped.pairs;
+    let dense = match dense {
+        Some(d) => d,
+        None => DenseGemms::new(dev, &fill, cfg, p)?,
+    };
+    let warmup = opts.gemm_warmup;
+    for kind in GemmKind::ALL {
+        let n = opts.paths.len();
+        let mut t = time_interleaved(dev, warmup, opts.iters, n + 1, |w, i| {
+            if w < n {
+                grouped.run(kind, opts.paths[w], i)
+            } else {
+                dense.run(kind, p, i)
+            }
+        })?;
+        let cublas = t.pop();
+        let layer_stage = |s: &StageTimes| match kind {
+            GemmKind::Up => Some(s.up_ms),
+            GemmKind::Down => Some(s.down_ms),
+            _ => None,
+        };
+        out.gemms.push(GemmRow {
+            config: name.clone(),
+            kind: Some(kind),
+            pairs: p,
+            cfg,
+            ours: opts.paths.iter().copied().zip(t).collect(),
+            cublas,
+            in_layer: in_layer
+                .iter()
+                .filter_map(|(q, s)| layer_stage(s).map(|ms| (*q, ms)))
+                .collect(),
+            rotation: grouped.rotation(kind),
+            cublas_rotation: Some(dense.rotation(kind, p)),
+        });
     }
-    Ok((rows, gemm_rows))
+    if opts.paths.contains(&GemmPath::Hopper) {
+        let t = time_interleaved(dev, warmup, opts.iters, 1, |_, i| grouped.gather_x(i))?;
+        out.gemms.push(GemmRow {
+            config: name.clone(),
+            kind: None,
+            pairs: p,
+            cfg,
+            ours: vec![(GemmPath::Hopper, t[0].clone())],
+            cublas: None,
+            in_layer: Vec::new(),
+            rotation: grouped.gather_rotation(),
+            cublas_rotation: None,
+        });
+    }
+    Ok(())
 }

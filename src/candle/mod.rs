@@ -76,6 +76,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Module, Tensor, Var, WithDType};
 use candle_nn::{Init, VarBuilder};
 
+use crate::capacity::PairCapacity;
 use crate::controller::LambdaController;
 use crate::device::Device;
 use crate::moe::{MoeContext, RouterKind};
@@ -113,6 +114,8 @@ pub struct MoeLayer<T: CandleElement> {
     down: Tensor,
     dev: Device,
     pool: Pool<T>,
+    /// The pair capacity of the layer's contexts (see [`crate::capacity`]).
+    capacity: PairCapacity,
 }
 
 impl<T: CandleElement> std::fmt::Debug for MoeLayer<T> {
@@ -221,6 +224,7 @@ impl<T: CandleElement> MoeLayer<T> {
             down,
             dev,
             pool: Arc::new(Mutex::new(Vec::new())),
+            capacity: PairCapacity::default(),
         })
     }
 
@@ -234,12 +238,12 @@ impl<T: CandleElement> MoeLayer<T> {
         aux_coeff: f64,
         device: &candle_core::Device,
     ) -> candle_core::Result<Self> {
-        let (h, f, e) = (w.hidden, w.ffn, w.experts);
+        let (h, f, e) = (w.hidden(), w.ffn(), w.experts());
         let var = |v: &[T], shape: &[usize]| -> candle_core::Result<Tensor> {
             let t = Tensor::from_slice(v, shape, device)?;
             Ok(Var::from_tensor(&t)?.as_tensor().clone())
         };
-        let p = &w.params;
+        let p = w.params();
         let tensors = [
             var(&p.router, &[h, e])?,
             var(&p.gate, &[e, h, f])?,
@@ -303,10 +307,38 @@ impl<T: CandleElement> MoeLayer<T> {
         self.coeff = LayerCoeff::Fixed(c);
     }
 
-    /// Ends a training step: the adaptive lambda moves by SPEC's rule on the sparsities the
-    /// layer's forwards recorded since the last call (on the device, no host read). Call once per
-    /// optimiser step, after the backward; a no-op for TopK.
+    /// Sets how many routed pairs the layer's contexts hold (see [`crate::capacity`]): the
+    /// default sizes them for exactly the pairs each forward routes (candle runs eagerly, so a
+    /// forward counts its pairs and never overflows); [`PairCapacity::Pairs`] fixes the number,
+    /// and a forward routing more pairs then fails with [`Error::CapacityExceeded`](crate::Error::CapacityExceeded) (wrapped in
+    /// the candle error) instead of computing a zero layer.
+    pub fn set_pair_capacity(&mut self, capacity: PairCapacity) {
+        self.capacity = capacity;
+        for ctx in ops::lock(&self.pool).iter_mut() {
+            ctx.set_pair_capacity(capacity);
+        }
+    }
+
+    /// Reports what the device found in the layer's forwards since the last check (a router
+    /// logit that was NaN or infinite: [`Error::NonFiniteLogits`](crate::Error::NonFiniteLogits); a pair count past a fixed
+    /// capacity), as a candle error wrapping the crate's [`Error`](crate::Error), and clears it. Reads the
+    /// device error word of every context the layer holds (those of calls whose graph is still
+    /// alive are checked once it is dropped); waits for the stream. [`end_step`](Self::end_step)
+    /// calls it first.
+    pub fn check_device_errors(&self) -> candle_core::Result<()> {
+        for ctx in ops::lock(&self.pool).iter_mut() {
+            ctx.check_device_errors().map_err(candle_err)?;
+        }
+        Ok(())
+    }
+
+    /// Ends a training step: reports the device's errors ([`check_device_errors`]
+    /// (Self::check_device_errors): a step that met one is not trusted silently), then the
+    /// adaptive lambda moves by SPEC's rule on the sparsities the layer's forwards recorded
+    /// since the last call (on the device). Call once per optimiser step, after the backward
+    /// and once the step's graph is dropped; the lambda step is a no-op for TopK.
     pub fn end_step(&self) -> candle_core::Result<()> {
+        self.check_device_errors()?;
         match &self.coeff {
             LayerCoeff::Fixed(_) => Ok(()),
             LayerCoeff::Adaptive(c) => c
@@ -346,6 +378,7 @@ impl<T: CandleElement> MoeLayer<T> {
             .pop()
             .unwrap_or_else(|| MoeContext::new(&self.dev));
         ctx.set_save_for_backward(training);
+        ctx.set_pair_capacity(self.capacity);
         let state = CallState::new(ctx, self.pool.clone());
         let handle = self
             .gate

@@ -4,9 +4,12 @@
 //!
 //! Sizes travel first: one count exchange per forward, read back by the host, so every buffer
 //! is sized exactly and every rank derives the same traffic matrix (the count-exchange mode of
-//! docs/EXPERT_PARALLEL_DESIGN.md §7.2). This forward therefore cannot be captured in a CUDA
-//! graph. The source side keeps the one-GPU capacity contract: a rank whose pairs overflow its
-//! capacity sends none, and reports `CapacityExceeded` at its next host-visible call.
+//! docs/EXPERT_PARALLEL_DESIGN.md §7.2). The backward reuses those sizes; it first exchanges
+//! only a header naming its forward, also read back by the host, so that ranks running the
+//! backwards of different forwards fail before any row moves. Neither can therefore be captured
+//! in a CUDA graph. The source side keeps the one-GPU capacity contract: a rank whose pairs
+//! overflow its capacity sends none, and reports `CapacityExceeded` at its next host-visible
+//! call.
 
 use std::ops::Range;
 
@@ -30,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::experts::{BatchGradInputs, BatchWeightGrads};
 use crate::gather::gather_rows;
 use crate::gemm::GemmPath;
+use crate::graph::Mode;
 use crate::moe::{
     check_coefficient, check_config, check_layer_tensors, check_out, ForwardPlan, ForwardStats,
     MoeContext, MoeWeightViews, RouterKind,
@@ -221,7 +225,8 @@ impl EpGroup {
 #[derive(Debug)]
 pub struct EpContext<T: HalfElement> {
     source: MoeContext<T>,
-    /// \[8+E\] this rank's count message; \[R\]\[8+E\] everyone's.
+    /// \[8+E\] this rank's count message; \[R\]\[8+E\] everyone's. A backward's header
+    /// messages (\[8\], \[R\]\[8\]) use them too: the forward's are not read after it.
     msg: GrowBuf<u32>,
     msgs: GrowBuf<u32>,
     /// \[|A|, H\] this rank's routed rows, in pair order (so each owner's are one range).
@@ -429,15 +434,17 @@ pub fn ep_moe_forward<'x, 'w, T: HalfElement>(
     }
     // From here on the previous forward's state is gone, whatever happens.
     ctx.saved = None;
-    ctx.source.saved = None;
+    ctx.source.record.lock().saved = None;
     let checked = check_forward(group, ctx, (cfg, router), &coeff, (&x, &w), out);
     if let Err(e) = checked {
         // Still take part in the count exchange, with the abort flag, so that the peers fail
         // at once (EpMismatch naming this rank) instead of waiting out their timeout.
-        abort_call(group, ctx, layer_id, Phase::Forward);
+        abort_call(group, ctx, layer_id);
         return Err(e);
     }
-    let plan = ForwardPlan::new(&ctx.source, cfg, router);
+    // Eager (captures are refused above): the source's pair buffers are sized from its
+    // counted pairs, so it cannot overflow.
+    let mut plan = ForwardPlan::new(&ctx.source, cfg, router, Mode::Eager);
     plan.size_routing(&mut ctx.source)?;
     ctx.source.upload_fixed_coeff(&coeff)?;
     plan.router(&mut ctx.source, &x, &w)?;
@@ -460,7 +467,8 @@ pub fn ep_moe_forward<'x, 'w, T: HalfElement>(
     group.transport.wait("forward results")?;
     plan.combine(&mut ctx.source, out)?;
 
-    plan.record(&mut ctx.source);
+    let record = plan.record(&mut ctx.source);
+    ctx.source.record.lock().saved = Some(record);
     ctx.saved = Some(EpSaved {
         header,
         traffic,
@@ -494,35 +502,46 @@ fn check_forward<T: HalfElement>(
     Ok(())
 }
 
-/// This rank's part in a call it cannot run: a count message with the abort flag and no pairs,
-/// which every peer's traffic check turns into the same `EpMismatch` naming this rank. The
-/// caller returns its own error; what the exchange itself returns adds nothing to it.
-fn abort_call<T: HalfElement>(
+/// This rank's part in a forward it cannot run: a count message with the abort flag and no
+/// pairs, which every peer's traffic check turns into the same `EpMismatch` naming this rank.
+/// The caller returns its own error; what the exchange itself returns adds nothing to it.
+fn abort_call<T: HalfElement>(group: &mut EpGroup, ctx: &mut EpContext<T>, layer_id: u32) {
+    let training = ctx.source.save_for_backward;
+    let header = group.next_call(layer_id, Phase::Forward, training);
+    let (rank, e) = (group.rank(), group.partition.experts());
+    let msg = header.count_message(rank, &vec![0; e + 1], true);
+    send_abort(group, ctx, &msg, FORWARD_COUNTS);
+}
+
+/// Sends `msg`, a message with the abort flag, to every rank in the exchange `op`, and waits for
+/// it; a failure changes nothing for the caller, which returns its own error.
+fn send_abort<T: HalfElement>(
     group: &mut EpGroup,
     ctx: &mut EpContext<T>,
-    layer_id: u32,
-    phase: Phase,
+    msg: &[u32],
+    op: &'static str,
 ) {
-    let training = ctx.source.save_for_backward;
-    let header = group.next_call(layer_id, phase, training);
-    let (rank, e) = (group.rank(), group.partition.experts());
-    let words = COUNT_HEADER_WORDS + e;
-    let msg = header.count_message(rank, &vec![0; e + 1], true);
     let dev = group.dev.clone();
     let _ = (|| -> Result<()> {
-        ctx.msg.ensure(&dev, words)?;
-        dev.stream().memcpy_htod(&msg, &mut ctx.msg.view_mut()?)?;
-        post_count_messages(group, ctx, words)?;
-        group.transport.wait("forward counts")
+        ctx.msg.ensure(&dev, msg.len())?;
+        dev.stream().memcpy_htod(msg, &mut ctx.msg.view_mut()?)?;
+        post_messages(group, ctx, msg.len(), op)?;
+        group.transport.wait(op)
     })();
 }
 
+/// The exchange of the forward's count messages.
+const FORWARD_COUNTS: &str = "forward counts";
+/// The exchange of the backward's header messages.
+const BACKWARD_HEADER: &str = "backward header";
+
 /// Sends `ctx.msg` (`words` words) to every rank and receives every rank's into `ctx.msgs`,
-/// in rank order.
-fn post_count_messages<T: HalfElement>(
+/// in rank order, in the exchange `op`.
+fn post_messages<T: HalfElement>(
     group: &mut EpGroup,
     ctx: &mut EpContext<T>,
     words: usize,
+    op: &'static str,
 ) -> Result<()> {
     let world = group.transport.world();
     ctx.msgs.ensure(&group.dev, world * words)?;
@@ -530,10 +549,23 @@ fn post_count_messages<T: HalfElement>(
     let each = row_ranges(&(0..=world).collect::<Vec<_>>(), words);
     group.transport.exchange(
         &group.dev,
-        "forward counts",
+        op,
         (&ctx.msg.view()?, &same),
         (&mut ctx.msgs.view_mut()?, &each),
     )
+}
+
+/// Every rank's `words`-word messages in `ctx.msgs`, after the exchange `op` has finished
+/// (waited for, bounded), by sender.
+fn read_messages<T: HalfElement>(
+    group: &mut EpGroup,
+    ctx: &EpContext<T>,
+    words: usize,
+    op: &'static str,
+) -> Result<Vec<Vec<u32>>> {
+    group.transport.wait(op)?;
+    let flat = ctx.msgs.to_host()?;
+    Ok(flat.chunks_exact(words).map(<[u32]>::to_vec).collect())
 }
 
 /// Every rank's count message to every rank; meanwhile this rank packs its routed rows. Returns
@@ -557,7 +589,7 @@ fn exchange_counts<T: HalfElement>(
         experts,
         &mut ctx.msg,
     )?;
-    post_count_messages(group, ctx, words)?;
+    post_messages(group, ctx, words, FORWARD_COUNTS)?;
     let src = &ctx.source;
     let h = x.shape()[1];
     ctx.x_send.ensure(&dev, cap * h)?;
@@ -571,9 +603,7 @@ fn exchange_counts<T: HalfElement>(
         cap,
         h,
     )?;
-    group.transport.wait("forward counts")?;
-    let flat = ctx.msgs.to_host()?;
-    let messages: Vec<Vec<u32>> = flat.chunks_exact(words).map(<[u32]>::to_vec).collect();
+    let messages = read_messages(group, ctx, words, FORWARD_COUNTS)?;
     TrafficMatrix::from_messages(group.partition, header, &messages)
 }
 
@@ -684,10 +714,15 @@ fn return_results<T: HalfElement>(
 /// \[E/R, H, F\], `grads.down` \[E/R, F, H\]) over every rank's pairs of them; they stay on
 /// their owner (a data-parallel reduction of the router's is the caller's).
 ///
-/// The backward moves the forward's rows back the way they came, so it exchanges no counts:
-/// a rank out of step (a backward against another forward), or one whose own arguments are
-/// refused (it returns its typed error before any exchange), ends its peers' wait in
-/// [`Error::EpTimeout`], not in a hang.
+/// The backward moves the forward's rows back the way they came, so it exchanges no counts.
+/// Before any row, every rank sends every rank a header message naming the forward it belongs
+/// to (its call number and layer, phase backward) and checks all of them against its own: ranks
+/// running the backwards of different forwards (layers run back in different orders, say) all
+/// fail with [`Error::EpMismatch`], naming a peer and both headers, and no row moves. A rank
+/// whose own arguments are refused still sends its header, with the abort flag, so that its
+/// peers fail at once with the `EpMismatch` naming it. Waits for that header exchange (a host
+/// read, bounded by the transport's timeout; the rank's dOut rows are packed meanwhile), so it
+/// cannot be captured.
 #[allow(clippy::too_many_arguments)] // moe_backward's arguments, plus the group
 pub fn ep_moe_backward<'x, 'w, 'd, T: HalfElement>(
     group: &mut EpGroup,
@@ -700,7 +735,98 @@ pub fn ep_moe_backward<'x, 'w, 'd, T: HalfElement>(
     options: impl Into<BackwardOptions>,
 ) -> Result<()> {
     let (x, w, dout, options) = (x.into(), w.into(), dout.into(), options.into());
-    let saved = match &ctx.saved {
+    if group.dev.is_capturing()? {
+        // The header exchange reads back to the host. (The peers, if they are not capturing,
+        // end their wait for this rank in EpTimeout.)
+        return Err(Error::CaptureUnsupported(
+            "the expert-parallel backward reads the exchanged call headers back to the host; it \
+             cannot be captured in a CUDA graph"
+                .into(),
+        ));
+    }
+    let prepared = prepare_backward(group, ctx, &coeff, (&x, &w, &dout, &grads), options);
+    let (saved, cfg, router) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            // Still take part in the header exchange, with the abort flag, so that the peers
+            // fail at once (EpMismatch naming this rank) instead of waiting out their timeout.
+            // The header's fields are not compared once the flag is seen.
+            let header = ctx.saved.as_ref().map_or(
+                CallHeader {
+                    seq: group.seq,
+                    layer_id: 0,
+                    phase: Phase::Backward,
+                    setup_digest: group.digest,
+                    training: true,
+                },
+                |s| s.header.backward(),
+            );
+            let msg = header.header_message(group.rank(), true);
+            send_abort(group, ctx, &msg, BACKWARD_HEADER);
+            return Err(e);
+        }
+    };
+    let (t, h) = (cfg.tokens, cfg.hidden);
+    let (cap, received) = (saved.capacity, saved.ep.received);
+
+    let header = saved.ep.header.backward();
+    let msg = header.header_message(group.rank(), false);
+    let dev = group.dev.clone();
+    ctx.msg.ensure(&dev, msg.len())?;
+    dev.stream().memcpy_htod(&msg, &mut ctx.msg.view_mut()?)?;
+    post_messages(group, ctx, msg.len(), BACKWARD_HEADER)?;
+    // Packed while the headers travel: nothing of it depends on the peers.
+    gather_douts(group, ctx, (&dout, t, h, cap), received)?;
+    let headers = read_messages(group, ctx, msg.len(), BACKWARD_HEADER)?;
+    header.check_header_messages(group.transport.world(), &headers)?;
+
+    let traffic = &saved.ep.traffic;
+    send_douts(group, ctx, traffic, h)?;
+    let out = BatchWeightGrads {
+        gate: &mut *grads.gate,
+        up: &mut *grads.up,
+        down: &mut *grads.down,
+        accumulate: options.accumulate,
+        chunking_pairs: Some(traffic.total_pairs()),
+    };
+    owner_backward(group, ctx, (&cfg, saved.path), &w, received, out)?;
+    return_pair_grads(group, ctx, traffic, h, received)?;
+    group.transport.wait("backward returns")?;
+    router_half(
+        &mut ctx.source,
+        (&cfg, router),
+        &coeff,
+        (&x, &w.router),
+        (grads.dx, grads.router),
+        options,
+    )
+}
+
+/// What a backward that passed its own checks works from.
+struct BackwardPlan {
+    /// The forward's header, traffic and received rows.
+    ep: EpSaved,
+    /// The source's pair capacity in that forward.
+    capacity: usize,
+    path: GemmPath,
+}
+
+/// The backward's checks of its own arguments and the sizing of its buffers: everything that
+/// may fail before the header exchange, after which a rank that fails leaves its peers waiting.
+/// Returns the plan, the forward's configuration and its router.
+fn prepare_backward<T: HalfElement>(
+    group: &EpGroup,
+    ctx: &mut EpContext<T>,
+    coeff: &Coefficient,
+    (x, w, dout, grads): (
+        &TensorView<T>,
+        &MoeWeightViews<T>,
+        &TensorView<T>,
+        &MoeGrads<T>,
+    ),
+    options: BackwardOptions,
+) -> Result<(BackwardPlan, LayerConfig, RouterKind)> {
+    let ep = match &ctx.saved {
         Some(s) if s.training => s.clone(),
         Some(_) => {
             return Err(Error::InvalidConfig(
@@ -723,37 +849,44 @@ pub fn ep_moe_backward<'x, 'w, 'd, T: HalfElement>(
     let (cfg, router) = (src_saved.config, src_saved.router);
     group.check_call::<T>(&cfg, router)?;
     options.validate()?;
-    check_coefficient(&ctx.source, &coeff)?;
+    check_coefficient(&ctx.source, coeff)?;
     let el = group.partition.local_experts();
-    check_backward_inputs(&ctx.source, &cfg, el, &x, &w, &dout, &grads)?;
+    check_backward_inputs(&ctx.source, &cfg, el, x, w, dout, grads)?;
 
-    let dev = group.dev.clone();
-    let (t, h, f) = (cfg.tokens, cfg.hidden, cfg.ffn);
-    let (cap, received) = (src_saved.capacity, saved.received);
+    let dev = &group.dev;
+    let (h, f) = (cfg.hidden, cfg.ffn);
+    let (capacity, received) = (src_saved.capacity, ep.received);
     let path = ctx.source.gemm_path()?;
-    ctx.source.bwd.size_router_half(&dev, cap, &cfg)?;
+    ctx.source.bwd.size_router_half(dev, capacity, &cfg)?;
     ctx.owner_bwd
-        .size_expert_half(&dev, received, (h, f, el), path)?;
-    ctx.source.upload_fixed_coeff(&coeff)?;
+        .size_expert_half(dev, received, (h, f, el), path)?;
+    ctx.source.upload_fixed_coeff(coeff)?;
+    let plan = BackwardPlan { ep, capacity, path };
+    Ok((plan, cfg, router))
+}
 
-    send_douts(group, ctx, &saved.traffic, (&dout, t, h, cap))?;
-    let out = BatchWeightGrads {
-        gate: &mut *grads.gate,
-        up: &mut *grads.up,
-        down: &mut *grads.down,
-        accumulate: options.accumulate,
-        chunking_pairs: Some(saved.traffic.total_pairs()),
-    };
-    owner_backward(group, ctx, (&cfg, path), &w, received, out)?;
-    return_pair_grads(group, ctx, &saved.traffic, h, received)?;
-    group.transport.wait("backward returns")?;
-    router_half(
-        &mut ctx.source,
-        (&cfg, router),
-        &coeff,
-        (&x, &w.router),
-        (grads.dx, grads.router),
-        options,
+/// This rank's dOut rows in pair order, into `dout_send` (so that each owner's are one range);
+/// and room for the `received` rows it gets as an owner.
+fn gather_douts<T: HalfElement>(
+    group: &EpGroup,
+    ctx: &mut EpContext<T>,
+    (dout, t, h, cap): (&TensorView<T>, usize, usize, usize),
+    received: usize,
+) -> Result<()> {
+    let dev = &group.dev;
+    let e = group.partition.experts();
+    ctx.dout_send.ensure(dev, cap * h)?;
+    ctx.recv_dout.ensure(dev, received * h)?;
+    let src = &ctx.source;
+    gather_rows(
+        dev,
+        dout,
+        t,
+        &src.pair_token,
+        &mut ctx.dout_send,
+        (&src.expert_offsets, e),
+        cap,
+        h,
     )
 }
 
@@ -762,28 +895,12 @@ fn send_douts<T: HalfElement>(
     group: &mut EpGroup,
     ctx: &mut EpContext<T>,
     traffic: &TrafficMatrix,
-    (dout, t, h, cap): (&TensorView<T>, usize, usize, usize),
+    h: usize,
 ) -> Result<()> {
-    let dev = group.dev.clone();
     let rank = group.rank();
     let (send, recv) = (traffic.send_offsets(rank), traffic.receive_bases(rank));
-    let received = *recv.last().expect("R+1 bases");
-    let e = group.partition.experts();
-    ctx.dout_send.ensure(&dev, cap * h)?;
-    ctx.recv_dout.ensure(&dev, received * h)?;
-    let src = &ctx.source;
-    gather_rows(
-        &dev,
-        dout,
-        t,
-        &src.pair_token,
-        &mut ctx.dout_send,
-        (&src.expert_offsets, e),
-        cap,
-        h,
-    )?;
     group.transport.exchange(
-        &dev,
+        &group.dev,
         "backward rows",
         (&ctx.dout_send.view()?, &row_ranges(&send, h)),
         (&mut ctx.recv_dout.view_mut()?, &row_ranges(&recv, h)),

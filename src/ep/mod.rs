@@ -6,10 +6,12 @@
 //! - [`layer`]: the layer on the GPU, [`ep_moe_forward`] and [`ep_moe_backward`] over an
 //!   [`EpGroup`] (R ranks that agreed on one [`EpSetup`]) and an [`EpContext`] (a rank's own
 //!   routing and combine, and what it holds as an owner). One count exchange per forward,
-//!   read by the host, sizes everything exactly; the backward moves the forward's rows back.
+//!   read by the host, sizes everything exactly; the backward moves the forward's rows back,
+//!   after a header exchange that makes ranks in the backwards of different forwards fail.
 //! - [`protocol`]: who owns which experts ([`ExpertPartition`]), the setup record every rank
-//!   must agree on ([`EpSetup`]), the per-call count message and the traffic matrix built from
-//!   all ranks' messages ([`TrafficMatrix`]), and where each received pair goes on its owner
+//!   must agree on ([`EpSetup`]), the per-call count message (and the backward's header
+//!   message, [`CallHeader`]) and the traffic matrix built from all ranks' messages
+//!   ([`TrafficMatrix`]), and where each received pair goes on its owner
 //!   ([`ReceivePlan`]); the GPU layer builds the same arrays with its kernels
 //!   (kernels/ep_dispatch.cu).
 //! - [`transport`]: the device loopback, R ranks as threads on one GPU exchanging device

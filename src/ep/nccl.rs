@@ -26,8 +26,9 @@
 //! and returns [`Error::Collective`]. Either way the communicator is poisoned: every later call
 //! returns [`Error::EpAborted`] with the first failure's description. A size mismatch therefore
 //! surfaces as a timeout on the rank (or ranks) left waiting, not as a precise
-//! [`Error::EpMismatch`]: that exactness belongs to the protocol's count exchange and to the
-//! loopback hub ([`crate::ep::loopback`]).
+//! [`Error::EpMismatch`]: that exactness belongs to the protocol's count and header exchanges
+//! (fixed-size messages, checked on the host) and to the loopback hub
+//! ([`crate::ep::loopback`]).
 //!
 //! # Loading NCCL
 //!

@@ -12,9 +12,16 @@
 //! 4. as owner, order the received rows with the [`ReceivePlan`], run the local experts, and
 //!    return each result row to its source, which lands it at the pair's own index.
 //!
+//! Its backward moves the same rows back the way they came, with the sizes the forward agreed
+//! on, so it sends no counts. It first sends every rank a **header message**: the forward's
+//! header with phase [`Phase::Backward`] ([`CallHeader::backward`]), so that ranks running the
+//! backwards of different forwards (another call number or layer) all fail
+//! ([`CallHeader::check_header_messages`]) before any row moves, instead of mixing rows.
+//!
 //! Messages are words (`u32`) so that the GPU layer can build them in a kernel and move them as
 //! bytes; nothing here depends on the transport.
 
+use std::fmt;
 use std::ops::Range;
 
 use crate::config::LayerConfig;
@@ -27,7 +34,8 @@ use crate::tensor::DType;
 pub const PROTOCOL_VERSION: u32 = 1;
 const SETUP_MAGIC: u32 = u32::from_le_bytes(*b"REPS");
 const COUNT_MAGIC: u32 = u32::from_le_bytes(*b"REPC");
-/// Words of a count message before the per-expert counts.
+/// Words of a count message before the per-expert counts; also the whole of a header message
+/// (a backward's, [`CallHeader::header_message`]).
 pub const COUNT_HEADER_WORDS: usize = 8;
 /// Flag of a count message: its sender failed a check of its own and takes part only so that
 /// nobody waits for it.
@@ -207,18 +215,29 @@ fn fnv1a(words: &[u32]) -> u32 {
     h
 }
 
-/// Which exchange a count message opens.
+/// Which exchange a count or header message opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// A forward.
+    /// A forward (its count message).
     Forward = 1,
-    /// A backward (it reuses its forward's sizes; the code is reserved for a backward that
-    /// re-checks them).
+    /// A backward (its header message; it reuses its forward's sizes, so it sends no counts).
     Backward = 2,
 }
 
-/// What every count message of one call must carry alike: a rank whose header differs is out
-/// of step (it skipped a layer, or runs a backward against a forward).
+impl Phase {
+    /// The phase's name, or its code when it names none.
+    fn describe(code: u32) -> String {
+        match code {
+            c if c == Phase::Forward as u32 => "forward".into(),
+            c if c == Phase::Backward as u32 => "backward".into(),
+            c => format!("phase {c}"),
+        }
+    }
+}
+
+/// What every count (or header) message of one call must carry alike: a rank whose header
+/// differs is out of step (it skipped a layer, runs a backward against a forward, or the
+/// backward of another forward).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallHeader {
     /// The group's call counter; every rank counts its calls alike.
@@ -234,6 +253,42 @@ pub struct CallHeader {
 }
 
 impl CallHeader {
+    /// The header of the backward of the forward this header opened: the forward's call number,
+    /// layer, training flag and setup digest, with phase [`Phase::Backward`]. A backward takes
+    /// no call number of its own: its header names the forward it belongs to.
+    pub fn backward(&self) -> Self {
+        Self {
+            phase: Phase::Backward,
+            ..*self
+        }
+    }
+
+    /// Rank `rank`'s header message: the [`COUNT_HEADER_WORDS`] words of a count message's
+    /// header and no counts. A backward sends it to every rank before its rows (the sizes are
+    /// its forward's, already agreed), which check it with
+    /// [`CallHeader::check_header_messages`]. `abort`: as for [`CallHeader::count_message`].
+    pub fn header_message(&self, rank: usize, abort: bool) -> [u32; COUNT_HEADER_WORDS] {
+        self.words(rank, abort, 0)
+    }
+
+    /// Checks `messages[s]`, source s's header message, against this header (the receiver's
+    /// own), in rank order, for a group of `world` ranks. The first source whose message is
+    /// malformed, out of step or aborted is named in an [`Error::EpMismatch`] that gives both
+    /// headers. Since every rank compares every rank's message with its own, the ranks fail
+    /// together: unless all headers are equal, each rank finds one that differs from its own.
+    pub fn check_header_messages(&self, world: usize, messages: &[Vec<u32>]) -> Result<()> {
+        if messages.len() != world {
+            return Err(Error::InvalidConfig(format!(
+                "{} header messages for {world} ranks",
+                messages.len()
+            )));
+        }
+        for (s, msg) in messages.iter().enumerate() {
+            self.check_words(s, msg, COUNT_HEADER_WORDS, "header")?;
+        }
+        Ok(())
+    }
+
     /// Rank `rank`'s count message: the header, then its pairs per expert, as differences of its
     /// dispatch's `expert_offsets` \[E+1\]. Differences of the offsets, not the router's counts:
     /// a source whose pairs overflowed its capacity publishes all-zero offsets (an empty
@@ -271,19 +326,24 @@ impl CallHeader {
         ]
     }
 
-    /// Checks source `rank`'s message against this header (the receiver's own).
+    /// Checks source `rank`'s count message against this header (the receiver's own).
     fn check(&self, rank: usize, msg: &[u32], experts: usize) -> Result<()> {
-        let want = COUNT_HEADER_WORDS + experts;
+        self.check_words(rank, msg, COUNT_HEADER_WORDS + experts, "count")
+    }
+
+    /// Checks source `rank`'s `kind` message of `want` words against this header: its length,
+    /// then its header words. A field that differs is named with both headers.
+    fn check_words(&self, rank: usize, msg: &[u32], want: usize, kind: &str) -> Result<()> {
         if msg.len() != want {
             return mismatch(
                 rank,
-                format!("a count message of {} words, not {want}", msg.len()),
+                format!("a {kind} message of {} words, not {want}", msg.len()),
             );
         }
         if msg[0] != COUNT_MAGIC || msg[1] != PROTOCOL_VERSION {
             return mismatch(
                 rank,
-                "its count message is not one of this protocol version",
+                format!("its {kind} message is not one of this protocol version"),
             );
         }
         if msg[2] as usize != rank {
@@ -305,11 +365,42 @@ impl CallHeader {
         ];
         for (name, theirs, ours) in fields {
             if theirs != ours {
-                return mismatch(rank, format!("{name} {theirs} where this rank has {ours}"));
+                return mismatch(
+                    rank,
+                    format!(
+                        "{name} {theirs} where this rank has {ours} (its header: {}; this \
+                         rank's: {self})",
+                        describe_header(msg)
+                    ),
+                );
             }
         }
         Ok(())
     }
+}
+
+/// "layer 3, call 7, forward, training, setup 0x…": a header as the errors give it.
+impl fmt::Display for CallHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&describe_header(&self.words(0, false, 0)))
+    }
+}
+
+/// The header words of a count or header message (at least [`COUNT_HEADER_WORDS`]) as
+/// [`CallHeader`]'s `Display` gives a header.
+fn describe_header(w: &[u32]) -> String {
+    let mode = if w[6] & FLAG_TRAINING != 0 {
+        "training"
+    } else {
+        "inference"
+    };
+    format!(
+        "layer {}, call {}, {}, {mode}, setup {:#010x}",
+        w[4],
+        w[3],
+        Phase::describe(w[5]),
+        w[7]
+    )
 }
 
 /// Who sends how many pairs of which expert: `count(s, e)` is source s's pairs of expert e.
@@ -656,13 +747,125 @@ mod tests {
         ];
         for (bad, what) in cases {
             let err = TrafficMatrix::from_messages(part, &h, &[good.clone(), bad]).unwrap_err();
-            assert_eq!(
-                err,
-                Error::EpMismatch {
-                    rank: 1,
-                    what: what.into()
+            match err {
+                Error::EpMismatch { rank: 1, what: got } => {
+                    assert!(got.starts_with(what), "{got:?} is not {what:?}...")
                 }
+                other => panic!("{other:?}, not the mismatch of rank 1"),
+            }
+        }
+        // A field that differs is named with both headers.
+        let later = CallHeader { seq: 8, ..h }.count_message(1, &[0; 5], false);
+        let err = TrafficMatrix::from_messages(part, &h, &[good, later]).unwrap_err();
+        let digest = h.setup_digest;
+        assert_eq!(
+            err,
+            Error::EpMismatch {
+                rank: 1,
+                what: format!(
+                    "call number 8 where this rank has 7 (its header: layer 3, call 8, forward, \
+                     training, setup {digest:#010x}; this rank's: layer 3, call 7, forward, \
+                     training, setup {digest:#010x})"
+                )
+            }
+        );
+    }
+
+    #[test]
+    fn a_backward_header_names_its_forward_and_carries_no_counts() {
+        let fwd = header();
+        let bwd = fwd.backward();
+        assert_eq!(bwd.phase, Phase::Backward);
+        assert_eq!((bwd.seq, bwd.layer_id, bwd.training), (7, 3, true));
+        assert_eq!(bwd.setup_digest, fwd.setup_digest);
+        // The count message's header words, with no counts and no split-K count.
+        let msg = bwd.header_message(1, false);
+        assert_eq!(
+            &msg[..],
+            &bwd.count_message(1, &[0, 2, 5], false)[..COUNT_HEADER_WORDS]
+        );
+        assert_eq!(msg[5], Phase::Backward as u32);
+        let all = [
+            bwd.header_message(0, false).to_vec(),
+            bwd.header_message(1, false).to_vec(),
+        ];
+        bwd.check_header_messages(2, &all).unwrap();
+        assert!(matches!(
+            bwd.check_header_messages(3, &all),
+            Err(Error::InvalidConfig(_))
+        ));
+    }
+
+    #[test]
+    fn ranks_in_the_backwards_of_different_forwards_all_fail_naming_both_headers() {
+        // Rank 0 runs the backward of call 1 (layer 1) while rank 1 runs that of call 0
+        // (layer 0): each names the other, with both headers.
+        let digest = setup(2, 4).digest().unwrap();
+        let fwd = |seq: u32| CallHeader {
+            seq,
+            layer_id: seq,
+            phase: Phase::Forward,
+            setup_digest: digest,
+            training: true,
+        };
+        let own = [fwd(1).backward(), fwd(0).backward()];
+        let msgs: Vec<Vec<u32>> = (0..2)
+            .map(|r| own[r].header_message(r, false).to_vec())
+            .collect();
+        let bwd =
+            |seq| format!("layer {seq}, call {seq}, backward, training, setup {digest:#010x}");
+        for (r, h) in own.iter().enumerate() {
+            let peer = 1 - r;
+            let (theirs, ours) = (own[peer].seq, h.seq);
+            assert_eq!(
+                h.check_header_messages(2, &msgs).unwrap_err(),
+                Error::EpMismatch {
+                    rank: peer,
+                    what: format!(
+                        "call number {theirs} where this rank has {ours} (its header: {}; this \
+                         rank's: {})",
+                        bwd(theirs),
+                        bwd(ours)
+                    )
+                },
+                "rank {r}"
             );
+        }
+
+        // The same call in another layer, a forward's count message, an aborted peer, a
+        // forward's header: each refused by the receiver, naming rank 1.
+        let h = fwd(0).backward();
+        let good = h.header_message(0, false).to_vec();
+        let cases: Vec<(Vec<u32>, &str)> = vec![
+            (
+                CallHeader { layer_id: 5, ..h }
+                    .header_message(1, false)
+                    .to_vec(),
+                "layer 5 where this rank has 0 (its header: layer 5, call 0, backward",
+            ),
+            (
+                h.count_message(1, &[0; 5], false),
+                "a header message of 12 words, not 8",
+            ),
+            (
+                h.header_message(1, true).to_vec(),
+                "it aborted this call after a check of its own failed",
+            ),
+            (
+                fwd(0).header_message(1, false).to_vec(),
+                "phase 1 where this rank has 2 (its header: layer 0, call 0, forward",
+            ),
+        ];
+        for (bad, what) in cases {
+            match h
+                .check_header_messages(2, &[good.clone(), bad])
+                .unwrap_err()
+            {
+                Error::EpMismatch { rank: 1, what: got } => {
+                    assert!(got.starts_with(what), "{got:?} is not {what:?}...")
+                }
+                other => panic!("{other:?}, not the mismatch of rank 1"),
+            }
         }
     }
 
