@@ -36,153 +36,18 @@
 
 use crate::config::LayerConfig;
 use crate::controller::Coefficient;
-use crate::device::Device;
 use crate::element::HalfElement;
 use crate::error::{Error, Result};
-use crate::experts::{BatchGradBufs, BatchGradInputs, BatchWeightGrads, ExpertBatch};
+use crate::experts::{BatchGradInputs, BatchWeightGrads, ExpertBatch};
 use crate::ffi;
-use crate::gemm::GemmPath;
 use crate::graph;
 use crate::moe::{
     check_coefficient, check_layer_tensors, MoeContext, MoeWeightViews, RouterKind, SavedForward,
 };
+use crate::scratch::router_wgrad_slices;
+pub(crate) use crate::scratch::BackwardScratch;
 use crate::tensor::{DeviceTensor, Element, Launch, TensorView};
-use crate::weight_grad_split::WeightGradSplit;
 use crate::workspace::GrowBuf;
-
-/// The backward's scratch buffers, kept in the context and reused.
-#[derive(Debug)]
-pub(crate) struct BackwardScratch<T: Element> {
-    dy: GrowBuf<T>,
-    /// dR's 32-column group sums from the dAct GEMM, [capacity, ceil(F / 32)].
-    row_dots: GrowBuf<f32>,
-    /// [capacity] each pair's dR, and [capacity, H] its share of dX: what the expert half
-    /// hands the router half (over the link, on an expert-parallel rank).
-    pub(crate) dr: GrowBuf<f32>,
-    dg: GrowBuf<T>,
-    du: GrowBuf<T>,
-    pub(crate) dx_pair: GrowBuf<T>,
-    dl: GrowBuf<f32>,
-    dxr: GrowBuf<f32>,
-    partial: GrowBuf<f32>,
-    /// X's rows in pair order, for the Hopper weight gradients (see step 5).
-    x_rows: GrowBuf<T>,
-    /// The weight gradients' fixed-order split (step 5).
-    wg_split: WeightGradSplit,
-}
-
-impl<T: Element> BackwardScratch<T> {
-    /// Bytes of the allocations.
-    pub(crate) fn bytes(&self) -> usize {
-        self.dy.bytes()
-            + self.row_dots.bytes()
-            + self.dr.bytes()
-            + self.dg.bytes()
-            + self.du.bytes()
-            + self.dx_pair.bytes()
-            + self.dl.bytes()
-            + self.dxr.bytes()
-            + self.partial.bytes()
-            + self.x_rows.bytes()
-            + self.wg_split.bytes()
-    }
-}
-
-impl<T: Element> BackwardScratch<T> {
-    /// Sizes the expert half's buffers for `cap` pairs of experts of (H, F), `e` of them;
-    /// returns how many it allocated.
-    pub(crate) fn size_expert_half(
-        &mut self,
-        dev: &Device,
-        cap: usize,
-        (h, f, e): (usize, usize, usize),
-        path: GemmPath,
-    ) -> Result<u64> {
-        let groups = f.div_ceil(32); // dR's column groups (kernels/swiglu.cuh)
-                                     // The Hopper weight-gradient kernel reads whole blocks by TMA, which cannot gather: it
-                                     // gets X's rows in pair order instead (the mma.sync kernel gathers inside its loads).
-        let x_rows = if path == GemmPath::Hopper { cap * h } else { 0 };
-        let grew = [
-            self.dy.ensure(dev, cap * h)?,
-            self.row_dots.ensure(dev, cap * groups)?,
-            self.dr.ensure(dev, cap)?,
-            self.dg.ensure(dev, cap * f)?,
-            self.du.ensure(dev, cap * f)?,
-            self.dx_pair.ensure(dev, cap * h)?,
-            self.x_rows.ensure(dev, x_rows)?,
-        ];
-        let split = self.wg_split.ensure(dev, e, h, f)?;
-        Ok(grew.iter().filter(|&&g| g).count() as u64 + split)
-    }
-
-    /// Sizes the router half's buffers (and the per-pair dR and dX it reads, `cap` pairs);
-    /// returns how many it allocated.
-    pub(crate) fn size_router_half(
-        &mut self,
-        dev: &Device,
-        cap: usize,
-        cfg: &LayerConfig,
-    ) -> Result<u64> {
-        let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
-        let slices = router_wgrad_slices(t, h, e);
-        let grew = [
-            self.dr.ensure(dev, cap)?,
-            self.dx_pair.ensure(dev, cap * h)?,
-            self.dl.ensure(dev, t * e)?,
-            self.dxr.ensure(dev, t * h)?,
-            self.partial.ensure(dev, slices * h * e)?,
-        ];
-        Ok(grew.iter().filter(|&&g| g).count() as u64)
-    }
-
-    /// Fills every buffer that a backward rewrites before reading.
-    pub(crate) fn poison(&mut self) -> Result<()> {
-        self.dy.poison()?;
-        self.row_dots.poison()?;
-        self.dr.poison()?;
-        self.dg.poison()?;
-        self.du.poison()?;
-        self.dx_pair.poison()?;
-        self.dl.poison()?;
-        self.dxr.poison()?;
-        self.partial.poison()?;
-        self.x_rows.poison()?;
-        self.wg_split.poison()
-    }
-
-    /// The expert half's buffers, with the context's `act` (which the dAct GEMM recomputes).
-    pub(crate) fn batch_bufs<'a>(&'a mut self, act: &'a mut GrowBuf<T>) -> BatchGradBufs<'a, T> {
-        BatchGradBufs {
-            dg: &mut self.dg,
-            du: &mut self.du,
-            act,
-            row_dots: &mut self.row_dots,
-            dy: &mut self.dy,
-            dr: &mut self.dr,
-            dx_pair: &mut self.dx_pair,
-            x_rows: &mut self.x_rows,
-            wg_split: &mut self.wg_split,
-        }
-    }
-}
-
-impl<T: Element> Default for BackwardScratch<T> {
-    fn default() -> Self {
-        Self {
-            dy: GrowBuf::default(),
-            row_dots: GrowBuf::default(),
-            dr: GrowBuf::default(),
-            dg: GrowBuf::default(),
-            du: GrowBuf::default(),
-            dx_pair: GrowBuf::default(),
-            dl: GrowBuf::default(),
-            dxr: GrowBuf::default(),
-            partial: GrowBuf::default(),
-            x_rows: GrowBuf::default(),
-            wg_split: WeightGradSplit::default(),
-        }
-    }
-}
 
 /// Where the backward writes: the input gradient in the activation dtype, the weight gradients
 /// in f32 (the usual master-gradient precision, and what accumulation across micro-batches
@@ -211,7 +76,8 @@ pub struct BackwardOptions {
     /// The factor the balance loss's gradient (the regulariser's, or TopK's aux loss's) is
     /// multiplied by before it joins dOut's: give the same factor dOut carries, the loss scale
     /// of mixed-precision training and/or 1/(micro-batches) of gradient averaging, so that the
-    /// effective coefficient (lambda or c) does not change with it. Must be finite. Default 1.
+    /// effective coefficient (lambda or c) does not change with it. In [0, 2^40]
+    /// ([`BALANCE_GRAD_SCALE_MAX`](crate::controller::BALANCE_GRAD_SCALE_MAX)). Default 1.
     pub balance_grad_scale: f64,
 }
 
@@ -236,9 +102,13 @@ impl From<bool> for BackwardOptions {
 
 impl BackwardOptions {
     pub(crate) fn validate(&self) -> Result<()> {
-        if !self.balance_grad_scale.is_finite() {
+        // A negative scale flips the balance gradient's sign, as a negative coefficient would
+        // (refused for the same reason, see controller::check_fixed_coefficient); past the
+        // bound the kernels' f32 arithmetic could overflow (src/controller.rs says why).
+        let max = crate::controller::BALANCE_GRAD_SCALE_MAX;
+        if !(0.0..=max).contains(&self.balance_grad_scale) {
             return Err(Error::InvalidConfig(format!(
-                "moe_backward: balance_grad_scale must be finite, got {}",
+                "moe_backward: balance_grad_scale must be finite and in [0, {max:e}], got {}",
                 self.balance_grad_scale
             )));
         }
@@ -291,14 +161,6 @@ impl<E: Element> SetLen for GrowBuf<E> {
     fn set_len_to(&mut self, n: usize) -> Result<()> {
         self.set_len(n)
     }
-}
-
-/// How many slices the dWr reduction over T is cut into: enough blocks to fill the GPU, each
-/// slice at least 256 tokens.
-fn router_wgrad_slices(t: usize, h: usize, e: usize) -> usize {
-    let blocks_per_slice = h.div_ceil(64) * e.div_ceil(32);
-    let fill = 264usize.div_ceil(blocks_per_slice).max(1);
-    t.div_ceil(256).clamp(1, fill)
 }
 
 /// The backward of the last successful forward run with `ctx`, which must have saved for
@@ -593,8 +455,9 @@ mod tests {
     }
 
     #[test]
-    fn a_non_finite_balance_scale_is_refused() {
-        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+    fn a_balance_scale_out_of_range_is_refused() {
+        let max = crate::controller::BALANCE_GRAD_SCALE_MAX;
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1.0, 2.0 * max] {
             let o = BackwardOptions {
                 accumulate: false,
                 balance_grad_scale: bad,

@@ -1,25 +1,27 @@
-//! How many routed pairs a context's pair buffers hold: the contract that lets a forward run
-//! without reading |A| back to the host.
+//! How many routed pairs a context's pair buffers hold.
 //!
 //! A ReMoE forward routes a data-dependent number of (token, expert) pairs |A|, anywhere from 0 to
-//! T E (in the dense stage of training, most of them). The GPU layer never reads |A| back while
-//! it runs (so it can be captured in a CUDA graph, and the CPU never waits for it): the pair
-//! buffers (act, y, g, u, the backward's per-pair gradients) are sized up front by a capacity,
-//! and every kernel reads the real counts from device memory.
+//! T E (in the dense stage of training, most of them). The pair buffers (act, y, g, u, the
+//! backward's per-pair gradients) are sized by a capacity, and every kernel reads the real counts
+//! from device memory.
 //!
-//! - [`PairCapacity::Auto`] (the default) takes the worst case, T E pairs, whenever the pair
-//!   buffers of that many fit in a memory budget, so a forward can never overflow; when they do
-//!   not, it takes twice the pairs of a k-of-E router, 2 k T (at most T E).
-//! - [`PairCapacity::Pairs`] fixes the number.
+//! - [`PairCapacity::Auto`] (the default): when the worst case, T E pairs, fits a memory budget,
+//!   the buffers hold T E pairs and a forward reads nothing back (so it can be captured in a CUDA
+//!   graph, and the CPU never waits for it). When it does not fit, an eager forward reads |A|
+//!   back once, after the routing statistics, and sizes its buffers for exactly |A| pairs: it is
+//!   dropless at any density. A forward captured in a graph cannot read anything: it uses what
+//!   the eager warm-up sized, at least 2 k T pairs.
+//! - [`PairCapacity::Pairs`] fixes the number. An eager forward still reads |A|, and one that
+//!   routes more fails with [`Error::CapacityExceeded`](crate::Error::CapacityExceeded).
 //!
-//! A forward whose |A| exceeds the capacity computes nothing past the buffers: the device
-//! publishes an empty dispatch (the layer's output is zero, the backward's expert gradients
-//! are zero), raises a flag, and the next host-visible call of the context
+//! Only in a replayed graph can |A| exceed the capacity: the device then computes nothing past
+//! the buffers, publishes an empty dispatch (the layer's output is zero, the backward's expert
+//! gradients are zero), raises a flag, and the next host-visible call of the context
 //! ([`MoeContext::stats`](crate::MoeContext::stats),
 //! [`MoeContext::check_device_errors`](crate::MoeContext::check_device_errors),
 //! [`MoeContext::lambda`](crate::MoeContext::lambda)) returns
 //! [`Error::CapacityExceeded`](crate::Error::CapacityExceeded) with the |A| that did not fit.
-//! Nothing is dropped silently.
+//! Nothing is dropped silently. docs/DROPLESS.md has the design and the options weighed.
 
 use crate::config::LayerConfig;
 
@@ -29,7 +31,8 @@ pub const DEFAULT_PAIR_BUDGET_BYTES: usize = 4 << 30;
 /// How many routed pairs the pair buffers are sized for (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PairCapacity {
-    /// T E pairs when their buffers take at most `budget_bytes`, else 2 k T (at most T E).
+    /// T E pairs when their buffers take at most `budget_bytes`; else, eager, exactly the pairs
+    /// each forward routes, and captured, what the eager calls sized (at least 2 k T).
     Auto {
         /// Bytes the per-pair buffers (forward, and backward when saving for it) may take.
         budget_bytes: usize,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{result as driver, CudaContext, CudaStream, DriverError};
 
+use crate::driver::driver_library_present;
 use crate::error::{Error, Result};
 
 /// The GPU targets this build's kernels were compiled for (`REMOE_CUDA_ARCHS` at build time):
@@ -26,23 +27,6 @@ pub const CUDA_TARGETS: &str = env!("REMOE_CUDA_TARGETS");
 pub struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-}
-
-/// Whether the CUDA driver library can be loaded on this machine. With cudarc's
-/// `dynamic-loading` (the default), cudarc loads `libcuda` on its first call and panics when it
-/// is missing; this asks first, so the absence of a GPU is an error value rather than a panic.
-pub fn driver_library_present() -> bool {
-    let names: &[&str] = if cfg!(windows) {
-        &["nvcuda.dll"]
-    } else {
-        &["libcuda.so.1", "libcuda.so"]
-    };
-    names.iter().any(|name| {
-        // SAFETY: loading the driver library runs its initialisers, which only set up the
-        // driver's own state; the handle is closed again when dropped here. cudarc loads the
-        // same library the same way.
-        unsafe { libloading::Library::new(*name) }.is_ok()
-    })
 }
 
 impl Device {

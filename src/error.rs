@@ -104,7 +104,7 @@ pub enum Error {
     /// [`MoeContext::set_pair_capacity`](crate::MoeContext::set_pair_capacity).
     #[error(
         "a forward routed {needed} pairs, past the pair capacity of {capacity}; it dispatched \
-         nothing (raise MoeContext::set_pair_capacity)"
+         nothing (raise MoeContext::set_pair_capacity, or leave it at PairCapacity::Auto)"
     )]
     CapacityExceeded {
         /// The pairs routed.
@@ -160,7 +160,7 @@ pub enum Error {
     },
     /// A checkpoint could not be read or written (see [`crate::weights`]).
     #[error("weights: {0}")]
-    Weights(#[source] crate::weights::WeightsError),
+    Weights(#[source] WeightsError),
 }
 
 /// A driver error as the messages name it: `CUDA_ERROR_OUT_OF_MEMORY (2): out of memory`. The
@@ -169,12 +169,120 @@ pub enum Error {
 /// panics where it cannot, and a message must not).
 pub(crate) fn driver_message(e: &DriverError) -> String {
     let name = format!("{:?} ({})", e.0, e.0 as u32);
-    if !crate::device::driver_library_present() {
+    if !crate::driver::driver_library_present() {
         return name;
     }
     match e.error_string() {
         Ok(what) => format!("{name}: {}", what.to_string_lossy()),
         Err(_) => name,
+    }
+}
+
+/// Why a checkpoint could not be read or written.
+///
+/// `#[non_exhaustive]`: later versions may refuse more kinds of malformed file, so a `match`
+/// outside this crate needs a `_` arm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WeightsError {
+    /// A tensor the layout needs is not in the file.
+    Missing {
+        /// The tensor's name in the file.
+        name: String,
+    },
+    /// A tensor's stored shape disagrees with the layer's sizes, as read from the router (E, H)
+    /// and the first expert tensor (F).
+    Shape {
+        /// The tensor's name in the file.
+        name: String,
+        /// The shape the layer's sizes call for.
+        expected: Vec<usize>,
+        /// The shape stored.
+        actual: Vec<usize>,
+    },
+    /// A tensor whose rank is not the layout's (every tensor the layer reads is 2-D).
+    Rank {
+        /// The tensor's name in the file.
+        name: String,
+        /// The rank the layout stores it with.
+        expected: usize,
+        /// The shape stored.
+        actual: Vec<usize>,
+    },
+    /// A tensor from which the layer's sizes are read has a zero dimension: H, F and E must all
+    /// be at least 1.
+    ZeroSize {
+        /// The tensor's name in the file.
+        name: String,
+        /// The shape stored.
+        shape: Vec<usize>,
+    },
+    /// A tensor disagrees with the layer's sizes in a way no single expected shape describes:
+    /// Megatron's fused columns that are not 2F per expert, or a Hugging Face expert past the
+    /// number of experts the router scores.
+    Inconsistent {
+        /// The tensor's name in the file.
+        name: String,
+        /// How it disagrees.
+        why: String,
+    },
+    /// A tensor stored in a dtype other than bf16, f16 or f32.
+    Dtype {
+        /// The tensor's name in the file.
+        name: String,
+        /// The dtype stored.
+        dtype: String,
+    },
+    /// The bytes are not a safetensors file (the parser's message: a header that is not JSON or
+    /// overruns the file, data offsets that leave gaps or overlap, a tensor's bytes that are not
+    /// its shape's, a file cut short), or the sizes read overflow.
+    Format(String),
+    /// Reading or writing the file failed.
+    Io(String),
+}
+
+impl std::fmt::Display for WeightsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Missing { name } => write!(f, "tensor {name} is not in the file"),
+            Self::Shape {
+                name,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "tensor {name}: expected shape {expected:?}, got {actual:?}"
+            ),
+            Self::Rank {
+                name,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "tensor {name}: expected a {expected}-D tensor, got shape {actual:?}"
+            ),
+            Self::ZeroSize { name, shape } => write!(
+                f,
+                "tensor {name}: shape {shape:?} has a zero dimension (H, F and E must be at least 1)"
+            ),
+            Self::Inconsistent { name, why } => write!(f, "tensor {name}: {why}"),
+            Self::Dtype { name, dtype } => {
+                write!(
+                    f,
+                    "tensor {name}: dtype {dtype} (bf16, f16 or f32 expected)"
+                )
+            }
+            Self::Format(why) => write!(f, "not a usable safetensors file: {why}"),
+            Self::Io(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+impl std::error::Error for WeightsError {}
+
+impl From<WeightsError> for Error {
+    fn from(e: WeightsError) -> Self {
+        Error::Weights(e)
     }
 }
 

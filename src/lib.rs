@@ -77,6 +77,7 @@ pub mod capacity;
 pub mod config;
 pub mod controller;
 pub mod device;
+mod driver;
 mod element;
 pub mod ep;
 pub mod error;
@@ -88,6 +89,7 @@ pub mod graph;
 pub mod moe;
 pub mod reference;
 pub mod router;
+mod scratch;
 pub mod sys;
 pub mod tensor;
 mod weight_grad_split;
@@ -98,8 +100,10 @@ pub use backward::{moe_backward, BackwardOptions, MoeGrads};
 pub use capacity::PairCapacity;
 pub use config::LayerConfig;
 pub use controller::{Coefficient, LambdaController};
-pub use device::{driver_library_present, Device, CUDA_TARGETS};
+pub use device::{Device, CUDA_TARGETS};
+pub use driver::driver_library_present;
 pub use element::HalfElement;
+pub use error::WeightsError;
 pub use error::{Error, Result};
 pub use gemm::GemmPath;
 pub use graph::Graph;
@@ -109,7 +113,7 @@ pub use moe::{
 };
 pub use router::router_forward;
 pub use tensor::{DType, DeviceTensor, Element, TensorView};
-pub use weights::{DeviceMoeWeights, HostMoeWeights, WeightLayout, WeightsError};
+pub use weights::{DeviceMoeWeights, HostMoeWeights, WeightLayout};
 
 /// The README's Rust examples, compiled (and run, unless marked `no_run`) as doctests.
 #[cfg(doctest)]

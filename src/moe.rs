@@ -11,9 +11,11 @@
 //! 4. grouped up projection with the X gather and SwiGLU fused; grouped down projection;
 //! 5. the gate-weighted combine into `out`, without atomics.
 //!
-//! ## No host round-trip
+//! ## Host round-trips
 //!
-//! Nothing is read back to the host during a forward or a backward: the kernels read n_e, |A|
+//! Nothing is read back to the host during a backward, nor during a forward whose pair buffers
+//! hold every possible pair (see [`crate::capacity`]; an eager forward whose buffers could not
+//! reads |A| once, after the routing statistics, to size them exactly): the kernels read n_e, |A|
 //! and the GEMM tile counts from device memory, and every grid is sized from what the host
 //! knows (T, E, and the pair capacity of [`crate::capacity`]; the Hopper GEMMs are persistent,
 //! the others let their surplus blocks leave at once). So a forward returns as soon as its
@@ -526,7 +528,7 @@ pub struct MoeContext<T: HalfElement> {
     /// How many pairs the pair buffers are sized for.
     pub(crate) capacity: PairCapacity,
     /// The backward's scratch (src/backward.rs).
-    pub(crate) bwd: crate::backward::BackwardScratch<T>,
+    pub(crate) bwd: crate::scratch::BackwardScratch<T>,
     /// The expert GEMMs' implementation; None until the first call resolves the default.
     pub(crate) gemm_path: Option<GemmPath>,
 }
@@ -794,7 +796,8 @@ impl<T: HalfElement> MoeContext<T> {
             return Ok(Vec::new());
         };
         self.act.set_len(s.capacity * s.config.ffn)?;
-        self.act.prefix_to_host(self.dispatched_pairs()? * s.config.ffn)
+        self.act
+            .prefix_to_host(self.dispatched_pairs()? * s.config.ffn)
     }
 
     /// y = act Wd of every pair, [|A|, H], in dispatch order (f32, as the combine reads it).
@@ -802,8 +805,10 @@ impl<T: HalfElement> MoeContext<T> {
         let Some(s) = self.saved_forward() else {
             return Ok(Vec::new());
         };
-        self.y.set_len(s.lens.k_splits * s.capacity * s.config.hidden)?;
-        self.y.prefix_to_host(self.dispatched_pairs()? * s.config.hidden)
+        self.y
+            .set_len(s.lens.k_splits * s.capacity * s.config.hidden)?;
+        self.y
+            .prefix_to_host(self.dispatched_pairs()? * s.config.hidden)
     }
 
     /// Overwrites every workspace buffer with 0xFF bytes (NaN floats, -1 indices). For tests:
@@ -1129,9 +1134,7 @@ impl ForwardPlan {
     ) -> Self {
         let save = ctx.save_for_backward;
         let worst = cfg.tokens * cfg.experts;
-        let policy = ctx
-            .capacity
-            .pairs_for(cfg, save, std::mem::size_of::<T>());
+        let policy = ctx.capacity.pairs_for(cfg, save, std::mem::size_of::<T>());
         let (cap, count) = match (mode, ctx.capacity) {
             // The buffers hold every pair the router can make: nothing to count.
             _ if policy >= worst => (worst, None),

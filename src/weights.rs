@@ -45,7 +45,6 @@
 //! by a product of sizes that the file only declares.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::Path;
 
 use half::{bf16, f16};
@@ -54,7 +53,7 @@ use safetensors::SafeTensors;
 
 use crate::device::Device;
 use crate::element::HalfElement;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, WeightsError};
 use crate::moe::MoeWeights;
 use crate::reference::LayerParams;
 use crate::tensor::{DType, DeviceTensor};
@@ -118,114 +117,6 @@ impl WeightLayout {
             unreachable!("only the Hugging Face layouts name experts one by one")
         };
         [g, u, d].map(|p| format!("{prefix}experts.{j}.{p}.weight"))
-    }
-}
-
-/// Why a checkpoint could not be read or written.
-///
-/// `#[non_exhaustive]`: later versions may refuse more kinds of malformed file, so a `match`
-/// outside this crate needs a `_` arm.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum WeightsError {
-    /// A tensor the layout needs is not in the file.
-    Missing {
-        /// The tensor's name in the file.
-        name: String,
-    },
-    /// A tensor's stored shape disagrees with the layer's sizes, as read from the router (E, H)
-    /// and the first expert tensor (F).
-    Shape {
-        /// The tensor's name in the file.
-        name: String,
-        /// The shape the layer's sizes call for.
-        expected: Vec<usize>,
-        /// The shape stored.
-        actual: Vec<usize>,
-    },
-    /// A tensor whose rank is not the layout's (every tensor the layer reads is 2-D).
-    Rank {
-        /// The tensor's name in the file.
-        name: String,
-        /// The rank the layout stores it with.
-        expected: usize,
-        /// The shape stored.
-        actual: Vec<usize>,
-    },
-    /// A tensor from which the layer's sizes are read has a zero dimension: H, F and E must all
-    /// be at least 1.
-    ZeroSize {
-        /// The tensor's name in the file.
-        name: String,
-        /// The shape stored.
-        shape: Vec<usize>,
-    },
-    /// A tensor disagrees with the layer's sizes in a way no single expected shape describes:
-    /// Megatron's fused columns that are not 2F per expert, or a Hugging Face expert past the
-    /// number of experts the router scores.
-    Inconsistent {
-        /// The tensor's name in the file.
-        name: String,
-        /// How it disagrees.
-        why: String,
-    },
-    /// A tensor stored in a dtype other than bf16, f16 or f32.
-    Dtype {
-        /// The tensor's name in the file.
-        name: String,
-        /// The dtype stored.
-        dtype: String,
-    },
-    /// The bytes are not a safetensors file (the parser's message: a header that is not JSON or
-    /// overruns the file, data offsets that leave gaps or overlap, a tensor's bytes that are not
-    /// its shape's, a file cut short), or the sizes read overflow.
-    Format(String),
-    /// Reading or writing the file failed.
-    Io(String),
-}
-
-impl fmt::Display for WeightsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Missing { name } => write!(f, "tensor {name} is not in the file"),
-            Self::Shape {
-                name,
-                expected,
-                actual,
-            } => write!(
-                f,
-                "tensor {name}: expected shape {expected:?}, got {actual:?}"
-            ),
-            Self::Rank {
-                name,
-                expected,
-                actual,
-            } => write!(
-                f,
-                "tensor {name}: expected a {expected}-D tensor, got shape {actual:?}"
-            ),
-            Self::ZeroSize { name, shape } => write!(
-                f,
-                "tensor {name}: shape {shape:?} has a zero dimension (H, F and E must be at least 1)"
-            ),
-            Self::Inconsistent { name, why } => write!(f, "tensor {name}: {why}"),
-            Self::Dtype { name, dtype } => {
-                write!(
-                    f,
-                    "tensor {name}: dtype {dtype} (bf16, f16 or f32 expected)"
-                )
-            }
-            Self::Format(why) => write!(f, "not a usable safetensors file: {why}"),
-            Self::Io(why) => write!(f, "{why}"),
-        }
-    }
-}
-
-impl std::error::Error for WeightsError {}
-
-impl From<WeightsError> for Error {
-    fn from(e: WeightsError) -> Self {
-        Error::Weights(e)
     }
 }
 

@@ -14,7 +14,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use half::bf16;
 use remoe_kernels::candle::MoeLayer;
 use remoe_kernels::reference::{self, LayerParams};
-use remoe_kernels::{HostMoeWeights, LayerConfig, RouterKind, WeightLayout};
+use remoe_kernels::{HostMoeWeights, LayerConfig, PairCapacity, RouterKind, WeightLayout};
 use remoe_testkit::rng::{fresh_seed, seeded, UniformVec};
 
 use common::{gpu_or_skip, rel_err, seed_note, training_steps};
@@ -228,4 +228,76 @@ fn a_small_candle_model_trains() {
         let back = HostMoeWeights::<bf16>::from_safetensors(&bytes, "moe.", layout).unwrap();
         assert_eq!(back, trained, "{test}: {layout:?}");
     }
+}
+
+/// Issue 27 through candle: a layer in ReMoE's dense stage (every gate open) is dropless with a
+/// capacity too small for the worst case (the eager forward counts its pairs), equal bit for bit
+/// to the layer whose buffers hold every pair; a fixed capacity that the pairs exceed fails the
+/// forward with the crate's error inside candle's; a NaN router logit is reported by `end_step`.
+#[test]
+fn the_candle_layer_is_dropless_and_reports_device_errors() {
+    let test = "the_candle_layer_is_dropless_and_reports_device_errors";
+    let Some(cdev) = candle_gpu_or_skip(test) else {
+        return;
+    };
+    let seed = fresh_seed();
+    let note = seed_note(seed);
+    let (t, h, f, e, k) = (320, 64, 128, 8, 1);
+    let cfg = LayerConfig::new(t, h, f, e, k);
+    let p = remoe_testkit::synthetic::problem_with_density(cfg, &[1.0; 8], seed);
+    let host = HostMoeWeights::new(
+        h,
+        f,
+        e,
+        LayerParams {
+            router: bf16_vec(&p.params.router),
+            gate: bf16_vec(&p.params.gate),
+            up: bf16_vec(&p.params.up),
+            down: bf16_vec(&p.params.down),
+        },
+    )
+    .unwrap();
+    let x = Tensor::from_slice(&bf16_vec(&p.x), (t, h), &cdev).unwrap();
+    let run = |capacity: PairCapacity| -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
+        let mut layer = MoeLayer::from_host_weights(RouterKind::Relu, &host, k, 0.0, &cdev)?;
+        layer.set_fixed_coefficient(1e-3);
+        layer.set_pair_capacity(capacity);
+        let xv = Var::from_tensor(&x)?;
+        let y = layer.forward_with_loss(xv.as_tensor())?;
+        let loss = (y.out.to_dtype(DType::F32)?.sum_all()? + y.balance_loss)?;
+        let grads = loss.backward()?;
+        let dx = grads.get(xv.as_tensor()).expect("dx");
+        let out = f64_of(&y.out);
+        let dx = f64_of(dx);
+        drop(grads);
+        layer.end_step()?;
+        Ok((out, dx))
+    };
+    let (want_out, want_dx) = run(PairCapacity::default()).unwrap();
+    let (out, dx) = run(PairCapacity::Auto { budget_bytes: 0 }).unwrap();
+    assert!(
+        want_out.iter().any(|&v| v != 0.0),
+        "{test}: a zero layer, {note}"
+    );
+    let same = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    assert!(same(&out, &want_out), "{test}: counted output, {note}");
+    assert!(same(&dx, &want_dx), "{test}: counted dX, {note}");
+
+    let refused = run(PairCapacity::Pairs(t * e / 2)).unwrap_err().to_string();
+    assert!(
+        refused.contains("capacity"),
+        "{test}: a fixed capacity the pairs exceed: {refused}, {note}"
+    );
+
+    let mut nan_x = bf16_vec(&p.x);
+    nan_x[3 * h + 5] = bf16::NAN;
+    let nan_x = Tensor::from_slice(&nan_x, (t, h), &cdev).unwrap();
+    let layer = MoeLayer::from_host_weights(RouterKind::Relu, &host, k, 0.0, &cdev).unwrap();
+    drop(layer.forward(&nan_x).unwrap());
+    let reported = layer.end_step().unwrap_err().to_string();
+    assert!(
+        reported.contains("non-finite") || reported.contains("NaN"),
+        "{test}: a NaN logit at end_step: {reported}, {note}"
+    );
+    layer.end_step().unwrap();
 }

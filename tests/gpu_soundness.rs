@@ -75,10 +75,22 @@ impl Case {
         out: &mut DeviceTensor<bf16>,
     ) -> remoe_kernels::Result<()> {
         let w = self.d.weights();
-        moe_forward(ctx, &self.cfg, RouterKind::Relu, fixed(), &self.d.x, &w, out)
+        moe_forward(
+            ctx,
+            &self.cfg,
+            RouterKind::Relu,
+            fixed(),
+            &self.d.x,
+            &w,
+            out,
+        )
     }
 
-    fn backward(&self, ctx: &mut MoeContext<bf16>, g: &mut Grads<bf16>) -> remoe_kernels::Result<()> {
+    fn backward(
+        &self,
+        ctx: &mut MoeContext<bf16>,
+        g: &mut Grads<bf16>,
+    ) -> remoe_kernels::Result<()> {
         let w = self.d.weights();
         moe_backward(ctx, fixed(), &self.d.x, &w, &self.dout, g.as_mut(), false)
     }
@@ -119,10 +131,7 @@ fn assert_same(what: &str, got: &[Vec<f64>; 5], want: &[Vec<f64>; 5]) {
 fn capacities() -> [(&'static str, PairCapacity); 2] {
     [
         ("default capacity", PairCapacity::default()),
-        (
-            "counted capacity",
-            PairCapacity::Auto { budget_bytes: 0 },
-        ),
+        ("counted capacity", PairCapacity::Auto { budget_bytes: 0 }),
     ]
 }
 
@@ -147,7 +156,10 @@ fn gpu_a_capture_runs_nothing_and_the_record_stays_the_devices() {
         return;
     };
     let seed = fresh_seed();
-    let (big, small) = (Case::new(&dev, 512, 0.4, seed), Case::new(&dev, 64, 0.4, seed + 1));
+    let (big, small) = (
+        Case::new(&dev, 512, 0.4, seed),
+        Case::new(&dev, 64, 0.4, seed + 1),
+    );
     for (policy, capacity) in capacities() {
         let what = format!("{policy} {}", seed_note(seed));
         let mut ctx = training_ctx(&dev, capacity);
@@ -155,7 +167,11 @@ fn gpu_a_capture_runs_nothing_and_the_record_stays_the_devices() {
         big.forward(&mut ctx, &mut out_big).unwrap();
         let held = ctx.saved_forward().unwrap();
         let graph = capture(&dev, || small.forward(&mut ctx, &mut out_small)).unwrap();
-        assert_eq!(ctx.saved_forward(), Some(held), "{what}: record after the capture");
+        assert_eq!(
+            ctx.saved_forward(),
+            Some(held),
+            "{what}: record after the capture"
+        );
         drop(graph);
         let mut g_small = Grads::new(&dev, &small.cfg);
         let refused = small.backward(&mut ctx, &mut g_small);
@@ -176,7 +192,10 @@ fn gpu_a_replay_installs_the_record_of_the_forward_it_ran() {
         return;
     };
     let seed = fresh_seed();
-    let (big, small) = (Case::new(&dev, 512, 0.4, seed), Case::new(&dev, 64, 0.4, seed + 1));
+    let (big, small) = (
+        Case::new(&dev, 512, 0.4, seed),
+        Case::new(&dev, 64, 0.4, seed + 1),
+    );
     for (policy, capacity) in capacities() {
         let what = format!("{policy} {}", seed_note(seed));
         let mut ctx = training_ctx(&dev, capacity);
@@ -214,14 +233,17 @@ fn gpu_a_replay_is_refused_when_its_context_moved_or_holds_another_forward() {
         return;
     };
     let seed = fresh_seed();
-    let (small, big) = (Case::new(&dev, 64, 0.4, seed), Case::new(&dev, 2048, 0.4, seed + 1));
+    let (small, big) = (
+        Case::new(&dev, 64, 0.4, seed),
+        Case::new(&dev, 2048, 0.4, seed + 1),
+    );
     let what = seed_note(seed);
     let mut ctx = training_ctx(&dev, PairCapacity::default());
     let (mut out_small, mut out_big) = (small.out(&dev), big.out(&dev));
     small.forward(&mut ctx, &mut out_small).unwrap();
     let graph = capture(&dev, || small.forward(&mut ctx, &mut out_small)).unwrap();
     big.forward(&mut ctx, &mut out_big).unwrap(); // grows every buffer
-    // SAFETY: refused before launch; the captured tensors are alive anyway.
+                                                  // SAFETY: refused before launch; the captured tensors are alive anyway.
     let replayed = unsafe { graph.replay() };
     assert!(
         matches!(replayed, Err(Error::CaptureUnsupported(_))),
@@ -275,7 +297,11 @@ fn gpu_poison_workspace_forgets_the_forward() {
     // The next forward and backward are right.
     case.forward(&mut ctx, &mut out).unwrap();
     case.backward(&mut ctx, &mut g).unwrap();
-    assert_same(&seed_note(seed), &g.to_host(bf16::to_f64), &case.fresh_grads(&dev));
+    assert_same(
+        &seed_note(seed),
+        &g.to_host(bf16::to_f64),
+        &case.fresh_grads(&dev),
+    );
 }
 
 /// 2(d): a panic inside a capture's body ends the capture: the stream runs the next forward.
@@ -301,7 +327,12 @@ fn gpu_a_panic_inside_a_capture_ends_it() {
     assert_eq!(ctx.saved_forward(), held, "the record is the device's");
     out.poison().unwrap();
     case.forward(&mut ctx, &mut out).unwrap();
-    assert_eq!(bits(&out.to_host().unwrap()), case.fresh_out(&dev), "{}", seed_note(seed));
+    assert_eq!(
+        bits(&out.to_host().unwrap()),
+        case.fresh_out(&dev),
+        "{}",
+        seed_note(seed)
+    );
 }
 
 /// 2(e): while one thread captures a stream, another thread's calls on it (a forward through a
@@ -342,11 +373,20 @@ fn gpu_another_threads_calls_on_a_capturing_stream_are_refused() {
     .unwrap();
     // SAFETY: every captured tensor is alive and unmoved.
     unsafe { graph.replay() }.unwrap();
-    assert_eq!(bits(&out.to_host().unwrap()), case.fresh_out(&dev), "{}", seed_note(seed));
+    assert_eq!(
+        bits(&out.to_host().unwrap()),
+        case.fresh_out(&dev),
+        "{}",
+        seed_note(seed)
+    );
     // The refused thread's context still holds its own eager forward.
     let mut g = Grads::new(&dev, &case.cfg);
     case.backward(&mut other_ctx, &mut g).unwrap();
-    assert_same(&seed_note(seed), &g.to_host(bf16::to_f64), &case.fresh_grads(&dev));
+    assert_same(
+        &seed_note(seed),
+        &g.to_host(bf16::to_f64),
+        &case.fresh_grads(&dev),
+    );
 }
 
 /// A fixed capacity that an eager forward's pairs exceed is that forward's error: it never
@@ -400,7 +440,16 @@ fn gpu_config_a_from_a_dense_start_is_dropless() {
             ctx.set_gemm_path(path).unwrap();
             let mut out = DeviceTensor::<bf16>::zeros(&dev, &[t, h]).unwrap();
             out.poison().unwrap();
-            moe_forward(&mut ctx, &cfg, RouterKind::Relu, fixed(), &d.x, &w, &mut out).unwrap();
+            moe_forward(
+                &mut ctx,
+                &cfg,
+                RouterKind::Relu,
+                fixed(),
+                &d.x,
+                &w,
+                &mut out,
+            )
+            .unwrap();
             let stats = ctx.stats().unwrap();
             let mut g = Grads::<bf16>::new(&dev, &cfg);
             g.poison();
@@ -427,7 +476,11 @@ fn gpu_config_a_from_a_dense_start_is_dropless() {
         let (out, grads) = &results[0];
         for (other, path) in results.iter().zip(&paths).skip(1) {
             assert!(
-                other.0.iter().zip(out).all(|(a, b)| a.to_bits() == b.to_bits()),
+                other
+                    .0
+                    .iter()
+                    .zip(out)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{what}: {path:?} output differs from {:?}'s",
                 paths[0]
             );

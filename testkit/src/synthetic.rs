@@ -33,19 +33,38 @@ pub struct HostProblem {
 /// X is a constant 1 and row 0 of the router sets each expert's threshold against the noise of
 /// the other features (the honest way to reach a trained model's density with random weights).
 /// `density[e]` = 0 turns expert e off, 1 turns it on for every token.
+///
+/// The values are those of one ChaCha8 stream from `seed` drawn in order (X, the router, then
+/// Wg, Wu, Wd; one u64 per value); large tensors are drawn in pieces on several threads, each
+/// piece from its own position in that stream, so the problem does not depend on the machine.
 pub fn problem_with_density(cfg: LayerConfig, density: &[f64], seed: u64) -> HostProblem {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    problem_on_threads(cfg, density, seed, threads.min(32), Stream::PIECE)
+}
+
+/// The problem drawn on up to `threads` threads, in pieces of at least `min_piece` values.
+fn problem_on_threads(
+    cfg: LayerConfig,
+    density: &[f64],
+    seed: u64,
+    threads: usize,
+    min_piece: usize,
+) -> HostProblem {
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
     assert_eq!(density.len(), e);
-    let mut rng = seeded(seed);
+    let mut stream = Stream {
+        seed,
+        word: 0,
+        threads,
+        min_piece,
+    };
     let r = |v: f64| bf16::from_f64(v).to_f64();
-    // Uniform in [-a, a), rounded to bf16 (a > 0).
-    let u = |a: f64| Uniform::new(-a, a).expect("a > 0");
-    let mut x: Vec<f64> = u(1.0).sample_iter(&mut rng).take(t * h).map(r).collect();
+    let mut x = stream.uniform(t * h, 1.0);
     for ti in 0..t {
         x[ti * h] = 1.0;
     }
     let a = 1.0 / (h as f64).sqrt();
-    let mut router: Vec<f64> = u(a).sample_iter(&mut rng).take(h * e).map(r).collect();
+    let mut router = stream.uniform(h * e, a);
     // logit noise: (H-1) features, each x ~ U(-1,1) (var 1/3) times w ~ U(-a,a) (var a^2/3).
     let sigma = ((h - 1) as f64 / 9.0).sqrt() * a;
     for (ei, &d) in density.iter().enumerate() {
@@ -61,11 +80,54 @@ pub fn problem_with_density(cfg: LayerConfig, density: &[f64], seed: u64) -> Hos
     let wf = (3.0 / f as f64).sqrt();
     let params = LayerParams {
         router,
-        gate: u(wa).sample_iter(&mut rng).take(e * h * f).map(r).collect(),
-        up: u(wa).sample_iter(&mut rng).take(e * h * f).map(r).collect(),
-        down: u(wf).sample_iter(&mut rng).take(e * f * h).map(r).collect(),
+        gate: stream.uniform(e * h * f, wa),
+        up: stream.uniform(e * h * f, wa),
+        down: stream.uniform(e * f * h, wf),
     };
     HostProblem { cfg, x, params }
+}
+
+/// One ChaCha8 stream drawn in order, large draws in parallel pieces.
+struct Stream {
+    seed: u64,
+    /// The stream's position (32-bit words) of the next draw.
+    word: u128,
+    threads: usize,
+    /// The smallest piece drawn on a thread of its own.
+    min_piece: usize,
+}
+
+impl Stream {
+    /// The smallest piece drawn on a thread of its own, by default.
+    const PIECE: usize = 1 << 16;
+
+    /// `n` values uniform in [-a, a) (a > 0), rounded to bf16, in f64: the next `n` u64 of the
+    /// stream, as `Uniform::new(-a, a)` samples them one by one (one u64 each, no rejection).
+    fn uniform(&mut self, n: usize, a: f64) -> Vec<f64> {
+        let dist = Uniform::new(-a, a).expect("a > 0");
+        let (seed, start) = (self.seed, self.word);
+        self.word += 2 * n as u128;
+        let piece = n.div_ceil(self.threads.max(1)).max(self.min_piece.max(1));
+        let mut out = vec![0.0f64; n];
+        let fill = |i: usize, part: &mut [f64]| {
+            let mut rng = seeded(seed);
+            rng.set_word_pos(start + 2 * (i * piece) as u128);
+            for v in part {
+                *v = bf16::from_f64(dist.sample(&mut rng)).to_f64();
+            }
+        };
+        if n <= piece {
+            fill(0, &mut out);
+            return out;
+        }
+        std::thread::scope(|s| {
+            for (i, part) in out.chunks_mut(piece).enumerate() {
+                let fill = &fill;
+                s.spawn(move || fill(i, part));
+            }
+        });
+        out
+    }
 }
 
 /// The same density for every expert.
@@ -126,6 +188,58 @@ impl DeviceProblem {
             gate: &self.gate,
             up: &self.up,
             down: &self.down,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The problem as it was drawn before the draws were split over threads: one sequential
+    /// stream.
+    fn sequential(cfg: LayerConfig, density: &[f64], seed: u64) -> HostProblem {
+        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+        let mut rng = seeded(seed);
+        let r = |v: f64| bf16::from_f64(v).to_f64();
+        let u = |a: f64| Uniform::new(-a, a).expect("a > 0");
+        let mut x: Vec<f64> = u(1.0).sample_iter(&mut rng).take(t * h).map(r).collect();
+        for ti in 0..t {
+            x[ti * h] = 1.0;
+        }
+        let a = 1.0 / (h as f64).sqrt();
+        let mut router: Vec<f64> = u(a).sample_iter(&mut rng).take(h * e).map(r).collect();
+        let sigma = ((h - 1) as f64 / 9.0).sqrt() * a;
+        for (ei, &d) in density.iter().enumerate() {
+            router[ei] = r(sigma * inv_normal_cdf(d));
+        }
+        let wa = (3.0 / h as f64).sqrt();
+        let wf = (3.0 / f as f64).sqrt();
+        let params = LayerParams {
+            router,
+            gate: u(wa).sample_iter(&mut rng).take(e * h * f).map(r).collect(),
+            up: u(wa).sample_iter(&mut rng).take(e * h * f).map(r).collect(),
+            down: u(wf).sample_iter(&mut rng).take(e * f * h).map(r).collect(),
+        };
+        HostProblem { cfg, x, params }
+    }
+
+    #[test]
+    fn parallel_draws_are_the_sequential_stream() {
+        // Odd sizes and pieces: pieces that start and end inside the generator's blocks.
+        let cfg = LayerConfig::new(1031, 136, 264, 5, 2);
+        let density = uniform_density(5, 0.4);
+        let want = sequential(cfg, &density, 0x5eed);
+        for (threads, min_piece) in [(1, 1), (3, 1), (7, 999), (64, 1), (4, Stream::PIECE)] {
+            let got = problem_on_threads(cfg, &density, 0x5eed, threads, min_piece);
+            assert_eq!(got.x, want.x, "x, {threads} threads");
+            assert_eq!(
+                got.params.router, want.params.router,
+                "router, {threads} threads"
+            );
+            assert_eq!(got.params.gate, want.params.gate, "gate, {threads} threads");
+            assert_eq!(got.params.up, want.params.up, "up, {threads} threads");
+            assert_eq!(got.params.down, want.params.down, "down, {threads} threads");
         }
     }
 }

@@ -1,0 +1,153 @@
+//! The backward's scratch buffers: what a backward writes and reads within one call, kept in
+//! the context and reused (src/backward.rs uses them; the context in src/moe.rs owns them).
+
+use crate::config::LayerConfig;
+use crate::device::Device;
+use crate::error::Result;
+use crate::experts::BatchGradBufs;
+use crate::gemm::GemmPath;
+use crate::tensor::Element;
+use crate::weight_grad_split::WeightGradSplit;
+use crate::workspace::GrowBuf;
+
+/// The backward's scratch buffers, kept in the context and reused.
+#[derive(Debug)]
+pub(crate) struct BackwardScratch<T: Element> {
+    pub(crate) dy: GrowBuf<T>,
+    /// dR's 32-column group sums from the dAct GEMM, [capacity, ceil(F / 32)].
+    pub(crate) row_dots: GrowBuf<f32>,
+    /// [capacity] each pair's dR, and [capacity, H] its share of dX: what the expert half
+    /// hands the router half (over the link, on an expert-parallel rank).
+    pub(crate) dr: GrowBuf<f32>,
+    pub(crate) dg: GrowBuf<T>,
+    pub(crate) du: GrowBuf<T>,
+    pub(crate) dx_pair: GrowBuf<T>,
+    pub(crate) dl: GrowBuf<f32>,
+    pub(crate) dxr: GrowBuf<f32>,
+    pub(crate) partial: GrowBuf<f32>,
+    /// X's rows in pair order, for the Hopper weight gradients (see step 5).
+    pub(crate) x_rows: GrowBuf<T>,
+    /// The weight gradients' fixed-order split (step 5).
+    pub(crate) wg_split: WeightGradSplit,
+}
+
+impl<T: Element> BackwardScratch<T> {
+    /// Bytes of the allocations.
+    pub(crate) fn bytes(&self) -> usize {
+        self.dy.bytes()
+            + self.row_dots.bytes()
+            + self.dr.bytes()
+            + self.dg.bytes()
+            + self.du.bytes()
+            + self.dx_pair.bytes()
+            + self.dl.bytes()
+            + self.dxr.bytes()
+            + self.partial.bytes()
+            + self.x_rows.bytes()
+            + self.wg_split.bytes()
+    }
+}
+
+impl<T: Element> BackwardScratch<T> {
+    /// Sizes the expert half's buffers for `cap` pairs of experts of (H, F), `e` of them;
+    /// returns how many it allocated.
+    pub(crate) fn size_expert_half(
+        &mut self,
+        dev: &Device,
+        cap: usize,
+        (h, f, e): (usize, usize, usize),
+        path: GemmPath,
+    ) -> Result<u64> {
+        let groups = f.div_ceil(32); // dR's column groups (kernels/swiglu.cuh)
+                                     // The Hopper weight-gradient kernel reads whole blocks by TMA, which cannot gather: it
+                                     // gets X's rows in pair order instead (the mma.sync kernel gathers inside its loads).
+        let x_rows = if path == GemmPath::Hopper { cap * h } else { 0 };
+        let grew = [
+            self.dy.ensure(dev, cap * h)?,
+            self.row_dots.ensure(dev, cap * groups)?,
+            self.dr.ensure(dev, cap)?,
+            self.dg.ensure(dev, cap * f)?,
+            self.du.ensure(dev, cap * f)?,
+            self.dx_pair.ensure(dev, cap * h)?,
+            self.x_rows.ensure(dev, x_rows)?,
+        ];
+        let split = self.wg_split.ensure(dev, e, h, f)?;
+        Ok(grew.iter().filter(|&&g| g).count() as u64 + split)
+    }
+
+    /// Sizes the router half's buffers (and the per-pair dR and dX it reads, `cap` pairs);
+    /// returns how many it allocated.
+    pub(crate) fn size_router_half(
+        &mut self,
+        dev: &Device,
+        cap: usize,
+        cfg: &LayerConfig,
+    ) -> Result<u64> {
+        let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
+        let slices = router_wgrad_slices(t, h, e);
+        let grew = [
+            self.dr.ensure(dev, cap)?,
+            self.dx_pair.ensure(dev, cap * h)?,
+            self.dl.ensure(dev, t * e)?,
+            self.dxr.ensure(dev, t * h)?,
+            self.partial.ensure(dev, slices * h * e)?,
+        ];
+        Ok(grew.iter().filter(|&&g| g).count() as u64)
+    }
+
+    /// Fills every buffer that a backward rewrites before reading.
+    pub(crate) fn poison(&mut self) -> Result<()> {
+        self.dy.poison()?;
+        self.row_dots.poison()?;
+        self.dr.poison()?;
+        self.dg.poison()?;
+        self.du.poison()?;
+        self.dx_pair.poison()?;
+        self.dl.poison()?;
+        self.dxr.poison()?;
+        self.partial.poison()?;
+        self.x_rows.poison()?;
+        self.wg_split.poison()
+    }
+
+    /// The expert half's buffers, with the context's `act` (which the dAct GEMM recomputes).
+    pub(crate) fn batch_bufs<'a>(&'a mut self, act: &'a mut GrowBuf<T>) -> BatchGradBufs<'a, T> {
+        BatchGradBufs {
+            dg: &mut self.dg,
+            du: &mut self.du,
+            act,
+            row_dots: &mut self.row_dots,
+            dy: &mut self.dy,
+            dr: &mut self.dr,
+            dx_pair: &mut self.dx_pair,
+            x_rows: &mut self.x_rows,
+            wg_split: &mut self.wg_split,
+        }
+    }
+}
+
+impl<T: Element> Default for BackwardScratch<T> {
+    fn default() -> Self {
+        Self {
+            dy: GrowBuf::default(),
+            row_dots: GrowBuf::default(),
+            dr: GrowBuf::default(),
+            dg: GrowBuf::default(),
+            du: GrowBuf::default(),
+            dx_pair: GrowBuf::default(),
+            dl: GrowBuf::default(),
+            dxr: GrowBuf::default(),
+            partial: GrowBuf::default(),
+            x_rows: GrowBuf::default(),
+            wg_split: WeightGradSplit::default(),
+        }
+    }
+}
+
+/// How many slices the dWr reduction over T is cut into: enough blocks to fill the GPU, each
+/// slice at least 256 tokens.
+pub(crate) fn router_wgrad_slices(t: usize, h: usize, e: usize) -> usize {
+    let blocks_per_slice = h.div_ceil(64) * e.div_ceil(32);
+    let fill = 264usize.div_ceil(blocks_per_slice).max(1);
+    t.div_ceil(256).clamp(1, fill)
+}
