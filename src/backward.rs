@@ -135,6 +135,11 @@ impl<T: HalfElement> MoeContext<T> {
             ("g", l.g, &mut self.g),
             ("u", l.u, &mut self.u),
         ];
+        // act too: the dAct GEMM recomputes it there, for the forward's capacity.
+        let act = saved.capacity * saved.config.ffn;
+        let bufs = bufs
+            .into_iter()
+            .chain([("act", act, &mut self.act as &mut dyn SetLen)]);
         for (what, want, buf) in bufs {
             buf.set_len_to(want).map_err(|_| {
                 Error::InvalidConfig(format!(

@@ -25,14 +25,21 @@
 
 use crate::config::LayerConfig;
 
-/// The default memory budget of [`PairCapacity::Auto`]: 4 GiB of per-pair buffers.
-pub const DEFAULT_PAIR_BUDGET_BYTES: usize = 4 << 30;
+/// The default memory budget of [`PairCapacity::Auto`]: 16 GiB of per-pair buffers, and at most
+/// a quarter of the device's memory (see [`PairCapacity::pairs_for`]). Config A's training
+/// forward needs 4.74 GiB for every pair, D's 9.5 GiB: they run without counting. A ReMoE
+/// context that starts dense grows to every pair in its first forwards anyway (the buffers keep
+/// their largest size), so a budget below that would save memory only for runs that never pass
+/// through a dense stage, at the cost of a read per forward.
+pub const DEFAULT_PAIR_BUDGET_BYTES: usize = 16 << 30;
 
 /// How many routed pairs the pair buffers are sized for (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PairCapacity {
-    /// T E pairs when their buffers take at most `budget_bytes`; else, eager, exactly the pairs
-    /// each forward routes, and captured, what the eager calls sized (at least 2 k T).
+    /// T E pairs when their buffers take at most `budget_bytes` (and a quarter of the device's
+    /// memory); else, eager, exactly the pairs each forward routes (until the buffers have grown
+    /// to hold T E), and captured, what the eager calls sized (at least 2 k T). A TopK forward
+    /// routes exactly k T pairs: it gets k T.
     Auto {
         /// Bytes the per-pair buffers (forward, and backward when saving for it) may take.
         budget_bytes: usize,
@@ -50,16 +57,25 @@ impl Default for PairCapacity {
 }
 
 impl PairCapacity {
-    /// The pairs a forward of `cfg` gets buffers for. `training`: whether the forward saves for
-    /// backward (then the backward's per-pair buffers count against the budget too); `elem`:
-    /// the activation dtype's size in bytes.
-    pub fn pairs_for(&self, cfg: &LayerConfig, training: bool, elem: usize) -> usize {
+    /// The pairs a forward of `cfg` gets buffers for up front (an eager forward of `Auto` that
+    /// gets fewer than T E counts its pairs instead, see the module documentation). `training`:
+    /// whether the forward saves for backward (then the backward's per-pair buffers count
+    /// against the budget too); `elem`: the activation dtype's size in bytes; `device_bytes`:
+    /// the device's memory, a quarter of which caps the budget.
+    pub fn pairs_for(
+        &self,
+        cfg: &LayerConfig,
+        training: bool,
+        elem: usize,
+        device_bytes: usize,
+    ) -> usize {
         let worst = cfg.tokens * cfg.experts;
         match *self {
             Self::Pairs(n) => n.min(worst),
             Self::Auto { budget_bytes } => {
                 let per_pair = bytes_per_pair(cfg, training, elem);
-                if worst.saturating_mul(per_pair) <= budget_bytes {
+                let budget = budget_bytes.min(device_bytes / 4);
+                if worst.saturating_mul(per_pair) <= budget {
                     worst
                 } else {
                     (2 * cfg.k * cfg.tokens).min(worst)
@@ -125,22 +141,34 @@ mod tests {
     #[test]
     fn auto_takes_the_worst_case_when_it_fits_the_budget() {
         let cfg = LayerConfig::new(512, 256, 512, 8, 1);
+        let gpu = 80usize << 30;
         let c = PairCapacity::default();
-        assert_eq!(c.pairs_for(&cfg, true, 2), 512 * 8);
+        assert_eq!(c.pairs_for(&cfg, true, 2, gpu), 512 * 8);
         let tight = PairCapacity::Auto {
             budget_bytes: 512 * 8 * bytes_per_pair(&cfg, true, 2) - 1,
         };
-        assert_eq!(tight.pairs_for(&cfg, true, 2), 2 * 512);
+        assert_eq!(tight.pairs_for(&cfg, true, 2, gpu), 2 * 512);
         // The same budget holds the worst case of an inference forward (no backward buffers).
-        assert_eq!(tight.pairs_for(&cfg, false, 2), 512 * 8);
+        assert_eq!(tight.pairs_for(&cfg, false, 2, gpu), 512 * 8);
+        // A quarter of a small device's memory caps the default budget.
+        let small = 4 * (512 * 8 * bytes_per_pair(&cfg, true, 2) - 1);
+        assert_eq!(c.pairs_for(&cfg, true, 2, small), 2 * 512);
+        // Config A and D train without counting on an 80 GB device.
+        for big in [
+            LayerConfig::new(16384, 768, 3072, 8, 1),
+            LayerConfig::new(16384, 1536, 6144, 8, 1),
+        ] {
+            assert_eq!(c.pairs_for(&big, true, 2, gpu), 16384 * 8);
+        }
     }
 
     #[test]
     fn a_fixed_capacity_is_clamped_to_every_pair() {
         let cfg = LayerConfig::new(10, 64, 64, 4, 2);
-        assert_eq!(PairCapacity::Pairs(7).pairs_for(&cfg, true, 2), 7);
-        assert_eq!(PairCapacity::Pairs(1000).pairs_for(&cfg, true, 2), 40);
-        assert_eq!(PairCapacity::Pairs(0).pairs_for(&cfg, false, 2), 0);
+        let gpu = 80usize << 30;
+        assert_eq!(PairCapacity::Pairs(7).pairs_for(&cfg, true, 2, gpu), 7);
+        assert_eq!(PairCapacity::Pairs(1000).pairs_for(&cfg, true, 2, gpu), 40);
+        assert_eq!(PairCapacity::Pairs(0).pairs_for(&cfg, false, 2, gpu), 0);
     }
 
     #[test]

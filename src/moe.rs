@@ -677,7 +677,7 @@ impl<T: HalfElement> MoeContext<T> {
             ));
         }
         self.check_device_errors()?;
-        let counts = self.counts.to_host()?;
+        let counts = self.counts.prefix_to_host(self.saved_len(|l| l.counts))?;
         let su = self.stats_u32.to_host()?;
         let sf = self.stats_f32.to_host()?;
         Ok(ForwardStats {
@@ -700,7 +700,9 @@ impl<T: HalfElement> MoeContext<T> {
     /// The pairs the last forward dispatched (|A|, or 0 after an overflow), read from the
     /// device.
     fn dispatched_pairs(&self) -> Result<usize> {
-        let offsets = self.expert_offsets.to_host()?;
+        let offsets = self
+            .expert_offsets
+            .prefix_to_host(self.saved_len(|l| l.expert_offsets))?;
         Ok(offsets.last().map_or(0, |&n| n as usize))
     }
 
@@ -754,29 +756,37 @@ impl<T: HalfElement> MoeContext<T> {
         self.saved_forward().map(|s| (s.config, s.router))
     }
 
+    /// How many elements of a saved buffer the forward the context holds wrote (0 without
+    /// one): what the host reads, whatever length a later call (a capture's, say) left.
+    fn saved_len(&self, len: impl Fn(&SavedLens) -> usize) -> usize {
+        self.saved_forward().map_or(0, |s| len(&s.lens))
+    }
+
     /// Logits L [T, E] of the last forward.
     pub fn logits_to_host(&self) -> Result<Vec<f32>> {
-        self.logits.to_host()
+        self.logits.prefix_to_host(self.saved_len(|l| l.logits))
     }
 
     /// Gates R [T, E] of the last forward (TopK: P where selected, else 0).
     pub fn gates_to_host(&self) -> Result<Vec<f32>> {
-        self.gates.to_host()
+        self.gates.prefix_to_host(self.saved_len(|l| l.gates))
     }
 
     /// Softmax probabilities P [T, E] of the last TopK forward (empty after a ReMoE forward).
     pub fn probs_to_host(&self) -> Result<Vec<f32>> {
-        self.probs.to_host()
+        self.probs.prefix_to_host(self.saved_len(|l| l.probs))
     }
 
     /// Per-expert sums of the gates (ReMoE) or of P (TopK), f32.
     pub fn gate_sums_to_host(&self) -> Result<Vec<f32>> {
-        self.gate_sums.to_host()
+        self.gate_sums.prefix_to_host(self.saved_len(|l| l.counts))
     }
 
     /// The dispatch lists of the last forward.
     pub fn dispatch_to_host(&self) -> Result<HostDispatch> {
-        let offsets = self.expert_offsets.to_host()?;
+        let offsets = self
+            .expert_offsets
+            .prefix_to_host(self.saved_len(|l| l.expert_offsets))?;
         let pairs = offsets.last().map_or(0, |&n| n as usize);
         Ok(HostDispatch {
             offsets,
@@ -787,28 +797,20 @@ impl<T: HalfElement> MoeContext<T> {
 
     /// The pair of each (token, expert), or -1: [T, E].
     pub fn pair_index_to_host(&self) -> Result<Vec<i32>> {
-        self.pair_index.to_host()
+        self.pair_index
+            .prefix_to_host(self.saved_len(|l| l.pair_index))
     }
 
     /// act = SiLU(x Wg) * (x Wu) of every pair, [|A|, F], in dispatch order.
-    pub fn act_to_host(&mut self) -> Result<Vec<T>> {
-        let Some(s) = self.saved_forward() else {
-            return Ok(Vec::new());
-        };
-        self.act.set_len(s.capacity * s.config.ffn)?;
-        self.act
-            .prefix_to_host(self.dispatched_pairs()? * s.config.ffn)
+    pub fn act_to_host(&self) -> Result<Vec<T>> {
+        let f = self.saved_forward().map_or(0, |s| s.config.ffn);
+        self.act.prefix_to_host(self.dispatched_pairs()? * f)
     }
 
     /// y = act Wd of every pair, [|A|, H], in dispatch order (f32, as the combine reads it).
-    pub fn expert_out_to_host(&mut self) -> Result<Vec<f32>> {
-        let Some(s) = self.saved_forward() else {
-            return Ok(Vec::new());
-        };
-        self.y
-            .set_len(s.lens.k_splits * s.capacity * s.config.hidden)?;
-        self.y
-            .prefix_to_host(self.dispatched_pairs()? * s.config.hidden)
+    pub fn expert_out_to_host(&self) -> Result<Vec<f32>> {
+        let h = self.saved_forward().map_or(0, |s| s.config.hidden);
+        self.y.prefix_to_host(self.dispatched_pairs()? * h)
     }
 
     /// Overwrites every workspace buffer with 0xFF bytes (NaN floats, -1 indices). For tests:
@@ -1095,6 +1097,12 @@ fn forward_stages<T: HalfElement>(
     Ok(())
 }
 
+/// The device's memory in bytes (what caps [`PairCapacity::Auto`]'s budget); 0 if the driver
+/// cannot say, which makes every forward count its pairs.
+fn device_memory() -> usize {
+    cudarc::driver::result::mem_get_info().map_or(0, |(_, total)| total)
+}
+
 /// One forward's sizes: the shapes, the pair capacity and the GEMM grids' row-tile bound, all
 /// known on the host before anything runs, except in an eager forward whose capacity policy
 /// does not cover every pair: there the capacity is the routed-pair count, read back after the
@@ -1134,10 +1142,30 @@ impl ForwardPlan {
     ) -> Self {
         let save = ctx.save_for_backward;
         let worst = cfg.tokens * cfg.experts;
-        let policy = ctx.capacity.pairs_for(cfg, save, std::mem::size_of::<T>());
+        let elem = std::mem::size_of::<T>();
+        let policy = ctx.capacity.pairs_for(cfg, save, elem, device_memory());
+        // The pairs every per-pair buffer of a forward can hold now without growing.
+        let f = cfg.ffn.max(1);
+        let mut held = [
+            ctx.pair_token.capacity(),
+            ctx.pair_gate.capacity(),
+            ctx.act.capacity() / f,
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(0);
+        if save {
+            held = held.min(ctx.g.capacity().min(ctx.u.capacity()) / f);
+        }
         let (cap, count) = match (mode, ctx.capacity) {
-            // The buffers hold every pair the router can make: nothing to count.
-            _ if policy >= worst => (worst, None),
+            // A TopK router selects exactly k of each token's experts (fewer only where logits
+            // are not finite): k T pairs, known without counting.
+            (_, PairCapacity::Auto { .. }) if router == RouterKind::TopK => {
+                ((cfg.k * cfg.tokens).min(worst), None)
+            }
+            // The buffers hold every pair the router can make (the policy's, or a dense forward
+            // made them grow): nothing to count.
+            _ if policy >= worst || (mode == Mode::Eager && held >= worst) => (worst, None),
             // Until counted, the statistics may see every pair.
             (Mode::Eager, PairCapacity::Auto { .. }) => (worst, Some(Count::Exact)),
             (Mode::Eager, PairCapacity::Pairs(n)) => (worst, Some(Count::Fixed(n.min(worst)))),

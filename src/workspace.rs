@@ -131,21 +131,22 @@ impl<T: Element> GrowBuf<T> {
         self.prefix_to_host(self.len)
     }
 
-    /// The first `n` elements (at most the logical length), copied to the host (synchronises
-    /// the stream).
+    /// The first `n` elements (at most the allocation: the caller knows from the context's
+    /// record how many the last call that wrote them wrote, whatever length a later call set),
+    /// copied to the host (synchronises the stream).
     pub(crate) fn prefix_to_host(&self, n: usize) -> Result<Vec<T>> {
         if n == 0 {
             return Ok(Vec::new());
         }
-        if n > self.len {
+        let d = self.data.as_ref().ok_or_else(unallocated)?;
+        if n > d.len() {
             return Err(Error::BufferTooShort {
                 what: "workspace read",
                 required: n,
-                actual: self.len,
+                actual: d.len(),
             });
         }
-        let v = self.view()?;
-        let v = v.slice(..n);
+        let v = d.slice(..n);
         crate::graph::check_host_read(v.stream())?;
         Ok(v.stream().clone_dtoh(&v)?)
     }

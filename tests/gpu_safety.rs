@@ -19,7 +19,8 @@ use cudarc::driver::DevicePtr;
 use half::bf16;
 use remoe_kernels::{
     moe_backward, moe_forward, BackwardOptions, Coefficient, Device, DeviceTensor, Error,
-    LambdaController, LayerConfig, MoeContext, MoeWeightViews, RouterKind, TensorView,
+    LambdaController, LayerConfig, MoeContext, MoeWeightViews, PairCapacity, RouterKind,
+    TensorView,
 };
 use remoe_testkit::rng::{seeded, Rng};
 
@@ -185,8 +186,29 @@ fn gpu_a_forward_that_fails_midway_leaves_no_state_for_a_backward() {
     ctx.check_device_errors().unwrap();
     assert!(ctx.stats().is_ok());
 
-    // Failing midway: a forward of a larger batch captured into a graph cannot grow the
-    // workspace, and is refused once it has started; no state is left for a backward.
+    // Failing midway: with a fixed capacity that its pairs exceed, an eager forward fails once
+    // the router and the statistics have rewritten part of the workspace; no state is left for
+    // a backward.
+    ctx.set_pair_capacity(PairCapacity::Pairs(10));
+    let err = forward(&mut ctx, &cfg, &dg, &mut out);
+    assert!(
+        matches!(err, Err(Error::CapacityExceeded { capacity: 10, .. })),
+        "{err:?}"
+    );
+    ctx.set_pair_capacity(PairCapacity::default());
+    assert_eq!(ctx.last_forward(), None);
+    assert!(ctx.saved_forward().is_none());
+    assert_eq!(ctx.saved_bytes(), Ok(0));
+    // Neither that batch's backward nor the earlier ones' may run now.
+    let mut g2 = Grads::new(&dev, &cfg2);
+    let (_, dout2) = random_dout(&dev, &cfg2, 34);
+    let err = backward(&mut ctx, &db, &dout2, &mut g2);
+    assert!(matches!(err, Err(Error::InvalidConfig(_))), "{err:?}");
+    let err = backward(&mut ctx, &dg, &dout, &mut g);
+    assert!(matches!(err, Err(Error::InvalidConfig(_))), "{err:?}");
+
+    // A captured forward that fails (a larger batch cannot grow the workspace during a capture)
+    // ran nothing: the context holds what it held, here nothing.
     let big = LayerConfig::new(400, 64, 64, 8, 1);
     let pbig = problem_with_density(big, &uniform_density(8, 0.3), 35);
     let dbig = DeviceProblem::upload(&dev, &pbig).unwrap();
@@ -203,16 +225,7 @@ fn gpu_a_forward_that_fails_midway_leaves_no_state_for_a_backward() {
         )
     });
     assert!(matches!(err, Err(Error::CaptureUnsupported(_))), "{err:?}");
-    assert_eq!(ctx.last_forward(), None);
     assert!(ctx.saved_forward().is_none());
-    assert_eq!(ctx.saved_bytes(), Ok(0));
-    // Neither that batch's backward nor the earlier ones' may run now.
-    let mut g2 = Grads::new(&dev, &cfg2);
-    let (_, dout2) = random_dout(&dev, &cfg2, 34);
-    let err = backward(&mut ctx, &db, &dout2, &mut g2);
-    assert!(matches!(err, Err(Error::InvalidConfig(_))), "{err:?}");
-    let err = backward(&mut ctx, &dg, &dout, &mut g);
-    assert!(matches!(err, Err(Error::InvalidConfig(_))), "{err:?}");
 
     // The stream is usable again, and the next forward succeeds.
     ctx.check_device_errors().unwrap();
