@@ -42,7 +42,8 @@ use crate::experts::{BatchGradInputs, BatchWeightGrads, ExpertBatch};
 use crate::ffi;
 use crate::graph;
 use crate::moe::{
-    check_coefficient, check_layer_tensors, MoeContext, MoeWeightViews, RouterKind, SavedForward,
+    check_coefficient, check_layer_tensors, ExpertBufs, MoeContext, MoeWeightViews, RouterKind,
+    RoutingBufs, SavedForward,
 };
 use crate::scratch::router_wgrad_slices;
 pub(crate) use crate::scratch::BackwardScratch;
@@ -123,23 +124,31 @@ impl<T: HalfElement> MoeContext<T> {
     pub(crate) fn restore_saved_lens(&mut self, saved: &SavedForward) -> Result<()> {
         let l = &saved.lens;
         let bufs: [(&'static str, usize, &mut dyn SetLen); 11] = [
-            ("logits", l.logits, &mut self.logits),
-            ("gates", l.gates, &mut self.gates),
-            ("probs", l.probs, &mut self.probs),
-            ("pair index", l.pair_index, &mut self.pair_index),
-            ("counts", l.counts, &mut self.counts),
-            ("expert offsets", l.expert_offsets, &mut self.expert_offsets),
-            ("tile offsets", l.tile_offsets, &mut self.tile_offsets),
-            ("pair tokens", l.pair_token, &mut self.pair_token),
-            ("pair gates", l.pair_gate, &mut self.pair_gate),
-            ("g", l.g, &mut self.g),
-            ("u", l.u, &mut self.u),
+            ("logits", l.logits, &mut self.routing.logits),
+            ("gates", l.gates, &mut self.routing.gates),
+            ("probs", l.probs, &mut self.routing.probs),
+            ("pair index", l.pair_index, &mut self.routing.pair_index),
+            ("counts", l.counts, &mut self.routing.counts),
+            (
+                "expert offsets",
+                l.expert_offsets,
+                &mut self.routing.expert_offsets,
+            ),
+            (
+                "tile offsets",
+                l.tile_offsets,
+                &mut self.routing.tile_offsets,
+            ),
+            ("pair tokens", l.pair_token, &mut self.routing.pair_token),
+            ("pair gates", l.pair_gate, &mut self.routing.pair_gate),
+            ("g", l.g, &mut self.experts.g),
+            ("u", l.u, &mut self.experts.u),
         ];
         // act too: the dAct GEMM recomputes it there, for the forward's capacity.
         let act = saved.capacity * saved.config.ffn;
         let bufs = bufs
             .into_iter()
-            .chain([("act", act, &mut self.act as &mut dyn SetLen)]);
+            .chain([("act", act, &mut self.experts.act as &mut dyn SetLen)]);
         for (what, want, buf) in bufs {
             buf.set_len_to(want).map_err(|_| {
                 Error::InvalidConfig(format!(
@@ -150,10 +159,6 @@ impl<T: HalfElement> MoeContext<T> {
             })?;
         }
         Ok(())
-    }
-
-    pub(crate) fn backward_poison(&mut self) -> Result<()> {
-        self.bwd.poison()
     }
 }
 
@@ -259,16 +264,19 @@ fn backward_stages<T: HalfElement>(
     // Steps 1, 2, 4 and 5: the experts' half, over the forward's own dispatch.
     {
         let MoeContext {
+            routing,
+            experts,
+            bwd,
+            ..
+        } = &mut *ctx;
+        let RoutingBufs {
             pair_token,
             expert_offsets,
             tile_offsets,
             pair_gate,
-            g,
-            u,
-            act,
-            bwd,
             ..
-        } = &mut *ctx;
+        } = routing;
+        let ExpertBufs { g, u, act, .. } = experts;
         let batch = ExpertBatch {
             pair_row: pair_token,
             expert_offsets,
@@ -337,12 +345,12 @@ pub(crate) fn router_half<T: HalfElement>(
     // 3. dL.
     if t > 0 {
         let mut l = Launch::on(&dev);
-        let pi = l.input("pair index", &ctx.pair_index, t * e)?;
+        let pi = l.input("pair index", &ctx.routing.pair_index, t * e)?;
         let dr = l.input("dr", &ctx.bwd.dr, cap)?;
-        let cn = l.input("counts", &ctx.counts, e)?;
+        let cn = l.input("counts", &ctx.routing.counts, e)?;
         let probs = match router {
             RouterKind::Relu => std::ptr::null(),
-            RouterKind::TopK => l.input("probs", &ctx.probs, t * e)?,
+            RouterKind::TopK => l.input("probs", &ctx.routing.probs, t * e)?,
         };
         let cp = match coeff {
             Coefficient::Fixed(_) => l.input_raw("coefficient", &ctx.coeff, 1)?,
@@ -391,7 +399,7 @@ pub(crate) fn router_half<T: HalfElement>(
     if t > 0 {
         let mut l = Launch::on(&dev);
         let dxp = l.input("dx pair", &ctx.bwd.dx_pair, cap * h)?;
-        let pi = l.input("pair index", &ctx.pair_index, t * e)?;
+        let pi = l.input("pair index", &ctx.routing.pair_index, t * e)?;
         let dxr = l.input("dx router", &ctx.bwd.dxr, t * h)?;
         let dx = l.output("dx", dx_out, t * h)?;
         // SAFETY: dx pair [cap,h]; pair index [t,e]; dxr f32 [t,h]; dx [t,h] (checked by `l`);

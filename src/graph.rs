@@ -38,8 +38,9 @@
 //!   A graph whose first use of a context is a backward (it reads a forward saved before the
 //!   capture) replays only while the context holds a record of the same shapes and capacity;
 //!   otherwise the replay is refused with [`Error::CaptureUnsupported`] before it launches.
-//! - While a graph lives, the buffers of every context it used cannot move: a call that would
-//!   grow one is refused with [`Error::CaptureUnsupported`] (drop the graph first).
+//! - A graph replays only while the buffers of every context it used are where they were at
+//!   the capture: when a later call made one grow, or the context was dropped, the replay is
+//!   refused with [`Error::CaptureUnsupported`] before it launches (capture it again).
 //! - Only the thread that called [`capture`] may enqueue the crate's work on a stream being
 //!   captured: another thread's call on that stream (through a clone of the [`Device`] or
 //!   another handle), and a capture begun outside [`capture`], are refused with
@@ -230,12 +231,15 @@ pub fn capture(dev: &Device, body: impl FnOnce() -> Result<()>) -> Result<Graph>
     let ran = catch_unwind(AssertUnwindSafe(body));
     // End the capture whatever happened, so that the stream is usable again.
     let ended = stream.end_capture(CUgraphInstantiate_flags(0));
-    let parties = ACTIVE.with(|a| {
+    let mut parties = ACTIVE.with(|a| {
         a.borrow_mut()
             .as_mut()
             .map(|active| std::mem::take(&mut active.parties))
             .unwrap_or_default()
     });
+    // Every graph locks its contexts' records in one global order (their addresses), so that
+    // two graphs replayed on two threads cannot wait for each other.
+    parties.sort_by_key(|p| p.key());
     drop(guard);
     let parts: Vec<Box<dyn GraphPart>> = parties.into_iter().map(|p| p.end_capture(id)).collect();
     let ran = match ran {
@@ -275,7 +279,8 @@ impl Graph {
     ///
     /// Every tensor that the captured calls read or wrote must still be allocated at the same
     /// address, and no other stream may use those tensors while the replay runs. (The contexts'
-    /// own buffers are kept in place by the graph itself.)
+    /// own buffers are checked by the replay itself: one that was reallocated, or whose context
+    /// was dropped, makes it refuse.)
     pub unsafe fn replay(&self) -> Result<()> {
         if capturing(&self.stream)? {
             return Err(Error::CaptureUnsupported(

@@ -83,7 +83,7 @@ use crate::ffi;
 use crate::gemm::GemmPath;
 use crate::graph::{self, CaptureParty, GraphPart, Mode, ReplayLock};
 use crate::tensor::{DeviceTensor, Launch, TensorView};
-use crate::workspace::GrowBuf;
+use crate::workspace::{workspace, Buffers, GrowBuf};
 
 /// Tokens per router block (the granularity of the per-block statistics).
 const ROUTER_BLOCK: usize = ffi::REMOE_ROUTER_TOKENS_PER_BLOCK as usize;
@@ -434,6 +434,13 @@ impl CaptureParty for RecordCell {
     }
 }
 
+impl<T: HalfElement> Drop for MoeContext<T> {
+    /// The buffers are freed: a graph that captured them must not replay (see ContextPart).
+    fn drop(&mut self) {
+        self.record.lock().layout += 1;
+    }
+}
+
 /// A context's share of a graph (see [`crate::graph`]).
 struct ContextPart {
     cell: Arc<RecordCell>,
@@ -450,8 +457,8 @@ impl GraphPart for ContextPart {
         let rec = self.cell.lock();
         if rec.layout != self.layout {
             return Err(Error::CaptureUnsupported(
-                "a context's buffers were reallocated (a larger call made them grow) since the \
-                 graph was captured; capture it again"
+                "a context's buffers were reallocated (a larger call made them grow) or freed (the \
+                 context was dropped) since the graph was captured; capture it again"
                     .into(),
             ));
         }
@@ -487,6 +494,41 @@ impl ReplayLock for ContextReplay<'_> {
     }
 }
 
+workspace! {
+    /// The router's and the dispatch's buffers: [T, E] logits, gates (and TopK's probs) and
+    /// pair index, the per-64-token-block routing counts, the per-expert statistics and
+    /// offsets, and the pair lists (token and gate of each pair, sized by the capacity).
+    pub(crate) struct RoutingBufs<T> {
+        logits: GrowBuf<f32>,
+        gates: GrowBuf<f32>,
+        probs: GrowBuf<f32>,
+        block_counts: GrowBuf<u32>,
+        block_sums: GrowBuf<f32>,
+        block_offsets: GrowBuf<u32>,
+        counts: GrowBuf<u32>,
+        gate_sums: GrowBuf<f32>,
+        expert_offsets: GrowBuf<u32>,
+        tile_offsets: GrowBuf<u32>,
+        stats_u32: GrowBuf<u32>,
+        stats_f32: GrowBuf<f32>,
+        pair_token: GrowBuf<u32>,
+        pair_gate: GrowBuf<f32>,
+        pair_index: GrowBuf<i32>,
+    }
+}
+
+workspace! {
+    /// The experts' buffers, per pair: act and the expert outputs y (the forward's scratch;
+    /// the backward recomputes act into the same buffer), and g = x Wg, u = x Wu, [|A|, F],
+    /// saved for the backward.
+    pub(crate) struct ExpertBufs<T> {
+        act: GrowBuf<T>,
+        y: GrowBuf<f32>,
+        g: GrowBuf<T>,
+        u: GrowBuf<T>,
+    }
+}
+
 /// The forward's workspace and saved state (see the module documentation).
 #[derive(Debug)]
 pub struct MoeContext<T: HalfElement> {
@@ -498,28 +540,12 @@ pub struct MoeContext<T: HalfElement> {
     pub(crate) allocations: u64,
     pub(crate) stage_timing: bool,
     pub(crate) stage_times: Option<StageTimes>,
-    pub(crate) logits: GrowBuf<f32>,
-    pub(crate) gates: GrowBuf<f32>,
-    pub(crate) probs: GrowBuf<f32>,
-    pub(crate) block_counts: GrowBuf<u32>,
-    pub(crate) block_sums: GrowBuf<f32>,
-    pub(crate) block_offsets: GrowBuf<u32>,
-    pub(crate) counts: GrowBuf<u32>,
-    pub(crate) gate_sums: GrowBuf<f32>,
-    pub(crate) expert_offsets: GrowBuf<u32>,
-    pub(crate) tile_offsets: GrowBuf<u32>,
-    pub(crate) stats_u32: GrowBuf<u32>,
-    pub(crate) stats_f32: GrowBuf<f32>,
-    pub(crate) pair_token: GrowBuf<u32>,
-    pub(crate) pair_gate: GrowBuf<f32>,
-    pub(crate) pair_index: GrowBuf<i32>,
-    pub(crate) act: GrowBuf<T>,
-    pub(crate) y: GrowBuf<f32>,
+    /// The router's and the dispatch's buffers.
+    pub(crate) routing: RoutingBufs<T>,
+    /// The experts' buffers.
+    pub(crate) experts: ExpertBufs<T>,
     /// Write g and u in the forward (the backward needs them).
     pub(crate) save_for_backward: bool,
-    /// g = x Wg and u = x Wu of every pair, [|A|, F], when saving for backward.
-    pub(crate) g: GrowBuf<T>,
-    pub(crate) u: GrowBuf<T>,
     /// A host-given coefficient, copied here for the kernels.
     pub(crate) coeff: GrowBuf<f64>,
     /// The device error word (see [`ERROR_WORDS`] and the module documentation): raised by the
@@ -543,26 +569,9 @@ impl<T: HalfElement> MoeContext<T> {
             allocations: 0,
             stage_timing: false,
             stage_times: None,
-            logits: GrowBuf::default(),
-            gates: GrowBuf::default(),
-            probs: GrowBuf::default(),
-            block_counts: GrowBuf::default(),
-            block_sums: GrowBuf::default(),
-            block_offsets: GrowBuf::default(),
-            counts: GrowBuf::default(),
-            gate_sums: GrowBuf::default(),
-            expert_offsets: GrowBuf::default(),
-            tile_offsets: GrowBuf::default(),
-            stats_u32: GrowBuf::default(),
-            stats_f32: GrowBuf::default(),
-            pair_token: GrowBuf::default(),
-            pair_gate: GrowBuf::default(),
-            pair_index: GrowBuf::default(),
-            act: GrowBuf::default(),
-            y: GrowBuf::default(),
+            routing: RoutingBufs::default(),
+            experts: ExpertBufs::default(),
             save_for_backward: false,
-            g: GrowBuf::default(),
-            u: GrowBuf::default(),
             coeff: GrowBuf::default(),
             device_errors: GrowBuf::default(),
             capacity: PairCapacity::default(),
@@ -601,33 +610,11 @@ impl<T: HalfElement> MoeContext<T> {
     /// Bytes of device memory the context's buffers hold (forward and backward workspace, sized
     /// by the largest batch and the pair capacity). No device access.
     pub fn workspace_bytes(&self) -> usize {
-        let b = &self.bwd;
-        [
-            self.logits.bytes(),
-            self.gates.bytes(),
-            self.probs.bytes(),
-            self.block_counts.bytes(),
-            self.block_sums.bytes(),
-            self.block_offsets.bytes(),
-            self.counts.bytes(),
-            self.gate_sums.bytes(),
-            self.expert_offsets.bytes(),
-            self.tile_offsets.bytes(),
-            self.stats_u32.bytes(),
-            self.stats_f32.bytes(),
-            self.pair_token.bytes(),
-            self.pair_gate.bytes(),
-            self.pair_index.bytes(),
-            self.act.bytes(),
-            self.y.bytes(),
-            self.g.bytes(),
-            self.u.bytes(),
-            self.coeff.bytes(),
-            self.device_errors.bytes(),
-        ]
-        .iter()
-        .sum::<usize>()
-            + b.bytes()
+        self.routing.bytes()
+            + self.experts.bytes()
+            + self.coeff.bytes()
+            + self.device_errors.bytes()
+            + self.bwd.bytes()
     }
 
     /// The record of what the last successful forward saved, if any (see the module
@@ -677,9 +664,12 @@ impl<T: HalfElement> MoeContext<T> {
             ));
         }
         self.check_device_errors()?;
-        let counts = self.counts.prefix_to_host(self.saved_len(|l| l.counts))?;
-        let su = self.stats_u32.to_host()?;
-        let sf = self.stats_f32.to_host()?;
+        let counts = self
+            .routing
+            .counts
+            .prefix_to_host(self.saved_len(|l| l.counts))?;
+        let su = self.routing.stats_u32.to_host()?;
+        let sf = self.routing.stats_f32.to_host()?;
         Ok(ForwardStats {
             active_pairs: su[0] as usize,
             sparsity: sf[0] as f64,
@@ -701,6 +691,7 @@ impl<T: HalfElement> MoeContext<T> {
     /// device.
     fn dispatched_pairs(&self) -> Result<usize> {
         let offsets = self
+            .routing
             .expert_offsets
             .prefix_to_host(self.saved_len(|l| l.expert_offsets))?;
         Ok(offsets.last().map_or(0, |&n| n as usize))
@@ -764,53 +755,65 @@ impl<T: HalfElement> MoeContext<T> {
 
     /// Logits L [T, E] of the last forward.
     pub fn logits_to_host(&self) -> Result<Vec<f32>> {
-        self.logits.prefix_to_host(self.saved_len(|l| l.logits))
+        self.routing
+            .logits
+            .prefix_to_host(self.saved_len(|l| l.logits))
     }
 
     /// Gates R [T, E] of the last forward (TopK: P where selected, else 0).
     pub fn gates_to_host(&self) -> Result<Vec<f32>> {
-        self.gates.prefix_to_host(self.saved_len(|l| l.gates))
+        self.routing
+            .gates
+            .prefix_to_host(self.saved_len(|l| l.gates))
     }
 
     /// Softmax probabilities P [T, E] of the last TopK forward (empty after a ReMoE forward).
     pub fn probs_to_host(&self) -> Result<Vec<f32>> {
-        self.probs.prefix_to_host(self.saved_len(|l| l.probs))
+        self.routing
+            .probs
+            .prefix_to_host(self.saved_len(|l| l.probs))
     }
 
     /// Per-expert sums of the gates (ReMoE) or of P (TopK), f32.
     pub fn gate_sums_to_host(&self) -> Result<Vec<f32>> {
-        self.gate_sums.prefix_to_host(self.saved_len(|l| l.counts))
+        self.routing
+            .gate_sums
+            .prefix_to_host(self.saved_len(|l| l.counts))
     }
 
     /// The dispatch lists of the last forward.
     pub fn dispatch_to_host(&self) -> Result<HostDispatch> {
         let offsets = self
+            .routing
             .expert_offsets
             .prefix_to_host(self.saved_len(|l| l.expert_offsets))?;
         let pairs = offsets.last().map_or(0, |&n| n as usize);
         Ok(HostDispatch {
             offsets,
-            tokens: self.pair_token.prefix_to_host(pairs)?,
-            gates: self.pair_gate.prefix_to_host(pairs)?,
+            tokens: self.routing.pair_token.prefix_to_host(pairs)?,
+            gates: self.routing.pair_gate.prefix_to_host(pairs)?,
         })
     }
 
     /// The pair of each (token, expert), or -1: [T, E].
     pub fn pair_index_to_host(&self) -> Result<Vec<i32>> {
-        self.pair_index
+        self.routing
+            .pair_index
             .prefix_to_host(self.saved_len(|l| l.pair_index))
     }
 
     /// act = SiLU(x Wg) * (x Wu) of every pair, [|A|, F], in dispatch order.
     pub fn act_to_host(&self) -> Result<Vec<T>> {
         let f = self.saved_forward().map_or(0, |s| s.config.ffn);
-        self.act.prefix_to_host(self.dispatched_pairs()? * f)
+        self.experts
+            .act
+            .prefix_to_host(self.dispatched_pairs()? * f)
     }
 
     /// y = act Wd of every pair, [|A|, H], in dispatch order (f32, as the combine reads it).
     pub fn expert_out_to_host(&self) -> Result<Vec<f32>> {
         let h = self.saved_forward().map_or(0, |s| s.config.hidden);
-        self.y.prefix_to_host(self.dispatched_pairs()? * h)
+        self.experts.y.prefix_to_host(self.dispatched_pairs()? * h)
     }
 
     /// Overwrites every workspace buffer with 0xFF bytes (NaN floats, -1 indices). For tests:
@@ -829,26 +832,9 @@ impl<T: HalfElement> MoeContext<T> {
             ));
         }
         rec.saved = None;
-        self.logits.poison()?;
-        self.gates.poison()?;
-        self.probs.poison()?;
-        self.block_counts.poison()?;
-        self.block_sums.poison()?;
-        self.block_offsets.poison()?;
-        self.counts.poison()?;
-        self.gate_sums.poison()?;
-        self.expert_offsets.poison()?;
-        self.tile_offsets.poison()?;
-        self.stats_u32.poison()?;
-        self.stats_f32.poison()?;
-        self.pair_token.poison()?;
-        self.pair_gate.poison()?;
-        self.pair_index.poison()?;
-        self.act.poison()?;
-        self.y.poison()?;
-        self.g.poison()?;
-        self.u.poison()?;
-        self.backward_poison()
+        self.routing.poison()?;
+        self.experts.poison()?;
+        self.bwd.poison()
     }
 
     /// A host-given coefficient goes to the context's device scalar, which the kernels read
@@ -1147,15 +1133,15 @@ impl ForwardPlan {
         // The pairs every per-pair buffer of a forward can hold now without growing.
         let f = cfg.ffn.max(1);
         let mut held = [
-            ctx.pair_token.capacity(),
-            ctx.pair_gate.capacity(),
-            ctx.act.capacity() / f,
+            ctx.routing.pair_token.capacity(),
+            ctx.routing.pair_gate.capacity(),
+            ctx.experts.act.capacity() / f,
         ]
         .into_iter()
         .min()
         .unwrap_or(0);
         if save {
-            held = held.min(ctx.g.capacity().min(ctx.u.capacity()) / f);
+            held = held.min(ctx.experts.g.capacity().min(ctx.experts.u.capacity()) / f);
         }
         let (cap, count) = match (mode, ctx.capacity) {
             // A TopK router selects exactly k of each token's experts (fewer only where logits
@@ -1171,9 +1157,10 @@ impl ForwardPlan {
             (Mode::Eager, PairCapacity::Pairs(n)) => (worst, Some(Count::Fixed(n.min(worst)))),
             // Captured: a fixed capacity; what an eager warm-up sized the buffers for, when
             // more than the policy's.
-            (Mode::Capture(_), PairCapacity::Auto { .. }) => {
-                (policy.max(ctx.pair_token.capacity()).min(worst), None)
-            }
+            (Mode::Capture(_), PairCapacity::Auto { .. }) => (
+                policy.max(ctx.routing.pair_token.capacity()).min(worst),
+                None,
+            ),
             (Mode::Capture(_), PairCapacity::Pairs(_)) => (policy, None),
         };
         Self {
@@ -1228,24 +1215,24 @@ impl ForwardPlan {
         let dev = ctx.dev.clone();
         let c = &mut *ctx;
         let a = &mut c.allocations;
-        MoeContext::<T>::grow(&dev, a, &mut c.logits, t * e)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.gates, t * e)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.logits, t * e)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.gates, t * e)?;
         let probs = if self.router == RouterKind::TopK {
             t * e
         } else {
             0
         };
-        MoeContext::<T>::grow(&dev, a, &mut c.probs, probs)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.block_counts, blocks * e)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.block_sums, blocks * e)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.block_offsets, blocks * e)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.counts, e)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.gate_sums, e)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.expert_offsets, e + 1)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.tile_offsets, e + 1)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.stats_u32, 4)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.stats_f32, 2)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.pair_index, t * e)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.probs, probs)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.block_counts, blocks * e)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.block_sums, blocks * e)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.block_offsets, blocks * e)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.counts, e)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.gate_sums, e)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.expert_offsets, e + 1)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.tile_offsets, e + 1)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.stats_u32, 4)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.stats_f32, 2)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.pair_index, t * e)?;
         MoeContext::<T>::grow(&dev, a, &mut c.coeff, 1)?;
         // Allocated zeroed once (no error), then only ever cleared: ensure keeps contents.
         MoeContext::<T>::grow(&dev, a, &mut c.device_errors, ERROR_WORDS)
@@ -1257,15 +1244,15 @@ impl ForwardPlan {
         let dev = ctx.dev.clone();
         let c = &mut *ctx;
         let a = &mut c.allocations;
-        MoeContext::<T>::grow(&dev, a, &mut c.pair_token, cap)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.pair_gate, cap)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.y, self.k_splits * cap * h)
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.pair_token, cap)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.routing.pair_gate, cap)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.experts.y, self.k_splits * cap * h)
     }
 
     /// An eager forward whose capacity does not cover every pair: |A| and the row tiles, read
     /// back (the one wait of such a forward), become the capacity and the grids' bound.
     fn count_pairs<T: HalfElement>(&mut self, ctx: &MoeContext<T>, count: Count) -> Result<()> {
-        let counted = ctx.stats_u32.prefix_to_host(2)?;
+        let counted = ctx.routing.stats_u32.prefix_to_host(2)?;
         let (pairs, tiles) = (counted[0] as usize, counted[1] as usize);
         (self.cap, self.max_tiles) = match count {
             Count::Exact => (pairs, tiles),
@@ -1287,10 +1274,10 @@ impl ForwardPlan {
         let dev = ctx.dev.clone();
         let c = &mut *ctx;
         let a = &mut c.allocations;
-        MoeContext::<T>::grow(&dev, a, &mut c.act, cap * f)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.experts.act, cap * f)?;
         let saved = if self.save { cap * f } else { 0 };
-        MoeContext::<T>::grow(&dev, a, &mut c.g, saved)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.u, saved)
+        MoeContext::<T>::grow(&dev, a, &mut c.experts.g, saved)?;
+        MoeContext::<T>::grow(&dev, a, &mut c.experts.u, saved)
     }
 
     /// The router GEMM and its tail: logits, gates (or probs) and per-block statistics.
@@ -1315,18 +1302,18 @@ impl ForwardPlan {
             let mut l = Launch::on(&dev);
             let xp = l.input("x", x, t * h)?;
             let wp = l.input("router weight", &w.router, h * e)?;
-            let lp = l.output("logits", &mut ctx.logits, t * e)?;
+            let lp = l.output("logits", &mut ctx.routing.logits, t * e)?;
             let (gp, bc, bs) = match self.router {
                 // The ReLU router writes the gates and the statistics itself.
                 RouterKind::Relu => (
-                    l.output("gates", &mut ctx.gates, t * e)?,
-                    l.output("block counts", &mut ctx.block_counts, blocks * e)?,
-                    l.output("block sums", &mut ctx.block_sums, blocks * e)?,
+                    l.output("gates", &mut ctx.routing.gates, t * e)?,
+                    l.output("block counts", &mut ctx.routing.block_counts, blocks * e)?,
+                    l.output("block sums", &mut ctx.routing.block_sums, blocks * e)?,
                 ),
                 // TopK: only the logits matter here; the ReLU gates land in the probs buffer,
                 // which the softmax tail overwrites.
                 RouterKind::TopK => (
-                    l.output("probs", &mut ctx.probs, t * e)?,
+                    l.output("probs", &mut ctx.routing.probs, t * e)?,
                     std::ptr::null_mut(),
                     std::ptr::null_mut(),
                 ),
@@ -1355,11 +1342,11 @@ impl ForwardPlan {
         }
         if self.router == RouterKind::TopK {
             let mut l = Launch::on(&dev);
-            let lp = l.input("logits", &ctx.logits, t * e)?;
-            let pp = l.output("probs", &mut ctx.probs, t * e)?;
-            let gp = l.output("gates", &mut ctx.gates, t * e)?;
-            let bc = l.output("block counts", &mut ctx.block_counts, blocks * e)?;
-            let bs = l.output("block sums", &mut ctx.block_sums, blocks * e)?;
+            let lp = l.input("logits", &ctx.routing.logits, t * e)?;
+            let pp = l.output("probs", &mut ctx.routing.probs, t * e)?;
+            let gp = l.output("gates", &mut ctx.routing.gates, t * e)?;
+            let bc = l.output("block counts", &mut ctx.routing.block_counts, blocks * e)?;
+            let bs = l.output("block sums", &mut ctx.routing.block_sums, blocks * e)?;
             // SAFETY: logits, probs, gates hold t*e f32, the block buffers ceil(t/64)*e
             // (checked by `l`); 1 <= k <= e <= 512 was checked.
             let code =
@@ -1393,15 +1380,15 @@ impl ForwardPlan {
         let (ti, _, _, ei, ki) = self.dims();
         let dev = ctx.dev.clone();
         let mut l = Launch::on(&dev);
-        let bc = l.input("block counts", &ctx.block_counts, blocks * e)?;
-        let bs = l.input("block sums", &ctx.block_sums, blocks * e)?;
-        let bo = l.output("block offsets", &mut ctx.block_offsets, blocks * e)?;
-        let cn = l.output("counts", &mut ctx.counts, e)?;
-        let gs = l.output("gate sums", &mut ctx.gate_sums, e)?;
-        let eo = l.output("expert offsets", &mut ctx.expert_offsets, e + 1)?;
-        let to = l.output("tile offsets", &mut ctx.tile_offsets, e + 1)?;
-        let su = l.output("stats", &mut ctx.stats_u32, 4)?;
-        let sf = l.output("stats", &mut ctx.stats_f32, 2)?;
+        let bc = l.input("block counts", &ctx.routing.block_counts, blocks * e)?;
+        let bs = l.input("block sums", &ctx.routing.block_sums, blocks * e)?;
+        let bo = l.output("block offsets", &mut ctx.routing.block_offsets, blocks * e)?;
+        let cn = l.output("counts", &mut ctx.routing.counts, e)?;
+        let gs = l.output("gate sums", &mut ctx.routing.gate_sums, e)?;
+        let eo = l.output("expert offsets", &mut ctx.routing.expert_offsets, e + 1)?;
+        let to = l.output("tile offsets", &mut ctx.routing.tile_offsets, e + 1)?;
+        let su = l.output("stats", &mut ctx.routing.stats_u32, 4)?;
+        let sf = l.output("stats", &mut ctx.routing.stats_f32, 2)?;
         let ef = l.output_raw("error word", &mut ctx.device_errors, ERROR_WORDS)?;
         let (cp, sum, cnt) = match coeff {
             Coefficient::Fixed(_) => (
@@ -1452,12 +1439,12 @@ impl ForwardPlan {
         let (ti, _, _, ei, _) = self.dims();
         let dev = ctx.dev.clone();
         let mut l = Launch::on(&dev);
-        let gp = l.input("gates", &ctx.gates, t * e)?;
-        let bo = l.input("block offsets", &ctx.block_offsets, blocks * e)?;
-        let eo = l.input("expert offsets", &ctx.expert_offsets, e + 1)?;
-        let pt = l.output("pair tokens", &mut ctx.pair_token, cap)?;
-        let pg = l.output("pair gates", &mut ctx.pair_gate, cap)?;
-        let pi = l.output("pair index", &mut ctx.pair_index, t * e)?;
+        let gp = l.input("gates", &ctx.routing.gates, t * e)?;
+        let bo = l.input("block offsets", &ctx.routing.block_offsets, blocks * e)?;
+        let eo = l.input("expert offsets", &ctx.routing.expert_offsets, e + 1)?;
+        let pt = l.output("pair tokens", &mut ctx.routing.pair_token, cap)?;
+        let pg = l.output("pair gates", &mut ctx.routing.pair_gate, cap)?;
+        let pi = l.output("pair index", &mut ctx.routing.pair_index, t * e)?;
         // SAFETY: pair_token and pair_gate hold cap elements and the offsets describe at most cap
         // pairs (routing_stats publishes an empty dispatch past it), pair_index t*e; gates t*e;
         // block offsets ceil(t/64)*e (all checked by `l`).
@@ -1493,14 +1480,15 @@ impl ForwardPlan {
         let gemms = ctx.gemm_path()?.gemms::<T>();
         let dev = ctx.dev.clone();
         let MoeContext {
+            routing, experts, ..
+        } = ctx;
+        let RoutingBufs {
             pair_token,
             expert_offsets,
             tile_offsets,
-            act,
-            g,
-            u,
             ..
-        } = ctx;
+        } = routing;
+        let ExpertBufs { act, g, u, .. } = experts;
         let batch = self.batch(pair_token, expert_offsets, tile_offsets);
         let saved = if self.save { Some((g, u)) } else { None };
         batch.up_swiglu(
@@ -1522,13 +1510,15 @@ impl ForwardPlan {
         let gemms = ctx.gemm_path()?.gemms::<T>();
         let dev = ctx.dev.clone();
         let MoeContext {
+            routing, experts, ..
+        } = ctx;
+        let RoutingBufs {
             pair_token,
             expert_offsets,
             tile_offsets,
-            act,
-            y,
             ..
-        } = ctx;
+        } = routing;
+        let ExpertBufs { act, y, .. } = experts;
         let batch = self.batch(pair_token, expert_offsets, tile_offsets);
         batch.down(&dev, &gemms, act, &w.down, self.k_splits, y)
     }
@@ -1546,9 +1536,9 @@ impl ForwardPlan {
         let (ti, hi, _, ei, _) = self.dims();
         let dev = ctx.dev.clone();
         let mut l = Launch::on(&dev);
-        let yp = l.input("expert out", &ctx.y, cap * h)?;
-        let gp = l.input("gates", &ctx.gates, t * e)?;
-        let pi = l.input("pair index", &ctx.pair_index, t * e)?;
+        let yp = l.input("expert out", &ctx.experts.y, cap * h)?;
+        let gp = l.input("gates", &ctx.routing.gates, t * e)?;
+        let pi = l.input("pair index", &ctx.routing.pair_index, t * e)?;
         let op = l.output("out", &mut *out, t * h)?;
         // SAFETY: y cap*h, gates and pair index t*e, out [t,h] (checked by `l`); every pair
         // index is -1 or < |A| <= cap (the compaction wrote them from the same offsets).

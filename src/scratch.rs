@@ -8,43 +8,29 @@ use crate::experts::BatchGradBufs;
 use crate::gemm::GemmPath;
 use crate::tensor::Element;
 use crate::weight_grad_split::WeightGradSplit;
-use crate::workspace::GrowBuf;
+use crate::workspace::{workspace, GrowBuf};
 
-/// The backward's scratch buffers, kept in the context and reused.
-#[derive(Debug)]
-pub(crate) struct BackwardScratch<T: Element> {
-    pub(crate) dy: GrowBuf<T>,
-    /// dR's 32-column group sums from the dAct GEMM, [capacity, ceil(F / 32)].
-    pub(crate) row_dots: GrowBuf<f32>,
-    /// [capacity] each pair's dR, and [capacity, H] its share of dX: what the expert half
-    /// hands the router half (over the link, on an expert-parallel rank).
-    pub(crate) dr: GrowBuf<f32>,
-    pub(crate) dg: GrowBuf<T>,
-    pub(crate) du: GrowBuf<T>,
-    pub(crate) dx_pair: GrowBuf<T>,
-    pub(crate) dl: GrowBuf<f32>,
-    pub(crate) dxr: GrowBuf<f32>,
-    pub(crate) partial: GrowBuf<f32>,
-    /// X's rows in pair order, for the Hopper weight gradients (see step 5).
-    pub(crate) x_rows: GrowBuf<T>,
-    /// The weight gradients' fixed-order split (step 5).
-    pub(crate) wg_split: WeightGradSplit,
-}
-
-impl<T: Element> BackwardScratch<T> {
-    /// Bytes of the allocations.
-    pub(crate) fn bytes(&self) -> usize {
-        self.dy.bytes()
-            + self.row_dots.bytes()
-            + self.dr.bytes()
-            + self.dg.bytes()
-            + self.du.bytes()
-            + self.dx_pair.bytes()
-            + self.dl.bytes()
-            + self.dxr.bytes()
-            + self.partial.bytes()
-            + self.x_rows.bytes()
-            + self.wg_split.bytes()
+workspace! {
+    /// The backward's scratch buffers, kept in the context and reused.
+    pub(crate) struct BackwardScratch<T> {
+        /// [capacity, H] each pair's gate times its dOut row (dWd's left operand).
+        dy: GrowBuf<T>,
+        /// dR's 32-column group sums from the dAct GEMM, [capacity, ceil(F / 32)].
+        row_dots: GrowBuf<f32>,
+        /// [capacity] each pair's dR, and (dx_pair) [capacity, H] its share of dX: what the
+        /// expert half hands the router half (over the link, on an expert-parallel rank).
+        dr: GrowBuf<f32>,
+        dg: GrowBuf<T>,
+        du: GrowBuf<T>,
+        dx_pair: GrowBuf<T>,
+        /// The router's logit gradient [T, E], its dX [T, H] and dWr's partial sums.
+        dl: GrowBuf<f32>,
+        dxr: GrowBuf<f32>,
+        partial: GrowBuf<f32>,
+        /// X's rows in pair order, for the Hopper weight gradients (see step 5).
+        x_rows: GrowBuf<T>,
+        /// The weight gradients' fixed-order split (step 5).
+        wg_split: WeightGradSplit,
     }
 }
 
@@ -95,21 +81,6 @@ impl<T: Element> BackwardScratch<T> {
         Ok(grew.iter().filter(|&&g| g).count() as u64)
     }
 
-    /// Fills every buffer that a backward rewrites before reading.
-    pub(crate) fn poison(&mut self) -> Result<()> {
-        self.dy.poison()?;
-        self.row_dots.poison()?;
-        self.dr.poison()?;
-        self.dg.poison()?;
-        self.du.poison()?;
-        self.dx_pair.poison()?;
-        self.dl.poison()?;
-        self.dxr.poison()?;
-        self.partial.poison()?;
-        self.x_rows.poison()?;
-        self.wg_split.poison()
-    }
-
     /// The expert half's buffers, with the context's `act` (which the dAct GEMM recomputes).
     pub(crate) fn batch_bufs<'a>(&'a mut self, act: &'a mut GrowBuf<T>) -> BatchGradBufs<'a, T> {
         BatchGradBufs {
@@ -122,24 +93,6 @@ impl<T: Element> BackwardScratch<T> {
             dx_pair: &mut self.dx_pair,
             x_rows: &mut self.x_rows,
             wg_split: &mut self.wg_split,
-        }
-    }
-}
-
-impl<T: Element> Default for BackwardScratch<T> {
-    fn default() -> Self {
-        Self {
-            dy: GrowBuf::default(),
-            row_dots: GrowBuf::default(),
-            dr: GrowBuf::default(),
-            dg: GrowBuf::default(),
-            du: GrowBuf::default(),
-            dx_pair: GrowBuf::default(),
-            dl: GrowBuf::default(),
-            dxr: GrowBuf::default(),
-            partial: GrowBuf::default(),
-            x_rows: GrowBuf::default(),
-            wg_split: WeightGradSplit::default(),
         }
     }
 }

@@ -100,13 +100,16 @@ impl WeightGradSplit {
             counters: l.output_raw("weight-grad counters", &mut self.counters, counters_len)?,
         })
     }
+}
 
-    pub(crate) fn bytes(&self) -> usize {
+impl crate::workspace::Buffers for WeightGradSplit {
+    fn bytes(&self) -> usize {
         self.plan.bytes() + self.slots.bytes() + self.counters.bytes()
     }
 
-    /// Poisons what every backward rewrites before reading (not the counters).
-    pub(crate) fn poison(&mut self) -> Result<()> {
+    /// Poisons what every backward rewrites before reading (not the counters, which the
+    /// kernels expect at zero between calls).
+    fn poison(&mut self) -> Result<()> {
         self.plan.poison()?;
         self.slots.poison()
     }

@@ -167,3 +167,60 @@ impl<'a, T: Element> OutputBuf<'a, T> for &'a mut GrowBuf<T> {
         self.view_mut()
     }
 }
+
+/// What every workspace (a named set of buffers) can say of itself.
+pub(crate) trait Buffers {
+    /// Bytes of the allocations.
+    fn bytes(&self) -> usize;
+    /// Fills every allocation with 0xFF bytes (see [`GrowBuf::poison`]).
+    fn poison(&mut self) -> Result<()>;
+}
+
+impl<T: Element> Buffers for GrowBuf<T> {
+    fn bytes(&self) -> usize {
+        GrowBuf::bytes(self)
+    }
+
+    fn poison(&mut self) -> Result<()> {
+        GrowBuf::poison(self)
+    }
+}
+
+/// A workspace: a struct of buffers (each a [`Buffers`]: a [`GrowBuf`] or another workspace)
+/// listed once, with its `Default`, `bytes` and `poison` made from that one list.
+macro_rules! workspace {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident<$t:ident> {
+            $($(#[$fmeta:meta])* $field:ident: $ty:ty,)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug)]
+        $vis struct $name<$t: $crate::tensor::Element> {
+            $($(#[$fmeta])* pub(crate) $field: $ty,)*
+            _elem: std::marker::PhantomData<$t>,
+        }
+
+        impl<$t: $crate::tensor::Element> Default for $name<$t> {
+            fn default() -> Self {
+                Self {
+                    $($field: Default::default(),)*
+                    _elem: std::marker::PhantomData,
+                }
+            }
+        }
+
+        impl<$t: $crate::tensor::Element> $crate::workspace::Buffers for $name<$t> {
+            fn bytes(&self) -> usize {
+                0 $(+ $crate::workspace::Buffers::bytes(&self.$field))*
+            }
+
+            fn poison(&mut self) -> $crate::error::Result<()> {
+                $($crate::workspace::Buffers::poison(&mut self.$field)?;)*
+                Ok(())
+            }
+        }
+    };
+}
+pub(crate) use workspace;

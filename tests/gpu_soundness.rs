@@ -251,6 +251,19 @@ fn gpu_a_replay_is_refused_when_its_context_moved_or_holds_another_forward() {
     );
     drop(graph);
 
+    // A context dropped after its capture freed the buffers the graph writes.
+    let mut doomed = training_ctx(&dev, PairCapacity::default());
+    small.forward(&mut doomed, &mut out_small).unwrap();
+    let graph = capture(&dev, || small.forward(&mut doomed, &mut out_small)).unwrap();
+    drop(doomed);
+    // SAFETY: refused before launch; the captured tensors are alive anyway.
+    let replayed = unsafe { graph.replay() };
+    assert!(
+        matches!(replayed, Err(Error::CaptureUnsupported(_))),
+        "{what}: {replayed:?}"
+    );
+    drop(graph);
+
     // A captured backward reads the forward saved before the capture: with a counted capacity
     // another input routes another |A|, so the record differs and the replay is refused.
     let other = Case::new(&dev, 64, 0.8, seed + 2);

@@ -386,7 +386,7 @@ impl<T: CandleElement> CustomOp1 for BalanceLoss<T> {
     fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let stream = s.device.cuda_stream();
         let value = self.0.with_ctx(|ctx| {
-            let stats = ctx.stats_f32.view().map_err(candle_err)?;
+            let stats = ctx.routing.stats_f32.view().map_err(candle_err)?;
             stream
                 .clone_dtod(&stats.slice(1..2))
                 .map_err(|e| candle_err(e.into()))

@@ -39,7 +39,7 @@ use crate::moe::{
     MoeContext, MoeWeightViews, RouterKind,
 };
 use crate::tensor::{DeviceTensor, Element, TensorView};
-use crate::workspace::GrowBuf;
+use crate::workspace::{Buffers, GrowBuf};
 
 /// How a group's ranks reach each other.
 #[derive(Debug)]
@@ -585,7 +585,7 @@ fn exchange_counts<T: HalfElement>(
         &dev,
         header,
         (rank, plan.k_splits as u32),
-        &ctx.source.expert_offsets,
+        &ctx.source.routing.expert_offsets,
         experts,
         &mut ctx.msg,
     )?;
@@ -597,9 +597,9 @@ fn exchange_counts<T: HalfElement>(
         &dev,
         x,
         x.shape()[0],
-        &src.pair_token,
+        &src.routing.pair_token,
         &mut ctx.x_send,
-        (&src.expert_offsets, experts),
+        (&src.routing.expert_offsets, experts),
         cap,
         h,
     )?;
@@ -633,7 +633,7 @@ fn send_rows<T: HalfElement>(
         group.transport.exchange(
             &dev,
             "forward gates",
-            (&ctx.source.pair_gate.view()?, &row_ranges(&send, 1)),
+            (&ctx.source.routing.pair_gate.view()?, &row_ranges(&send, 1)),
             (&mut ctx.recv_gate.view_mut()?, &row_ranges(&recv, 1)),
         )?;
     }
@@ -703,7 +703,7 @@ fn return_results<T: HalfElement>(
         &dev,
         "forward results",
         (&ctx.y_ret.view()?, &row_ranges(&from, h)),
-        (&mut ctx.source.y.view_mut()?, &row_ranges(&home, h)),
+        (&mut ctx.source.experts.y.view_mut()?, &row_ranges(&home, h)),
     )
 }
 
@@ -882,9 +882,9 @@ fn gather_douts<T: HalfElement>(
         dev,
         dout,
         t,
-        &src.pair_token,
+        &src.routing.pair_token,
         &mut ctx.dout_send,
-        (&src.expert_offsets, e),
+        (&src.routing.expert_offsets, e),
         cap,
         h,
     )
