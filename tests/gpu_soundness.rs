@@ -469,7 +469,11 @@ fn gpu_config_a_from_a_dense_start_is_dropless() {
             moe_backward(&mut ctx, fixed(), &d.x, &w, &dout, g.as_mut(), false).unwrap();
             ctx.check_device_errors().unwrap();
             let grads = g.to_host(bf16::to_f64);
-            eprintln!(
+            // Straight to stderr (libtest captures eprintln! of passing tests): the figures
+            // belong in the suite's log.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
                 "{what}: {path:?}: |A| {} (sparsity {:.3}), device memory of the layer's context \
                  {:.2} GiB (saved for the backward {:.2} GiB)",
                 stats.active_pairs,
