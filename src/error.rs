@@ -61,6 +61,18 @@ pub enum Error {
         /// The tensor.
         what: &'static str,
     },
+    /// The operation would use, on its device's stream, a tensor whose buffer belongs to
+    /// another stream of the same context while cudarc's event tracking, which orders the two,
+    /// is off for one of them (a [`Device::new_untracked`](crate::Device::new_untracked)
+    /// handle): nothing would order the two streams' work on it.
+    #[error(
+        "{what}: tensor of another stream, with event tracking off (nothing orders the two \
+         streams); use it on its own stream's Device, or synchronise and copy it"
+    )]
+    UnorderedStream {
+        /// The tensor.
+        what: &'static str,
+    },
     /// A CUDA driver call failed. The message names the error (`CUDA_ERROR_...`) and the
     /// driver's description of it; the driver's error is the
     /// [`source`](std::error::Error::source).
@@ -113,13 +125,16 @@ pub enum Error {
         capacity: usize,
     },
     /// An operation that cannot be captured in a CUDA graph was asked of a stream that is being
-    /// captured (a workspace that must grow, stage timing, a read back to the host). Nothing
-    /// was enqueued.
+    /// captured (a workspace that must grow, stage timing, a read back to the host), a call on
+    /// a stream that another thread is capturing (or that was captured outside
+    /// [`graph::capture`](crate::graph::capture)), or a replay the graph's contexts no longer
+    /// fit (see [`crate::graph`]). Nothing was enqueued.
     #[error("not possible while the stream is being captured: {0}")]
     CaptureUnsupported(String),
     /// The ranks of an expert-parallel group disagree (see [`crate::ep`]): rank `rank`'s setup
-    /// record or count message differs from what this rank expects (another layer shape, call
-    /// number, layer or phase), or that rank aborted the call after a check of its own failed.
+    /// record, count message (forward) or header message (backward) differs from what this rank
+    /// expects (another layer shape, call number, layer or phase), or that rank aborted the call
+    /// after a check of its own failed.
     /// Every rank sees the same records and messages, so every rank returns the same error.
     #[error("expert-parallel rank {rank} is out of step: {what}")]
     EpMismatch {

@@ -1084,9 +1084,10 @@ fn forward_stages<T: HalfElement>(
 }
 
 /// The device's memory in bytes (what caps [`PairCapacity::Auto`]'s budget); 0 if the driver
-/// cannot say, which makes every forward count its pairs.
-fn device_memory() -> usize {
-    cudarc::driver::result::mem_get_info().map_or(0, |(_, total)| total)
+/// cannot say, which makes every eager forward count its pairs. A device query, not a context
+/// or stream operation, so that it is allowed while a stream is being captured.
+fn device_memory(dev: &Device) -> usize {
+    dev.context().total_mem().unwrap_or(0)
 }
 
 /// One forward's sizes: the shapes, the pair capacity and the GEMM grids' row-tile bound, all
@@ -1129,7 +1130,9 @@ impl ForwardPlan {
         let save = ctx.save_for_backward;
         let worst = cfg.tokens * cfg.experts;
         let elem = std::mem::size_of::<T>();
-        let policy = ctx.capacity.pairs_for(cfg, save, elem, device_memory());
+        let policy = ctx
+            .capacity
+            .pairs_for(cfg, save, elem, device_memory(&ctx.dev));
         // The pairs every per-pair buffer of a forward can hold now without growing.
         let f = cfg.ffn.max(1);
         let mut held = [

@@ -272,7 +272,8 @@ impl<T: Element> DeviceTensor<T> {
 
     /// Checks that the tensor lives in `dev`'s context.
     pub(crate) fn expect_device(&self, what: &'static str, dev: &Device) -> Result<()> {
-        expect_context(what, self.data.context().cu_ctx(), dev)
+        expect_context(what, self.data.context().cu_ctx(), dev)?;
+        expect_ordered(what, self.data.stream(), dev)
     }
 }
 
@@ -296,6 +297,20 @@ fn expect_context(
         return Err(Error::WrongContext { what });
     }
     Ok(())
+}
+
+/// A buffer of `stream` used on `dev`'s stream must be ordered with that stream's work: the same
+/// stream, or cudarc's event tracking on in both handles (each launch then waits for the
+/// buffer's last use on the other stream). With tracking off in one of them (an untracked
+/// device's buffers, or an untracked device using another's) nothing orders them.
+fn expect_ordered(what: &'static str, stream: &CudaStream, dev: &Device) -> Result<()> {
+    let ours = dev.stream();
+    let same = stream.cu_stream() == ours.cu_stream()
+        && stream.context().cu_ctx() == ours.context().cu_ctx();
+    if same || (stream.context().is_event_tracking() && dev.context().is_event_tracking()) {
+        return Ok(());
+    }
+    Err(Error::UnorderedStream { what })
 }
 
 /// A borrowed, read-only, row-major tensor: a cudarc view of device memory (a whole
@@ -354,7 +369,8 @@ impl<'a, T: Element> TensorView<'a, T> {
     }
 
     pub(crate) fn expect_device(&self, what: &'static str, dev: &Device) -> Result<()> {
-        expect_context(what, self.view.stream().context().cu_ctx(), dev)
+        expect_context(what, self.view.stream().context().cu_ctx(), dev)?;
+        expect_ordered(what, self.view.stream(), dev)
     }
 }
 

@@ -528,3 +528,34 @@ fn check_sampled_rows(what: &str, p: &HostProblem, out: &[f64], seed: u64) {
         .collect();
     assert_rows_within(what, "out (sampled rows)", &got, &want, h, &[], &[]);
 }
+
+/// Two handles on one context: a tensor of one stream used on another stream's device is
+/// ordered by cudarc's event tracking when both handles keep it on, and refused when one of
+/// them has it off (nothing would order the two streams' work on the buffer).
+#[test]
+fn gpu_a_tensor_of_another_stream_is_ordered_or_refused() {
+    let Some(tracked) = gpu_or_skip("gpu_a_tensor_of_another_stream_is_ordered_or_refused") else {
+        return;
+    };
+    // SAFETY: the untracked handle's tensors are used on its own stream only, or refused.
+    let untracked = unsafe { Device::new_untracked(0) }.unwrap();
+    let other = Device::new(0).unwrap();
+    let seed = fresh_seed();
+    let case = Case::new(&tracked, 128, 0.5, seed);
+    let run = |dev: &Device| {
+        let mut ctx = training_ctx(dev, PairCapacity::default());
+        let mut out = DeviceTensor::<bf16>::zeros(dev, &[128, 64]).unwrap();
+        case.forward(&mut ctx, &mut out)
+            .map(|_| bits(&out.to_host().unwrap()))
+    };
+    let want = run(&tracked).unwrap();
+    // Another tracked handle, another stream: ordered by the events, the same bits.
+    assert_eq!(run(&other).unwrap(), want, "{}", seed_note(seed));
+    // An untracked handle using the tracked handle's tensors: refused.
+    let refused = run(&untracked);
+    assert!(
+        matches!(refused, Err(Error::UnorderedStream { .. })),
+        "{}: {refused:?}",
+        seed_note(seed)
+    );
+}
