@@ -105,6 +105,14 @@ impl Case {
         g.to_host(bf16::to_f64)
     }
 
+    /// A backward from `ctx`'s saved forward gives, bit for bit, what a fresh context gives.
+    fn assert_backward_is_fresh(&self, dev: &Device, ctx: &mut MoeContext<bf16>, what: &str) {
+        let mut g = Grads::new(dev, &self.cfg);
+        g.poison();
+        self.backward(ctx, &mut g).unwrap();
+        assert_same(what, &g.to_host(bf16::to_f64), &self.fresh_grads(dev));
+    }
+
     fn fresh_out(&self, dev: &Device) -> Vec<u16> {
         let mut ctx = MoeContext::for_training(dev);
         let mut out = self.out(dev);
@@ -176,10 +184,7 @@ fn gpu_a_capture_runs_nothing_and_the_record_stays_the_devices() {
         let mut g_small = Grads::new(&dev, &small.cfg);
         let refused = small.backward(&mut ctx, &mut g_small);
         assert!(is_shape_error(&refused), "{what}: {refused:?}");
-        let mut g = Grads::new(&dev, &big.cfg);
-        g.poison();
-        big.backward(&mut ctx, &mut g).unwrap();
-        assert_same(&what, &g.to_host(bf16::to_f64), &big.fresh_grads(&dev));
+        big.assert_backward_is_fresh(&dev, &mut ctx, &what);
     }
 }
 
@@ -210,10 +215,7 @@ fn gpu_a_replay_installs_the_record_of_the_forward_it_ran() {
         let mut g_small = Grads::new(&dev, &small.cfg);
         let refused = small.backward(&mut ctx, &mut g_small);
         assert!(is_shape_error(&refused), "{what}: {refused:?}");
-        let mut g = Grads::new(&dev, &big.cfg);
-        g.poison();
-        big.backward(&mut ctx, &mut g).unwrap();
-        assert_same(&what, &g.to_host(bf16::to_f64), &big.fresh_grads(&dev));
+        big.assert_backward_is_fresh(&dev, &mut ctx, &what);
         assert_eq!(
             bits(&out_big.to_host().unwrap()),
             big.fresh_out(&dev),
@@ -309,12 +311,7 @@ fn gpu_poison_workspace_forgets_the_forward() {
     );
     // The next forward and backward are right.
     case.forward(&mut ctx, &mut out).unwrap();
-    case.backward(&mut ctx, &mut g).unwrap();
-    assert_same(
-        &seed_note(seed),
-        &g.to_host(bf16::to_f64),
-        &case.fresh_grads(&dev),
-    );
+    case.assert_backward_is_fresh(&dev, &mut ctx, &seed_note(seed));
 }
 
 /// 2(d): a panic inside a capture's body ends the capture: the stream runs the next forward.
@@ -393,13 +390,7 @@ fn gpu_another_threads_calls_on_a_capturing_stream_are_refused() {
         seed_note(seed)
     );
     // The refused thread's context still holds its own eager forward.
-    let mut g = Grads::new(&dev, &case.cfg);
-    case.backward(&mut other_ctx, &mut g).unwrap();
-    assert_same(
-        &seed_note(seed),
-        &g.to_host(bf16::to_f64),
-        &case.fresh_grads(&dev),
-    );
+    case.assert_backward_is_fresh(&dev, &mut other_ctx, &seed_note(seed));
 }
 
 /// A fixed capacity that an eager forward's pairs exceed is that forward's error: it never
