@@ -1612,6 +1612,74 @@ mod tests {
         }
     }
 
+    /// A record of the same forward with another capacity (and so other buffer lengths).
+    fn with_capacity(r: &SavedForward, capacity: usize) -> SavedForward {
+        SavedForward {
+            capacity,
+            max_tiles: max_row_tiles(capacity, r.config.experts, TILE_ROWS),
+            lens: SavedLens::of(&r.config, r.router, capacity, r.saved_for_backward, 1),
+            ..r.clone()
+        }
+    }
+
+    /// Issue 27 2(a), 2(b) at the level of the record: a capture runs nothing, so its context
+    /// ends it holding the record it had; a replay installs the record of the forward it ran;
+    /// a replay over buffers that moved (a reallocation, a dropped context) is refused.
+    #[test]
+    fn a_capture_leaves_the_devices_record_and_a_replay_installs_its_own() {
+        let cell = Arc::new(RecordCell::default());
+        let before = record(true);
+        let captured = SavedForward {
+            generation: 2,
+            ..with_capacity(&before, 40)
+        };
+        cell.lock().saved = Some(before.clone());
+        {
+            let mut rec = cell.lock();
+            rec.note_call(Mode::Capture(7), &cell, true);
+            rec.saved = Some(captured.clone());
+            // The capture's own backward reads the capture's forward: nothing is required of
+            // the record a replay finds.
+            rec.note_call(Mode::Capture(7), &cell, false);
+        }
+        let part = cell.clone().end_capture(7);
+        assert_eq!(cell.lock().saved, Some(before.clone()));
+        // Eager calls in between leave other records; the replay installs its own.
+        cell.lock().saved = None;
+        part.begin_replay().unwrap().replayed();
+        assert_eq!(cell.lock().saved, Some(captured.clone()));
+        cell.lock().layout += 1;
+        assert!(matches!(
+            part.begin_replay(),
+            Err(Error::CaptureUnsupported(_))
+        ));
+    }
+
+    /// A graph whose first use of a context is a backward replays only while the context holds
+    /// a forward of the same shapes and capacity as the one that backward was captured after.
+    #[test]
+    fn a_captured_backward_replays_only_over_the_forward_it_read() {
+        let cell = Arc::new(RecordCell::default());
+        let read = record(true);
+        cell.lock().saved = Some(read.clone());
+        cell.lock().note_call(Mode::Capture(8), &cell, false);
+        let part = cell.clone().end_capture(8);
+        part.begin_replay().unwrap().replayed();
+        // The same state from a later forward (another generation) will do.
+        cell.lock().saved = Some(SavedForward {
+            generation: 9,
+            ..read.clone()
+        });
+        part.begin_replay().unwrap().replayed();
+        for other in [Some(with_capacity(&read, 21)), None] {
+            cell.lock().saved = other;
+            assert!(matches!(
+                part.begin_replay(),
+                Err(Error::CaptureUnsupported(_))
+            ));
+        }
+    }
+
     /// Issue 10 (a) and (c) at the level of the record: the backward goes by what the forward
     /// saved, and there is nothing to go by after a failed forward.
     #[test]
