@@ -66,7 +66,7 @@ fn main() -> Result<(), Error> {
 /// context per layer (every forward saved before the first backward, as in a real model; the
 /// layers share one set of weights and inputs here, which changes nothing the contexts hold).
 fn model_step(dev: &Device, cfg: LayerConfig, layers: usize) -> Result<(f64, usize, usize), Error> {
-    let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+    let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
     let p = problem_with_density(cfg, &uniform_density(e, 1.0), 11);
     let d = DeviceProblem::upload(dev, &p)?;
     let w = d.weights();
@@ -76,25 +76,15 @@ fn model_step(dev: &Device, cfg: LayerConfig, layers: usize) -> Result<(f64, usi
     let mut ctxs: Vec<MoeContext<bf16>> =
         (0..layers).map(|_| MoeContext::for_training(dev)).collect();
     let mut out = DeviceTensor::<bf16>::zeros(dev, &[t, h])?;
-    let mut dx = DeviceTensor::<bf16>::zeros(dev, &[t, h])?;
-    let mut dwr = DeviceTensor::<f32>::zeros(dev, &[h, e])?;
-    let mut dwg = DeviceTensor::<f32>::zeros(dev, &[e, h, f])?;
-    let mut dwu = DeviceTensor::<f32>::zeros(dev, &[e, h, f])?;
-    let mut dwd = DeviceTensor::<f32>::zeros(dev, &[e, f, h])?;
+    let mut grads = Grads::new(dev, &cfg)?;
     let t = time_gpu(dev, 1, 3, || {
         for ctx in ctxs.iter_mut() {
             let fixed = Coefficient::Fixed(1e-3);
             moe_forward(ctx, &cfg, RouterKind::Relu, fixed, &d.x, &w, &mut out)?;
         }
         for ctx in ctxs.iter_mut().rev() {
-            let grads = MoeGrads {
-                dx: &mut dx,
-                router: &mut dwr,
-                gate: &mut dwg,
-                up: &mut dwu,
-                down: &mut dwd,
-            };
-            moe_backward(ctx, Coefficient::Fixed(1e-3), &d.x, &w, &dout, grads, true)?;
+            let fixed = Coefficient::Fixed(1e-3);
+            moe_backward(ctx, fixed, &d.x, &w, &dout, grads.as_mut(), true)?;
         }
         Ok(())
     })?;
@@ -112,7 +102,7 @@ fn time_case(
     density: f64,
     iters: usize,
 ) -> Result<(f64, f64, f64, usize, usize), Error> {
-    let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+    let (t, h, e) = (cfg.tokens, cfg.hidden, cfg.experts);
     let dens = uniform_density(e, density);
     let p = problem_with_density(cfg, &dens, 7);
     let d = DeviceProblem::upload(dev, &p)?;
@@ -125,31 +115,20 @@ fn time_case(
     let w = d.weights();
     let mut ctx = MoeContext::<bf16>::for_training(dev);
     let mut out = DeviceTensor::<bf16>::zeros(dev, &[t, h])?;
-    let mut dx = DeviceTensor::<bf16>::zeros(dev, &[t, h])?;
-    let mut dwr = DeviceTensor::<f32>::zeros(dev, &[h, e])?;
-    let mut dwg = DeviceTensor::<f32>::zeros(dev, &[e, h, f])?;
-    let mut dwu = DeviceTensor::<f32>::zeros(dev, &[e, h, f])?;
-    let mut dwd = DeviceTensor::<f32>::zeros(dev, &[e, f, h])?;
+    let mut grads = Grads::new(dev, &cfg)?;
     let mut step = 0usize;
     let timings = time_gpu(dev, 5, iters, || {
         step += 1;
         let x = if step.is_multiple_of(2) { &d.x } else { &x2 };
         let fixed = Coefficient::Fixed(1e-3);
         moe_forward(&mut ctx, &cfg, RouterKind::Relu, fixed, x, &w, &mut out)?;
-        let grads = MoeGrads {
-            dx: &mut dx,
-            router: &mut dwr,
-            gate: &mut dwg,
-            up: &mut dwu,
-            down: &mut dwd,
-        };
         moe_backward(
             &mut ctx,
             Coefficient::Fixed(1e-3),
             x,
             &w,
             &dout,
-            grads,
+            grads.as_mut(),
             false,
         )
     })?;
@@ -157,4 +136,36 @@ fn time_case(
     let s = &timings.samples_ms;
     let bytes = ctx.workspace_bytes();
     Ok((timings.median_ms(), s[0], s[s.len() - 1], pairs, bytes))
+}
+
+/// The backward's outputs: dX and the f32 weight gradients of one layer.
+struct Grads {
+    dx: DeviceTensor<bf16>,
+    router: DeviceTensor<f32>,
+    gate: DeviceTensor<f32>,
+    up: DeviceTensor<f32>,
+    down: DeviceTensor<f32>,
+}
+
+impl Grads {
+    fn new(dev: &Device, cfg: &LayerConfig) -> Result<Self, Error> {
+        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+        Ok(Self {
+            dx: DeviceTensor::zeros(dev, &[t, h])?,
+            router: DeviceTensor::zeros(dev, &[h, e])?,
+            gate: DeviceTensor::zeros(dev, &[e, h, f])?,
+            up: DeviceTensor::zeros(dev, &[e, h, f])?,
+            down: DeviceTensor::zeros(dev, &[e, f, h])?,
+        })
+    }
+
+    fn as_mut(&mut self) -> MoeGrads<'_, bf16> {
+        MoeGrads {
+            dx: &mut self.dx,
+            router: &mut self.router,
+            gate: &mut self.gate,
+            up: &mut self.up,
+            down: &mut self.down,
+        }
+    }
 }

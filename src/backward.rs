@@ -46,7 +46,6 @@ use crate::moe::{
     RoutingBufs, SavedForward,
 };
 use crate::scratch::router_wgrad_slices;
-pub(crate) use crate::scratch::BackwardScratch;
 use crate::tensor::{DeviceTensor, Element, Launch, TensorView};
 use crate::workspace::GrowBuf;
 
@@ -122,55 +121,46 @@ impl<T: HalfElement> MoeContext<T> {
     /// says (a graph's replay leaves its forward's state whatever lengths later calls set); an
     /// allocation shorter than that is an error.
     pub(crate) fn restore_saved_lens(&mut self, saved: &SavedForward) -> Result<()> {
+        let generation = saved.generation;
         let l = &saved.lens;
-        let bufs: [(&'static str, usize, &mut dyn SetLen); 11] = [
-            ("logits", l.logits, &mut self.routing.logits),
-            ("gates", l.gates, &mut self.routing.gates),
-            ("probs", l.probs, &mut self.routing.probs),
-            ("pair index", l.pair_index, &mut self.routing.pair_index),
-            ("counts", l.counts, &mut self.routing.counts),
-            (
-                "expert offsets",
-                l.expert_offsets,
-                &mut self.routing.expert_offsets,
-            ),
-            (
-                "tile offsets",
-                l.tile_offsets,
-                &mut self.routing.tile_offsets,
-            ),
-            ("pair tokens", l.pair_token, &mut self.routing.pair_token),
-            ("pair gates", l.pair_gate, &mut self.routing.pair_gate),
-            ("g", l.g, &mut self.experts.g),
-            ("u", l.u, &mut self.experts.u),
-        ];
+        let r = &mut self.routing;
+        restore_len("logits", &mut r.logits, l.logits, generation)?;
+        restore_len("gates", &mut r.gates, l.gates, generation)?;
+        restore_len("probs", &mut r.probs, l.probs, generation)?;
+        restore_len("pair index", &mut r.pair_index, l.pair_index, generation)?;
+        restore_len("counts", &mut r.counts, l.counts, generation)?;
+        let offsets = l.expert_offsets;
+        restore_len("expert offsets", &mut r.expert_offsets, offsets, generation)?;
+        restore_len(
+            "tile offsets",
+            &mut r.tile_offsets,
+            l.tile_offsets,
+            generation,
+        )?;
+        restore_len("pair tokens", &mut r.pair_token, l.pair_token, generation)?;
+        restore_len("pair gates", &mut r.pair_gate, l.pair_gate, generation)?;
+        let x = &mut self.experts;
+        restore_len("g", &mut x.g, l.g, generation)?;
+        restore_len("u", &mut x.u, l.u, generation)?;
         // act too: the dAct GEMM recomputes it there, for the forward's capacity.
         let act = saved.capacity * saved.config.ffn;
-        let bufs = bufs
-            .into_iter()
-            .chain([("act", act, &mut self.experts.act as &mut dyn SetLen)]);
-        for (what, want, buf) in bufs {
-            buf.set_len_to(want).map_err(|_| {
-                Error::InvalidConfig(format!(
-                    "moe_backward: saved buffer {what} cannot hold the {want} elements forward \
-                     {} wrote",
-                    saved.generation
-                ))
-            })?;
-        }
-        Ok(())
+        restore_len("act", &mut x.act, act, generation)
     }
 }
 
-/// A buffer whose logical length can be set (any element type).
-trait SetLen {
-    fn set_len_to(&mut self, n: usize) -> Result<()>;
-}
-
-impl<E: Element> SetLen for GrowBuf<E> {
-    fn set_len_to(&mut self, n: usize) -> Result<()> {
-        self.set_len(n)
-    }
+/// Sets `buf`'s length to the `want` elements forward `generation` wrote there.
+fn restore_len<E: Element>(
+    what: &str,
+    buf: &mut GrowBuf<E>,
+    want: usize,
+    generation: u64,
+) -> Result<()> {
+    buf.set_len(want).map_err(|_| {
+        Error::InvalidConfig(format!(
+            "moe_backward: saved buffer {what} cannot hold the {want} elements forward \
+             {generation} wrote"
+        ))
+    })
 }
 
 /// The backward of the last successful forward run with `ctx`, which must have saved for

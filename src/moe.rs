@@ -225,19 +225,11 @@ pub(crate) struct SavedLens {
     pub(crate) pair_gate: usize,
     pub(crate) g: usize,
     pub(crate) u: usize,
-    /// The down projection's split-K planes (y holds this many planes of capacity x H).
-    pub(crate) k_splits: usize,
 }
 
 impl SavedLens {
     /// The buffers of a forward of `cfg` with `router` and room for `pairs` pairs.
-    pub(crate) fn of(
-        cfg: &LayerConfig,
-        router: RouterKind,
-        pairs: usize,
-        saved: bool,
-        k_splits: usize,
-    ) -> Self {
+    pub(crate) fn of(cfg: &LayerConfig, router: RouterKind, pairs: usize, saved: bool) -> Self {
         let (t, f, e) = (cfg.tokens, cfg.ffn, cfg.experts);
         Self {
             logits: t * e,
@@ -251,13 +243,12 @@ impl SavedLens {
             pair_gate: pairs,
             g: if saved { pairs * f } else { 0 },
             u: if saved { pairs * f } else { 0 },
-            k_splits,
         }
     }
 
     /// Bytes of device memory these buffers hold (g and u of `elem` bytes; the rest 4-byte
     /// f32, i32 or u32).
-    pub(crate) fn bytes(&self, elem: usize) -> usize {
+    fn bytes(&self, elem: usize) -> usize {
         4 * (self.logits
             + self.gates
             + self.probs
@@ -603,7 +594,7 @@ impl<T: HalfElement> MoeContext<T> {
             return Ok(0);
         };
         let pairs = self.dispatched_pairs()?;
-        let lens = SavedLens::of(&s.config, s.router, pairs, s.saved_for_backward, 1);
+        let lens = SavedLens::of(&s.config, s.router, pairs, s.saved_for_backward);
         Ok(lens.bytes(std::mem::size_of::<T>()))
     }
 
@@ -1160,10 +1151,7 @@ impl ForwardPlan {
             (Mode::Eager, PairCapacity::Pairs(n)) => (worst, Some(Count::Fixed(n.min(worst)))),
             // Captured: a fixed capacity; what an eager warm-up sized the buffers for, when
             // more than the policy's.
-            (Mode::Capture(_), PairCapacity::Auto { .. }) => (
-                policy.max(ctx.routing.pair_token.capacity()).min(worst),
-                None,
-            ),
+            (Mode::Capture(_), PairCapacity::Auto { .. }) => (policy.max(held).min(worst), None),
             (Mode::Capture(_), PairCapacity::Pairs(_)) => (policy, None),
         };
         Self {
@@ -1188,7 +1176,7 @@ impl ForwardPlan {
             max_tiles: self.max_tiles,
             saved_for_backward: self.save,
             generation: ctx.generation,
-            lens: SavedLens::of(&self.cfg, self.router, self.cap, self.save, self.k_splits),
+            lens: SavedLens::of(&self.cfg, self.router, self.cap, self.save),
         }
     }
 
@@ -1608,7 +1596,7 @@ mod tests {
             max_tiles: max_row_tiles(20, 8, TILE_ROWS),
             saved_for_backward,
             generation: 1,
-            lens: SavedLens::of(&cfg, RouterKind::Relu, 20, saved_for_backward, 1),
+            lens: SavedLens::of(&cfg, RouterKind::Relu, 20, saved_for_backward),
         }
     }
 
@@ -1617,7 +1605,7 @@ mod tests {
         SavedForward {
             capacity,
             max_tiles: max_row_tiles(capacity, r.config.experts, TILE_ROWS),
-            lens: SavedLens::of(&r.config, r.router, capacity, r.saved_for_backward, 1),
+            lens: SavedLens::of(&r.config, r.router, capacity, r.saved_for_backward),
             ..r.clone()
         }
     }
@@ -1703,7 +1691,7 @@ mod tests {
     #[test]
     fn the_record_holds_the_saved_buffers_lengths() {
         let cfg = LayerConfig::new(700, 64, 128, 8, 2);
-        let l = SavedLens::of(&cfg, RouterKind::Relu, 300, true, 1);
+        let l = SavedLens::of(&cfg, RouterKind::Relu, 300, true);
         assert_eq!(
             (l.logits, l.probs, l.g, l.u),
             (700 * 8, 0, 300 * 128, 300 * 128)
@@ -1712,7 +1700,7 @@ mod tests {
         // As documented for saved_bytes (bf16 activations): no act, no y.
         let want = t * e * 12 + 4 * e + 2 * 4 * (e + 1) + p * (8 + 4 * f);
         assert_eq!(l.bytes(2), want);
-        let inference = SavedLens::of(&cfg, RouterKind::TopK, 300, false, 1);
+        let inference = SavedLens::of(&cfg, RouterKind::TopK, 300, false);
         assert_eq!((inference.probs, inference.g, inference.u), (t * e, 0, 0));
     }
 

@@ -21,9 +21,7 @@ use super::protocol::{
     CallHeader, EpSetup, ExpertPartition, Phase, TrafficMatrix, COUNT_HEADER_WORDS,
 };
 use super::transport::DeviceLoopback;
-use crate::backward::{
-    check_backward_inputs, router_half, BackwardOptions, BackwardScratch, MoeGrads,
-};
+use crate::backward::{check_backward_inputs, router_half, BackwardOptions, MoeGrads};
 use crate::capacity::PairCapacity;
 use crate::config::LayerConfig;
 use crate::controller::Coefficient;
@@ -38,6 +36,7 @@ use crate::moe::{
     check_coefficient, check_config, check_layer_tensors, check_out, ForwardPlan, ForwardStats,
     MoeContext, MoeWeightViews, RouterKind,
 };
+use crate::scratch::BackwardScratch;
 use crate::tensor::{DeviceTensor, Element, TensorView};
 use crate::workspace::{Buffers, GrowBuf};
 
