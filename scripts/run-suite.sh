@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine, from the bundle scripts/gpu-bundle made (see there).
 #   bash .gpu-bundle/run-suite.sh [--no-tests | --sanitizers-only] [--no-sanitizer] [--sanitizers LIST]
-#                                 [--sanitizer-timeout SECONDS] [--filter TEST]
+#                                 [--sanitizer-timeout SECONDS] [--sanitizer-jobs N] [--filter TEST]
+#                                 [--bins NAME,NAME]
 #                                 [--bench] [--criterion FILTER] [--no-quick]
 # Every test binary runs with REMOE_REQUIRE_GPU=1. Then every GPU test binary (tests/gpu_*, and
 # the lib's unit tests) runs again under each compute-sanitizer tool: memcheck, racecheck (hazard
@@ -35,6 +36,8 @@ mkdir -p "$out"
 sanitize=1
 sanitizers="memcheck,racecheck,initcheck,synccheck"
 sanitizer_timeout=600
+san_jobs=8
+only_bins=""
 filter=()
 bench=0
 tests=1
@@ -45,6 +48,8 @@ while [[ $# -gt 0 ]]; do
     --no-sanitizer) sanitize=0 ;;
     --sanitizers) sanitizers="$2"; shift ;;
     --sanitizer-timeout) sanitizer_timeout="$2"; shift ;;
+    --sanitizer-jobs) san_jobs="$2"; shift ;;
+    --bins) only_bins="$2"; shift ;;
     --filter) filter=("$2"); shift ;;
     --no-tests) tests=0; sanitize=0 ;;
     --sanitizers-only) tests=0 ;;
@@ -102,8 +107,17 @@ gpu_bins=("$here"/tests/gpu_*)
 # The lib's unit tests hold GPU tests of their own (the expert-parallel dispatch kernels against
 # their host forms): the sanitizers check them too.
 san_bins=("${gpu_bins[@]}" "$here/tests/unit")
-for bin in "$here"/tests/*; do runs+=("$bin|"); done
-[[ -e "$here/candle/gpu_candle" ]] && runs+=("$here/candle/gpu_candle|")
+# --bins a,b: only those test binaries (by file name).
+if [[ -n "$only_bins" ]]; then
+  keep() { local b; for b in "$@"; do [[ ",$only_bins," == *",$(basename "$b"),"* ]] && echo "$b"; done; }
+  mapfile -t gpu_bins < <(keep "${gpu_bins[@]}")
+  mapfile -t san_bins < <(keep "${san_bins[@]}")
+  mapfile -t all_bins < <(keep "$here"/tests/*)
+else
+  all_bins=("$here"/tests/*)
+fi
+for bin in "${all_bins[@]}"; do runs+=("$bin|"); done
+[[ -e "$here/candle/gpu_candle" && ( -z "$only_bins" || ",$only_bins," == *",gpu_candle,"* ) ]] && runs+=("$here/candle/gpu_candle|")
 if nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
   for bin in "${gpu_bins[@]}"; do runs+=("$bin|mma-sync"); done
 fi
@@ -151,63 +165,107 @@ fi
 
 san_summary=()
 san_fail=0
+# One process per (tool, binary, test): the sanitizers' host memory grows with the work a
+# process has launched (racecheck reached 128 GB on gpu_backward as one process), so each test
+# gets a fresh one and --sanitizer-timeout applies per test. --sanitizer-jobs of them run at once
+# (the GPU has room for several tests' buffers, and each sanitizer keeps one CPU core busy); a
+# test that fails while others ran beside it (out of memory, a timeout) runs once more alone,
+# and the summary says so: that result is the one counted.
+run_san_job() {
+  local tool="$1" bin="$2" test="$3" log="$4" opts=()
+  # Hazards only (each with its source line, from -lineinfo), not the race analysis reports.
+  [[ "$tool" == racecheck ]] && opts=(--racecheck-report hazard)
+  local t0=$SECONDS
+  timeout "$sanitizer_timeout" compute-sanitizer --tool "$tool" "${opts[@]}" --print-limit 50 \
+    --error-exitcode 86 "$bin" --test-threads=1 --exact "$test" >"$log.out" 2>&1
+  local rc=$?
+  { echo "=== $tool $(basename "$bin") $test (rc=$rc, $((SECONDS - t0))s)"; cat "$log.out"; } >"$log"
+  rm -f "$log.out"
+  echo "$rc" >"$log.rc"
+}
+export -f run_san_job
+export sanitizer_timeout
 if [[ $sanitize -eq 1 ]]; then
   if ! command -v compute-sanitizer >/dev/null; then
     san_summary+=("compute-sanitizer not found: sanitizers not run")
     san_fail=1
-  fi
-  IFS=',' read -r -a tools <<<"$sanitizers"
-  for tool in "${tools[@]}"; do
-    command -v compute-sanitizer >/dev/null || break
-    case "$tool" in
-      # Hazards only (each with its source line, from -lineinfo), not the race analysis reports.
-      racecheck) opts=(--racecheck-report hazard) ;;
-      memcheck | initcheck | synccheck) opts=() ;;
-      *) echo "run-suite.sh: unknown sanitizer $tool" >&2; exit 2 ;;
-    esac
-    tool_log="$out/sanitizer-$tool.log"
-    : >"$tool_log"
-    for bin in "${san_bins[@]}"; do
-      [[ -e "$bin" ]] || continue
-      name="$(basename "$bin")"
-      start=$SECONDS
-      # One process per test: the sanitizers' host memory grows with the work a process has
-      # launched (racecheck reached 128 GB on gpu_backward as one process), so each test gets a
-      # fresh one and --sanitizer-timeout applies per test.
-      mapfile -t tests_of_bin < <("$bin" --list --format terse "${filter[@]}" 2>/dev/null |
-        sed -n 's/: test$//p')
-      bin_rc=0 errors=0 checked=0 bad=()
-      for test in "${tests_of_bin[@]}"; do
-        log="$out/tmp-sanitizer.log"
-        t0=$SECONDS
-        timeout "$sanitizer_timeout" compute-sanitizer --tool "$tool" "${opts[@]}" --print-limit 50 \
-          --error-exitcode 86 "$bin" --test-threads=1 --exact "$test" >"$log" 2>&1
-        rc=$?
-        { echo "=== $tool $name $test (rc=$rc, $((SECONDS - t0))s)"; cat "$log"; } >>"$tool_log"
-        if grep -q 'terminated before first instrumented API call' "$log" &&
-          grep -qE 'test result: ok\. 1 passed; 0 failed' "$log"; then
-          continue # a CPU-only test, or one skipped under the sanitizer: no GPU work to check
-        fi
-        checked=$((checked + 1))
-        line="$(grep -E '(ERROR|RACECHECK) SUMMARY' "$log" | tail -1)"
-        n="$(sed -nE 's/.*SUMMARY: ([0-9]+) (errors?|hazards?).*/\1/p' <<<"$line")"
-        errors=$((errors + ${n:-0}))
-        if [[ $rc -ne 0 || -z "$n" ]]; then
-          bin_rc=$rc
-          [[ $rc -eq 124 ]] && bad+=("$test: timed out after ${sanitizer_timeout}s") ||
-            bad+=("$test: rc=$rc${line:+, ${line##*SUMMARY: }}")
-        fi
-      done
-      secs=$((SECONDS - start))
-      what=$([[ $tool == racecheck ]] && echo hazards || echo errors)
-      line="$checked tests with GPU work, $errors $what"
-      [[ ${#bad[@]} -gt 0 ]] && line+="; FAILED: ${bad[*]}"
-      [[ $bin_rc -ne 0 || ${#bad[@]} -gt 0 ]] && san_fail=$((san_fail + 1))
-      san_summary+=("$(printf '%-10s %-22s rc=%-3s %5ss  %s' "$tool" "$name" "$bin_rc" "$secs" "$line")")
-      echo "${san_summary[-1]}"
+  else
+    IFS=',' read -r -a tools <<<"$sanitizers"
+    for tool in "${tools[@]}"; do
+      case "$tool" in
+        memcheck | racecheck | initcheck | synccheck) ;;
+        *) echo "run-suite.sh: unknown sanitizer $tool" >&2; exit 2 ;;
+      esac
     done
-  done
-  rm -f "$out/tmp-sanitizer.log"
+    jobdir="$out/san-jobs"
+    rm -rf "$jobdir"; mkdir -p "$jobdir"
+    jobs_file="$jobdir/list"
+    : >"$jobs_file"
+    n=0
+    for tool in "${tools[@]}"; do
+      for bin in "${san_bins[@]}"; do
+        [[ -e "$bin" ]] || continue
+        while read -r test; do
+          [[ -n "$test" ]] || continue
+          n=$((n + 1))
+          printf '%s\t%s\t%s\t%s\n' "$tool" "$bin" "$test" "$jobdir/$n" >>"$jobs_file"
+        done < <("$bin" --list --format terse "${filter[@]}" 2>/dev/null | sed -n 's/: test$//p')
+      done
+    done
+    echo "=== sanitizers: $n runs, $san_jobs at a time (logs: $out/sanitizer-<tool>.log)"
+    san_start=$SECONDS
+    tr '\n' '\0' <"$jobs_file" |
+      xargs -0 -P "$san_jobs" -I{} bash -c 'IFS=$'"'"'\t'"'"' read -r t b x l <<<"$1"; run_san_job "$t" "$b" "$x" "$l"' _ {}
+    # Failures (or runs with no summary) once more, alone.
+    declare -A rerun=()
+    while IFS=$'\t' read -r tool bin test log; do
+      rc="$(cat "$log.rc" 2>/dev/null || echo 1)"
+      if [[ "$rc" -ne 0 ]] || ! grep -qE '(ERROR|RACECHECK) SUMMARY|terminated before first instrumented' "$log"; then
+        if ! grep -q 'terminated before first instrumented API call' "$log" || [[ "$rc" -ne 0 ]]; then
+          mv "$log" "$log.first"
+          run_san_job "$tool" "$bin" "$test" "$log"
+          rerun["$log"]=1
+        fi
+      fi
+    done <"$jobs_file"
+    for tool in "${tools[@]}"; do
+      tool_log="$out/sanitizer-$tool.log"
+      : >"$tool_log"
+      for bin in "${san_bins[@]}"; do
+        [[ -e "$bin" ]] || continue
+        name="$(basename "$bin")"
+        bin_rc=0 errors=0 checked=0 bad=() reruns=0
+        while IFS=$'\t' read -r t b test log; do
+          [[ "$t" == "$tool" && "$b" == "$bin" ]] || continue
+          cat "$log" >>"$tool_log"
+          [[ -e "$log.first" ]] && { echo "(an earlier run beside others:)"; cat "$log.first"; } >>"$tool_log"
+          rc="$(cat "$log.rc")"
+          [[ -n "${rerun[$log]:-}" ]] && reruns=$((reruns + 1))
+          if grep -q 'terminated before first instrumented API call' "$log" &&
+            grep -qE 'test result: ok\. 1 passed; 0 failed' "$log"; then
+            continue # a CPU-only test, or one skipped under the sanitizer: no GPU work to check
+          fi
+          checked=$((checked + 1))
+          line="$(grep -E '(ERROR|RACECHECK) SUMMARY' "$log" | tail -1)"
+          e="$(sed -nE 's/.*SUMMARY: ([0-9]+) (errors?|hazards?).*/\1/p' <<<"$line")"
+          errors=$((errors + ${e:-0}))
+          if [[ $rc -ne 0 || -z "$e" ]]; then
+            bin_rc=$rc
+            [[ $rc -eq 124 ]] && bad+=("$test: timed out after ${sanitizer_timeout}s") ||
+              bad+=("$test: rc=$rc${line:+, ${line##*SUMMARY: }}")
+          fi
+        done <"$jobs_file"
+        what=$([[ $tool == racecheck ]] && echo hazards || echo errors)
+        line="$checked tests with GPU work, $errors $what"
+        [[ $reruns -gt 0 ]] && line+=" ($reruns rerun alone after failing beside others)"
+        [[ ${#bad[@]} -gt 0 ]] && line+="; FAILED: ${bad[*]}"
+        [[ $bin_rc -ne 0 || ${#bad[@]} -gt 0 ]] && san_fail=$((san_fail + 1))
+        san_summary+=("$(printf '%-10s %-22s rc=%-3s %s' "$tool" "$name" "$bin_rc" "$line")")
+      done
+    done
+    san_summary+=("sanitizers' wall time: $((SECONDS - san_start)) s")
+    rm -rf "$jobdir"
+  fi
 fi
 
 if [[ $bench -eq 1 ]]; then

@@ -1143,12 +1143,14 @@ impl ForwardPlan {
             (_, PairCapacity::Auto { .. }) if router == RouterKind::TopK => {
                 ((cfg.k * cfg.tokens).min(worst), None)
             }
-            // The buffers hold every pair the router can make (the policy's, or a dense forward
-            // made them grow): nothing to count.
-            _ if policy >= worst || (mode == Mode::Eager && held >= worst) => (worst, None),
+            // The buffers hold every pair the router can make: nothing to count (a fixed
+            // capacity below that is the user's limit, checked whatever the buffers hold).
+            _ if policy >= worst => (worst, None),
             // Until counted, the statistics may see every pair.
-            (Mode::Eager, PairCapacity::Auto { .. }) => (worst, Some(Count::Exact)),
             (Mode::Eager, PairCapacity::Pairs(n)) => (worst, Some(Count::Fixed(n.min(worst)))),
+            // A dense forward made the buffers grow to every pair: nothing to count.
+            (Mode::Eager, PairCapacity::Auto { .. }) if held >= worst => (worst, None),
+            (Mode::Eager, PairCapacity::Auto { .. }) => (worst, Some(Count::Exact)),
             // Captured: a fixed capacity; what an eager warm-up sized the buffers for, when
             // more than the policy's.
             (Mode::Capture(_), PairCapacity::Auto { .. }) => (policy.max(held).min(worst), None),
