@@ -1,4 +1,4 @@
-//! The layer benchmark (criterion): for SPEC's named configurations (or the shapes
+//! The layer benchmark (criterion): for docs/SPEC.md's named configurations (or the shapes
 //! `REMOE_BENCH_SHAPES` asks for) at the uniform load, on each expert-GEMM path this device runs
 //! (Hopper wgmma/TMA, mma.sync):
 //!

@@ -1,4 +1,4 @@
-//! Router forward (logits + ReLU gates) at SPEC's named configurations, or at the shapes
+//! Router forward (logits + ReLU gates) at docs/SPEC.md's named configurations, or at the shapes
 //! `REMOE_BENCH_SHAPES` asks for (as for the layer bench, benches/layer.rs: named
 //! configurations and `NAME:T:H:F:E:k` shapes, comma-separated). Criterion times the launch
 //! plus a stream synchronise per iteration; the report in docs/BENCHMARKS.md uses CUDA events.

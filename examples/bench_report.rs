@@ -1,4 +1,4 @@
-//! The benchmark report: the ReMoE layer against the TopK dispatch layer and cuBLAS at SPEC's
+//! The benchmark report: the ReMoE layer against the TopK dispatch layer and cuBLAS at docs/SPEC.md's
 //! named configurations (A, B, C, D, S, SM1, SM7, SM7b, SM30, Q3, OL: the table in
 //! remoe_testkit::shapes) and at shapes given by hand, uniform and skewed loads, on each
 //! expert-GEMM path (Hopper wgmma/TMA and the portable mma.sync). Every figure is a median of
@@ -22,7 +22,7 @@
 //!       [--path hopper|mma-sync|both] [--iters N] [--warmup N] [--quick] [--no-gemms]
 //!       [--no-calibrate] [--shape NAME:T:H:F:E:k]... [CONFIG...]
 //!
-//! CONFIG names SPEC's configurations to run; `--shape NAME:T:H:F:E:k` (repeatable) adds a
+//! CONFIG names docs/SPEC.md's configurations to run; `--shape NAME:T:H:F:E:k` (repeatable) adds a
 //! shape of any size. With neither, every named configuration runs.
 //!
 //! `--quick` is the GPU suite's short pass: 3 warm-up and 5 timed runs per figure (3
@@ -73,7 +73,7 @@ enum PathChoice {
     Both,
 }
 
-/// The benchmark report: the ReMoE layer against the TopK layer and cuBLAS at SPEC's
+/// The benchmark report: the ReMoE layer against the TopK layer and cuBLAS at docs/SPEC.md's
 /// configurations and at shapes given by hand, on each expert-GEMM path; prints the tables and
 /// writes the JSON. Exits with status 1 if any part of any configuration failed (each failure
 /// is a FAILED row; the rest still runs).
@@ -111,7 +111,7 @@ struct Args {
     /// 8); NAME is what the tables and the JSON call it. Repeatable.
     #[arg(long = "shape", value_name = "NAME:T:H:F:E:k", value_parser = parse_shape)]
     shapes: Vec<Shape>,
-    /// Named configurations to run (SPEC.md's): any of A B C D S SM1 SM7 SM7b SM30 Q3 OL.
+    /// Named configurations to run (docs/SPEC.md's): any of A B C D S SM1 SM7 SM7b SM30 Q3 OL.
     /// Default: all of them, unless --shape is given (then only the shapes).
     #[arg(value_name = "CONFIG", value_parser = config_name)]
     configs: Vec<String>,
@@ -140,7 +140,7 @@ fn parse_shape(s: &str) -> Result<Shape, String> {
     s.parse()
 }
 
-/// The shapes to run, in order: the named configurations asked for (in SPEC's order), then the
+/// The shapes to run, in order: the named configurations asked for (in docs/SPEC.md's order), then the
 /// --shape ones as given; every named configuration when neither was given.
 fn chosen_shapes(args: &Args) -> Vec<Shape> {
     if args.configs.is_empty() && args.shapes.is_empty() {

@@ -1,5 +1,5 @@
 //! Expert parallelism between two GPUs over NCCL against one GPU: forward+backward steps of the
-//! ReMoE layer at SPEC's configurations with T tokens **per GPU**, the all-to-all bytes each
+//! ReMoE layer at docs/SPEC.md's configurations with T tokens **per GPU**, the all-to-all bytes each
 //! rank sends (exact, from the call's traffic matrix), and the bare NCCL link rate in the same
 //! run. Needs two GPUs, the `ep` feature and libnccl (a `libnccl.so` on the loader path).
 //!
@@ -59,7 +59,7 @@ struct Args {
     /// Where to write the JSON rows.
     #[arg(long, default_value = "ep-bench.json")]
     json: PathBuf,
-    /// SPEC's configurations to run (default C and D).
+    /// docs/SPEC.md's configurations to run (default C and D).
     configs: Vec<String>,
 }
 

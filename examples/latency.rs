@@ -1,4 +1,4 @@
-//! Small-batch latency of the ReMoE layer (issue 9): T = 1, 8, 64 and 512 tokens at SPEC's
+//! Small-batch latency of the ReMoE layer (issue 9): T = 1, 8, 64 and 512 tokens at docs/SPEC.md's
 //! config S shape (H 768, F 3072, E 8, k 1), the inference forward and the training
 //! forward+backward, each three ways, timed interleaved in one loop:
 //!
@@ -156,7 +156,7 @@ fn sample(dev: &Device, work: impl FnOnce() -> Result<(), Error>) -> Result<(f64
     Ok((start.elapsed_ms(&stop)? as f64, host_ms))
 }
 
-/// SPEC's configuration S (H 768, F 3072, E 8, k 1); the batch sizes vary.
+/// docs/SPEC.md's configuration S (H 768, F 3072, E 8, k 1); the batch sizes vary.
 fn config_s() -> LayerConfig {
     named("S").expect("S is a named configuration").cfg
 }

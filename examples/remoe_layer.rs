@@ -1,6 +1,6 @@
 //! The crate's main job, end to end, on whatever this machine has.
 //!
-//! With a CUDA device: the ReMoE layer forward on the GPU at SPEC's configuration A (T = 16384,
+//! With a CUDA device: the ReMoE layer forward on the GPU at docs/SPEC.md's configuration A (T = 16384,
 //! H = 768, F = 3072, E = 8, k = 1) at the trained density (about k of E experts per token),
 //! timed with CUDA events (median of 30 after warm-up), with the first 32 tokens checked against
 //! the CPU reference. Without one: says so and runs the CPU reference of the whole layer

@@ -1,5 +1,6 @@
 // The layer backward outside the expert GEMMs: per-pair preparation, the router's gradient
-// (ReLU with the regulariser's term, or softmax with the aux loss's term), the router's share
+// (ReLU with the regulariser's term, or softmax, renormalised over the selection or not, with
+// the aux loss's term), the router's share
 // of dX, and dWr. No float atomics anywhere: every sum has a fixed order, so two runs give the
 // same bits.
 #include <float.h>
@@ -61,6 +62,12 @@ __global__ void router_grad_relu_kernel(const int32_t *__restrict__ pair_index,
 
 // TopK: dP[t,e] = dR[t,e] (selected) + c E n_e / (k T^2) (every pair);
 // dL_t = P_t * (dP_t - dP_t . P_t). One warp per token, E <= 512 in registers.
+//
+// Renormalised TopK (gates != nullptr): the gates G = P / sum_S P on the selection S are the
+// softmax over the selected logits, while the aux loss still reads the full softmax P. The two
+// Jacobians are taken apart: with dA = c E n_e / (k T^2) (every pair) and dR on S,
+//   dL_t = P_t * (dA_t - dA_t . P_t) + G_t * (dR_t - dR_t . G_t),
+// G and dR being 0 off S (pair_index < 0), so the second term vanishes there.
 constexpr int kPerLane = REMOE_TOPK_MAX_EXPERTS / 32;
 __global__ void router_grad_topk_kernel(const int32_t *__restrict__ pair_index,
                                         const float *__restrict__ dr,
@@ -92,6 +99,46 @@ __global__ void router_grad_topk_kernel(const int32_t *__restrict__ pair_index,
   for (int j = 0; j < kPerLane; ++j) {
     const int ex = lane + 32 * j;
     if (ex < e) dl[row + ex] = p[j] * (dp[j] - dot);
+  }
+}
+
+__global__ void router_grad_topk_normalized_kernel(
+    const int32_t *__restrict__ pair_index, const float *__restrict__ dr,
+    const uint32_t *__restrict__ counts, const float *__restrict__ probs,
+    const float *__restrict__ gates, const double *__restrict__ coeff, double grad_scale,
+    float *__restrict__ dl, int t, int e, int k) {
+  const int lane = threadIdx.x & 31;
+  const int token = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (token >= t) return;
+  const float scale = balance_scale(coeff, grad_scale, t, e, k);
+  const size_t row = (size_t)token * e;
+  float p[kPerLane], da[kPerLane], g[kPerLane], dg[kPerLane];
+  float pdot = 0.f, gdot = 0.f;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int ex = lane + 32 * j;
+    p[j] = da[j] = g[j] = dg[j] = 0.f;
+    if (ex < e) {
+      const int32_t pi = pair_index[row + ex];
+      p[j] = probs[row + ex];
+      da[j] = scale * (float)counts[ex];
+      pdot = fmaf(da[j], p[j], pdot);
+      // The gate is read only on the selection: off it the gates buffer holds 0 anyway, but a
+      // capacity overflow publishes no pair (every pair index -1) while the gates stay, and
+      // then no gate has a gradient, as in the unnormalised router.
+      if (pi >= 0) {
+        g[j] = gates[row + ex];
+        dg[j] = dr[pi];
+        gdot = fmaf(dg[j], g[j], gdot);
+      }
+    }
+  }
+  pdot = warp_sum(pdot);
+  gdot = warp_sum(gdot);
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int ex = lane + 32 * j;
+    if (ex < e) dl[row + ex] = p[j] * (da[j] - pdot) + g[j] * (dg[j] - gdot);
   }
 }
 
@@ -264,15 +311,18 @@ extern "C" int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *row_d
 }
 
 extern "C" int remoe_router_grad(const int32_t *pair_index, const float *dr,
-                                 const uint32_t *counts, const float *probs, const double *coeff,
-                                 double grad_scale, float *dl, int32_t t, int32_t e, int32_t k,
-                                 remoe_stream_t stream) {
+                                 const uint32_t *counts, const float *probs, const float *gates,
+                                 const double *coeff, double grad_scale, float *dl, int32_t t,
+                                 int32_t e, int32_t k, remoe_stream_t stream) {
   if (t == 0) return 0;
   cudaStream_t s = (cudaStream_t)stream;
   if (probs == nullptr) {
     const size_t n = (size_t)t * e;
     router_grad_relu_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(
         pair_index, dr, counts, coeff, grad_scale, dl, t, e, k);
+  } else if (gates != nullptr) {
+    router_grad_topk_normalized_kernel<<<(t + 7) / 8, 256, 0, s>>>(
+        pair_index, dr, counts, probs, gates, coeff, grad_scale, dl, t, e, k);
   } else {
     router_grad_topk_kernel<<<(t + 7) / 8, 256, 0, s>>>(pair_index, dr, counts, probs, coeff,
                                                         grad_scale, dl, t, e, k);

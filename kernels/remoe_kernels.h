@@ -61,14 +61,18 @@ int remoe_router_forward_f16(const uint16_t *x, const uint16_t *wr, float *logit
 /*
  * TopK router tail (kernels/topk.cu): from logits [t, e] (f32), P = softmax per token; the k
  * largest logits are selected (ties: lower expert index). Writes probs [t, e], gates [t, e]
- * (P where selected, else 0; a selected P that underflows to 0 is stored as FLT_MIN so that the
- * selection stays visible to the compaction), and per block of 64 tokens block_counts (selected
- * per expert) and block_sums (sum of P per expert, over all tokens). 1 <= k <= e <= 512.
- * Non-finite logits (NaN, +-Inf) take no part: their P is 0, the softmax is over the token's
- * finite logits, and they are never selected, so a token selects min(k, its finite logits).
+ * (where selected: P when normalize == 0, P / (sum of the selected P) when normalize != 0, i.e.
+ * the softmax over the selected logits; else 0; a selected gate that underflows to 0 is stored
+ * as FLT_MIN so that the selection stays visible to the compaction), and per block of 64 tokens
+ * block_counts (selected per expert) and block_sums (sum of P per expert, over all tokens).
+ * block_counts and block_sums are optional: both NULL writes no statistics.
+ * 1 <= k <= e <= 512. Non-finite logits (NaN, +-Inf) take no part: their P is 0, the softmax is
+ * over the token's finite logits, and they are never selected, so a token selects
+ * min(k, its finite logits).
  */
 int remoe_topk_softmax(const float *logits, float *probs, float *gates, uint32_t *block_counts,
-                       float *block_sums, int32_t t, int32_t e, int32_t k, remoe_stream_t stream);
+                       float *block_sums, int32_t t, int32_t e, int32_t k, int32_t normalize,
+                       remoe_stream_t stream);
 
 /*
  * Routing statistics (kernels/compaction.cu), from the router's per-block statistics:
@@ -349,15 +353,19 @@ int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *row_dots, int32_
                              remoe_stream_t stream);
 /*
  * The router's logit gradient dl [t, e] (f32). With s = grad_scale * coeff E / (k t^2):
- * probs == NULL: ReMoE, dl = dr[pair] + s n_e where pair_index >= 0, else 0;
- * probs != NULL: TopK (e <= 512), dP = (dr[pair] where selected) + s n_e,
- *   dl_t = P_t * (dP_t - dP_t . P_t).
+ * probs == NULL: ReMoE, dl = dr[pair] + s n_e where pair_index >= 0, else 0 (gates unused);
+ * probs != NULL, gates == NULL: TopK (e <= 512), dP = (dr[pair] where selected) + s n_e,
+ *   dl_t = P_t * (dP_t - dP_t . P_t);
+ * probs != NULL, gates != NULL: TopK with renormalised gates G [t, e] (remoe_topk_softmax's
+ *   gates with normalize != 0), dA = s n_e, dG = dr[pair] where selected, else 0 (and G taken
+ *   as 0 there), dl_t = P_t * (dA_t - dA_t . P_t) + G_t * (dG_t - dG_t . G_t).
  * coeff is a device pointer (f64); grad_scale scales the balance loss's gradient only (the loss
  * scale or micro-batch factor that dr already carries through dOut).
  */
 int remoe_router_grad(const int32_t *pair_index, const float *dr, const uint32_t *counts,
-                      const float *probs, const double *coeff, double grad_scale, float *dl,
-                      int32_t t, int32_t e, int32_t k, remoe_stream_t stream);
+                      const float *probs, const float *gates, const double *coeff,
+                      double grad_scale, float *dl, int32_t t, int32_t e, int32_t k,
+                      remoe_stream_t stream);
 /*
  * The router's dense gradients: dxr [t, h] = dl Wr^T (f32), and dwr [h, e] (+)= x^T dl (f32,
  * accumulate != 0 adds), through partial [slices, h, e] (f32 scratch) summed in slice order.

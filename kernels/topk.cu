@@ -1,6 +1,11 @@
 // TopK baseline router tail: softmax over each token's E logits and the selection of the k
 // largest, producing the same per-block statistics as the ReLU router so that both share the
-// compaction and the expert GEMMs.
+// compaction and the expert GEMMs. The gates are either the selected probabilities as they are
+// (Switch) or renormalised over the selection (Mixtral, norm_topk_prob), g_i = P_i / sum_S P_j.
+// The renormalised gates are computed from the exponentials before the division by the full
+// sum: g_i = exp(l_i - m) / sum_S exp(l_j - m), the softmax over the selected logits. The
+// largest finite logit is always selected, so that sum is at least 1 (never a division by 0 or
+// by a tiny number), and with k = 1 it is exactly exp(0) = 1: every gate is exactly 1.
 //
 // One warp per token, the E <= 512 logits in registers (lane holds experts lane, lane+32, ...).
 // The selection ranks logits, not probabilities: softmax is strictly increasing, so this is the
@@ -26,7 +31,8 @@ constexpr int kPerLane = REMOE_TOPK_MAX_EXPERTS / 32;
 __global__ void __launch_bounds__(kWarps * 32)
     topk_softmax_kernel(const float *__restrict__ logits, float *__restrict__ probs,
                         float *__restrict__ gates, uint32_t *__restrict__ block_counts,
-                        float *__restrict__ block_sums, int t, int e, int k) {
+                        float *__restrict__ block_sums, int t, int e, int k,
+                        bool normalize) {
   __shared__ uint32_t warp_counts[kWarps][REMOE_TOPK_MAX_EXPERTS];
   __shared__ float warp_sums[kWarps][REMOE_TOPK_MAX_EXPERTS];
   const int lane = threadIdx.x & 31;
@@ -59,18 +65,19 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
 #pragma unroll
     for (int d = 16; d > 0; d >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, d));
-    float p[kPerLane];
+    float x[kPerLane];  // exp(l - m), the unnormalised probabilities
     float s = 0.f;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
-      p[j] = (valid >> j & 1u) ? __expf(l[j] - m) : 0.f;
-      s += p[j];
+      x[j] = (valid >> j & 1u) ? __expf(l[j] - m) : 0.f;
+      s += x[j];
     }
 #pragma unroll
     for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
     const float inv = s > 0.f ? 1.f / s : 0.f;  // s = 0 only when no logit is finite
+    float p[kPerLane];
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j) p[j] *= inv;
+    for (int j = 0; j < kPerLane; ++j) p[j] = x[j] * inv;
 
     uint32_t chosen = 0;  // bit j: expert lane + 32 j is selected
     for (int round = 0; round < k; ++round) {
@@ -101,6 +108,19 @@ __global__ void __launch_bounds__(kWarps * 32)
       if ((best_ex & 31) == lane) chosen |= 1u << (best_ex / 32);
     }
 
+    // Renormalisation: the selection's share of the exponentials. Warp-uniform branch; the
+    // butterfly's fixed order makes the sum the same on every run. No selection (no finite
+    // logit) leaves it 0 and no gate reads it.
+    float sel_inv = 0.f;
+    if (normalize) {
+      float ss = 0.f;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) ss += (chosen >> j & 1u) ? x[j] : 0.f;
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, d);
+      sel_inv = ss > 0.f ? 1.f / ss : 0.f;
+    }
+
     float *prow = probs + (size_t)token * e;
     float *grow = gates + (size_t)token * e;
 #pragma unroll
@@ -108,15 +128,20 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int ex = lane + 32 * j;
       if (ex < e) {
         const bool sel = chosen >> j & 1u;
+        const float g = normalize ? x[j] * sel_inv : p[j];
         prow[ex] = p[j];
-        grow[ex] = sel ? fmaxf(p[j], FLT_MIN) : 0.f;
+        // A selected gate that underflows is stored as FLT_MIN: the compaction takes gate > 0
+        // as the selection.
+        grow[ex] = sel ? fmaxf(g, FLT_MIN) : 0.f;
         count[j] += sel;
         psum[j] += p[j];
       }
     }
   }
 
-  // Per-block statistics: each warp's partials, then the warps summed in a fixed order.
+  // Per-block statistics: each warp's partials, then the warps summed in a fixed order. The
+  // early return is block-uniform, so no thread misses the barrier.
+  if (block_counts == nullptr) return;
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     const int ex = lane + 32 * j;
@@ -143,10 +168,10 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 extern "C" int remoe_topk_softmax(const float *logits, float *probs, float *gates,
                                   uint32_t *block_counts, float *block_sums, int32_t t, int32_t e,
-                                  int32_t k, remoe_stream_t stream) {
+                                  int32_t k, int32_t normalize, remoe_stream_t stream) {
   if (t == 0) return 0;
   const int num_blocks = (t + kTokensPerBlock - 1) / kTokensPerBlock;
   topk_softmax_kernel<<<num_blocks, kWarps * 32, 0, (cudaStream_t)stream>>>(
-      logits, probs, gates, block_counts, block_sums, t, e, k);
+      logits, probs, gates, block_counts, block_sums, t, e, k, normalize != 0);
   return (int)cudaGetLastError();
 }

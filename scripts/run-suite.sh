@@ -17,7 +17,7 @@
 # REMOE_GEMM_PATH=mma-sync: both expert-GEMM paths pass the whole suite.
 # After the plain test runs (not with --sanitizers-only or --no-tests), the benchmark report's
 # short pass runs once: `examples/bench_report --quick` (3 warm-up and 5 timed runs per figure,
-# every named configuration of SPEC, both loads, each GEMM path, the expert GEMMs against
+# every named configuration of docs/SPEC.md, both loads, each GEMM path, the expert GEMMs against
 # cuBLAS; about a minute or two on an H100), logged to $OUT/bench-quick.log with its JSON in
 # $OUT/bench-quick.json. It fails the suite when it exits non-zero: a configuration part that
 # failed (an error such as CapacityExceeded, or a panic) is a FAILED row there. --no-quick skips

@@ -13,7 +13,9 @@
 //!    (dg, du);
 //! 2. per pair: dY = R dOut_t (for dWd) and dR, the sum of its groups;
 //! 3. the router's logit gradient dL: ReMoE, dR plus lambda E n_e / (k T^2) on the active pairs;
-//!    TopK, the softmax backward with the aux loss's term;
+//!    TopK, the softmax backward with the aux loss's term; TopKNormalized, the softmax backward
+//!    of the aux loss's term through P plus that of dR through the renormalised gates (see
+//!    [`RouterKind::TopKNormalized`]);
 //! 4. per-pair dX = dg Wg^T + du Wu^T;
 //! 5. weight gradients dWd = act^T dY, dWg = X^T dg, dWu = X^T du per expert (reduction over its
 //!    pairs), f32, optionally accumulated into the caller's buffers;
@@ -338,9 +340,16 @@ pub(crate) fn router_half<T: HalfElement>(
         let pi = l.input("pair index", &ctx.routing.pair_index, t * e)?;
         let dr = l.input("dr", &ctx.bwd.dr, cap)?;
         let cn = l.input("counts", &ctx.routing.counts, e)?;
-        let probs = match router {
-            RouterKind::Relu => std::ptr::null(),
-            RouterKind::TopK => l.input("probs", &ctx.routing.probs, t * e)?,
+        let (probs, gates) = match router {
+            RouterKind::Relu => (std::ptr::null(), std::ptr::null()),
+            RouterKind::TopK => (
+                l.input("probs", &ctx.routing.probs, t * e)?,
+                std::ptr::null(),
+            ),
+            RouterKind::TopKNormalized => (
+                l.input("probs", &ctx.routing.probs, t * e)?,
+                l.input("gates", &ctx.routing.gates, t * e)?,
+            ),
         };
         let cp = match coeff {
             Coefficient::Fixed(_) => l.input_raw("coefficient", &ctx.coeff, 1)?,
@@ -348,11 +357,24 @@ pub(crate) fn router_half<T: HalfElement>(
         };
         let dl = l.output("dl", &mut ctx.bwd.dl, t * e)?;
         let scale = options.balance_grad_scale;
-        // SAFETY: pair index, probs, dl [t,e]; dr [cap] indexed by valid pair indices (each
-        // < |A| <= cap); counts [e]; cp one f64 of this context (all checked by `l` and
-        // check_coefficient).
+        // SAFETY: pair index, probs, gates, dl [t,e]; dr [cap] indexed by valid pair indices
+        // (each < |A| <= cap); counts [e]; cp one f64 of this context (all checked by `l` and
+        // check_coefficient). Null probs / gates select the router, as the header says.
         let code = unsafe {
-            ffi::remoe_router_grad(pi, dr, cn, probs, cp, scale, dl, ti, ei, ki, l.stream())
+            ffi::remoe_router_grad(
+                pi,
+                dr,
+                cn,
+                probs,
+                gates,
+                cp,
+                scale,
+                dl,
+                ti,
+                ei,
+                ki,
+                l.stream(),
+            )
         };
         ffi::check("router_grad", code)?;
     }

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 
-/// The sizes of one MoE layer, named as in SPEC.md.
+/// The sizes of one MoE layer, named as in docs/SPEC.md (section 1).
 ///
 /// `k` is the number of active experts per token: exact for TopK, the target mean for ReMoE (it
 /// sets the regulariser's scale and the sparsity target `1 - k/E`).
@@ -24,7 +24,7 @@ pub struct LayerConfig {
 pub const MAX_I32_ELEMENTS: usize = i32::MAX as usize;
 
 impl LayerConfig {
-    /// The sizes in SPEC's order: T tokens, hidden size H, expert FFN size F, E experts, k
+    /// The sizes in docs/SPEC.md's order: T tokens, hidden size H, expert FFN size F, E experts, k
     /// active experts per token (TopK; ReMoE's target sparsity is 1 - k/E).
     pub fn new(tokens: usize, hidden: usize, ffn: usize, experts: usize, k: usize) -> Self {
         Self {

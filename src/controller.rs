@@ -1,4 +1,4 @@
-//! The adaptive L1 coefficient of ReMoE on the device (SPEC: "Adaptive coefficient"), and how the
+//! The adaptive L1 coefficient of ReMoE on the device (docs/SPEC.md, section 3.3), and how the
 //! layer's ops are given their coefficient. The CPU reference is
 //! [`reference::SparsityController`](crate::reference::SparsityController).
 
@@ -108,7 +108,8 @@ pub(crate) fn check_fixed_coefficient(c: f64) -> Result<()> {
 
 /// lambda, kept on the device in f64, with the running sum of the sparsities recorded since the
 /// last step. Each ReMoE forward given [`Coefficient::Adaptive`] adds its layer's sparsity to
-/// the sum on the device; [`step`](Self::step) applies SPEC's rule to the mean and resets it.
+/// the sum on the device; [`step`](Self::step) applies the update rule of docs/SPEC.md
+/// (section 3.3) to the mean and resets it.
 /// Neither waits for the host: only [`lambda`](Self::lambda) (for logging) reads back.
 #[derive(Debug)]
 pub struct LambdaController {

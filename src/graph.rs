@@ -1,8 +1,9 @@
 //! CUDA graphs of the layer: capture a forward, a backward or a whole training step once, then
 //! replay it with one launch.
 //!
-//! Nothing in the layer reads back to the host (see [`crate::moe`]), so everything it enqueues
-//! can be captured. [`capture`] runs a closure while the device's stream is being captured and
+//! A captured call reads nothing back to the host (an eager forward may read its pair count
+//! once, see [`crate::capacity`]; a captured one uses the capacity its eager calls sized), so
+//! everything the layer enqueues can be captured. [`capture`] runs a closure while the device's stream is being captured and
 //! instantiates what it enqueued; [`Graph::replay`] launches it again. A replay reads and writes
 //! the same device buffers as the capture did: to run it on new inputs, copy them into those
 //! buffers first (on the same stream), and read the outputs from the same buffers after.

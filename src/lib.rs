@@ -2,8 +2,10 @@
 //!
 //! Hand-written CUDA kernels for ReMoE, the fully differentiable Mixture-of-Experts with ReLU
 //! routing (Wang, Chen, Zhu, ICLR 2025), and the TopK+softmax dispatch baseline, behind a safe
-//! Rust API on cudarc streams and buffers. The math is the crate's contract, SPEC.md; every GPU
-//! op is checked against the CPU implementation in [`reference`](mod@reference).
+//! Rust API on cudarc streams and buffers. The math is the crate's contract, `docs/SPEC.md` (in
+//! the repository and the package): the layer's forward and backward equations, the layouts,
+//! and the error, capacity, determinism and CUDA-graph rules. Every GPU op is checked against
+//! the CPU implementation in [`reference`](mod@reference).
 //!
 //! ## Layout of the layer's tensors (row-major)
 //!
@@ -15,6 +17,8 @@
 //! | expert up weights Wu | [E, H, F] | bf16 or f16 |
 //! | expert down weights Wd | [E, F, H] | bf16 or f16 |
 //! | logits L, gates R | [T, E] | f32 |
+//! | gradients dX | [T, H] | bf16 or f16 |
+//! | gradients dWr, dWg, dWu, dWd | as the weights | f32 |
 //!
 //! ## No GPU
 //!

@@ -5,7 +5,7 @@
 //! One forward is this sequence of kernels on the context's stream:
 //!
 //! 1. router: logits, gates and per-64-token-block statistics (ReLU), or logits then the
-//!    softmax/top-k tail (TopK);
+//!    softmax/top-k tail (TopK, with or without renormalised gates);
 //! 2. routing statistics: n_e, expert offsets, GEMM row-tile offsets, sparsity, balance loss;
 //! 3. compaction into per-expert token lists, ascending token order;
 //! 4. grouped up projection with the X gather and SwiGLU fused; grouped down projection;
@@ -27,7 +27,7 @@
 //! ([`MoeContext::stats`], [`MoeContext::check_device_errors`], [`MoeContext::lambda`]), as a
 //! typed error: a pair count past the capacity ([`Error::CapacityExceeded`]), a non-finite
 //! router logit ([`Error::NonFiniteLogits`]). A training loop that never reads anything back
-//! should call [`MoeContext::check_device_errors`] (an 16-byte read) as often as it can afford,
+//! should call [`MoeContext::check_device_errors`] (a 16-byte read) as often as it can afford,
 //! at least before it trusts a checkpoint: between two checks a step may have run on a
 //! forward that overflowed (its output and expert gradients were zero) or met a NaN.
 //!
@@ -59,9 +59,10 @@
 //! [`reference::softmax_topk_router`](crate::reference::softmax_topk_router)):
 //!
 //! - ReMoE: its gate is 0, so the pair is inactive, as for a logit <= 0;
-//! - TopK: it takes no part in the softmax (its P is 0; the softmax is over the token's finite
-//!   logits) and is never selected: a token selects its k largest finite logits, or all of them
-//!   when it has fewer than k, never more than k;
+//! - TopK (both kinds): it takes no part in the softmax (its P is 0; the softmax is over the
+//!   token's finite logits) and is never selected: a token selects its k largest finite logits,
+//!   or all of them when it has fewer than k, never more than k (the renormalised gates are
+//!   then over those); a token with no finite logit has no gate;
 //! - the router kernel counts such logits in the context's device error word (an atomic on the
 //!   rare path, no host synchronisation), that forward records no sparsity into an adaptive
 //!   controller, and the error is reported as [`Error::NonFiniteLogits`] at the next
@@ -142,9 +143,41 @@ impl<'a, T: HalfElement> From<&MoeWeightViews<'a, T>> for MoeWeightViews<'a, T> 
 pub enum RouterKind {
     /// ReMoE: R = ReLU(X Wr); the balance loss is the L1 regulariser at coefficient lambda.
     Relu,
-    /// The baseline: top-k of softmax(X Wr); the balance loss is the Switch aux loss at
+    /// The baseline: top-k of softmax(X Wr), the selected probabilities as they are (Switch;
+    /// Qwen2-MoE's `norm_topk_prob: false`); the balance loss is the Switch aux loss at
     /// coefficient c.
     TopK,
+    /// Top-k of softmax(X Wr) with the selected probabilities renormalised to sum to 1
+    /// (Mixtral; Qwen-MoE's and OLMoE's `norm_topk_prob: true`). With L = X Wr, P = softmax(L)
+    /// per token and S_t the k selected experts of token t (the same selection as
+    /// [`RouterKind::TopK`]):
+    ///
+    /// ```text
+    /// R[t,e] = P[t,e] / sum_{j in S_t} P[t,j]  =  exp(L[t,e]) / sum_{j in S_t} exp(L[t,j])   (e in S_t)
+    /// R[t,e] = 0                                                                          (e not in S_t)
+    /// ```
+    ///
+    /// the softmax over the selected logits ("softmax after top-k"), so each token's gates sum
+    /// to 1 and with k = 1 every gate is exactly 1. The balance loss is the Switch aux loss at
+    /// coefficient c on the full softmax P, as in Mixtral's `load_balancing_loss_func`, and its
+    /// gradient flows through P; the gates' gradient flows through the renormalisation:
+    ///
+    /// ```text
+    /// dL[t,i] = P[t,i] (dA[t,i] - sum_j P[t,j] dA[t,j])  +  [i in S_t] R[t,i] (dR[t,i] - sum_{j in S_t} R[t,j] dR[t,j])
+    /// ```
+    ///
+    /// with dA\[t,e\] = c E n_e / (k T^2). Non-finite logits follow [`RouterKind::TopK`]'s policy
+    /// (see the module documentation).
+    TopKNormalized,
+}
+
+impl RouterKind {
+    /// Whether the gates come from the softmax top-k tail (both TopK kinds): P is kept, E is at
+    /// most [`TOPK_MAX_EXPERTS`], and exactly k experts are selected per token (fewer only for a
+    /// token with fewer than k finite logits).
+    pub fn is_topk(self) -> bool {
+        matches!(self, RouterKind::TopK | RouterKind::TopKNormalized)
+    }
 }
 
 /// What a forward reports about its routing.
@@ -234,7 +267,7 @@ impl SavedLens {
         Self {
             logits: t * e,
             gates: t * e,
-            probs: if router == RouterKind::TopK { t * e } else { 0 },
+            probs: if router.is_topk() { t * e } else { 0 },
             pair_index: t * e,
             counts: e,
             expert_offsets: e + 1,
@@ -615,7 +648,8 @@ impl<T: HalfElement> MoeContext<T> {
     }
 
     /// Chooses how many routed pairs the pair buffers hold from the next forward on (see
-    /// [`crate::capacity`]); the default is [`PairCapacity::Auto`] with a 4 GiB budget.
+    /// [`crate::capacity`]); the default is [`PairCapacity::Auto`] with a 16 GiB budget
+    /// ([`DEFAULT_PAIR_BUDGET_BYTES`](crate::capacity::DEFAULT_PAIR_BUDGET_BYTES)).
     pub fn set_pair_capacity(&mut self, capacity: PairCapacity) {
         self.capacity = capacity;
     }
@@ -751,7 +785,8 @@ impl<T: HalfElement> MoeContext<T> {
             .prefix_to_host(self.saved_len(|l| l.logits))
     }
 
-    /// Gates R [T, E] of the last forward (TopK: P where selected, else 0).
+    /// Gates R [T, E] of the last forward (TopK: P where selected, else 0; TopKNormalized: P
+    /// renormalised over the selection, else 0).
     pub fn gates_to_host(&self) -> Result<Vec<f32>> {
         self.routing
             .gates
@@ -893,8 +928,9 @@ pub fn remoe_forward<'x, 'w, T: HalfElement>(
     moe_forward(ctx, cfg, RouterKind::Relu, lambda, x, w, out)
 }
 
-/// The TopK baseline forward; the statistics ([`MoeContext::stats`]) carry the Switch aux loss
-/// at `aux_coeff`.
+/// The TopK baseline forward (the selected probabilities as gates, no renormalisation); the
+/// statistics ([`MoeContext::stats`]) carry the Switch aux loss at `aux_coeff`. Renormalised
+/// gates (Mixtral) are [`moe_forward`] with [`RouterKind::TopKNormalized`].
 pub fn topk_forward<'x, 'w, T: HalfElement>(
     ctx: &mut MoeContext<T>,
     cfg: &LayerConfig,
@@ -932,7 +968,7 @@ fn check_inputs<T: HalfElement>(
 /// A configuration the kernels take with this router.
 pub(crate) fn check_config(cfg: &LayerConfig, router: RouterKind) -> Result<()> {
     cfg.validate_for_gpu()?;
-    if router == RouterKind::TopK && cfg.experts > TOPK_MAX_EXPERTS {
+    if router.is_topk() && cfg.experts > TOPK_MAX_EXPERTS {
         return Err(Error::InvalidConfig(format!(
             "the TopK kernel takes at most {TOPK_MAX_EXPERTS} experts, got {}",
             cfg.experts
@@ -1140,7 +1176,7 @@ impl ForwardPlan {
         let (cap, count) = match (mode, ctx.capacity) {
             // A TopK router selects exactly k of each token's experts (fewer only where logits
             // are not finite): k T pairs, known without counting.
-            (_, PairCapacity::Auto { .. }) if router == RouterKind::TopK => {
+            (_, PairCapacity::Auto { .. }) if router.is_topk() => {
                 ((cfg.k * cfg.tokens).min(worst), None)
             }
             // The buffers hold every pair the router can make: nothing to count (a fixed
@@ -1210,11 +1246,7 @@ impl ForwardPlan {
         let a = &mut c.allocations;
         MoeContext::<T>::grow(&dev, a, &mut c.routing.logits, t * e)?;
         MoeContext::<T>::grow(&dev, a, &mut c.routing.gates, t * e)?;
-        let probs = if self.router == RouterKind::TopK {
-            t * e
-        } else {
-            0
-        };
+        let probs = if self.router.is_topk() { t * e } else { 0 };
         MoeContext::<T>::grow(&dev, a, &mut c.routing.probs, probs)?;
         MoeContext::<T>::grow(&dev, a, &mut c.routing.block_counts, blocks * e)?;
         MoeContext::<T>::grow(&dev, a, &mut c.routing.block_sums, blocks * e)?;
@@ -1305,7 +1337,7 @@ impl ForwardPlan {
                 ),
                 // TopK: only the logits matter here; the ReLU gates land in the probs buffer,
                 // which the softmax tail overwrites.
-                RouterKind::TopK => (
+                RouterKind::TopK | RouterKind::TopKNormalized => (
                     l.output("probs", &mut ctx.routing.probs, t * e)?,
                     std::ptr::null_mut(),
                     std::ptr::null_mut(),
@@ -1333,7 +1365,8 @@ impl ForwardPlan {
             };
             ffi::check("router_forward", code)?;
         }
-        if self.router == RouterKind::TopK {
+        if self.router.is_topk() {
+            let normalize = i32::from(self.router == RouterKind::TopKNormalized);
             let mut l = Launch::on(&dev);
             let lp = l.input("logits", &ctx.routing.logits, t * e)?;
             let pp = l.output("probs", &mut ctx.routing.probs, t * e)?;
@@ -1342,8 +1375,9 @@ impl ForwardPlan {
             let bs = l.output("block sums", &mut ctx.routing.block_sums, blocks * e)?;
             // SAFETY: logits, probs, gates hold t*e f32, the block buffers ceil(t/64)*e
             // (checked by `l`); 1 <= k <= e <= 512 was checked.
-            let code =
-                unsafe { ffi::remoe_topk_softmax(lp, pp, gp, bc, bs, ti, ei, ki, l.stream()) };
+            let code = unsafe {
+                ffi::remoe_topk_softmax(lp, pp, gp, bc, bs, ti, ei, ki, normalize, l.stream())
+            };
             ffi::check("topk_softmax", code)?;
         }
         Ok(())

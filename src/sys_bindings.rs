@@ -66,11 +66,14 @@ unsafe extern "C" {
 ```text
 TopK router tail (kernels/topk.cu): from logits [t, e] (f32), P = softmax per token; the k
 largest logits are selected (ties: lower expert index). Writes probs [t, e], gates [t, e]
-(P where selected, else 0; a selected P that underflows to 0 is stored as FLT_MIN so that the
-selection stays visible to the compaction), and per block of 64 tokens block_counts (selected
-per expert) and block_sums (sum of P per expert, over all tokens). 1 <= k <= e <= 512.
-Non-finite logits (NaN, +-Inf) take no part: their P is 0, the softmax is over the token's
-finite logits, and they are never selected, so a token selects min(k, its finite logits).
+(where selected: P when normalize == 0, P / (sum of the selected P) when normalize != 0, i.e.
+the softmax over the selected logits; else 0; a selected gate that underflows to 0 is stored
+as FLT_MIN so that the selection stays visible to the compaction), and per block of 64 tokens
+block_counts (selected per expert) and block_sums (sum of P per expert, over all tokens).
+block_counts and block_sums are optional: both NULL writes no statistics.
+1 <= k <= e <= 512. Non-finite logits (NaN, +-Inf) take no part: their P is 0, the softmax is
+over the token's finite logits, and they are never selected, so a token selects
+min(k, its finite logits).
 ```*/
     pub fn remoe_topk_softmax(
         logits: *const f32,
@@ -81,6 +84,7 @@ finite logits, and they are never selected, so a token selects min(k, its finite
         t: i32,
         e: i32,
         k: i32,
+        normalize: i32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
@@ -738,9 +742,12 @@ unsafe extern "C" {
 
 ```text
 The router's logit gradient dl [t, e] (f32). With s = grad_scale * coeff E / (k t^2):
-probs == NULL: ReMoE, dl = dr[pair] + s n_e where pair_index >= 0, else 0;
-probs != NULL: TopK (e <= 512), dP = (dr[pair] where selected) + s n_e,
-  dl_t = P_t * (dP_t - dP_t . P_t).
+probs == NULL: ReMoE, dl = dr[pair] + s n_e where pair_index >= 0, else 0 (gates unused);
+probs != NULL, gates == NULL: TopK (e <= 512), dP = (dr[pair] where selected) + s n_e,
+  dl_t = P_t * (dP_t - dP_t . P_t);
+probs != NULL, gates != NULL: TopK with renormalised gates G [t, e] (remoe_topk_softmax's
+  gates with normalize != 0), dA = s n_e, dG = dr[pair] where selected, else 0 (and G taken
+  as 0 there), dl_t = P_t * (dA_t - dA_t . P_t) + G_t * (dG_t - dG_t . G_t).
 coeff is a device pointer (f64); grad_scale scales the balance loss's gradient only (the loss
 scale or micro-batch factor that dr already carries through dOut).
 ```*/
@@ -749,6 +756,7 @@ scale or micro-batch factor that dr already carries through dOut).
         dr: *const f32,
         counts: *const u32,
         probs: *const f32,
+        gates: *const f32,
         coeff: *const f64,
         grad_scale: f64,
         dl: *mut f32,

@@ -1,4 +1,4 @@
-//! The CPU reference as a specification: hand-worked values of the forward formulas of SPEC.md,
+//! The CPU reference as a specification: hand-worked values of the forward formulas of docs/SPEC.md,
 //! the TopK tie rule, the adaptive controller's update rule, and finite-difference checks (f64)
 //! of every gradient of both layers on small random problems; and how the tests' seeds are read
 //! (`REMOE_SEED`, remoe-testkit).
@@ -6,7 +6,8 @@
 use approx::assert_relative_eq;
 use remoe_kernels::reference::{
     l1_balance_loss, relu_router, remoe_backward, remoe_forward, silu, silu_grad,
-    softmax_topk_router, swiglu_expert_forward, topk_backward, topk_forward, Dispatch, LayerGrads,
+    softmax_topk_normalized_router, softmax_topk_router, swiglu_expert_forward, topk_backward,
+    topk_forward, topk_normalized_forward, topk_routing_of_logits, Dispatch, LayerGrads,
     LayerParams, SparsityController, TOPK_AUX_COEFF,
 };
 use remoe_kernels::{Error, LayerConfig};
@@ -235,6 +236,154 @@ fn topk_selects_exactly_k_experts_per_token() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Renormalised TopK router (Mixtral, norm_topk_prob).
+
+#[test]
+fn topk_normalized_gates_are_the_selected_probabilities_renormalised() {
+    // Logits [0, ln 2, ln 3]: P = [1/6, 2/6, 3/6]; k = 2 keeps experts 2 and 1, whose P sum to
+    // 5/6: gates [0, 2/5, 3/5].
+    let cfg = LayerConfig::new(1, 1, 1, 3, 2);
+    let wr = [0.0, 2f64.ln(), 3f64.ln()];
+    let r = softmax_topk_normalized_router::<f64>(&[1.0], &wr, &cfg);
+    assert!(r.normalized);
+    assert_eq!(r.selected, vec![false, true, true]);
+    assert_eq!(r.gates[0], 0.0);
+    assert_relative_eq!(r.gates[1], 0.4, epsilon = 1e-15);
+    assert_relative_eq!(r.gates[2], 0.6, epsilon = 1e-15);
+    // The probabilities and the aux loss are the plain router's: Mixtral's aux loss reads the
+    // full softmax.
+    let plain = softmax_topk_router::<f64>(&[1.0], &wr, &cfg);
+    assert!(!plain.normalized);
+    assert_eq!(r.probs, plain.probs);
+    assert_eq!(r.prob_sums, plain.prob_sums);
+    assert_eq!(r.counts, plain.counts);
+    let loss = l1_balance_loss(&r.counts, &r.prob_sums, &cfg, 0.01);
+    assert_relative_eq!(loss, 0.01 * 3.0 / 2.0 * (1.0 / 3.0 + 0.5), epsilon = 1e-15);
+    // k = 1: the one gate is exactly 1.
+    let cfg1 = LayerConfig::new(1, 1, 1, 3, 1);
+    let r = softmax_topk_normalized_router::<f64>(&[1.0], &wr, &cfg1);
+    assert_eq!(r.gates, vec![0.0, 0.0, 1.0]);
+}
+
+#[test]
+fn topk_normalized_gates_are_the_softmax_over_the_selected_logits() {
+    let seed = fresh_seed();
+    let mut rng = seeded(seed);
+    for (t, e, k) in [(17, 8, 1), (13, 8, 2), (11, 64, 8), (5, 6, 6), (9, 7, 3)] {
+        let cfg = LayerConfig::new(t, 6, 2, e, k);
+        let x = rng.vec_uniform(t * 6, 1.0);
+        let wr = rng.vec_uniform(6 * e, 1.0);
+        let r = softmax_topk_normalized_router(&x, &wr, &cfg);
+        let plain = softmax_topk_router(&x, &wr, &cfg);
+        // Same selection, probabilities and statistics as the plain router.
+        assert_eq!(r.selected, plain.selected, "seed {seed}");
+        assert_eq!(r.probs, plain.probs, "seed {seed}");
+        assert_eq!(r.counts, plain.counts, "seed {seed}");
+        for ti in 0..t {
+            let row = ti * e..(ti + 1) * e;
+            let (l, g, sel) = (
+                &r.logits[row.clone()],
+                &r.gates[row.clone()],
+                &r.selected[row],
+            );
+            // Computed here without the max shift (|logit| < 6): exp(l_i) / sum_S exp(l_j).
+            let z: f64 = (0..e).filter(|&i| sel[i]).map(|i| l[i].exp()).sum();
+            for i in 0..e {
+                let want = if sel[i] { l[i].exp() / z } else { 0.0 };
+                assert_relative_eq!(g[i], want, epsilon = 1e-15, max_relative = 1e-13);
+            }
+            assert_relative_eq!(g.iter().sum::<f64>(), 1.0, epsilon = 1e-13);
+            if k == 1 {
+                assert!(
+                    g.iter().all(|&v| v == 0.0 || v == 1.0),
+                    "seed {seed}: {g:?}"
+                );
+            }
+            if k == e {
+                for (gi, pi) in g.iter().zip(&r.probs[ti * e..(ti + 1) * e]) {
+                    assert_relative_eq!(*gi, *pi, max_relative = 1e-13);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn topk_normalized_renormalises_over_the_finite_logits_it_selects() {
+    // The logits of topk_never_selects_a_non_finite_logit_nor_more_than_k, given directly:
+    //   token 0: [NaN, 3, Inf, 1, 2]       -> experts 1 and 4: e^3 / (e^3 + e^2), e^2 / (...)
+    //   token 1: [NaN, -3, -Inf, -1, -2]   -> experts 3 and 4
+    //   token 2: [NaN, 0, NaN, 0, 0]       -> experts 1 and 3, tied: 1/2 each
+    //   token 3: [NaN, Inf, -Inf, NaN, 5]  -> expert 4 alone, fewer than k: gate 1
+    //   token 4: all non-finite            -> no gate
+    let (nan, inf) = (f64::NAN, f64::INFINITY);
+    let logits = vec![
+        nan, 3.0, inf, 1.0, 2.0, //
+        nan, -3.0, -inf, -1.0, -2.0, //
+        nan, 0.0, nan, 0.0, 0.0, //
+        nan, inf, -inf, nan, 5.0, //
+        nan, inf, -inf, nan, inf,
+    ];
+    let cfg = LayerConfig::new(5, 1, 1, 5, 2);
+    let r = topk_routing_of_logits(logits.clone(), &cfg, true);
+    let plain = topk_routing_of_logits(logits, &cfg, false);
+    assert_eq!(r.selected, plain.selected);
+    assert_eq!(r.counts, vec![0, 2, 0, 2, 3]);
+    let s = 1.0 / (1.0 + (-1f64).exp());
+    let want = [
+        [0.0, s, 0.0, 0.0, 1.0 - s],
+        [0.0, 0.0, 0.0, s, 1.0 - s],
+        [0.0, 0.5, 0.0, 0.5, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 1.0],
+        [0.0; 5],
+    ];
+    for (ti, w) in want.iter().enumerate() {
+        for (ei, &v) in w.iter().enumerate() {
+            assert_relative_eq!(r.gates[ti * 5 + ei], v, epsilon = 1e-15);
+        }
+    }
+    assert!(r.gates.iter().chain(&r.probs).all(|v| v.is_finite()));
+    assert!(r.probs[20..25].iter().all(|&p| p == 0.0));
+    assert!(matches!(
+        r.check_finite(),
+        Err(Error::NonFiniteLogits {
+            count: 15,
+            first_token: 0
+        })
+    ));
+}
+
+#[test]
+fn the_topk_normalized_layer_with_a_non_finite_logit_keeps_finite_router_and_expert_gradients() {
+    let cfg = LayerConfig::new(6, 4, 3, 4, 2);
+    let mut rng = seeded(12);
+    let x = rng.vec_uniform(6 * 4, 1.0);
+    let mut params = random_params(&cfg, &mut rng);
+    for i in 0..4 {
+        params.router[i * 4 + 2] = f64::NAN;
+    }
+    let fwd = topk_normalized_forward(&x, &params, &cfg, 0.05);
+    assert_eq!(fwd.routing.counts[2], 0);
+    assert_eq!(fwd.routing.counts.iter().sum::<u32>(), 6 * 2);
+    for ti in 0..6 {
+        let g = &fwd.routing.gates[ti * 4..(ti + 1) * 4];
+        assert_relative_eq!(g.iter().sum::<f64>(), 1.0, epsilon = 1e-15);
+    }
+    assert!(fwd.out.iter().all(|v| v.is_finite()) && fwd.aux_loss.is_finite());
+    let dout = rng.vec_uniform(6 * 4, 1.0);
+    let g = topk_backward(&x, &params, &cfg, 0.05, &fwd, &dout);
+    assert!(g.params.router.iter().all(|v| v.is_finite()));
+    assert!((0..4).all(|i| g.params.router[i * 4 + 2] == 0.0));
+    assert!(g
+        .params
+        .gate
+        .iter()
+        .chain(&g.params.up)
+        .chain(&g.params.down)
+        .all(|v| v.is_finite()));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Adaptive controller.
 
 #[test]
@@ -419,8 +568,16 @@ fn topk_problem(cfg: LayerConfig, seed: u64) -> Problem {
 
 #[derive(Clone, Copy)]
 enum Layer {
-    Remoe { lambda: f64 },
-    Topk { aux: f64 },
+    Remoe {
+        lambda: f64,
+    },
+    Topk {
+        aux: f64,
+    },
+    /// The renormalised TopK layer (Mixtral's gates).
+    TopkNormalized {
+        aux: f64,
+    },
 }
 
 /// The scalar whose gradient the backward computes: sum(out * dout) + the layer's auxiliary loss.
@@ -432,6 +589,10 @@ fn objective(layer: Layer, x: &[f64], params: &LayerParams<f64>, p: &Problem) ->
         }
         Layer::Topk { aux } => {
             let f = topk_forward(x, params, &p.cfg, aux);
+            (f.out, f.aux_loss)
+        }
+        Layer::TopkNormalized { aux } => {
+            let f = topk_normalized_forward(x, params, &p.cfg, aux);
             (f.out, f.aux_loss)
         }
     };
@@ -446,6 +607,10 @@ fn analytic(layer: Layer, p: &Problem) -> LayerGrads<f64> {
         }
         Layer::Topk { aux } => {
             let fwd = topk_forward(&p.x, &p.params, &p.cfg, aux);
+            topk_backward(&p.x, &p.params, &p.cfg, aux, &fwd, &p.dout)
+        }
+        Layer::TopkNormalized { aux } => {
+            let fwd = topk_normalized_forward(&p.x, &p.params, &p.cfg, aux);
             topk_backward(&p.x, &p.params, &p.cfg, aux, &fwd, &p.dout)
         }
     }
@@ -565,6 +730,80 @@ fn topk_aux_loss_gradient_alone_matches_finite_differences() {
     let largest = check_gradients(Layer::Topk { aux: 0.5 }, &p);
     assert!(largest[0].1 > 1e-4 && largest[1].1 > 1e-4);
     assert!(largest[2..].iter().all(|&(_, v)| v == 0.0));
+}
+
+// The renormalised TopK layer: every gradient by finite differences. The selection is the
+// plain router's, so topk_problem's margin keeps it fixed under the steps here too.
+
+#[test]
+fn topk_normalized_gradients_match_finite_differences_e4_k1() {
+    // k = 1: the gate is 1 whatever the logits; dWr and dX's router share come from the aux loss.
+    let p = topk_problem(LayerConfig::new(5, 4, 3, 4, 1), 616);
+    assert_all_nonzero(check_gradients(Layer::TopkNormalized { aux: 0.05 }, &p));
+}
+
+#[test]
+fn topk_normalized_gradients_match_finite_differences_e8_k2() {
+    let p = topk_problem(LayerConfig::new(6, 5, 2, 8, 2), 717);
+    assert_all_nonzero(check_gradients(Layer::TopkNormalized { aux: 0.05 }, &p));
+}
+
+#[test]
+fn topk_normalized_gradients_match_finite_differences_e6_k3_without_aux_loss() {
+    // c = 0: the router's gradient is the renormalisation's alone.
+    let p = topk_problem(LayerConfig::new(7, 5, 2, 6, 3), 727);
+    assert_all_nonzero(check_gradients(Layer::TopkNormalized { aux: 0.0 }, &p));
+}
+
+#[test]
+fn topk_normalized_gradients_match_finite_differences_k_equals_e() {
+    let p = topk_problem(LayerConfig::new(4, 4, 2, 4, 4), 737);
+    assert_all_nonzero(check_gradients(Layer::TopkNormalized { aux: 0.05 }, &p));
+}
+
+#[test]
+fn topk_normalized_aux_loss_gradient_alone_matches_finite_differences() {
+    let mut p = topk_problem(LayerConfig::new(5, 4, 2, 4, 2), 818);
+    p.dout.iter_mut().for_each(|d| *d = 0.0);
+    let largest = check_gradients(Layer::TopkNormalized { aux: 0.5 }, &p);
+    assert!(largest[0].1 > 1e-4 && largest[1].1 > 1e-4);
+    assert!(largest[2..].iter().all(|&(_, v)| v == 0.0));
+    // With dOut = 0 only the aux loss is left, and it reads the full P either way: the two
+    // TopK layers' gradients are the same.
+    let aux = 0.5;
+    let plain = topk_forward(&p.x, &p.params, &p.cfg, aux);
+    let normalized = topk_normalized_forward(&p.x, &p.params, &p.cfg, aux);
+    assert_eq!(plain.aux_loss, normalized.aux_loss);
+    let a = topk_backward(&p.x, &p.params, &p.cfg, aux, &plain, &p.dout);
+    let b = topk_backward(&p.x, &p.params, &p.cfg, aux, &normalized, &p.dout);
+    for ((name, x), (_, y)) in all_grads(&a).into_iter().zip(all_grads(&b)) {
+        for (i, (u, v)) in x.iter().zip(y).enumerate() {
+            assert!(
+                (u - v).abs() <= 1e-15 + 1e-12 * v.abs(),
+                "{name}[{i}]: {u:e} (plain) vs {v:e} (renormalised)"
+            );
+        }
+    }
+}
+
+#[test]
+fn topk_normalized_router_gradient_differs_from_the_plain_one() {
+    // The backward follows the routing it is given: on the same problem, the renormalised
+    // layer's router gradient is not the plain one's (the test above would pass for a backward
+    // that ignored the renormalisation only if this failed).
+    let p = topk_problem(LayerConfig::new(6, 5, 2, 8, 2), 747);
+    let plain = topk_forward(&p.x, &p.params, &p.cfg, 0.05);
+    let normalized = topk_normalized_forward(&p.x, &p.params, &p.cfg, 0.05);
+    let a = topk_backward(&p.x, &p.params, &p.cfg, 0.05, &plain, &p.dout);
+    let b = topk_backward(&p.x, &p.params, &p.cfg, 0.05, &normalized, &p.dout);
+    let diff = a
+        .params
+        .router
+        .iter()
+        .zip(&b.params.router)
+        .map(|(u, v)| (u - v).abs())
+        .fold(0.0, f64::max);
+    assert!(diff > 1e-3, "the two routers' dWr agree to {diff:e}");
 }
 
 #[test]

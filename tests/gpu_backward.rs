@@ -9,7 +9,8 @@ use common::*;
 use half::bf16;
 use remoe_kernels::reference::{
     remoe_backward as ref_remoe_backward, remoe_forward as ref_remoe_forward,
-    topk_backward as ref_topk_backward, topk_forward as ref_topk_forward, SparsityController,
+    topk_backward as ref_topk_backward, topk_forward as ref_topk_forward,
+    topk_normalized_forward as ref_topk_normalized_forward, SparsityController,
 };
 use remoe_kernels::{
     moe_backward, moe_forward, Coefficient, Device, DeviceTensor, Error, LambdaController,
@@ -104,8 +105,12 @@ fn check_backward(
             let g = ref_remoe_backward(&p.x, &p.params, &cfg, coeff, &fwd, &dout_host);
             (g, active)
         }
-        RouterKind::TopK => {
-            let fwd = ref_topk_forward(&p.x, &p.params, &cfg, coeff);
+        RouterKind::TopK | RouterKind::TopKNormalized => {
+            let fwd = if kind == RouterKind::TopK {
+                ref_topk_forward(&p.x, &p.params, &cfg, coeff)
+            } else {
+                ref_topk_normalized_forward(&p.x, &p.params, &cfg, coeff)
+            };
             let g = ref_topk_backward(&p.x, &p.params, &cfg, coeff, &fwd, &dout_host);
             (g, fwd.routing.selected)
         }
@@ -160,7 +165,7 @@ fn check_backward(
             2 | 3 => (f, &[], &[]),
             _ => (h, &[], &[]),
         };
-        if any_flip && (i == 1 || (i >= 2 && kind == RouterKind::TopK)) {
+        if any_flip && (i == 1 || (i >= 2 && kind.is_topk())) {
             continue;
         }
         assert_rows_within(&what, NAMES[i], &got[i], &want[i], cols, rows_slack, skip);
@@ -461,11 +466,19 @@ fn gpu_remoe_regulariser_gradient_alone_matches_reference() {
 /// expert's ReLU gate active for about half of the tokens; `coeff` weighs the auxiliary balance
 /// loss.
 fn topk_backward_case(test: &str, cfg: LayerConfig, coeff: f64, zero_dout: bool) {
-    let Some(dev) = gpu_or_skip(test) else {
-        return;
-    };
+    topk_kind_backward_case(test, RouterKind::TopK, cfg, coeff, zero_dout);
+}
+
+fn topk_kind_backward_case(
+    test: &str,
+    kind: RouterKind,
+    cfg: LayerConfig,
+    coeff: f64,
+    zero_dout: bool,
+) -> Option<[Vec<f64>; 5]> {
+    let dev = gpu_or_skip(test)?;
     let density = uniform_density(cfg.experts, 0.5);
-    check_backward(&dev, RouterKind::TopK, cfg, &density, coeff, zero_dout);
+    Some(check_backward(&dev, kind, cfg, &density, coeff, zero_dout))
 }
 
 #[test]
@@ -526,6 +539,277 @@ fn gpu_topk_backward_aux_loss_gradient_alone() {
         LayerConfig::new(500, 64, 64, 8, 2),
         5.0,
         true,
+    );
+}
+
+// The renormalised TopK router (Mixtral's gates): the same shapes, and those where the
+// renormalisation is special: k = 1 (every gate exactly 1, so dR has no gradient path to the
+// logits and only the aux loss's term reaches Wr), k = E (the gates are P), a prime T.
+
+fn topk_normalized_backward_case(test: &str, cfg: LayerConfig, coeff: f64, zero_dout: bool) {
+    topk_kind_backward_case(test, RouterKind::TopKNormalized, cfg, coeff, zero_dout);
+}
+
+#[test]
+fn gpu_topk_normalized_backward_one_token_one_expert() {
+    topk_normalized_backward_case(
+        "gpu_topk_normalized_backward_one_token_one_expert",
+        LayerConfig::new(1, 64, 64, 1, 1),
+        1e-2,
+        false,
+    );
+}
+
+#[test]
+fn gpu_topk_normalized_backward_seven_tokens() {
+    topk_normalized_backward_case(
+        "gpu_topk_normalized_backward_seven_tokens",
+        LayerConfig::new(7, 64, 64, 8, 2),
+        1e-2,
+        false,
+    );
+}
+
+#[test]
+fn gpu_topk_normalized_backward_eight_experts_k2() {
+    topk_normalized_backward_case(
+        "gpu_topk_normalized_backward_eight_experts_k2",
+        LayerConfig::new(1000, 128, 128, 8, 2),
+        1e-2,
+        false,
+    );
+}
+
+#[test]
+fn gpu_topk_normalized_backward_prime_tokens_k_equals_e() {
+    topk_normalized_backward_case(
+        "gpu_topk_normalized_backward_prime_tokens_k_equals_e",
+        LayerConfig::new(997, 64, 64, 8, 8),
+        1e-2,
+        false,
+    );
+}
+
+#[test]
+fn gpu_topk_normalized_backward_64_experts() {
+    topk_normalized_backward_case(
+        "gpu_topk_normalized_backward_64_experts",
+        LayerConfig::new(2048, 64, 64, 64, 8),
+        1e-2,
+        false,
+    );
+}
+
+#[test]
+fn gpu_topk_normalized_backward_512_experts() {
+    topk_normalized_backward_case(
+        "gpu_topk_normalized_backward_512_experts",
+        LayerConfig::new(300, 64, 32, 512, 8),
+        1e-2,
+        false,
+    );
+}
+
+/// k = 1: every gate is exactly 1 whatever the logits, so the data term dR reaches no logit;
+/// with the aux loss's coefficient 0 the router gets no gradient at all, while the experts'
+/// weights do.
+#[test]
+fn gpu_topk_normalized_backward_k1_routes_no_data_gradient_into_the_router() {
+    let test = "gpu_topk_normalized_backward_k1_routes_no_data_gradient_into_the_router";
+    let Some(g) = topk_kind_backward_case(
+        test,
+        RouterKind::TopKNormalized,
+        LayerConfig::new(251, 64, 64, 8, 1),
+        0.0,
+        false,
+    ) else {
+        return;
+    };
+    assert!(g[1].iter().all(|&v| v == 0.0), "{test}: dWr is not 0");
+    assert!(g[4].iter().any(|&v| v != 0.0), "{test}: dWd is 0");
+}
+
+/// dOut = 0: the aux loss's gradient alone, through the full softmax P.
+#[test]
+fn gpu_topk_normalized_backward_aux_loss_gradient_alone() {
+    let test = "gpu_topk_normalized_backward_aux_loss_gradient_alone";
+    let Some(g) = topk_kind_backward_case(
+        test,
+        RouterKind::TopKNormalized,
+        LayerConfig::new(500, 64, 64, 8, 2),
+        5.0,
+        true,
+    ) else {
+        return;
+    };
+    assert!(
+        g[1].iter().any(|&v| v != 0.0),
+        "{test}: dWr should carry the aux loss"
+    );
+    assert!(g[2].iter().chain(&g[3]).chain(&g[4]).all(|&v| v == 0.0));
+}
+
+/// Non-finite router logits (the crate's policy: no part in the softmax, never selected) through
+/// the renormalised TopK layer's backward, against the reference: `nan_columns` of Wr are NaN
+/// (those experts' logits are NaN for every token), and Wr[0, `inf_expert`] is +Inf (that
+/// expert's logit is +-Inf or NaN by the sign of the token's first feature). The weight
+/// gradients must match; dX picks up 0 * NaN through the router's dense part, as IEEE says, so
+/// it is only required to be non-finite exactly where the reference's is.
+fn check_normalized_backward_non_finite(
+    dev: &Device,
+    cfg: LayerConfig,
+    nan_columns: &[usize],
+    inf_expert: Option<usize>,
+) {
+    let seed = fresh_seed();
+    let kind = RouterKind::TopKNormalized;
+    let what = format!(
+        "{kind:?} {cfg:?} NaN experts {nan_columns:?} {}",
+        seed_note(seed)
+    );
+    let (t, h, e, coeff) = (cfg.tokens, cfg.hidden, cfg.experts, 0.5);
+    let mut p = problem_with_density(cfg, &uniform_density(e, 0.5), seed);
+    for &c in nan_columns {
+        for i in 0..h {
+            p.params.router[i * e + c] = f64::NAN;
+        }
+    }
+    if let Some(c) = inf_expert {
+        p.params.router[c] = f64::INFINITY;
+    }
+    let d = DeviceProblem::upload(dev, &p).unwrap();
+    let mut rng = seeded(seed ^ 0xd0);
+    let dout_host: Vec<f64> = (0..t * h)
+        .map(|_| bf16::from_f64(rng.random_range(-1.0..1.0)).to_f64())
+        .collect();
+    let dout = DeviceTensor::from_host(dev, &to_bf16(&dout_host), &[t, h]).unwrap();
+    let mut ctx = MoeContext::<bf16>::for_training(dev);
+    let mut out = DeviceTensor::<bf16>::zeros(dev, &[t, h]).unwrap();
+    let mut grads = Grads::new(dev, &cfg);
+    grads.poison();
+    let fixed = Coefficient::Fixed(coeff);
+    moe_forward(&mut ctx, &cfg, kind, fixed, &d.x, &d.weights(), &mut out).unwrap();
+    let fixed = Coefficient::Fixed(coeff);
+    moe_backward(
+        &mut ctx,
+        fixed,
+        &d.x,
+        &d.weights(),
+        &dout,
+        grads.as_mut(),
+        false,
+    )
+    .unwrap();
+    assert!(
+        matches!(
+            ctx.check_device_errors(),
+            Err(Error::NonFiniteLogits { .. })
+        ),
+        "{what}: the non-finite logits were not reported"
+    );
+    let got = grads.to_host(bf16::to_f64);
+    let gpu_gates: Vec<f64> = ctx
+        .gates_to_host()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+
+    let fwd = ref_topk_normalized_forward(&p.x, &p.params, &cfg, coeff);
+    let finite_logits = |ti: usize| {
+        fwd.routing.logits[ti * e..(ti + 1) * e]
+            .iter()
+            .filter(|l| l.is_finite())
+            .count()
+    };
+    for ti in 0..t {
+        let g = &gpu_gates[ti * e..(ti + 1) * e];
+        let chosen = g.iter().filter(|&&v| v > 0.0).count();
+        assert_eq!(
+            chosen,
+            cfg.k.min(finite_logits(ti)),
+            "{what}: token {ti}'s selection"
+        );
+        if chosen > 0 {
+            let sum: f64 = g.iter().sum();
+            assert!(
+                (sum - 1.0).abs() < 1e-5,
+                "{what}: token {ti}'s gates sum to {sum}"
+            );
+        }
+    }
+    let flips = routing_flips(&what, &gpu_gates, &fwd.routing.selected, e);
+    let want = ref_topk_backward(&p.x, &p.params, &cfg, coeff, &fwd, &dout_host);
+    for (i, w) in want.dx.iter().enumerate() {
+        assert_eq!(
+            got[0][i].is_finite(),
+            w.is_finite(),
+            "{what}: dX[{i}] {} vs {w}",
+            got[0][i]
+        );
+    }
+    let want = [
+        want.params.router,
+        want.params.gate,
+        want.params.up,
+        want.params.down,
+    ];
+    let scales = router_term_scales(kind, &p, coeff, &dout_host);
+    let dwr_slack: Vec<f64> = scales.dwr_rows.iter().map(|v| BF16_ROUNDOFF * v).collect();
+    for (i, w) in want.iter().enumerate() {
+        let name = NAMES[i + 1];
+        let g = &got[i + 1];
+        assert!(
+            w.iter().all(|v| v.is_finite()),
+            "{what}: reference {name} is not finite"
+        );
+        let abs: f64 = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f64>()
+            .sqrt();
+        let norm: f64 = w.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let slack = if i == 0 { scales.dwr() } else { 0.0 };
+        assert!(
+            abs.is_finite() && abs <= 1e-2 * norm + BF16_ROUNDOFF * slack,
+            "{what}: {name} abs err {abs:e}, norm {norm:e}"
+        );
+        if flips.iter().any(|&f| f) {
+            continue;
+        }
+        let (cols, rows_slack): (usize, &[f64]) = match i {
+            0 => (e, &dwr_slack),
+            1 | 2 => (cfg.ffn, &[]),
+            _ => (h, &[]),
+        };
+        assert_rows_within(&what, name, g, w, cols, rows_slack, &[]);
+    }
+    // No gradient reaches a NaN column of Wr (its logits have none).
+    for &c in nan_columns {
+        assert!(
+            (0..h).all(|i| got[1][i * e + c] == 0.0),
+            "{what}: dWr of NaN expert {c}"
+        );
+    }
+}
+
+#[test]
+fn gpu_topk_normalized_backward_with_non_finite_logits_matches_reference() {
+    let Some(dev) =
+        gpu_or_skip("gpu_topk_normalized_backward_with_non_finite_logits_matches_reference")
+    else {
+        return;
+    };
+    // One NaN expert and one infinite logit per token: k of the rest are selected.
+    check_normalized_backward_non_finite(&dev, LayerConfig::new(509, 64, 64, 8, 2), &[1], Some(3));
+    // Five NaN experts of 8 with k = 4: three finite logits per token, all of them selected and
+    // renormalised over three (the gates are then P).
+    check_normalized_backward_non_finite(
+        &dev,
+        LayerConfig::new(300, 64, 64, 8, 4),
+        &[1, 2, 4, 5, 6],
+        None,
     );
 }
 

@@ -1,18 +1,23 @@
-//! The candle modules (feature `candle`) on the GPU: candle's gradients through the layer, the
-//! balance loss included, against the crate's CPU reference; a small model that trains with a
-//! candle-nn optimiser; checkpoint layouts in and out of a trained layer.
+//! The candle layer (feature `candle-cuda`) on the GPU: candle's gradients through the layer, the
+//! balance regulariser's included, against the crate's CPU reference, for the crate-layout
+//! constructors and for `MoeLayer::new` (f32 masters at a checkpoint's names, shared experts,
+//! every router, T = 0 and 1 and a prime); sharded checkpoints; the shared lambda on the device
+//! (evaluation forwards not recorded); a small model that trains with a candle-nn optimiser;
+//! checkpoint layouts in and out of a trained layer. The same checks on the CPU are
+//! tests/candle_cpu.rs.
 //!
-//!     scripts/with-cuda cargo test --no-default-features --features candle --test gpu_candle
+//!     scripts/with-cuda cargo test --no-default-features --features candle-cuda --test gpu_candle
 //!
 //! (see the README's "candle" section for the link step on a machine without a driver).
-#![cfg(feature = "candle")]
+#![cfg(feature = "candle-cuda")]
 
+mod candle_common;
 mod common;
 
 use candle_core::{DType, Device as CDevice, Module, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use half::bf16;
-use remoe_kernels::candle::MoeLayer;
+use remoe_kernels::candle::{Family, MoeLayer, SharedExpertConfig};
 use remoe_kernels::reference::{self, LayerParams};
 use remoe_kernels::{HostMoeWeights, LayerConfig, PairCapacity, RouterKind, WeightLayout};
 use remoe_testkit::rng::{fresh_seed, seeded, UniformVec};
@@ -38,8 +43,9 @@ fn f64_of(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
-/// loss = sum(out * G) + w * balance_loss through the candle module, against the reference's
-/// forward and backward (dOut = G, balance gradient scaled by w) on the same bf16 inputs.
+/// loss = sum(out * G) through the candle module with the regulariser's gradient at scale w
+/// (`SharedRouting::set_balance_grad_scale`), against the reference's forward and backward
+/// (dOut = G, balance gradient scaled by w) on the same bf16 inputs; then at scale 0.
 fn gradients_match_the_reference(router: RouterKind, test: &str) {
     let Some(cdev) = candle_gpu_or_skip(test) else {
         return;
@@ -74,6 +80,7 @@ fn gradients_match_the_reference(router: RouterKind, test: &str) {
     .unwrap();
     let mut layer = MoeLayer::from_host_weights(router, &host, k, coeff, &cdev).unwrap();
     layer.set_fixed_coefficient(coeff);
+    layer.routing().set_balance_grad_scale(w).unwrap();
     let xv = Var::from_tensor(&Tensor::from_slice(&bf16_vec(&x), (t, h), &cdev).unwrap()).unwrap();
     let gt = Tensor::from_slice(&bf16_vec(&g), (t, h), &cdev).unwrap();
 
@@ -82,7 +89,12 @@ fn gradients_match_the_reference(router: RouterKind, test: &str) {
         .unwrap()
         .sum_all()
         .unwrap();
-    let loss = (task + (y.balance_loss.clone() * w).unwrap()).unwrap();
+    // The balance loss is a detached value: adding it changes the loss, not the gradients.
+    assert!(
+        !y.balance_loss.track_op(),
+        "{test}: the balance loss is detached"
+    );
+    let loss = (task + y.balance_loss.clone()).unwrap();
     let grads = loss.backward().unwrap();
 
     let (want_out, want_loss, want) = match router {
@@ -96,6 +108,11 @@ fn gradients_match_the_reference(router: RouterKind, test: &str) {
             let b = reference::topk_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, w);
             (fwd.out, fwd.aux_loss, b)
         }
+        RouterKind::TopKNormalized => {
+            let fwd = reference::topk_normalized_forward(&x, &params, &cfg, coeff);
+            let b = reference::topk_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, w);
+            (fwd.out, fwd.aux_loss, b)
+        }
     };
     let note = seed_note(seed);
     let got_loss = y.balance_loss.to_scalar::<f32>().unwrap() as f64;
@@ -106,7 +123,9 @@ fn gradients_match_the_reference(router: RouterKind, test: &str) {
     let e_out = rel_err(&f64_of(&y.out), &want_out);
     assert!(e_out < 1e-2, "{test}: out rel err {e_out}, {note}");
 
-    let [wr, wg, wu, wd] = layer.parameters();
+    let &[wr, wg, wu, wd] = layer.parameters().as_slice() else {
+        panic!("{test}: the crate-layout layer has four parameters")
+    };
     for (what, got, want) in [
         ("dx", grads.get(xv.as_tensor()), &want.dx),
         ("dWr", grads.get(wr), &want.params.router),
@@ -119,7 +138,8 @@ fn gradients_match_the_reference(router: RouterKind, test: &str) {
         assert!(err < 1e-2, "{test}: {what} rel err {err}, {note}");
     }
 
-    // The balance loss left out of the total: no balance gradient, so dWr is the task's alone.
+    // The regulariser's gradient at scale 0: dWr is the task's alone.
+    layer.routing().set_balance_grad_scale(0.0).unwrap();
     let plain = layer.forward(xv.as_tensor()).unwrap();
     let task_only = (plain.to_dtype(DType::F32).unwrap() * gt.to_dtype(DType::F32).unwrap())
         .unwrap()
@@ -135,11 +155,15 @@ fn gradients_match_the_reference(router: RouterKind, test: &str) {
             let fwd = reference::topk_forward(&x, &params, &cfg, coeff);
             reference::topk_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, 0.0)
         }
+        RouterKind::TopKNormalized => {
+            let fwd = reference::topk_normalized_forward(&x, &params, &cfg, coeff);
+            reference::topk_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, 0.0)
+        }
     };
     let err = rel_err(&f64_of(g2.get(wr).unwrap()), &want0.params.router);
     assert!(
         err < 1e-2,
-        "{test}: dWr without the balance loss, rel err {err}, {note}"
+        "{test}: dWr without the balance gradient, rel err {err}, {note}"
     );
 }
 
@@ -157,6 +181,80 @@ fn topk_gradients_through_candle_match_the_reference() {
         RouterKind::TopK,
         "topk_gradients_through_candle_match_the_reference",
     );
+}
+
+#[test]
+fn topk_normalized_gradients_through_candle_match_the_reference() {
+    gradients_match_the_reference(
+        RouterKind::TopKNormalized,
+        "topk_normalized_gradients_through_candle_match_the_reference",
+    );
+}
+
+/// `MoeLayer::new` over a VarMap of f32 masters at the checkpoints' names, on CUDA, against the
+/// reference: every router, T = 0, 1, a prime and more, the regulariser's gradient at two
+/// scales, shared experts (gated and not, with DeepSeek's routed scale).
+#[test]
+fn the_layer_from_a_config_matches_the_reference_on_cuda() {
+    let test = "the_layer_from_a_config_matches_the_reference_on_cuda";
+    let Some(cdev) = candle_gpu_or_skip(test) else {
+        return;
+    };
+    let seed = fresh_seed();
+    let mut rng = seeded(seed);
+    let note = seed_note(seed);
+    use candle_common::{cfg_of, check_against_reference, Problem, RELU, TOPK, TOPK_NORM};
+    for (router, rname) in [
+        (RELU, "relu"),
+        (TOPK, "topk"),
+        (TOPK_NORM, "topk-normalized"),
+    ] {
+        for family in [Family::Mixtral, Family::QwenMoe] {
+            for t in [0, 1, 13, 40] {
+                let pr = Problem::new(cfg_of(router, family, None), t, &mut rng);
+                let what = format!("{test}: {rname} {family:?} T={t}, {note}");
+                check_against_reference(&pr, 0.05, 1.0, 1e-2, &what, &cdev);
+            }
+        }
+        let pr = Problem::new(cfg_of(router, Family::Mixtral, None), 29, &mut rng);
+        let what = format!("{test}: {rname} balance scale 0.25, {note}");
+        check_against_reference(&pr, 0.05, 0.25, 1e-2, &what, &cdev);
+    }
+    for (family, gated) in [(Family::QwenMoe, true), (Family::DeepSeek, false)] {
+        for t in [0, 1, 23] {
+            let shared = Some(SharedExpertConfig { ffn: 32, gated });
+            let mut cfg = cfg_of(RELU, family, shared);
+            if family == Family::DeepSeek {
+                cfg.routed_scale = 2.5;
+            }
+            let pr = Problem::new(cfg, t, &mut rng);
+            let what = format!("{test}: shared {family:?} T={t}, {note}");
+            // f16: see tests/candle_cpu.rs's shared-expert test.
+            candle_common::check_against_reference_in::<half::f16>(
+                &pr, 0.05, 1.0, 2e-2, &what, &cdev,
+            );
+        }
+    }
+}
+
+/// Sharded checkpoints on CUDA: mmapped constants and a VarMap filled from the shards agree
+/// with the reference and with each other; `varmap.save()` writes every parameter.
+#[test]
+fn sharded_checkpoints_load_on_cuda() {
+    let Some(cdev) = candle_gpu_or_skip("sharded_checkpoints_load_on_cuda") else {
+        return;
+    };
+    candle_common::sharded_checkpoints(&cdev, fresh_seed());
+}
+
+/// The shared lambda on the device: evaluation forwards (training off, or no tracked input) are
+/// not recorded; training forwards of two layers are averaged into one step.
+#[test]
+fn one_lambda_for_all_layers_on_cuda() {
+    let Some(cdev) = candle_gpu_or_skip("one_lambda_for_all_layers_on_cuda") else {
+        return;
+    };
+    candle_common::one_lambda_for_all_layers(&cdev, fresh_seed());
 }
 
 /// A model of one ReMoE layer and a linear head, parameters from a VarMap, trained with AdamW on

@@ -15,8 +15,10 @@ mod common;
 use common::*;
 use half::bf16;
 use remoe_kernels::reference::{
-    l1_balance_loss, matmul, relu_router, remoe_forward as ref_remoe_forward, softmax_topk_router,
-    swiglu_expert_forward, topk_forward as ref_topk_forward, Dispatch,
+    l1_balance_loss, matmul, relu_router, remoe_forward as ref_remoe_forward,
+    softmax_topk_normalized_router, softmax_topk_router, swiglu_expert_forward,
+    topk_forward as ref_topk_forward, topk_normalized_forward as ref_topk_normalized_forward,
+    Dispatch,
 };
 use remoe_kernels::{
     moe_forward, Coefficient, Device, DeviceTensor, Error, LayerConfig, MoeContext, RouterKind,
@@ -132,8 +134,12 @@ fn check_case(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[f64])
             let sel = r.gates.iter().map(|&g| g > 0.0).collect();
             (r.counts, sel, r.gate_sums)
         }
-        RouterKind::TopK => {
-            let r = softmax_topk_router(&logits, &identity(e), &id_cfg);
+        RouterKind::TopK | RouterKind::TopKNormalized => {
+            let r = if kind == RouterKind::TopK {
+                softmax_topk_router(&logits, &identity(e), &id_cfg)
+            } else {
+                softmax_topk_normalized_router(&logits, &identity(e), &id_cfg)
+            };
             let probs: Vec<f64> = ctx
                 .probs_to_host()
                 .unwrap()
@@ -145,6 +151,8 @@ fn check_case(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[f64])
             for (i, (&g, &sel)) in gates.iter().zip(&r.selected).enumerate() {
                 assert_eq!(g > 0.0, sel, "{what}: selection of pair {i}");
             }
+            let err = rel_err(&gates, &r.gates);
+            assert!(err < 1e-5, "{what}: gates rel err {err:e}");
             (r.counts, r.selected.clone(), r.prob_sums)
         }
     };
@@ -259,6 +267,10 @@ fn check_case(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[f64])
             let r = ref_topk_forward(&p.x, &p.params, &cfg, AUX);
             (r.out, r.routing.selected)
         }
+        RouterKind::TopKNormalized => {
+            let r = ref_topk_normalized_forward(&p.x, &p.params, &cfg, AUX);
+            (r.out, r.routing.selected)
+        }
     };
     let err = rel_err(&out, &ref_out);
     assert!(err < 1e-2, "{what}: layer output rel err {err:e}");
@@ -267,11 +279,7 @@ fn check_case(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[f64])
     // routing_flips, which also bounds how many there are). ReMoE's output is continuous where a
     // gate turns on (the gate is about 0 there), so every ReMoE row is checked.
     let flips = routing_flips(&what, &gates, &ref_active, e);
-    let skip = if kind == RouterKind::TopK {
-        flips
-    } else {
-        Vec::new()
-    };
+    let skip = if kind.is_topk() { flips } else { Vec::new() };
     assert_rows_within(&what, "layer output", &out, &ref_out, h, &[], &skip);
 
     Outcome { stats, out }
@@ -414,6 +422,41 @@ fn gpu_topk_forward_matches_reference() {
     let o = check_case(
         &dev,
         RouterKind::TopK,
+        LayerConfig::new(0, 64, 64, 8, 2),
+        &[0.5; 8],
+    );
+    assert!(o.out.is_empty());
+}
+
+/// The renormalised TopK layer (Mixtral's gates) through every stage, at the shapes of
+/// [`gpu_topk_forward_matches_reference`] plus k = E; its gates are checked against the
+/// reference's renormalisation of the GPU's own logits.
+#[test]
+fn gpu_topk_normalized_forward_matches_reference() {
+    let Some(dev) = gpu_or_skip("gpu_topk_normalized_forward_matches_reference") else {
+        return;
+    };
+    let cases = [
+        LayerConfig::new(1, 64, 64, 1, 1),
+        LayerConfig::new(7, 64, 64, 8, 2),
+        LayerConfig::new(1000, 128, 128, 8, 2),
+        LayerConfig::new(997, 64, 64, 8, 8),
+        LayerConfig::new(4096, 64, 64, 64, 8),
+        LayerConfig::new(1000, 64, 32, 128, 1),
+        LayerConfig::new(300, 64, 32, 512, 8),
+    ];
+    for cfg in cases {
+        let o = check_case(
+            &dev,
+            RouterKind::TopKNormalized,
+            cfg,
+            &uniform_density(cfg.experts, 0.5),
+        );
+        assert_eq!(o.stats.active_pairs, cfg.tokens * cfg.k);
+    }
+    let o = check_case(
+        &dev,
+        RouterKind::TopKNormalized,
         LayerConfig::new(0, 64, 64, 8, 2),
         &[0.5; 8],
     );

@@ -1,5 +1,5 @@
 //! What the layer benchmark (benches/layer.rs) and the report (examples/bench_report.rs)
-//! share: SPEC's configurations (the table of remoe_testkit::shapes) and shapes given by hand,
+//! share: docs/SPEC.md's configurations (the table of remoe_testkit::shapes) and shapes given by hand,
 //! a problem set up at a load, the crate's layer timed with CUDA events on either GEMM path,
 //! each expert GEMM timed alone, and the cuBLAS baselines.
 //!
@@ -13,7 +13,7 @@
 //! configuration); for each GEMM timed alone, ours and cuBLAS's, every input among as many copies as make
 //! its rotated footprint at least [`ROTATION_BYTES`].
 //!
-//! FLOPs: 6 |A| H F forward, twice that backward (SPEC.md).
+//! FLOPs: 6 |A| H F forward, twice that backward (docs/SPEC.md).
 //!
 //! - this file: the shapes, the loads, CUDA-event timing of interleaved runs;
 //! - `gemms.rs`: rotated operands, the expert GEMMs launched alone, the cuBLAS baselines;
@@ -34,7 +34,7 @@ pub use report::*;
 use cudarc::driver::sys::CUevent_flags;
 use remoe_kernels::{Device, Error, GemmPath, RouterKind};
 
-// SPEC.md's named configurations and shapes given by hand (remoe_testkit::shapes holds the one
+// docs/SPEC.md's named configurations and shapes given by hand (remoe_testkit::shapes holds the one
 // table; the report, the criterion benches and the examples read it).
 #[allow(unused_imports)]
 pub use remoe_testkit::shapes::{
@@ -74,6 +74,7 @@ pub fn router_name(kind: RouterKind) -> &'static str {
     match kind {
         RouterKind::Relu => "ReMoE",
         RouterKind::TopK => "TopK",
+        RouterKind::TopKNormalized => "TopK-renorm",
     }
 }
 

@@ -1,75 +1,143 @@
-//! The ReMoE and TopK layers as [candle](https://github.com/huggingface/candle) modules (feature
-//! `candle`): the crate's kernels run on candle's CUDA stream and storage, and candle's autograd
-//! gets every gradient, so `loss.backward()` and candle-nn's optimisers work as with any layer.
+//! The ReMoE and TopK layers as [candle](https://github.com/huggingface/candle) modules: the
+//! crate's kernels on candle's CUDA stream and storage (feature `candle-cuda`), or the crate's
+//! CPU reference on candle's CPU tensors (feature `candle`, no GPU or CUDA toolkit needed), with
+//! candle's autograd getting every gradient.
 //!
-//! ```ignore
-//! let varmap = candle_nn::VarMap::new();
-//! let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::BF16, &candle_core::Device::new_cuda(0)?);
-//! let moe = MoeLayer::<bf16>::remoe(vb.pp("moe"), hidden, ffn, experts, k)?;
-//! let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), 1e-3)?;
-//! for batch in batches {
-//!     let y = moe.forward_with_loss(&x)?;          // y.out [.., H], y.balance_loss scalar f32
-//!     let loss = (task_loss(&y.out)? + y.balance_loss)?;
-//!     opt.backward_step(&loss)?;
-//!     moe.end_step()?;                              // the adaptive lambda, once per step
+//! ```no_run
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{Optimizer, VarBuilder, VarMap};
+//! use half::bf16;
+//! use remoe_kernels::candle::{MoeConfig, MoeLayer, MoeRouter, Lambda, SharedRouting};
+//!
+//! /// A toy model: embedding, two MoE blocks on a residual stream, a head.
+//! struct Model {
+//!     embed: candle_nn::Embedding,
+//!     moe: Vec<MoeLayer<bf16>>,
+//!     head: candle_nn::Linear,
+//! }
+//!
+//! impl Module for Model {
+//!     fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+//!         let mut x = self.embed.forward(ids)?; // f32 residual stream
+//!         for m in &self.moe {
+//!             x = (&x + x.apply(m)?)?; // a plain Module: the regulariser trains through it
+//!         }
+//!         self.head.forward(&x)
+//!     }
+//! }
+//!
+//! fn main() -> candle_core::Result<()> {
+//!     let dev = Device::cuda_if_available(0)?; // the CPU path runs without a GPU
+//!     let cfg = MoeConfig::from_hf_json(&std::fs::read_to_string("config.json")?)
+//!         .map_err(candle_core::Error::wrap)?;
+//!     // Train it as ReMoE: a ReLU router with the paper's lambda, one for all layers.
+//!     let cfg = MoeConfig { router: MoeRouter::Relu { lambda: Lambda::PAPER }, ..cfg };
+//!     let routing = SharedRouting::new(&cfg, &dev)?;
+//!     let varmap = VarMap::new();
+//!     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev); // f32 masters, bf16 compute
+//!     let (h, vocab) = (cfg.hidden_size, 32000);
+//!     let model = Model {
+//!         embed: candle_nn::embedding(vocab, h, vb.pp("model.embed_tokens"))?,
+//!         moe: (0..2)
+//!             .map(|i| MoeLayer::new(&cfg, &routing, vb.pp(format!("model.layers.{i}.mlp"))))
+//!             .collect::<candle_core::Result<_>>()?,
+//!         head: candle_nn::linear_no_bias(h, vocab, vb.pp("lm_head"))?,
+//!     };
+//!     let mut opt = candle_nn::AdamW::new_lr(varmap.all_vars(), 1e-3)?;
+//!     let ids = Tensor::zeros((4, 128), DType::U32, &dev)?;
+//!     for _ in 0..100 {
+//!         let logits = model.forward(&ids)?.flatten_to(1)?;
+//!         let loss = candle_nn::loss::cross_entropy(&logits, &ids.flatten_all()?)?;
+//!         opt.backward_step(&loss)?;
+//!         routing.step()?; // the shared lambda, once per optimiser step
+//!     }
+//!     routing.set_training(false); // evaluation forwards are not recorded
+//!     let stats = model.moe[0].routing_stats()?.expect("a forward ran");
+//!     println!("sparsity {:.3}, lambda {:e}", stats.sparsity, routing.coefficient()?);
+//!     varmap.save("model.safetensors")?; // every parameter, at the checkpoint's names
+//!     Ok(())
 //! }
 //! ```
 //!
-//! ## Design: three custom ops per call
+//! ## Configuration and parameters
 //!
-//! The layer has five differentiable inputs (x, Wr, Wg, Wu, Wd), a candle custom op at most
-//! three, and one output. One layer call is three ops that share the call's state
-//! (`ops::CallState`: the [`MoeContext`](crate::MoeContext) holding what the forward saved, and
-//! two hand-over slots):
+//! [`MoeConfig`] deserialises from a Hugging Face `config.json` (Mixtral, Qwen2-MoE, Qwen3-MoE,
+//! OLMoE, DeepSeek V2/V3 with greedy softmax top-k; the keys are in its documentation). [`MoeLayer::new`]
+//! takes the parameters through the `VarBuilder` at the checkpoint's own names ([`Family`]), so
+//! they live in the user's `VarMap` (trained by its optimiser, written by `varmap.save()`) or
+//! come from `VarBuilder::from_mmaped_safetensors` over a sharded checkpoint like any candle
+//! model. [`load_shards_into_varmap`] fills a `VarMap` from a sharded checkpoint for training.
 //!
-//! 1. **bind** (`CustomOp3` over Wg, Wu, Wd): outputs a one-element placeholder. It computes
-//!    nothing; it makes the expert weights inputs of the graph. Its backward hands candle the
-//!    expert gradients that the layer op's backward left in the shared state (candle runs it
-//!    after the layer op's, since the layer op consumes its output).
-//! 2. **layer** (`CustomOp3` over x, Wr, placeholder): outputs out \[T,H\]. Its forward wraps the
-//!    five buffers as crate views (no copies: x and Wr arrive as the op's storages, Wg, Wu, Wd are
-//!    read from the tensors the op holds) and runs the crate's forward on candle's stream, into a
-//!    new buffer that becomes candle's output storage. Its backward runs the crate's backward
-//!    (dX and all four weight gradients in one pass) and returns dX and dWr; dWg, dWu, dWd go to
-//!    the bind op.
-//! 3. **balance loss** (`CustomOp1` over out): outputs the regulariser (ReMoE) or aux loss
-//!    (TopK) at the layer's coefficient as a scalar f32, copied on the device from the routing
-//!    statistics the forward computed (4 bytes, no host round-trip). Its backward stores the
-//!    gradient it receives, d(total loss)/d(balance loss), for the layer op's backward, which
-//!    passes it as [`BackwardOptions::balance_grad_scale`](crate::BackwardOptions): adding the
-//!    loss with weight w, or scaling the total loss, scales the balance gradient by the same
-//!    factor, and leaving the loss out of the total gives it none. Because this op consumes
-//!    `out`, candle runs its backward before the layer op's.
+//! **Master weights and compute dtype.** The parameters are stored in the `VarBuilder`'s dtype
+//! (f32 for f32 masters, as mixed-precision training keeps them); the layer computes in `T`
+//! (bf16 or f16, the kernels' dtypes), whatever x's dtype, and returns x's dtype. Every forward
+//! stacks and casts the per-expert matrices into the kernels' \[E,H,F\]/\[E,F,H\] tensors with
+//! candle ops that autograd follows back to each expert's `Var`: a strided stack in the stored
+//! dtype, then the cast, which write 3 E H F (4 + 2) bytes per forward for f32 masters (at SPEC's
+//! config A, E H F = 8 x 768 x 3072: 340 MB; the backward moves as much again, casting the
+//! stacked gradient back and splitting it per expert), and one copy when the masters are in `T`.
+//! The
+//! gradients reach the masters through that cast, so they are rounded to `T` on the way (as
+//! PyTorch autocast's are): the kernels compute them in f32, candle's autograd requires a
+//! tensor's gradient in the tensor's dtype. Constant parameters (an mmapped checkpoint) are
+//! stacked once, at construction.
 //!
-//! ## Costs beyond the crate's own layer
+//! ## The regulariser and lambda
 //!
-//! - Forward: `out` is allocated zeroed per call (a \[T,H\] memset); the bind op allocates 4
-//!   bytes; the loss op copies 4 bytes on the device.
-//! - Backward: one host read of the balance loss's incoming gradient (4 to 8 bytes; the crate's
-//!   `balance_grad_scale` is a host value) when the loss op is in the graph; the weight
-//!   gradients come from the kernels in f32 and are converted to the parameters' dtype (one pass
-//!   over each); the gradient buffers are allocated per call. candle's own gradient
-//!   accumulation adds each returned gradient into a zero tensor of the input's shape
-//!   (`GradStore::or_insert`), which it does for every op, and the loss op returns a
-//!   broadcast zero for `out` (one element; candle needs a gradient on every node of a path to
-//!   a variable, and `out` may have no other consumer), which candle adds into out's gradient
-//!   (one elementwise pass over \[T,H\]).
-//! - Memory: each call keeps its context (the forward's saved state, about what
-//!   [`MoeContext::saved_bytes`](crate::MoeContext::saved_bytes) says) until its graph is
-//!   dropped; the context then returns to the layer's pool and the next forward reuses its
-//!   buffers. Keep no graph alive across steps longer than needed.
+//! The balance regulariser (ReMoE's L1 term, TopK's aux loss) is not a node of the graph: the
+//! layer op's backward adds its gradient to the router's, at [`SharedRouting`]'s
+//! `balance_grad_scale` (default 1), as Megatron's `MoEAuxLossAutoScaler` does. So a model that
+//! only calls `forward` (`x.apply(&moe)`) trains with it, with no host read in the backward;
+//! its value is a statistic ([`RoutingStats::balance_loss`], or the detached scalar of
+//! [`MoeLayer::forward_with_loss`]) to log or add to a logged loss. One [`SharedRouting`] per
+//! model holds the one adaptive lambda of all its layers, fed by training forwards only.
+//!
+//! ## Statistics
+//!
+//! [`MoeLayer::routing_stats`] gives the last forward's sparsity, n_e per expert, mean active
+//! experts per token and balance loss from what the forward computed anyway (no extra router
+//! matmul); on CUDA the forward copies them on the device, and asking is the one host read.
+//!
+//! ## Design: two custom ops per call
+//!
+//! The layer has five differentiable inputs (x, Wr, Wg, Wu, Wd) and a candle custom op at most
+//! three. One call is two ops sharing the call's state (`ops::CallState`: on CUDA the
+//! [`MoeContext`](crate::MoeContext) holding what the forward saved, on the CPU the
+//! reference's forward; and a hand-over slot):
+//!
+//! 1. **bind** (`CustomOp3` over Wg, Wu, Wd): outputs a one-element placeholder. It makes the
+//!    expert weights inputs of the graph; its backward hands candle the expert gradients the
+//!    layer op's backward left in the shared state (candle runs it after the layer op's, since
+//!    the layer op consumes its output).
+//! 2. **layer** (`CustomOp3` over x, Wr, placeholder): outputs out \[T,H\]. On CUDA it wraps the
+//!    five buffers as crate views (no copies) and runs the crate's forward on candle's stream;
+//!    its backward runs the crate's backward (dX and all four weight gradients in one pass, the
+//!    regulariser's gradient included) and returns dX and dWr. On the CPU both run the
+//!    reference (in f64, rounded to `T`).
+//!
+//! Costs beyond the crate's own layer (CUDA): `out` is allocated zeroed per call; the bind op
+//! allocates 4 bytes; the statistics copy E + 3 words on the device; the backward converts the
+//! f32 weight gradients to `T` (one pass over each) into buffers allocated per call; candle adds
+//! each returned gradient into a zero tensor of the input's shape (`GradStore::or_insert`, as
+//! for every op). Each call keeps its context (about what
+//! [`MoeContext::saved_bytes`](crate::MoeContext::saved_bytes) says) until its graph is dropped;
+//! the context then returns to the layer's pool for the next forward.
 //!
 //! ## Requirements and limits
 //!
-//! - CUDA tensors only, bf16 or f16 (weights and x of the same dtype); x of any rank with H
-//!   last, flattened to \[T,H\] without a copy when contiguous.
-//! - Parameters are the crate's layout: `router` \[H,E\], `gate`, `up` \[E,H,F\], `down` \[E,F,H\];
-//!   [`MoeLayer::host_weights`] and [`MoeLayer::from_host_weights`] convert to and from
-//!   checkpoint layouts through [`crate::weights`].
+//! - CUDA (feature `candle-cuda`, which needs the crate's default features off: see the README)
+//!   or the CPU; x of any float dtype and rank with H last. On CUDA H and F are multiples of 8.
 //! - Second-order gradients are not supported (the ops' backwards are not differentiable).
-//! - The adaptive lambda: [`MoeLayer::end_step`] once per optimiser step, after it.
+//! - A router logit that is NaN or infinite: on the CPU the forward's error; on CUDA the
+//!   device records it and [`MoeLayer::check_device_errors`] reports it.
 
+mod config;
+#[cfg(feature = "candle-cuda")]
+mod cuda;
 mod ops;
+mod params;
+mod routing;
+mod stats;
 
 use std::sync::{Arc, Mutex};
 
@@ -77,45 +145,57 @@ use candle_core::{Module, Tensor, Var, WithDType};
 use candle_nn::{Init, VarBuilder};
 
 use crate::capacity::PairCapacity;
-use crate::controller::LambdaController;
-use crate::device::Device;
-use crate::moe::{MoeContext, RouterKind};
+use crate::moe::RouterKind;
 use crate::reference::LayerParams;
 use crate::weights::HostMoeWeights;
 
+pub use config::{Family, Lambda, MoeConfig, MoeRouter, SharedExpertConfig};
 pub use ops::CandleElement;
-use ops::{candle_err, BalanceLoss, BindExperts, CallState, LayerCall, LayerCoeff, LayerOp, Pool};
+pub use params::load_shards_into_varmap;
+pub use routing::SharedRouting;
+pub use stats::RoutingStats;
 
-/// The weight initialisation of [`MoeLayer::remoe`] and [`MoeLayer::topk`]: normal with
-/// standard deviation 0.02 (Megatron-LM's `init_method_std`, which ReMoE's runs use).
+use ops::{
+    candle_err, lock, BindExperts, CallCoeff, CallState, LastStats, LayerCall, LayerOp, Pool,
+    StatsSink,
+};
+use params::{Routed, SharedExpert};
+
+/// The weight initialisation of parameters a `VarMap` creates: normal with standard deviation
+/// 0.02 (Megatron-LM's `init_method_std`, which ReMoE's runs use; Hugging Face's
+/// `initializer_range` default too).
 pub const INIT: Init = Init::Randn {
     mean: 0.0,
     stdev: 0.02,
 };
 
-/// What a layer call gives: the output, and the balance loss to add to the training loss.
+/// What [`MoeLayer::forward_with_loss`] gives.
 #[derive(Debug, Clone)]
 pub struct MoeOutput {
     /// The layer's output, x's shape and dtype.
     pub out: Tensor,
-    /// ReMoE's L1 regulariser at the current lambda, or TopK's aux loss at c: a scalar f32.
+    /// The balance loss's value (ReMoE's L1 regulariser at the current lambda, or TopK's aux
+    /// loss at c), a detached scalar f32: its gradient is already in `out`'s backward, so
+    /// adding it to the loss changes the logged value only.
     pub balance_loss: Tensor,
 }
 
-/// A ReMoE or TopK MoE layer for candle (see the module documentation).
-pub struct MoeLayer<T: CandleElement> {
+/// A ReMoE or TopK MoE layer for candle, computing in `T` (bf16 or f16); see the module
+/// documentation.
+pub struct MoeLayer<T: CandleElement = half::bf16> {
     router_kind: RouterKind,
-    coeff: LayerCoeff,
+    coeff: CallCoeff,
+    routing: SharedRouting,
     /// (H, F, E, k)
     dims: (usize, usize, usize, usize),
-    router: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
-    dev: Device,
+    routed: Routed,
+    shared: Option<SharedExpert>,
+    routed_scale: f64,
     pool: Pool<T>,
-    /// The pair capacity of the layer's contexts (see [`crate::capacity`]).
     capacity: PairCapacity,
+    sink: StatsSink,
+    #[cfg(feature = "candle-cuda")]
+    dev_cache: Arc<Mutex<Option<crate::device::Device>>>,
 }
 
 impl<T: CandleElement> std::fmt::Debug for MoeLayer<T> {
@@ -127,21 +207,118 @@ impl<T: CandleElement> std::fmt::Debug for MoeLayer<T> {
             .field("ffn", &ffn)
             .field("experts", &e)
             .field("k", &k)
+            .field("shared_expert", &self.shared.is_some())
             .finish()
     }
 }
 
-fn crate_device(dev: &candle_core::Device) -> candle_core::Result<Device> {
+/// Refuses devices the layer does not run on, before any parameter is made.
+fn check_device(dev: &candle_core::Device) -> candle_core::Result<()> {
     match dev {
-        candle_core::Device::Cuda(c) => Device::from_stream(c.cuda_stream()).map_err(candle_err),
-        _ => candle_core::bail!("remoe-kernels runs on CUDA devices only, got {dev:?}"),
+        candle_core::Device::Cpu => Ok(()),
+        #[cfg(feature = "candle-cuda")]
+        candle_core::Device::Cuda(_) => Ok(()),
+        #[allow(unreachable_patterns)]
+        other => candle_core::bail!(
+            "remoe: the layer runs on the CPU{} only, not on {other:?}",
+            if cfg!(feature = "candle-cuda") {
+                " and CUDA devices"
+            } else {
+                " (CUDA: the `candle-cuda` feature)"
+            }
+        ),
     }
 }
 
 impl<T: CandleElement> MoeLayer<T> {
-    /// A ReMoE layer (ReLU router, L1 regulariser with the paper's adaptive lambda) whose
-    /// parameters `router`, `gate`, `up`, `down` come from `vb` (created with [`INIT`] when `vb`
-    /// is backed by a `VarMap`). `vb`'s dtype must be `T`'s and its device a CUDA one.
+    /// The layer of `cfg` with its parameters from `vb` at `cfg.family`'s names (see [`Family`];
+    /// `vb` at the layer's prefix, e.g. `vb.pp("model.layers.3.mlp")`), sharing `routing` (the
+    /// adaptive lambda, the training flag, the balance gradient's scale) with the model's other
+    /// layers. A `VarBuilder` over a `VarMap` creates missing parameters with [`INIT`] in its
+    /// dtype (f32 for f32 master weights); over safetensors files it reads them (sharded,
+    /// mmapped, any float dtype). The layer computes in `T`.
+    ///
+    /// Errors: an invalid configuration, a `routing` made for another router (an adaptive
+    /// lambda for a TopK or fixed-lambda layer, or none for an adaptive one), a device the
+    /// layer does not run on, or a parameter missing or of the wrong shape.
+    pub fn new(
+        cfg: &MoeConfig,
+        routing: &SharedRouting,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        cfg.validate().map_err(candle_err)?;
+        check_device(vb.device())?;
+        let coeff = match cfg.router {
+            MoeRouter::Relu {
+                lambda: Lambda::Adaptive { .. },
+            } => {
+                if !routing.is_adaptive() {
+                    candle_core::bail!(
+                        "remoe: an adaptive-lambda layer needs a SharedRouting made for one"
+                    )
+                }
+                CallCoeff::Shared(routing.clone())
+            }
+            MoeRouter::Relu {
+                lambda: Lambda::Fixed(c),
+            }
+            | MoeRouter::TopK { aux_coeff: c, .. } => {
+                if routing.is_adaptive() {
+                    candle_core::bail!(
+                        "remoe: a layer with a fixed coefficient given a SharedRouting with an \
+                         adaptive lambda"
+                    )
+                }
+                CallCoeff::Fixed(c)
+            }
+        };
+        let (routed, shared) = params::from_builder(cfg, &vb, <T as WithDType>::DTYPE)?;
+        let dims = (
+            cfg.hidden_size,
+            cfg.expert_ffn,
+            cfg.experts,
+            cfg.experts_per_token,
+        );
+        Ok(Self::assemble(
+            cfg.router_kind(),
+            coeff,
+            routing.clone(),
+            dims,
+            routed,
+            shared,
+            cfg.routed_scale,
+        ))
+    }
+
+    fn assemble(
+        router_kind: RouterKind,
+        coeff: CallCoeff,
+        routing: SharedRouting,
+        dims: (usize, usize, usize, usize),
+        routed: Routed,
+        shared: Option<SharedExpert>,
+        routed_scale: f64,
+    ) -> Self {
+        Self {
+            router_kind,
+            coeff,
+            routing,
+            dims,
+            routed,
+            shared,
+            routed_scale,
+            pool: Arc::new(Mutex::new(Vec::new())),
+            capacity: PairCapacity::default(),
+            sink: Arc::new(Mutex::new(None)),
+            #[cfg(feature = "candle-cuda")]
+            dev_cache: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// A ReMoE layer with its own adaptive lambda and parameters `router` \[H,E\], `gate`, `up`
+    /// \[E,H,F\], `down` \[E,F,H\] in the crate's layout, in `vb`'s dtype, which must be `T`.
+    ///
+    /// Superseded by [`MoeLayer::new`] (checkpoint names, f32 masters, one lambda per model).
     pub fn remoe(
         vb: VarBuilder,
         hidden: usize,
@@ -152,9 +329,9 @@ impl<T: CandleElement> MoeLayer<T> {
         Self::remoe_with_controller(vb, hidden, ffn, experts, k, 1e-8, 1.2)
     }
 
-    /// [`remoe`](Self::remoe) with the adaptive controller's starting lambda and step factor
-    /// chosen (the paper's defaults are 1e-8 and 1.2; see
-    /// [`LambdaController::with_params`]); the target stays 1 - k/E.
+    /// [`remoe`](Self::remoe) with the controller's starting lambda and step factor.
+    ///
+    /// Superseded by [`MoeLayer::new`] with [`Lambda::Adaptive`].
     pub fn remoe_with_controller(
         vb: VarBuilder,
         hidden: usize,
@@ -164,16 +341,19 @@ impl<T: CandleElement> MoeLayer<T> {
         lambda0: f64,
         alpha: f64,
     ) -> candle_core::Result<Self> {
-        let dev = crate_device(vb.device())?;
-        let target = 1.0 - k as f64 / experts as f64;
-        let lambda =
-            LambdaController::with_params(&dev, lambda0, alpha, target).map_err(candle_err)?;
-        let coeff = LayerCoeff::Adaptive(Arc::new(Mutex::new(lambda)));
-        Self::from_builder(vb, RouterKind::Relu, coeff, (hidden, ffn, experts, k))
+        let cfg = MoeConfig {
+            router: MoeRouter::Relu {
+                lambda: Lambda::Adaptive { lambda0, alpha },
+            },
+            ..MoeConfig::remoe(hidden, ffn, experts, k)
+        };
+        Self::from_crate_layout(&cfg, vb)
     }
 
-    /// A TopK layer (softmax top-k router, Switch aux loss at `aux_coeff`) with parameters from
-    /// `vb`, as [`remoe`](Self::remoe).
+    /// A TopK layer (softmax top-k, Switch aux loss at `aux_coeff`) in the crate's layout, as
+    /// [`remoe`](Self::remoe).
+    ///
+    /// Superseded by [`MoeLayer::new`] with [`MoeRouter::TopK`].
     pub fn topk(
         vb: VarBuilder,
         hidden: usize,
@@ -182,16 +362,17 @@ impl<T: CandleElement> MoeLayer<T> {
         k: usize,
         aux_coeff: f64,
     ) -> candle_core::Result<Self> {
-        let coeff = LayerCoeff::Fixed(aux_coeff);
-        Self::from_builder(vb, RouterKind::TopK, coeff, (hidden, ffn, experts, k))
+        let cfg = MoeConfig {
+            router: MoeRouter::TopK {
+                renormalize: false,
+                aux_coeff,
+            },
+            ..MoeConfig::remoe(hidden, ffn, experts, k)
+        };
+        Self::from_crate_layout(&cfg, vb)
     }
 
-    fn from_builder(
-        vb: VarBuilder,
-        router_kind: RouterKind,
-        coeff: LayerCoeff,
-        dims: (usize, usize, usize, usize),
-    ) -> candle_core::Result<Self> {
+    fn from_crate_layout(cfg: &MoeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let want = <T as WithDType>::DTYPE;
         if vb.dtype() != want {
             candle_core::bail!(
@@ -199,38 +380,49 @@ impl<T: CandleElement> MoeLayer<T> {
                 vb.dtype()
             )
         }
-        let (h, f, e, _) = dims;
-        let router = vb.get_with_hints((h, e), "router", INIT)?;
-        let gate = vb.get_with_hints((e, h, f), "gate", INIT)?;
-        let up = vb.get_with_hints((e, h, f), "up", INIT)?;
-        let down = vb.get_with_hints((e, f, h), "down", INIT)?;
-        Self::assemble(router_kind, coeff, dims, [router, gate, up, down])
+        check_device(vb.device())?;
+        let routing = SharedRouting::new(cfg, vb.device())?;
+        let (h, f, e) = (cfg.hidden_size, cfg.expert_ffn, cfg.experts);
+        let tensors = [
+            vb.get_with_hints((h, e), "router", INIT)?,
+            vb.get_with_hints((e, h, f), "gate", INIT)?,
+            vb.get_with_hints((e, h, f), "up", INIT)?,
+            vb.get_with_hints((e, f, h), "down", INIT)?,
+        ];
+        Self::from_stacked(cfg, routing, tensors)
     }
 
-    fn assemble(
-        router_kind: RouterKind,
-        coeff: LayerCoeff,
-        dims: (usize, usize, usize, usize),
-        [router, gate, up, down]: [Tensor; 4],
+    fn from_stacked(
+        cfg: &MoeConfig,
+        routing: SharedRouting,
+        tensors: [Tensor; 4],
     ) -> candle_core::Result<Self> {
-        let dev = crate_device(router.device())?;
-        Ok(Self {
-            router_kind,
+        let coeff = if routing.is_adaptive() {
+            CallCoeff::Shared(routing.clone())
+        } else {
+            CallCoeff::Fixed(routing.0.fixed)
+        };
+        let dims = (
+            cfg.hidden_size,
+            cfg.expert_ffn,
+            cfg.experts,
+            cfg.experts_per_token,
+        );
+        Ok(Self::assemble(
+            cfg.router_kind(),
             coeff,
+            routing,
             dims,
-            router,
-            gate,
-            up,
-            down,
-            dev,
-            pool: Arc::new(Mutex::new(Vec::new())),
-            capacity: PairCapacity::default(),
-        })
+            Routed::Stacked(tensors),
+            None,
+            1.0,
+        ))
     }
 
-    /// A layer whose parameters are new [`Var`]s holding `w` (read from a checkpoint with
-    /// [`HostMoeWeights::load`]) on `device`; [`vars`](Self::vars) gives them to an optimiser.
-    /// `aux_coeff` is TopK's c and is ignored for ReMoE, whose lambda is adaptive.
+    /// A layer whose parameters are new [`Var`]s holding `w` (the crate's layout) on `device`,
+    /// with its own lambda (ReMoE) or c = `aux_coeff` (TopK).
+    ///
+    /// Superseded by [`MoeLayer::new`] over a `VarBuilder` of the checkpoint.
     pub fn from_host_weights(
         router_kind: RouterKind,
         w: &HostMoeWeights<T>,
@@ -238,6 +430,7 @@ impl<T: CandleElement> MoeLayer<T> {
         aux_coeff: f64,
         device: &candle_core::Device,
     ) -> candle_core::Result<Self> {
+        check_device(device)?;
         let (h, f, e) = (w.hidden(), w.ffn(), w.experts());
         let var = |v: &[T], shape: &[usize]| -> candle_core::Result<Tensor> {
             let t = Tensor::from_slice(v, shape, device)?;
@@ -250,155 +443,217 @@ impl<T: CandleElement> MoeLayer<T> {
             var(&p.up, &[e, h, f])?,
             var(&p.down, &[e, f, h])?,
         ];
-        let coeff = match router_kind {
-            RouterKind::Relu => {
-                let dev = crate_device(device)?;
-                let lambda = LambdaController::new(&dev, k, e).map_err(candle_err)?;
-                LayerCoeff::Adaptive(Arc::new(Mutex::new(lambda)))
-            }
-            RouterKind::TopK => LayerCoeff::Fixed(aux_coeff),
+        let router = match router_kind {
+            RouterKind::Relu => MoeRouter::Relu {
+                lambda: Lambda::PAPER,
+            },
+            RouterKind::TopK => MoeRouter::TopK {
+                renormalize: false,
+                aux_coeff,
+            },
+            RouterKind::TopKNormalized => MoeRouter::TopK {
+                renormalize: true,
+                aux_coeff,
+            },
         };
-        Self::assemble(router_kind, coeff, (h, f, e, k), tensors)
+        let cfg = MoeConfig {
+            router,
+            ..MoeConfig::remoe(h, f, e, k)
+        };
+        cfg.validate().map_err(candle_err)?;
+        let routing = SharedRouting::new(&cfg, device)?;
+        Self::from_stacked(&cfg, routing, tensors)
     }
 
-    /// The parameters as candle `Var`s (router, gate, up, down), for an optimiser. They share
-    /// storage with the layer's tensors, so an optimiser's update is what the next forward reads.
+    /// Every parameter as a [`Var`], for an optimiser (a `VarMap`'s `all_vars()` holds the same
+    /// for layers made by [`MoeLayer::new`]). They share storage with the layer's tensors.
     pub fn vars(&self) -> candle_core::Result<Vec<Var>> {
-        [&self.router, &self.gate, &self.up, &self.down]
+        self.parameters()
             .into_iter()
             .map(Var::from_tensor)
             .collect()
     }
 
-    /// The parameters copied to the host in the crate's layout, e.g. to save them with
-    /// [`HostMoeWeights::save`] in a checkpoint layout.
+    /// Every parameter tensor as stored: the router first, then the experts' (the crate-layout
+    /// constructors: gate, up, down stacked; [`MoeLayer::new`]: each expert's gate, up, down at
+    /// the checkpoint's layout), then the shared expert's.
+    pub fn parameters(&self) -> Vec<&Tensor> {
+        params::all(&self.routed, self.shared.as_ref())
+    }
+
+    /// The routed experts' and router's parameters copied to the host in the crate's layout (in
+    /// `T`), e.g. to save them with [`HostMoeWeights::save`] in another checkpoint layout.
     pub fn host_weights(&self) -> candle_core::Result<HostMoeWeights<T>> {
         let (h, f, e, _) = self.dims;
         let host = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
+        let [r, g, u, d] = self.routed.compute(<T as WithDType>::DTYPE)?;
         let params = LayerParams {
-            router: host(&self.router)?,
-            gate: host(&self.gate)?,
-            up: host(&self.up)?,
-            down: host(&self.down)?,
+            router: host(&r)?,
+            gate: host(&g)?,
+            up: host(&u)?,
+            down: host(&d)?,
         };
         HostMoeWeights::new(h, f, e, params).map_err(candle_err)
     }
 
-    /// The router weight Wr \[H,E\], and the expert weights Wg, Wu \[E,H,F\] and Wd \[E,F,H\].
-    pub fn parameters(&self) -> [&Tensor; 4] {
-        [&self.router, &self.gate, &self.up, &self.down]
+    /// The routing state this layer shares with the model's other layers.
+    pub fn routing(&self) -> &SharedRouting {
+        &self.routing
     }
 
-    /// The current lambda (ReMoE; read back from the device), or TopK's fixed c.
+    /// The balance loss's coefficient now: the adaptive lambda (a host read on CUDA), or the
+    /// fixed lambda or c.
     pub fn coefficient(&self) -> candle_core::Result<f64> {
         match &self.coeff {
-            LayerCoeff::Fixed(c) => Ok(*c),
-            LayerCoeff::Adaptive(c) => c
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .lambda()
-                .map_err(candle_err),
+            CallCoeff::Fixed(c) => Ok(*c),
+            CallCoeff::Shared(r) => r.coefficient(),
         }
     }
 
-    /// Fixes the balance loss's coefficient at `c` (lambda for ReMoE, which then has no adaptive
-    /// controller and [`end_step`](Self::end_step) does nothing; c for TopK).
+    /// Fixes this layer's balance-loss coefficient at `c` (lambda for ReMoE, which then leaves
+    /// the adaptive controller alone; c for TopK). A value outside [0, 1e6] makes the next
+    /// forward fail with [`Error::InvalidConfig`](crate::Error::InvalidConfig).
     pub fn set_fixed_coefficient(&mut self, c: f64) {
-        self.coeff = LayerCoeff::Fixed(c);
+        self.coeff = CallCoeff::Fixed(c);
     }
 
-    /// Sets how many routed pairs the layer's contexts hold (see [`crate::capacity`]): the
+    /// Sets how many routed pairs the layer's CUDA contexts hold (see [`crate::capacity`]): the
     /// default sizes them for exactly the pairs each forward routes (candle runs eagerly, so a
     /// forward counts its pairs and never overflows); [`PairCapacity::Pairs`] fixes the number,
-    /// and a forward routing more pairs then fails with [`Error::CapacityExceeded`](crate::Error::CapacityExceeded) (wrapped in
-    /// the candle error) instead of computing a zero layer.
+    /// and a forward routing more pairs then fails with
+    /// [`Error::CapacityExceeded`](crate::Error::CapacityExceeded) (wrapped in the candle
+    /// error) instead of computing a zero layer. The CPU path is always dropless.
     pub fn set_pair_capacity(&mut self, capacity: PairCapacity) {
         self.capacity = capacity;
-        for ctx in ops::lock(&self.pool).iter_mut() {
+        for ctx in lock(&self.pool).iter_mut() {
             ctx.set_pair_capacity(capacity);
         }
     }
 
-    /// Reports what the device found in the layer's forwards since the last check (a router
-    /// logit that was NaN or infinite: [`Error::NonFiniteLogits`](crate::Error::NonFiniteLogits); a pair count past a fixed
-    /// capacity), as a candle error wrapping the crate's [`Error`](crate::Error), and clears it. Reads the
-    /// device error word of every context the layer holds (those of calls whose graph is still
-    /// alive are checked once it is dropped); waits for the stream. [`end_step`](Self::end_step)
-    /// calls it first.
+    /// Reports what the device found in the layer's CUDA forwards since the last check (a NaN
+    /// or infinite router logit: [`Error::NonFiniteLogits`](crate::Error::NonFiniteLogits); a
+    /// pair count past a fixed capacity), as a candle error wrapping the crate's
+    /// [`Error`](crate::Error), and clears it. Reads the error word of every context the layer
+    /// holds (those of calls whose graph is still alive are checked once it is dropped); waits
+    /// for the stream. Nothing to do on the CPU, whose forward returns these errors itself.
     pub fn check_device_errors(&self) -> candle_core::Result<()> {
-        for ctx in ops::lock(&self.pool).iter_mut() {
+        for ctx in lock(&self.pool).iter_mut() {
             ctx.check_device_errors().map_err(candle_err)?;
         }
         Ok(())
     }
 
-    /// Ends a training step: reports the device's errors ([`check_device_errors`]
-    /// (Self::check_device_errors): a step that met one is not trusted silently), then the
-    /// adaptive lambda moves by SPEC's rule on the sparsities the layer's forwards recorded
-    /// since the last call (on the device). Call once per optimiser step, after the backward
-    /// and once the step's graph is dropped; the lambda step is a no-op for TopK.
+    /// Ends a training step for this layer alone: [`check_device_errors`](Self::check_device_errors),
+    /// then [`SharedRouting::step`] of its routing state.
+    ///
+    /// For the crate-layout constructors, whose layers each own a lambda. With a
+    /// [`SharedRouting`] given to several layers call its `step` once per optimiser step
+    /// instead: this would step the shared lambda once per layer.
     pub fn end_step(&self) -> candle_core::Result<()> {
         self.check_device_errors()?;
-        match &self.coeff {
-            LayerCoeff::Fixed(_) => Ok(()),
-            LayerCoeff::Adaptive(c) => c
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .step()
-                .map_err(candle_err),
+        self.routing.step()
+    }
+
+    /// The routing statistics of the layer's last forward (`None` before the first); see
+    /// [`RoutingStats`]. On CUDA a host read that waits for the stream.
+    pub fn routing_stats(&self) -> candle_core::Result<Option<RoutingStats>> {
+        match &*lock(&self.sink) {
+            None => Ok(None),
+            Some(LastStats::Host(s)) => Ok(Some(s.clone())),
+            #[cfg(feature = "candle-cuda")]
+            Some(LastStats::Device(d)) => d.read().map(Some),
         }
     }
 
-    /// The layer on `x` [.., H]: the output and the balance loss, both in the graph.
+    /// The layer on `x` and the balance loss's value of this forward as a detached scalar f32
+    /// (on CUDA copied on the device, no host read). The regulariser's gradient is in `out`'s
+    /// backward already, so `out` alone trains correctly; the loss is for logging.
     pub fn forward_with_loss(&self, x: &Tensor) -> candle_core::Result<MoeOutput> {
-        let (out, state) = self.layer(x)?;
-        let balance_loss = out.apply_op1(BalanceLoss(state))?;
+        let out = self.forward(x)?;
+        let balance_loss = match &*lock(&self.sink) {
+            Some(LastStats::Host(s)) => Tensor::new(s.balance_loss as f32, x.device())?,
+            #[cfg(feature = "candle-cuda")]
+            Some(LastStats::Device(d)) => match x.device() {
+                candle_core::Device::Cuda(c) => d.balance_loss(c)?,
+                other => candle_core::bail!("remoe: CUDA statistics for an input on {other:?}"),
+            },
+            None => candle_core::bail!("remoe: the forward left no statistics"),
+        };
         Ok(MoeOutput { out, balance_loss })
     }
 
-    /// The output and the call's shared state.
-    fn layer(&self, x: &Tensor) -> candle_core::Result<(Tensor, Arc<CallState<T>>)> {
+    /// The layer on no tokens: the empty output (x itself, detached: a tensor of no elements
+    /// of x's shape, dtype and device, made without candle's kernels, whose CUDA launches
+    /// refuse an empty grid), statistics of no pairs, nothing recorded for lambda, and no
+    /// gradient (there is none to give).
+    fn empty_batch(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, e, _) = self.dims;
+        *lock(&self.sink) = Some(LastStats::Host(RoutingStats {
+            tokens: 0,
+            active_pairs: 0,
+            sparsity: 1.0,
+            balance_loss: 0.0,
+            tokens_per_expert: vec![0; e],
+            mean_active_experts: 0.0,
+            active_experts_histogram: Some(vec![0; e + 1]),
+        }));
+        Ok(x.detach())
+    }
+
+    /// The routed layer (scaled) plus the shared expert, on x \[T,H\] in `T`.
+    fn layer(&self, xt: &Tensor) -> candle_core::Result<Tensor> {
+        let [router, gate, up, down] = self.routed.compute(<T as WithDType>::DTYPE)?;
+        let tracked = [xt, &router, &gate, &up, &down]
+            .iter()
+            .any(|t| t.track_op());
+        let state = CallState::new(self.pool.clone());
+        let handle = gate.apply_op3(&up, &down, BindExperts(state.clone()))?;
+        let call = LayerCall {
+            state,
+            router: self.router_kind,
+            coeff: self.coeff.clone(),
+            record: tracked && self.routing.training(),
+            save: tracked,
+            grad_scale: self.routing.balance_grad_scale(),
+            dims: self.dims,
+            experts: [gate, up, down],
+            capacity: self.capacity,
+            sink: self.sink.clone(),
+            #[cfg(feature = "candle-cuda")]
+            dev_cache: self.dev_cache.clone(),
+        };
+        let mut out = xt.apply_op3(&router, &handle, LayerOp(call))?;
+        if self.routed_scale != 1.0 {
+            out = (out * self.routed_scale)?;
+        }
+        match &self.shared {
+            Some(s) => out + s.forward(xt)?,
+            None => Ok(out),
+        }
+    }
+}
+
+impl<T: CandleElement> Module for MoeLayer<T> {
+    /// The layer on x \[.., H\] of any float dtype (computed in `T`, returned in x's dtype).
+    /// The balance regulariser's gradient is added in the backward; a training forward (see
+    /// [`SharedRouting`]) records its sparsity for the adaptive lambda. A batch of no tokens
+    /// gives the empty output and records nothing.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (h, _, _, _) = self.dims;
         let shape = x.shape().clone();
         if shape.dims().last() != Some(&h) {
             candle_core::bail!("remoe: x is {shape:?}, the layer's hidden size is {h}")
         }
-        if x.dtype() != <T as WithDType>::DTYPE {
-            candle_core::bail!(
-                "remoe: x is {:?}, the layer is {:?}",
-                x.dtype(),
-                <T as WithDType>::DTYPE
-            )
+        if !x.dtype().is_float() {
+            candle_core::bail!("remoe: x is {:?}, not a float dtype", x.dtype())
         }
-        let x2 = x.reshape(((), h))?.contiguous()?;
-        let training = [x, &self.router, &self.gate, &self.up, &self.down]
-            .iter()
-            .any(|t| t.track_op());
-        let mut ctx = ops::lock(&self.pool)
-            .pop()
-            .unwrap_or_else(|| MoeContext::new(&self.dev));
-        ctx.set_save_for_backward(training);
-        ctx.set_pair_capacity(self.capacity);
-        let state = CallState::new(ctx, self.pool.clone());
-        let handle = self
-            .gate
-            .apply_op3(&self.up, &self.down, BindExperts(state.clone()))?;
-        let call = LayerCall {
-            state: state.clone(),
-            dev: self.dev.clone(),
-            router: self.router_kind,
-            coeff: self.coeff.clone(),
-            dims: self.dims,
-            experts: [self.gate.clone(), self.up.clone(), self.down.clone()],
-        };
-        let out = x2.apply_op3(&self.router, &handle, LayerOp(call))?;
-        Ok((out.reshape(shape)?, state))
-    }
-}
-
-impl<T: CandleElement> Module for MoeLayer<T> {
-    /// The output alone: the balance loss is left out of the graph (no balance gradient).
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Ok(self.layer(x)?.0)
+        if shape.elem_count() == 0 {
+            return self.empty_batch(x);
+        }
+        let xt = x
+            .to_dtype(<T as WithDType>::DTYPE)?
+            .reshape(((), h))?
+            .contiguous()?;
+        self.layer(&xt)?.reshape(shape)?.to_dtype(x.dtype())
     }
 }

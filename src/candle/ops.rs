@@ -1,27 +1,34 @@
-//! The three custom ops of one layer call and the state they share (the design is in the parent
-//! module's documentation). This file holds the crate's only calls of the layer forward and
-//! backward for candle: [`run_forward`] and [`run_backward`].
+//! The two custom ops of one layer call and the state they share (the design is in the parent
+//! module's documentation), with their CPU path through the crate's reference. The CUDA path
+//! is in `cuda.rs`.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use candle_core::cuda::{CudaDType, CudaStorage};
-use candle_core::op::BackpropOp;
-use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp3, DType as CDType, Layout, Shape, Storage, StorageRef,
-    Tensor, WithDType,
-};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType as CDType, Layout, Shape, Tensor, WithDType};
 
-use crate::backward::{moe_backward, BackwardOptions, MoeGrads};
+use crate::capacity::PairCapacity;
 use crate::config::LayerConfig;
-use crate::controller::{Coefficient, LambdaController};
-use crate::device::Device;
 use crate::element::HalfElement;
-use crate::moe::{moe_forward, MoeContext, MoeWeightViews, RouterKind};
-use crate::tensor::{DeviceTensor, TensorView};
+use crate::moe::{MoeContext, RouterKind};
+use crate::reference::{self, LayerGrads, LayerParams, RemoeForward, TopkForward};
 
-/// The layer's dtypes that candle can hold: bf16 and f16.
-pub trait CandleElement: HalfElement + WithDType + CudaDType {}
-impl<T: HalfElement + WithDType + CudaDType> CandleElement for T {}
+use super::routing::{Controller, SharedRouting};
+use super::stats::RoutingStats;
+
+/// The layer's compute dtypes: bf16 and f16 (what the kernels take; the CPU path rounds the
+/// reference's f64 results to them, so both paths see the same values).
+#[cfg(feature = "candle-cuda")]
+pub trait CandleElement: HalfElement + WithDType + candle_core::cuda::CudaDType {}
+#[cfg(feature = "candle-cuda")]
+impl<T: HalfElement + WithDType + candle_core::cuda::CudaDType> CandleElement for T {}
+
+/// The layer's compute dtypes: bf16 and f16 (what the kernels take; the CPU path rounds the
+/// reference's f64 results to them, so both paths see the same values).
+#[cfg(not(feature = "candle-cuda"))]
+pub trait CandleElement: HalfElement + WithDType {}
+#[cfg(not(feature = "candle-cuda"))]
+impl<T: HalfElement + WithDType> CandleElement for T {}
 
 pub(crate) fn candle_err(e: crate::Error) -> candle_core::Error {
     candle_core::Error::wrap(e)
@@ -34,52 +41,48 @@ pub(crate) fn lock<X>(m: &Mutex<X>) -> MutexGuard<'_, X> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Contexts that no live graph holds, reused by the next forward.
+/// Contexts that no live graph holds, reused by the next forward (CUDA).
 pub(crate) type Pool<T> = Arc<Mutex<Vec<MoeContext<T>>>>;
 
-/// The balance loss's coefficient for a layer: fixed, or the layer's adaptive controller.
-#[derive(Debug, Clone)]
-pub(crate) enum LayerCoeff {
+/// Where a layer's last forward left its routing statistics.
+pub(crate) enum LastStats {
+    Host(RoutingStats),
+    #[cfg(feature = "candle-cuda")]
+    Device(super::cuda::DeviceStats),
+}
+
+pub(crate) type StatsSink = Arc<Mutex<Option<LastStats>>>;
+
+/// The balance loss's coefficient for one call: fixed, or the model's shared routing state.
+#[derive(Clone)]
+pub(crate) enum CallCoeff {
     Fixed(f64),
-    Adaptive(Arc<Mutex<LambdaController>>),
+    Shared(SharedRouting),
 }
 
-impl LayerCoeff {
-    fn with<R>(&self, f: impl FnOnce(Coefficient) -> R) -> R {
-        match self {
-            Self::Fixed(c) => f(Coefficient::Fixed(*c)),
-            Self::Adaptive(c) => f(Coefficient::Adaptive(&mut lock(c))),
-        }
-    }
+/// What the CPU forward saved for its backward.
+pub(crate) enum CpuSaved {
+    Relu { fwd: RemoeForward<f64>, coeff: f64 },
+    TopK { fwd: TopkForward<f64>, coeff: f64 },
 }
 
-/// What the ops of one layer call share: the context holding that forward's saved state, the
-/// balance loss's incoming gradient, and the expert gradients on their way to the bind op.
+/// What the ops of one layer call share: the saved state of the forward (a context on CUDA,
+/// the reference's forward on the CPU) and the expert gradients on their way to the bind op.
 pub(crate) struct CallState<T: CandleElement> {
-    ctx: Mutex<Option<MoeContext<T>>>,
-    pool: Pool<T>,
-    balance_grad: Mutex<Option<Tensor>>,
-    expert_grads: Mutex<Option<[Tensor; 3]>>,
+    pub(crate) ctx: Mutex<Option<MoeContext<T>>>,
+    pub(crate) cpu: Mutex<Option<CpuSaved>>,
+    pub(crate) pool: Pool<T>,
+    pub(crate) expert_grads: Mutex<Option<[Tensor; 3]>>,
 }
 
 impl<T: CandleElement> CallState<T> {
-    pub(crate) fn new(ctx: MoeContext<T>, pool: Pool<T>) -> Arc<Self> {
+    pub(crate) fn new(pool: Pool<T>) -> Arc<Self> {
         Arc::new(Self {
-            ctx: Mutex::new(Some(ctx)),
+            ctx: Mutex::new(None),
+            cpu: Mutex::new(None),
             pool,
-            balance_grad: Mutex::new(None),
             expert_grads: Mutex::new(None),
         })
-    }
-
-    fn with_ctx<R>(
-        &self,
-        f: impl FnOnce(&mut MoeContext<T>) -> candle_core::Result<R>,
-    ) -> candle_core::Result<R> {
-        match lock(&self.ctx).as_mut() {
-            Some(ctx) => f(ctx),
-            None => bail!("remoe: the layer call's context is gone"),
-        }
     }
 }
 
@@ -92,87 +95,34 @@ impl<T: CandleElement> Drop for CallState<T> {
     }
 }
 
-/// The layer call's fixed part.
+/// One layer call's fixed part.
 pub(crate) struct LayerCall<T: CandleElement> {
     pub(crate) state: Arc<CallState<T>>,
-    pub(crate) dev: Device,
     pub(crate) router: RouterKind,
-    pub(crate) coeff: LayerCoeff,
+    pub(crate) coeff: CallCoeff,
+    /// A training forward: its sparsity is recorded for the adaptive lambda.
+    pub(crate) record: bool,
+    /// Whether a backward may follow (some input tracks gradients).
+    pub(crate) save: bool,
+    /// The balance regulariser's gradient factor in the backward.
+    pub(crate) grad_scale: f64,
     /// (H, F, E, k); T comes from x.
     pub(crate) dims: (usize, usize, usize, usize),
-    /// Wg, Wu, Wd: read by the layer op, differentiated through the bind op.
+    /// Wg \[E,H,F\], Wu \[E,H,F\], Wd \[E,F,H\] in `T`: read by the layer op, differentiated through
+    /// the bind op.
     pub(crate) experts: [Tensor; 3],
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    pub(crate) capacity: PairCapacity,
+    pub(crate) sink: StatsSink,
+    #[cfg(feature = "candle-cuda")]
+    pub(crate) dev_cache: Arc<Mutex<Option<crate::device::Device>>>,
 }
 
 impl<T: CandleElement> LayerCall<T> {
-    fn config(&self, tokens: usize) -> LayerConfig {
+    pub(crate) fn config(&self, tokens: usize) -> LayerConfig {
         let (h, f, e, k) = self.dims;
         LayerConfig::new(tokens, h, f, e, k)
     }
-}
-
-/// A contiguous candle CUDA buffer of `T` as a crate view of `shape`, without a copy.
-fn view<'a, T: CandleElement>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    shape: &[usize],
-    what: &str,
-) -> candle_core::Result<TensorView<'a, T>> {
-    let slice = s.as_cuda_slice::<T>()?;
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("remoe: {what} must be contiguous")
-    };
-    TensorView::new(slice.slice(a..b), shape).map_err(candle_err)
-}
-
-fn cuda<'a>(s: &'a Storage, what: &str) -> candle_core::Result<&'a CudaStorage> {
-    match s {
-        Storage::Cuda(c) => Ok(c),
-        _ => bail!("remoe: {what} is not on a CUDA device"),
-    }
-}
-
-/// A crate buffer as a candle tensor, without a copy.
-fn to_candle<E: crate::tensor::Element + CudaDType>(
-    t: DeviceTensor<E>,
-    dev: &candle_core::CudaDevice,
-) -> Tensor {
-    let shape = t.shape().to_vec();
-    let storage = CudaStorage::wrap_cuda_slice(t.into_cuda_slice(), dev.clone());
-    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
-}
-
-/// The crate's layer forward for candle. The one call of it: adapt here when its signature
-/// changes.
-fn run_forward<T: CandleElement>(
-    call: &LayerCall<T>,
-    ctx: &mut MoeContext<T>,
-    x: TensorView<T>,
-    w: MoeWeightViews<T>,
-    out: &mut DeviceTensor<T>,
-) -> crate::Result<()> {
-    let cfg = call.config(x.shape()[0]);
-    call.coeff
-        .with(|c| moe_forward(ctx, &cfg, call.router, c, x, w, out))?;
-    Ok(())
-}
-
-/// The crate's layer backward for candle, weight gradients overwritten. The one call of it.
-fn run_backward<T: CandleElement>(
-    call: &LayerCall<T>,
-    ctx: &mut MoeContext<T>,
-    x: TensorView<T>,
-    w: MoeWeightViews<T>,
-    dout: TensorView<T>,
-    grads: MoeGrads<T>,
-    balance_grad_scale: f64,
-) -> crate::Result<()> {
-    let options = BackwardOptions {
-        accumulate: false,
-        balance_grad_scale,
-    };
-    call.coeff
-        .with(|c| moe_backward(ctx, c, x, w, dout, grads, options))
 }
 
 /// Ties Wg, Wu, Wd into the graph: its output is a one-element placeholder the layer op takes
@@ -193,27 +143,20 @@ impl<T: CandleElement> CustomOp3 for BindExperts<T> {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        bail!("remoe-kernels runs on CUDA devices only")
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
     }
 
+    #[cfg(feature = "candle-cuda")]
     fn cuda_fwd(
         &self,
-        s: &CudaStorage,
+        s: &candle_core::CudaStorage,
         _: &Layout,
-        _: &CudaStorage,
+        _: &candle_core::CudaStorage,
         _: &Layout,
-        _: &CudaStorage,
+        _: &candle_core::CudaStorage,
         _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let zero = s
-            .device
-            .cuda_stream()
-            .alloc_zeros::<f32>(1)
-            .map_err(|e| candle_err(e.into()))?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(zero, s.device.clone()),
-            Shape::from(()),
-        ))
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::placeholder(s)
     }
 
     fn bwd(
@@ -235,20 +178,6 @@ impl<T: CandleElement> CustomOp3 for BindExperts<T> {
 /// The layer: x \[T,H\], Wr \[H,E\] and the bind op's placeholder in, out \[T,H\] out.
 pub(crate) struct LayerOp<T: CandleElement>(pub(crate) LayerCall<T>);
 
-/// Wg, Wu, Wd of `call` as views, given their storages.
-fn expert_weights<'a, T: CandleElement>(
-    call: &LayerCall<T>,
-    guards: &'a [(StorageRef<'a>, &'a Layout); 3],
-) -> candle_core::Result<[TensorView<'a, T>; 3]> {
-    let (h, f, e, _) = call.dims;
-    let [(g, gl), (u, ul), (d, dl)] = guards;
-    Ok([
-        view(cuda(g, "gate weight")?, gl, &[e, h, f], "gate weight")?,
-        view(cuda(u, "up weight")?, ul, &[e, h, f], "up weight")?,
-        view(cuda(d, "down weight")?, dl, &[e, f, h], "down weight")?,
-    ])
-}
-
 impl<T: CandleElement> CustomOp3 for LayerOp<T> {
     fn name(&self) -> &'static str {
         "remoe-moe-layer"
@@ -256,45 +185,27 @@ impl<T: CandleElement> CustomOp3 for LayerOp<T> {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        bail!("remoe-kernels runs on CUDA devices only")
+        cpu_forward(&self.0, xs, xl, rs, rl)
     }
 
+    #[cfg(feature = "candle-cuda")]
     fn cuda_fwd(
         &self,
-        xs: &CudaStorage,
+        xs: &candle_core::CudaStorage,
         xl: &Layout,
-        rs: &CudaStorage,
+        rs: &candle_core::CudaStorage,
         rl: &Layout,
-        _: &CudaStorage,
+        _: &candle_core::CudaStorage,
         _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let call = &self.0;
-        let (h, _, e, _) = call.dims;
-        let (t, xh) = xl.shape().dims2()?;
-        if xh != h {
-            bail!("remoe: x is [{t}, {xh}], the layer's hidden size is {h}")
-        }
-        let guards = call.experts.each_ref().map(|w| w.storage_and_layout());
-        let [g, u, d] = expert_weights(call, &guards)?;
-        let w = MoeWeightViews {
-            router: view(rs, rl, &[h, e], "router weight")?,
-            gate: g,
-            up: u,
-            down: d,
-        };
-        let x = view(xs, xl, &[t, h], "x")?;
-        let mut out = DeviceTensor::<T>::zeros(&call.dev, &[t, h]).map_err(candle_err)?;
-        call.state
-            .with_ctx(|ctx| run_forward(call, ctx, x, w, &mut out).map_err(candle_err))?;
-        let storage = CudaStorage::wrap_cuda_slice(out.into_cuda_slice(), xs.device.clone());
-        Ok((storage, Shape::from((t, h))))
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_forward(&self.0, xs, xl, rs, rl)
     }
 
     fn bwd(
@@ -306,103 +217,223 @@ impl<T: CandleElement> CustomOp3 for LayerOp<T> {
         grad_out: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let call = &self.0;
-        let (h, f, e, _) = call.dims;
-        let (t, _) = x.dims2()?;
-        let candle_core::Device::Cuda(cdev) = x.device() else {
-            bail!("remoe: x is not on a CUDA device")
+        let (dx, dwr, experts) = match x.device() {
+            candle_core::Device::Cpu => cpu_backward(call, x, router, grad_out)?,
+            #[cfg(feature = "candle-cuda")]
+            candle_core::Device::Cuda(_) => super::cuda::layer_backward(call, x, router, grad_out)?,
+            #[allow(unreachable_patterns)]
+            other => bail!("remoe: no backward on {other:?}"),
         };
-        // d(total loss)/d(balance loss), as the balance-loss op's backward received it: one
-        // scalar read back to the host (BackwardOptions takes it by value).
-        let balance_grad_scale = match lock(&call.state.balance_grad).take() {
-            Some(g) => g.to_dtype(CDType::F64)?.to_scalar::<f64>()?,
-            None => 0.0,
-        };
-        let dout = grad_out.contiguous()?;
-        let (xg, rg, dg) = (
-            x.storage_and_layout(),
-            router.storage_and_layout(),
-            dout.storage_and_layout(),
-        );
-        let (xs, rs, ds) = (
-            cuda(&xg.0, "x")?,
-            cuda(&rg.0, "router")?,
-            cuda(&dg.0, "dout")?,
-        );
-        let guards = call.experts.each_ref().map(|w| w.storage_and_layout());
-        let [g, u, d] = expert_weights(call, &guards)?;
-        let w = MoeWeightViews {
-            router: view(rs, rg.1, &[h, e], "router weight")?,
-            gate: g,
-            up: u,
-            down: d,
-        };
-        let xv = view(xs, xg.1, &[t, h], "x")?;
-        let dv = view(ds, dg.1, &[t, h], "dout")?;
-
-        let dev = &call.dev;
-        let zeros = |shape: &[usize]| DeviceTensor::<f32>::zeros(dev, shape).map_err(candle_err);
-        let mut dx = DeviceTensor::<T>::zeros(dev, &[t, h]).map_err(candle_err)?;
-        let (mut dwr, mut dwg, mut dwu, mut dwd) = (
-            zeros(&[h, e])?,
-            zeros(&[e, h, f])?,
-            zeros(&[e, h, f])?,
-            zeros(&[e, f, h])?,
-        );
-        let grads = MoeGrads {
-            dx: &mut dx,
-            router: &mut dwr,
-            gate: &mut dwg,
-            up: &mut dwu,
-            down: &mut dwd,
-        };
-        call.state.with_ctx(|ctx| {
-            run_backward(call, ctx, xv, w, dv, grads, balance_grad_scale).map_err(candle_err)
-        })?;
-
-        // The weight gradients come in f32; candle wants each in its parameter's dtype.
-        let param = |g: DeviceTensor<f32>| to_candle(g, cdev).to_dtype(<T as WithDType>::DTYPE);
-        *lock(&call.state.expert_grads) = Some([param(dwg)?, param(dwu)?, param(dwd)?]);
-        let dx = x.track_op().then(|| to_candle(dx, cdev));
+        *lock(&call.state.expert_grads) = Some(experts);
         // The placeholder's gradient only has to exist, so that the bind op's backward runs.
         let placeholder = Tensor::zeros((), CDType::F32, x.device())?;
-        Ok((dx, Some(param(dwr)?), Some(placeholder)))
+        Ok((dx, Some(dwr), Some(placeholder)))
     }
 }
 
-/// The balance loss (ReMoE's L1 regulariser or TopK's aux loss, at the layer's coefficient) as a
-/// scalar f32 of the graph, read on the device from the layer call's routing statistics. Its
-/// input is the layer's output, so that candle runs its backward before the layer op's.
-pub(crate) struct BalanceLoss<T: CandleElement>(pub(crate) Arc<CallState<T>>);
-
-impl<T: CandleElement> CustomOp1 for BalanceLoss<T> {
-    fn name(&self) -> &'static str {
-        "remoe-balance-loss"
+/// A contiguous CPU buffer as f64.
+fn host_f64(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Vec<f64>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("remoe: {what} must be contiguous")
+    };
+    fn conv<X: WithDType>(v: &[X]) -> Vec<f64> {
+        v.iter().map(|x| x.to_f64()).collect()
     }
+    Ok(match s {
+        CpuStorage::BF16(v) => conv(&v[a..b]),
+        CpuStorage::F16(v) => conv(&v[a..b]),
+        CpuStorage::F32(v) => conv(&v[a..b]),
+        CpuStorage::F64(v) => v[a..b].to_vec(),
+        other => bail!("remoe: {what} is {:?}, not a float dtype", other.dtype()),
+    })
+}
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        bail!("remoe-kernels runs on CUDA devices only")
-    }
+fn tensor_f64(t: &Tensor) -> candle_core::Result<Vec<f64>> {
+    t.flatten_all()?.to_dtype(CDType::F64)?.to_vec1::<f64>()
+}
 
-    fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let stream = s.device.cuda_stream();
-        let value = self.0.with_ctx(|ctx| {
-            let stats = ctx.routing.stats_f32.view().map_err(candle_err)?;
-            stream
-                .clone_dtod(&stats.slice(1..2))
-                .map_err(|e| candle_err(e.into()))
-        })?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(value, s.device.clone()),
-            Shape::from(()),
-        ))
-    }
+/// Values rounded to `T` in a CPU tensor of `shape`.
+fn cpu_tensor<T: CandleElement>(v: Vec<f64>, shape: &[usize]) -> candle_core::Result<Tensor> {
+    let v: Vec<T> = v.into_iter().map(T::from_f64).collect();
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
+}
 
-    fn bwd(&self, out: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        *lock(&self.0.balance_grad) = Some(grad.clone());
-        // The loss does not depend on `out`'s values; but candle requires every node on a path
-        // to a variable to receive a gradient, and `out` may have no other consumer. A broadcast
-        // zero holds one element.
-        let zero = Tensor::zeros((), out.dtype(), out.device())?;
-        Ok(Some(zero.broadcast_as(out.shape())?))
+/// The coefficient a CPU forward uses, recording its sparsity when it is a training forward.
+fn host_coefficient(coeff: &CallCoeff, record: Option<f64>) -> candle_core::Result<f64> {
+    let routing = match coeff {
+        CallCoeff::Fixed(c) => {
+            crate::controller::check_fixed_coefficient(*c).map_err(candle_err)?;
+            return Ok(*c);
+        }
+        CallCoeff::Shared(r) => r,
+    };
+    let Some(ctl) = &routing.0.lambda else {
+        return Ok(routing.0.fixed);
+    };
+    match &mut *lock(ctl) {
+        Controller::Host(h) => {
+            if let Some(s) = record {
+                h.record(s);
+            }
+            Ok(h.lambda())
+        }
+        #[cfg(feature = "candle-cuda")]
+        Controller::Device(_) => {
+            bail!("remoe: the layer's input is on the CPU, its shared lambda on a CUDA device")
+        }
     }
+}
+
+/// The reference's layer forward on the CPU: f64 inside, the output rounded to `T`.
+fn cpu_forward<T: CandleElement>(
+    call: &LayerCall<T>,
+    xs: &CpuStorage,
+    xl: &Layout,
+    rs: &CpuStorage,
+    rl: &Layout,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (h, _, e, _) = call.dims;
+    let (t, xh) = xl.shape().dims2()?;
+    if xh != h {
+        bail!("remoe: x is [{t}, {xh}], the layer's hidden size is {h}")
+    }
+    let cfg = call.config(t);
+    cfg.validate().map_err(candle_err)?;
+    let x = host_f64(xs, xl, "x")?;
+    let params = cpu_params(call, host_f64(rs, rl, "router weight")?)?;
+    // The coefficient the forward's balance loss uses; the sparsity is recorded only once the
+    // forward succeeded (below), so read it first without recording.
+    let coeff = host_coefficient(&call.coeff, None)?;
+    let (out, routing, saved) = match call.router {
+        RouterKind::Relu => {
+            let fwd = reference::remoe_forward(&x, &params, &cfg, coeff);
+            fwd.routing.check_finite().map_err(candle_err)?;
+            let stats = cpu_stats(
+                &cfg,
+                fwd.routing.active_pairs,
+                fwd.reg_loss,
+                &fwd.routing.counts,
+                |ti, ei| fwd.routing.gates[ti * e + ei] > 0.0,
+            );
+            (fwd.out.clone(), stats, CpuSaved::Relu { fwd, coeff })
+        }
+        RouterKind::TopK | RouterKind::TopKNormalized => {
+            let fwd = if call.router == RouterKind::TopK {
+                reference::topk_forward(&x, &params, &cfg, coeff)
+            } else {
+                reference::topk_normalized_forward(&x, &params, &cfg, coeff)
+            };
+            fwd.routing.check_finite().map_err(candle_err)?;
+            let pairs = fwd.dispatch.tokens.len();
+            let stats = cpu_stats(&cfg, pairs, fwd.aux_loss, &fwd.routing.counts, |ti, ei| {
+                fwd.routing.selected[ti * e + ei]
+            });
+            (fwd.out.clone(), stats, CpuSaved::TopK { fwd, coeff })
+        }
+    };
+    if call.record {
+        host_coefficient(&call.coeff, Some(routing.sparsity))?;
+    }
+    *lock(&call.sink) = Some(LastStats::Host(routing));
+    if call.save {
+        *lock(&call.state.cpu) = Some(saved);
+    }
+    let out: Vec<T> = out.into_iter().map(T::from_f64).collect();
+    Ok((T::to_cpu_storage_owned(out), Shape::from((t, h))))
+}
+
+/// The routing statistics of a CPU forward; `active(t, e)` tells the pairs computed.
+fn cpu_stats(
+    cfg: &LayerConfig,
+    active_pairs: usize,
+    balance_loss: f64,
+    counts: &[u32],
+    active: impl Fn(usize, usize) -> bool,
+) -> RoutingStats {
+    let (t, e) = (cfg.tokens, cfg.experts);
+    let mut histogram = vec![0u64; e + 1];
+    for ti in 0..t {
+        let n = (0..e).filter(|&ei| active(ti, ei)).count();
+        histogram[n] += 1;
+    }
+    RoutingStats {
+        tokens: t,
+        active_pairs,
+        sparsity: if t == 0 {
+            1.0
+        } else {
+            1.0 - active_pairs as f64 / (t * e) as f64
+        },
+        balance_loss,
+        tokens_per_expert: counts.to_vec(),
+        mean_active_experts: if t == 0 {
+            0.0
+        } else {
+            active_pairs as f64 / t as f64
+        },
+        active_experts_histogram: Some(histogram),
+    }
+}
+
+/// The layer's parameters in f64 for the reference.
+fn cpu_params<T: CandleElement>(
+    call: &LayerCall<T>,
+    router: Vec<f64>,
+) -> candle_core::Result<LayerParams<f64>> {
+    let [g, u, d] = &call.experts;
+    Ok(LayerParams {
+        router,
+        gate: tensor_f64(g)?,
+        up: tensor_f64(u)?,
+        down: tensor_f64(d)?,
+    })
+}
+
+/// The reference's layer backward on the CPU: dX (when x tracks gradients), dWr and the expert
+/// gradients, in `T`.
+#[allow(clippy::type_complexity)]
+fn cpu_backward<T: CandleElement>(
+    call: &LayerCall<T>,
+    x: &Tensor,
+    router: &Tensor,
+    grad_out: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Tensor, [Tensor; 3])> {
+    let (h, f, e, _) = call.dims;
+    let (t, _) = x.dims2()?;
+    let cfg = call.config(t);
+    let xv = tensor_f64(x)?;
+    let params = cpu_params(call, tensor_f64(router)?)?;
+    let dout = tensor_f64(grad_out)?;
+    let saved = lock(&call.state.cpu);
+    let grads: LayerGrads<f64> = match saved.as_ref() {
+        Some(CpuSaved::Relu { fwd, coeff }) => reference::remoe_backward_scaled(
+            &xv,
+            &params,
+            &cfg,
+            *coeff,
+            fwd,
+            &dout,
+            call.grad_scale,
+        ),
+        Some(CpuSaved::TopK { fwd, coeff }) => {
+            reference::topk_backward_scaled(&xv, &params, &cfg, *coeff, fwd, &dout, call.grad_scale)
+        }
+        None => bail!("remoe: a backward without a training forward (nothing was saved)"),
+    };
+    drop(saved);
+    let dx = if x.track_op() {
+        Some(cpu_tensor::<T>(grads.dx, &[t, h])?)
+    } else {
+        None
+    };
+    let p = grads.params;
+    Ok((
+        dx,
+        cpu_tensor::<T>(p.router, &[h, e])?,
+        [
+            cpu_tensor::<T>(p.gate, &[e, h, f])?,
+            cpu_tensor::<T>(p.up, &[e, h, f])?,
+            cpu_tensor::<T>(p.down, &[e, f, h])?,
+        ],
+    ))
 }

@@ -109,7 +109,7 @@ pub struct EpSetup {
     pub config: LayerConfig,
     /// The activations' dtype, bf16 or f16.
     pub dtype: DType,
-    /// ReMoE's ReLU router or the TopK baseline.
+    /// ReMoE's ReLU router or one of the TopK baselines.
     pub router: RouterKind,
 }
 
@@ -137,6 +137,7 @@ impl EpSetup {
         let router = match self.router {
             RouterKind::Relu => 1,
             RouterKind::TopK => 2,
+            RouterKind::TopKNormalized => 3,
         };
         let mut w = [0u32; Self::WORDS];
         w[0] = SETUP_MAGIC;
@@ -634,6 +635,17 @@ mod tests {
         let mut topk = setup(2, 8);
         topk.router = RouterKind::TopK;
         assert_ne!(topk.digest().unwrap(), setup(2, 8).digest().unwrap());
+        // The two TopK kinds route alike but gate differently: ranks must not mix them.
+        let mut normalized = setup(2, 8);
+        normalized.router = RouterKind::TopKNormalized;
+        assert_ne!(normalized.digest().unwrap(), topk.digest().unwrap());
+        assert_eq!(
+            EpSetup::check_agreement(&[topk.to_words().unwrap(), normalized.to_words().unwrap()]),
+            Err(Error::EpMismatch {
+                rank: 1,
+                what: "router = 3 where rank 0 has 2".into()
+            })
+        );
         let mut f16 = setup(2, 8);
         f16.dtype = DType::F16;
         assert!(matches!(

@@ -1,4 +1,4 @@
-//! The adaptive L1 coefficient of ReMoE (SPEC: "Adaptive coefficient").
+//! The adaptive L1 coefficient of ReMoE (docs/SPEC.md, section 3.3).
 
 use crate::controller::{check_k, check_params, LAMBDA_MAX, LAMBDA_MIN};
 

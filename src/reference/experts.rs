@@ -1,4 +1,5 @@
-//! One SwiGLU expert applied to one token, forward and backward (SPEC: "for (t,e) in A").
+//! One SwiGLU expert applied to one token, forward and backward (docs/SPEC.md, the per-pair
+//! steps of sections 3.1 and 3.4).
 
 use super::{silu, silu_grad, Real};
 

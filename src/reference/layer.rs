@@ -3,11 +3,14 @@
 //! the gates are made and in the router's backward.
 
 use super::experts::{swiglu_expert_backward, swiglu_expert_forward};
-use super::routing::{balance_scale, l1_balance_loss, relu_router, softmax_topk_router};
+use super::routing::{
+    balance_scale, l1_balance_loss, relu_router, softmax_topk_normalized_router,
+    softmax_topk_router,
+};
 use super::{Dispatch, Real, Routing, TopkRouting};
 use crate::config::LayerConfig;
 
-/// The Switch aux-loss coefficient c of the TopK baseline (SPEC).
+/// The Switch aux-loss coefficient c of the TopK baseline (docs/SPEC.md, section 4).
 pub const TOPK_AUX_COEFF: f64 = 1e-2;
 
 /// The layer's parameters, in the crate's layout: `router` \[H,E\], `gate` and `up` \[E,H,F\],
@@ -88,8 +91,9 @@ pub struct TopkForward<T> {
     pub aux_loss: f64,
 }
 
-/// The ReMoE layer forward of `x` \[T,H\] (SPEC): the ReLU router, the SwiGLU experts over the
-/// active pairs, the gate-weighted combine, and the L1 regulariser at coefficient `lambda`.
+/// The ReMoE layer forward of `x` \[T,H\] (docs/SPEC.md, 3.1): the ReLU router, the SwiGLU
+/// experts over the active pairs, the gate-weighted combine, and the L1 regulariser at
+/// coefficient `lambda`.
 pub fn remoe_forward<T: Real>(
     x: &[T],
     params: &LayerParams<T>,
@@ -109,7 +113,7 @@ pub fn remoe_forward<T: Real>(
     }
 }
 
-/// The TopK baseline's forward of `x` \[T,H\] (SPEC): softmax, top-k selection without
+/// The TopK baseline's forward of `x` \[T,H\] (docs/SPEC.md, 4): softmax, top-k selection without
 /// renormalisation, the SwiGLU experts, the combine, and the Switch aux loss at `aux_coeff`.
 pub fn topk_forward<T: Real>(
     x: &[T],
@@ -118,7 +122,38 @@ pub fn topk_forward<T: Real>(
     aux_coeff: f64,
 ) -> TopkForward<T> {
     check_inputs(x, params, cfg);
-    let routing = softmax_topk_router(x, &params.router, cfg);
+    topk_layer(
+        x,
+        params,
+        cfg,
+        aux_coeff,
+        softmax_topk_router(x, &params.router, cfg),
+    )
+}
+
+/// [`topk_forward`] with the gates renormalised over each token's selection
+/// ([`softmax_topk_normalized_router`]; Mixtral's layer, `RouterKind::TopKNormalized` on the
+/// GPU). The aux loss is the same Switch loss on the full softmax P. [`topk_backward`] takes
+/// its result as it is.
+pub fn topk_normalized_forward<T: Real>(
+    x: &[T],
+    params: &LayerParams<T>,
+    cfg: &LayerConfig,
+    aux_coeff: f64,
+) -> TopkForward<T> {
+    check_inputs(x, params, cfg);
+    let routing = softmax_topk_normalized_router(x, &params.router, cfg);
+    topk_layer(x, params, cfg, aux_coeff, routing)
+}
+
+/// The experts, the combine and the aux loss of either TopK router's `routing`.
+fn topk_layer<T: Real>(
+    x: &[T],
+    params: &LayerParams<T>,
+    cfg: &LayerConfig,
+    aux_coeff: f64,
+    routing: TopkRouting<T>,
+) -> TopkForward<T> {
     let dispatch = routing.dispatch(cfg.experts);
     let out = experts_and_combine(x, params, cfg, &dispatch);
     let aux_loss = l1_balance_loss(&routing.counts, &routing.prob_sums, cfg, aux_coeff);
@@ -130,8 +165,8 @@ pub fn topk_forward<T: Real>(
     }
 }
 
-/// Gradients of `sum(out * dout) + reg_loss` for the ReMoE layer (SPEC: "ReMoE layer,
-/// backward"). n_e is a constant of the regulariser: no gradient flows into it.
+/// Gradients of `sum(out * dout) + reg_loss` for the ReMoE layer (docs/SPEC.md, section
+/// 3.4). n_e is a constant of the regulariser: no gradient flows into it.
 pub fn remoe_backward<T: Real>(
     x: &[T],
     params: &LayerParams<T>,
@@ -190,7 +225,8 @@ pub(super) fn remoe_d_logits<T: Real>(
     d_logits
 }
 
-/// Gradients of `sum(out * dout) + aux_loss` for the TopK layer (SPEC: "TopK baseline").
+/// Gradients of `sum(out * dout) + aux_loss` for the TopK layer (docs/SPEC.md, 4), from
+/// [`topk_forward`] or [`topk_normalized_forward`] (the routing says which).
 pub fn topk_backward<T: Real>(
     x: &[T],
     params: &LayerParams<T>,
@@ -218,8 +254,15 @@ pub fn topk_backward_scaled<T: Real>(
     })
 }
 
-/// dL of the TopK router from each pair's dOut_t . y (`d_gate_pairs`, dispatch order): dP = dR
-/// on the selected pairs + `coeff` E n_e / (k T^2) on every pair, then the softmax's backward.
+/// dL of the TopK router from each pair's dOut_t . y (`d_gate_pairs`, dispatch order).
+///
+/// Unnormalised gates (R = P on the selection): dP = dR on the selected pairs + `coeff` E n_e /
+/// (k T^2) on every pair, then the softmax's backward, dL_t = P_t (dP_t - dP_t . P_t).
+///
+/// Renormalised gates (R = softmax over the selected logits): the aux loss's term dA = `coeff`
+/// E n_e / (k T^2) goes through the full softmax P and dR through the selection's softmax R,
+/// each with its own Jacobian, `dL_t = P_t (dA_t - dA_t . P_t) + R_t (dR_t - dR_t . R_t)` (R and
+/// dR being 0 off the selection).
 pub(super) fn topk_d_logits<T: Real>(
     cfg: &LayerConfig,
     coeff: f64,
@@ -232,36 +275,51 @@ pub(super) fn topk_d_logits<T: Real>(
     } else {
         balance_scale(cfg, coeff)
     };
-    let mut d_probs = vec![0.0f64; t * e];
+    let normalized = fwd.routing.normalized;
+    // d_aux: what flows into P. d_gates: what flows into R (into P too when R = P).
+    let mut d_aux = vec![0.0f64; t * e];
     for ti in 0..t {
         for ei in 0..e {
-            d_probs[ti * e + ei] = aux * fwd.routing.counts[ei] as f64;
+            d_aux[ti * e + ei] = aux * fwd.routing.counts[ei] as f64;
         }
     }
+    let mut d_gates = vec![0.0f64; t * e];
     for ei in 0..e {
         for p in fwd.dispatch.range(ei) {
             let ti = fwd.dispatch.tokens[p] as usize;
-            d_probs[ti * e + ei] += d_gate_pairs[p];
+            d_gates[ti * e + ei] = d_gate_pairs[p];
         }
     }
-    // Softmax backward: dL_t = P_t * (dP_t - (dP_t . P_t)).
+    if !normalized {
+        for (a, g) in d_aux.iter_mut().zip(&d_gates) {
+            *a += g;
+        }
+    }
     let mut d_logits = vec![0.0f64; t * e];
     for ti in 0..t {
         let row = ti * e..(ti + 1) * e;
-        let p: Vec<f64> = fwd.routing.probs[row.clone()]
-            .iter()
-            .map(|v| v.to_f64())
-            .collect();
-        let dot: f64 = d_probs[row.clone()]
-            .iter()
-            .zip(&p)
-            .map(|(a, b)| a * b)
-            .sum();
-        for ei in 0..e {
-            d_logits[ti * e + ei] = p[ei] * (d_probs[ti * e + ei] - dot);
+        softmax_backward(
+            &fwd.routing.probs[row.clone()],
+            &d_aux[row.clone()],
+            |ei, d| d_logits[ti * e + ei] += d,
+        );
+        if normalized {
+            // Off the selection R is 0, so those logits get nothing from this term.
+            softmax_backward(&fwd.routing.gates[row.clone()], &d_gates[row], |ei, d| {
+                d_logits[ti * e + ei] += d
+            });
         }
     }
     d_logits
+}
+
+/// The backward of a softmax s over one row: `add(i, s_i (ds_i - ds . s))` for each i.
+fn softmax_backward<T: Real>(s: &[T], ds: &[f64], mut add: impl FnMut(usize, f64)) {
+    let s: Vec<f64> = s.iter().map(|v| v.to_f64()).collect();
+    let dot: f64 = ds.iter().zip(&s).map(|(a, b)| a * b).sum();
+    for (i, (&si, &dsi)) in s.iter().zip(ds).enumerate() {
+        add(i, si * (dsi - dot));
+    }
 }
 
 fn check_inputs<T: Real>(x: &[T], params: &LayerParams<T>, cfg: &LayerConfig) {

@@ -1,5 +1,5 @@
-//! The CPU reference: a plain, loop-by-loop implementation of every formula of SPEC.md, which
-//! the GPU kernels are tested against and whose gradients the tests check by finite
+//! The CPU reference: a plain, loop-by-loop implementation of every formula of docs/SPEC.md,
+//! which the GPU kernels are tested against and whose gradients the tests check by finite
 //! differences.
 //!
 //! Storage is generic over [`Real`] (f32 to compare with the GPU, f64 for finite differences);
@@ -20,11 +20,12 @@ pub use controller::SparsityController;
 pub use experts::{swiglu_expert_backward, swiglu_expert_forward, ExpertActivations};
 pub use layer::{
     remoe_backward, remoe_backward_scaled, remoe_forward, topk_backward, topk_backward_scaled,
-    topk_forward, LayerGrads, LayerParams, RemoeForward, TopkForward, TOPK_AUX_COEFF,
+    topk_forward, topk_normalized_forward, LayerGrads, LayerParams, RemoeForward, TopkForward,
+    TOPK_AUX_COEFF,
 };
 pub use routing::{
-    check_logits_finite, l1_balance_loss, relu_gate, relu_router, softmax_topk_router, Dispatch,
-    Routing, TopkRouting,
+    check_logits_finite, l1_balance_loss, relu_gate, relu_router, softmax_topk_normalized_router,
+    softmax_topk_router, topk_routing_of_logits, Dispatch, Routing, TopkRouting,
 };
 
 /// Storage type of the reference: f32 or f64. Arithmetic goes through f64.

@@ -1,7 +1,8 @@
-//! Routing: the ReLU router, the softmax top-k router, the regulariser and the dispatch lists.
+//! Routing: the ReLU router, the softmax top-k router (with or without renormalised gates), the
+//! regulariser and the dispatch lists.
 //!
 //! Non-finite logits follow the crate's policy (see [`crate::moe`]), exactly as the kernels do: a
-//! NaN or +-Inf logit gets the ReLU gate 0; in the TopK router it has P = 0, the softmax is over
+//! NaN or +-Inf logit gets the ReLU gate 0; in the TopK routers it has P = 0, the softmax is over
 //! the token's finite logits, and it is never selected (so at most k experts per token). The
 //! routers report such logits through [`Routing::check_finite`] /
 //! [`TopkRouting::check_finite`], with the GPU's error.
@@ -27,7 +28,7 @@ pub fn check_logits_finite<T: Real>(logits: &[T], e: usize) -> Result<()> {
     }
 }
 
-/// What the ReLU router produces (SPEC: L = X Wr, R = ReLU(L), A = {R > 0}).
+/// What the ReLU router produces (docs/SPEC.md, 3.1: L = X Wr, R = ReLU(L), A = {R > 0}).
 #[derive(Debug, Clone)]
 pub struct Routing<T> {
     /// L \[T,E\].
@@ -110,15 +111,22 @@ pub fn relu_gate(l: f64) -> f64 {
     }
 }
 
-/// The TopK router of the baseline (SPEC: pre-softmax top-k, no renormalisation).
+/// What a TopK router produces: the baseline's (docs/SPEC.md, 4: pre-softmax top-k, no
+/// renormalisation, [`softmax_topk_router`]) or the renormalised one
+/// ([`softmax_topk_normalized_router`], docs/SPEC.md, 4.1).
 #[derive(Debug, Clone)]
 pub struct TopkRouting<T> {
     /// L \[T,E\] = X Wr.
     pub logits: Vec<T>,
     /// P \[T,E\] = softmax(L) per token.
     pub probs: Vec<T>,
-    /// R \[T,E\] = P where selected, else 0.
+    /// R \[T,E\] where selected: P, or P / (sum of the token's selected P) when `normalized`;
+    /// else 0.
     pub gates: Vec<T>,
+    /// Whether the gates are renormalised over the selection
+    /// ([`RouterKind::TopKNormalized`](crate::RouterKind::TopKNormalized)); the backward
+    /// follows it.
+    pub normalized: bool,
     /// The selection, \[T,E\]: k per token (fewer only for a token with fewer than k finite
     /// logits).
     pub selected: Vec<bool>,
@@ -141,12 +149,48 @@ impl<T: Real> TopkRouting<T> {
 }
 
 /// P = softmax(X Wr) per token, and the k largest P selected; ties go to the lower expert index.
-/// A NaN or infinite logit takes no part: P = 0 (the softmax is over the finite logits; all P
-/// are 0 when none is finite) and it is never selected, so a token with fewer than k finite
-/// logits selects fewer than k.
+/// The gates are the selected P as they are. A NaN or infinite logit takes no part: P = 0 (the
+/// softmax is over the finite logits; all P are 0 when none is finite) and it is never selected,
+/// so a token with fewer than k finite logits selects fewer than k.
 pub fn softmax_topk_router<T: Real>(x: &[T], wr: &[T], cfg: &LayerConfig) -> TopkRouting<T> {
-    let (t, h, e, k) = (cfg.tokens, cfg.hidden, cfg.experts, cfg.k);
-    let logits = matmul(x, wr, t, h, e);
+    topk_router(x, wr, cfg, false)
+}
+
+/// [`softmax_topk_router`]'s selection with the gates renormalised over it (Mixtral's router,
+/// `norm_topk_prob: true`): for token t with selection S_t,
+///
+/// ```text
+/// R[t,e] = P[t,e] / sum_{j in S_t} P[t,j] = exp(L[t,e]) / sum_{j in S_t} exp(L[t,j])   (e in S_t)
+/// ```
+///
+/// the softmax over the selected logits; 0 off S_t. The probabilities P and their sums (what
+/// the aux loss reads) are the full softmax's, as in [`softmax_topk_router`]. A token with fewer
+/// than k finite logits renormalises over those it selects; one with none has no gate.
+pub fn softmax_topk_normalized_router<T: Real>(
+    x: &[T],
+    wr: &[T],
+    cfg: &LayerConfig,
+) -> TopkRouting<T> {
+    topk_router(x, wr, cfg, true)
+}
+
+fn topk_router<T: Real>(x: &[T], wr: &[T], cfg: &LayerConfig, normalized: bool) -> TopkRouting<T> {
+    let logits = matmul(x, wr, cfg.tokens, cfg.hidden, cfg.experts);
+    topk_routing_of_logits(logits, cfg, normalized)
+}
+
+/// The TopK routers' tail on given `logits` \[T,E\] (T, E and k from `cfg`): what
+/// [`softmax_topk_router`] (`normalized` false) or [`softmax_topk_normalized_router`] (true) do
+/// after the router GEMM, and what [`crate::router::topk_softmax`] does on the GPU. Logits given
+/// directly can hold NaN or infinities in chosen places, which a product X Wr spreads over a
+/// whole row or column.
+pub fn topk_routing_of_logits<T: Real>(
+    logits: Vec<T>,
+    cfg: &LayerConfig,
+    normalized: bool,
+) -> TopkRouting<T> {
+    let (t, e, k) = (cfg.tokens, cfg.experts, cfg.k);
+    assert_eq!(logits.len(), t * e, "logits are not [T,E]");
     let mut probs = vec![T::default(); t * e];
     let mut gates = vec![T::default(); t * e];
     let mut selected = vec![false; t * e];
@@ -192,9 +236,21 @@ pub fn softmax_topk_router<T: Real>(x: &[T], wr: &[T], cfg: &LayerConfig) -> Top
                 .expect("finite logits compare")
                 .then(a.cmp(&b))
         });
-        for &ei in &order[..k.min(order.len())] {
+        let chosen = &order[..k.min(order.len())];
+        // exp(l - max) over the selection, max being the largest finite logit (always selected):
+        // the sum is at least 1, and the quotient is the softmax over the selected logits
+        // without going through P's rounding.
+        let selected_exp: f64 = chosen
+            .iter()
+            .map(|&ei| (row[ei].to_f64() - max).exp())
+            .sum();
+        for &ei in chosen {
             selected[ti * e + ei] = true;
-            gates[ti * e + ei] = probs[ti * e + ei];
+            gates[ti * e + ei] = if normalized {
+                T::from_f64((row[ei].to_f64() - max).exp() / selected_exp)
+            } else {
+                probs[ti * e + ei]
+            };
             counts[ei] += 1;
         }
     }
@@ -202,6 +258,7 @@ pub fn softmax_topk_router<T: Real>(x: &[T], wr: &[T], cfg: &LayerConfig) -> Top
         logits,
         probs,
         gates,
+        normalized,
         selected,
         counts,
         prob_sums,

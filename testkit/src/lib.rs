@@ -4,7 +4,7 @@
 //! - [`rng`]: seeded random inputs, and `REMOE_SEED` to replay a failing run;
 //! - [`synthetic`]: layer problems whose router reaches a chosen density, on the host and on
 //!   the device;
-//! - [`shapes`]: SPEC's named benchmark configurations (one table for the benchmarks and
+//! - [`shapes`]: docs/SPEC.md's named benchmark configurations (one table for the benchmarks and
 //!   examples), and shapes given by hand as `NAME:T:H:F:E:k`;
 //! - [`timing`]: GPU work timed with CUDA events.
 #![warn(missing_docs)]

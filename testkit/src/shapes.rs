@@ -1,8 +1,8 @@
-//! Layer shapes for the benchmarks and examples: SPEC.md's named benchmark configurations (the
+//! Layer shapes for the benchmarks and examples: docs/SPEC.md's named benchmark configurations (the
 //! one table that the report, the criterion benches and the examples read), and shapes given by
 //! hand as `NAME:T:H:F:E:k`.
 //!
-//! - [`NAMED`]: SPEC's configurations, in SPEC's order;
+//! - [`NAMED`]: docs/SPEC.md's configurations, in docs/SPEC.md's order;
 //! - [`named`]: one of them by name;
 //! - [`Shape`]: a name and a [`LayerConfig`]; parsed from `NAME:T:H:F:E:k` with [`str::parse`];
 //! - [`parse_list`]: a comma-separated list of named configurations and `NAME:T:H:F:E:k` shapes;
@@ -17,14 +17,14 @@ use remoe_kernels::LayerConfig;
 /// The form of a shape given by hand, as error messages and help texts name it.
 pub const SHAPE_FORM: &str = "NAME:T:H:F:E:k";
 
-/// One of SPEC.md's benchmark configurations.
+/// One of docs/SPEC.md's benchmark configurations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NamedShape {
-    /// SPEC's id of the configuration (A, B, ..., SM30, ...).
+    /// docs/SPEC.md's id of the configuration (A, B, ..., SM30, ...).
     pub name: &'static str,
     /// Its sizes.
     pub cfg: LayerConfig,
-    /// SPEC's note on it.
+    /// docs/SPEC.md's note on it.
     pub note: &'static str,
 }
 
@@ -52,7 +52,7 @@ const fn spec(name: &'static str, cfg: LayerConfig, note: &'static str) -> Named
     NamedShape { name, cfg, note }
 }
 
-/// SPEC.md's benchmark configurations ("Benchmark configurations"), in its order: T, H, F, E, k.
+/// docs/SPEC.md's benchmark configurations ("Benchmark configurations"), in its order: T, H, F, E, k.
 pub const NAMED: [NamedShape; 11] = [
     spec(
         "A",

@@ -3,6 +3,7 @@
 
 use remoe_kernels::reference::{
     remoe_forward as ref_remoe_forward, swiglu_expert_forward, topk_forward as ref_topk_forward,
+    topk_normalized_forward as ref_topk_normalized_forward,
 };
 use remoe_kernels::{Device, DeviceTensor, Error, HalfElement, LayerConfig, MoeGrads, RouterKind};
 
@@ -384,6 +385,9 @@ pub fn router_term_scales(
     let dispatch = match kind {
         RouterKind::Relu => ref_remoe_forward(&p.x, &p.params, &cfg, coeff).dispatch,
         RouterKind::TopK => ref_topk_forward(&p.x, &p.params, &cfg, coeff).dispatch,
+        RouterKind::TopKNormalized => {
+            ref_topk_normalized_forward(&p.x, &p.params, &cfg, coeff).dispatch
+        }
     };
     let mut m = vec![0.0; t * e];
     for ei in 0..e {
