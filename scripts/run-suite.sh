@@ -2,7 +2,7 @@
 # Runs on the lent GPU machine, from the bundle scripts/gpu-bundle made (see there).
 #   bash .gpu-bundle/run-suite.sh [--no-tests | --sanitizers-only] [--no-sanitizer] [--sanitizers LIST]
 #                                 [--sanitizer-timeout SECONDS] [--sanitizer-jobs N] [--filter TEST]
-#                                 [--bins NAME,NAME]
+#                                 [--bins NAME,NAME] [--sanitizer-deadline SECONDS]
 #                                 [--bench] [--criterion FILTER] [--no-quick]
 # Every test binary runs with REMOE_REQUIRE_GPU=1. Then every GPU test binary (tests/gpu_*, and
 # the lib's unit tests) runs again under each compute-sanitizer tool: memcheck, racecheck (hazard
@@ -34,9 +34,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 sanitize=1
-sanitizers="memcheck,racecheck,initcheck,synccheck"
+sanitizers="memcheck,initcheck,synccheck,racecheck"
 sanitizer_timeout=600
 san_jobs=8
+san_deadline=0
 only_bins=""
 filter=()
 bench=0
@@ -49,6 +50,7 @@ while [[ $# -gt 0 ]]; do
     --sanitizers) sanitizers="$2"; shift ;;
     --sanitizer-timeout) sanitizer_timeout="$2"; shift ;;
     --sanitizer-jobs) san_jobs="$2"; shift ;;
+    --sanitizer-deadline) san_deadline="$2"; shift ;;
     --bins) only_bins="$2"; shift ;;
     --filter) filter=("$2"); shift ;;
     --no-tests) tests=0; sanitize=0 ;;
@@ -214,12 +216,18 @@ if [[ $sanitize -eq 1 ]]; then
     done
     echo "=== sanitizers: $n runs, $san_jobs at a time (logs: $out/sanitizer-<tool>.log)"
     san_start=$SECONDS
+    # --sanitizer-deadline S: stop starting runs after S seconds (those left are "not run" in the
+    # summary, which then fails), so that a time-limited machine still reports what finished.
+    deadline=()
+    [[ "$san_deadline" -gt 0 ]] && deadline=(timeout "$san_deadline")
     tr '\n' '\0' <"$jobs_file" |
-      xargs -0 -P "$san_jobs" -I{} bash -c 'IFS=$'"'"'\t'"'"' read -r t b x l <<<"$1"; run_san_job "$t" "$b" "$x" "$l"' _ {}
+      "${deadline[@]}" xargs -0 -P "$san_jobs" -I{} bash -c 'IFS=$'"'"'\t'"'"' read -r t b x l <<<"$1"; run_san_job "$t" "$b" "$x" "$l"' _ {}
     # Failures (or runs with no summary) once more, alone.
     declare -A rerun=()
     while IFS=$'\t' read -r tool bin test log; do
-      rc="$(cat "$log.rc" 2>/dev/null || echo 1)"
+      [[ -e "$log.rc" ]] || continue # not run (the deadline)
+      [[ "$san_deadline" -gt 0 && $((SECONDS - san_start)) -ge "$san_deadline" ]] && break
+      rc="$(cat "$log.rc")"
       if [[ "$rc" -ne 0 ]] || ! grep -qE '(ERROR|RACECHECK) SUMMARY|terminated before first instrumented' "$log"; then
         if ! grep -q 'terminated before first instrumented API call' "$log" || [[ "$rc" -ne 0 ]]; then
           mv "$log" "$log.first"
@@ -234,9 +242,13 @@ if [[ $sanitize -eq 1 ]]; then
       for bin in "${san_bins[@]}"; do
         [[ -e "$bin" ]] || continue
         name="$(basename "$bin")"
-        bin_rc=0 errors=0 checked=0 bad=() reruns=0
+        bin_rc=0 errors=0 checked=0 bad=() reruns=0 not_run=0
         while IFS=$'\t' read -r t b test log; do
           [[ "$t" == "$tool" && "$b" == "$bin" ]] || continue
+          if [[ ! -e "$log.rc" || ! -e "$log" ]]; then
+            not_run=$((not_run + 1))
+            continue
+          fi
           cat "$log" >>"$tool_log"
           [[ -e "$log.first" ]] && { echo "(an earlier run beside others:)"; cat "$log.first"; } >>"$tool_log"
           rc="$(cat "$log.rc")"
@@ -258,6 +270,10 @@ if [[ $sanitize -eq 1 ]]; then
         what=$([[ $tool == racecheck ]] && echo hazards || echo errors)
         line="$checked tests with GPU work, $errors $what"
         [[ $reruns -gt 0 ]] && line+=" ($reruns rerun alone after failing beside others)"
+        if [[ $not_run -gt 0 ]]; then
+          line+="; $not_run tests NOT RUN (deadline)"
+          bin_rc=1
+        fi
         [[ ${#bad[@]} -gt 0 ]] && line+="; FAILED: ${bad[*]}"
         [[ $bin_rc -ne 0 || ${#bad[@]} -gt 0 ]] && san_fail=$((san_fail + 1))
         san_summary+=("$(printf '%-10s %-22s rc=%-3s %s' "$tool" "$name" "$bin_rc" "$line")")

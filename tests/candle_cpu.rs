@@ -386,24 +386,25 @@ fn a_small_model_trains_on_the_cpu() {
     );
 }
 
-/// The crate-layout constructors still work on the CPU (bf16 Vars, their own lambda).
+/// `host_weights()` gives the weights the layer computes with in the crate's layout: the
+/// checkpoint's per-expert \[out, in\] matrices stacked and transposed, in the compute dtype.
 #[test]
-fn the_crate_layout_constructors_run_on_the_cpu() {
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::BF16, &CPU);
-    let moe = MoeLayer::<bf16>::remoe(vb.pp("moe"), 16, 16, 4, 2).unwrap();
-    let x = Tensor::ones((3, 5, 16), DType::BF16, &CPU).unwrap();
-    let y = moe.forward_with_loss(&x).unwrap();
-    assert_eq!(y.out.dims(), &[3, 5, 16]);
-    let loss = (y.out.to_dtype(DType::F32).unwrap().sum_all().unwrap() + y.balance_loss).unwrap();
-    let grads = loss.backward().unwrap();
-    assert!(moe.parameters().iter().all(|p| grads.get(p).is_some()));
-    moe.end_step().unwrap();
-    assert_eq!(moe.parameters().len(), 4);
-    assert_eq!(moe.host_weights().unwrap().experts(), 4);
-    // A VarBuilder of another dtype is refused.
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &CPU);
-    assert!(MoeLayer::<bf16>::topk(vb, 16, 16, 4, 2, 0.01).is_err());
+fn host_weights_are_the_crate_layout_of_the_parameters() {
+    let seed = fresh_seed();
+    let mut rng = seeded(seed);
+    let note = seed_note(seed);
+    let pr = Problem::new(cfg_of(TOPK, Family::QwenMoe, None), 5, &mut rng);
+    let routing = SharedRouting::new(&pr.cfg, &CPU).unwrap();
+    let (_varmap, layer) = varmap_layer(&pr, &routing);
+    let w = layer.host_weights().unwrap();
+    assert_eq!((w.hidden(), w.ffn(), w.experts()), (16, 24, 4), "{note}");
+    let wide = |v: &[bf16]| v.iter().map(|x| x.to_f64()).collect::<Vec<_>>();
+    let p = w.params();
+    // The problem's values are bf16 already: exact.
+    assert_eq!(wide(&p.router), pr.p.router, "{note}");
+    assert_eq!(wide(&p.gate), pr.p.gate, "{note}");
+    assert_eq!(wide(&p.up), pr.p.up, "{note}");
+    assert_eq!(wide(&p.down), pr.p.down, "{note}");
 }
 
 #[test]
@@ -439,9 +440,26 @@ fn bad_input_is_an_error() {
         VarBuilder::from_varmap(&vm, DType::F32, &CPU)
     )
     .is_err());
-    let mut neg = moe;
-    neg.set_fixed_coefficient(-1.0);
-    assert!(neg
-        .forward(&Tensor::zeros((4, 16), DType::F32, &CPU).unwrap())
+    // A coefficient out of range is refused when the layer is made.
+    for router in [
+        MoeRouter::Relu {
+            lambda: Lambda::Fixed(-1.0),
+        },
+        MoeRouter::TopK {
+            renormalize: false,
+            aux_coeff: f64::NAN,
+        },
+    ] {
+        let neg = MoeConfig {
+            router,
+            ..cfg.clone()
+        };
+        assert!(SharedRouting::new(&neg, &CPU).is_err(), "{router:?}");
+        assert!(MoeLayer::<bf16>::new(
+            &neg,
+            &routing,
+            VarBuilder::from_varmap(&vm, DType::F32, &CPU)
+        )
         .is_err());
+    }
 }

@@ -1,7 +1,7 @@
 //! The candle layer (feature `candle-cuda`) on the GPU: candle's gradients through the layer, the
-//! balance regulariser's included, against the crate's CPU reference, for the crate-layout
-//! constructors and for `MoeLayer::new` (f32 masters at a checkpoint's names, shared experts,
-//! every router, T = 0 and 1 and a prime); sharded checkpoints; the shared lambda on the device
+//! balance regulariser's included, against the crate's CPU reference for `MoeLayer::new` (f32
+//! masters at a checkpoint's names, shared experts, every router, T = 0 and 1 and a prime, and
+//! a larger shape); sharded checkpoints; the shared lambda on the device
 //! (evaluation forwards not recorded); a small model that trains with a candle-nn optimiser;
 //! checkpoint layouts in and out of a trained layer. The same checks on the CPU are
 //! tests/candle_cpu.rs.
@@ -17,12 +17,14 @@ mod common;
 use candle_core::{DType, Device as CDevice, Module, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use half::bf16;
-use remoe_kernels::candle::{Family, MoeLayer, SharedExpertConfig};
-use remoe_kernels::reference::{self, LayerParams};
-use remoe_kernels::{HostMoeWeights, LayerConfig, PairCapacity, RouterKind, WeightLayout};
+use remoe_kernels::candle::{
+    Family, Lambda, MoeConfig, MoeLayer, MoeRouter, SharedExpertConfig, SharedRouting,
+};
+use remoe_kernels::reference::LayerParams;
+use remoe_kernels::{HostMoeWeights, LayerConfig, PairCapacity, WeightLayout};
 use remoe_testkit::rng::{fresh_seed, seeded, UniformVec};
 
-use common::{gpu_or_skip, rel_err, seed_note, training_steps};
+use common::{gpu_or_skip, seed_note, training_steps};
 
 /// candle's CUDA device 0, or `None` after the crate's skip message.
 fn candle_gpu_or_skip(test: &str) -> Option<CDevice> {
@@ -43,134 +45,32 @@ fn f64_of(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
-/// loss = sum(out * G) through the candle module with the regulariser's gradient at scale w
-/// (`SharedRouting::set_balance_grad_scale`), against the reference's forward and backward
-/// (dOut = G, balance gradient scaled by w) on the same bf16 inputs; then at scale 0.
-fn gradients_match_the_reference(router: RouterKind, test: &str) {
+/// loss = sum(out * G) through the candle module at a larger shape than the shared checks
+/// (T 192, H 64, F 96, E 8, k 2), with the regulariser's gradient at scale w
+/// (`SharedRouting::set_balance_grad_scale`) and at scale 0, against the reference's forward
+/// and backward (dOut = G, balance gradient scaled by w) on the same bf16 inputs.
+fn gradients_match_the_reference(router: MoeRouter, test: &str) {
     let Some(cdev) = candle_gpu_or_skip(test) else {
         return;
     };
     let seed = fresh_seed();
     let mut rng = seeded(seed);
-    let (t, h, f, e, k) = (192, 64, 96, 8, 2);
-    let cfg = LayerConfig::new(t, h, f, e, k);
-    let (coeff, w) = (0.05, 0.5);
-
-    let round = |v: Vec<f64>| -> Vec<f64> { bf16_vec(&v).iter().map(|x| x.to_f64()).collect() };
-    let x = round(rng.vec_uniform(t * h, 1.0));
-    let params = LayerParams {
-        router: round(rng.vec_uniform(h * e, 0.3)),
-        gate: round(rng.vec_uniform(e * h * f, 0.2)),
-        up: round(rng.vec_uniform(e * h * f, 0.2)),
-        down: round(rng.vec_uniform(e * f * h, 0.2)),
-    };
-    let g = round(rng.vec_uniform(t * h, 1.0));
-
-    let host = HostMoeWeights::new(
-        h,
-        f,
-        e,
-        LayerParams {
-            router: bf16_vec(&params.router),
-            gate: bf16_vec(&params.gate),
-            up: bf16_vec(&params.up),
-            down: bf16_vec(&params.down),
-        },
-    )
-    .unwrap();
-    let mut layer = MoeLayer::from_host_weights(router, &host, k, coeff, &cdev).unwrap();
-    layer.set_fixed_coefficient(coeff);
-    layer.routing().set_balance_grad_scale(w).unwrap();
-    let xv = Var::from_tensor(&Tensor::from_slice(&bf16_vec(&x), (t, h), &cdev).unwrap()).unwrap();
-    let gt = Tensor::from_slice(&bf16_vec(&g), (t, h), &cdev).unwrap();
-
-    let y = layer.forward_with_loss(xv.as_tensor()).unwrap();
-    let task = (y.out.to_dtype(DType::F32).unwrap() * gt.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    // The balance loss is a detached value: adding it changes the loss, not the gradients.
-    assert!(
-        !y.balance_loss.track_op(),
-        "{test}: the balance loss is detached"
-    );
-    let loss = (task + y.balance_loss.clone()).unwrap();
-    let grads = loss.backward().unwrap();
-
-    let (want_out, want_loss, want) = match router {
-        RouterKind::Relu => {
-            let fwd = reference::remoe_forward(&x, &params, &cfg, coeff);
-            let b = reference::remoe_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, w);
-            (fwd.out, fwd.reg_loss, b)
-        }
-        RouterKind::TopK => {
-            let fwd = reference::topk_forward(&x, &params, &cfg, coeff);
-            let b = reference::topk_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, w);
-            (fwd.out, fwd.aux_loss, b)
-        }
-        RouterKind::TopKNormalized => {
-            let fwd = reference::topk_normalized_forward(&x, &params, &cfg, coeff);
-            let b = reference::topk_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, w);
-            (fwd.out, fwd.aux_loss, b)
-        }
-    };
     let note = seed_note(seed);
-    let got_loss = y.balance_loss.to_scalar::<f32>().unwrap() as f64;
-    assert!(
-        (got_loss - want_loss).abs() <= 1e-2 * want_loss.abs().max(1e-6),
-        "{test}: balance loss {got_loss} vs {want_loss}, {note}"
-    );
-    let e_out = rel_err(&f64_of(&y.out), &want_out);
-    assert!(e_out < 1e-2, "{test}: out rel err {e_out}, {note}");
-
-    let &[wr, wg, wu, wd] = layer.parameters().as_slice() else {
-        panic!("{test}: the crate-layout layer has four parameters")
+    let cfg = MoeConfig {
+        router,
+        ..MoeConfig::remoe(64, 96, 8, 2)
     };
-    for (what, got, want) in [
-        ("dx", grads.get(xv.as_tensor()), &want.dx),
-        ("dWr", grads.get(wr), &want.params.router),
-        ("dWg", grads.get(wg), &want.params.gate),
-        ("dWu", grads.get(wu), &want.params.up),
-        ("dWd", grads.get(wd), &want.params.down),
-    ] {
-        let got = got.unwrap_or_else(|| panic!("{test}: candle has no gradient for {what}"));
-        let err = rel_err(&f64_of(got), want);
-        assert!(err < 1e-2, "{test}: {what} rel err {err}, {note}");
+    let pr = candle_common::Problem::new(cfg, 192, &mut rng);
+    for w in [0.5, 0.0] {
+        let what = format!("{test}: balance scale {w}, {note}");
+        candle_common::check_against_reference(&pr, 0.05, w, 1e-2, &what, &cdev);
     }
-
-    // The regulariser's gradient at scale 0: dWr is the task's alone.
-    layer.routing().set_balance_grad_scale(0.0).unwrap();
-    let plain = layer.forward(xv.as_tensor()).unwrap();
-    let task_only = (plain.to_dtype(DType::F32).unwrap() * gt.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    let g2 = task_only.backward().unwrap();
-    let want0 = match router {
-        RouterKind::Relu => {
-            let fwd = reference::remoe_forward(&x, &params, &cfg, coeff);
-            reference::remoe_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, 0.0)
-        }
-        RouterKind::TopK => {
-            let fwd = reference::topk_forward(&x, &params, &cfg, coeff);
-            reference::topk_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, 0.0)
-        }
-        RouterKind::TopKNormalized => {
-            let fwd = reference::topk_normalized_forward(&x, &params, &cfg, coeff);
-            reference::topk_backward_scaled(&x, &params, &cfg, coeff, &fwd, &g, 0.0)
-        }
-    };
-    let err = rel_err(&f64_of(g2.get(wr).unwrap()), &want0.params.router);
-    assert!(
-        err < 1e-2,
-        "{test}: dWr without the balance gradient, rel err {err}, {note}"
-    );
 }
 
 #[test]
 fn remoe_gradients_through_candle_match_the_reference() {
     gradients_match_the_reference(
-        RouterKind::Relu,
+        candle_common::RELU,
         "remoe_gradients_through_candle_match_the_reference",
     );
 }
@@ -178,7 +78,7 @@ fn remoe_gradients_through_candle_match_the_reference() {
 #[test]
 fn topk_gradients_through_candle_match_the_reference() {
     gradients_match_the_reference(
-        RouterKind::TopK,
+        candle_common::TOPK,
         "topk_gradients_through_candle_match_the_reference",
     );
 }
@@ -186,7 +86,7 @@ fn topk_gradients_through_candle_match_the_reference() {
 #[test]
 fn topk_normalized_gradients_through_candle_match_the_reference() {
     gradients_match_the_reference(
-        RouterKind::TopKNormalized,
+        candle_common::TOPK_NORM,
         "topk_normalized_gradients_through_candle_match_the_reference",
     );
 }
@@ -257,9 +157,10 @@ fn one_lambda_for_all_layers_on_cuda() {
     candle_common::one_lambda_for_all_layers(&cdev, fresh_seed());
 }
 
-/// A model of one ReMoE layer and a linear head, parameters from a VarMap, trained with AdamW on
-/// a fixed regression target: the loss goes down, lambda moves, and the trained layer's weights
-/// survive a checkpoint round trip in every layout.
+/// A model of one ReMoE layer (the paper's adaptive lambda, f32 masters, bf16 compute) and a
+/// linear head, parameters from a VarMap, trained with AdamW on a fixed regression target: the
+/// loss goes down, lambda moves, and the trained layer's weights survive a checkpoint round trip
+/// in every layout.
 #[test]
 fn a_small_candle_model_trains() {
     let test = "a_small_candle_model_trains";
@@ -269,9 +170,11 @@ fn a_small_candle_model_trains() {
     let seed = fresh_seed();
     let mut rng = seeded(seed);
     let (t, h, f, e, k) = (256, 64, 128, 8, 2);
+    let cfg = MoeConfig::remoe(h, f, e, k);
+    let routing = SharedRouting::new(&cfg, &cdev).unwrap();
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::BF16, &cdev);
-    let moe = MoeLayer::<bf16>::remoe(vb.pp("moe"), h, f, e, k).unwrap();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &cdev);
+    let moe = MoeLayer::<bf16>::new(&cfg, &routing, vb.pp("moe")).unwrap();
     let head = candle_nn::linear_no_bias(h, h, vb.pp("head")).unwrap();
 
     let x = Tensor::from_slice(&bf16_vec(&rng.vec_uniform(t * h, 1.0)), (t, h), &cdev).unwrap();
@@ -285,13 +188,13 @@ fn a_small_candle_model_trains() {
         ..Default::default()
     };
     let mut opt = AdamW::new(varmap.all_vars(), params).unwrap();
-    let lambda0 = moe.coefficient().unwrap();
+    let lambda0 = routing.coefficient().unwrap();
 
     let steps = training_steps(150);
     let mut losses = Vec::new();
     for _ in 0..steps {
-        let y = moe.forward_with_loss(&x).unwrap();
-        let pred = head.forward(&(&x + &y.out).unwrap()).unwrap();
+        let y = moe.forward(&x).unwrap();
+        let pred = head.forward(&(&x + &y).unwrap()).unwrap();
         let mse = (pred.to_dtype(DType::F32).unwrap() - &target)
             .unwrap()
             .sqr()
@@ -299,9 +202,10 @@ fn a_small_candle_model_trains() {
             .mean_all()
             .unwrap();
         losses.push(mse.to_scalar::<f32>().unwrap());
-        let loss = (mse + y.balance_loss).unwrap();
-        opt.backward_step(&loss).unwrap();
-        moe.end_step().unwrap();
+        // The task loss alone: the regulariser's gradient comes from the layer's backward.
+        opt.backward_step(&mse).unwrap();
+        routing.step().unwrap();
+        moe.check_device_errors().unwrap();
     }
     let (first, last) = (losses[0], *losses.last().unwrap());
     assert!(
@@ -315,7 +219,7 @@ fn a_small_candle_model_trains() {
         seed_note(seed)
     );
     assert_ne!(
-        moe.coefficient().unwrap(),
+        routing.coefficient().unwrap(),
         lambda0,
         "{test}: lambda never moved"
     );
@@ -331,7 +235,8 @@ fn a_small_candle_model_trains() {
 /// Issue 27 through candle: a layer in ReMoE's dense stage (every gate open) is dropless with a
 /// capacity too small for the worst case (the eager forward counts its pairs), equal bit for bit
 /// to the layer whose buffers hold every pair; a fixed capacity that the pairs exceed fails the
-/// forward with the crate's error inside candle's; a NaN router logit is reported by `end_step`.
+/// forward with the crate's error inside candle's; a NaN router logit is reported by
+/// `check_device_errors`, once.
 #[test]
 fn the_candle_layer_is_dropless_and_reports_device_errors() {
     let test = "the_candle_layer_is_dropless_and_reports_device_errors";
@@ -343,32 +248,40 @@ fn the_candle_layer_is_dropless_and_reports_device_errors() {
     let (t, h, f, e, k) = (320, 64, 128, 8, 1);
     let cfg = LayerConfig::new(t, h, f, e, k);
     let p = remoe_testkit::synthetic::problem_with_density(cfg, &[1.0; 8], seed);
-    let host = HostMoeWeights::new(
-        h,
-        f,
-        e,
-        LayerParams {
-            router: bf16_vec(&p.params.router),
-            gate: bf16_vec(&p.params.gate),
-            up: bf16_vec(&p.params.up),
-            down: bf16_vec(&p.params.down),
+    let round = |v: &[f64]| -> Vec<f64> { bf16_vec(v).iter().map(|x| x.to_f64()).collect() };
+    // The layer's parameters at the checkpoint's names, in a VarMap of f32 masters.
+    let pr = candle_common::Problem {
+        cfg: MoeConfig {
+            router: MoeRouter::Relu {
+                lambda: Lambda::Fixed(1e-3),
+            },
+            ..MoeConfig::remoe(h, f, e, k)
         },
-    )
-    .unwrap();
+        t,
+        x: round(&p.x),
+        p: LayerParams {
+            router: round(&p.params.router),
+            gate: round(&p.params.gate),
+            up: round(&p.params.up),
+            down: round(&p.params.down),
+        },
+        shared: None,
+        g: vec![1.0; t * h],
+    };
+    let routing = SharedRouting::new(&pr.cfg, &cdev).unwrap();
     let x = Tensor::from_slice(&bf16_vec(&p.x), (t, h), &cdev).unwrap();
     let run = |capacity: PairCapacity| -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
-        let mut layer = MoeLayer::from_host_weights(RouterKind::Relu, &host, k, 0.0, &cdev)?;
-        layer.set_fixed_coefficient(1e-3);
+        let (_varmap, mut layer) = candle_common::varmap_layer(&pr, &routing, &cdev);
         layer.set_pair_capacity(capacity);
         let xv = Var::from_tensor(&x)?;
-        let y = layer.forward_with_loss(xv.as_tensor())?;
-        let loss = (y.out.to_dtype(DType::F32)?.sum_all()? + y.balance_loss)?;
-        let grads = loss.backward()?;
+        let y = layer.forward(xv.as_tensor())?;
+        let grads = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
         let dx = grads.get(xv.as_tensor()).expect("dx");
-        let out = f64_of(&y.out);
+        let out = f64_of(&y);
         let dx = f64_of(dx);
         drop(grads);
-        layer.end_step()?;
+        drop(y);
+        layer.check_device_errors()?;
         Ok((out, dx))
     };
     let (want_out, want_dx) = run(PairCapacity::default()).unwrap();
@@ -390,12 +303,12 @@ fn the_candle_layer_is_dropless_and_reports_device_errors() {
     let mut nan_x = bf16_vec(&p.x);
     nan_x[3 * h + 5] = bf16::NAN;
     let nan_x = Tensor::from_slice(&nan_x, (t, h), &cdev).unwrap();
-    let layer = MoeLayer::from_host_weights(RouterKind::Relu, &host, k, 0.0, &cdev).unwrap();
+    let (_varmap, layer) = candle_common::varmap_layer(&pr, &routing, &cdev);
     drop(layer.forward(&nan_x).unwrap());
-    let reported = layer.end_step().unwrap_err().to_string();
+    let reported = layer.check_device_errors().unwrap_err().to_string();
     assert!(
         reported.contains("non-finite") || reported.contains("NaN"),
-        "{test}: a NaN logit at end_step: {reported}, {note}"
+        "{test}: a NaN logit at check_device_errors: {reported}, {note}"
     );
-    layer.end_step().unwrap();
+    layer.check_device_errors().unwrap();
 }

@@ -1,5 +1,6 @@
-//! A byte-level text corpus of five clearly distinct domains, generated deterministically from a
-//! seed, with every byte labelled by the domain of the sample it belongs to. Distinct domains
+//! A byte-level corpus with every byte labelled by its domain, and the fallback corpus of five
+//! clearly distinct domains generated deterministically from a seed (the real-text corpus is
+//! assembled in examples/train/data.rs). Distinct domains
 //! (different alphabets, lengths and structure) are what makes expert specialisation measurable:
 //! the paper's Table 12 reports, per expert, where its routed tokens come from.
 //!
@@ -9,14 +10,15 @@
 
 use remoe_testkit::rng::{seeded, Rng, TestRng};
 
-/// The domains, in label order.
+/// The generated corpus's domains, in label order.
 pub const DOMAINS: [&str; 5] = ["arithmetic", "code", "english", "dna", "json"];
 
-/// The bytes and each byte's domain label (an index into [`DOMAINS`]).
+/// The bytes, each byte's domain label (an index into `names`) and the domains' names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Corpus {
     pub bytes: Vec<u8>,
     pub domains: Vec<u8>,
+    pub names: Vec<String>,
 }
 
 /// One batch of training windows, row-major \[batch, seq\].
@@ -195,12 +197,36 @@ impl Corpus {
             bytes.extend_from_slice(line.as_bytes());
             domains.resize(bytes.len(), d as u8);
         }
-        Self { bytes, domains }
+        Self {
+            bytes,
+            domains,
+            names: DOMAINS.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    /// The concatenation of `parts`, part i labelled domain i (named `names[i]`).
+    pub fn from_parts(names: Vec<String>, parts: &[&[u8]]) -> Self {
+        assert_eq!(names.len(), parts.len());
+        assert!(
+            names.len() <= usize::from(u8::MAX) + 1,
+            "at most 256 domains"
+        );
+        let mut bytes = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+        let mut domains = Vec::with_capacity(bytes.capacity());
+        for (d, p) in parts.iter().enumerate() {
+            bytes.extend_from_slice(p);
+            domains.resize(bytes.len(), d as u8);
+        }
+        Self {
+            bytes,
+            domains,
+            names,
+        }
     }
 
     /// The number of bytes of each domain.
-    pub fn domain_counts(&self) -> [usize; DOMAINS.len()] {
-        let mut c = [0; DOMAINS.len()];
+    pub fn domain_counts(&self) -> Vec<usize> {
+        let mut c = vec![0; self.names.len()];
         for &d in &self.domains {
             c[d as usize] += 1;
         }

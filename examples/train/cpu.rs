@@ -15,7 +15,7 @@ use remoe_kernels::reference::{
 use remoe_kernels::LayerConfig;
 use remoe_testkit::rng::{seeded, Rng, StandardNormal};
 
-use super::corpus::{Batch, Corpus, DOMAINS};
+use super::corpus::{Batch, Corpus};
 use super::report::{Affinity, RunLog, StepLog};
 
 /// The tiny run's sizes.
@@ -30,6 +30,9 @@ pub struct CpuSizes {
     pub k: usize,
     pub lr: f64,
     pub seed: u64,
+    /// ReMoE's controller: starting lambda and step factor.
+    pub lambda0: f64,
+    pub alpha: f64,
 }
 
 const VOCAB: usize = 256;
@@ -72,6 +75,8 @@ struct Model {
 /// gradients of loss + balance loss.
 struct Pass {
     lm_loss: f64,
+    /// Each token's cross-entropy.
+    token_loss: Vec<f64>,
     balance: f64,
     sparsity: f64,
     active: Vec<bool>,
@@ -141,13 +146,16 @@ impl Model {
         let logits = matmul(&hid, &self.head, t, h, VOCAB);
         // Softmax cross-entropy, mean over tokens; dlogits = (p - onehot) / T.
         let mut lm_loss = 0.0;
+        let mut token_loss = Vec::with_capacity(t);
         let mut dlogits = vec![0.0; t * VOCAB];
         for i in 0..t {
             let row = &logits[i * VOCAB..(i + 1) * VOCAB];
             let mx = row.iter().cloned().fold(f64::MIN, f64::max);
             let z: f64 = row.iter().map(|v| (v - mx).exp()).sum();
             let tgt = b.targets[i] as usize;
-            lm_loss += (z.ln() + mx - row[tgt]) / t as f64;
+            let l = z.ln() + mx - row[tgt];
+            token_loss.push(l);
+            lm_loss += l / t as f64;
             for j in 0..VOCAB {
                 dlogits[i * VOCAB + j] = ((row[j] - mx).exp() / z) / t as f64;
             }
@@ -172,6 +180,7 @@ impl Model {
         });
         Pass {
             lm_loss,
+            token_loss,
             balance,
             sparsity,
             active,
@@ -185,7 +194,8 @@ pub fn train(s: &CpuSizes, remoe: bool, train: &Corpus, held: &Corpus) -> RunLog
     let t = s.batch * s.seq;
     let cfg = LayerConfig::new(t, s.hidden, s.ffn, s.experts, s.k);
     let mut model = Model::new(s, remoe);
-    let mut ctl = SparsityController::new(s.k, s.experts);
+    let mut ctl =
+        SparsityController::with_params(s.lambda0, s.alpha, 1.0 - s.k as f64 / s.experts as f64);
     let n = |p: &LayerParams<f64>| [p.router.len(), p.gate.len(), p.up.len(), p.down.len()];
     let sizes = n(&model.moe);
     let mut opt_emb = Adam::new(model.emb.len());
@@ -226,6 +236,8 @@ pub fn train(s: &CpuSizes, remoe: bool, train: &Corpus, held: &Corpus) -> RunLog
             sparsity: Some(p.sparsity),
             lambda: coeff,
             tokens_per_s: t as f64 / t0.elapsed().as_secs_f64(),
+            grad_norm: None,
+            mem_gib: None,
         });
         if step % 50 == 0 || step + 1 == s.steps {
             println!(
@@ -240,23 +252,21 @@ pub fn train(s: &CpuSizes, remoe: bool, train: &Corpus, held: &Corpus) -> RunLog
     }
     let wall_s = start.elapsed().as_secs_f64();
     // Held-out: the loss and, per token, the experts it was routed to, by domain.
-    let mut aff = Affinity::new(1, s.experts);
+    let mut aff = Affinity::new(1, s.experts, &held.names);
     let coeff = if remoe { ctl.lambda() } else { AUX_COEFF };
     let batches = held.sequential_batches(s.batch, s.seq, 8);
     let mut val = 0.0;
+    let mut by_domain = vec![(0.0, 0usize); held.names.len()];
     for b in &batches {
         let p = model.pass(b, &cfg, coeff, false);
         val += p.lm_loss / batches.len() as f64;
-        for (i, &d) in b.domains.iter().enumerate() {
-            aff.domain_tokens[d as usize] += 1;
-            for e in 0..s.experts {
-                if p.active[i * s.experts + e] {
-                    aff.counts[0][e][d as usize] += 1;
-                }
-            }
+        for (&d, &l) in b.domains.iter().zip(&p.token_loss) {
+            by_domain[d as usize].0 += l;
+            by_domain[d as usize].1 += 1;
         }
+        let mask: Vec<u8> = p.active.iter().map(|&a| u8::from(a)).collect();
+        aff.add(&b.domains, &[mask]);
     }
-    debug_assert_eq!(aff.domain_tokens.len(), DOMAINS.len());
     RunLog {
         name: format!(
             "{} (CPU reference, tiny)",
@@ -264,10 +274,15 @@ pub fn train(s: &CpuSizes, remoe: bool, train: &Corpus, held: &Corpus) -> RunLog
         ),
         steps,
         val_loss: val,
+        val_by_domain: by_domain
+            .iter()
+            .map(|&(sum, n)| sum / n.max(1) as f64)
+            .collect(),
         wall_s,
         tokens: t * s.steps,
         affinity: aff,
         moe_share: None,
+        extra: serde_json::json!({}),
     }
 }
 
@@ -287,6 +302,8 @@ mod tests {
             k: 1,
             lr: 1e-2,
             seed: 1,
+            lambda0: 1e-8,
+            alpha: 1.2,
         };
         let c = Corpus::generate(1, 20_000);
         let h = Corpus::generate(2, 5_000);

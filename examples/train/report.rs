@@ -9,8 +9,6 @@ use plotters::prelude::*;
 use plotters::style::FontStyle;
 use serde_json::{json, Value};
 
-use super::corpus::DOMAINS;
-
 /// One training step's measurements.
 #[derive(Debug, Clone, Copy)]
 pub struct StepLog {
@@ -18,29 +16,84 @@ pub struct StepLog {
     pub lr: f64,
     /// Cross-entropy of the next byte, nats.
     pub lm_loss: f64,
-    /// The balance loss in the graph, summed over layers: ReMoE's regulariser at its lambda,
-    /// TopK's aux loss at its c.
+    /// The balance loss summed over layers (the GPU job: from each layer's routing statistics,
+    /// mean over micro-batches): ReMoE's regulariser at lambda, TopK's aux loss at c.
     pub reg_loss: f64,
     /// Mean over layers of 1 - |A|/(T E) (None when not measured at this step).
     pub sparsity: Option<f64>,
-    /// Mean over layers of lambda (ReMoE) or c (TopK).
+    /// lambda (ReMoE; one for all layers) or c (TopK).
     pub lambda: f64,
     pub tokens_per_s: f64,
+    /// The global gradient norm before clipping (None where not computed).
+    pub grad_norm: Option<f64>,
+    /// Device memory in use (GiB) after the step's last forward (None where not read).
+    pub mem_gib: Option<f64>,
 }
 
-/// Tokens routed to each expert by domain on the held-out set: `counts[layer][expert][domain]`,
+impl StepLog {
+    pub fn to_json(self) -> Value {
+        json!({
+            "step": self.step, "lr": self.lr, "lm_loss": self.lm_loss, "reg_loss": self.reg_loss,
+            "sparsity": self.sparsity, "lambda": self.lambda, "tokens_per_s": self.tokens_per_s,
+            "grad_norm": self.grad_norm, "mem_gib": self.mem_gib,
+        })
+    }
+
+    /// The inverse of [`to_json`](Self::to_json) (a checkpoint's history).
+    pub fn from_json(v: &Value) -> Option<Self> {
+        let f = |k: &str| v.get(k).and_then(Value::as_f64);
+        Some(Self {
+            step: v.get("step")?.as_u64()? as usize,
+            lr: f("lr")?,
+            lm_loss: f("lm_loss")?,
+            reg_loss: f("reg_loss")?,
+            sparsity: f("sparsity"),
+            lambda: f("lambda")?,
+            tokens_per_s: f("tokens_per_s")?,
+            grad_norm: f("grad_norm"),
+            mem_gib: f("mem_gib"),
+        })
+    }
+}
+
+/// Routing on the held-out set by domain: tokens routed to each expert,
+/// `counts[layer][expert][domain]`; the (token, expert) pairs active, `active[layer][domain]`;
 /// and the held-out tokens of each domain.
 #[derive(Debug, Clone, Default)]
 pub struct Affinity {
-    pub counts: Vec<Vec<[u64; DOMAINS.len()]>>,
-    pub domain_tokens: [u64; DOMAINS.len()],
+    pub names: Vec<String>,
+    pub counts: Vec<Vec<Vec<u64>>>,
+    pub active: Vec<Vec<u64>>,
+    pub domain_tokens: Vec<u64>,
 }
 
 impl Affinity {
-    pub fn new(layers: usize, experts: usize) -> Self {
+    pub fn new(layers: usize, experts: usize, names: &[String]) -> Self {
+        let d = names.len();
         Self {
-            counts: vec![vec![[0; DOMAINS.len()]; experts]; layers],
-            domain_tokens: [0; DOMAINS.len()],
+            names: names.to_vec(),
+            counts: vec![vec![vec![0; d]; experts]; layers],
+            active: vec![vec![0; d]; layers],
+            domain_tokens: vec![0; d],
+        }
+    }
+
+    /// Adds one batch's routing: `mask[layer]` is the row-major \[T, E\] routing mask (nonzero:
+    /// routed) of the tokens whose domains are `domains`.
+    pub fn add(&mut self, domains: &[u8], mask: &[Vec<u8>]) {
+        for &d in domains {
+            self.domain_tokens[d as usize] += 1;
+        }
+        let e = self.counts.first().map_or(0, Vec::len);
+        for (l, m) in mask.iter().enumerate() {
+            for (row, &d) in m.chunks_exact(e).zip(domains) {
+                for (x, &on) in row.iter().enumerate() {
+                    if on != 0 {
+                        self.counts[l][x][d as usize] += 1;
+                        self.active[l][d as usize] += 1;
+                    }
+                }
+            }
         }
     }
 
@@ -48,17 +101,24 @@ impl Affinity {
     /// had the same number of held-out tokens (each count is divided by its domain's tokens
     /// first), so that a domain's share of the corpus does not pass for specialisation. An
     /// expert that ignores domains gets 1/D everywhere.
-    pub fn shares(&self, layer: usize, expert: usize) -> [f64; DOMAINS.len()] {
+    pub fn shares(&self, layer: usize, expert: usize) -> Vec<f64> {
         let c = &self.counts[layer][expert];
-        let mut r = [0.0; DOMAINS.len()];
-        for d in 0..DOMAINS.len() {
-            r[d] = c[d] as f64 / self.domain_tokens[d].max(1) as f64;
-        }
+        let mut r: Vec<f64> = c
+            .iter()
+            .zip(&self.domain_tokens)
+            .map(|(&n, &t)| n as f64 / t.max(1) as f64)
+            .collect();
         let s: f64 = r.iter().sum();
         if s > 0.0 {
             r.iter_mut().for_each(|v| *v /= s);
         }
         r
+    }
+
+    /// Mean active experts per token of domain `d` in `layer` (ReMoE's dynamic allocation; k
+    /// for TopK).
+    pub fn active_per_token(&self, layer: usize, d: usize) -> f64 {
+        self.active[layer][d] as f64 / self.domain_tokens[d].max(1) as f64
     }
 
     /// The mean over layers and experts (with any routed token) of an expert's largest domain
@@ -77,40 +137,69 @@ impl Affinity {
         sum / n.max(1) as f64
     }
 
-    /// The table, one block per layer: experts as rows, domains as columns (percent).
+    /// The table, one block per layer: experts as rows, domains as columns (percent), then the
+    /// active experts per token by domain.
     pub fn table(&self) -> String {
+        let w = self.names.iter().map(String::len).max().unwrap_or(0).max(8);
         let mut s = String::new();
         for l in 0..self.counts.len() {
             s.push_str(&format!("  layer {l}: share of each expert's tokens by domain (%, domains weighted equally)\n    expert"));
-            for d in DOMAINS {
-                s.push_str(&format!(" {d:>10}"));
+            for d in &self.names {
+                s.push_str(&format!(" {d:>w$}"));
             }
             s.push_str("   tokens\n");
             for e in 0..self.counts[l].len() {
                 s.push_str(&format!("    {e:>6}"));
                 for v in self.shares(l, e) {
-                    s.push_str(&format!(" {:>10.1}", 100.0 * v));
+                    s.push_str(&format!(" {:>w$.1}", 100.0 * v));
                 }
                 s.push_str(&format!(" {:>8}\n", self.counts[l][e].iter().sum::<u64>()));
             }
+            s.push_str("    active");
+            for d in 0..self.names.len() {
+                s.push_str(&format!(" {:>w$.3}", self.active_per_token(l, d)));
+            }
+            s.push_str("   (experts per token)\n");
         }
         s
+    }
+
+    /// Active experts per token by domain, averaged over layers.
+    pub fn active_by_domain(&self) -> Vec<f64> {
+        let layers = self.counts.len().max(1) as f64;
+        (0..self.names.len())
+            .map(|d| {
+                (0..self.counts.len())
+                    .map(|l| self.active_per_token(l, d))
+                    .sum::<f64>()
+                    / layers
+            })
+            .collect()
     }
 
     pub fn to_json(&self) -> Value {
         let shares: Vec<Vec<Vec<f64>>> = (0..self.counts.len())
             .map(|l| {
                 (0..self.counts[l].len())
-                    .map(|e| self.shares(l, e).to_vec())
+                    .map(|e| self.shares(l, e))
+                    .collect()
+            })
+            .collect();
+        let active: Vec<Vec<f64>> = (0..self.counts.len())
+            .map(|l| {
+                (0..self.names.len())
+                    .map(|d| self.active_per_token(l, d))
                     .collect()
             })
             .collect();
         json!({
-            "domains": DOMAINS,
+            "domains": self.names,
             "domain_tokens": self.domain_tokens,
             "counts": self.counts,
             "shares": shares,
             "specialisation": self.specialisation(),
+            "active_experts_per_token": active,
+            "active_experts_per_token_mean_over_layers": self.active_by_domain(),
         })
     }
 }
@@ -120,12 +209,19 @@ impl Affinity {
 pub struct RunLog {
     pub name: String,
     pub steps: Vec<StepLog>,
+    /// Mean next-byte cross-entropy over the held-out tokens (nats/byte).
     pub val_loss: f64,
+    /// The same per domain (tokens labelled by the domain of the input byte).
+    pub val_by_domain: Vec<f64>,
+    /// Training wall time (the steps only).
     pub wall_s: f64,
     pub tokens: usize,
     pub affinity: Affinity,
     /// The MoE layers' share of a training step's time, and how it was measured.
     pub moe_share: Option<(f64, String)>,
+    /// Anything else the run reports (device memory, reference checks, samples): merged into
+    /// its JSON object.
+    pub extra: Value,
 }
 
 /// Mean and standard deviation of the measured sparsities from step `from` on.
@@ -162,21 +258,20 @@ pub fn settled_step(steps: &[StepLog], target: f64, tol: f64) -> Option<usize> {
 
 impl RunLog {
     pub fn to_json(&self, target: f64) -> Value {
-        let steps: Vec<Value> = self
-            .steps
-            .iter()
-            .map(|s| {
-                json!({
-                    "step": s.step, "lr": s.lr, "lm_loss": s.lm_loss, "reg_loss": s.reg_loss,
-                    "sparsity": s.sparsity, "lambda": s.lambda, "tokens_per_s": s.tokens_per_s,
-                })
-            })
-            .collect();
+        let steps: Vec<Value> = self.steps.iter().map(|s| s.to_json()).collect();
         let half = self.steps.len() / 2;
         let settled = settled_step(&self.steps, target, 0.01);
-        json!({
+        let by_domain: serde_json::Map<String, Value> = self
+            .affinity
+            .names
+            .iter()
+            .zip(&self.val_by_domain)
+            .map(|(n, v)| (n.clone(), json!(v)))
+            .collect();
+        let mut doc = json!({
             "name": self.name,
             "val_loss": self.val_loss,
+            "val_loss_by_domain": by_domain,
             "wall_s": self.wall_s,
             "tokens": self.tokens,
             "tokens_per_s": self.tokens as f64 / self.wall_s,
@@ -188,7 +283,11 @@ impl RunLog {
             "settled_within_0.01_from_step": settled,
             "affinity": self.affinity.to_json(),
             "steps": steps,
-        })
+        });
+        if let (Some(d), Some(e)) = (doc.as_object_mut(), self.extra.as_object()) {
+            d.extend(e.clone());
+        }
+        doc
     }
 }
 
@@ -359,7 +458,7 @@ pub fn plot(
     )?;
     panel(
         &panels[1],
-        "lambda (mean over layers)",
+        "lambda (one for all layers)",
         &one("ReMoE", series(remoe, |s| Some(s.lambda))),
         true,
         None,
@@ -384,20 +483,25 @@ pub fn plot(
     Ok(())
 }
 
-/// Writes `log.json`, `training.png` and `affinity.txt` under `dir` and prints the summary.
+/// Writes `log.json` (`config`, both runs, and the keys of `more` at the top level),
+/// `training.png` and `affinity.txt` under `dir` and prints the affinity tables.
 pub fn write_all(
     dir: &Path,
     config: Value,
     remoe: &RunLog,
     topk: Option<&RunLog>,
     target: f64,
+    more: Value,
 ) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(dir)?;
-    let doc = json!({
+    let mut doc = json!({
         "config": config,
         "remoe": remoe.to_json(target),
         "topk": topk.map(|t| t.to_json(target)),
     });
+    if let (Some(d), Some(m)) = (doc.as_object_mut(), more.as_object()) {
+        d.extend(m.clone());
+    }
     std::fs::write(dir.join("log.json"), serde_json::to_string_pretty(&doc)?)?;
     let mut text = format!(
         "{} expert-domain affinity (held-out set)\n{}",
@@ -430,14 +534,40 @@ pub fn write_all(
 
 /// Prints a run's summary lines.
 pub fn summarise(log: &RunLog, target: Option<f64>) {
+    let speed = if log.tokens > 0 {
+        format!(
+            "wall {:.1} s, {:.0} tokens/s",
+            log.wall_s,
+            log.tokens as f64 / log.wall_s
+        )
+    } else {
+        "no steps trained here".to_string()
+    };
     println!(
-        "{}: validation loss {:.4} nats/byte; wall {:.1} s, {:.0} tokens/s; specialisation {:.3} (1/D = {:.3})",
+        "{}: validation loss {:.4} nats/byte; {speed}; specialisation {:.3} (1/D = {:.3})",
         log.name,
         log.val_loss,
-        log.wall_s,
-        log.tokens as f64 / log.wall_s,
         log.affinity.specialisation(),
-        1.0 / DOMAINS.len() as f64
+        1.0 / log.affinity.names.len().max(1) as f64
+    );
+    let names = &log.affinity.names;
+    let per = |v: &[f64], prec: usize| -> String {
+        names
+            .iter()
+            .zip(v)
+            .map(|(n, x)| format!("{n} {x:.prec$}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !log.val_by_domain.is_empty() {
+        println!(
+            "  validation loss by domain: {}",
+            per(&log.val_by_domain, 4)
+        );
+    }
+    println!(
+        "  active experts per token by domain (mean over layers): {}",
+        per(&log.affinity.active_by_domain(), 3)
     );
     if let Some(target) = target {
         let half = log.steps.len() / 2;
@@ -457,5 +587,56 @@ pub fn summarise(log: &RunLog, target: Option<f64>) {
             "  MoE layers' share of the step time: {:.1}% ({how})",
             100.0 * share
         );
+    }
+}
+
+/// Mean and sample standard deviation.
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n.max(1.0);
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (m, var.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affinity_counts_routes_and_active_experts_by_domain() {
+        let names = vec!["a".to_string(), "b".to_string()];
+        let mut aff = Affinity::new(1, 2, &names);
+        // Three tokens: a routed to expert 0; b to both; b to none.
+        aff.add(&[0, 1, 1], &[vec![1, 0, 1, 1, 0, 0]]);
+        assert_eq!(aff.domain_tokens, vec![1, 2]);
+        assert_eq!(aff.counts[0], vec![vec![1, 1], vec![0, 1]]);
+        assert_eq!(aff.active_per_token(0, 0), 1.0);
+        assert_eq!(aff.active_per_token(0, 1), 1.0);
+        // Expert 0: 1 of 1 a-token, 1 of 2 b-tokens: shares 2/3, 1/3.
+        let s = aff.shares(0, 0);
+        assert!((s[0] - 2.0 / 3.0).abs() < 1e-12 && (s[1] - 1.0 / 3.0).abs() < 1e-12);
+        assert!(aff.table().contains("active"));
+    }
+
+    #[test]
+    fn step_logs_round_trip_through_json() {
+        let s = StepLog {
+            step: 3,
+            lr: 1e-4,
+            lm_loss: 2.5,
+            reg_loss: 1e-3,
+            sparsity: None,
+            lambda: 1e-8,
+            tokens_per_s: 1e5,
+            grad_norm: Some(0.7),
+            mem_gib: None,
+        };
+        let t = StepLog::from_json(&s.to_json()).unwrap();
+        assert_eq!(format!("{s:?}"), format!("{t:?}"));
+        assert_eq!(mean_std(&[1.0, 3.0]), (2.0, 2f64.sqrt()));
     }
 }

@@ -333,20 +333,4 @@ impl DeviceStats {
             active_experts_histogram: None,
         })
     }
-
-    /// The balance loss as a scalar f32 tensor, copied on the device (4 bytes, no host read).
-    pub(crate) fn balance_loss(&self, cdev: &CudaDevice) -> candle_core::Result<Tensor> {
-        let v = self
-            .dev
-            .stream()
-            .clone_dtod(&self.stats_f32.slice(1..2))
-            .map_err(driver_err)?;
-        let storage = CudaStorage::wrap_cuda_slice(v, cdev.clone());
-        Ok(Tensor::from_storage(
-            Storage::Cuda(storage),
-            (),
-            BackpropOp::none(),
-            false,
-        ))
-    }
 }

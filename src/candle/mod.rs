@@ -87,10 +87,14 @@
 //! The balance regulariser (ReMoE's L1 term, TopK's aux loss) is not a node of the graph: the
 //! layer op's backward adds its gradient to the router's, at [`SharedRouting`]'s
 //! `balance_grad_scale` (default 1), as Megatron's `MoEAuxLossAutoScaler` does. So a model that
-//! only calls `forward` (`x.apply(&moe)`) trains with it, with no host read in the backward;
-//! its value is a statistic ([`RoutingStats::balance_loss`], or the detached scalar of
-//! [`MoeLayer::forward_with_loss`]) to log or add to a logged loss. One [`SharedRouting`] per
-//! model holds the one adaptive lambda of all its layers, fed by training forwards only.
+//! only calls `forward` (`x.apply(&moe)`) trains with it, with no host read in the backward,
+//! and its loss is the task loss alone (adding the regulariser's value would count its gradient
+//! twice). The value is a statistic, [`RoutingStats::balance_loss`], to log. A loss divided by N
+//! micro-batches (or scaled for mixed precision) sets the same factor as
+//! [`SharedRouting::set_balance_grad_scale`]. One [`SharedRouting`] per model holds the one
+//! adaptive lambda of all its layers, fed by training forwards only, stepped once per optimiser
+//! step; a training loop reads each layer's [`MoeLayer::check_device_errors`] now and then
+//! (once per step is cheap: it waits for the stream).
 //!
 //! ## Statistics
 //!
@@ -141,7 +145,7 @@ mod stats;
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{Module, Tensor, Var, WithDType};
+use candle_core::{Module, Tensor, WithDType};
 use candle_nn::{Init, VarBuilder};
 
 use crate::capacity::PairCapacity;
@@ -168,17 +172,6 @@ pub const INIT: Init = Init::Randn {
     mean: 0.0,
     stdev: 0.02,
 };
-
-/// What [`MoeLayer::forward_with_loss`] gives.
-#[derive(Debug, Clone)]
-pub struct MoeOutput {
-    /// The layer's output, x's shape and dtype.
-    pub out: Tensor,
-    /// The balance loss's value (ReMoE's L1 regulariser at the current lambda, or TopK's aux
-    /// loss at c), a detached scalar f32: its gradient is already in `out`'s backward, so
-    /// adding it to the loss changes the logged value only.
-    pub balance_loss: Tensor,
-}
 
 /// A ReMoE or TopK MoE layer for candle, computing in `T` (bf16 or f16); see the module
 /// documentation.
@@ -279,210 +272,28 @@ impl<T: CandleElement> MoeLayer<T> {
             cfg.experts,
             cfg.experts_per_token,
         );
-        Ok(Self::assemble(
-            cfg.router_kind(),
+        Ok(Self {
+            router_kind: cfg.router_kind(),
             coeff,
-            routing.clone(),
+            routing: routing.clone(),
             dims,
             routed,
             shared,
-            cfg.routed_scale,
-        ))
-    }
-
-    fn assemble(
-        router_kind: RouterKind,
-        coeff: CallCoeff,
-        routing: SharedRouting,
-        dims: (usize, usize, usize, usize),
-        routed: Routed,
-        shared: Option<SharedExpert>,
-        routed_scale: f64,
-    ) -> Self {
-        Self {
-            router_kind,
-            coeff,
-            routing,
-            dims,
-            routed,
-            shared,
-            routed_scale,
+            routed_scale: cfg.routed_scale,
             pool: Arc::new(Mutex::new(Vec::new())),
             capacity: PairCapacity::default(),
             sink: Arc::new(Mutex::new(None)),
             #[cfg(feature = "candle-cuda")]
             dev_cache: Arc::new(Mutex::new(None)),
-        }
+        })
     }
 
-    /// A ReMoE layer with its own adaptive lambda and parameters `router` \[H,E\], `gate`, `up`
-    /// \[E,H,F\], `down` \[E,F,H\] in the crate's layout, in `vb`'s dtype, which must be `T`.
-    ///
-    /// Superseded by [`MoeLayer::new`] (checkpoint names, f32 masters, one lambda per model).
-    pub fn remoe(
-        vb: VarBuilder,
-        hidden: usize,
-        ffn: usize,
-        experts: usize,
-        k: usize,
-    ) -> candle_core::Result<Self> {
-        Self::remoe_with_controller(vb, hidden, ffn, experts, k, 1e-8, 1.2)
-    }
-
-    /// [`remoe`](Self::remoe) with the controller's starting lambda and step factor.
-    ///
-    /// Superseded by [`MoeLayer::new`] with [`Lambda::Adaptive`].
-    pub fn remoe_with_controller(
-        vb: VarBuilder,
-        hidden: usize,
-        ffn: usize,
-        experts: usize,
-        k: usize,
-        lambda0: f64,
-        alpha: f64,
-    ) -> candle_core::Result<Self> {
-        let cfg = MoeConfig {
-            router: MoeRouter::Relu {
-                lambda: Lambda::Adaptive { lambda0, alpha },
-            },
-            ..MoeConfig::remoe(hidden, ffn, experts, k)
-        };
-        Self::from_crate_layout(&cfg, vb)
-    }
-
-    /// A TopK layer (softmax top-k, Switch aux loss at `aux_coeff`) in the crate's layout, as
-    /// [`remoe`](Self::remoe).
-    ///
-    /// Superseded by [`MoeLayer::new`] with [`MoeRouter::TopK`].
-    pub fn topk(
-        vb: VarBuilder,
-        hidden: usize,
-        ffn: usize,
-        experts: usize,
-        k: usize,
-        aux_coeff: f64,
-    ) -> candle_core::Result<Self> {
-        let cfg = MoeConfig {
-            router: MoeRouter::TopK {
-                renormalize: false,
-                aux_coeff,
-            },
-            ..MoeConfig::remoe(hidden, ffn, experts, k)
-        };
-        Self::from_crate_layout(&cfg, vb)
-    }
-
-    fn from_crate_layout(cfg: &MoeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let want = <T as WithDType>::DTYPE;
-        if vb.dtype() != want {
-            candle_core::bail!(
-                "remoe: the VarBuilder's dtype is {:?}, the layer's {want:?}",
-                vb.dtype()
-            )
-        }
-        check_device(vb.device())?;
-        let routing = SharedRouting::new(cfg, vb.device())?;
-        let (h, f, e) = (cfg.hidden_size, cfg.expert_ffn, cfg.experts);
-        let tensors = [
-            vb.get_with_hints((h, e), "router", INIT)?,
-            vb.get_with_hints((e, h, f), "gate", INIT)?,
-            vb.get_with_hints((e, h, f), "up", INIT)?,
-            vb.get_with_hints((e, f, h), "down", INIT)?,
-        ];
-        Self::from_stacked(cfg, routing, tensors)
-    }
-
-    fn from_stacked(
-        cfg: &MoeConfig,
-        routing: SharedRouting,
-        tensors: [Tensor; 4],
-    ) -> candle_core::Result<Self> {
-        let coeff = if routing.is_adaptive() {
-            CallCoeff::Shared(routing.clone())
-        } else {
-            CallCoeff::Fixed(routing.0.fixed)
-        };
-        let dims = (
-            cfg.hidden_size,
-            cfg.expert_ffn,
-            cfg.experts,
-            cfg.experts_per_token,
-        );
-        Ok(Self::assemble(
-            cfg.router_kind(),
-            coeff,
-            routing,
-            dims,
-            Routed::Stacked(tensors),
-            None,
-            1.0,
-        ))
-    }
-
-    /// A layer whose parameters are new [`Var`]s holding `w` (the crate's layout) on `device`,
-    /// with its own lambda (ReMoE) or c = `aux_coeff` (TopK).
-    ///
-    /// Superseded by [`MoeLayer::new`] over a `VarBuilder` of the checkpoint.
-    pub fn from_host_weights(
-        router_kind: RouterKind,
-        w: &HostMoeWeights<T>,
-        k: usize,
-        aux_coeff: f64,
-        device: &candle_core::Device,
-    ) -> candle_core::Result<Self> {
-        check_device(device)?;
-        let (h, f, e) = (w.hidden(), w.ffn(), w.experts());
-        let var = |v: &[T], shape: &[usize]| -> candle_core::Result<Tensor> {
-            let t = Tensor::from_slice(v, shape, device)?;
-            Ok(Var::from_tensor(&t)?.as_tensor().clone())
-        };
-        let p = w.params();
-        let tensors = [
-            var(&p.router, &[h, e])?,
-            var(&p.gate, &[e, h, f])?,
-            var(&p.up, &[e, h, f])?,
-            var(&p.down, &[e, f, h])?,
-        ];
-        let router = match router_kind {
-            RouterKind::Relu => MoeRouter::Relu {
-                lambda: Lambda::PAPER,
-            },
-            RouterKind::TopK => MoeRouter::TopK {
-                renormalize: false,
-                aux_coeff,
-            },
-            RouterKind::TopKNormalized => MoeRouter::TopK {
-                renormalize: true,
-                aux_coeff,
-            },
-        };
-        let cfg = MoeConfig {
-            router,
-            ..MoeConfig::remoe(h, f, e, k)
-        };
-        cfg.validate().map_err(candle_err)?;
-        let routing = SharedRouting::new(&cfg, device)?;
-        Self::from_stacked(&cfg, routing, tensors)
-    }
-
-    /// Every parameter as a [`Var`], for an optimiser (a `VarMap`'s `all_vars()` holds the same
-    /// for layers made by [`MoeLayer::new`]). They share storage with the layer's tensors.
-    pub fn vars(&self) -> candle_core::Result<Vec<Var>> {
-        self.parameters()
-            .into_iter()
-            .map(Var::from_tensor)
-            .collect()
-    }
-
-    /// Every parameter tensor as stored: the router first, then the experts' (the crate-layout
-    /// constructors: gate, up, down stacked; [`MoeLayer::new`]: each expert's gate, up, down at
-    /// the checkpoint's layout), then the shared expert's.
-    pub fn parameters(&self) -> Vec<&Tensor> {
-        params::all(&self.routed, self.shared.as_ref())
-    }
-
-    /// The routed experts' and router's parameters copied to the host in the crate's layout (in
-    /// `T`), e.g. to save them with [`HostMoeWeights::save`] in another checkpoint layout.
+    /// The weights the layer computes with, copied to the host: the router and routed experts
+    /// stacked and cast to `T` as a forward does, in the crate's layout (router \[H,E\], gate and
+    /// up \[E,H,F\], down \[E,F,H\]). For checking the layer against the crate's reference
+    /// ([`crate::reference`] takes this layout and these values), or to save the layer with
+    /// [`HostMoeWeights::save`] in another checkpoint layout; `varmap.save()` writes the masters
+    /// themselves at the checkpoint's names. Not the shared expert's.
     pub fn host_weights(&self) -> candle_core::Result<HostMoeWeights<T>> {
         let (h, f, e, _) = self.dims;
         let host = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
@@ -499,22 +310,6 @@ impl<T: CandleElement> MoeLayer<T> {
     /// The routing state this layer shares with the model's other layers.
     pub fn routing(&self) -> &SharedRouting {
         &self.routing
-    }
-
-    /// The balance loss's coefficient now: the adaptive lambda (a host read on CUDA), or the
-    /// fixed lambda or c.
-    pub fn coefficient(&self) -> candle_core::Result<f64> {
-        match &self.coeff {
-            CallCoeff::Fixed(c) => Ok(*c),
-            CallCoeff::Shared(r) => r.coefficient(),
-        }
-    }
-
-    /// Fixes this layer's balance-loss coefficient at `c` (lambda for ReMoE, which then leaves
-    /// the adaptive controller alone; c for TopK). A value outside [0, 1e6] makes the next
-    /// forward fail with [`Error::InvalidConfig`](crate::Error::InvalidConfig).
-    pub fn set_fixed_coefficient(&mut self, c: f64) {
-        self.coeff = CallCoeff::Fixed(c);
     }
 
     /// Sets how many routed pairs the layer's CUDA contexts hold (see [`crate::capacity`]): the
@@ -543,17 +338,6 @@ impl<T: CandleElement> MoeLayer<T> {
         Ok(())
     }
 
-    /// Ends a training step for this layer alone: [`check_device_errors`](Self::check_device_errors),
-    /// then [`SharedRouting::step`] of its routing state.
-    ///
-    /// For the crate-layout constructors, whose layers each own a lambda. With a
-    /// [`SharedRouting`] given to several layers call its `step` once per optimiser step
-    /// instead: this would step the shared lambda once per layer.
-    pub fn end_step(&self) -> candle_core::Result<()> {
-        self.check_device_errors()?;
-        self.routing.step()
-    }
-
     /// The routing statistics of the layer's last forward (`None` before the first); see
     /// [`RoutingStats`]. On CUDA a host read that waits for the stream.
     pub fn routing_stats(&self) -> candle_core::Result<Option<RoutingStats>> {
@@ -563,23 +347,6 @@ impl<T: CandleElement> MoeLayer<T> {
             #[cfg(feature = "candle-cuda")]
             Some(LastStats::Device(d)) => d.read().map(Some),
         }
-    }
-
-    /// The layer on `x` and the balance loss's value of this forward as a detached scalar f32
-    /// (on CUDA copied on the device, no host read). The regulariser's gradient is in `out`'s
-    /// backward already, so `out` alone trains correctly; the loss is for logging.
-    pub fn forward_with_loss(&self, x: &Tensor) -> candle_core::Result<MoeOutput> {
-        let out = self.forward(x)?;
-        let balance_loss = match &*lock(&self.sink) {
-            Some(LastStats::Host(s)) => Tensor::new(s.balance_loss as f32, x.device())?,
-            #[cfg(feature = "candle-cuda")]
-            Some(LastStats::Device(d)) => match x.device() {
-                candle_core::Device::Cuda(c) => d.balance_loss(c)?,
-                other => candle_core::bail!("remoe: CUDA statistics for an input on {other:?}"),
-            },
-            None => candle_core::bail!("remoe: the forward left no statistics"),
-        };
-        Ok(MoeOutput { out, balance_loss })
     }
 
     /// The layer on no tokens: the empty output (x itself, detached: a tensor of no elements

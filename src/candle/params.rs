@@ -15,8 +15,8 @@ use crate::error::{Error, WeightsError};
 /// The routed experts' and router's parameters.
 pub(crate) enum Routed {
     /// In the kernels' layout and the compute dtype, used as they are: router \[H,E\], gate and
-    /// up \[E,H,F\], down \[E,F,H\] (the crate-layout constructors, and a checkpoint's constant
-    /// tensors, stacked once at construction).
+    /// up \[E,H,F\], down \[E,F,H\] (a checkpoint's constant tensors, stacked once at
+    /// construction).
     Stacked([Tensor; 4]),
     /// At a checkpoint's names and in its layout (trainable `Var`s): router \[E,H\] and each
     /// expert's gate, up \[F,H\] and down \[H,F\], stacked by every forward.
@@ -32,16 +32,6 @@ impl Routed {
         match self {
             Self::Stacked(t) => Ok(t.clone()),
             Self::PerExpert { router, experts } => stack(router, experts, dtype),
-        }
-    }
-
-    /// Every parameter tensor as stored.
-    pub(crate) fn tensors(&self) -> Vec<&Tensor> {
-        match self {
-            Self::Stacked(t) => t.iter().collect(),
-            Self::PerExpert { router, experts } => std::iter::once(router)
-                .chain(experts.iter().flatten())
-                .collect(),
         }
     }
 }
@@ -99,13 +89,6 @@ impl SharedExpert {
             Some(w) => y.broadcast_mul(&candle_nn::ops::sigmoid(&lin(w, x)?)?),
         }
     }
-
-    fn tensors(&self) -> Vec<&Tensor> {
-        [&self.gate, &self.up, &self.down]
-            .into_iter()
-            .chain(self.gate_weight.as_ref())
-            .collect()
-    }
 }
 
 /// The parameters of `cfg`'s layer from `vb` (the layer's prefix: Mixtral
@@ -158,15 +141,6 @@ pub(crate) fn from_builder(
         Routed::Stacked(stack(&router, &experts, compute)?)
     };
     Ok((routed, shared))
-}
-
-/// Every parameter of a layer: the routed ones, then the shared expert's.
-pub(crate) fn all<'a>(routed: &'a Routed, shared: Option<&'a SharedExpert>) -> Vec<&'a Tensor> {
-    let mut v = routed.tensors();
-    if let Some(s) = shared {
-        v.extend(s.tensors());
-    }
-    v
 }
 
 /// Sets every `Var` of `varmap` from the safetensors files `shards` (a sharded checkpoint, in
