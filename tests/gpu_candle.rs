@@ -177,7 +177,11 @@ fn a_small_candle_model_trains() {
     let moe = MoeLayer::<bf16>::new(&cfg, &routing, vb.pp("moe")).unwrap();
     let head = candle_nn::linear_no_bias(h, h, vb.pp("head")).unwrap();
 
-    let x = Tensor::from_slice(&bf16_vec(&rng.vec_uniform(t * h, 1.0)), (t, h), &cdev).unwrap();
+    // x in f32, the head's dtype: the layer computes in bf16 and returns x's dtype.
+    let x = Tensor::from_slice(&rng.vec_uniform(t * h, 1.0), (t, h), &cdev)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     let target = Tensor::from_slice(&rng.vec_uniform(t * h, 0.5), (t, h), &cdev)
         .unwrap()
         .to_dtype(DType::F32)

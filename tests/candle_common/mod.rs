@@ -28,6 +28,10 @@ pub fn bf(v: Vec<f64>) -> Vec<f64> {
 }
 
 pub fn f64_of(t: &Tensor) -> Vec<f64> {
+    // candle's CUDA kernels refuse an empty launch grid (T = 0): nothing to convert.
+    if t.elem_count() == 0 {
+        return Vec::new();
+    }
     t.to_dtype(DType::F64)
         .unwrap()
         .flatten_all()
