@@ -2,7 +2,7 @@
 # Runs on the lent GPU machine, from the bundle scripts/gpu-bundle made (see there).
 #   bash .gpu-bundle/run-suite.sh [--no-tests | --sanitizers-only] [--no-sanitizer] [--sanitizers LIST]
 #                                 [--sanitizer-timeout SECONDS] [--sanitizer-jobs N] [--filter TEST]
-#                                 [--bins NAME,NAME] [--sanitizer-deadline SECONDS]
+#                                 [--bins NAME,NAME] [--sanitizer-deadline SECONDS] [--racecheck-jobs N]
 #                                 [--bench] [--criterion FILTER] [--no-quick]
 # Every test binary runs with REMOE_REQUIRE_GPU=1. Then every GPU test binary (tests/gpu_*, and
 # the lib's unit tests) runs again under each compute-sanitizer tool: memcheck, racecheck (hazard
@@ -38,6 +38,7 @@ sanitizers="memcheck,initcheck,synccheck,racecheck"
 sanitizer_timeout=600
 san_jobs=8
 san_deadline=0
+race_jobs=3
 only_bins=""
 filter=()
 bench=0
@@ -51,6 +52,7 @@ while [[ $# -gt 0 ]]; do
     --sanitizer-timeout) sanitizer_timeout="$2"; shift ;;
     --sanitizer-jobs) san_jobs="$2"; shift ;;
     --sanitizer-deadline) san_deadline="$2"; shift ;;
+    --racecheck-jobs) race_jobs="$2"; shift ;;
     --bins) only_bins="$2"; shift ;;
     --filter) filter=("$2"); shift ;;
     --no-tests) tests=0; sanitize=0 ;;
@@ -214,14 +216,27 @@ if [[ $sanitize -eq 1 ]]; then
         done < <("$bin" --list --format terse "${filter[@]}" 2>/dev/null | sed -n 's/: test$//p')
       done
     done
-    echo "=== sanitizers: $n runs, $san_jobs at a time (logs: $out/sanitizer-<tool>.log)"
+    echo "=== sanitizers: $n runs, $san_jobs at a time ($race_jobs for racecheck) (logs: $out/sanitizer-<tool>.log)"
     san_start=$SECONDS
     # --sanitizer-deadline S: stop starting runs after S seconds (those left are "not run" in the
     # summary, which then fails), so that a time-limited machine still reports what finished.
-    deadline=()
-    [[ "$san_deadline" -gt 0 ]] && deadline=(timeout "$san_deadline")
-    tr '\n' '\0' <"$jobs_file" |
-      "${deadline[@]}" xargs -0 -P "$san_jobs" -I{} bash -c 'IFS=$'"'"'\t'"'"' read -r t b x l <<<"$1"; run_san_job "$t" "$b" "$x" "$l"' _ {}
+    # Racecheck holds far more host memory per process than the other tools (tens of GB on the
+    # larger tests): 14 of them at once on a 128 GB machine were killed by the kernel (rc 9).
+    # So racecheck runs get their own pass, --racecheck-jobs at a time.
+    run_pass() { # <jobs> <tool filter: racecheck | others>
+      local left=0
+      if [[ "$san_deadline" -gt 0 ]]; then
+        left=$((san_deadline - (SECONDS - san_start)))
+        [[ $left -le 0 ]] && return 0
+      fi
+      local deadline=()
+      [[ $left -gt 0 ]] && deadline=(timeout "$left")
+      if [[ "$2" == racecheck ]]; then grep -P '^racecheck\t' "$jobs_file"; else grep -vP '^racecheck\t' "$jobs_file"; fi |
+        tr '\n' '\0' |
+        "${deadline[@]}" xargs -0 -r -P "$1" -I{} bash -c 'IFS=$'"'"'\t'"'"' read -r t b x l <<<"$1"; run_san_job "$t" "$b" "$x" "$l"' _ {}
+    }
+    run_pass "$san_jobs" others
+    run_pass "$race_jobs" racecheck
     # Failures (or runs with no summary) once more, alone.
     declare -A rerun=()
     while IFS=$'\t' read -r tool bin test log; do
