@@ -845,11 +845,16 @@ fn backwards_in_different_orders_fail_on_every_rank_and_in_step_are_bitwise() {
             })
             .collect()
     });
-    assert!(
-        start.elapsed() < TIMEOUT / 2,
-        "the ranks waited {:?}",
-        start.elapsed()
-    );
+    // The ranks fail on the mismatched header, not by waiting out the link's timeout. Under
+    // compute-sanitizer every launch is slow enough (racecheck took 22 s here) that elapsed
+    // time cannot tell the two apart; the errors above are checked either way.
+    if !common::under_compute_sanitizer() {
+        assert!(
+            start.elapsed() < TIMEOUT / 2,
+            "the ranks waited {:?}",
+            start.elapsed()
+        );
+    }
     for (rank, run) in runs.iter().enumerate() {
         let peer = 1 - rank;
         let order = if rank == 0 { [1, 0] } else { [0, 1] };
