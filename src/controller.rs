@@ -176,6 +176,18 @@ impl LambdaController {
         ffi::check("lambda_step", code)
     }
 
+    /// Sets this controller's lambda to `other`'s, on the device (8 bytes, no host read): a
+    /// copy that forwards may use without recording into `other` (the candle layer's
+    /// evaluation forwards). Both must be on the same device.
+    #[cfg(feature = "candle-cuda")]
+    pub(crate) fn copy_lambda_from(&mut self, other: &LambdaController) -> Result<()> {
+        other.expect_device(&self.dev)?;
+        self.dev
+            .stream()
+            .memcpy_dtod(&other.lambda, &mut self.lambda)?;
+        Ok(())
+    }
+
     /// The current lambda, read back (waits for the stream).
     pub fn lambda(&self) -> Result<f64> {
         Ok(self.dev.stream().clone_dtoh(&self.lambda)?[0])

@@ -45,7 +45,6 @@ fn crate_device<T: CandleElement>(
 pub(crate) struct DeviceLambda {
     main: LambdaController,
     shadow: LambdaController,
-    dev: Device,
 }
 
 impl DeviceLambda {
@@ -60,7 +59,7 @@ impl DeviceLambda {
             LambdaController::with_params(&dev, lambda0, alpha, target).map_err(candle_err)?;
         let shadow =
             LambdaController::with_params(&dev, lambda0, alpha, target).map_err(candle_err)?;
-        Ok(Self { main, shadow, dev })
+        Ok(Self { main, shadow })
     }
 
     pub(crate) fn lambda(&self) -> candle_core::Result<f64> {
@@ -77,10 +76,9 @@ impl DeviceLambda {
         if record {
             return Ok(&mut self.main);
         }
-        self.dev
-            .stream()
-            .memcpy_dtod(&self.main.lambda, &mut self.shadow.lambda)
-            .map_err(driver_err)?;
+        self.shadow
+            .copy_lambda_from(&self.main)
+            .map_err(candle_err)?;
         Ok(&mut self.shadow)
     }
 }
@@ -181,10 +179,7 @@ pub(crate) fn layer_forward<T: CandleElement>(
     rl: &Layout,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let (h, _, e, _) = call.dims;
-    let (t, xh) = xl.shape().dims2()?;
-    if xh != h {
-        bail!("remoe: x is [{t}, {xh}], the layer's hidden size is {h}")
-    }
+    let t = call.tokens(xl)?;
     let dev = crate_device(call, &xs.device)?;
     let guards = call.experts.each_ref().map(|w| w.storage_and_layout());
     let [g, u, d] = expert_weights(call, &guards)?;

@@ -123,6 +123,16 @@ impl<T: CandleElement> LayerCall<T> {
         let (h, f, e, k) = self.dims;
         LayerConfig::new(tokens, h, f, e, k)
     }
+
+    /// T of the layer op's input x \[T,H\], whose H must be the layer's (either device).
+    pub(crate) fn tokens(&self, x: &Layout) -> candle_core::Result<usize> {
+        let (h, ..) = self.dims;
+        let (t, xh) = x.shape().dims2()?;
+        if xh != h {
+            bail!("remoe: x is [{t}, {xh}], the layer's hidden size is {h}")
+        }
+        Ok(t)
+    }
 }
 
 /// Ties Wg, Wu, Wd into the graph: its output is a one-element placeholder the layer op takes
@@ -293,10 +303,7 @@ fn cpu_forward<T: CandleElement>(
     rl: &Layout,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let (h, _, e, _) = call.dims;
-    let (t, xh) = xl.shape().dims2()?;
-    if xh != h {
-        bail!("remoe: x is [{t}, {xh}], the layer's hidden size is {h}")
-    }
+    let t = call.tokens(xl)?;
     let cfg = call.config(t);
     cfg.validate().map_err(candle_err)?;
     let x = host_f64(xs, xl, "x")?;
