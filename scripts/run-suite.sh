@@ -176,11 +176,17 @@ san_fail=0
 # test that fails while others ran beside it (out of memory, a timeout) runs once more alone,
 # and the summary says so: that result is the one counted.
 run_san_job() {
-  local tool="$1" bin="$2" test="$3" log="$4" opts=()
+  local tool="$1" bin="$2" test="$3" log="$4" opts=(--print-limit 50)
   # Hazards only (each with its source line, from -lineinfo), not the race analysis reports.
-  [[ "$tool" == racecheck ]] && opts=(--racecheck-report hazard)
+  [[ "$tool" == racecheck ]] && opts=(--racecheck-report hazard --print-limit 50)
+  # initcheck reports reads of other libraries' buffers that it cannot see written (README):
+  # every report is printed, without host backtraces, so that the summary can name the kernel
+  # of each one rather than the first 50.
+  [[ "$tool" == initcheck ]] && opts=(--show-backtrace device --print-limit 1000000)
   local t0=$SECONDS
-  timeout "$sanitizer_timeout" compute-sanitizer --tool "$tool" "${opts[@]}" --print-limit 50 \
+  # The tests read the tool's name (tests/common's sanitizer_tool) where a tool needs a
+  # smaller case than the others.
+  REMOE_SANITIZER_TOOL="$tool" timeout "$sanitizer_timeout" compute-sanitizer --tool "$tool" "${opts[@]}" \
     --error-exitcode 86 "$bin" --test-threads=1 --exact "$test" >"$log.out" 2>&1
   local rc=$?
   { echo "=== $tool $(basename "$bin") $test (rc=$rc, $((SECONDS - t0))s)"; cat "$log.out"; } >"$log"
@@ -257,7 +263,7 @@ if [[ $sanitize -eq 1 ]]; then
       for bin in "${san_bins[@]}"; do
         [[ -e "$bin" ]] || continue
         name="$(basename "$bin")"
-        bin_rc=0 errors=0 checked=0 bad=() reruns=0 not_run=0
+        bin_rc=0 errors=0 checked=0 bad=() reruns=0 not_run=0 tb_logs=()
         while IFS=$'\t' read -r t b test log; do
           [[ "$t" == "$tool" && "$b" == "$bin" ]] || continue
           if [[ ! -e "$log.rc" || ! -e "$log" ]]; then
@@ -265,6 +271,7 @@ if [[ $sanitize -eq 1 ]]; then
             continue
           fi
           cat "$log" >>"$tool_log"
+          tb_logs+=("$log")
           [[ -e "$log.first" ]] && { echo "(an earlier run beside others:)"; cat "$log.first"; } >>"$tool_log"
           rc="$(cat "$log.rc")"
           [[ -n "${rerun[$log]:-}" ]] && reruns=$((reruns + 1))
@@ -284,6 +291,13 @@ if [[ $sanitize -eq 1 ]]; then
         done <"$jobs_file"
         what=$([[ $tool == racecheck ]] && echo hazards || echo errors)
         line="$checked tests with GPU work, $errors $what"
+        # Which kernels the reports are in, most first (the reports printed: all of them for
+        # initcheck, the first 50 per test for the other tools).
+        if [[ $errors -gt 0 ]]; then
+          kernels="$(grep -hE '^=========     at ' "${tb_logs[@]}" 2>/dev/null |
+            sed -E 's/^=========     at (void )?([^ +(<]+).*/\2/' | sort | uniq -c | sort -rn | head -8 | awk '{ printf "%s%s %s", (NR > 1 ? ", " : ""), $2, $1 }')"
+          [[ -n "$kernels" ]] && line+=" (in: $kernels)"
+        fi
         [[ $reruns -gt 0 ]] && line+=" ($reruns rerun alone after failing beside others)"
         if [[ $not_run -gt 0 ]]; then
           line+="; $not_run tests NOT RUN (deadline)"

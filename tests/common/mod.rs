@@ -74,6 +74,15 @@ pub fn under_compute_sanitizer() -> bool {
     mapped || injected
 }
 
+/// The compute-sanitizer tool this process runs under, where scripts/run-suite.sh says so
+/// (REMOE_SANITIZER_TOOL: memcheck, racecheck, initcheck or synccheck); `None` otherwise,
+/// also under a sanitizer started by hand.
+pub fn sanitizer_tool() -> Option<String> {
+    std::env::var("REMOE_SANITIZER_TOOL")
+        .ok()
+        .filter(|_| under_compute_sanitizer())
+}
+
 /// Optimiser steps for a training test: `plain` in a plain run; under compute-sanitizer a dozen,
 /// which run every kernel of a step (forward, backward, controller, optimiser) many times over.
 /// The sanitizers check kernels, not convergence, and their cost grows with every launch (a
