@@ -22,9 +22,10 @@
 # $OUT/bench-quick.json. It fails the suite when it exits non-zero: a configuration part that
 # failed (an error such as CapacityExceeded, or a panic) is a FAILED row there. --no-quick skips
 # it; --bench replaces it with the full report.
-# --bench runs the kernel-level check of the GEMM paths (tools/gemm-paths), the examples (one
+# --bench runs the kernel-level check of the GEMM paths (tools/gemm-paths) and the examples (one
 # layer at config A, the full benchmark report, whose JSON lands in $OUT and whose failure fails
-# the suite, and with --candle bundles the main job, whose output lands in $OUT/train);
+# the suite): a bundle made by `scripts/gpu-bundle --bench`. The main job has its own bundle and
+# runner (scripts/run-train.sh);
 # --criterion runs the criterion layer bench restricted to FILTER (e.g. layer/A). Its shapes
 # come from REMOE_BENCH_SHAPES (benches/layer.rs); unset, and FILTER naming one shape as its
 # second part (layer/A, gemm/SM7b/dx), only that shape is set up.
@@ -319,12 +320,6 @@ if [[ $bench -eq 1 ]]; then
       grep -E "^(A|D) |router|PASSED|FAILED" | cut -c1-170
   fi
   { echo "=== remoe_layer"; "$here/examples/remoe_layer" 2>&1; } | tee -a "$out/examples.log" | tail -5
-  if [[ -x "$here/candle/train" ]]; then
-    font="$here/candle/DejaVuSans.ttf"
-    { echo "=== train (the main job)"
-      REMOE_PLOT_FONT="${REMOE_PLOT_FONT:-$font}" "$here/candle/train" --out "$out/train" 2>&1; } |
-      tee -a "$out/examples.log" | grep -vE '^ *\[' | tail -12
-  fi
   start=$SECONDS
   { echo "=== bench_report"; "$here/examples/bench_report" --json "$out/bench-report.json" 2>&1; } |
     tee -a "$out/examples.log" | tail -45

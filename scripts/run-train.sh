@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine, from the bundle `scripts/gpu-bundle --candle` makes in
+# .gpu-bundle-train/ (the main job is too large to travel beside the test binaries):
+#
+#   run(command="bash .gpu-bundle-train/run-train.sh PHASE [EXTRA FLAGS]", carry=[".gpu-bundle-train"])
+#
+# The main job's evidence at the paper's 182M shape (docs/TRAINING.md), one phase per call, each
+# inside the device tool's ten minutes:
+#   remoe   ReMoE for the default five minutes, sampled after --prompt, saved to $CKPT;
+#   topk    TopK for the same steps and learning rates, from that checkpoint: ReMoE resumes with
+#           nothing left to train (its evaluation and plots again), then TopK trains. $CKPT lives
+#           on the machine, not in the carried folder, so this call must follow `remoe` while the
+#           machine is still held (it is given back after 30 s idle);
+#   seeds   the validation comparison over three seeds at a shorter budget (SEED_MINUTES, default
+#           1: three ReMoE/TopK pairs of one minute each).
+# What the job writes goes to $OUT/train-PHASE.tgz, its log to $OUT/train-PHASE.log; a short
+# digest is printed last.
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+phase="${1:?phase: remoe, topk or seeds}"
+shift
+out="${OUT:-$here/out}"
+ckpt="${CKPT:-/tmp/remoe-main-ckpt}"
+mkdir -p "$out"
+for packed in "$here"/*.gz; do
+  [[ -e "$packed" ]] && gunzip -f "$packed"
+done
+chmod +x "$here/train"
+# candle links CUDA 13's libraries (libcublas.so.13, ...): the toolkit's folder on the loader path.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.13'; then
+  lib=$(find /usr/local/cuda*/ /opt /usr/lib -name 'libcublas.so.13' 2>/dev/null | head -1)
+  [[ -n "$lib" ]] && export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+export REMOE_PLOT_FONT="${REMOE_PLOT_FONT:-$here/DejaVuSans.ttf}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+echo "commit: $(cat "$here/COMMIT" 2>/dev/null | tr '\n' ' ')"
+case "$phase" in
+  remoe) flags=(--no-topk --save "$ckpt" --prompt "fn main() {") ;;
+  topk)
+    [[ -e "$ckpt" ]] || { echo "run-train.sh: no checkpoint at $ckpt (run the remoe phase first, on this machine)"; exit 2; }
+    # --steps 0: ReMoE has nothing left to train; TopK replays its learning rates from the
+    # checkpoint's history, so it trains the same steps (docs/TRAINING.md).
+    flags=(--resume "$ckpt" --steps 0 --prompt "fn main() {") ;;
+  seeds) flags=(--minutes "${SEED_MINUTES:-1}" --seeds 3 --timing-steps 0 --check-steps 0) ;;
+  *) echo "run-train.sh: unknown phase $phase"; exit 2 ;;
+esac
+start=$SECONDS
+"$here/train" "${flags[@]}" "$@" --out "$out/train-$phase" >"$out/train-$phase.log" 2>&1
+rc=$?
+(cd "$out" && tar czf "train-$phase.tgz" "train-$phase" && rm -rf "train-$phase")
+echo "=== train $phase: rc=$rc, $((SECONDS - start)) s (log: train-$phase.log)"
+# The digest: everything but the progress lines and the affinity tables' rows.
+grep -vE '^ *\[|^ +[0-9]+ +[0-9. ]+$' "$out/train-$phase.log" | tail -70 | cut -c1-220
+exit $rc
