@@ -208,8 +208,8 @@ impl MoeConfig {
         Ok(())
     }
 
-    /// The crate's router for this configuration.
-    pub(crate) fn router_kind(&self) -> crate::moe::RouterKind {
+    /// The raw API's router kind for this configuration (what [`crate::moe_forward`] takes).
+    pub fn router_kind(&self) -> crate::moe::RouterKind {
         use crate::moe::RouterKind;
         match self.router {
             MoeRouter::Relu { .. } => RouterKind::Relu,

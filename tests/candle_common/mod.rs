@@ -20,8 +20,6 @@ use remoe_kernels::reference::{
 use remoe_kernels::LayerConfig;
 use remoe_testkit::rng::{seeded, TestRng, UniformVec};
 
-use remoe_kernels::RouterKind;
-
 use super::common::{rel_err, router_term_scales, seed_note, HostProblem};
 
 /// `v` rounded to bf16, back in f64: what the layer's bf16 compute sees exactly.
@@ -127,19 +125,6 @@ impl Problem {
     /// The routed layer's dOut: d loss / d out scaled by the routed experts' scale.
     pub fn dout(&self) -> Vec<f64> {
         self.g.iter().map(|g| g * self.cfg.routed_scale).collect()
-    }
-
-    /// The crate's router kind of the config's router.
-    pub fn router_kind(&self) -> RouterKind {
-        match self.cfg.router {
-            MoeRouter::Relu { .. } => RouterKind::Relu,
-            MoeRouter::TopK {
-                renormalize: false, ..
-            } => RouterKind::TopK,
-            MoeRouter::TopK {
-                renormalize: true, ..
-            } => RouterKind::TopKNormalized,
-        }
     }
 
     /// The routed layer alone, as the raw-API tests' problems are.
@@ -423,7 +408,7 @@ pub fn check_against_reference_in<T: CandleElement>(
     // T = 1 nothing averages it out): their bound adds bf16's unit round-off times the size of
     // the summed terms, as tests/gpu_backward.rs's does (common::router_term_scales).
     // On the CPU the layer is the reference itself (f64): no round-off to allow for.
-    let scales = router_term_scales(pr.router_kind(), &pr.host_problem(), coeff, &pr.dout());
+    let scales = router_term_scales(pr.cfg.router_kind(), &pr.host_problem(), coeff, &pr.dout());
     let u = if dev.is_cpu() { 0.0 } else { BF16_ROUNDOFF };
     let (dx_terms, router_terms) = (u * scales.dx(), u * scales.dwr());
     assert_within_terms(&dx, &want.grads.dx, tol, dx_terms, &format!("{what}: dx"));
