@@ -428,9 +428,10 @@ fn gpu_config_a_from_a_dense_start_is_dropless() {
     let seed = fresh_seed();
     // Under racecheck, T = 2048: racecheck instruments every shared-memory access, and at
     // T = 16384 this test ran past 330 s alone on an H100 (memcheck: 16 s). Its hazards are
-    // within a thread block, whose code does not depend on T; at T = 2048 every expert still
-    // has 16 row tiles per projection, so each persistent block runs several tiles and the
-    // pipeline's wrap-around is covered. memcheck, initcheck and synccheck run config A itself.
+    // within a thread block, whose code does not depend on T; at T = 2048 and density 1.0 every
+    // expert still has 16 row tiles per projection, so each persistent block runs several
+    // tiles and the pipeline's wrap-around is covered. memcheck, initcheck and synccheck run
+    // config A itself.
     let tokens = if common::sanitizer_tool().as_deref() == Some("racecheck") {
         2048
     } else {
