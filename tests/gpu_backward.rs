@@ -141,23 +141,17 @@ fn check_backward(
     let row_slack = |rows: &[f64]| -> Vec<f64> { rows.iter().map(|v| BF16_ROUNDOFF * v).collect() };
     let (dx_slack, dwr_slack) = (row_slack(&scales.dx_rows), row_slack(&scales.dwr_rows));
     for i in 0..5 {
-        let err = rel_err(&got[i], &want[i]);
-        let abs: f64 = got[i]
-            .iter()
-            .zip(&want[i])
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum::<f64>()
-            .sqrt();
-        let norm: f64 = want[i].iter().map(|v| v * v).sum::<f64>().sqrt();
         let slack = match i {
             0 => dx_scale,
             1 => dwr_scale,
             _ => 0.0,
         };
-        assert!(
-            abs.is_finite() && abs <= 1e-2 * norm + BF16_ROUNDOFF * slack,
-            "{what}: {} rel err {err:e} (abs {abs:e}, norm {norm:e}, term scale {slack:e})",
-            NAMES[i]
+        assert_within_terms(
+            &got[i],
+            &want[i],
+            1e-2,
+            BF16_ROUNDOFF * slack,
+            &format!("{what}: {}", NAMES[i]),
         );
         let (cols, rows_slack, skip): (usize, &[f64], &[bool]) = match i {
             0 => (h, &dx_slack, &flips),
@@ -172,9 +166,6 @@ fn check_backward(
     }
     got
 }
-
-/// bf16's unit round-off, 2^-8.
-const BF16_ROUNDOFF: f64 = 1.0 / 256.0;
 
 /// One shape of the ReMoE backward against the reference, on a GPU when there is one. Each shape
 /// is its own test so that a failure names it, and so that compute-sanitizer, which runs every
@@ -763,17 +754,13 @@ fn check_normalized_backward_non_finite(
             w.iter().all(|v| v.is_finite()),
             "{what}: reference {name} is not finite"
         );
-        let abs: f64 = g
-            .iter()
-            .zip(w)
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum::<f64>()
-            .sqrt();
-        let norm: f64 = w.iter().map(|v| v * v).sum::<f64>().sqrt();
         let slack = if i == 0 { scales.dwr() } else { 0.0 };
-        assert!(
-            abs.is_finite() && abs <= 1e-2 * norm + BF16_ROUNDOFF * slack,
-            "{what}: {name} abs err {abs:e}, norm {norm:e}"
+        assert_within_terms(
+            g,
+            w,
+            1e-2,
+            BF16_ROUNDOFF * slack,
+            &format!("{what}: {name}"),
         );
         if flips.iter().any(|&f| f) {
             continue;

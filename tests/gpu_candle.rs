@@ -36,15 +36,6 @@ fn bf16_vec(v: &[f64]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f64(x)).collect()
 }
 
-fn f64_of(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
-
 /// loss = sum(out * G) through the candle module at a larger shape than the shared checks
 /// (T 192, H 64, F 96, E 8, k 2), with the regulariser's gradient at scale w
 /// (`SharedRouting::set_balance_grad_scale`) and at scale 0, against the reference's forward
@@ -281,8 +272,8 @@ fn the_candle_layer_is_dropless_and_reports_device_errors() {
         let y = layer.forward(xv.as_tensor())?;
         let grads = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
         let dx = grads.get(xv.as_tensor()).expect("dx");
-        let out = f64_of(&y);
-        let dx = f64_of(dx);
+        let out = candle_common::f64_of(&y);
+        let dx = candle_common::f64_of(dx);
         drop(grads);
         drop(y);
         layer.check_device_errors()?;

@@ -27,9 +27,7 @@ use remoe_kernels::{
 };
 use remoe_testkit::rng::{fresh_seed, seeded, Rng, StandardNormal};
 
-/// bf16's unit round-off, 2^-8.
-const BF16_ROUNDOFF: f64 = 1.0 / 256.0;
-/// f16's unit round-off, 2^-11.
+/// f16's unit round-off, 2^-11 (bf16's is common::BF16_ROUNDOFF).
 const F16_ROUNDOFF: f64 = 1.0 / 2048.0;
 /// The f16 layer's bounds, whole tensor and per row: a fifth of the bf16 tests' 1e-2 and
 /// `ROW_REL_BOUND` (f16 rounds 8 times finer than bf16). See `check_layer_f16`.

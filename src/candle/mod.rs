@@ -156,6 +156,7 @@ use crate::weights::HostMoeWeights;
 pub use config::{Family, Lambda, MoeConfig, MoeRouter, SharedExpertConfig};
 pub use ops::CandleElement;
 pub use params::load_shards_into_varmap;
+use routing::check_device;
 pub use routing::SharedRouting;
 pub use stats::RoutingStats;
 
@@ -202,24 +203,6 @@ impl<T: CandleElement> std::fmt::Debug for MoeLayer<T> {
             .field("k", &k)
             .field("shared_expert", &self.shared.is_some())
             .finish()
-    }
-}
-
-/// Refuses devices the layer does not run on, before any parameter is made.
-fn check_device(dev: &candle_core::Device) -> candle_core::Result<()> {
-    match dev {
-        candle_core::Device::Cpu => Ok(()),
-        #[cfg(feature = "candle-cuda")]
-        candle_core::Device::Cuda(_) => Ok(()),
-        #[allow(unreachable_patterns)]
-        other => candle_core::bail!(
-            "remoe: the layer runs on the CPU{} only, not on {other:?}",
-            if cfg!(feature = "candle-cuda") {
-                " and CUDA devices"
-            } else {
-                " (CUDA: the `candle-cuda` feature)"
-            }
-        ),
     }
 }
 

@@ -67,6 +67,29 @@ impl std::fmt::Debug for SharedRouting {
     }
 }
 
+/// Refuses devices the layer does not run on, before any parameter is made.
+pub(super) fn check_device(dev: &candle_core::Device) -> candle_core::Result<()> {
+    match dev {
+        candle_core::Device::Cpu => Ok(()),
+        #[cfg(feature = "candle-cuda")]
+        candle_core::Device::Cuda(_) => Ok(()),
+        #[allow(unreachable_patterns)]
+        other => Err(unsupported_device(other)),
+    }
+}
+
+fn unsupported_device(dev: &candle_core::Device) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "remoe: the layer runs on the CPU{} only, not on {dev:?}",
+        if cfg!(feature = "candle-cuda") {
+            " and CUDA devices"
+        } else {
+            " (CUDA: the `candle-cuda` feature)"
+        }
+    ))
+    .bt()
+}
+
 impl SharedRouting {
     /// The shared state for the layers of `cfg` on `device`: for ReMoE with
     /// [`Lambda::Adaptive`], a controller starting at lambda_0 with the target sparsity 1 - k/E;
@@ -89,14 +112,7 @@ impl SharedRouting {
                         super::cuda::DeviceLambda::new(c, lambda0, alpha, target)?,
                     )),
                     #[allow(unreachable_patterns)]
-                    other => candle_core::bail!(
-                        "remoe: the layer runs on the CPU{} only, not on {other:?}",
-                        if cfg!(feature = "candle-cuda") {
-                            " and CUDA devices"
-                        } else {
-                            " (CUDA: the `candle-cuda` feature)"
-                        }
-                    ),
+                    other => return Err(unsupported_device(other)),
                 };
                 (Some(Mutex::new(ctl)), 0.0)
             }

@@ -20,7 +20,9 @@ use remoe_kernels::reference::{
 use remoe_kernels::LayerConfig;
 use remoe_testkit::rng::{seeded, TestRng, UniformVec};
 
-use super::common::{rel_err, router_term_scales, seed_note, HostProblem};
+use super::common::{
+    assert_within_terms, rel_err, router_term_scales, seed_note, HostProblem, BF16_ROUNDOFF,
+};
 
 /// `v` rounded to bf16, back in f64: what the layer's bf16 compute sees exactly.
 pub fn bf(v: Vec<f64>) -> Vec<f64> {
@@ -334,26 +336,6 @@ pub fn check_against_reference(
     check_against_reference_in::<bf16>(pr, coeff, scale, tol, what, dev)
 }
 
-/// bf16's unit round-off, 2^-8 (the f16 cases use it too: a looser bound than f16's 2^-11).
-const BF16_ROUNDOFF: f64 = 1.0 / 256.0;
-
-/// ||got - want|| <= tol ||want|| + `slack`: the relative bound plus the round-off of the terms
-/// a cancelling sum adds up (see [`check_against_reference`]).
-fn assert_within_terms(got: &[f64], want: &[f64], tol: f64, slack: f64, what: &str) {
-    let abs: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f64>()
-        .sqrt();
-    let norm: f64 = want.iter().map(|v| v * v).sum::<f64>().sqrt();
-    assert!(
-        abs.is_finite() && abs <= tol * norm + slack,
-        "{what}: rel err {:e} (abs {abs:e}, norm {norm:e}, round-off slack {slack:e})",
-        rel_err(got, want)
-    );
-}
-
 /// [`check_against_reference`] computing in `T`.
 pub fn check_against_reference_in<T: CandleElement>(
     pr: &Problem,
@@ -407,7 +389,8 @@ pub fn check_against_reference_in<T: CandleElement>(
     // dX and the router's gradient go through dR = dOut . y, a dot product that can cancel (at
     // T = 1 nothing averages it out): their bound adds bf16's unit round-off times the size of
     // the summed terms, as tests/gpu_backward.rs's does (common::router_term_scales).
-    // On the CPU the layer is the reference itself (f64): no round-off to allow for.
+    // On the CPU the layer is the reference itself (f64): no round-off to allow for. The f16
+    // cases take bf16's round-off too: a looser bound than f16's 2^-11.
     let scales = router_term_scales(pr.cfg.router_kind(), &pr.host_problem(), coeff, &pr.dout());
     let u = if dev.is_cpu() { 0.0 } else { BF16_ROUNDOFF };
     let (dx_terms, router_terms) = (u * scales.dx(), u * scales.dwr());

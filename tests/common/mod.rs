@@ -382,6 +382,27 @@ impl RouterTermScales {
     }
 }
 
+/// bf16's unit round-off, 2^-8.
+pub const BF16_ROUNDOFF: f64 = 1.0 / 256.0;
+
+/// ||got - want|| <= tol ||want|| + `slack` (and finite): a relative bound, plus the round-off
+/// of the terms a cancelling sum adds up where there is one (u times a [`RouterTermScales`]
+/// norm; 0 elsewhere).
+pub fn assert_within_terms(got: &[f64], want: &[f64], tol: f64, slack: f64, what: &str) {
+    let abs: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = want.iter().map(|v| v * v).sum::<f64>().sqrt();
+    assert!(
+        abs.is_finite() && abs <= tol * norm + slack,
+        "{what}: rel err {:e} (abs {abs:e}, norm {norm:e}, round-off slack {slack:e})",
+        rel_err(got, want)
+    );
+}
+
 /// [`RouterTermScales`] of problem `p` (routed by the reference) with `dout` [T,H].
 pub fn router_term_scales(
     kind: RouterKind,
