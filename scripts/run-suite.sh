@@ -258,13 +258,28 @@ if [[ $sanitize -eq 1 ]]; then
         fi
       fi
     done <"$jobs_file"
+    # initcheck does not see the writes of candle's bf16/f16 matmuls (cuBLAS) on the H100, so
+    # candle's elementwise kernels reading their output are reported (README). A test's reports
+    # count as that known case only when the test passed and every one of its $2 reports is an
+    # uninitialised read in a kernel named as candle's unary and binary kernels are
+    # (u<op>_<dtype>, b<op>_<dtype>); none of this crate's kernels is named so (they end in
+    # _kernel), so a report in one of them still fails the run.
+    candle_only_initcheck() {
+      grep -qE 'test result: ok\. 1 passed' "$1" || return 1
+      local at ours reads
+      at="$(grep -cE '^=========     at ' "$1")"
+      ours="$(grep -E '^=========     at ' "$1" | sed -E 's/^=========     at (void )?([^ +(<]+).*/\2/' |
+        grep -cvE '^[ub][a-z0-9]+_(bf16|f16|f32|f64|u8|u32|i64)$')"
+      reads="$(grep -cE '========= Uninitialized __global__ memory read of size' "$1")"
+      [[ $at -eq $2 && $reads -eq $2 && $ours -eq 0 ]]
+    }
     for tool in "${tools[@]}"; do
       tool_log="$out/sanitizer-$tool.log"
       : >"$tool_log"
       for bin in "${san_bins[@]}"; do
         [[ -e "$bin" ]] || continue
         name="$(basename "$bin")"
-        bin_rc=0 errors=0 checked=0 bad=() reruns=0 not_run=0 tb_logs=()
+        bin_rc=0 errors=0 known=0 checked=0 bad=() reruns=0 not_run=0 tb_logs=()
         while IFS=$'\t' read -r t b test log; do
           [[ "$t" == "$tool" && "$b" == "$bin" ]] || continue
           if [[ ! -e "$log.rc" || ! -e "$log" ]]; then
@@ -283,6 +298,10 @@ if [[ $sanitize -eq 1 ]]; then
           checked=$((checked + 1))
           line="$(grep -E '(ERROR|RACECHECK) SUMMARY' "$log" | tail -1)"
           e="$(sed -nE 's/.*SUMMARY: ([0-9]+) (errors?|hazards?).*/\1/p' <<<"$line")"
+          if [[ $tool == initcheck && ${e:-0} -gt 0 ]] && candle_only_initcheck "$log" "$e"; then
+            known=$((known + e))
+            continue
+          fi
           errors=$((errors + ${e:-0}))
           if [[ $rc -ne 0 || -z "$e" ]]; then
             bin_rc=$rc
@@ -294,7 +313,8 @@ if [[ $sanitize -eq 1 ]]; then
         line="$checked tests with GPU work, $errors $what"
         # Which kernels the reports are in, most first (the reports printed: all of them for
         # initcheck, the first 50 per test for the other tools).
-        if [[ $errors -gt 0 ]]; then
+        [[ $known -gt 0 ]] && line+=" (and $known known reports, all in candle's elementwise kernels reading cuBLAS output: README)"
+        if [[ $((errors + known)) -gt 0 ]]; then
           kernels="$(grep -hE '^=========     at ' "${tb_logs[@]}" 2>/dev/null |
             sed -E 's/^=========     at (void )?([^ +(<]+).*/\2/' | sort | uniq -c | sort -rn | head -8 | awk '{ printf "%s%s %s", (NR > 1 ? ", " : ""), $2, $1 }')"
           [[ -n "$kernels" ]] && line+=" (in: $kernels)"
