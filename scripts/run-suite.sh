@@ -230,6 +230,24 @@ if [[ $sanitize -eq 1 ]]; then
     # Racecheck holds far more host memory per process than the other tools (tens of GB on the
     # larger tests): 14 of them at once on a 128 GB machine were killed by the kernel (rc 9).
     # So racecheck runs get their own pass, --racecheck-jobs at a time.
+    # The slowest runs start first, so that the pass does not end waiting on one long test that
+    # started last: the tests that took a minute or more under racecheck at a038e5a (H100, 4 jobs;
+    # seconds), in that order. Any other test keeps the list's order after them.
+    slow_first=(
+      gpu_config_a_from_a_dense_start_is_dropless           # 377
+      ep_backward_is_bitwise_the_one_gpu_layer              # 278
+      both_gemm_paths_agree_at_a_real_layer_size            # 136
+      a_small_candle_model_trains                           # 111
+      both_gemm_paths_agree_at_decode                       # 97
+      the_layer_from_a_config_matches_the_reference_on_cuda # 78
+      ep_forward_is_bitwise_the_one_gpu_layer_on_each_ranks_tokens # 65
+    )
+    by_slowness() {
+      awk -F'\t' -v slow="${slow_first[*]}" '
+        BEGIN { n = split(slow, s, " "); for (i = 1; i <= n; i++) rank[s[i]] = i }
+        { r = ($3 in rank) ? rank[$3] : n + 1; printf "%06d\t%06d\t%s\n", r, NR, $0 }' |
+        sort -t$'\t' -k1,1n -k2,2n | cut -f3-
+    }
     run_pass() { # <jobs> <tool filter: racecheck | others>
       local left=0
       if [[ "$san_deadline" -gt 0 ]]; then
@@ -239,7 +257,7 @@ if [[ $sanitize -eq 1 ]]; then
       local deadline=()
       [[ $left -gt 0 ]] && deadline=(timeout "$left")
       if [[ "$2" == racecheck ]]; then grep -P '^racecheck\t' "$jobs_file"; else grep -vP '^racecheck\t' "$jobs_file"; fi |
-        tr '\n' '\0' |
+        by_slowness | tr '\n' '\0' |
         "${deadline[@]}" xargs -0 -r -P "$1" -I{} bash -c 'IFS=$'"'"'\t'"'"' read -r t b x l <<<"$1"; run_san_job "$t" "$b" "$x" "$l"' _ {}
     }
     run_pass "$san_jobs" others
