@@ -406,6 +406,9 @@ struct Moe {
     layer: MoeLayer<bf16>,
     /// The router's master weight \[E, H\] (f32, the VarMap's `Var`), for the routing masks.
     router: Tensor,
+    /// Each expert's w1, w3 and w2 master weights (the VarMap's `Var`s, \[F,H\], \[F,H\],
+    /// \[H,F\]), for timing the layer's weight staging alone (`stage_weights`).
+    experts: [Vec<Tensor>; 3],
     kind: Kind,
     k: usize,
 }
@@ -432,12 +435,52 @@ impl Moe {
         let router = vb
             .pp("gate")
             .get((cfg.experts, cfg.hidden_size), "weight")?;
+        let (h, f) = (cfg.hidden_size, cfg.expert_ffn);
+        let expert = |name: &str, shape: (usize, usize)| {
+            (0..cfg.experts)
+                .map(|j| vb.pp("experts").pp(j).pp(name).get(shape, "weight"))
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
+        let experts = [
+            expert("w1", (f, h))?,
+            expert("w3", (f, h))?,
+            expert("w2", (h, f))?,
+        ];
         Ok(Self {
             layer,
             router,
+            experts,
             kind,
             k: cfg.experts_per_token,
         })
+    }
+
+    /// What every forward of the layer does to its parameters before its kernels run, written
+    /// out with the same candle ops as the crate's src/candle/params.rs (`stack`): the router
+    /// transposed and cast to bf16, and per projection the experts' \[out, in\] f32 matrices
+    /// stacked as transposed views (a strided copy) and cast to bf16. Returned summed to one
+    /// f32 scalar, so that its backward sends a gradient through the same casts and stack to
+    /// every master `Var`, as the layer's backward does (plus one reduction pass, and a gradient
+    /// of ones instead of the kernels').
+    fn stage_weights(&self) -> candle_core::Result<Tensor> {
+        let mut total = self
+            .router
+            .t()?
+            .to_dtype(DType::BF16)?
+            .contiguous()?
+            .to_dtype(DType::F32)?
+            .sum_all()?;
+        for w in &self.experts {
+            let views = w
+                .iter()
+                .map(|w| w.t())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let stacked = Tensor::stack(&views, 0)?
+                .to_dtype(DType::BF16)?
+                .contiguous()?;
+            total = (total + stacked.to_dtype(DType::F32)?.sum_all()?)?;
+        }
+        Ok(total)
     }
 
     /// The layer on `x` \[.., H\] (bf16): x's shape and dtype. The balance regulariser trains
@@ -566,6 +609,8 @@ struct Want {
     inputs: bool,
     /// The first layer's input and output on this many tokens (0: none).
     probe: usize,
+    /// Synchronise after each phase of the step and time it (`StepOut::phases`).
+    phases: bool,
 }
 
 /// What a forward gives.
@@ -936,6 +981,38 @@ struct StepOut {
     probe: Option<(Tensor, Tensor, HostMoeWeights<bf16>)>,
     /// Per micro-batch, each MoE layer's input.
     inputs: Vec<Vec<Tensor>>,
+    /// With `Want::phases`: seconds in each `Phases::NAMES` phase, synchronised after each.
+    phases: Option<Phases>,
+}
+
+/// A training step's time by phase, each ended by a device synchronisation (so the phases do
+/// not overlap, and their sum is a little more than an unsynchronised step).
+#[derive(Debug, Clone, Copy, Default)]
+struct Phases([f64; 5]);
+
+impl Phases {
+    const NAMES: [&'static str; 5] = [
+        "forwards (model and LM loss, routing statistics read)",
+        "backwards (and gradient accumulation)",
+        "gradient norm and clipping",
+        "AdamW",
+        "lambda step and device error check",
+    ];
+
+    /// Runs `f`, synchronises, and adds the elapsed time to phase `i` (when timing).
+    fn time<R>(
+        this: &mut Option<Self>,
+        dev: &Device,
+        i: usize,
+        f: impl FnOnce() -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let Some(p) = this else { return f() };
+        let t0 = Instant::now();
+        let r = f()?;
+        dev.synchronize()?;
+        p.0[i] += t0.elapsed().as_secs_f64();
+        Ok(r)
+    }
 }
 
 /// The training context of one run.
@@ -970,24 +1047,33 @@ impl Trainer<'_> {
             mem_used: None,
             probe: None,
             inputs: Vec::new(),
+            phases: want.phases.then(Phases::default),
         };
+        let dev = self.dev;
         for m in 0..n {
-            let (ids, tgt) = upload(b, m * self.micro, self.micro, self.args.seq, self.dev)?;
+            let (ids, tgt) = upload(b, m * self.micro, self.micro, self.args.seq, dev)?;
             let w = Want {
                 stats: true,
                 probe: if m == 0 { want.probe } else { 0 },
                 ..want
             };
-            let f = self.model.forward(&ids, w)?;
-            let lm = lm_loss(&f.logits, &tgt)?;
+            let model = &self.model;
+            let (f, lm) = Phases::time(&mut out.phases, dev, 0, || {
+                let f = model.forward(&ids, w)?;
+                let lm = lm_loss(&f.logits, &tgt)?;
+                Ok((f, lm))
+            })?;
             if m + 1 == n {
-                out.mem_used = device_memory(self.dev).map(|(u, _)| u);
+                out.mem_used = device_memory(dev).map(|(u, _)| u);
             }
-            let g = (&lm * (1.0 / n as f64))?.backward()?;
-            match acc.as_mut() {
-                None => acc = Some(g),
-                Some(a) => a.extend(g)?,
-            }
+            Phases::time(&mut out.phases, dev, 1, || {
+                let g = (&lm * (1.0 / n as f64))?.backward()?;
+                match acc.as_mut() {
+                    None => acc = Some(g),
+                    Some(a) => a.extend(g)?,
+                }
+                Ok(())
+            })?;
             lms.push(lm.detach());
             let layers = f.stats.len().max(1) as f64;
             reg += f.stats.iter().map(|s| s.balance_loss).sum::<f64>();
@@ -999,13 +1085,18 @@ impl Trainer<'_> {
             out.inputs.push(f.moe_inputs);
         }
         let mut grads = acc.expect("at least one micro-batch");
-        out.grad_norm = clip_gradients(&mut grads, &self.vars, self.args.clip)?;
+        let (vars, clip) = (&self.vars, self.args.clip);
+        out.grad_norm = Phases::time(&mut out.phases, dev, 2, || {
+            clip_gradients(&mut grads, vars, clip)
+        })?;
         if !out.grad_norm.is_finite() {
             candle_core::bail!("the gradient norm is {}", out.grad_norm)
         }
-        self.opt.step(&grads)?;
+        let opt = &mut self.opt;
+        Phases::time(&mut out.phases, dev, 3, || opt.step(&grads))?;
         drop(grads);
-        self.model.end_step()?;
+        let model = &self.model;
+        Phases::time(&mut out.phases, dev, 4, || model.end_step())?;
         let lm = (Tensor::stack(&lms, 0)?.sum_all()? / n as f64)?.to_scalar::<f32>()?;
         out.lm = f64::from(lm);
         out.reg = reg / n as f64;
@@ -1026,20 +1117,27 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// before and after), then the forward and backward of the MoE layers alone on that step's
 /// layer inputs (each layer's output summed and backpropagated, the regulariser's gradient
 /// included by the layer's backward; synchronised; training forwards off, so that lambda's
-/// controller does not record them). The share is the ratio of the medians. It leaves out the MoE parameters'
-/// AdamW update and includes the small sum that stands in for the rest of the network. These
-/// steps train the model further, so they run after everything else is measured.
+/// controller does not record them). The share is the ratio of the medians. It leaves out the MoE
+/// parameters' AdamW update and includes the small sum that stands in for the rest of the network.
+///
+/// Besides the share, where the step's time goes: each timed step is followed by a second
+/// training step synchronised after each phase (`Phases`), and by the MoE layers' weight staging
+/// alone (`Moe::stage_weights` and its backward, for every layer, as many times as a step has
+/// micro-batches), which is in the MoE layers' time above. These steps train the model further,
+/// so they run after everything else is measured.
 fn moe_share(
     tr: &mut Trainer,
     train: &Corpus,
     seed: u64,
     from_step: usize,
 ) -> candle_core::Result<(f64, String)> {
-    let (mut full, mut moe) = (Vec::new(), Vec::new());
+    let (mut full, mut moe, mut staging) = (Vec::new(), Vec::new(), Vec::new());
+    let mut phases: Vec<Phases> = Vec::new();
     const WARM: usize = 2;
     let (args, dev) = (tr.args, tr.dev);
+    let forwards = args.batch / tr.micro;
     for rep in 0..args.timing_steps + WARM {
-        let b = batch_for_step(train, seed, from_step + rep, args.batch, args.seq);
+        let b = batch_for_step(train, seed, from_step + 2 * rep, args.batch, args.seq);
         dev.synchronize()?;
         let t0 = Instant::now();
         let out = tr.step(
@@ -1064,21 +1162,55 @@ fn moe_share(
             }
             dev.synchronize()
         })?;
+        let t_moe = t1.elapsed().as_secs_f64();
+        drop(out);
+
+        let t2 = Instant::now();
+        for _ in 0..forwards {
+            for blk in &model.blocks {
+                blk.moe.stage_weights()?.backward()?;
+            }
+        }
+        dev.synchronize()?;
+        let t_staging = t2.elapsed().as_secs_f64();
+
+        let b = batch_for_step(train, seed, from_step + 2 * rep + 1, args.batch, args.seq);
+        let phased = tr.step(
+            &b,
+            Want {
+                phases: true,
+                ..Want::default()
+            },
+        )?;
         if rep >= WARM {
             full.push(t_full);
-            moe.push(t1.elapsed().as_secs_f64());
+            moe.push(t_moe);
+            staging.push(t_staging);
+            phases.extend(phased.phases);
         }
     }
-    let (f, m) = (median(full), median(moe));
+    let (f, m, st) = (median(full), median(moe), median(staging));
+    let by_phase = Phases::NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let ms = 1e3 * median(phases.iter().map(|p| p.0[i]).collect());
+            format!("{name} {ms:.1} ms")
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
     Ok((
         m / f,
         format!(
-            "median of {} steps: MoE layers' forward+backward alone {:.1} ms / whole step {:.1} ms ({} forwards of {} sequences), both synchronised",
+            "median of {} steps: MoE layers' forward+backward alone {:.1} ms / whole step {:.1} ms ({} forwards of {} sequences), both synchronised; \
+             of the MoE layers' time, their weight staging alone (stack, cast and their backward) {:.1} ms; \
+             a step synchronised after each phase: {by_phase}",
             args.timing_steps,
             1e3 * m,
             1e3 * f,
-            args.batch / tr.micro,
-            tr.micro
+            forwards,
+            tr.micro,
+            1e3 * st,
         ),
     ))
 }
