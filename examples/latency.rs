@@ -71,9 +71,10 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 use half::bf16;
 use remoe_kernels::graph::{capture, Graph};
+use remoe_kernels::reference::LayerParams;
 use remoe_kernels::{
-    moe_backward, remoe_forward, Coefficient, Device, DeviceTensor, Error, LayerConfig, MoeContext,
-    MoeGrads, MoeWeights,
+    moe_backward, remoe_forward, Coefficient, Device, DeviceMoeWeights, DeviceTensor, Error,
+    HostMoeWeights, LayerConfig, MoeContext, MoeGrads,
 };
 use remoe_testkit::rng::{seeded, Rng};
 use remoe_testkit::synthetic::{problem_with_density, to_bf16, uniform_density};
@@ -193,46 +194,23 @@ fn step_written_bytes(cfg: &LayerConfig) -> usize {
     (3 * cfg.experts * cfg.hidden * cfg.ffn + cfg.hidden * cfg.experts) * 4
 }
 
-/// One copy of a shape's weights on one device.
-struct Weights {
-    router: DeviceTensor<bf16>,
-    gate: DeviceTensor<bf16>,
-    up: DeviceTensor<bf16>,
-    down: DeviceTensor<bf16>,
-}
-
-impl Weights {
-    fn upload(
-        dev: &Device,
-        cfg: &LayerConfig,
-        router: &[bf16],
-        [gate, up, down]: [&[bf16]; 3],
-    ) -> Result<Self, Error> {
-        let (h, f, e) = (cfg.hidden, cfg.ffn, cfg.experts);
-        Ok(Self {
-            router: DeviceTensor::from_host(dev, router, &[h, e])?,
-            gate: DeviceTensor::from_host(dev, gate, &[e, h, f])?,
-            up: DeviceTensor::from_host(dev, up, &[e, h, f])?,
-            down: DeviceTensor::from_host(dev, down, &[e, f, h])?,
-        })
-    }
-
-    fn views(&self) -> MoeWeights<'_, bf16> {
-        MoeWeights {
-            router: &self.router,
-            gate: &self.gate,
-            up: &self.up,
-            down: &self.down,
-        }
-    }
+/// A drawn problem's weights in bf16.
+fn bf16_weights(cfg: &LayerConfig, p: &LayerParams<f64>) -> Result<HostMoeWeights<bf16>, Error> {
+    let params = LayerParams {
+        router: to_bf16(&p.router),
+        gate: to_bf16(&p.gate),
+        up: to_bf16(&p.up),
+        down: to_bf16(&p.down),
+    };
+    HostMoeWeights::new(cfg.hidden, cfg.ffn, cfg.experts, params)
 }
 
 /// A shape's inputs: X of the drawn batch on the host, and the weights' copies on each device.
 struct Inputs {
     /// X [DRAWN_TOKENS, H].
     x: Vec<bf16>,
-    tracked: Vec<Weights>,
-    untracked: Vec<Weights>,
+    tracked: Vec<DeviceMoeWeights<bf16>>,
+    untracked: Vec<DeviceMoeWeights<bf16>>,
 }
 
 impl Inputs {
@@ -247,7 +225,9 @@ impl Inputs {
         let density = uniform_density(cfg.experts, cfg.k as f64 / cfg.experts as f64);
         let p = problem_with_density(cfg, &density, seed);
         let mut x = to_bf16(&p.x);
-        let router = to_bf16(&p.params.router);
+        let host = bf16_weights(&cfg, &p.params)?;
+        drop(p);
+        let router = &host.params().router;
         // A decode step is one token routed to about k experts; ReLU routing sends some tokens
         // to none (at seed 70, E8k1's first). The first token of the batch is therefore one that
         // routes to exactly k experts (its logits from the bf16 operands, summed in f64), so
@@ -268,14 +248,9 @@ impl Inputs {
                 x.swap(i, first * h + i);
             }
         }
-        let gate = to_bf16(&p.params.gate);
-        let up = to_bf16(&p.params.up);
-        let down = to_bf16(&p.params.down);
-        drop(p);
-        let experts = [&gate[..], &up[..], &down[..]];
         let copies = |dev: &Device| {
             (0..COPIES)
-                .map(|_| Weights::upload(dev, &cfg, &router, experts))
+                .map(|_| host.to_device(dev))
                 .collect::<Result<Vec<_>, _>>()
         };
         Ok(Self {
@@ -298,7 +273,7 @@ struct Training {
 /// gradients.
 struct Layer<'w> {
     cfg: LayerConfig,
-    weights: &'w [Weights],
+    weights: &'w [DeviceMoeWeights<bf16>],
     x: Vec<DeviceTensor<bf16>>,
     out: DeviceTensor<bf16>,
     inference: MoeContext<bf16>,
@@ -310,7 +285,7 @@ impl<'w> Layer<'w> {
     fn new(
         dev: &Device,
         cfg: LayerConfig,
-        weights: &'w [Weights],
+        weights: &'w [DeviceMoeWeights<bf16>],
         x: &[bf16],
         backward: bool,
     ) -> Result<Self, Error> {
@@ -354,7 +329,7 @@ impl<'w> Layer<'w> {
             &self.cfg,
             Coefficient::Fixed(COEFF),
             &self.x[i],
-            &self.weights[i].views(),
+            &self.weights[i].weights(),
             &mut self.out,
         )
     }
@@ -366,7 +341,7 @@ impl<'w> Layer<'w> {
             ));
         };
         let fixed = || Coefficient::Fixed(COEFF);
-        let w = self.weights[i].views();
+        let w = self.weights[i].weights();
         remoe_forward(
             &mut tr.ctx,
             &self.cfg,
@@ -749,13 +724,7 @@ fn probe_tracked_capture() -> String {
         let e = cfg.experts;
         let p = problem_with_density(cfg, &uniform_density(e, 1.0 / e as f64), 70);
         let x = to_bf16(&p.x);
-        let (gate, up, down) = (
-            to_bf16(&p.params.gate),
-            to_bf16(&p.params.up),
-            to_bf16(&p.params.down),
-        );
-        let router = to_bf16(&p.params.router);
-        let w = [Weights::upload(&dev, &cfg, &router, [&gate, &up, &down])?];
+        let w = [bf16_weights(&cfg, &p.params)?.to_device(&dev)?];
         let mut l = Layer::new(&dev, cfg, &w, &x, false)?;
         l.forward(0)?;
         let g = capture(&dev, || l.forward(0))?;
