@@ -986,9 +986,15 @@ struct StepOut {
 }
 
 /// A training step's time by phase, each ended by a device synchronisation (so the phases do
-/// not overlap, and their sum is a little more than an unsynchronised step).
+/// not overlap, and their sum is a little more than an unsynchronised step): the whole phase, and
+/// the host's part of it, up to the synchronisation. Where the two are close the phase is bound
+/// by the host enqueuing candle's ops, not by the GPU running them (the forwards' part includes
+/// the routing statistics' read, which waits for the GPU).
 #[derive(Debug, Clone, Copy, Default)]
-struct Phases([f64; 5]);
+struct Phases {
+    total: [f64; 5],
+    host: [f64; 5],
+}
 
 impl Phases {
     const NAMES: [&'static str; 5] = [
@@ -1009,8 +1015,9 @@ impl Phases {
         let Some(p) = this else { return f() };
         let t0 = Instant::now();
         let r = f()?;
+        p.host[i] += t0.elapsed().as_secs_f64();
         dev.synchronize()?;
-        p.0[i] += t0.elapsed().as_secs_f64();
+        p.total[i] += t0.elapsed().as_secs_f64();
         Ok(r)
     }
 }
@@ -1132,6 +1139,7 @@ fn moe_share(
     from_step: usize,
 ) -> candle_core::Result<(f64, String)> {
     let (mut full, mut moe, mut staging) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut moe_host, mut staging_host) = (Vec::new(), Vec::new());
     let mut phases: Vec<Phases> = Vec::new();
     const WARM: usize = 2;
     let (args, dev) = (tr.args, tr.dev);
@@ -1152,7 +1160,7 @@ fn moe_share(
 
         let model = &tr.model;
         let t1 = Instant::now();
-        model.evaluating(|| -> candle_core::Result<()> {
+        let t_moe_host = model.evaluating(|| -> candle_core::Result<f64> {
             for inputs in &out.inputs {
                 for (blk, x) in model.blocks.iter().zip(inputs) {
                     let x = Var::from_tensor(x)?;
@@ -1160,7 +1168,9 @@ fn moe_share(
                     y.sum_all()?.to_dtype(DType::F32)?.backward()?;
                 }
             }
-            dev.synchronize()
+            let host = t1.elapsed().as_secs_f64();
+            dev.synchronize()?;
+            Ok(host)
         })?;
         let t_moe = t1.elapsed().as_secs_f64();
         drop(out);
@@ -1171,6 +1181,7 @@ fn moe_share(
                 blk.moe.stage_weights()?.backward()?;
             }
         }
+        let t_staging_host = t2.elapsed().as_secs_f64();
         dev.synchronize()?;
         let t_staging = t2.elapsed().as_secs_f64();
 
@@ -1185,32 +1196,38 @@ fn moe_share(
         if rep >= WARM {
             full.push(t_full);
             moe.push(t_moe);
+            moe_host.push(t_moe_host);
             staging.push(t_staging);
+            staging_host.push(t_staging_host);
             phases.extend(phased.phases);
         }
     }
     let (f, m, st) = (median(full), median(moe), median(staging));
+    let (mh, sth) = (median(moe_host), median(staging_host));
     let by_phase = Phases::NAMES
         .iter()
         .enumerate()
         .map(|(i, name)| {
-            let ms = 1e3 * median(phases.iter().map(|p| p.0[i]).collect());
-            format!("{name} {ms:.1} ms")
+            let ms = 1e3 * median(phases.iter().map(|p| p.total[i]).collect());
+            let host = 1e3 * median(phases.iter().map(|p| p.host[i]).collect());
+            format!("{name} {ms:.1} ms (host {host:.1})")
         })
         .collect::<Vec<_>>()
         .join(", ");
     Ok((
         m / f,
         format!(
-            "median of {} steps: MoE layers' forward+backward alone {:.1} ms / whole step {:.1} ms ({} forwards of {} sequences), both synchronised; \
-             of the MoE layers' time, their weight staging alone (stack, cast and their backward) {:.1} ms; \
-             a step synchronised after each phase: {by_phase}",
+            "median of {} steps: MoE layers' forward+backward alone {:.1} ms (host {:.1}) / whole step {:.1} ms ({} forwards of {} sequences), both synchronised; \
+             of the MoE layers' time, their weight staging alone (stack, cast and their backward) {:.1} ms (host {:.1}); \
+             a step synchronised after each phase: {by_phase}; (host: the time until the host had enqueued the phase, before its synchronisation)",
             args.timing_steps,
             1e3 * m,
+            1e3 * mh,
             1e3 * f,
             forwards,
             tr.micro,
             1e3 * st,
+            1e3 * sth,
         ),
     ))
 }
