@@ -1013,13 +1013,24 @@ impl Phases {
         f: impl FnOnce() -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
         let Some(p) = this else { return f() };
-        let t0 = Instant::now();
-        let r = f()?;
-        p.host[i] += t0.elapsed().as_secs_f64();
-        dev.synchronize()?;
-        p.total[i] += t0.elapsed().as_secs_f64();
+        let (r, host, total) = timed(dev, f)?;
+        p.host[i] += host;
+        p.total[i] += total;
         Ok(r)
     }
+}
+
+/// Runs `f` and synchronises: its result, the seconds until `f` returned (the host's part: the
+/// time to enqueue its work) and the seconds until the device had run it.
+fn timed<R>(
+    dev: &Device,
+    f: impl FnOnce() -> candle_core::Result<R>,
+) -> candle_core::Result<(R, f64, f64)> {
+    let t0 = Instant::now();
+    let r = f()?;
+    let host = t0.elapsed().as_secs_f64();
+    dev.synchronize()?;
+    Ok((r, host, t0.elapsed().as_secs_f64()))
 }
 
 /// The training context of one run.
@@ -1159,31 +1170,28 @@ fn moe_share(
         let t_full = t0.elapsed().as_secs_f64();
 
         let model = &tr.model;
-        let t1 = Instant::now();
-        let t_moe_host = model.evaluating(|| -> candle_core::Result<f64> {
-            for inputs in &out.inputs {
-                for (blk, x) in model.blocks.iter().zip(inputs) {
-                    let x = Var::from_tensor(x)?;
-                    let y = blk.moe.forward(x.as_tensor())?;
-                    y.sum_all()?.to_dtype(DType::F32)?.backward()?;
+        let ((), t_moe_host, t_moe) = model.evaluating(|| {
+            timed(dev, || {
+                for inputs in &out.inputs {
+                    for (blk, x) in model.blocks.iter().zip(inputs) {
+                        let x = Var::from_tensor(x)?;
+                        let y = blk.moe.forward(x.as_tensor())?;
+                        y.sum_all()?.to_dtype(DType::F32)?.backward()?;
+                    }
                 }
-            }
-            let host = t1.elapsed().as_secs_f64();
-            dev.synchronize()?;
-            Ok(host)
+                Ok(())
+            })
         })?;
-        let t_moe = t1.elapsed().as_secs_f64();
         drop(out);
 
-        let t2 = Instant::now();
-        for _ in 0..forwards {
-            for blk in &model.blocks {
-                blk.moe.stage_weights()?.backward()?;
+        let ((), t_staging_host, t_staging) = timed(dev, || {
+            for _ in 0..forwards {
+                for blk in &model.blocks {
+                    blk.moe.stage_weights()?.backward()?;
+                }
             }
-        }
-        let t_staging_host = t2.elapsed().as_secs_f64();
-        dev.synchronize()?;
-        let t_staging = t2.elapsed().as_secs_f64();
+            Ok(())
+        })?;
 
         let b = batch_for_step(train, seed, from_step + 2 * rep + 1, args.batch, args.seq);
         let phased = tr.step(
