@@ -458,29 +458,29 @@ impl Moe {
     /// What every forward of the layer does to its parameters before its kernels run, written
     /// out with the same candle ops as the crate's src/candle/params.rs (`stack`): the router
     /// transposed and cast to bf16, and per projection the experts' \[out, in\] f32 matrices
-    /// stacked as transposed views (a strided copy) and cast to bf16. Returned summed to one
-    /// f32 scalar, so that its backward sends a gradient through the same casts and stack to
-    /// every master `Var`, as the layer's backward does (plus one reduction pass, and a gradient
-    /// of ones instead of the kernels').
-    fn stage_weights(&self) -> candle_core::Result<Tensor> {
-        let mut total = self
-            .router
-            .t()?
-            .to_dtype(DType::BF16)?
-            .contiguous()?
-            .to_dtype(DType::F32)?
-            .sum_all()?;
-        for w in &self.experts {
+    /// stacked as transposed views (a strided copy) and cast to bf16. The four staged tensors are
+    /// returned as they are: candle's `backward` seeds each with a contiguous tensor of ones of
+    /// its shape and dtype, which stands in for the gradient the kernels' backward writes, so the
+    /// timed backward is the layer's own (the cast and the stack in reverse, to every master
+    /// `Var`). At 1792342 the tensors were cast to f32 and summed to one scalar instead: that
+    /// reduction and its backward (a broadcast gradient cast back per tensor) cost more than the
+    /// staging itself, 272.9 ms against 149.2 ms for the MoE layers whole (H200).
+    fn stage_weights(&self) -> candle_core::Result<[Tensor; 4]> {
+        let stacked = |w: &[Tensor]| -> candle_core::Result<Tensor> {
             let views = w
                 .iter()
                 .map(|w| w.t())
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let stacked = Tensor::stack(&views, 0)?
+            Tensor::stack(&views, 0)?
                 .to_dtype(DType::BF16)?
-                .contiguous()?;
-            total = (total + stacked.to_dtype(DType::F32)?.sum_all()?)?;
-        }
-        Ok(total)
+                .contiguous()
+        };
+        Ok([
+            self.router.t()?.to_dtype(DType::BF16)?.contiguous()?,
+            stacked(&self.experts[0])?,
+            stacked(&self.experts[1])?,
+            stacked(&self.experts[2])?,
+        ])
     }
 
     /// The layer on `x` \[.., H\] (bf16): x's shape and dtype. The balance regulariser trains
@@ -987,9 +987,10 @@ struct StepOut {
 
 /// A training step's time by phase, each ended by a device synchronisation (so the phases do
 /// not overlap, and their sum is a little more than an unsynchronised step): the whole phase, and
-/// the host's part of it, up to the synchronisation. Where the two are close the phase is bound
-/// by the host enqueuing candle's ops, not by the GPU running them (the forwards' part includes
-/// the routing statistics' read, which waits for the GPU).
+/// the host's part of it, up to the synchronisation. A host part well below the whole means the
+/// GPU is behind; one close to it settles nothing, because the host also waits when CUDA's
+/// launch queue is full and at every read (the forwards' part includes the routing statistics'
+/// read).
 #[derive(Debug, Clone, Copy, Default)]
 struct Phases {
     total: [f64; 5],
@@ -1187,7 +1188,9 @@ fn moe_share(
         let ((), t_staging_host, t_staging) = timed(dev, || {
             for _ in 0..forwards {
                 for blk in &model.blocks {
-                    blk.moe.stage_weights()?.backward()?;
+                    for staged in blk.moe.stage_weights()? {
+                        staged.backward()?;
+                    }
                 }
             }
             Ok(())

@@ -12,8 +12,8 @@
 #           on the machine, not in the carried folder, so this call must follow `remoe` while the
 #           machine is still held (it is given back after 30 s idle);
 #   seeds   the validation comparison over seeds at a shorter budget: SEEDS pairs (default 2) from
-#           seed SEED0 (default 0), each run SEED_STEPS steps (default 100: ReMoE reaches its
-#           sparse stage at about step 90; 1.32 s a step on an H100, docs/TRAINING.md). Two pairs
+#           seed SEED0 (default 0), each run SEED_STEPS steps (default 90: ReMoE reaches its
+#           sparse stage at about step 80; a pair took 204 s on an H200, docs/TRAINING.md). Two pairs
 #           fit one ten-minute call, so three seeds are two calls: `seeds`, then
 #           `SEEDS=1 SEED0=2 bash .gpu-bundle-train/run-train.sh seeds`.
 # What the job writes goes to $OUT/train-PHASE.tgz, its log to $OUT/train-PHASE.log; a short
@@ -45,7 +45,7 @@ case "$phase" in
     # checkpoint's history, so it trains the same steps (docs/TRAINING.md).
     flags=(--resume "$ckpt" --steps 0 --prompt "fn main() {") ;;
   seeds)
-    flags=(--steps "${SEED_STEPS:-100}" --seeds "${SEEDS:-2}" --seed "${SEED0:-0}" --timing-steps 0
+    flags=(--steps "${SEED_STEPS:-90}" --seeds "${SEEDS:-2}" --seed "${SEED0:-0}" --timing-steps 0
       --check-steps 0) ;;
   *) echo "run-train.sh: unknown phase $phase"; exit 2 ;;
 esac
