@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One GPU bundle for HEAD with every patch of pending/ applied, so that one session's GPU run
+# (the suite on both paths, then the four sanitizers) checks all of them at once instead of one
+# bundle and one suite per patch:
+#
+#   bash pending/bundle-all.sh        # here, no GPU needed
+#   run(command="bash target/xb/pending/run-suite.sh ...", carry=["target/xb/pending"])
+#
+# It applies the patches in pending/README.md's order to a scratch worktree of HEAD
+# (PENDING_SCRATCH, default /tmp/pending-all), checks that the bindings match the patched header,
+# and runs scripts/gpu-bundle --candle there with its own target folder (PENDING_TARGET_DIR,
+# default /work/pending-target), then moves the bundle to target/xb/pending/ (git-ignored,
+# carried by the device tool) and the main job's to target/xb/pending-train/, each with a COMMIT
+# file naming HEAD and the patches. The first build in a new scratch path rebuilds cudarc and
+# candle (the CUDA stubs' path inside the scratch is part of their build): about eight minutes
+# on two cores at 3c2a1e3; a second run in the same (recreated) scratch path took about three.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+scratch="${PENDING_SCRATCH:-/tmp/pending-all}"
+target="${PENDING_TARGET_DIR:-/work/pending-target}"
+patches=(gemm-contract decode-path candle-staging)
+git -C "$root" worktree remove --force "$scratch" 2>/dev/null || true
+git -C "$root" worktree add -q --detach "$scratch" HEAD
+ln -sfn "$root/.toolchain" "$scratch/.toolchain"
+cd "$scratch"
+for p in "${patches[@]}"; do
+  git apply --3way "$root/pending/$p.patch"
+done
+scripts/update-bindings --check
+CARGO_TARGET_DIR="$target" CANDLE_TARGET_DIR="$target/candle" scripts/gpu-bundle --candle
+out="$root/target/xb/pending"
+rm -rf "$out" "$root/target/xb/pending-train"
+mkdir -p "$root/target/xb"
+mv .gpu-bundle "$out"
+mv .gpu-bundle-train "$root/target/xb/pending-train"
+echo "$(git -C "$root" rev-parse --short HEAD) + ${patches[*]}" | tee "$out/COMMIT" \
+  >"$root/target/xb/pending-train/COMMIT"
+du -sh "$out" "$root/target/xb/pending-train"
