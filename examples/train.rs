@@ -217,6 +217,12 @@ struct Args {
     /// Sampling temperature (0: greedy).
     #[arg(long, default_value_t = 0.8)]
     temperature: f64,
+    /// Bracket ReMoE's training step N (counted from 0) with the CUDA profiler's start and stop,
+    /// so that a profiler started with collection off (`ncu --profile-from-start off`, `nsys
+    /// profile -c cudaProfilerApi`) sees that one step's kernels and nothing else
+    /// (scripts/run-train.sh's `profile` phase). Synchronised before and after.
+    #[arg(long)]
+    profile_step: Option<usize>,
     /// Run f32 matmuls in full f32 instead of TF32.
     #[arg(long)]
     no_tf32: bool,
@@ -238,7 +244,7 @@ struct Args {
 impl Args {
     /// Every flag's value, as given or defaulted.
     fn to_json(&self) -> Value {
-        let pairs: [(&str, Value); 46] = [
+        let pairs: [(&str, Value); 47] = [
             ("minutes", json!(self.minutes)),
             ("steps", json!(self.steps)),
             ("batch", json!(self.batch)),
@@ -278,6 +284,7 @@ impl Args {
             ("prompt", json!(self.prompt)),
             ("sample_bytes", json!(self.sample_bytes)),
             ("temperature", json!(self.temperature)),
+            ("profile_step", json!(self.profile_step)),
             ("no_tf32", json!(self.no_tf32)),
             ("cpu", json!(self.cpu)),
             ("candle_cpu", json!(self.candle_cpu)),
@@ -312,6 +319,11 @@ impl Args {
         }
         if self.seeds == 0 {
             return Err("--seeds must be at least 1".into());
+        }
+        if let (Some(p), Some(n)) = (self.profile_step, self.steps) {
+            if p >= n {
+                return Err(format!("--profile-step {p} is past the last of --steps {n}").into());
+            }
         }
         Ok(())
     }
@@ -859,6 +871,34 @@ fn device_memory(dev: &Device) -> Option<(u64, u64)> {
 #[cfg(not(feature = "candle-cuda"))]
 fn device_memory(_: &Device) -> Option<(u64, u64)> {
     None
+}
+
+/// Starts (`on`) or stops the CUDA profiler's collection for this process's context, after the
+/// device has run everything enqueued, so that the profiled range holds exactly the work enqueued
+/// in between. Whether there was a profiler to call: not on a CPU device.
+#[cfg(feature = "candle-cuda")]
+fn profiler(dev: &Device, on: bool) -> candle_core::Result<bool> {
+    let Ok(cuda) = dev.as_cuda_device() else {
+        return Ok(false);
+    };
+    dev.synchronize()?;
+    cuda.cuda_stream()
+        .context()
+        .bind_to_thread()
+        .map_err(candle_core::Error::wrap)?;
+    if on {
+        cudarc::driver::profiler_start()
+    } else {
+        cudarc::driver::profiler_stop()
+    }
+    .map_err(candle_core::Error::wrap)?;
+    Ok(true)
+}
+
+/// Without candle's CUDA backend there is no profiler to start.
+#[cfg(not(feature = "candle-cuda"))]
+fn profiler(_: &Device, _: bool) -> candle_core::Result<bool> {
+    Ok(false)
 }
 
 /// The CUDA device's name.
@@ -1604,10 +1644,17 @@ fn train_gpu(
             probe: if check { 16 } else { 0 },
             ..Want::default()
         };
+        let profiled = extras.main && kind == Kind::Remoe && args.profile_step == Some(step);
+        if profiled {
+            profiler(tr.dev, true)?;
+        }
         let t0 = Instant::now();
         let out = tr.step(&b, want)?;
         let lambda = tr.model.coefficient()?;
         let dt = t0.elapsed().as_secs_f64();
+        if profiled && profiler(tr.dev, false)? {
+            bar.suspend(|| println!("{name} step {step}: profiled ({:.1} ms)", 1e3 * dt));
+        }
         trained_s += dt;
         if let Some((x, y, w)) = &out.probe {
             let r = tr.model.blocks[0].moe.reference_check(w, x, y)?;

@@ -16,9 +16,14 @@
 #           sparse stage at about step 80; a pair took 204 s on an H200, docs/TRAINING.md). Two pairs
 #           fit one ten-minute call, so three seeds are two calls: `seeds`, then
 #           `SEEDS=1 SEED0=2 bash .gpu-bundle-train/run-train.sh seeds`.
+#   profile where one step's GPU time goes: ReMoE to step PROFILE_STEP (default 100, the sparse
+#           stage) under ncu, which times each kernel of that step alone (`--profile-step`);
+#           kernel-times.py sums them by kernel against the unprofiled steps' wall time
+#           ($OUT/kernel-times.txt; the report is $OUT/ncu-profile.csv.gz). Not yet run on a GPU.
 # What the job writes goes to $OUT/train-PHASE.tgz, its log to $OUT/train-PHASE.log; a short
 # digest is printed last.
 set -uo pipefail
+prefix=()
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 phase="${1:?phase: remoe, topk or seeds}"
 shift
@@ -47,13 +52,35 @@ case "$phase" in
   seeds)
     flags=(--steps "${SEED_STEPS:-90}" --seeds "${SEEDS:-2}" --seed "${SEED0:-0}" --timing-steps 0
       --check-steps 0) ;;
+  profile)
+    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    [[ -n "$ncu" ]] || { echo "run-train.sh: no ncu on this machine"; exit 2; }
+    step="${PROFILE_STEP:-100}"
+    # Only the profiled step's kernels are measured (the job brackets it with the profiler's
+    # start and stop), one metric each: their durations, serialised by ncu.
+    prefix=(timeout 560 "$ncu" --profile-from-start off --metrics gpu__time_duration.sum --csv
+      --log-file "$out/ncu-profile.csv")
+    flags=(--no-topk --steps $((step + 1)) --profile-step "$step" --timing-steps 0
+      --check-steps 0 --val-bytes 16384) ;;
   *) echo "run-train.sh: unknown phase $phase"; exit 2 ;;
 esac
 start=$SECONDS
-"$here/train" "${flags[@]}" "$@" --out "$out/train-$phase" >"$out/train-$phase.log" 2>&1
+"${prefix[@]}" "$here/train" "${flags[@]}" "$@" --out "$out/train-$phase" >"$out/train-$phase.log" 2>&1
 rc=$?
+if [[ "$phase" == profile ]]; then
+  # The unprofiled step's wall time: the median of the ten steps before the profiled one.
+  wall=$(python3 -c '
+import json, statistics, sys
+log = json.load(open(sys.argv[1]))
+tokens, p = log["config"]["tokens_per_step"], int(sys.argv[2])
+print(statistics.median(1e3 * tokens / s["tokens_per_s"] for s in log["remoe"]["steps"] if p - 10 <= s["step"] < p))
+' "$out/train-$phase/log.json" "$step" 2>/dev/null)
+  python3 "$here/kernel-times.py" "$out/ncu-profile.csv" $wall >"$out/kernel-times.txt" 2>&1
+  gzip -f "$out/ncu-profile.csv"
+fi
 (cd "$out" && tar czf "train-$phase.tgz" "train-$phase" && rm -rf "train-$phase")
 echo "=== train $phase: rc=$rc, $((SECONDS - start)) s (log: train-$phase.log)"
 # The digest: everything but the progress lines and the affinity tables' rows.
 grep -vE '^ *\[|^ +[0-9]+ +[0-9. ]+$' "$out/train-$phase.log" | tail -70 | cut -c1-220
+[[ "$phase" == profile ]] && cut -c1-160 "$out/kernel-times.txt"
 exit $rc
