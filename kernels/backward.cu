@@ -292,20 +292,12 @@ int launch_router_backward_dense(const uint16_t *x, const uint16_t *wr, const fl
 
 }  // namespace
 
-extern "C" int remoe_pair_grad_prep_bf16(const uint16_t *dout, const float *row_dots,
-                                         int32_t groups, const uint32_t *pair_token,
-                                         const float *pair_gate, uint16_t *dy, float *dr,
-                                         const uint32_t *count, int32_t capacity, int32_t h,
-                                         remoe_stream_t stream) {
+extern "C" int remoe_pair_grad_prep_bf16 REMOE_PAIR_GRAD_PREP_PARAMS {
   return launch_pair_grad_prep<__nv_bfloat16>(dout, row_dots, groups, pair_token, pair_gate, dy,
                                               dr, count, capacity, h, (cudaStream_t)stream);
 }
 
-extern "C" int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *row_dots,
-                                        int32_t groups, const uint32_t *pair_token,
-                                        const float *pair_gate, uint16_t *dy, float *dr,
-                                        const uint32_t *count, int32_t capacity, int32_t h,
-                                        remoe_stream_t stream) {
+extern "C" int remoe_pair_grad_prep_f16 REMOE_PAIR_GRAD_PREP_PARAMS {
   return launch_pair_grad_prep<__half>(dout, row_dots, groups, pair_token, pair_gate, dy, dr,
                                        count, capacity, h, (cudaStream_t)stream);
 }
@@ -330,20 +322,12 @@ extern "C" int remoe_router_grad(const int32_t *pair_index, const float *dr,
   return (int)cudaGetLastError();
 }
 
-extern "C" int remoe_router_backward_dense_bf16(const uint16_t *x, const uint16_t *wr,
-                                                const float *dl, float *dxr, float *partial,
-                                                float *dwr, int32_t t, int32_t h, int32_t e,
-                                                int32_t slices, int32_t accumulate,
-                                                remoe_stream_t stream) {
+extern "C" int remoe_router_backward_dense_bf16 REMOE_ROUTER_BACKWARD_DENSE_PARAMS {
   return launch_router_backward_dense<__nv_bfloat16>(x, wr, dl, dxr, partial, dwr, t, h, e,
                                                      slices, accumulate, (cudaStream_t)stream);
 }
 
-extern "C" int remoe_router_backward_dense_f16(const uint16_t *x, const uint16_t *wr,
-                                               const float *dl, float *dxr, float *partial,
-                                               float *dwr, int32_t t, int32_t h, int32_t e,
-                                               int32_t slices, int32_t accumulate,
-                                               remoe_stream_t stream) {
+extern "C" int remoe_router_backward_dense_f16 REMOE_ROUTER_BACKWARD_DENSE_PARAMS {
   return launch_router_backward_dense<__half>(x, wr, dl, dxr, partial, dwr, t, h, e, slices,
                                               accumulate, (cudaStream_t)stream);
 }

@@ -74,31 +74,23 @@ int launch_combine(const Y *y, const float *gates, const int32_t *pair_index, co
 
 }  // namespace
 
-extern "C" int remoe_combine_bf16(const float *y, const float *gates, const int32_t *pair_index,
-                                  uint16_t *out, int32_t t, int32_t h, int32_t e,
-                                  remoe_stream_t stream) {
+extern "C" int remoe_combine_bf16 REMOE_COMBINE_PARAMS {
   return launch_combine<__nv_bfloat16, float>(y, gates, pair_index, nullptr, out, t, h, e,
                                               (cudaStream_t)stream);
 }
 
-extern "C" int remoe_combine_f16(const float *y, const float *gates, const int32_t *pair_index,
-                                 uint16_t *out, int32_t t, int32_t h, int32_t e,
-                                 remoe_stream_t stream) {
+extern "C" int remoe_combine_f16 REMOE_COMBINE_PARAMS {
   return launch_combine<__half, float>(y, gates, pair_index, nullptr, out, t, h, e,
                                        (cudaStream_t)stream);
 }
 
-extern "C" int remoe_token_sum_bf16(const uint16_t *rows, const int32_t *pair_index,
-                                    const float *init, uint16_t *out, int32_t t, int32_t h,
-                                    int32_t e, remoe_stream_t stream) {
+extern "C" int remoe_token_sum_bf16 REMOE_TOKEN_SUM_PARAMS {
   return launch_combine<__nv_bfloat16, __nv_bfloat16>(
       reinterpret_cast<const __nv_bfloat16 *>(rows), nullptr, pair_index, init, out, t, h, e,
       (cudaStream_t)stream);
 }
 
-extern "C" int remoe_token_sum_f16(const uint16_t *rows, const int32_t *pair_index,
-                                   const float *init, uint16_t *out, int32_t t, int32_t h,
-                                   int32_t e, remoe_stream_t stream) {
+extern "C" int remoe_token_sum_f16 REMOE_TOKEN_SUM_PARAMS {
   return launch_combine<__half, __half>(reinterpret_cast<const __half *>(rows), nullptr,
                                         pair_index, init, out, t, h, e, (cudaStream_t)stream);
 }

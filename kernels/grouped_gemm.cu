@@ -28,6 +28,7 @@
 //   kDX:   dX_pair = dg Wg_e^T + du Wu_e^T, as one GEMM over two K segments.
 // And a separate kernel for the weight gradients, whose reduction runs over an expert's pairs
 // (K = n_e, zero allowed), both operands read k-major and fed through ldmatrix.trans.
+#include "gemm_contract.cuh"
 #include "mma_sync.cuh"
 #include "swiglu.cuh"
 #include "weight_grad_split.cuh"
@@ -54,77 +55,23 @@ __device__ __forceinline__ int b_offset(int k, int chunk) {
   return k * BN + ((chunk ^ (k & 7)) << 3);
 }
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t *>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t *>(&v);
-}
-
-template <typename T>
-__device__ __forceinline__ void store2(T *p, float lo, float hi) {
-  *reinterpret_cast<uint32_t *>(p) = pack2<T>(lo, hi);
-}
-template <typename T>
-__device__ __forceinline__ void load2(const T *p, float out[2]) {
-  const uint32_t raw = *reinterpret_cast<const uint32_t *>(p);
-  const T *v = reinterpret_cast<const T *>(&raw);
-  out[0] = to_float(v[0]);
-  out[1] = to_float(v[1]);
-}
-
-// The expert owning row tile `tile`: the e with tile_offsets[e] <= tile < tile_offsets[e + 1].
-__device__ __forceinline__ int expert_of_tile(const uint32_t *tile_offsets, int e, int tile) {
-  int lo = 0, hi = e - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if ((int)tile_offsets[mid] <= tile) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo;
-}
-
-
-enum Mode { kUpSwiGLU = 0, kDown = 1, kDAct = 2, kDX = 3 };
-
-// Everything a grouped GEMM launch needs (kernel parameters, passed by value).
-template <typename T>
-struct GemmArgs {
-  const T *a0;              // A rows [|A| or T, K]; kDX: dg
-  const T *a1;              // kDX: du (second K segment)
-  const uint32_t *gather;   // kUpSwiGLU, kDAct: A row of pair p is gather[p]
-  const T *b0;              // weights, per expert: kUpSwiGLU Wg [E,K,N]; kDown Wd [E,K,N];
-  const T *b1;              //   kDAct Wd [E,N,K]; kDX Wg [E,N,K] then (b1) Wu [E,N,K]
-  T *out0;                  // kUpSwiGLU act; kDAct dg; kDX dX_pair
-  float *out_f32;           // kDown: y (f32: the combine weighs it by the gate)
-  T *out1;                  // kUpSwiGLU g (may be null); kDAct du
-  T *out2;                  // kUpSwiGLU u (may be null); kDAct act, recomputed
-  const T *in_g;            // kDAct: saved g [|A|, N]
-  const T *in_u;            // kDAct: saved u [|A|, N]
-  const float *row_scale;   // kDAct: the pairs' gates R [|A|]
-  float *row_dots;          // kDAct: dR's 32-column group sums [|A|, ceil(N / 32)]
-  const uint32_t *expert_offsets;
-  const uint32_t *tile_offsets;
-  int e, K, N, col_tiles;
-  // kDown's split-K (1 elsewhere): blockIdx.y takes the K blocks [y kb / k_splits,
-  // (y + 1) kb / k_splits) of kb = ceil(K / BK), the same ranges as the Hopper kernel's, and
-  // writes its partial sums to plane y of out_f32 (planes of plane_rows x N floats).
-  int k_splits, plane_rows;
+// The kernel's parameters: the launch, and the weights, which this path reads in the kernel.
+// Passed as __grid_constant__, so the kernel reads each field from the parameter space where it
+// uses it (as it did when its parameters were one 144-byte struct): loaded into registers at
+// entry instead, the up projection's epilogue was duplicated for g == null and spilled.
+template <typename T, int kMode>
+struct GroupedGemmParams : RowGemmParams<T, kMode> {
+  BOperand<T> b;
 };
 
 // dAct's epilogue for one warp's 64 x 32 tile (rows wm_row0.., columns col0..col0 + 31: one of
 // dR's 32-column groups). The quad shuffles need every lane, so rows and columns past the edge
 // compute on zeros and only their loads and stores are masked.
 template <typename T>
-__device__ __forceinline__ void dact_epilogue(const GemmArgs<T> &args, const float (&acc)[4][4][4],
-                                              int row0, int rows, int col0, int wm_row0,
-                                              int lane) {
+__device__ __forceinline__ void dact_epilogue(const RowGemmParams<T, kDAct> &args,
+                                              const float (&acc)[4][4][4], int row0, int rows,
+                                              int col0, int wm_row0, int lane) {
+  const DActParams<T> &p = args.epi;
   const int N = args.N;
   const int groups = (N + 31) / 32;
 #pragma unroll
@@ -134,7 +81,7 @@ __device__ __forceinline__ void dact_epilogue(const GemmArgs<T> &args, const flo
       const int r = wm_row0 + mi * 16 + (lane >> 2) + half * 8;
       const bool row_ok = r < rows;
       const size_t row = (size_t)row0 + (row_ok ? r : 0);
-      const float gate = row_ok ? args.row_scale[row] : 0.f;
+      const float gate = row_ok ? p.gate[row] : 0.f;
       float sums[4];
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni) {
@@ -143,8 +90,8 @@ __device__ __forceinline__ void dact_epilogue(const GemmArgs<T> &args, const flo
         const float d0 = acc[mi][ni][half * 2], d1 = acc[mi][ni][half * 2 + 1];
         float g[2] = {0.f, 0.f}, u[2] = {0.f, 0.f};
         if (ok) {
-          load2<T>(args.in_g + row * N + col, g);
-          load2<T>(args.in_u + row * N + col, u);
+          load2<T>(p.g + row * N + col, g);
+          load2<T>(p.u + row * N + col, u);
         }
         const float s0 = sigmoid(g[0]), s1 = sigmoid(g[1]);
         const float a0 = swiglu_rounded<T>(g[0], u[0], s0);
@@ -154,23 +101,24 @@ __device__ __forceinline__ void dact_epilogue(const GemmArgs<T> &args, const flo
           float dg0, du0, dg1, du1;
           dswiglu(gate * d0, g[0], u[0], s0, dg0, du0);
           dswiglu(gate * d1, g[1], u[1], s1, dg1, du1);
-          store2<T>(args.out0 + row * N + col, dg0, dg1);
-          store2<T>(args.out1 + row * N + col, du0, du1);
-          store2<T>(args.out2 + row * N + col, a0, a1);
+          store2<T>(p.dg + row * N + col, dg0, dg1);
+          store2<T>(p.du + row * N + col, du0, du1);
+          store2<T>(p.act + row * N + col, a0, a1);
         }
       }
       if (row_ok && (lane & 3) == 0 && col0 < N)
-        args.row_dots[row * groups + col0 / 32] = tree4(sums[0], sums[1], sums[2], sums[3]);
+        p.dots[row * groups + col0 / 32] = tree4(sums[0], sums[1], sums[2], sums[3]);
     }
   }
 }
 
 template <typename T, int kMode>
-__global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArgs<T> args) {
+__global__ void __launch_bounds__(kThreads, 2)
+    grouped_gemm_kernel(const __grid_constant__ GroupedGemmParams<T, kMode> args) {
   constexpr bool kSwiGLU = kMode == kUpSwiGLU;
-  constexpr bool kGathered = kSwiGLU || kMode == kDAct;  // A rows through args.gather
-  constexpr bool kBNMajor = kMode == kDAct || kMode == kDX;  // B stored [N, K] per expert
-  constexpr int kSegments = kMode == kDX ? 2 : 1;
+  constexpr bool kGathered = ModeTraits<kMode>::kGathered;  // A rows through args.a.gather
+  constexpr bool kBNMajor = ModeTraits<kMode>::kBNMajor;    // B read as [N, K] per expert
+  constexpr int kSegments = ModeTraits<kMode>::kSegments;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T *smem = reinterpret_cast<T *>(smem_raw);
   const int K = args.K, N = args.N;
@@ -179,12 +127,11 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
   const int col_tile = blockIdx.x % args.col_tiles;
   // The grid covers the most row tiles the pair capacity allows (the host does not know |A|);
   // the blocks past this forward's tiles leave at once.
-  if (tile >= (int)args.tile_offsets[args.e]) return;
-  const int expert = expert_of_tile(args.tile_offsets, args.e, tile);
-  const int row0 = args.expert_offsets[expert] + (tile - (int)args.tile_offsets[expert]) * BM;
-  const int rows = min(BM, (int)args.expert_offsets[expert + 1] - row0);
+  if (tile >= args.tiles.count(args.e)) return;
+  const RowTile rt = args.tiles.at(args.e, tile);
+  const int expert = rt.expert, row0 = rt.row0, rows = rt.rows;
   // Output columns of this block: 64 (SwiGLU: g and u share them) or 128.
-  const int n0 = col_tile * (kSwiGLU ? BN / 2 : BN);
+  const int n0 = col_tile * out_cols<kMode>(BN);
   const size_t w_off = (size_t)expert * K * N;
 
   const int tid = threadIdx.x;
@@ -205,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
     a_chunk[i] = id % kKChunks;
     a_ok[i] = a_row[i] < rows;
     const int p = row0 + a_row[i];
-    a_src_row[i] = a_ok[i] ? (kGathered ? (size_t)args.gather[p] : (size_t)p) : 0;
+    a_src_row[i] = a_ok[i] ? (kGathered ? (size_t)args.a.gather[p] : (size_t)p) : 0;
   }
   // B chunk coordinates: k-major tiles (forward) are 32 k-rows x 16 chunks; n-major tiles
   // (backward) are 128 n-rows x 4 chunks, like A.
@@ -232,6 +179,7 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
     }
   }
 
+  // Split-K: blockIdx.y is the K range, and the plane the epilogue writes.
   const int k_tiles = (K + BK - 1) / BK;
   const int kt_begin = (int)((long long)blockIdx.y * k_tiles * kSegments / args.k_splits);
   const int kt_end = (int)((long long)(blockIdx.y + 1) * k_tiles * kSegments / args.k_splits);
@@ -241,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
     const int kt_all = kt_begin + kt;
     const int sgm = kSegments == 1 ? 0 : kt_all / k_tiles;
     const int k0 = (kt_all - sgm * k_tiles) * BK;
-    const T *a = sgm == 0 ? args.a0 : args.a1;
+    const T *a = sgm == 0 ? args.a.rows : args.a.rows2;
     T *as = smem + stage * kStageElems;
     T *bs = as + BM * BK;
 #pragma unroll
@@ -249,24 +197,24 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
       const int k = k0 + a_chunk[i] * 8;
       const bool ok = a_ok[i] && k < K;
       cp_async16(as + a_offset(a_row[i], a_chunk[i]),
-                 ok ? (const void *)(a + a_src_row[i] * K + k) : args.a0, ok ? 16 : 0);
+                 ok ? (const void *)(a + a_src_row[i] * K + k) : args.a.rows, ok ? 16 : 0);
     }
 #pragma unroll
     for (int i = 0; i < kLoadsB; ++i) {
       if (kBNMajor) {
-        const T *b = sgm == 0 ? args.b0 : args.b1;
+        const T *b = sgm == 0 ? args.b.w : args.b.w2;
         const int k = k0 + b_chunk[i] * 8;
         const bool ok = b_ok[i] && k < K;
         // The same row offset in Wg and Wu.
         const size_t row = w_off + (size_t)(n0 + b_r[i]) * K;
         cp_async16(bs + a_offset(b_r[i], b_chunk[i]),
-                   ok ? (const void *)(b + row + k) : args.b0, ok ? 16 : 0);
+                   ok ? (const void *)(b + row + k) : args.b.w, ok ? 16 : 0);
       } else {
-        const T *b = (kSwiGLU && b_chunk[i] >= 8) ? args.b1 : args.b0;
+        const T *b = (kSwiGLU && b_chunk[i] >= 8) ? args.b.w_paired : args.b.w;
         const int k = k0 + b_r[i];
         const bool ok = b_ok[i] && k < K;
         cp_async16(bs + b_offset(b_r[i], b_chunk[i]),
-                   ok ? (const void *)(b + b_src[i] + (size_t)k * N) : args.b0, ok ? 16 : 0);
+                   ok ? (const void *)(b + b_src[i] + (size_t)k * N) : args.b.w, ok ? 16 : 0);
       }
     }
   };
@@ -346,17 +294,17 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
         const int r = wm * 64 + mi * 16 + (lane >> 2) + half * 8;
         if (r >= rows) continue;
         const size_t orow = (size_t)(row0 + r) * N;
-        if (kSwiGLU) {
+        if constexpr (kSwiGLU) {
 #pragma unroll
           for (int ni = 0; ni < 2; ++ni) {
             const int col = n0 + wn * 16 + ni * 8 + (lane & 3) * 2;
             if (col < N) {
               const float g0 = acc[mi][ni][half * 2], g1 = acc[mi][ni][half * 2 + 1];
               const float u0 = acc[mi][ni + 2][half * 2], u1 = acc[mi][ni + 2][half * 2 + 1];
-              store2<T>(args.out0 + orow + col, swiglu<T>(g0, u0), swiglu<T>(g1, u1));
-              if (args.out1 != nullptr) {
-                store2<T>(args.out1 + orow + col, g0, g1);
-                store2<T>(args.out2 + orow + col, u0, u1);
+              store2<T>(args.epi.act + orow + col, swiglu<T>(g0, u0), swiglu<T>(g1, u1));
+              if (args.epi.g != nullptr) {
+                store2<T>(args.epi.g + orow + col, g0, g1);
+                store2<T>(args.epi.u + orow + col, u0, u1);
               }
             }
           }
@@ -366,11 +314,11 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
             const int col = n0 + wn * 32 + ni * 8 + (lane & 3) * 2;
             if (col >= N) continue;
             const float v0 = acc[mi][ni][half * 2], v1 = acc[mi][ni][half * 2 + 1];
-            if (kMode == kDown) {
-              float *y = args.out_f32 + (size_t)blockIdx.y * args.plane_rows * N;
+            if constexpr (kMode == kDown) {
+              float *y = args.epi.planes + (size_t)blockIdx.y * args.epi.plane_rows * N;
               *reinterpret_cast<float2 *>(y + orow + col) = make_float2(v0, v1);
             } else {
-              store2<T>(args.out0 + orow + col, v0, v1);
+              store2<T>(args.epi.out + orow + col, v0, v1);
             }
           }
         }
@@ -380,7 +328,8 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_gemm_kernel(const GemmArg
 }
 
 template <typename T, int kMode>
-int launch_grouped_gemm(GemmArgs<T> args, int num_tiles, cudaStream_t stream) {
+int launch_row_gemm(const RowGemmParams<T, kMode> &p, BOperand<T> b, int num_tiles,
+                    cudaStream_t stream) {
   if (num_tiles == 0) return 0;
   auto kernel = grouped_gemm_kernel<T, kMode>;
   // Set on every launch: the attribute belongs to the current device, and a process may use
@@ -388,7 +337,8 @@ int launch_grouped_gemm(GemmArgs<T> args, int num_tiles, cudaStream_t stream) {
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return (int)err;
-  const int cols_per_tile = kMode == kUpSwiGLU ? BN / 2 : BN;
+  GroupedGemmParams<T, kMode> args{p, b};
+  const int cols_per_tile = out_cols<kMode>(BN);
   args.col_tiles = (args.N + cols_per_tile - 1) / cols_per_tile;
   const long long blocks = (long long)num_tiles * args.col_tiles;
   if (blocks > 0x7fffffffLL) return (int)cudaErrorInvalidConfiguration;
@@ -542,8 +492,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 template <typename T>
 int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,
-                       const uint32_t *expert_offsets, int e, int M, int N, int accumulate,
-                       const remoe_wgrad_split_t *split, cudaStream_t stream) {
+                       const uint32_t *expert_offsets, int a_rows, int b_rows, int e, int M, int N,
+                       int accumulate, const remoe_wgrad_split_t *split, cudaStream_t stream) {
+  (void)a_rows;  // this path needs no row counts: cp.async checks each row against n_e
+  (void)b_rows;
   auto kernel = weight_grad_kernel<T>;
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
@@ -561,94 +513,5 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
 
 }  // namespace
 
-#define REMOE_GROUPED_GEMM_ENTRY_POINTS(SUFFIX, T)                                                \
-  extern "C" int remoe_expert_up_swiglu_##SUFFIX(                                                 \
-      const uint16_t *x, const uint32_t *pair_token, const uint16_t *wg, const uint16_t *wu,      \
-      uint16_t *act, uint16_t *g, uint16_t *u, const uint32_t *expert_offsets,                    \
-      const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,           \
-      remoe_stream_t stream) {                                                                    \
-    GemmArgs<T> a{};                                                                              \
-    a.a0 = reinterpret_cast<const T *>(x);                                                        \
-    a.gather = pair_token;                                                                        \
-    a.b0 = reinterpret_cast<const T *>(wg);                                                       \
-    a.b1 = reinterpret_cast<const T *>(wu);                                                       \
-    a.out0 = reinterpret_cast<T *>(act);                                                          \
-    a.out1 = reinterpret_cast<T *>(g);                                                            \
-    a.out2 = reinterpret_cast<T *>(u);                                                            \
-    a.expert_offsets = expert_offsets;                                                            \
-    a.tile_offsets = tile_offsets;                                                                \
-    a.e = e;                                                                                      \
-    a.K = h;                                                                                      \
-    a.N = f;                                                                                      \
-    return launch_grouped_gemm<T, kUpSwiGLU>(a, num_tiles, (cudaStream_t)stream);                 \
-  }                                                                                               \
-  extern "C" int remoe_expert_down_##SUFFIX(                                                      \
-      const uint16_t *act, const uint16_t *wd, float *y, const uint32_t *expert_offsets,          \
-      const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,           \
-      int32_t k_splits, int32_t plane_rows, remoe_stream_t stream) {                              \
-    GemmArgs<T> a{};                                                                              \
-    a.a0 = reinterpret_cast<const T *>(act);                                                      \
-    a.b0 = reinterpret_cast<const T *>(wd);                                                       \
-    a.out_f32 = y;                                                                                \
-    a.k_splits = k_splits;                                                                        \
-    a.plane_rows = plane_rows;                                                                    \
-    a.expert_offsets = expert_offsets;                                                            \
-    a.tile_offsets = tile_offsets;                                                                \
-    a.e = e;                                                                                      \
-    a.K = f;                                                                                      \
-    a.N = h;                                                                                      \
-    return launch_grouped_gemm<T, kDown>(a, num_tiles, (cudaStream_t)stream);                     \
-  }                                                                                               \
-  extern "C" int remoe_expert_dact_##SUFFIX(                                                      \
-      const uint16_t *dout, const uint32_t *pair_token, const float *pair_gate,                   \
-      const uint16_t *wd, const uint16_t *g, const uint16_t *u, uint16_t *dg, uint16_t *du,       \
-      uint16_t *act, float *row_dots, const uint32_t *expert_offsets,                             \
-      const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,           \
-      remoe_stream_t stream) {                                                                    \
-    GemmArgs<T> a{};                                                                              \
-    a.a0 = reinterpret_cast<const T *>(dout);                                                     \
-    a.gather = pair_token;                                                                        \
-    a.row_scale = pair_gate;                                                                      \
-    a.b0 = reinterpret_cast<const T *>(wd);                                                       \
-    a.in_g = reinterpret_cast<const T *>(g);                                                      \
-    a.in_u = reinterpret_cast<const T *>(u);                                                      \
-    a.out0 = reinterpret_cast<T *>(dg);                                                           \
-    a.out1 = reinterpret_cast<T *>(du);                                                           \
-    a.out2 = reinterpret_cast<T *>(act);                                                          \
-    a.row_dots = row_dots;                                                                        \
-    a.expert_offsets = expert_offsets;                                                            \
-    a.tile_offsets = tile_offsets;                                                                \
-    a.e = e;                                                                                      \
-    a.K = h;                                                                                      \
-    a.N = f;                                                                                      \
-    return launch_grouped_gemm<T, kDAct>(a, num_tiles, (cudaStream_t)stream);                     \
-  }                                                                                               \
-  extern "C" int remoe_expert_dx_##SUFFIX(                                                        \
-      const uint16_t *dg, const uint16_t *du, const uint16_t *wg, const uint16_t *wu,             \
-      uint16_t *dx_pair, const uint32_t *expert_offsets, const uint32_t *tile_offsets,            \
-      int32_t num_tiles, int32_t e, int32_t h, int32_t f, remoe_stream_t stream) {                \
-    GemmArgs<T> a{};                                                                              \
-    a.a0 = reinterpret_cast<const T *>(dg);                                                       \
-    a.a1 = reinterpret_cast<const T *>(du);                                                       \
-    a.b0 = reinterpret_cast<const T *>(wg);                                                       \
-    a.b1 = reinterpret_cast<const T *>(wu);                                                       \
-    a.out0 = reinterpret_cast<T *>(dx_pair);                                                      \
-    a.expert_offsets = expert_offsets;                                                            \
-    a.tile_offsets = tile_offsets;                                                                \
-    a.e = e;                                                                                      \
-    a.K = f;                                                                                      \
-    a.N = h;                                                                                      \
-    return launch_grouped_gemm<T, kDX>(a, num_tiles, (cudaStream_t)stream);                       \
-  }                                                                                               \
-  extern "C" int remoe_expert_weight_grad_##SUFFIX(                                               \
-      const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,                   \
-      const uint32_t *expert_offsets, int32_t a_rows, int32_t b_rows, int32_t e, int32_t m,       \
-      int32_t n, int32_t accumulate, const remoe_wgrad_split_t *split, remoe_stream_t stream) {   \
-    (void)a_rows; /* this path needs no row counts: cp.async checks each row against n_e */      \
-    (void)b_rows;                                                                                 \
-    return launch_weight_grad<T>(a, gather, b, out, expert_offsets, e, m, n, accumulate, split,   \
-                                 (cudaStream_t)stream);                                           \
-  }
-
-REMOE_GROUPED_GEMM_ENTRY_POINTS(bf16, __nv_bfloat16)
-REMOE_GROUPED_GEMM_ENTRY_POINTS(f16, __half)
+REMOE_GEMM_ENTRY_POINTS(, bf16, __nv_bfloat16)
+REMOE_GEMM_ENTRY_POINTS(, f16, __half)

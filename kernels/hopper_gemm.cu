@@ -1,7 +1,8 @@
 // Grouped expert GEMMs for Hopper (sm_90a): wgmma from shared memory, warp specialisation,
 // mbarrier pipelines and persistent CTAs. The same five GEMMs as kernels/grouped_gemm.cu (the
 // mma.sync path, kept for sm_80/86/89 and forced on Hopper by the tests), with the same
-// launcher contract (remoe_kernels.h), so the Rust layer picks a path per device.
+// launcher contract (remoe_kernels.h, and gemm_contract.cuh for what both paths share inside),
+// so the Rust layer picks a path per device.
 //
 // One CTA = one producer warpgroup and two consumer warpgroups (384 threads, one CTA per SM).
 // Persistent: the grid is at most one CTA per SM, and each CTA walks the output tiles
@@ -41,13 +42,15 @@
 
 #include <type_traits>
 
-#include "common.cuh"
+#include "gemm_contract.cuh"
+#include "ptx_sm90.cuh"
 #include "swiglu.cuh"
 #include "weight_grad_split.cuh"
 
 namespace {
 
 constexpr int BM = 128;  // rows (pairs) per tile: two consumer warpgroups of 64
+static_assert(BM == REMOE_GEMM_TILE_ROWS, "a row tile is one CTA tile");
 constexpr int BN = 256;  // B columns per tile (the up projection: 128 of Wg, 128 of Wu)
 constexpr int BK = 64;   // k per stage: one 128-byte swizzle atom of 16-bit values
 constexpr int kStages = 4;
@@ -66,191 +69,7 @@ constexpr int kStagedRows = 32;
 constexpr int kWeightGradSmemBytes = kSmemBytes + kStagedRows * BN * 4;
 static_assert(kWeightGradSmemBytes + 1024 <= 227 * 1024, "the staging buffer must fit");
 
-enum Mode { kUpSwiGLU = 0, kDown = 1, kDAct = 2, kDX = 3 };
-
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-  return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-// ---- mbarrier ----
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, int bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
-  asm volatile(
-      "{\n.reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-
-// ---- copies ----
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
-               : "memory");
-}
-// One arrival on `bar` once every cp.async this thread has issued so far has landed (the
-// barrier's expected count includes it), so a stage is published the moment its data is in
-// shared memory and the producer never blocks on its own copies.
-__device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-}
-// Orders the generic proxy's shared-memory writes seen by this thread (cp.async's among them)
-// before the async proxy's reads that follow (wgmma's operand loads): the consumers run it after
-// a stage's `full` barrier and before their wgmmas read the stage.
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap *map, uint32_t bar,
-                                            int c0, int c1, int c2) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, "
-      "%4, %5}], [%2];\n" ::"r"(dst),
-      "l"((uint64_t)map), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
-      : "memory");
-}
-
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, uint32_t bar,
-                                            int c0, int c1) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, "
-      "%4}], [%2];\n" ::"r"(dst),
-      "l"((uint64_t)map), "r"(bar), "r"(c0), "r"(c1)
-      : "memory");
-}
-
-// ---- wgmma ----
-// Shared-memory matrix descriptor, 128-byte swizzle. K-major operands (each row's k values
-// contiguous): sbo = 1024 (8 rows of 128 bytes), lbo unused. MN-major operands (each k row's
-// m or n values contiguous, stored as [64-column atoms][k rows][64]): lbo = the distance between
-// 64-column atoms, sbo = 1024 (8 k rows).
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  uint64_t d = (uint64_t)((addr & 0x3FFFF) >> 4);
-  d |= (uint64_t)((lbo & 0x3FFFF) >> 4) << 16;
-  d |= (uint64_t)((sbo & 0x3FFFF) >> 4) << 32;
-  d |= (uint64_t)1 << 62;
-  return d;
-}
-__device__ __forceinline__ void wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_wait0() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-}
-// wgmma.mma_async m64n256k16 with f32 accumulators d[128] += A . B, A and B from shared memory
-// through their descriptors; scale_d = 0 overwrites d instead (the first k-step of a tile).
-// kTransA / kTransB: 1 for an MN-major operand. TY: the PTX input type ("bf16" or "f16").
-// clang-format off
-#define REMOE_WGMMA_M64N256K16(TY)                                                          \
-  asm volatile(                                                                             \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                         \
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " {"                         \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "                                  \
-      "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "                        \
-      "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "                        \
-      "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                        \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, "                        \
-      "%60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, "                        \
-      "%72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, "                        \
-      "%84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                        \
-      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, "                \
-      "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, "            \
-      "%120, %121, %122, %123, %124, %125, %126, %127"                                      \
-      "}, %128, %129, p, 1, 1, %131, %132;\n}\n"                                            \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),             \
-        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),           \
-        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),       \
-        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),       \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),       \
-        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),       \
-        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),       \
-        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),       \
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),       \
-        "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),       \
-        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]),       \
-        "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),       \
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),       \
-        "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),       \
-        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]),       \
-        "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),       \
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]),     \
-        "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), \
-        "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), \
-        "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), \
-        "+f"(d[126]), "+f"(d[127])                                                          \
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB))
-
-// clang-format on
-template <typename T>
-struct Wgmma;
-template <>
-struct Wgmma<__nv_bfloat16> {
-  template <int kTransA, int kTransB>
-  __device__ __forceinline__ static void mma(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
-                                             int scale_d) {
-    REMOE_WGMMA_M64N256K16("bf16");
-  }
-};
-template <>
-struct Wgmma<__half> {
-  template <int kTransA, int kTransB>
-  __device__ __forceinline__ static void mma(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
-                                             int scale_d) {
-    REMOE_WGMMA_M64N256K16("f16");
-  }
-};
-
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-}
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t *>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t *>(&v);
-}
-// The expert owning row tile `tile`: the e with tile_offsets[e] <= tile < tile_offsets[e + 1].
-__device__ __forceinline__ int expert_of_tile(const uint32_t *tile_offsets, int e, int tile) {
-  int lo = 0, hi = e - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if ((int)tile_offsets[mid] <= tile)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
 
 // Byte offset of 16-byte chunk `chunk` (of 8 per row) of row `row` in a swizzled atom.
 __device__ __forceinline__ uint32_t swz(int row, int chunk) {
@@ -298,15 +117,6 @@ __device__ __forceinline__ void quad_columns(const float (&acc)[128], int jg, in
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void store8v(T *p, const float (&v)[8]) {
-  uint4 raw;
-  raw.x = pack2<T>(v[0], v[1]);
-  raw.y = pack2<T>(v[2], v[3]);
-  raw.z = pack2<T>(v[4], v[5]);
-  raw.w = pack2<T>(v[6], v[7]);
-  *reinterpret_cast<uint4 *>(p) = raw;
-}
 // The pipeline position shared by the producer and the consumers: stage and barrier parity of
 // the n-th k-block this CTA handles (counted across tiles).
 struct PipePos {
@@ -366,7 +176,7 @@ __device__ __forceinline__ Pipeline setup_pipeline(uint8_t *smem_raw) {
       mbar_init(smem_u32(&p.full[s]), 128 + 1);
       mbar_init(smem_u32(&p.empty[s]), 8);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_mbarrier_init();
   }
   __syncthreads();
   return p;
@@ -398,28 +208,6 @@ __device__ __forceinline__ void mma_stage(float (&acc)[128], uint32_t a, uint32_
 // ---------------------------------------------------------------------------------------------
 // Row-tile GEMMs: out[rows of expert e, :] = A[rows, :] . B_e (up, down, dAct, dX).
 
-template <typename T>
-struct RowGemmArgs {
-  const T *a0;                     // A rows [*, K]: X (up, gathered), act, dy, dg
-  const T *a1;                     // dX only: du, the second K segment (B = Wu^T)
-  const uint32_t *gather;          // up, dAct: A row of pair p is gather[p]
-  const uint32_t *expert_offsets;  // [E+1]
-  const uint32_t *tile_offsets;    // [E+1], row tiles of BM
-  T *out0;                         // up: act; dAct: dg; dX: dx_pair
-  T *out1;                         // up: g (may be null); dAct: du
-  T *out2;                         // up: u (may be null); dAct: act, recomputed
-  float *out_f32;                  // down: y
-  const T *in_g;                   // dAct: saved g
-  const T *in_u;                   // dAct: saved u
-  const float *row_scale;          // dAct: the pairs' gates R
-  float *row_dots;                 // dAct: dR's 32-column group sums [|A|, ceil(N / 32)]
-  int e, K, N, col_tiles;
-  // Split-K (the down projection at small |A|, 1 elsewhere): each output tile's K blocks are cut
-  // into k_splits ranges [s kb / k_splits, (s + 1) kb / k_splits), each a separate work unit
-  // that writes its partial sums to plane s of out_f32 (planes of plane_rows x N floats).
-  int k_splits, plane_rows;
-};
-
 // One unit of a row GEMM's persistent work: a (row tile, column tile) and one of its K ranges.
 struct RowUnit {
   int expert, row0, rows, col_tile, split, kb_begin, kb_end;
@@ -427,29 +215,31 @@ struct RowUnit {
 
 // Unit `unit` of the grid's walk; k_blocks counts every K block of the tile (both segments of
 // dX). Split fastest, so that the CTAs sharing an output tile run side by side.
-template <typename T>
-__device__ __forceinline__ RowUnit row_unit(const RowGemmArgs<T> &args, int unit, int k_blocks) {
+template <typename T, int kMode>
+__device__ __forceinline__ RowUnit row_unit(const RowGemmParams<T, kMode> &args, int unit,
+                                           int k_blocks) {
   RowUnit u;
   u.split = unit % args.k_splits;
   const int tile = unit / args.k_splits;
   const int row_tile = tile / args.col_tiles;
   u.col_tile = tile - row_tile * args.col_tiles;
-  u.expert = expert_of_tile(args.tile_offsets, args.e, row_tile);
-  u.row0 = (int)args.expert_offsets[u.expert] + (row_tile - (int)args.tile_offsets[u.expert]) * BM;
-  u.rows = min(BM, (int)args.expert_offsets[u.expert + 1] - u.row0);
+  const RowTile t = args.tiles.at(args.e, row_tile);
+  u.expert = t.expert;
+  u.row0 = t.row0;
+  u.rows = t.rows;
   u.kb_begin = (int)((long long)u.split * k_blocks / args.k_splits);
   u.kb_end = (int)((long long)(u.split + 1) * k_blocks / args.k_splits);
   return u;
 }
 
-// Column layout of each mode's B operand and output.
+// Each mode's B operand and output in this path's terms.
 template <int kMode>
 struct RowGemmTraits {
   // B stored [k rows][n] per expert (the forward's Wg, Wu, Wd): MN-major for wgmma.
-  static constexpr bool kBMNMajor = kMode == kUpSwiGLU || kMode == kDown;
+  static constexpr bool kBMNMajor = !ModeTraits<kMode>::kBNMajor;
   // Output columns per tile: the up projection's 256 B columns are 128 of Wg and 128 of Wu.
-  static constexpr int kOutCols = kMode == kUpSwiGLU ? BN / 2 : BN;
-  static constexpr int kSegments = kMode == kDX ? 2 : 1;
+  static constexpr int kOutCols = out_cols<kMode>(BN);
+  static constexpr int kSegments = ModeTraits<kMode>::kSegments;
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -474,7 +264,8 @@ __device__ __forceinline__ void load_b_stage(uint32_t b_smem, const CUtensorMap 
 }
 
 template <typename T, int kMode>
-__device__ __forceinline__ void row_gemm_producer(const RowGemmArgs<T> &args, const Pipeline &pipe,
+__device__ __forceinline__ void row_gemm_producer(const RowGemmParams<T, kMode> &args,
+                                                  const Pipeline &pipe,
                                                   const CUtensorMap *map0, const CUtensorMap *map1,
                                                   int total_tiles) {
   using Tr = RowGemmTraits<kMode>;
@@ -495,14 +286,14 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmArgs<T> &args, co
       const bool ok = r < rows;
       row_ok |= (uint32_t)ok << i;
       src_row[i] =
-          ok ? (args.gather != nullptr ? args.gather[row0 + r] : (uint32_t)(row0 + r)) : 0u;
+          ok ? (args.a.gather != nullptr ? args.a.gather[row0 + r] : (uint32_t)(row0 + r)) : 0u;
     }
     for (int kb = u.kb_begin; kb < u.kb_end; ++kb) {
       const int segment = kb >= k_blocks ? 1 : 0;
       const int k0 = (kb - segment * k_blocks) * BK;
       pipe.acquire(pos);
       const uint32_t a_smem = pipe.a_tile(pos);
-      const T *a = segment == 0 ? args.a0 : args.a1;
+      const T *a = segment == 0 ? args.a.rows : args.a.rows2;
       const bool k_ok = k0 + chunk * 8 < K;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
@@ -533,11 +324,10 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmArgs<T> &args, co
 // latencies overlap): a recomputed and written for dWd; dR's sum over each 32-column group (one
 // quad's 32 columns, swiglu.cuh's order); SwiGLU's backward of da = R (dOut_t Wd_e^T).
 template <typename T>
-__device__ __forceinline__ void dact_epilogue(const RowGemmArgs<T> &args, float (&acc)[128],
+__device__ __forceinline__ void dact_epilogue(const DActParams<T> &p, int N, float (&acc)[128],
                                               int row0, int rows, int col0, int wg_row0) {
   const int lane = threadIdx.x & 31;
   const int warp = (threadIdx.x >> 5) & 3;
-  const int N = args.N;
   const int groups = (N + 31) / 32;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -545,7 +335,7 @@ __device__ __forceinline__ void dact_epilogue(const RowGemmArgs<T> &args, float 
     const bool row_ok = r < rows;
     const size_t row = (size_t)row0 + (row_ok ? r : 0);
     const size_t orow = row * N;
-    const float gate = row_ok ? args.row_scale[row] : 0.f;
+    const float gate = row_ok ? p.gate[row] : 0.f;
 #pragma unroll
     for (int batch = 0; batch < BN / 32; batch += 4) {
       uint4 g_raw[4], u_raw[4];
@@ -554,8 +344,8 @@ __device__ __forceinline__ void dact_epilogue(const RowGemmArgs<T> &args, float 
         const int col = col0 + (batch + b) * 32 + (lane & 3) * 8;
         g_raw[b] = u_raw[b] = make_uint4(0, 0, 0, 0);
         if (row_ok && col < N) {
-          g_raw[b] = *reinterpret_cast<const uint4 *>(args.in_g + orow + col);
-          u_raw[b] = *reinterpret_cast<const uint4 *>(args.in_u + orow + col);
+          g_raw[b] = *reinterpret_cast<const uint4 *>(p.g + orow + col);
+          u_raw[b] = *reinterpret_cast<const uint4 *>(p.u + orow + col);
         }
       }
 #pragma unroll
@@ -576,10 +366,10 @@ __device__ __forceinline__ void dact_epilogue(const RowGemmArgs<T> &args, float 
                                   dot2(a[4], v[4], a[5], v[5]), dot2(a[6], v[6], a[7], v[7]));
         const float group = quad_tree(eight);
         if (row_ok && col < N) {
-          store8v<T>(args.out0 + orow + col, dg);
-          store8v<T>(args.out1 + orow + col, du);
-          store8v<T>(args.out2 + orow + col, a);
-          if ((lane & 3) == 0) args.row_dots[row * groups + col / 32] = group;
+          store8v<T>(p.dg + orow + col, dg);
+          store8v<T>(p.du + orow + col, du);
+          store8v<T>(p.act + orow + col, a);
+          if ((lane & 3) == 0) p.dots[row * groups + col / 32] = group;
         }
       }
     }
@@ -588,9 +378,9 @@ __device__ __forceinline__ void dact_epilogue(const RowGemmArgs<T> &args, float 
 
 // Up (SwiGLU, and g and u when saving), down (f32 y) and dX (plain store).
 template <typename T, int kMode>
-__device__ __forceinline__ void store_epilogue(const RowGemmArgs<T> &args, float (&acc)[128],
-                                               int row0, int rows, int col0, int wg_row0,
-                                               int split) {
+__device__ __forceinline__ void store_epilogue(const RowGemmParams<T, kMode> &args,
+                                               float (&acc)[128], int row0, int rows, int col0,
+                                               int wg_row0, int split) {
   using Tr = RowGemmTraits<kMode>;
   const int lane = threadIdx.x & 31;
   const int warp = (threadIdx.x >> 5) & 3;
@@ -611,37 +401,39 @@ __device__ __forceinline__ void store_epilogue(const RowGemmArgs<T> &args, float
         if (!row_ok || col >= N) continue;
 #pragma unroll
         for (int i = 0; i < 8; ++i) a[i] = swiglu<T>(v[i], u[i]);
-        store8v<T>(args.out0 + orow + col, a);
-        if (args.out1 != nullptr) {
-          store8v<T>(args.out1 + orow + col, v);
-          store8v<T>(args.out2 + orow + col, u);
+        store8v<T>(args.epi.act + orow + col, a);
+        if (args.epi.g != nullptr) {
+          store8v<T>(args.epi.g + orow + col, v);
+          store8v<T>(args.epi.u + orow + col, u);
         }
       } else if constexpr (kMode == kDown) {
         if (!row_ok || col >= N) continue;
-        float *y = args.out_f32 + (size_t)split * args.plane_rows * N;
+        float *y = args.epi.planes + (size_t)split * args.epi.plane_rows * N;
         float4 *o = reinterpret_cast<float4 *>(y + orow + col);
         o[0] = make_float4(v[0], v[1], v[2], v[3]);
         o[1] = make_float4(v[4], v[5], v[6], v[7]);
       } else {
         if (!row_ok || col >= N) continue;
-        store8v<T>(args.out0 + orow + col, v);
+        store8v<T>(args.epi.out + orow + col, v);
       }
     }
   }
 }
 
 template <typename T, int kMode>
-__device__ __forceinline__ void row_gemm_epilogue(const RowGemmArgs<T> &args, float (&acc)[128],
+__device__ __forceinline__ void row_gemm_epilogue(const RowGemmParams<T, kMode> &args,
+                                                  float (&acc)[128],
                                                   int row0, int rows, int col0, int wg_row0,
                                                   int split) {
   if constexpr (kMode == kDAct)
-    dact_epilogue<T>(args, acc, row0, rows, col0, wg_row0);
+    dact_epilogue<T>(args.epi, args.N, acc, row0, rows, col0, wg_row0);
   else
     store_epilogue<T, kMode>(args, acc, row0, rows, col0, wg_row0, split);
 }
 
 template <typename T, int kMode>
-__device__ __forceinline__ void row_gemm_consumer(const RowGemmArgs<T> &args, const Pipeline &pipe,
+__device__ __forceinline__ void row_gemm_consumer(const RowGemmParams<T, kMode> &args,
+                                                  const Pipeline &pipe,
                                                   int total_tiles) {
   using Tr = RowGemmTraits<kMode>;
   const int wg = threadIdx.x / 128 - 1;  // 0 or 1: rows 64 wg .. 64 wg + 63 of the tile
@@ -674,12 +466,12 @@ __device__ __forceinline__ void row_gemm_consumer(const RowGemmArgs<T> &args, co
 
 template <typename T, int kMode>
 __global__ void __launch_bounds__(kThreads, 1)
-    row_gemm_kernel(const RowGemmArgs<T> args, const __grid_constant__ CUtensorMap map0,
+    row_gemm_kernel(const RowGemmParams<T, kMode> args, const __grid_constant__ CUtensorMap map0,
                     const __grid_constant__ CUtensorMap map1) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const Pipeline pipe = setup_pipeline(smem_raw);
-  const int total_tiles = (int)args.tile_offsets[args.e] * args.col_tiles * args.k_splits;
+  const int total_tiles = args.tiles.count(args.e) * args.col_tiles * args.k_splits;
   if (threadIdx.x < 128) {
     setmaxnreg_dec<56>();
     row_gemm_producer<T, kMode>(args, pipe, &map0, &map1, total_tiles);
@@ -811,7 +603,7 @@ __device__ __forceinline__ void weight_grad_producer(const WeightGradArgs<T> &ar
 }
 
 // Barrier 1 over the two consumer warpgroups (barrier 0 is __syncthreads').
-__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+__device__ __forceinline__ void consumer_sync() { named_barrier_sync<1, 256>(); }
 
 // Stores (or adds to out, with args.accumulate) one 128 x 256 f32 tile of a weight gradient at
 // rows m0, columns n0 of out. The small-batch weight gradients are nothing but this store (K is
@@ -1012,18 +804,26 @@ cudaError_t prepare(Kernel kernel, int smem_bytes) {
 }
 
 template <typename T, int kMode>
-int launch_row_gemm(RowGemmArgs<T> args, const void *b0, const void *b1, int num_tiles,
+int launch_row_gemm(RowGemmParams<T, kMode> args, BOperand<T> weights, int num_tiles,
                     cudaStream_t stream) {
+  // Up to 128 bytes NVVM loads a by-value kernel parameter into registers at entry; past that it
+  // reads each field from the parameter space where it is used, another code for this kernel
+  // (which is why B's pointers, which only the tensor maps need, are not in it).
+  static_assert(sizeof(args) <= 128, "the kernel's parameter block must stay within 128 bytes");
   if (num_tiles == 0) return 0;
   using Tr = RowGemmTraits<kMode>;
   // B as stored per expert: [K][N] for the forward (MN-major), [N][K] for the backward.
   const int b_rows = Tr::kBMNMajor ? args.K : args.N;
   const int b_cols = Tr::kBMNMajor ? args.N : args.K;
   const int box_rows = Tr::kBMNMajor ? BK : BN;
+  // map1: the up projection's paired columns or dX's second segment, both Wu.
+  const T *b0 = weights.w;
+  const T *b1 = weights.w_paired != nullptr ? weights.w_paired : weights.w2;
+  const int e = args.e;
   CUtensorMap map0, map1;
-  cudaError_t err = weight_map<T>(&map0, b0, args.e, b_rows, b_cols, box_rows);
+  cudaError_t err = weight_map<T>(&map0, b0, e, b_rows, b_cols, box_rows);
   if (err == cudaSuccess)
-    err = weight_map<T>(&map1, b1 != nullptr ? b1 : b0, args.e, b_rows, b_cols, box_rows);
+    err = weight_map<T>(&map1, b1 != nullptr ? b1 : b0, e, b_rows, b_cols, box_rows);
   auto kernel = row_gemm_kernel<T, kMode>;
   if (err == cudaSuccess) err = prepare(kernel, kSmemBytes);
   if (err != cudaSuccess) return (int)err;
@@ -1075,89 +875,8 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
 
 }  // namespace
 
-#define REMOE_HOPPER_GEMM_ENTRY_POINTS(SUFFIX, T)                                                 \
-  extern "C" int remoe_hopper_expert_up_swiglu_##SUFFIX(                                          \
-      const uint16_t *x, const uint32_t *pair_token, const uint16_t *wg, const uint16_t *wu,      \
-      uint16_t *act, uint16_t *g, uint16_t *u, const uint32_t *expert_offsets,                    \
-      const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,           \
-      remoe_stream_t stream) {                                                                    \
-    RowGemmArgs<T> a{};                                                                           \
-    a.a0 = reinterpret_cast<const T *>(x);                                                        \
-    a.gather = pair_token;                                                                        \
-    a.out0 = reinterpret_cast<T *>(act);                                                          \
-    a.out1 = g != nullptr && u != nullptr ? reinterpret_cast<T *>(g) : nullptr;                   \
-    a.out2 = reinterpret_cast<T *>(u);                                                            \
-    a.expert_offsets = expert_offsets;                                                            \
-    a.tile_offsets = tile_offsets;                                                                \
-    a.e = e;                                                                                      \
-    a.K = h;                                                                                      \
-    a.N = f;                                                                                      \
-    return launch_row_gemm<T, kUpSwiGLU>(a, wg, wu, num_tiles, (cudaStream_t)stream);             \
-  }                                                                                               \
-  extern "C" int remoe_hopper_expert_down_##SUFFIX(                                               \
-      const uint16_t *act, const uint16_t *wd, float *y, const uint32_t *expert_offsets,          \
-      const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,           \
-      int32_t k_splits, int32_t plane_rows, remoe_stream_t stream) {                              \
-    RowGemmArgs<T> a{};                                                                           \
-    a.a0 = reinterpret_cast<const T *>(act);                                                      \
-    a.out_f32 = y;                                                                                \
-    a.k_splits = k_splits;                                                                        \
-    a.plane_rows = plane_rows;                                                                    \
-    a.expert_offsets = expert_offsets;                                                            \
-    a.tile_offsets = tile_offsets;                                                                \
-    a.e = e;                                                                                      \
-    a.K = f;                                                                                      \
-    a.N = h;                                                                                      \
-    return launch_row_gemm<T, kDown>(a, wd, nullptr, num_tiles, (cudaStream_t)stream);            \
-  }                                                                                               \
-  extern "C" int remoe_hopper_expert_dact_##SUFFIX(                                               \
-      const uint16_t *dout, const uint32_t *pair_token, const float *pair_gate,                   \
-      const uint16_t *wd, const uint16_t *g, const uint16_t *u, uint16_t *dg, uint16_t *du,       \
-      uint16_t *act, float *row_dots, const uint32_t *expert_offsets,                             \
-      const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,           \
-      remoe_stream_t stream) {                                                                    \
-    RowGemmArgs<T> a{};                                                                           \
-    a.a0 = reinterpret_cast<const T *>(dout);                                                     \
-    a.gather = pair_token;                                                                        \
-    a.row_scale = pair_gate;                                                                      \
-    a.in_g = reinterpret_cast<const T *>(g);                                                      \
-    a.in_u = reinterpret_cast<const T *>(u);                                                      \
-    a.out0 = reinterpret_cast<T *>(dg);                                                           \
-    a.out1 = reinterpret_cast<T *>(du);                                                           \
-    a.out2 = reinterpret_cast<T *>(act);                                                          \
-    a.row_dots = row_dots;                                                                        \
-    a.expert_offsets = expert_offsets;                                                            \
-    a.tile_offsets = tile_offsets;                                                                \
-    a.e = e;                                                                                      \
-    a.K = h;                                                                                      \
-    a.N = f;                                                                                      \
-    return launch_row_gemm<T, kDAct>(a, wd, nullptr, num_tiles, (cudaStream_t)stream);            \
-  }                                                                                               \
-  extern "C" int remoe_hopper_expert_dx_##SUFFIX(                                                 \
-      const uint16_t *dg, const uint16_t *du, const uint16_t *wg, const uint16_t *wu,             \
-      uint16_t *dx_pair, const uint32_t *expert_offsets, const uint32_t *tile_offsets,            \
-      int32_t num_tiles, int32_t e, int32_t h, int32_t f, remoe_stream_t stream) {                \
-    RowGemmArgs<T> a{};                                                                           \
-    a.a0 = reinterpret_cast<const T *>(dg);                                                       \
-    a.a1 = reinterpret_cast<const T *>(du);                                                       \
-    a.out0 = reinterpret_cast<T *>(dx_pair);                                                      \
-    a.expert_offsets = expert_offsets;                                                            \
-    a.tile_offsets = tile_offsets;                                                                \
-    a.e = e;                                                                                      \
-    a.K = f;                                                                                      \
-    a.N = h;                                                                                      \
-    return launch_row_gemm<T, kDX>(a, wg, wu, num_tiles, (cudaStream_t)stream);                   \
-  }                                                                                               \
-  extern "C" int remoe_hopper_expert_weight_grad_##SUFFIX(                                        \
-      const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,                   \
-      const uint32_t *expert_offsets, int32_t a_rows, int32_t b_rows, int32_t e, int32_t m,       \
-      int32_t n, int32_t accumulate, const remoe_wgrad_split_t *split, remoe_stream_t stream) {   \
-    return launch_weight_grad<T>(a, gather, b, out, expert_offsets, a_rows, b_rows, e, m, n,      \
-                                 accumulate, split, (cudaStream_t)stream);                        \
-  }
-
-REMOE_HOPPER_GEMM_ENTRY_POINTS(bf16, __nv_bfloat16)
-REMOE_HOPPER_GEMM_ENTRY_POINTS(f16, __half)
+REMOE_GEMM_ENTRY_POINTS(hopper_, bf16, __nv_bfloat16)
+REMOE_GEMM_ENTRY_POINTS(hopper_, f16, __half)
 
 // Whether this binary holds the sm_90a code of the kernels above for the current device: the
 // probe compiled for any other target (sm_80 code, or PTX that the driver JIT-compiles for a

@@ -12,6 +12,11 @@
  * The stream is CUDA's opaque CUstream/cudaStream_t handle, declared here as an opaque
  * pointer so that bindgen never needs CUDA's headers. Half-precision tensors are passed as
  * their 16-bit storage (uint16_t): bf16 and f16 launchers are separate functions.
+ *
+ * A signature that several launchers share (a bf16 and an f16 twin; the expert GEMMs' also on
+ * the Hopper path) is written once, as a REMOE_*_PARAMS parameter list: the launchers are
+ * declared (and, in kernels/, defined) through it, and the function type remoe_*_fn made from it
+ * is the type of each, which the Rust layer's launcher tables take from the bindings.
  */
 #ifndef REMOE_KERNELS_H
 #define REMOE_KERNELS_H
@@ -35,6 +40,12 @@ typedef struct CUstream_st *remoe_stream_t;
 #define REMOE_LAMBDA_MIN 1e-12
 #define REMOE_LAMBDA_MAX 1e3
 
+#define REMOE_ROUTER_FORWARD_PARAMS                                                               \
+  (const uint16_t *x, const uint16_t *wr, float *logits, float *gates, uint32_t *block_counts,    \
+   float *block_sums, uint32_t *error_flags, int32_t t, int32_t h, int32_t e,                     \
+   remoe_stream_t stream)
+/* The type of remoe_router_forward_bf16 and _f16. */
+typedef int remoe_router_forward_fn REMOE_ROUTER_FORWARD_PARAMS;
 /*
  * Router forward (kernels/router.cu): logits = X Wr (f32 accumulation) and gates = ReLU(logits).
  *   x      [t, h]  bf16 or f16, row-major
@@ -51,12 +62,8 @@ typedef struct CUstream_st *remoe_stream_t;
  *     only ever raised: the caller clears it.
  * t may be 0 (nothing is launched). t*h, h*e and t*e must fit in int32; h % 8 == 0.
  */
-int remoe_router_forward_bf16(const uint16_t *x, const uint16_t *wr, float *logits, float *gates,
-                              uint32_t *block_counts, float *block_sums, uint32_t *error_flags,
-                              int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
-int remoe_router_forward_f16(const uint16_t *x, const uint16_t *wr, float *logits, float *gates,
-                             uint32_t *block_counts, float *block_sums, uint32_t *error_flags,
-                             int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
+int remoe_router_forward_bf16 REMOE_ROUTER_FORWARD_PARAMS;
+int remoe_router_forward_f16 REMOE_ROUTER_FORWARD_PARAMS;
 
 /*
  * TopK router tail (kernels/topk.cu): from logits [t, e] (f32), P = softmax per token; the k
@@ -112,6 +119,33 @@ int remoe_compact_pairs(const float *gates, const uint32_t *block_offsets,
                         const uint32_t *expert_offsets, uint32_t *pair_token, float *pair_gate,
                         int32_t *pair_index, int32_t t, int32_t e, remoe_stream_t stream);
 
+#define REMOE_EXPERT_UP_PARAMS                                                                    \
+  (const uint16_t *x, const uint32_t *pair_token, const uint16_t *wg, const uint16_t *wu,         \
+   uint16_t *act, uint16_t *g, uint16_t *u, const uint32_t *expert_offsets,                       \
+   const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,              \
+   remoe_stream_t stream)
+#define REMOE_EXPERT_DOWN_PARAMS                                                                  \
+  (const uint16_t *act, const uint16_t *wd, float *y, const uint32_t *expert_offsets,             \
+   const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,              \
+   int32_t k_splits, int32_t plane_rows, remoe_stream_t stream)
+#define REMOE_EXPERT_DACT_PARAMS                                                                  \
+  (const uint16_t *dout, const uint32_t *pair_token, const float *pair_gate,                      \
+   const uint16_t *wd, const uint16_t *g, const uint16_t *u, uint16_t *dg, uint16_t *du,          \
+   uint16_t *act, float *row_dots, const uint32_t *expert_offsets,                                \
+   const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,              \
+   remoe_stream_t stream)
+#define REMOE_EXPERT_DX_PARAMS                                                                    \
+  (const uint16_t *dg, const uint16_t *du, const uint16_t *wg, const uint16_t *wu,                \
+   uint16_t *dx_pair, const uint32_t *expert_offsets, const uint32_t *tile_offsets,               \
+   int32_t num_tiles, int32_t e, int32_t h, int32_t f, remoe_stream_t stream)
+/* The type of remoe_expert_up_swiglu_bf16 and _f16, and of their remoe_hopper_ twins. */
+typedef int remoe_expert_up_fn REMOE_EXPERT_UP_PARAMS;
+/* The type of remoe_expert_down_bf16 and _f16, and of their remoe_hopper_ twins. */
+typedef int remoe_expert_down_fn REMOE_EXPERT_DOWN_PARAMS;
+/* The type of remoe_expert_dact_bf16 and _f16, and of their remoe_hopper_ twins. */
+typedef int remoe_expert_dact_fn REMOE_EXPERT_DACT_PARAMS;
+/* The type of remoe_expert_dx_bf16 and _f16, and of their remoe_hopper_ twins. */
+typedef int remoe_expert_dx_fn REMOE_EXPERT_DX_PARAMS;
 /*
  * Grouped expert GEMMs (kernels/grouped_gemm.cu). Row tile i belongs to the expert e with
  * tile_offsets[e] <= i < tile_offsets[e+1]; the kernels read the total, tile_offsets[e], on the
@@ -143,44 +177,14 @@ int remoe_compact_pairs(const float *gates, const uint32_t *block_offsets,
  * Backward of the up projection, per pair (summed over a token's pairs elsewhere):
  *   dx_pair[p, :] = dg[p, :] Wg_e^T + du[p, :] Wu_e^T                    dx_pair [|A|, h]
  */
-int remoe_expert_up_swiglu_bf16(const uint16_t *x, const uint32_t *pair_token,
-                                const uint16_t *wg, const uint16_t *wu, uint16_t *act,
-                                uint16_t *g, uint16_t *u, const uint32_t *expert_offsets,
-                                const uint32_t *tile_offsets, int32_t num_tiles, int32_t e,
-                                int32_t h, int32_t f, remoe_stream_t stream);
-int remoe_expert_up_swiglu_f16(const uint16_t *x, const uint32_t *pair_token, const uint16_t *wg,
-                               const uint16_t *wu, uint16_t *act, uint16_t *g, uint16_t *u,
-                               const uint32_t *expert_offsets, const uint32_t *tile_offsets,
-                               int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                               remoe_stream_t stream);
-int remoe_expert_down_bf16(const uint16_t *act, const uint16_t *wd, float *y,
-                           const uint32_t *expert_offsets, const uint32_t *tile_offsets,
-                           int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                           int32_t k_splits, int32_t plane_rows, remoe_stream_t stream);
-int remoe_expert_down_f16(const uint16_t *act, const uint16_t *wd, float *y,
-                          const uint32_t *expert_offsets, const uint32_t *tile_offsets,
-                          int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                          int32_t k_splits, int32_t plane_rows, remoe_stream_t stream);
-int remoe_expert_dact_bf16(const uint16_t *dout, const uint32_t *pair_token,
-                           const float *pair_gate, const uint16_t *wd, const uint16_t *g,
-                           const uint16_t *u, uint16_t *dg, uint16_t *du, uint16_t *act,
-                           float *row_dots, const uint32_t *expert_offsets,
-                           const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h,
-                           int32_t f, remoe_stream_t stream);
-int remoe_expert_dact_f16(const uint16_t *dout, const uint32_t *pair_token,
-                          const float *pair_gate, const uint16_t *wd, const uint16_t *g,
-                          const uint16_t *u, uint16_t *dg, uint16_t *du, uint16_t *act,
-                          float *row_dots, const uint32_t *expert_offsets,
-                          const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h,
-                          int32_t f, remoe_stream_t stream);
-int remoe_expert_dx_bf16(const uint16_t *dg, const uint16_t *du, const uint16_t *wg,
-                         const uint16_t *wu, uint16_t *dx_pair, const uint32_t *expert_offsets,
-                         const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h,
-                         int32_t f, remoe_stream_t stream);
-int remoe_expert_dx_f16(const uint16_t *dg, const uint16_t *du, const uint16_t *wg,
-                        const uint16_t *wu, uint16_t *dx_pair, const uint32_t *expert_offsets,
-                        const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h,
-                        int32_t f, remoe_stream_t stream);
+int remoe_expert_up_swiglu_bf16 REMOE_EXPERT_UP_PARAMS;
+int remoe_expert_up_swiglu_f16 REMOE_EXPERT_UP_PARAMS;
+int remoe_expert_down_bf16 REMOE_EXPERT_DOWN_PARAMS;
+int remoe_expert_down_f16 REMOE_EXPERT_DOWN_PARAMS;
+int remoe_expert_dact_bf16 REMOE_EXPERT_DACT_PARAMS;
+int remoe_expert_dact_f16 REMOE_EXPERT_DACT_PARAMS;
+int remoe_expert_dx_bf16 REMOE_EXPERT_DX_PARAMS;
+int remoe_expert_dx_f16 REMOE_EXPERT_DX_PARAMS;
 
 /*
  * Expert weight gradients (kernels/grouped_gemm.cu): for every expert e (zero pairs allowed),
@@ -222,16 +226,14 @@ int remoe_weight_grad_split_sizes(int32_t e, int32_t h, int32_t f, uint64_t *pla
  */
 int remoe_weight_grad_plan(const uint32_t *expert_offsets, int32_t e, int32_t h, int32_t f,
                            int64_t chunking_pairs, uint32_t *plan, remoe_stream_t stream);
-int remoe_expert_weight_grad_bf16(const uint16_t *a, const uint32_t *gather, const uint16_t *b,
-                                  float *out, const uint32_t *expert_offsets, int32_t a_rows,
-                                  int32_t b_rows, int32_t e, int32_t m, int32_t n,
-                                  int32_t accumulate, const remoe_wgrad_split_t *split,
-                                  remoe_stream_t stream);
-int remoe_expert_weight_grad_f16(const uint16_t *a, const uint32_t *gather, const uint16_t *b,
-                                 float *out, const uint32_t *expert_offsets, int32_t a_rows,
-                                 int32_t b_rows, int32_t e, int32_t m, int32_t n,
-                                 int32_t accumulate, const remoe_wgrad_split_t *split,
-                                 remoe_stream_t stream);
+#define REMOE_EXPERT_WEIGHT_GRAD_PARAMS                                                           \
+  (const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,                      \
+   const uint32_t *expert_offsets, int32_t a_rows, int32_t b_rows, int32_t e, int32_t m,          \
+   int32_t n, int32_t accumulate, const remoe_wgrad_split_t *split, remoe_stream_t stream)
+/* The type of remoe_expert_weight_grad_bf16 and _f16, and of their remoe_hopper_ twins. */
+typedef int remoe_expert_weight_grad_fn REMOE_EXPERT_WEIGHT_GRAD_PARAMS;
+int remoe_expert_weight_grad_bf16 REMOE_EXPERT_WEIGHT_GRAD_PARAMS;
+int remoe_expert_weight_grad_f16 REMOE_EXPERT_WEIGHT_GRAD_PARAMS;
 
 /*
  * The same five expert GEMMs for Hopper (kernels/hopper_gemm.cu: wgmma, TMA, warp-specialised
@@ -246,58 +248,16 @@ int remoe_expert_weight_grad_f16(const uint16_t *a, const uint32_t *gather, cons
 /* 1 in *available when this binary holds the sm_90a code of the launchers below for the
  * current device (compute capability 9.0 and built for sm_90a), else 0. Synchronous. */
 int remoe_hopper_gemm_available(int32_t *available);
-int remoe_hopper_expert_up_swiglu_bf16(const uint16_t *x, const uint32_t *pair_token,
-                                       const uint16_t *wg, const uint16_t *wu, uint16_t *act,
-                                       uint16_t *g, uint16_t *u, const uint32_t *expert_offsets,
-                                       const uint32_t *tile_offsets, int32_t num_tiles, int32_t e,
-                                       int32_t h, int32_t f, remoe_stream_t stream);
-int remoe_hopper_expert_up_swiglu_f16(const uint16_t *x, const uint32_t *pair_token,
-                                      const uint16_t *wg, const uint16_t *wu, uint16_t *act,
-                                      uint16_t *g, uint16_t *u, const uint32_t *expert_offsets,
-                                      const uint32_t *tile_offsets, int32_t num_tiles, int32_t e,
-                                      int32_t h, int32_t f, remoe_stream_t stream);
-int remoe_hopper_expert_down_bf16(const uint16_t *act, const uint16_t *wd, float *y,
-                                  const uint32_t *expert_offsets, const uint32_t *tile_offsets,
-                                  int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                                  int32_t k_splits, int32_t plane_rows, remoe_stream_t stream);
-int remoe_hopper_expert_down_f16(const uint16_t *act, const uint16_t *wd, float *y,
-                                 const uint32_t *expert_offsets, const uint32_t *tile_offsets,
-                                 int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                                 int32_t k_splits, int32_t plane_rows, remoe_stream_t stream);
-int remoe_hopper_expert_dact_bf16(const uint16_t *dout, const uint32_t *pair_token,
-                                  const float *pair_gate, const uint16_t *wd, const uint16_t *g,
-                                  const uint16_t *u, uint16_t *dg, uint16_t *du, uint16_t *act,
-                                  float *row_dots, const uint32_t *expert_offsets,
-                                  const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h,
-                                  int32_t f, remoe_stream_t stream);
-int remoe_hopper_expert_dact_f16(const uint16_t *dout, const uint32_t *pair_token,
-                                 const float *pair_gate, const uint16_t *wd, const uint16_t *g,
-                                 const uint16_t *u, uint16_t *dg, uint16_t *du, uint16_t *act,
-                                 float *row_dots, const uint32_t *expert_offsets,
-                                 const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h,
-                                 int32_t f, remoe_stream_t stream);
-int remoe_hopper_expert_dx_bf16(const uint16_t *dg, const uint16_t *du, const uint16_t *wg,
-                                const uint16_t *wu, uint16_t *dx_pair,
-                                const uint32_t *expert_offsets, const uint32_t *tile_offsets,
-                                int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                                remoe_stream_t stream);
-int remoe_hopper_expert_dx_f16(const uint16_t *dg, const uint16_t *du, const uint16_t *wg,
-                               const uint16_t *wu, uint16_t *dx_pair,
-                               const uint32_t *expert_offsets, const uint32_t *tile_offsets,
-                               int32_t num_tiles, int32_t e, int32_t h, int32_t f,
-                               remoe_stream_t stream);
-int remoe_hopper_expert_weight_grad_bf16(const uint16_t *a, const uint32_t *gather,
-                                         const uint16_t *b, float *out,
-                                         const uint32_t *expert_offsets, int32_t a_rows,
-                                         int32_t b_rows, int32_t e, int32_t m, int32_t n,
-                                         int32_t accumulate, const remoe_wgrad_split_t *split,
-                                         remoe_stream_t stream);
-int remoe_hopper_expert_weight_grad_f16(const uint16_t *a, const uint32_t *gather,
-                                        const uint16_t *b, float *out,
-                                        const uint32_t *expert_offsets, int32_t a_rows,
-                                        int32_t b_rows, int32_t e, int32_t m, int32_t n,
-                                        int32_t accumulate, const remoe_wgrad_split_t *split,
-                                        remoe_stream_t stream);
+int remoe_hopper_expert_up_swiglu_bf16 REMOE_EXPERT_UP_PARAMS;
+int remoe_hopper_expert_up_swiglu_f16 REMOE_EXPERT_UP_PARAMS;
+int remoe_hopper_expert_down_bf16 REMOE_EXPERT_DOWN_PARAMS;
+int remoe_hopper_expert_down_f16 REMOE_EXPERT_DOWN_PARAMS;
+int remoe_hopper_expert_dact_bf16 REMOE_EXPERT_DACT_PARAMS;
+int remoe_hopper_expert_dact_f16 REMOE_EXPERT_DACT_PARAMS;
+int remoe_hopper_expert_dx_bf16 REMOE_EXPERT_DX_PARAMS;
+int remoe_hopper_expert_dx_f16 REMOE_EXPERT_DX_PARAMS;
+int remoe_hopper_expert_weight_grad_bf16 REMOE_EXPERT_WEIGHT_GRAD_PARAMS;
+int remoe_hopper_expert_weight_grad_f16 REMOE_EXPERT_WEIGHT_GRAD_PARAMS;
 
 /*
  * Split-K's reduction (kernels/split_k.cu): y[p, :] = sum over s = 0 .. planes-1, in that order,
@@ -317,24 +277,36 @@ int remoe_gather_rows_16(const uint16_t *x, const uint32_t *rows, uint16_t *out,
                          const uint32_t *count, int32_t capacity, int32_t h,
                          remoe_stream_t stream);
 
+#define REMOE_COMBINE_PARAMS                                                                      \
+  (const float *y, const float *gates, const int32_t *pair_index, uint16_t *out, int32_t t,       \
+   int32_t h, int32_t e, remoe_stream_t stream)
+/* The type of remoe_combine_bf16 and _f16. */
+typedef int remoe_combine_fn REMOE_COMBINE_PARAMS;
 /*
  * Combine (kernels/combine.cu): out[t, :] = sum over experts e in ascending order with
  * pair_index[t, e] >= 0 of gates[t, e] * y[pair_index[t, e], :] (y f32), accumulated in f32; a
  * token with no pair gets zeros. No atomics: the result is bitwise reproducible.
  */
-int remoe_combine_bf16(const float *y, const float *gates, const int32_t *pair_index,
-                       uint16_t *out, int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
-int remoe_combine_f16(const float *y, const float *gates, const int32_t *pair_index,
-                      uint16_t *out, int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
+int remoe_combine_bf16 REMOE_COMBINE_PARAMS;
+int remoe_combine_f16 REMOE_COMBINE_PARAMS;
+#define REMOE_TOKEN_SUM_PARAMS                                                                    \
+  (const uint16_t *rows, const int32_t *pair_index, const float *init, uint16_t *out,             \
+   int32_t t, int32_t h, int32_t e, remoe_stream_t stream)
+/* The type of remoe_token_sum_bf16 and _f16. */
+typedef int remoe_token_sum_fn REMOE_TOKEN_SUM_PARAMS;
 /*
  * Per-token sum of per-pair rows, the same kernel with unit weights: out[t, :] = init[t, :]
  * (f32, or zeros if NULL) + sum over e ascending of rows[pair_index[t, e], :].
  */
-int remoe_token_sum_bf16(const uint16_t *rows, const int32_t *pair_index, const float *init,
-                         uint16_t *out, int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
-int remoe_token_sum_f16(const uint16_t *rows, const int32_t *pair_index, const float *init,
-                        uint16_t *out, int32_t t, int32_t h, int32_t e, remoe_stream_t stream);
+int remoe_token_sum_bf16 REMOE_TOKEN_SUM_PARAMS;
+int remoe_token_sum_f16 REMOE_TOKEN_SUM_PARAMS;
 
+#define REMOE_PAIR_GRAD_PREP_PARAMS                                                               \
+  (const uint16_t *dout, const float *row_dots, int32_t groups, const uint32_t *pair_token,       \
+   const float *pair_gate, uint16_t *dy, float *dr, const uint32_t *count, int32_t capacity,      \
+   int32_t h, remoe_stream_t stream)
+/* The type of remoe_pair_grad_prep_bf16 and _f16. */
+typedef int remoe_pair_grad_prep_fn REMOE_PAIR_GRAD_PREP_PARAMS;
 /*
  * Backward helpers (kernels/backward.cu).
  *
@@ -343,14 +315,8 @@ int remoe_token_sum_f16(const uint16_t *rows, const int32_t *pair_index, const f
  * dout [t, h]; row_dots [|A|, groups] f32; dy [|A|, h]; dr [|A|] f32.
  * count is a device pointer (|A|: expert_offsets[e]), *count <= capacity (which sizes the grid).
  */
-int remoe_pair_grad_prep_bf16(const uint16_t *dout, const float *row_dots, int32_t groups,
-                              const uint32_t *pair_token, const float *pair_gate, uint16_t *dy,
-                              float *dr, const uint32_t *count, int32_t capacity, int32_t h,
-                              remoe_stream_t stream);
-int remoe_pair_grad_prep_f16(const uint16_t *dout, const float *row_dots, int32_t groups,
-                             const uint32_t *pair_token, const float *pair_gate, uint16_t *dy,
-                             float *dr, const uint32_t *count, int32_t capacity, int32_t h,
-                             remoe_stream_t stream);
+int remoe_pair_grad_prep_bf16 REMOE_PAIR_GRAD_PREP_PARAMS;
+int remoe_pair_grad_prep_f16 REMOE_PAIR_GRAD_PREP_PARAMS;
 /*
  * The router's logit gradient dl [t, e] (f32). With s = grad_scale * coeff E / (k t^2):
  * probs == NULL: ReMoE, dl = dr[pair] + s n_e where pair_index >= 0, else 0 (gates unused);
@@ -366,18 +332,18 @@ int remoe_router_grad(const int32_t *pair_index, const float *dr, const uint32_t
                       const float *probs, const float *gates, const double *coeff,
                       double grad_scale, float *dl, int32_t t, int32_t e, int32_t k,
                       remoe_stream_t stream);
+#define REMOE_ROUTER_BACKWARD_DENSE_PARAMS                                                        \
+  (const uint16_t *x, const uint16_t *wr, const float *dl, float *dxr, float *partial,            \
+   float *dwr, int32_t t, int32_t h, int32_t e, int32_t slices, int32_t accumulate,               \
+   remoe_stream_t stream)
+/* The type of remoe_router_backward_dense_bf16 and _f16. */
+typedef int remoe_router_backward_dense_fn REMOE_ROUTER_BACKWARD_DENSE_PARAMS;
 /*
  * The router's dense gradients: dxr [t, h] = dl Wr^T (f32), and dwr [h, e] (+)= x^T dl (f32,
  * accumulate != 0 adds), through partial [slices, h, e] (f32 scratch) summed in slice order.
  */
-int remoe_router_backward_dense_bf16(const uint16_t *x, const uint16_t *wr, const float *dl,
-                                     float *dxr, float *partial, float *dwr, int32_t t, int32_t h,
-                                     int32_t e, int32_t slices, int32_t accumulate,
-                                     remoe_stream_t stream);
-int remoe_router_backward_dense_f16(const uint16_t *x, const uint16_t *wr, const float *dl,
-                                    float *dxr, float *partial, float *dwr, int32_t t, int32_t h,
-                                    int32_t e, int32_t slices, int32_t accumulate,
-                                    remoe_stream_t stream);
+int remoe_router_backward_dense_bf16 REMOE_ROUTER_BACKWARD_DENSE_PARAMS;
+int remoe_router_backward_dense_f16 REMOE_ROUTER_BACKWARD_DENSE_PARAMS;
 
 /*
  * The adaptive lambda controller's step (kernels/controller.cu), one thread: if *count > 0,

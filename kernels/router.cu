@@ -289,18 +289,12 @@ int launch_router_forward(const uint16_t *x, const uint16_t *wr, float *logits, 
 
 }  // namespace
 
-extern "C" int remoe_router_forward_bf16(const uint16_t *x, const uint16_t *wr, float *logits,
-                                         float *gates, uint32_t *block_counts, float *block_sums,
-                                         uint32_t *error_flags, int32_t t, int32_t h, int32_t e,
-                                         remoe_stream_t stream) {
+extern "C" int remoe_router_forward_bf16 REMOE_ROUTER_FORWARD_PARAMS {
   return launch_router_forward<__nv_bfloat16>(x, wr, logits, gates, block_counts, block_sums,
                                               error_flags, t, h, e, (cudaStream_t)stream);
 }
 
-extern "C" int remoe_router_forward_f16(const uint16_t *x, const uint16_t *wr, float *logits,
-                                        float *gates, uint32_t *block_counts, float *block_sums,
-                                        uint32_t *error_flags, int32_t t, int32_t h, int32_t e,
-                                        remoe_stream_t stream) {
+extern "C" int remoe_router_forward_f16 REMOE_ROUTER_FORWARD_PARAMS {
   return launch_router_forward<__half>(x, wr, logits, gates, block_counts, block_sums,
                                        error_flags, t, h, e, (cudaStream_t)stream);
 }

@@ -5,184 +5,37 @@ use half::{bf16, f16};
 use crate::ffi;
 use crate::tensor::Element;
 
-type Stream = ffi::remoe_stream_t;
+/// The launcher type of a header typedef `remoe_*_fn`. bindgen writes a C function type as
+/// `Option<unsafe extern "C" fn(..)>` (a C function pointer may be null); the tables below hold
+/// launchers, never null, so they take the pointer type inside.
+pub(crate) type Launcher<F> = <F as nullable::NullableFn>::Fn;
 
-/// x, wr, logits, gates, block_counts, block_sums, error_flags, t, h, e, stream.
-pub(crate) type RouterForwardFn = unsafe extern "C" fn(
-    *const u16,
-    *const u16,
-    *mut f32,
-    *mut f32,
-    *mut u32,
-    *mut f32,
-    *mut u32,
-    i32,
-    i32,
-    i32,
-    Stream,
-) -> i32;
+mod nullable {
+    // Public in a private module: the launcher tables of the public `HalfElement` name it.
+    pub trait NullableFn {
+        type Fn: Copy;
+    }
 
-/// x, pair_token, wg, wu, act, g, u, expert_offsets, tile_offsets, num_tiles, e, h, f, stream.
-pub(crate) type ExpertUpFn = unsafe extern "C" fn(
-    *const u16,
-    *const u32,
-    *const u16,
-    *const u16,
-    *mut u16,
-    *mut u16,
-    *mut u16,
-    *const u32,
-    *const u32,
-    i32,
-    i32,
-    i32,
-    i32,
-    Stream,
-) -> i32;
-
-/// act, wd, y (f32), expert_offsets, tile_offsets, num_tiles, e, h, f, k_splits, plane_rows,
-/// stream.
-pub(crate) type ExpertDownFn = unsafe extern "C" fn(
-    *const u16,
-    *const u16,
-    *mut f32,
-    *const u32,
-    *const u32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    Stream,
-) -> i32;
-
-/// y (f32), gates, pair_index, out, t, h, e, stream.
-pub(crate) type CombineFn = unsafe extern "C" fn(
-    *const f32,
-    *const f32,
-    *const i32,
-    *mut u16,
-    i32,
-    i32,
-    i32,
-    Stream,
-) -> i32;
-
-/// rows, pair_index, init, out, t, h, e, stream.
-pub(crate) type TokenSumFn = unsafe extern "C" fn(
-    *const u16,
-    *const i32,
-    *const f32,
-    *mut u16,
-    i32,
-    i32,
-    i32,
-    Stream,
-) -> i32;
-
-/// dout, row_dots (f32), groups, pair_token, pair_gate, dy, dr, count (device |A|), capacity,
-/// h, stream.
-pub(crate) type PairGradPrepFn = unsafe extern "C" fn(
-    *const u16,
-    *const f32,
-    i32,
-    *const u32,
-    *const f32,
-    *mut u16,
-    *mut f32,
-    *const u32,
-    i32,
-    i32,
-    Stream,
-) -> i32;
-
-/// dout, pair_token, pair_gate, wd, g, u, dg, du, act, row_dots (f32), expert_offsets,
-/// tile_offsets, num_tiles, e, h, f, stream.
-pub(crate) type ExpertDActFn = unsafe extern "C" fn(
-    *const u16,
-    *const u32,
-    *const f32,
-    *const u16,
-    *const u16,
-    *const u16,
-    *mut u16,
-    *mut u16,
-    *mut u16,
-    *mut f32,
-    *const u32,
-    *const u32,
-    i32,
-    i32,
-    i32,
-    i32,
-    Stream,
-) -> i32;
-
-/// dg, du, wg, wu, dx_pair, expert_offsets, tile_offsets, num_tiles, e, h, f, stream.
-pub(crate) type ExpertDxFn = unsafe extern "C" fn(
-    *const u16,
-    *const u16,
-    *const u16,
-    *const u16,
-    *mut u16,
-    *const u32,
-    *const u32,
-    i32,
-    i32,
-    i32,
-    i32,
-    Stream,
-) -> i32;
-
-/// a, gather, b, out, expert_offsets, a_rows, b_rows, e, m, n, accumulate, split, stream.
-pub(crate) type WeightGradFn = unsafe extern "C" fn(
-    *const u16,
-    *const u32,
-    *const u16,
-    *mut f32,
-    *const u32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    *const crate::ffi::remoe_wgrad_split_t,
-    Stream,
-) -> i32;
+    impl<F: Copy> NullableFn for Option<F> {
+        type Fn = F;
+    }
+}
 
 /// One implementation of the five expert GEMMs (src/gemm.rs picks one per device).
 #[derive(Clone, Copy)]
 pub struct ExpertGemms {
-    pub(crate) up: ExpertUpFn,
-    pub(crate) down: ExpertDownFn,
-    pub(crate) dact: ExpertDActFn,
-    pub(crate) dx: ExpertDxFn,
-    pub(crate) weight_grad: WeightGradFn,
+    pub(crate) up: Launcher<ffi::remoe_expert_up_fn>,
+    pub(crate) down: Launcher<ffi::remoe_expert_down_fn>,
+    pub(crate) dact: Launcher<ffi::remoe_expert_dact_fn>,
+    pub(crate) dx: Launcher<ffi::remoe_expert_dx_fn>,
+    pub(crate) weight_grad: Launcher<ffi::remoe_expert_weight_grad_fn>,
 }
-
-/// x, wr, dl, dxr, partial, dwr, t, h, e, slices, accumulate, stream.
-pub(crate) type RouterBackwardDenseFn = unsafe extern "C" fn(
-    *const u16,
-    *const u16,
-    *const f32,
-    *mut f32,
-    *mut f32,
-    *mut f32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    Stream,
-) -> i32;
 
 /// The activation and weight types of the layer: bf16 or f16. Sealed: the kernels exist for
 /// these two only.
 pub trait HalfElement: Element + sealed::Sealed {
     #[doc(hidden)]
-    const ROUTER_FORWARD: RouterForwardFn;
+    const ROUTER_FORWARD: Launcher<ffi::remoe_router_forward_fn>;
     /// The expert GEMMs on mma.sync (every architecture from sm_80).
     #[doc(hidden)]
     const EXPERT_GEMMS_MMA: ExpertGemms;
@@ -190,13 +43,13 @@ pub trait HalfElement: Element + sealed::Sealed {
     #[doc(hidden)]
     const EXPERT_GEMMS_HOPPER: ExpertGemms;
     #[doc(hidden)]
-    const COMBINE: CombineFn;
+    const COMBINE: Launcher<ffi::remoe_combine_fn>;
     #[doc(hidden)]
-    const TOKEN_SUM: TokenSumFn;
+    const TOKEN_SUM: Launcher<ffi::remoe_token_sum_fn>;
     #[doc(hidden)]
-    const PAIR_GRAD_PREP: PairGradPrepFn;
+    const PAIR_GRAD_PREP: Launcher<ffi::remoe_pair_grad_prep_fn>;
     #[doc(hidden)]
-    const ROUTER_BACKWARD_DENSE: RouterBackwardDenseFn;
+    const ROUTER_BACKWARD_DENSE: Launcher<ffi::remoe_router_backward_dense_fn>;
 }
 
 mod sealed {
@@ -206,10 +59,10 @@ mod sealed {
 }
 
 impl HalfElement for bf16 {
-    const ROUTER_FORWARD: RouterForwardFn = ffi::remoe_router_forward_bf16;
-    const COMBINE: CombineFn = ffi::remoe_combine_bf16;
-    const TOKEN_SUM: TokenSumFn = ffi::remoe_token_sum_bf16;
-    const PAIR_GRAD_PREP: PairGradPrepFn = ffi::remoe_pair_grad_prep_bf16;
+    const ROUTER_FORWARD: Launcher<ffi::remoe_router_forward_fn> = ffi::remoe_router_forward_bf16;
+    const COMBINE: Launcher<ffi::remoe_combine_fn> = ffi::remoe_combine_bf16;
+    const TOKEN_SUM: Launcher<ffi::remoe_token_sum_fn> = ffi::remoe_token_sum_bf16;
+    const PAIR_GRAD_PREP: Launcher<ffi::remoe_pair_grad_prep_fn> = ffi::remoe_pair_grad_prep_bf16;
     const EXPERT_GEMMS_MMA: ExpertGemms = ExpertGemms {
         up: ffi::remoe_expert_up_swiglu_bf16,
         down: ffi::remoe_expert_down_bf16,
@@ -224,14 +77,15 @@ impl HalfElement for bf16 {
         dx: ffi::remoe_hopper_expert_dx_bf16,
         weight_grad: ffi::remoe_hopper_expert_weight_grad_bf16,
     };
-    const ROUTER_BACKWARD_DENSE: RouterBackwardDenseFn = ffi::remoe_router_backward_dense_bf16;
+    const ROUTER_BACKWARD_DENSE: Launcher<ffi::remoe_router_backward_dense_fn> =
+        ffi::remoe_router_backward_dense_bf16;
 }
 
 impl HalfElement for f16 {
-    const ROUTER_FORWARD: RouterForwardFn = ffi::remoe_router_forward_f16;
-    const COMBINE: CombineFn = ffi::remoe_combine_f16;
-    const TOKEN_SUM: TokenSumFn = ffi::remoe_token_sum_f16;
-    const PAIR_GRAD_PREP: PairGradPrepFn = ffi::remoe_pair_grad_prep_f16;
+    const ROUTER_FORWARD: Launcher<ffi::remoe_router_forward_fn> = ffi::remoe_router_forward_f16;
+    const COMBINE: Launcher<ffi::remoe_combine_fn> = ffi::remoe_combine_f16;
+    const TOKEN_SUM: Launcher<ffi::remoe_token_sum_fn> = ffi::remoe_token_sum_f16;
+    const PAIR_GRAD_PREP: Launcher<ffi::remoe_pair_grad_prep_fn> = ffi::remoe_pair_grad_prep_f16;
     const EXPERT_GEMMS_MMA: ExpertGemms = ExpertGemms {
         up: ffi::remoe_expert_up_swiglu_f16,
         down: ffi::remoe_expert_down_f16,
@@ -246,5 +100,6 @@ impl HalfElement for f16 {
         dx: ffi::remoe_hopper_expert_dx_f16,
         weight_grad: ffi::remoe_hopper_expert_weight_grad_f16,
     };
-    const ROUTER_BACKWARD_DENSE: RouterBackwardDenseFn = ffi::remoe_router_backward_dense_f16;
+    const ROUTER_BACKWARD_DENSE: Launcher<ffi::remoe_router_backward_dense_fn> =
+        ffi::remoe_router_backward_dense_f16;
 }

@@ -12,6 +12,26 @@ pub struct CUstream_st {
     _unused: [u8; 0],
 }
 pub type remoe_stream_t = *mut CUstream_st;
+/**The type of remoe\_router\_forward\_bf16 and \_f16.
+
+```text
+The type of remoe_router_forward_bf16 and _f16.
+```*/
+pub type remoe_router_forward_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        x: *const u16,
+        wr: *const u16,
+        logits: *mut f32,
+        gates: *mut f32,
+        block_counts: *mut u32,
+        block_sums: *mut f32,
+        error_flags: *mut u32,
+        t: i32,
+        h: i32,
+        e: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int,
+>;
 unsafe extern "C" {
     /**Router forward (kernels/router.cu).
 
@@ -154,6 +174,97 @@ token order within an expert (offsets from remoe_routing_stats).
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
+/**The type of remoe\_expert\_up\_swiglu\_bf16 and \_f16, and of their remoe\_hopper\_ twins.
+
+```text
+The type of remoe_expert_up_swiglu_bf16 and _f16, and of their remoe_hopper_ twins.
+```*/
+pub type remoe_expert_up_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        x: *const u16,
+        pair_token: *const u32,
+        wg: *const u16,
+        wu: *const u16,
+        act: *mut u16,
+        g: *mut u16,
+        u: *mut u16,
+        expert_offsets: *const u32,
+        tile_offsets: *const u32,
+        num_tiles: i32,
+        e: i32,
+        h: i32,
+        f: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int,
+>;
+/**The type of remoe\_expert\_down\_bf16 and \_f16, and of their remoe\_hopper\_ twins.
+
+```text
+The type of remoe_expert_down_bf16 and _f16, and of their remoe_hopper_ twins.
+```*/
+pub type remoe_expert_down_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        act: *const u16,
+        wd: *const u16,
+        y: *mut f32,
+        expert_offsets: *const u32,
+        tile_offsets: *const u32,
+        num_tiles: i32,
+        e: i32,
+        h: i32,
+        f: i32,
+        k_splits: i32,
+        plane_rows: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int,
+>;
+/**The type of remoe\_expert\_dact\_bf16 and \_f16, and of their remoe\_hopper\_ twins.
+
+```text
+The type of remoe_expert_dact_bf16 and _f16, and of their remoe_hopper_ twins.
+```*/
+pub type remoe_expert_dact_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        dout: *const u16,
+        pair_token: *const u32,
+        pair_gate: *const f32,
+        wd: *const u16,
+        g: *const u16,
+        u: *const u16,
+        dg: *mut u16,
+        du: *mut u16,
+        act: *mut u16,
+        row_dots: *mut f32,
+        expert_offsets: *const u32,
+        tile_offsets: *const u32,
+        num_tiles: i32,
+        e: i32,
+        h: i32,
+        f: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int,
+>;
+/**The type of remoe\_expert\_dx\_bf16 and \_f16, and of their remoe\_hopper\_ twins.
+
+```text
+The type of remoe_expert_dx_bf16 and _f16, and of their remoe_hopper_ twins.
+```*/
+pub type remoe_expert_dx_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        dg: *const u16,
+        du: *const u16,
+        wg: *const u16,
+        wu: *const u16,
+        dx_pair: *mut u16,
+        expert_offsets: *const u32,
+        tile_offsets: *const u32,
+        num_tiles: i32,
+        e: i32,
+        h: i32,
+        f: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int,
+>;
 unsafe extern "C" {
     /**Grouped expert GEMMs (kernels/grouped\_gemm.cu).
 
@@ -373,6 +484,28 @@ all ranks' pairs, so that its experts are cut exactly as on one GPU over every r
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
+/**The type of remoe\_expert\_weight\_grad\_bf16 and \_f16, and of their remoe\_hopper\_ twins.
+
+```text
+The type of remoe_expert_weight_grad_bf16 and _f16, and of their remoe_hopper_ twins.
+```*/
+pub type remoe_expert_weight_grad_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        a: *const u16,
+        gather: *const u32,
+        b: *const u16,
+        out: *mut f32,
+        expert_offsets: *const u32,
+        a_rows: i32,
+        b_rows: i32,
+        e: i32,
+        m: i32,
+        n: i32,
+        accumulate: i32,
+        split: *const remoe_wgrad_split_t,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int,
+>;
 unsafe extern "C" {
     pub fn remoe_expert_weight_grad_bf16(
         a: *const u16,
@@ -636,6 +769,23 @@ h % 8 == 0.
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
+/**The type of remoe\_combine\_bf16 and \_f16.
+
+```text
+The type of remoe_combine_bf16 and _f16.
+```*/
+pub type remoe_combine_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        y: *const f32,
+        gates: *const f32,
+        pair_index: *const i32,
+        out: *mut u16,
+        t: i32,
+        h: i32,
+        e: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int,
+>;
 unsafe extern "C" {
     /**Combine (kernels/combine.cu).
 
@@ -667,6 +817,23 @@ unsafe extern "C" {
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
+/**The type of remoe\_token\_sum\_bf16 and \_f16.
+
+```text
+The type of remoe_token_sum_bf16 and _f16.
+```*/
+pub type remoe_token_sum_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        rows: *const u16,
+        pair_index: *const i32,
+        init: *const f32,
+        out: *mut u16,
+        t: i32,
+        h: i32,
+        e: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int,
+>;
 unsafe extern "C" {
     /**Per-token sum of per-pair rows, the same kernel with unit weights.
 
@@ -697,6 +864,26 @@ unsafe extern "C" {
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
+/**The type of remoe\_pair\_grad\_prep\_bf16 and \_f16.
+
+```text
+The type of remoe_pair_grad_prep_bf16 and _f16.
+```*/
+pub type remoe_pair_grad_prep_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        dout: *const u16,
+        row_dots: *const f32,
+        groups: i32,
+        pair_token: *const u32,
+        pair_gate: *const f32,
+        dy: *mut u16,
+        dr: *mut f32,
+        count: *const u32,
+        capacity: i32,
+        h: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int,
+>;
 unsafe extern "C" {
     /**Backward helpers (kernels/backward.cu).
 
@@ -766,6 +953,27 @@ scale or micro-batch factor that dr already carries through dOut).
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
+/**The type of remoe\_router\_backward\_dense\_bf16 and \_f16.
+
+```text
+The type of remoe_router_backward_dense_bf16 and _f16.
+```*/
+pub type remoe_router_backward_dense_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        x: *const u16,
+        wr: *const u16,
+        dl: *const f32,
+        dxr: *mut f32,
+        partial: *mut f32,
+        dwr: *mut f32,
+        t: i32,
+        h: i32,
+        e: i32,
+        slices: i32,
+        accumulate: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int,
+>;
 unsafe extern "C" {
     /**The router's dense gradients.
 

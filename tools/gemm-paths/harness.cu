@@ -11,18 +11,6 @@
 #include <string>
 #include <vector>
 #include "remoe_kernels.h"
-extern "C" {
-#define UP_SIG(name) int name(const uint16_t*, const uint32_t*, const uint16_t*, const uint16_t*, uint16_t*, uint16_t*, uint16_t*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
-#define DOWN_SIG(name) int name(const uint16_t*, const uint16_t*, float*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
-#define DACT_SIG(name) int name(const uint16_t*, const uint32_t*, const float*, const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, uint16_t*, uint16_t*, float*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
-#define DX_SIG(name) int name(const uint16_t*, const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, const uint32_t*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, remoe_stream_t)
-#define WG_SIG(name) int name(const uint16_t*, const uint32_t*, const uint16_t*, float*, const uint32_t*, int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, const remoe_wgrad_split_t*, remoe_stream_t)
-UP_SIG(remoe_hopper_expert_up_swiglu_bf16);
-DOWN_SIG(remoe_hopper_expert_down_bf16);
-DACT_SIG(remoe_hopper_expert_dact_bf16);
-DX_SIG(remoe_hopper_expert_dx_bf16);
-WG_SIG(remoe_hopper_expert_weight_grad_bf16);
-}
 #define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); exit(1);} } while (0)
 #define LK(x) do { int c_ = (x); if (c_ != 0) { printf("launch error %d (%s) at %s:%d\n", c_, cudaGetErrorString((cudaError_t)c_), __FILE__, __LINE__); exit(1);} } while (0)
 
