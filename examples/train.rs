@@ -418,9 +418,6 @@ struct Moe {
     layer: MoeLayer<bf16>,
     /// The router's master weight \[E, H\] (f32, the VarMap's `Var`), for the routing masks.
     router: Tensor,
-    /// Each expert's w1, w3 and w2 master weights (the VarMap's `Var`s, \[F,H\], \[F,H\],
-    /// \[H,F\]), for timing the layer's weight staging alone (`stage_weights`).
-    experts: [Vec<Tensor>; 3],
     kind: Kind,
     k: usize,
 }
@@ -447,52 +444,25 @@ impl Moe {
         let router = vb
             .pp("gate")
             .get((cfg.experts, cfg.hidden_size), "weight")?;
-        let (h, f) = (cfg.hidden_size, cfg.expert_ffn);
-        let expert = |name: &str, shape: (usize, usize)| {
-            (0..cfg.experts)
-                .map(|j| vb.pp("experts").pp(j).pp(name).get(shape, "weight"))
-                .collect::<candle_core::Result<Vec<_>>>()
-        };
-        let experts = [
-            expert("w1", (f, h))?,
-            expert("w3", (f, h))?,
-            expert("w2", (h, f))?,
-        ];
         Ok(Self {
             layer,
             router,
-            experts,
             kind,
             k: cfg.experts_per_token,
         })
     }
 
-    /// What every forward of the layer does to its parameters before its kernels run, written
-    /// out with the same candle ops as the crate's src/candle/params.rs (`stack`): the router
-    /// transposed and cast to bf16, and per projection the experts' \[out, in\] f32 matrices
-    /// stacked as transposed views (a strided copy) and cast to bf16. The four staged tensors are
+    /// What every forward of the layer does to its parameters before its kernels run
+    /// (`MoeLayer::compute_weights`: the router and the experts' \[out, in\] f32 masters
+    /// transposed into the kernels' stacked layout and cast to bf16). The four staged tensors are
     /// returned as they are: candle's `backward` seeds each with a contiguous tensor of ones of
     /// its shape and dtype, which stands in for the gradient the kernels' backward writes, so the
-    /// timed backward is the layer's own (the cast and the stack in reverse, to every master
-    /// `Var`). At 1792342 the tensors were cast to f32 and summed to one scalar instead: that
-    /// reduction and its backward (a broadcast gradient cast back per tensor) cost more than the
-    /// staging itself, 272.9 ms against 149.2 ms for the MoE layers whole (H200).
+    /// timed backward is the layer's own (the staging in reverse, to every master `Var`). At
+    /// 1792342 the tensors were cast to f32 and summed to one scalar instead: that reduction and
+    /// its backward cost more than the staging itself, 272.9 ms against 149.2 ms for the MoE
+    /// layers whole (H200).
     fn stage_weights(&self) -> candle_core::Result<[Tensor; 4]> {
-        let stacked = |w: &[Tensor]| -> candle_core::Result<Tensor> {
-            let views = w
-                .iter()
-                .map(|w| w.t())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::stack(&views, 0)?
-                .to_dtype(DType::BF16)?
-                .contiguous()
-        };
-        Ok([
-            self.router.t()?.to_dtype(DType::BF16)?.contiguous()?,
-            stacked(&self.experts[0])?,
-            stacked(&self.experts[1])?,
-            stacked(&self.experts[2])?,
-        ])
+        self.layer.compute_weights()
     }
 
     /// The layer on `x` \[.., H\] (bf16): x's shape and dtype. The balance regulariser trains
@@ -1269,7 +1239,7 @@ fn moe_share(
         m / f,
         format!(
             "median of {} steps: MoE layers' forward+backward alone {:.1} ms (host {:.1}) / whole step {:.1} ms ({} forwards of {} sequences), both synchronised; \
-             of the MoE layers' time, their weight staging alone (stack, cast and their backward) {:.1} ms (host {:.1}); \
+             of the MoE layers' time, their weight staging alone (stack, transpose-cast and their backward) {:.1} ms (host {:.1}); \
              a step synchronised after each phase: {by_phase}; (host: the time until the host had enqueued the phase, before its synchronisation)",
             args.timing_steps,
             1e3 * m,

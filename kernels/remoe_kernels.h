@@ -283,6 +283,22 @@ int remoe_gather_rows_16(const uint16_t *x, const uint32_t *rows, uint16_t *out,
 /* The type of remoe_combine_bf16 and _f16. */
 typedef int remoe_combine_fn REMOE_COMBINE_PARAMS;
 /*
+ * Batched transpose with a dtype conversion (kernels/transpose.cu): for each of `batches` planes,
+ * dst[b][c][r] = convert(src[b][r][c]) with src [batches, rows, cols] and dst [batches, cols,
+ * rows], both contiguous and not overlapping; f32 to bf16 or f16 (rounded to nearest even, as
+ * candle's cast rounds) and back (exact). rows is at most 65535 * 32 (the grid's y extent),
+ * batches at most 65535 (its z extent); (size_t) rows * cols * batches elements in each buffer.
+ */
+int remoe_transpose_f32_to_bf16(const float *src, uint16_t *dst, int32_t batches, int32_t rows,
+                                int32_t cols, remoe_stream_t stream);
+int remoe_transpose_f32_to_f16(const float *src, uint16_t *dst, int32_t batches, int32_t rows,
+                               int32_t cols, remoe_stream_t stream);
+int remoe_transpose_bf16_to_f32(const uint16_t *src, float *dst, int32_t batches, int32_t rows,
+                                int32_t cols, remoe_stream_t stream);
+int remoe_transpose_f16_to_f32(const uint16_t *src, float *dst, int32_t batches, int32_t rows,
+                               int32_t cols, remoe_stream_t stream);
+
+/*
  * Combine (kernels/combine.cu): out[t, :] = sum over experts e in ascending order with
  * pair_index[t, e] >= 0 of gates[t, e] * y[pair_index[t, e], :] (y f32), accumulated in f32; a
  * token with no pair gets zeros. No atomics: the result is bitwise reproducible.

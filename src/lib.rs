@@ -96,6 +96,8 @@ pub mod router;
 mod scratch;
 pub mod sys;
 pub mod tensor;
+#[cfg(feature = "candle-cuda")]
+mod transpose;
 mod weight_grad_split;
 pub mod weights;
 mod workspace;

@@ -787,6 +787,55 @@ pub type remoe_combine_fn = ::std::option::Option<
     ) -> ::std::os::raw::c_int,
 >;
 unsafe extern "C" {
+    /**Batched transpose with a dtype conversion (kernels/transpose.cu).
+
+```text
+Batched transpose with a dtype conversion (kernels/transpose.cu): for each of `batches` planes,
+dst[b][c][r] = convert(src[b][r][c]) with src [batches, rows, cols] and dst [batches, cols,
+rows], both contiguous and not overlapping; f32 to bf16 or f16 (rounded to nearest even, as
+candle's cast rounds) and back (exact). rows is at most 65535 * 32 (the grid's y extent),
+batches at most 65535 (its z extent); (size_t) rows * cols * batches elements in each buffer.
+```*/
+    pub fn remoe_transpose_f32_to_bf16(
+        src: *const f32,
+        dst: *mut u16,
+        batches: i32,
+        rows: i32,
+        cols: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn remoe_transpose_f32_to_f16(
+        src: *const f32,
+        dst: *mut u16,
+        batches: i32,
+        rows: i32,
+        cols: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn remoe_transpose_bf16_to_f32(
+        src: *const u16,
+        dst: *mut f32,
+        batches: i32,
+        rows: i32,
+        cols: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn remoe_transpose_f16_to_f32(
+        src: *const u16,
+        dst: *mut f32,
+        batches: i32,
+        rows: i32,
+        cols: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
     /**Combine (kernels/combine.cu).
 
 ```text

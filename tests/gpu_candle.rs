@@ -307,3 +307,18 @@ fn the_candle_layer_is_dropless_and_reports_device_errors() {
     );
     layer.check_device_errors().unwrap();
 }
+
+#[test]
+fn staging_is_candles_ops_bit_for_bit_on_cuda() {
+    let Some(cdev) = candle_gpu_or_skip("staging_is_candles_ops_bit_for_bit_on_cuda") else {
+        return;
+    };
+    let seed = fresh_seed();
+    let run = |masters, s| {
+        candle_common::staging_is_candles_ops_bit_for_bit::<bf16>(&cdev, masters, s);
+        candle_common::staging_is_candles_ops_bit_for_bit::<half::f16>(&cdev, masters, s ^ 1);
+    };
+    run(DType::F32, seed);
+    // Masters in a 16-bit type take candle's ops (the op stages f32 masters only).
+    run(DType::BF16, seed ^ 2);
+}

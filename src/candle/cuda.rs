@@ -329,3 +329,42 @@ impl DeviceStats {
         })
     }
 }
+
+/// The staging op on CUDA (`super::stage`): `[B, R, C]` (the storage's elements `range`) to a
+/// new `[B, C, R]` buffer of `to`, on candle's stream.
+pub(crate) fn transpose_cast(
+    s: &CudaStorage,
+    range: std::ops::Range<usize>,
+    dims: super::stage::Dims,
+    to: candle_core::DType,
+) -> candle_core::Result<CudaStorage> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::DType as D;
+    fn run<A, B>(
+        s: &CudaStorage,
+        range: std::ops::Range<usize>,
+        dims: super::stage::Dims,
+    ) -> candle_core::Result<CudaStorage>
+    where
+        A: crate::tensor::Element + CudaDType,
+        B: crate::tensor::Element + CudaDType,
+    {
+        let dev = Device::from_stream(s.device.cuda_stream()).map_err(candle_err)?;
+        let src = s.as_cuda_slice::<A>()?.slice(range);
+        let mut out =
+            DeviceTensor::<B>::zeros(&dev, &[dims.0, dims.2, dims.1]).map_err(candle_err)?;
+        crate::transpose::transpose_cast(&dev, src, &mut out, dims).map_err(candle_err)?;
+        Ok(CudaStorage::wrap_cuda_slice(
+            out.into_cuda_slice(),
+            s.device.clone(),
+        ))
+    }
+    use half::{bf16, f16};
+    match (s.dtype(), to) {
+        (D::F32, D::BF16) => run::<f32, bf16>(s, range, dims),
+        (D::F32, D::F16) => run::<f32, f16>(s, range, dims),
+        (D::BF16, D::F32) => run::<bf16, f32>(s, range, dims),
+        (D::F16, D::F32) => run::<f16, f32>(s, range, dims),
+        (a, b) => bail!("remoe: no CUDA weight staging from {a:?} to {b:?}"),
+    }
+}

@@ -72,11 +72,11 @@
 //! (f32 for f32 masters, as mixed-precision training keeps them); the layer computes in `T`
 //! (bf16 or f16, the kernels' dtypes), whatever x's dtype, and returns x's dtype. Every forward
 //! stacks and casts the per-expert matrices into the kernels' \[E,H,F\]/\[E,F,H\] tensors with
-//! candle ops that autograd follows back to each expert's `Var`: a strided stack in the stored
-//! dtype, then the cast, which write 3 E H F (4 + 2) bytes per forward for f32 masters (at SPEC's
-//! config A, E H F = 8 x 768 x 3072: 340 MB; the backward moves as much again, casting the
-//! stacked gradient back and splitting it per expert), and one copy when the masters are in `T`.
-//! The
+//! ops that autograd follows back to each expert's `Var`: for f32 masters, a stack of the
+//! matrices as stored and one transpose-and-cast op (kernels/transpose.cu on CUDA; about 1 GB
+//! moved per forward at SPEC's config A, E H F = 8 x 768 x 3072, every access along rows, and as
+//! much again in the backward, which casts the stacked gradient back and splits it per expert);
+//! for masters already in `T`, candle's strided stack of the transposed views, one copy. The
 //! gradients reach the masters through that cast, so they are rounded to `T` on the way (as
 //! PyTorch autocast's are): the kernels compute them in f32, candle's autograd requires a
 //! tensor's gradient in the tensor's dtype. Constant parameters (an mmapped checkpoint) are
@@ -141,6 +141,7 @@ mod cuda;
 mod ops;
 mod params;
 mod routing;
+mod stage;
 mod stats;
 
 use std::sync::{Arc, Mutex};
@@ -271,6 +272,17 @@ impl<T: CandleElement> MoeLayer<T> {
         })
     }
 
+    /// The tensors a forward hands the kernels, made from the parameters as every forward makes
+    /// them: router \[H,E\], gate and up \[E,H,F\], down \[E,F,H\] (the crate's layout), in `T`, on
+    /// the parameters' device. Where the parameters are trainable `Var`s these are tracked by
+    /// autograd, so a loss on them sends gradients to the parameters through the same staging
+    /// ops a forward's backward does (for timing the staging alone, or to use the stacked
+    /// weights elsewhere); an mmapped checkpoint's constants were stacked once, at
+    /// construction, and are returned as they are. Not the shared expert's.
+    pub fn compute_weights(&self) -> candle_core::Result<[Tensor; 4]> {
+        self.routed.compute(<T as WithDType>::DTYPE)
+    }
+
     /// The weights the layer computes with, copied to the host: the router and routed experts
     /// stacked and cast to `T` as a forward does, in the crate's layout (router \[H,E\], gate and
     /// up \[E,H,F\], down \[E,F,H\]). For checking the layer against the crate's reference
@@ -280,7 +292,7 @@ impl<T: CandleElement> MoeLayer<T> {
     pub fn host_weights(&self) -> candle_core::Result<HostMoeWeights<T>> {
         let (h, f, e, _) = self.dims;
         let host = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
-        let [r, g, u, d] = self.routed.compute(<T as WithDType>::DTYPE)?;
+        let [r, g, u, d] = self.compute_weights()?;
         let params = LayerParams {
             router: host(&r)?,
             gate: host(&g)?,

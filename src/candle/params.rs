@@ -9,6 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::config::{Family, MoeConfig};
 use super::ops::{candle_err, lock};
+use super::stage::TransposeCast;
 use super::INIT;
 use crate::error::{Error, WeightsError};
 
@@ -39,32 +40,33 @@ impl Routed {
 /// A checkpoint's per-expert \[out, in\] matrices as the kernels' stacked tensors in `dtype`:
 /// router \[E,H\] -> \[H,E\]; gate, up \[F,H\] -> \[E,H,F\]; down \[H,F\] -> \[E,F,H\].
 ///
-/// One candle op chain per tensor, tracked by autograd, so each expert's `Var` gets its
-/// gradient back through it: `stack` of the transposed views (one strided copy, in the stored
-/// dtype), then `to_dtype` (a second pass, when the stored dtype is not the compute dtype). Per
-/// forward that writes 3 E H F (size_stored + size_compute) bytes for the experts (f32 masters,
-/// bf16 compute: 18 E H F bytes; at SPEC's config A, E H F = 8 x 768 x 3072, 340 MB), and the
-/// backward makes the same traffic again (the stacked gradient cast back and split per expert
-/// by candle). With masters in the compute dtype the cast is a no-op and the stack is the one
-/// copy.
+/// Tracked by autograd, so each expert's `Var` gets its gradient back through it. f32 masters
+/// computed in bf16 or f16 (mixed-precision training) are stacked as stored (contiguous copies)
+/// and then transposed and cast by one [`TransposeCast`] (whose backward is the same op the other
+/// way); per forward the three expert projections move about 3 E H F (4 + 4 + 4 + 2 + 2) bytes
+/// (the stack's read and write, the op's read, its output's zero fill and write: at SPEC's config
+/// A, E H F = 8 x 768 x 3072, 1.0 GB), about as much as candle's strided stack and cast did, but
+/// with every access along rows. Other dtype pairs (masters already in `dtype`, or f64) take
+/// candle's ops: the transposed views stacked (one strided copy), then `to_dtype`.
 pub(crate) fn stack(
     router: &Tensor,
     experts: &[[Tensor; 3]],
     dtype: DType,
 ) -> candle_core::Result<[Tensor; 4]> {
-    let each = |i: usize| -> candle_core::Result<Tensor> {
-        let views = experts
-            .iter()
-            .map(|w| w[i].t())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::stack(&views, 0)?.to_dtype(dtype)?.contiguous()
+    let staged = |mats: &[&Tensor]| -> candle_core::Result<Tensor> {
+        let stored = mats.first().map_or(dtype, |m| m.dtype());
+        if TransposeCast::stages(stored, dtype) {
+            TransposeCast::apply(&Tensor::stack(mats, 0)?, dtype)
+        } else {
+            let views = mats
+                .iter()
+                .map(|m| m.t())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::stack(&views, 0)?.to_dtype(dtype)?.contiguous()
+        }
     };
-    Ok([
-        router.t()?.to_dtype(dtype)?.contiguous()?,
-        each(0)?,
-        each(1)?,
-        each(2)?,
-    ])
+    let each = |i: usize| staged(&experts.iter().map(|w| &w[i]).collect::<Vec<_>>());
+    Ok([staged(&[router])?.squeeze(0)?, each(0)?, each(1)?, each(2)?])
 }
 
 /// A shared expert's parameters (\[out, in\], the stored dtype): gate and up \[Fs,H\], down

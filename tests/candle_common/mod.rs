@@ -708,3 +708,167 @@ pub fn one_lambda_for_all_layers(dev: &Device, seed: u64) {
     assert!(routing.set_balance_grad_scale(f64::NAN).is_err());
     assert!(routing.set_balance_grad_scale(-1.0).is_err());
 }
+
+/// `a` and `b` are the same bits, or a panic naming how many elements differ and the first.
+fn assert_same_bits(a: &Tensor, b: &Tensor, what: &str) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+    assert_eq!(a.dtype(), b.dtype(), "{what}: dtypes");
+    let (x, y) = (bits(a), bits(b));
+    let differ: Vec<usize> = (0..x.len()).filter(|&i| x[i] != y[i]).collect();
+    if let Some(&i) = differ.first() {
+        panic!(
+            "{what}: {} of {} elements differ, the first at {i} ({:#x} against {:#x})",
+            differ.len(),
+            x.len(),
+            x[i],
+            y[i]
+        );
+    }
+}
+
+/// The bits of a float tensor (any dtype), for exact comparisons.
+fn bits(t: &Tensor) -> Vec<u64> {
+    let t = t.flatten_all().unwrap();
+    match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        DType::BF16 => t
+            .to_vec1::<bf16>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        DType::F16 => {
+            let v = t.to_vec1::<half::f16>().unwrap();
+            v.iter().map(|x| x.to_bits() as u64).collect()
+        }
+        other => panic!("bits of {other:?}"),
+    }
+}
+
+/// f32 values whose conversion to bf16 or f16 is a case of its own: ties that round down and
+/// up (to even) for each type, signed zero, infinities, NaN, f16's overflow (65520 -> inf, 65519
+/// -> 65504) and underflow (2^-25, a tie with 0), subnormals of f16 and of bf16 (f32's), and
+/// f32's largest (inf in bf16).
+fn conversion_cases() -> Vec<f32> {
+    let p = |e: i32| 2f32.powi(e);
+    vec![
+        1.0 + p(-8),
+        1.0 + 3.0 * p(-8),
+        -(1.0 + 3.0 * p(-8)),
+        1.0 + p(-11),
+        1.0 + 3.0 * p(-11),
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        65520.0,
+        65519.0,
+        p(-25),
+        3.0 * p(-20),
+        1e-39,
+        f32::MAX,
+    ]
+}
+
+/// What every forward of a trainable layer does to its masters before the kernels run
+/// (`MoeLayer::compute_weights`: for f32 masters one transpose-and-cast op per tensor) is, bit for
+/// bit, what candle's own ops make of them (each expert's [out, in] matrix transposed, stacked,
+/// cast to the compute dtype), and so are the gradients it sends back to every master (those only
+/// test the indexing: the backward's conversions are exact). Shapes whose sides are not
+/// multiples of the CUDA kernel's 32 x 32 tile, one expert and several; values that exercise the
+/// rounding ([`conversion_cases`] first in every tensor, then random ones); masters in `masters`
+/// (f32: the op; another dtype: candle's ops, which must still work).
+pub fn staging_is_candles_ops_bit_for_bit<T: CandleElement>(
+    dev: &Device,
+    masters: DType,
+    seed: u64,
+) {
+    let note = seed_note(seed);
+    let mut rng = seeded(seed);
+    let dt = <T as candle_core::WithDType>::DTYPE;
+    for (h, f, e) in [(16, 24, 1), (40, 72, 3), (64, 96, 8), (8, 8, 2)] {
+        let what = format!("H {h}, F {f}, E {e}, masters {masters:?}, compute {dt:?}, {note}");
+        let cfg = MoeConfig::remoe(h, f, e, 1);
+        let routing = SharedRouting::new(&cfg, dev).unwrap();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, masters, dev);
+        let layer = MoeLayer::<T>::new(&cfg, &routing, vb.pp("m")).unwrap();
+        let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+        for name in &names {
+            let var = varmap.data().lock().unwrap()[name].clone();
+            let n = var.as_tensor().elem_count();
+            let mut v: Vec<f32> = rng.vec_uniform(n, 1.0).iter().map(|&x| x as f32).collect();
+            for (slot, x) in v.iter_mut().zip(conversion_cases()) {
+                *slot = x;
+            }
+            let t = Tensor::from_vec(v, var.as_tensor().shape(), dev)
+                .unwrap()
+                .to_dtype(masters)
+                .unwrap();
+            var.set(&t).unwrap();
+        }
+        let get = |name: &str| varmap.data().lock().unwrap()[name].as_tensor().clone();
+        let stacked = |proj: &str| {
+            let views: Vec<Tensor> = (0..e)
+                .map(|j| get(&format!("m.experts.{j}.{proj}.weight")).t().unwrap())
+                .collect();
+            Tensor::stack(&views, 0).unwrap().to_dtype(dt).unwrap()
+        };
+        let by_ops = [
+            get("m.gate.weight").t().unwrap().to_dtype(dt).unwrap(),
+            stacked("w1"),
+            stacked("w3"),
+            stacked("w2"),
+        ];
+        let staged = layer.compute_weights().unwrap();
+        // A loss on each, with the same random weights G_i, so that each gradient is G_i (in T)
+        // sent back through the staging.
+        let mut loss_ops = Tensor::zeros((), DType::F32, dev).unwrap();
+        let mut loss_staged = loss_ops.clone();
+        for (i, (a, b)) in by_ops.iter().zip(&staged).enumerate() {
+            assert_same_bits(a, b, &format!("tensor {i}'s values, {what}"));
+            let g = Tensor::from_vec(
+                rng.vec_uniform(a.elem_count(), 1.0)
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect::<Vec<_>>(),
+                a.shape(),
+                dev,
+            )
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+            let term = |w: &Tensor| {
+                (w * &g)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            loss_ops = (loss_ops + term(a)).unwrap();
+            loss_staged = (loss_staged + term(b)).unwrap();
+        }
+        let (ga, gb) = (
+            loss_ops.backward().unwrap(),
+            loss_staged.backward().unwrap(),
+        );
+        for name in &names {
+            let var = get(name);
+            let (a, b) = (ga.get(&var), gb.get(&var));
+            let (Some(a), Some(b)) = (a, b) else {
+                panic!(
+                    "{name}: a gradient is missing ({}, {}): {what}",
+                    a.is_some(),
+                    b.is_some()
+                )
+            };
+            assert_same_bits(a, b, &format!("{name}'s gradient, {what}"));
+        }
+    }
+}
