@@ -70,10 +70,10 @@ pub(crate) fn transpose_cast<'a, A: Element, B: Element>(
     // SAFETY: src holds `elements` = batches * rows * cols elements of A and dst as many of B
     // (checked by `l`, each naturally aligned as cudarc allocates and views them); they are
     // different buffers (one borrowed shared, the other exclusively); rows <= 65535 * 32 and
-    // batches <= 65535 keep the grid within its limits (its x extent, cols / 32 computed in 64 bits,
-    // is below 2^26), and the kernel indexes in size_t. The
-    // launcher is the one for (A::DTYPE, B::DTYPE): the casts only rename A and B to the types
-    // the header declares for the same layouts (u16 for bf16 and f16).
+    // batches <= 65535 keep the grid within its limits (its x extent, cols / 32 computed in 64
+    // bits, is below 2^26), and the kernel indexes in size_t. The launcher is the one for
+    // (A::DTYPE, B::DTYPE): the casts only rename A and B to the types the header declares for
+    // the same layouts (u16 for bf16 and f16).
     let code = unsafe {
         match (a, b) {
             (DType::F32, DType::BF16) => {
