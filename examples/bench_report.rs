@@ -47,8 +47,8 @@ use clap::{ArgAction, CommandFactory, Parser, ValueEnum};
 use remoe_kernels::{Device, GemmPath, RouterKind};
 use support::{
     available_paths, comparisons, host_problem, measure_config, named, named_list, named_shapes,
-    panic_message, router_name, Failure, GemmRow, LayerRow, Load, Measured, Options, Shape, NAMED,
-    ROTATION_BYTES,
+    panic_message, router_name, Failure, GemmRow, GemmRowKind, LayerRow, Load, Measured, Options,
+    Shape, NAMED, ROTATION_BYTES,
 };
 
 /// The targets the report is read against (the issue's).
@@ -512,7 +512,10 @@ fn print_gemms(gemms: &[GemmRow], paths: &[GemmPath], iters: usize) {
          arguments), each path and the same-shape dense cuBLAS GEMM interleaved in one loop: \
          median [min-max] ms of {iters} runs, inputs rotated; \"cuB/us\" = cuBLAS time / ours; \
          \"rot MiB\" = the rotated inputs' total, ours/cuBLAS's; \"layer\" = the same GEMM's median inside a training forward (stage timing; forward \
-         GEMMs only: the backward has no stage timing)"
+         GEMMs only: the backward has no stage timing); \"dWgu: gather, GEMMs\" and \"dWgu: \
+         gathering\" = issue 24's experiment on the Hopper path, interleaved in one loop with \
+         cuBLAS's dWg+dWu: X's rows gathered first and both GEMMs (the layer's way), against \
+         the GEMMs gathering X's rows in their mainloop"
     );
     let mut head = format!(
         "{:<4} {:<20} {:>6} {:>6} {:>6}",
@@ -530,7 +533,7 @@ fn print_gemms(gemms: &[GemmRow], paths: &[GemmPath], iters: usize) {
     head += &format!(" | {:>22} {:>5} | {:>11}", "cuBLAS ms", "TF/s", "rot MiB");
     println!("{head}");
     for g in gemms {
-        let shape = g.kind.map(|k| k.shape(&g.cfg, g.pairs));
+        let shape = g.shape();
         let dim = |i: usize| {
             shape.map_or("-".to_string(), |s| {
                 let v = [s.0, s.1, s.2][i];
@@ -552,7 +555,7 @@ fn print_gemms(gemms: &[GemmRow], paths: &[GemmPath], iters: usize) {
         for &p in paths {
             match g.ours(p) {
                 Some(t) => {
-                    let tf = if g.kind.is_some() {
+                    let tf = if g.shape().is_some() {
                         format!("{:.0}", t.tflops(g.flops()))
                     } else {
                         "-".into()
@@ -611,7 +614,7 @@ fn print_targets(
         for &p in paths {
             let worst = gemms
                 .iter()
-                .filter(|g| g.config == cfg && g.kind.is_some())
+                .filter(|g| g.config == cfg && matches!(g.kind, GemmRowKind::Gemm(_)))
                 .filter_map(|g| Some((g.ratio(p)?, g.name())))
                 .min_by(|a, b| a.0.total_cmp(&b.0));
             let (gemm, which) = worst.map_or(("-".to_string(), "-"), |(r, n)| {

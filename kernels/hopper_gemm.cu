@@ -526,17 +526,38 @@ __host__ __device__ constexpr int weight_grad_tx_bytes(bool gathered) {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
+// The source rows of this producer thread's eight A rows (a_row + 8 i) of the stage at k0: the
+// pairs' rows of X when gathered, else the pairs themselves; 0 past the expert's pairs. Read
+// before the producer waits for the stage's slot, and all eight before any copy: each cp_async16
+// is an asm statement that clobbers memory, so an index load written between two of them cannot
+// be hoisted above the first, and the stage's eight loads became eight dependent round trips,
+// longer than a stage's mainloop (the likely reason the gathered branch once measured slower
+// than gathering X's rows in a kernel of their own; docs/HOPPER_GEMM.md).
+template <typename T>
+__device__ __forceinline__ void weight_grad_a_rows(const WeightGradArgs<T> &args, int p0, int K,
+                                                   int k0, uint32_t (&rows)[8]) {
+  const int a_row = threadIdx.x >> 4;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int k = a_row + 8 * i;
+    const uint32_t p = (uint32_t)(p0 + k0 + k);
+    rows[i] = k0 + k < K ? (args.gather != nullptr ? __ldg(args.gather + p) : p) : 0u;
+  }
+}
+
 // Loads A [64 pairs][128 m] (two atoms) and B [64 pairs][256 n] (four atoms) of one stage.
 // TMA for a full block (A too when not gathered); cp.async with zero fill for A when gathered
-// and for both in the expert's last, partial block. Every producer thread arrives once per stage
-// (through cp.async.mbarrier.arrive, whether it copied anything or not) and thread 0 once more,
-// with the TMA's byte count or plainly: the `full` barrier expects 129 arrivals.
+// (from `rows`, weight_grad_a_rows) and for both in the expert's last, partial block. Every
+// producer thread arrives once per stage (through cp.async.mbarrier.arrive, whether it copied
+// anything or not) and thread 0 once more, with the TMA's byte count or plainly: the `full`
+// barrier expects 129 arrivals.
 template <typename T>
 __device__ __forceinline__ void weight_grad_load_stage(const WeightGradArgs<T> &args,
                                                        uint32_t a_smem, uint32_t bar,
                                                        const CUtensorMap *map_a,
                                                        const CUtensorMap *map_b, int p0, int K,
-                                                       int k0, int m0, int n0) {
+                                                       int k0, int m0, int n0,
+                                                       const uint32_t (&rows)[8]) {
   const int pt = threadIdx.x;
   const bool gathered = args.gather != nullptr;
   const bool whole = k0 + BK <= K;
@@ -560,12 +581,7 @@ __device__ __forceinline__ void weight_grad_load_stage(const WeightGradArgs<T> &
     for (int i = 0; i < 8; ++i) {
       const int k = a_row + 8 * i;
       const bool ok = a_col_ok && k0 + k < K;
-      const T *src = args.a;
-      if (ok) {
-        const uint32_t p = (uint32_t)(p0 + k0 + k);
-        const uint32_t row = gathered ? args.gather[p] : p;
-        src = args.a + (size_t)row * args.M + m0 + a_chunk * 8;
-      }
+      const T *src = ok ? args.a + (size_t)rows[i] * args.M + m0 + a_chunk * 8 : args.a;
       cp_async16(a_smem + (a_chunk >> 3) * kAtomBytes + swz(k, a_chunk & 7), src, ok ? 16 : 0);
     }
   }
@@ -593,9 +609,11 @@ __device__ __forceinline__ void weight_grad_producer(const WeightGradArgs<T> &ar
   for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
     const WgTile w = weight_grad_unit(args, unit);
     for (int k0 = 0; k0 < w.c.len; k0 += BK) {
+      uint32_t rows[8];
+      weight_grad_a_rows(args, w.c.p0, w.c.len, k0, rows);
       pipe.acquire(pos);
       weight_grad_load_stage<T>(args, pipe.a_tile(pos), pipe.full_bar(pos), map_a, map_b, w.c.p0,
-                                w.c.len, k0, w.m0, w.n0);
+                                w.c.len, k0, w.m0, w.n0, rows);
       ++pos.n;
     }
   }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU bundle for HEAD with every patch of pending/ applied, so that one session's GPU run
 # (the suite on both paths, then the four sanitizers) checks all of them at once instead of one
-# bundle and one suite per patch (today decode-path, wg-gather and wg-gather-layer):
+# bundle and one suite per patch (today decode-path alone):
 #
 #   bash pending/bundle-all.sh        # here, no GPU needed
 #   run(command="bash target/xb/pending/run-suite.sh ...", carry=["target/xb/pending"])
@@ -20,12 +20,13 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 scratch="${PENDING_SCRATCH:-/tmp/pending-all}"
 target="${PENDING_TARGET_DIR:-/work/pending-target}"
-patches=(decode-path wg-gather wg-gather-layer)
+# PENDING_PATCHES="" builds HEAD alone (the bundle for a change about to land).
+read -r -a patches <<<"${PENDING_PATCHES-decode-path}"
 git -C "$root" worktree remove --force "$scratch" 2>/dev/null || true
 git -C "$root" worktree add -q --detach "$scratch" HEAD
 ln -sfn "$root/.toolchain" "$scratch/.toolchain"
 cd "$scratch"
-for p in "${patches[@]}"; do
+for p in "${patches[@]+"${patches[@]}"}"; do
   git apply --3way "$root/pending/$p.patch"
 done
 scripts/update-bindings --check
@@ -35,6 +36,6 @@ rm -rf "$out" "$root/target/xb/pending-train"
 mkdir -p "$root/target/xb"
 mv .gpu-bundle "$out"
 mv .gpu-bundle-train "$root/target/xb/pending-train"
-echo "$(git -C "$root" rev-parse --short HEAD) + ${patches[*]}" | tee "$out/COMMIT" \
+echo "$(git -C "$root" rev-parse --short HEAD)${patches[*]:+ + ${patches[*]}}" | tee "$out/COMMIT" \
   >"$root/target/xb/pending-train/COMMIT"
 du -sh "$out" "$root/target/xb/pending-train"

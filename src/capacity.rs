@@ -24,6 +24,7 @@
 //! Nothing is dropped silently. docs/DROPLESS.md has the design and the options weighed.
 
 use crate::config::LayerConfig;
+use crate::gemm::GemmPath;
 
 /// The default memory budget of [`PairCapacity::Auto`]: 16 GiB of per-pair buffers, and at most
 /// a quarter of the device's memory (see [`PairCapacity::pairs_for`]). Config A's training
@@ -86,14 +87,20 @@ impl PairCapacity {
 }
 
 /// Device bytes per routed pair: the forward's pair token and gate (4 + 4), act (F), y (4 H,
-/// f32) and, when training, g and u (2 F) and the backward's dY, dX per pair and X's gathered row
-/// (3 H), dR (4) and its column-group sums (4 ceil(F / 32)), dg and du (2 F); F and H counted in
-/// elements of `elem` bytes.
+/// f32) and, when training, g and u (2 F) and the backward's dY and dX per pair (2 H), X's row in
+/// pair order where the Hopper weight gradients copy it (H, above gemm.rs's
+/// `HOPPER_WG_GATHER_MAX_FFN`; counted for either path), dR (4) and its column-group sums
+/// (4 ceil(F / 32)), dg and du (2 F); F and H counted in elements of `elem` bytes.
 pub(crate) fn bytes_per_pair(cfg: &LayerConfig, training: bool, elem: usize) -> usize {
     let (h, f) = (cfg.hidden, cfg.ffn);
     let forward = 8 + elem * f + 4 * h;
+    let x_rows = if GemmPath::Hopper.copies_x_rows(f) {
+        h
+    } else {
+        0
+    };
     if training {
-        forward + elem * 2 * f + elem * 3 * h + 4 + 4 * f.div_ceil(32) + elem * 2 * f
+        forward + elem * 2 * f + elem * (2 * h + x_rows) + 4 + 4 * f.div_ceil(32) + elem * 2 * f
     } else {
         forward
     }

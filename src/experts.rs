@@ -401,9 +401,10 @@ impl ExpertBatch<'_> {
             };
             launch.run(a, dy as _, o, eo, (f, h), &split, l.stream(), "dWd")?;
         }
-        // The Hopper kernel reads whole blocks by TMA, which cannot gather: it gets x's rows in
-        // pair order (the mma.sync kernel gathers inside its loads).
-        let gather_x = path == GemmPath::Hopper && cap > 0;
+        // Where the Hopper kernel's cp.async gather would cost more than a copy, it reads X's
+        // rows in pair order by TMA, which cannot gather (gemm.rs, HOPPER_WG_GATHER_MAX_FFN);
+        // otherwise both paths gather inside their loads.
+        let gather_x = path.copies_x_rows(f) && cap > 0;
         if gather_x {
             gather_rows(
                 dev,

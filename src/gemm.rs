@@ -38,6 +38,16 @@ pub enum GemmPath {
 /// The environment variable that overrides the automatic choice.
 pub const GEMM_PATH_ENV: &str = "REMOE_GEMM_PATH";
 
+/// The largest expert FFN size F at which the Hopper weight gradients dWg and dWu read X
+/// through the pairs' rows inside their mainloop (cp.async, the way the mma.sync kernel reads
+/// it); above it they read a pair-order copy of X's rows by TMA, made first by a gather kernel.
+/// The in-mainloop gather saves the copy (|pairs| x H elements written and read again) but its
+/// cp.async loads run slower than TMA's, and the copy's share of the work falls as 1/F: on an
+/// H100 (bench_report's `dWgu:` rows, 2026-12-07) gathering in the mainloop took 0.61 against
+/// 0.92 ms at SM1 (F 256), 0.81 against 1.10 at SM7 (256), 4.94 against 5.13 at SM30 (512), and
+/// lost at Q3 (768: 2.03 against 2.00) and A (3072: 0.41 against 0.32).
+pub(crate) const HOPPER_WG_GATHER_MAX_FFN: usize = 512;
+
 impl GemmPath {
     /// A short name, as used in `REMOE_GEMM_PATH` and in benchmark reports.
     pub fn name(self) -> &'static str {
@@ -45,6 +55,12 @@ impl GemmPath {
             GemmPath::Hopper => "hopper",
             GemmPath::MmaSync => "mma-sync",
         }
+    }
+
+    /// Whether this path's weight gradients dWg and dWu read X's rows from a pair-order copy
+    /// (the Hopper path above [`HOPPER_WG_GATHER_MAX_FFN`]) rather than through the pairs' rows.
+    pub(crate) fn copies_x_rows(self, ffn: usize) -> bool {
+        self == GemmPath::Hopper && ffn > HOPPER_WG_GATHER_MAX_FFN
     }
 
     /// Whether `dev` can run this path: always for [`GemmPath::MmaSync`]; for

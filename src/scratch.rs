@@ -45,9 +45,7 @@ impl<T: Element> BackwardScratch<T> {
         path: GemmPath,
     ) -> Result<u64> {
         let groups = f.div_ceil(32); // dR's column groups (kernels/swiglu.cuh)
-                                     // The Hopper weight-gradient kernel reads whole blocks by TMA, which cannot gather: it
-                                     // gets X's rows in pair order instead (the mma.sync kernel gathers inside its loads).
-        let x_rows = if path == GemmPath::Hopper { cap * h } else { 0 };
+        let x_rows = if path.copies_x_rows(f) { cap * h } else { 0 };
         let grew = [
             self.dy.ensure(dev, cap * h)?,
             self.row_dots.ensure(dev, cap * groups)?,

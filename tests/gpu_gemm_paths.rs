@@ -181,6 +181,20 @@ fn both_gemm_paths_agree_at_a_real_layer_size() {
     );
 }
 
+/// Fine-grained experts on either side of the F at which the Hopper weight gradients stop
+/// gathering X's rows in their mainloop and read a pair-order copy instead (512: gemm.rs's
+/// HOPPER_WG_GATHER_MAX_FFN), with a ragged last block of pairs per expert.
+#[test]
+fn both_gemm_paths_agree_either_side_of_the_weight_gradients_gather_threshold() {
+    for f in [512, 520] {
+        both_gemm_paths_agree(
+            "both_gemm_paths_agree_either_side_of_the_weight_gradients_gather_threshold",
+            LayerConfig::new(2039, 256, f, 32, 4),
+            &uniform_density(32, 4.0 / 32.0),
+        );
+    }
+}
+
 /// Few pairs and a long F: the down projection splits K into 4 uneven ranges (33 K blocks, the
 /// last one partial), and the planes are summed.
 #[test]

@@ -553,7 +553,7 @@ pub struct GroupedGemms {
     /// [P, H]: X's rows in pair order.
     xrows: Rotated,
     _outs16: Vec<CudaSlice<bf16>>,
-    _outs32: Vec<CudaSlice<f32>>,
+    outs32: Vec<CudaSlice<f32>>,
     act_o: u64,
     gu_o: u64,
     y_o: u64,
@@ -661,7 +661,7 @@ impl GroupedGemms {
             dwg_o: addr(dev, &outs32[3]),
             dwu_o: addr(dev, &outs32[4]),
             _outs16: outs16,
-            _outs32: outs32,
+            outs32,
             dev: dev.clone(),
             cfg,
             pairs: p,
@@ -689,6 +689,57 @@ impl GroupedGemms {
 
     /// One launch of `kind` on `path`, inputs of rotation slot `round`.
     pub fn run(&self, kind: GemmKind, path: GemmPath, round: usize) -> Result<(), Error> {
+        self.launch(kind, path, false, round)
+    }
+
+    /// The Hopper dWg and dWu reading X through the pair rows inside their mainloop (the
+    /// mma.sync path's way), instead of X's rows gathered once before them (`gather_x`, the
+    /// layer's way on Hopper): issue 24's experiment, timed beside the layer's way.
+    pub fn dwgu_hopper_gathering(&self, round: usize) -> Result<(), Error> {
+        self.launch(GemmKind::DWgu, GemmPath::Hopper, true, round)
+    }
+
+    /// Checks the experiment's way before it is timed: dWg and dWu from the Hopper GEMMs
+    /// gathering X's rows in their mainloop must be the mma.sync path's bits (which gathers the
+    /// same X the same way; the paths' contract), each run on outputs poisoned with NaN. Returns
+    /// the number of elements that differ, with the first one described.
+    pub fn check_dwgu_hopper_gathering(&mut self) -> Result<(usize, String), Error> {
+        let mut outs = Vec::new();
+        for (path, gathers) in [(GemmPath::MmaSync, false), (GemmPath::Hopper, true)] {
+            let s = self.dev.stream();
+            let nan = vec![f32::NAN; self.outs32[3].len()];
+            s.memcpy_htod(&nan, &mut self.outs32[3])?;
+            s.memcpy_htod(&nan, &mut self.outs32[4])?;
+            self.launch(GemmKind::DWgu, path, gathers, 0)?;
+            let g = s.clone_dtoh(&self.outs32[3])?;
+            let u = s.clone_dtoh(&self.outs32[4])?;
+            outs.push((g, u));
+        }
+        let (mut differ, mut first) = (0, String::new());
+        for (name, a, b) in [
+            ("dWg", &outs[0].0, &outs[1].0),
+            ("dWu", &outs[0].1, &outs[1].1),
+        ] {
+            for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+                if x.to_bits() != y.to_bits() {
+                    if differ == 0 {
+                        first = format!("{name}[{i}]: mma.sync {x:e}, Hopper gathering {y:e}");
+                    }
+                    differ += 1;
+                }
+            }
+        }
+        Ok((differ, first))
+    }
+
+    /// `hopper_gathers`: on the Hopper path, dWg/dWu gather X's rows in their mainloop.
+    fn launch(
+        &self,
+        kind: GemmKind,
+        path: GemmPath,
+        hopper_gathers: bool,
+        round: usize,
+    ) -> Result<(), Error> {
         let (t, h, f, e) = (
             self.cfg.tokens as i32,
             self.cfg.hidden as i32,
@@ -797,8 +848,9 @@ impl GroupedGemms {
                         )
                     } else {
                         let (dg, du) = (c(self.dgdu.ptr(r)), c(self.dgdu.ptr(r) + half));
-                        // Hopper: X's rows in pair order; mma.sync: X gathered by pair token.
-                        let (a, gather, a_rows) = if hopper {
+                        // Hopper: X's rows in pair order (unless `hopper_gathers`); mma.sync:
+                        // X gathered by pair token.
+                        let (a, gather, a_rows) = if hopper && !hopper_gathers {
                             (c(self.xrows.ptr(r)), null, pairs)
                         } else {
                             (c(self.x.ptr(r)), pt, t)

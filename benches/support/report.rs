@@ -229,13 +229,41 @@ pub fn comparisons(rows: &[LayerRow]) -> Vec<Comparison<'_>> {
     out
 }
 
+/// What a row of the expert-GEMM table times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmRowKind {
+    /// One expert GEMM as the layer launches it, on each path.
+    Gemm(GemmKind),
+    /// The Hopper path's X row gather before dWg/dWu.
+    GatherX,
+    /// Issue 24's experiment, the two ways interleaved in one loop with cuBLAS's dWg+dWu: the
+    /// Hopper dWg+dWu as the layer runs them (X's rows gathered once, then both GEMMs) ...
+    DWguGatheredFirst,
+    /// ... and the same GEMMs reading X through the pair rows in their mainloop, no gather.
+    DWguGatheringInKernel,
+}
+
+impl GemmRowKind {
+    /// The GEMM whose shape and FLOPs the row has, if any.
+    pub fn gemm(self) -> Option<GemmKind> {
+        match self {
+            GemmRowKind::Gemm(k) => Some(k),
+            GemmRowKind::GatherX => None,
+            GemmRowKind::DWguGatheredFirst | GemmRowKind::DWguGatheringInKernel => {
+                Some(GemmKind::DWgu)
+            }
+        }
+    }
+}
+
 /// One expert GEMM of the layer at one configuration (uniform load, the ReMoE router's
 /// routing), timed alone on each path and against the same-shape dense cuBLAS GEMM, all
-/// interleaved in one loop. `kind` None is the Hopper path's X row gather before dWg/dWu.
+/// interleaved in one loop; or the Hopper path's X gather, or one of the dWg+dWu experiment's
+/// two ways (`GemmRowKind`).
 #[derive(Debug, Clone)]
 pub struct GemmRow {
     pub config: String,
-    pub kind: Option<GemmKind>,
+    pub kind: GemmRowKind,
     pub pairs: usize,
     pub cfg: LayerConfig,
     pub ours: Vec<(GemmPath, Timing)>,
@@ -249,13 +277,29 @@ pub struct GemmRow {
 
 impl GemmRow {
     pub fn name(&self) -> &'static str {
-        self.kind.map_or("X gather (Hopper dW)", |k| k.name())
+        match self.kind {
+            GemmRowKind::Gemm(k) => k.name(),
+            GemmRowKind::GatherX => "X gather (Hopper dW)",
+            GemmRowKind::DWguGatheredFirst => "dWgu: gather, GEMMs",
+            GemmRowKind::DWguGatheringInKernel => "dWgu: gathering",
+        }
     }
     pub fn key(&self) -> &'static str {
-        self.kind.map_or("gather_x", |k| k.key())
+        match self.kind {
+            GemmRowKind::Gemm(k) => k.key(),
+            GemmRowKind::GatherX => "gather_x",
+            GemmRowKind::DWguGatheredFirst => "dwg_dwu_gathered_first",
+            GemmRowKind::DWguGatheringInKernel => "dwg_dwu_gathering_in_kernel",
+        }
+    }
+    /// The shape (M, N, K, calls) of the row's GEMM, if it has one.
+    pub fn shape(&self) -> Option<(usize, usize, usize, usize)> {
+        self.kind.gemm().map(|k| k.shape(&self.cfg, self.pairs))
     }
     pub fn flops(&self) -> f64 {
-        self.kind.map_or(0.0, |k| k.flops(&self.cfg, self.pairs))
+        self.kind
+            .gemm()
+            .map_or(0.0, |k| k.flops(&self.cfg, self.pairs))
     }
     pub fn ours(&self, path: GemmPath) -> Option<&Timing> {
         self.ours.iter().find(|(p, _)| *p == path).map(|(_, t)| t)
@@ -265,7 +309,7 @@ impl GemmRow {
         Some(self.cublas.as_ref()?.median() / self.ours(path)?.median())
     }
     pub fn json(&self) -> serde_json::Value {
-        let shape = self.kind.map(|k| k.shape(&self.cfg, self.pairs));
+        let shape = self.shape();
         let mut paths = serde_json::Map::new();
         for (p, t) in &self.ours {
             let mut v = t.json();
@@ -599,7 +643,7 @@ fn measure_load(
     };
     stage.set("expert GEMMs");
     drop(setup);
-    let grouped = GroupedGemms::new(dev, &fill, cfg, &dispatch)?;
+    let mut grouped = GroupedGemms::new(dev, &fill, cfg, &dispatch)?;
     let p = grouped.pairs;
     let dense = match dense {
         Some(d) => d,
@@ -623,7 +667,7 @@ fn measure_load(
         };
         out.gemms.push(GemmRow {
             config: name.clone(),
-            kind: Some(kind),
+            kind: GemmRowKind::Gemm(kind),
             pairs: p,
             cfg,
             ours: opts.paths.iter().copied().zip(t).collect(),
@@ -640,7 +684,7 @@ fn measure_load(
         let t = time_interleaved(dev, warmup, opts.iters, 1, |_, i| grouped.gather_x(i))?;
         out.gemms.push(GemmRow {
             config: name.clone(),
-            kind: None,
+            kind: GemmRowKind::GatherX,
             pairs: p,
             cfg,
             ours: vec![(GemmPath::Hopper, t[0].clone())],
@@ -649,6 +693,43 @@ fn measure_load(
             rotation: grouped.gather_rotation(),
             cublas_rotation: None,
         });
+        // Issue 24's experiment: the layer's way (gather, then dWg and dWu) against the
+        // gather inside the GEMMs' mainloop, with cuBLAS's dWg+dWu in the same loop; checked
+        // first where both paths run (a difference fails the configuration).
+        if opts.paths.contains(&GemmPath::MmaSync) {
+            let (differ, first) = grouped.check_dwgu_hopper_gathering()?;
+            assert!(
+                differ == 0,
+                "{name}: the Hopper dWg+dWu gathering X's rows differ from the mma.sync path's \
+                 in {differ} elements (first {first})"
+            );
+        }
+        let mut t = time_interleaved(dev, warmup, opts.iters, 3, |w, i| match w {
+            0 => {
+                grouped.gather_x(i)?;
+                grouped.run(GemmKind::DWgu, GemmPath::Hopper, i)
+            }
+            1 => grouped.dwgu_hopper_gathering(i),
+            _ => dense.run(GemmKind::DWgu, p, i),
+        })?;
+        let cublas = t.pop();
+        let (first, gathering) = (t[0].clone(), t[1].clone());
+        for (kind, timing) in [
+            (GemmRowKind::DWguGatheredFirst, first),
+            (GemmRowKind::DWguGatheringInKernel, gathering),
+        ] {
+            out.gemms.push(GemmRow {
+                config: name.clone(),
+                kind,
+                pairs: p,
+                cfg,
+                ours: vec![(GemmPath::Hopper, timing)],
+                cublas: cublas.clone(),
+                in_layer: Vec::new(),
+                rotation: grouped.rotation(GemmKind::DWgu),
+                cublas_rotation: Some(dense.rotation(GemmKind::DWgu, p)),
+            });
+        }
     }
     Ok(())
 }
