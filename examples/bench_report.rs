@@ -513,9 +513,9 @@ fn print_gemms(gemms: &[GemmRow], paths: &[GemmPath], iters: usize) {
          median [min-max] ms of {iters} runs, inputs rotated; \"cuB/us\" = cuBLAS time / ours; \
          \"rot MiB\" = the rotated inputs' total, ours/cuBLAS's; \"layer\" = the same GEMM's median inside a training forward (stage timing; forward \
          GEMMs only: the backward has no stage timing); \"dWgu: gather, GEMMs\" and \"dWgu: \
-         gathering\" = issue 24's experiment on the Hopper path, interleaved in one loop with \
-         cuBLAS's dWg+dWu: X's rows gathered first and both GEMMs (the layer's way), against \
-         the GEMMs gathering X's rows in their mainloop"
+         gathering\" = the Hopper path's two ways, interleaved in one loop with cuBLAS's \
+         dWg+dWu: X's rows gathered first and both GEMMs (the layer's way where F > 512), \
+         against the GEMMs gathering X's rows in their mainloop (the layer's way at F <= 512)"
     );
     let mut head = format!(
         "{:<4} {:<20} {:>6} {:>6} {:>6}",

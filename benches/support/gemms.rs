@@ -693,8 +693,10 @@ impl GroupedGemms {
     }
 
     /// The Hopper dWg and dWu reading X through the pair rows inside their mainloop (the
-    /// mma.sync path's way), instead of X's rows gathered once before them (`gather_x`, the
-    /// layer's way on Hopper): issue 24's experiment, timed beside the layer's way.
+    /// mma.sync path's way, and the layer's on Hopper where F <= 512), instead of X's rows
+    /// gathered once before them (`gather_x`, the layer's way on Hopper above 512): timed
+    /// beside the other way so that the threshold (gemm.rs, HOPPER_WG_GATHER_MAX_FFN) can be
+    /// re-measured.
     pub fn dwgu_hopper_gathering(&self, round: usize) -> Result<(), Error> {
         self.launch(GemmKind::DWgu, GemmPath::Hopper, true, round)
     }

@@ -693,8 +693,8 @@ fn measure_load(
             rotation: grouped.gather_rotation(),
             cublas_rotation: None,
         });
-        // Issue 24's experiment: the layer's way (gather, then dWg and dWu) against the
-        // gather inside the GEMMs' mainloop, with cuBLAS's dWg+dWu in the same loop; checked
+        // The Hopper path's two ways (gather, then dWg and dWu; or the gather inside the
+        // GEMMs' mainloop), with cuBLAS's dWg+dWu in the same loop; checked
         // first where both paths run (a difference fails the configuration).
         if opts.paths.contains(&GemmPath::MmaSync) {
             let (differ, first) = grouped.check_dwgu_hopper_gathering()?;
