@@ -467,11 +467,5 @@ fn bad_input_is_an_error() {
 #[test]
 fn staging_is_candles_ops_bit_for_bit() {
     let seed = fresh_seed();
-    let run = |masters, s| {
-        candle_common::staging_is_candles_ops_bit_for_bit::<bf16>(&CPU, masters, s);
-        candle_common::staging_is_candles_ops_bit_for_bit::<half::f16>(&CPU, masters, s ^ 1);
-    };
-    run(DType::F32, seed);
-    // Masters in a 16-bit type take candle's ops (the op stages f32 masters only).
-    run(DType::BF16, seed ^ 2);
+    candle_common::staging_is_candles_ops_bit_for_bit_for_every_master(&CPU, seed);
 }

@@ -314,11 +314,5 @@ fn staging_is_candles_ops_bit_for_bit_on_cuda() {
         return;
     };
     let seed = fresh_seed();
-    let run = |masters, s| {
-        candle_common::staging_is_candles_ops_bit_for_bit::<bf16>(&cdev, masters, s);
-        candle_common::staging_is_candles_ops_bit_for_bit::<half::f16>(&cdev, masters, s ^ 1);
-    };
-    run(DType::F32, seed);
-    // Masters in a 16-bit type take candle's ops (the op stages f32 masters only).
-    run(DType::BF16, seed ^ 2);
+    candle_common::staging_is_candles_ops_bit_for_bit_for_every_master(&cdev, seed);
 }

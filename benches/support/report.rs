@@ -234,12 +234,13 @@ pub fn comparisons(rows: &[LayerRow]) -> Vec<Comparison<'_>> {
 pub enum GemmRowKind {
     /// One expert GEMM as the layer launches it, on each path.
     Gemm(GemmKind),
-    /// The Hopper path's X row gather before dWg/dWu.
+    /// The Hopper path's X row gather before dWg/dWu (which the layer runs where F > 512).
     GatherX,
-    /// Issue 24's experiment, the two ways interleaved in one loop with cuBLAS's dWg+dWu: the
-    /// Hopper dWg+dWu as the layer runs them (X's rows gathered once, then both GEMMs) ...
+    /// The Hopper path's two ways of dWg+dWu, interleaved in one loop with cuBLAS's: X's rows
+    /// gathered once, then both GEMMs (the layer's way where F > 512) ...
     DWguGatheredFirst,
-    /// ... and the same GEMMs reading X through the pair rows in their mainloop, no gather.
+    /// ... and the same GEMMs reading X through the pair rows in their mainloop, no gather (the
+    /// layer's way at F <= 512; gemm.rs, HOPPER_WG_GATHER_MAX_FFN).
     DWguGatheringInKernel,
 }
 

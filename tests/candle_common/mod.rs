@@ -775,6 +775,17 @@ fn conversion_cases() -> Vec<f32> {
     ]
 }
 
+/// [`staging_is_candles_ops_bit_for_bit`] for both 16-bit compute types, with f32 masters
+/// (the staging op's case) and with bf16 masters (which take candle's ops).
+pub fn staging_is_candles_ops_bit_for_bit_for_every_master(dev: &Device, seed: u64) {
+    let run = |masters, s| {
+        staging_is_candles_ops_bit_for_bit::<bf16>(dev, masters, s);
+        staging_is_candles_ops_bit_for_bit::<half::f16>(dev, masters, s ^ 1);
+    };
+    run(DType::F32, seed);
+    run(DType::BF16, seed ^ 2);
+}
+
 /// What every forward of a trainable layer does to its masters before the kernels run
 /// (`MoeLayer::compute_weights`: for f32 masters one transpose-and-cast op per tensor) is, bit for
 /// bit, what candle's own ops make of them (each expert's [out, in] matrix transposed, stacked,
