@@ -163,6 +163,9 @@ struct RowGemmParams {
   AOperand<T> a;
   RowTiles tiles;
   typename ModeTraits<kMode>::template Epilogue<T> epi;
+  // [2] the Hopper path's unit counter, zero between launches (hopper_gemm.cu, take_row_unit);
+  // the mma.sync path, whose grid is one block per unit, ignores it.
+  uint32_t *sched;
   int e, K, N;    // e experts, each with a K x N B
   int col_tiles;  // output column tiles, of the path's width (out_cols): set by its launcher
   // Split-K (the down projection, 1 elsewhere): each output tile's K blocks are cut into
@@ -226,6 +229,7 @@ __device__ __forceinline__ void store8v(T *p, const float (&v)[8]) {
     RowGemmParams<T, kUpSwiGLU> p{};                                                               \
     BOperand<T> b{};                                                                               \
     p.tiles = RowTiles{expert_offsets, tile_offsets};                                              \
+    p.sched = sched;                                                                               \
     p.e = e;                                                                                       \
     p.a.rows = reinterpret_cast<const T *>(x);                                                     \
     p.a.gather = pair_token;                                                                       \
@@ -242,6 +246,7 @@ __device__ __forceinline__ void store8v(T *p, const float (&v)[8]) {
     RowGemmParams<T, kDown> p{};                                                                   \
     BOperand<T> b{};                                                                               \
     p.tiles = RowTiles{expert_offsets, tile_offsets};                                              \
+    p.sched = sched;                                                                               \
     p.e = e;                                                                                       \
     p.a.rows = reinterpret_cast<const T *>(act);                                                   \
     b.w = reinterpret_cast<const T *>(wd);                                                         \
@@ -256,6 +261,7 @@ __device__ __forceinline__ void store8v(T *p, const float (&v)[8]) {
     RowGemmParams<T, kDAct> p{};                                                                   \
     BOperand<T> b{};                                                                               \
     p.tiles = RowTiles{expert_offsets, tile_offsets};                                              \
+    p.sched = sched;                                                                               \
     p.e = e;                                                                                       \
     p.a.rows = reinterpret_cast<const T *>(dout);                                                  \
     p.a.gather = pair_token;                                                                       \
@@ -275,6 +281,7 @@ __device__ __forceinline__ void store8v(T *p, const float (&v)[8]) {
     RowGemmParams<T, kDX> p{};                                                                     \
     BOperand<T> b{};                                                                               \
     p.tiles = RowTiles{expert_offsets, tile_offsets};                                              \
+    p.sched = sched;                                                                               \
     p.e = e;                                                                                       \
     p.a.rows = reinterpret_cast<const T *>(dg);                                                    \
     p.a.rows2 = reinterpret_cast<const T *>(du);                                                   \

@@ -5,7 +5,9 @@
 // that neighbouring blocks share their A rows in L2. The host sizes the grid for the most row
 // tiles the pair capacity allows; the row-tile count of this forward is read from tile_offsets
 // on the device, and the blocks past it leave at once. A block finds its expert by binary search
-// in tile_offsets. An expert with no tokens has no tiles: it costs nothing.
+// in tile_offsets. An expert with no tokens has no tiles: it costs nothing. With one block per
+// unit, the hardware's block order already keeps neighbouring units together: the launchers
+// take the Hopper path's tile counter (`sched`, one signature for both paths) and ignore it.
 //
 // Block tile 128 x 128 x 64, 8 warps as 2 (rows) x 4 (columns), warp tile 64 x 32: per 16-deep
 // k step a warp issues 4 x 4 mma.sync.m16n8k16 (bf16/f16 in, f32 accumulate). A and B tiles

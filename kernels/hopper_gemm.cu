@@ -5,11 +5,13 @@
 // so the Rust layer picks a path per device.
 //
 // One CTA = one producer warpgroup and two consumer warpgroups (384 threads, one CTA per SM).
-// Persistent: the grid is at most one CTA per SM, and each CTA walks the output tiles
-// blockIdx.x, blockIdx.x + gridDim.x, ...; the tile count is read from device memory
+// Persistent: the grid is at most one CTA per SM; the tile count is read from device memory
 // (tile_offsets[E] row tiles of 128 rows times the column tiles), so the grid never depends on
-// the routing. The producer runs ahead of the consumers across tile boundaries, so the next
-// tile's operands load while the consumers run the current tile's epilogue.
+// the routing. The row GEMMs take their units in order from a device-side counter (the
+// launch's `sched`, row_gemm_producer says why); the weight gradients walk theirs statically,
+// blockIdx.x, blockIdx.x + gridDim.x, ... The producer runs ahead of the consumers across tile
+// boundaries, so the next tile's operands load while the consumers run the current tile's
+// epilogue.
 //
 // Shared memory holds kStages stages of {A tile 128 x 64, B tile 64 x 256}, bf16/f16, each in
 // the 128-byte swizzled layout wgmma reads ("atoms" of 8 rows x 128 bytes, 16-byte chunk c of row
@@ -62,6 +64,9 @@ constexpr int kAtomBytes = 64 * 128;  // one [64 rows][64 values] block of the s
 constexpr int kBarrierBytes = 2 * kStages * 8;
 // Dynamic shared memory: the stages (1024-byte aligned, as the swizzle atoms need) + barriers.
 constexpr int kSmemBytes = kStages * kStageBytes + kBarrierBytes + 1024;
+// The row GEMMs add, after the barriers, the unit each stage begins (row_gemm_producer).
+constexpr int kRowGemmSmemBytes = kSmemBytes + kStages * 4;
+static_assert(kRowGemmSmemBytes + 1024 <= 227 * 1024, "the row GEMMs' shared memory must fit");
 // The weight gradients' store goes through shared memory, kStagedRows rows of the f32 tile at a
 // time, after the barriers (store_weight_grad_tile). With the kernel's 1 KB of static shared
 // memory this is all but the last 1 KB of the 227 KB a CTA may have.
@@ -213,8 +218,9 @@ struct RowUnit {
   int expert, row0, rows, col_tile, split, kb_begin, kb_end;
 };
 
-// Unit `unit` of the grid's walk; k_blocks counts every K block of the tile (both segments of
-// dX). Split fastest, so that the CTAs sharing an output tile run side by side.
+// Unit `unit` in the order the scheduler hands them out (take_row_unit); k_blocks counts every K
+// block of the tile (both segments of dX). Split fastest, then the column tile, so that the CTAs
+// sharing an output tile, and then those sharing a row tile's A rows, run side by side.
 template <typename T, int kMode>
 __device__ __forceinline__ RowUnit row_unit(const RowGemmParams<T, kMode> &args, int unit,
                                            int k_blocks) {
@@ -263,11 +269,57 @@ __device__ __forceinline__ void load_b_stage(uint32_t b_smem, const CUtensorMap 
   }
 }
 
+// Barrier 2 over the producer warpgroup (0 is __syncthreads', 1 the consumers' consumer_sync).
+__device__ __forceinline__ void producer_sync() { named_barrier_sync<2, 128>(); }
+
+// The row GEMMs' scheduler: the next unit, or -1 when none is left. Called by the producer's
+// thread 0 alone, which takes units until its first -1 and then takes no more.
+//
+// One counter, sched[0], hands the units out in order, so that the units in flight at any
+// moment are a window of about one grid's worth whatever each CTA's pace: the column tiles of
+// a row tile (adjacent units, row_unit) run at about the same time, and the row tile's A rows
+// (gathered through pair_token) come from HBM once and from L2 for the others. A static walk
+// (blockIdx.x, blockIdx.x + gridDim.x, ...) has that window only at the start: under ncu at
+// SM30's shape the CTAs drifted apart over its ~60 rounds, and the up projection read 7.49 GB
+// from DRAM for at most 3.19 GB of operands (dX 4.39 GB for 1.6 GB, down 3.26 GB for 0.8 GB).
+//
+// The counter is back at zero when the launch ends, for the next launch, with nothing from the
+// host (the layer is captured in CUDA graphs and stays free of synchronisation): sched[1]
+// counts the CTAs that have taken their last unit, and the last of them clears both words.
+// Every CTA takes exactly one past the end (its producer stops there), and touches sched[0] no
+// more after its increment of sched[1]; the fence before that increment orders it after the
+// CTA's last atomic on sched[0], and the fence after the last increment orders the clear after
+// all of them. So when the clear runs, every atomic of this launch on either word has landed,
+// and none follows. No CTA waits for another, so this holds whether or not the whole grid is
+// resident at once. What it needs is that the next launch on the same words starts after this
+// one has ended: launches sharing a `sched` must be stream-ordered (one buffer per context,
+// whose launches are on one stream; never one buffer for launches that may overlap). A launch
+// that dies midway leaves the words dirty, but also its context unusable (a sticky error).
+__device__ __forceinline__ int take_row_unit(uint32_t *sched, int total_units) {
+  const uint32_t unit = atomicAdd(&sched[0], 1u);
+  if (unit < (uint32_t)total_units) return (int)unit;
+  __threadfence();
+  if (atomicAdd(&sched[1], 1u) == gridDim.x - 1) {
+    __threadfence();
+    sched[0] = 0;
+    sched[1] = 0;
+  }
+  return -1;
+}
+
+// The consumers learn each unit from its first stage: thread 0 writes the unit into
+// unit_of_stage[stage] for the first K block of a unit, after acquiring the stage (so the
+// consumers have read what that slot held before: they read it before releasing the stage) and
+// before its arrival on the stage's `full` barrier, whose release the consumers' wait acquires.
+// Once no unit is left, one more stage carries -1 and no data, and the consumers stop there.
 template <typename T, int kMode>
 __device__ __forceinline__ void row_gemm_producer(const RowGemmParams<T, kMode> &args,
-                                                  const Pipeline &pipe,
+                                                  const Pipeline &pipe, int *unit_of_stage,
                                                   const CUtensorMap *map0, const CUtensorMap *map1,
                                                   int total_tiles) {
+  // Thread 0's unit for the warpgroup, by tile parity: thread 0 writes slot t & 1 after the
+  // barrier of tile t - 1, which no thread passes before it has read slot (t - 2) & 1.
+  __shared__ int taken[2];
   using Tr = RowGemmTraits<kMode>;
   const int pt = threadIdx.x;    // 0..127
   const int chunk = pt & 7;      // this thread's 16-byte chunk of each of its rows
@@ -275,7 +327,11 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmParams<T, kMode> 
   const int K = args.K;
   const int k_blocks = (K + BK - 1) / BK;
   PipePos pos;
-  for (int unit = blockIdx.x; unit < total_tiles; unit += gridDim.x) {
+  for (int t = 0;; ++t) {
+    if (pt == 0) taken[t & 1] = take_row_unit(args.sched, total_tiles);
+    producer_sync();
+    const int unit = taken[t & 1];
+    if (unit < 0) break;
     const RowUnit u = row_unit(args, unit, k_blocks * Tr::kSegments);
     const int expert = u.expert, row0 = u.row0, rows = u.rows, col_tile = u.col_tile;
     uint32_t src_row[8];
@@ -292,6 +348,7 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmParams<T, kMode> 
       const int segment = kb >= k_blocks ? 1 : 0;
       const int k0 = (kb - segment * k_blocks) * BK;
       pipe.acquire(pos);
+      if (pt == 0 && kb == u.kb_begin) unit_of_stage[pos.stage()] = unit;
       const uint32_t a_smem = pipe.a_tile(pos);
       const T *a = segment == 0 ? args.a.rows : args.a.rows2;
       const bool k_ok = k0 + chunk * 8 < K;
@@ -312,6 +369,13 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmParams<T, kMode> 
       ++pos.n;
     }
   }
+  // The sentinel's stage: its `full` barrier completes with the usual 129 arrivals (Pipeline)
+  // and no bytes.
+  pipe.acquire(pos);
+  const uint32_t bar = pipe.full_bar(pos);
+  if (pt == 0) unit_of_stage[pos.stage()] = -1;
+  cp_async_arrive(bar);
+  if (pt == 0) mbar_arrive(bar);
   cp_async_wait_all();
 }
 
@@ -431,16 +495,23 @@ __device__ __forceinline__ void row_gemm_epilogue(const RowGemmParams<T, kMode> 
     store_epilogue<T, kMode>(args, acc, row0, rows, col0, wg_row0, split);
 }
 
+// Runs the units in the order the producer loads them, each learnt from its first stage
+// (row_gemm_producer), until the sentinel.
 template <typename T, int kMode>
 __device__ __forceinline__ void row_gemm_consumer(const RowGemmParams<T, kMode> &args,
                                                   const Pipeline &pipe,
-                                                  int total_tiles) {
+                                                  const int *unit_of_stage) {
   using Tr = RowGemmTraits<kMode>;
   const int wg = threadIdx.x / 128 - 1;  // 0 or 1: rows 64 wg .. 64 wg + 63 of the tile
   const int k_blocks = (args.K + BK - 1) / BK * Tr::kSegments;
   float acc[128];
   PipePos pos;
-  for (int unit = blockIdx.x; unit < total_tiles; unit += gridDim.x) {
+  for (;;) {
+    pipe.wait_loaded(pos);
+    const int unit = unit_of_stage[pos.stage()];
+    // Every lane's read before lane 0 releases the stage, after which the slot may be rewritten.
+    __syncwarp();
+    if (unit < 0) break;
     const RowUnit u = row_unit(args, unit, k_blocks);
     // An expert's last tile may end before this warpgroup's rows (every tile of a small batch
     // does: 64 pairs per expert at config S, one at decode). Its MMAs would multiply zero-filled
@@ -448,7 +519,7 @@ __device__ __forceinline__ void row_gemm_consumer(const RowGemmParams<T, kMode> 
     // warpgroup's; so it only keeps the stages' barriers in step. The stored rows are unchanged.
     const bool idle = wg * 64 >= u.rows;
     for (int kb = u.kb_begin; kb < u.kb_end; ++kb) {
-      pipe.wait_loaded(pos);
+      if (kb != u.kb_begin) pipe.wait_loaded(pos);
       // A is K-major (this warpgroup's 64 rows: 64 x 128 bytes in); B as the mode stores it.
       if (!idle)
         mma_stage<T, 0, Tr::kBMNMajor ? 1 : 0>(acc, pipe.a_tile(pos) + wg * (64 * 128),
@@ -471,13 +542,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const Pipeline pipe = setup_pipeline(smem_raw);
-  const int total_tiles = args.tiles.count(args.e) * args.col_tiles * args.k_splits;
+  int *unit_of_stage = reinterpret_cast<int *>(pipe.end());  // [kStages]
   if (threadIdx.x < 128) {
     setmaxnreg_dec<56>();
-    row_gemm_producer<T, kMode>(args, pipe, &map0, &map1, total_tiles);
+    const int total_tiles = args.tiles.count(args.e) * args.col_tiles * args.k_splits;
+    row_gemm_producer<T, kMode>(args, pipe, unit_of_stage, &map0, &map1, total_tiles);
   } else {
     setmaxnreg_inc<224>();
-    row_gemm_consumer<T, kMode>(args, pipe, total_tiles);
+    row_gemm_consumer<T, kMode>(args, pipe, unit_of_stage);
   }
 #endif
 }
@@ -843,15 +915,20 @@ int launch_row_gemm(RowGemmParams<T, kMode> args, BOperand<T> weights, int num_t
   if (err == cudaSuccess)
     err = weight_map<T>(&map1, b1 != nullptr ? b1 : b0, e, b_rows, b_cols, box_rows);
   auto kernel = row_gemm_kernel<T, kMode>;
-  if (err == cudaSuccess) err = prepare(kernel, kSmemBytes);
+  if (err == cudaSuccess) err = prepare(kernel, kRowGemmSmemBytes);
   if (err != cudaSuccess) return (int)err;
   args.col_tiles = (args.N + Tr::kOutCols - 1) / Tr::kOutCols;
   if (args.k_splits < 1) args.k_splits = 1;
+  // Every unit must have a K block: the consumers learn a unit from its first stage, so one
+  // without would leave them waiting (the header's k_splits <= kb, and K > 0).
+  const int k_blocks = (args.K + BK - 1) / BK * Tr::kSegments;
+  if (args.sched == nullptr || args.K <= 0 || args.k_splits > k_blocks)
+    return (int)cudaErrorInvalidValue;
   const long long tiles = (long long)num_tiles * args.col_tiles * args.k_splits;
   if (tiles > 0x7fffffffLL) return (int)cudaErrorInvalidConfiguration;
   const int grid = (int)(tiles < (long long)sm_count() ? tiles : (long long)sm_count());
   if (grid <= 0) return (int)cudaErrorInvalidDevice;
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(args, map0, map1);
+  kernel<<<grid, kThreads, kRowGemmSmemBytes, stream>>>(args, map0, map1);
   return (int)cudaGetLastError();
 }
 

@@ -122,22 +122,22 @@ int remoe_compact_pairs(const float *gates, const uint32_t *block_offsets,
 #define REMOE_EXPERT_UP_PARAMS                                                                    \
   (const uint16_t *x, const uint32_t *pair_token, const uint16_t *wg, const uint16_t *wu,         \
    uint16_t *act, uint16_t *g, uint16_t *u, const uint32_t *expert_offsets,                       \
-   const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,              \
-   remoe_stream_t stream)
+   const uint32_t *tile_offsets, uint32_t *sched, int32_t num_tiles, int32_t e, int32_t h,        \
+   int32_t f, remoe_stream_t stream)
 #define REMOE_EXPERT_DOWN_PARAMS                                                                  \
   (const uint16_t *act, const uint16_t *wd, float *y, const uint32_t *expert_offsets,             \
-   const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,              \
-   int32_t k_splits, int32_t plane_rows, remoe_stream_t stream)
+   const uint32_t *tile_offsets, uint32_t *sched, int32_t num_tiles, int32_t e, int32_t h,        \
+   int32_t f, int32_t k_splits, int32_t plane_rows, remoe_stream_t stream)
 #define REMOE_EXPERT_DACT_PARAMS                                                                  \
   (const uint16_t *dout, const uint32_t *pair_token, const float *pair_gate,                      \
    const uint16_t *wd, const uint16_t *g, const uint16_t *u, uint16_t *dg, uint16_t *du,          \
    uint16_t *act, float *row_dots, const uint32_t *expert_offsets,                                \
-   const uint32_t *tile_offsets, int32_t num_tiles, int32_t e, int32_t h, int32_t f,              \
-   remoe_stream_t stream)
+   const uint32_t *tile_offsets, uint32_t *sched, int32_t num_tiles, int32_t e, int32_t h,        \
+   int32_t f, remoe_stream_t stream)
 #define REMOE_EXPERT_DX_PARAMS                                                                    \
   (const uint16_t *dg, const uint16_t *du, const uint16_t *wg, const uint16_t *wu,                \
    uint16_t *dx_pair, const uint32_t *expert_offsets, const uint32_t *tile_offsets,               \
-   int32_t num_tiles, int32_t e, int32_t h, int32_t f, remoe_stream_t stream)
+   uint32_t *sched, int32_t num_tiles, int32_t e, int32_t h, int32_t f, remoe_stream_t stream)
 /* The type of remoe_expert_up_swiglu_bf16 and _f16, and of their remoe_hopper_ twins. */
 typedef int remoe_expert_up_fn REMOE_EXPERT_UP_PARAMS;
 /* The type of remoe_expert_down_bf16 and _f16, and of their remoe_hopper_ twins. */
@@ -153,6 +153,9 @@ typedef int remoe_expert_dx_fn REMOE_EXPERT_DX_PARAMS;
  * (from the pair capacity: ceil((capacity + e * (REMOE_GEMM_TILE_ROWS - 1)) /
  * REMOE_GEMM_TILE_ROWS)); it sizes the grid, and 0 launches nothing. Row buffers (act, g, u, y,
  * ...) hold at least the pairs the offsets describe.
+ * sched [2] u32: the Hopper path's tile counter, which these launchers ignore (one signature for
+ * both paths). Zero before the first launch (allocate it zeroed); each launch leaves it zero.
+ * Launches given the same sched must be ordered (one stream): one buffer per stream of work.
  * h % 8 == 0, f % 8 == 0 everywhere.
  *
  * Up projection with SwiGLU: for each pair p of expert e, with x_t the row pair_token[p] of x,
@@ -243,7 +246,9 @@ int remoe_expert_weight_grad_f16 REMOE_EXPERT_WEIGHT_GRAD_PARAMS;
  * f % 8 == 0 make every weight row a multiple of 16 bytes, as the tensor maps need. The weight
  * gradients also take zero pairs for an expert (it writes zeros, or leaves out as it is when
  * accumulating). Results are bitwise reproducible; the tile grid is persistent (at most one CTA
- * per multiprocessor) and reads the tile counts from tile_offsets on the device.
+ * per multiprocessor) and reads the tile counts from tile_offsets on the device. The row GEMMs
+ * take their tiles from the counter in sched (above), which must not be NULL here; a launch
+ * whose k_splits exceeds kb is refused (cudaErrorInvalidValue) rather than left to hang.
  */
 /* 1 in *available when this binary holds the sm_90a code of the launchers below for the
  * current device (compute capability 9.0 and built for sm_90a), else 0. Synchronous. */

@@ -259,6 +259,7 @@ fn backward_stages<T: HalfElement>(
             routing,
             experts,
             bwd,
+            row_sched,
             ..
         } = &mut *ctx;
         let RoutingBufs {
@@ -298,7 +299,7 @@ fn backward_stages<T: HalfElement>(
             accumulate: options.accumulate,
             chunking_pairs: None,
         };
-        batch.backward(&dev, path, &inp, &mut bwd.batch_bufs(act), out)?;
+        batch.backward(&dev, path, &inp, &mut bwd.batch_bufs(act, row_sched), out)?;
     }
     // Steps 3, 6 and 7: the router's half, from each pair's dR and dX.
     router_half(
@@ -466,6 +467,92 @@ pub(crate) fn check_backward_inputs<T: HalfElement>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The row GEMMs' tile counter (kernels/hopper_gemm.cu, take_row_unit) is back at zero
+    /// after a forward and a backward (poison_workspace leaves it alone), so that the next
+    /// launches hand out every unit again: a second forward and backward on the same context,
+    /// over poisoned buffers, give the first's bits. On each path
+    /// the device has, with more units than SMs (the up projection: 32+ row tiles of 8 column
+    /// tiles) and a split-K down projection (down_k_splits: 2).
+    #[test]
+    fn the_row_gemm_tile_counter_is_left_at_zero() {
+        use crate::gemm::GemmPath;
+        use crate::moe::{moe_forward, MoeWeights};
+        use half::bf16;
+        let Some(dev) =
+            crate::device::test_device_or_skip("the_row_gemm_tile_counter_is_left_at_zero")
+        else {
+            return;
+        };
+        let cfg = LayerConfig::new(2048, 256, 1024, 4, 2);
+        let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
+        let tensor = |shape: &[usize], seed: usize, scale: f32| {
+            let n: usize = shape.iter().product();
+            let host: Vec<bf16> = (0..n)
+                .map(|i| {
+                    let v = ((i * 7919 + seed * 104_729) % 211) as f32 / 105.0 - 1.0;
+                    bf16::from_f32(v * scale)
+                })
+                .collect();
+            DeviceTensor::from_host(&dev, &host, shape).unwrap()
+        };
+        let x = tensor(&[t, h], 1, 1.0);
+        let dout = tensor(&[t, h], 2, 1.0);
+        let (router, gate, up, down) = (
+            tensor(&[h, e], 3, 0.1),
+            tensor(&[e, h, f], 4, 0.06),
+            tensor(&[e, h, f], 5, 0.06),
+            tensor(&[e, f, h], 6, 0.03),
+        );
+        let w = MoeWeights {
+            router: &router,
+            gate: &gate,
+            up: &up,
+            down: &down,
+        };
+        let bits16 = |d: &DeviceTensor<bf16>| -> Vec<u16> {
+            d.to_host().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        let bits32 = |d: &DeviceTensor<f32>| -> Vec<u32> {
+            d.to_host().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        for path in [GemmPath::Hopper, GemmPath::MmaSync] {
+            if !path.supported_on(&dev).unwrap() {
+                continue;
+            }
+            let mut ctx = MoeContext::<bf16>::for_training(&dev);
+            ctx.set_gemm_path(path).unwrap();
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                // NaN wherever a unit the second call skipped would leave the first's bits.
+                ctx.poison_workspace().unwrap();
+                let mut out = DeviceTensor::<bf16>::zeros(&dev, &[t, h]).unwrap();
+                let coeff = Coefficient::Fixed(0.01);
+                moe_forward(&mut ctx, &cfg, RouterKind::TopK, coeff, &x, &w, &mut out).unwrap();
+                let mut dx = DeviceTensor::<bf16>::zeros(&dev, &[t, h]).unwrap();
+                let mut dwr = DeviceTensor::<f32>::zeros(&dev, &[h, e]).unwrap();
+                let mut dwg = DeviceTensor::<f32>::zeros(&dev, &[e, h, f]).unwrap();
+                let mut dwu = DeviceTensor::<f32>::zeros(&dev, &[e, h, f]).unwrap();
+                let mut dwd = DeviceTensor::<f32>::zeros(&dev, &[e, f, h]).unwrap();
+                let grads = MoeGrads {
+                    dx: &mut dx,
+                    router: &mut dwr,
+                    gate: &mut dwg,
+                    up: &mut dwu,
+                    down: &mut dwd,
+                };
+                let coeff = Coefficient::Fixed(0.01);
+                moe_backward(&mut ctx, coeff, &x, &w, &dout, grads, false).unwrap();
+                assert_eq!(ctx.row_sched.to_host().unwrap(), [0, 0], "{}", path.name());
+                runs.push((
+                    bits16(&out),
+                    bits16(&dx),
+                    [bits32(&dwg), bits32(&dwu), bits32(&dwd)],
+                ));
+            }
+            assert!(runs[0] == runs[1], "{}: a second call differs", path.name());
+        }
+    }
 
     #[test]
     fn a_bool_is_accumulate_with_the_balance_gradient_unscaled() {

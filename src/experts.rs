@@ -15,6 +15,14 @@ use crate::tensor::{DeviceTensor, Element, InputBuf, Launch, TensorView};
 use crate::weight_grad_split::WeightGradSplit;
 use crate::workspace::GrowBuf;
 
+/// Words of a row-GEMM tile counter (`sched` in kernels/remoe_kernels.h): the Hopper row GEMMs
+/// take their tiles from it in order and leave it at zero when they finish, with nothing from
+/// the host (kernels/hopper_gemm.cu, take_row_unit, says why that is safe). So it is allocated
+/// zeroed once and never written by the host, nor poisoned; and the launches given one counter
+/// must be stream-ordered: each context owns one, and every launch of a context is on its
+/// device's stream.
+pub(crate) const ROW_SCHED_WORDS: usize = 2;
+
 /// A batch of (token, expert) pairs grouped by expert, as the grouped GEMMs take it. Every
 /// buffer was written for the same dispatch: the offsets describe at most `cap` pairs in at most
 /// `max_tiles` row tiles, and every entry of `pair_row` below the pair count names a row of the
@@ -39,7 +47,8 @@ pub(crate) struct ExpertBatch<'a> {
 
 impl<'a> ExpertBatch<'a> {
     /// act = SiLU(x Wg) * (x Wu) per pair, with x the pair's row of `x` \[x_rows, H\]; writes the
-    /// pre-activations g and u as well when `saved` is given (the backward needs them).
+    /// pre-activations g and u as well when `saved` is given (the backward needs them). `sched`
+    /// is the context's tile counter ([`ROW_SCHED_WORDS`]).
     #[allow(clippy::too_many_arguments)] // the batch, its input, three weights, three outputs
     pub(crate) fn up_swiglu<T: HalfElement>(
         &self,
@@ -50,6 +59,7 @@ impl<'a> ExpertBatch<'a> {
         (gate, up): (&'a TensorView<'a, T>, &'a TensorView<'a, T>),
         act: &'a mut GrowBuf<T>,
         saved: Option<(&'a mut GrowBuf<T>, &'a mut GrowBuf<T>)>,
+        sched: &'a mut GrowBuf<u32>,
     ) -> Result<()> {
         if self.max_tiles == 0 {
             return Ok(());
@@ -70,10 +80,11 @@ impl<'a> ExpertBatch<'a> {
         };
         let eo = l.input("expert offsets", self.expert_offsets, e + 1)?;
         let to = l.input("tile offsets", self.tile_offsets, e + 1)?;
-        // SAFETY: x [x_rows,h]; wg, wu [e,h,f]; act (and g, u when saving) hold cap*f (all
-        // checked by `l`); every pair row < x_rows and the offsets describe at most cap rows in
-        // at most max_tiles tiles (the batch's contract); h, f multiples of 8 and every size
-        // below 2^31 (validate_for_gpu).
+        let sp = l.output_raw("row-GEMM tile counter", sched, ROW_SCHED_WORDS)?;
+        // SAFETY: x [x_rows,h]; wg, wu [e,h,f]; act (and g, u when saving) hold cap*f; the tile
+        // counter ROW_SCHED_WORDS (all checked by `l`); every pair row < x_rows and the offsets
+        // describe at most cap rows in at most max_tiles tiles (the batch's contract); h, f
+        // multiples of 8 and every size below 2^31 (validate_for_gpu).
         let code = unsafe {
             (gemms.up)(
                 xp as *const u16,
@@ -85,6 +96,7 @@ impl<'a> ExpertBatch<'a> {
                 up,
                 eo,
                 to,
+                sp,
                 self.max_tiles as i32,
                 e as i32,
                 h as i32,
@@ -96,7 +108,8 @@ impl<'a> ExpertBatch<'a> {
     }
 
     /// y = act Wd per pair, in f32, with `k_splits` split-K planes summed into the first in
-    /// plane order (y holds `k_splits` planes of cap x H).
+    /// plane order (y holds `k_splits` planes of cap x H). `sched` as in `up_swiglu`.
+    #[allow(clippy::too_many_arguments)] // the batch, its input, the weight, the split, y, sched
     pub(crate) fn down<T: HalfElement>(
         &self,
         dev: &'a Device,
@@ -105,6 +118,7 @@ impl<'a> ExpertBatch<'a> {
         down: &'a TensorView<'a, T>,
         k_splits: usize,
         y: &'a mut GrowBuf<f32>,
+        sched: &'a mut GrowBuf<u32>,
     ) -> Result<()> {
         if self.max_tiles == 0 {
             return Ok(());
@@ -116,8 +130,10 @@ impl<'a> ExpertBatch<'a> {
         let yp = l.output("expert out", y, k_splits * cap * h)?;
         let eo = l.input("expert offsets", self.expert_offsets, e + 1)?;
         let to = l.input("tile offsets", self.tile_offsets, e + 1)?;
-        // SAFETY: act cap*f, wd [e,f,h], y holds k_splits planes of cap*h (checked by `l`);
-        // offsets as in up_swiglu; 1 <= k_splits <= ceil(f / 64) / 8 (down_k_splits); cap < 2^31.
+        let sp = l.output_raw("row-GEMM tile counter", sched, ROW_SCHED_WORDS)?;
+        // SAFETY: act cap*f, wd [e,f,h], y holds k_splits planes of cap*h, the tile counter
+        // ROW_SCHED_WORDS (checked by `l`); offsets as in up_swiglu; 1 <= k_splits <=
+        // ceil(f / 64) / 8 (down_k_splits); cap < 2^31.
         let code = unsafe {
             (gemms.down)(
                 ap as *const u16,
@@ -125,6 +141,7 @@ impl<'a> ExpertBatch<'a> {
                 yp,
                 eo,
                 to,
+                sp,
                 self.max_tiles as i32,
                 e as i32,
                 h as i32,
@@ -196,6 +213,8 @@ pub(crate) struct BatchGradBufs<'a, T: Element> {
     /// \[cap, H\] the gathered x rows (Hopper).
     pub(crate) x_rows: &'a mut GrowBuf<T>,
     pub(crate) wg_split: &'a mut WeightGradSplit,
+    /// The context's tile counter for the dAct and dX GEMMs ([`ROW_SCHED_WORDS`]).
+    pub(crate) sched: &'a mut GrowBuf<u32>,
 }
 
 /// The batch's weight gradients \[experts, ...\] f32, overwritten or accumulated into.
@@ -254,10 +273,11 @@ impl ExpertBatch<'_> {
         let dots = l.output("row dots", &mut *bufs.row_dots, cap * groups)?;
         let eo = l.input("expert offsets", self.expert_offsets, e + 1)?;
         let to = l.input("tile offsets", self.tile_offsets, e + 1)?;
+        let sp = l.output_raw("row-GEMM tile counter", &mut *bufs.sched, ROW_SCHED_WORDS)?;
         // SAFETY: dout [dout_rows,h] and every pair row below dout_rows (the batch's contract);
-        // pair gates [cap]; wd [e,f,h]; g, u, dg, du, act [cap,f]; row dots [cap, ceil(f/32)]
-        // (all checked by `l`); the offsets describe at most cap rows in at most max_tiles
-        // tiles.
+        // pair gates [cap]; wd [e,f,h]; g, u, dg, du, act [cap,f]; row dots [cap, ceil(f/32)];
+        // the tile counter ROW_SCHED_WORDS (all checked by `l`); the offsets describe at most
+        // cap rows in at most max_tiles tiles.
         let code = unsafe {
             (gemms.dact)(
                 d as *const u16,
@@ -272,6 +292,7 @@ impl ExpertBatch<'_> {
                 dots,
                 eo,
                 to,
+                sp,
                 self.max_tiles as i32,
                 e as i32,
                 h as i32,
@@ -344,8 +365,9 @@ impl ExpertBatch<'_> {
         let dxp = l.output("dx pair", &mut *bufs.dx_pair, cap * h)?;
         let eo = l.input("expert offsets", self.expert_offsets, e + 1)?;
         let to = l.input("tile offsets", self.tile_offsets, e + 1)?;
-        // SAFETY: dg, du [cap,f]; wg, wu [e,h,f]; dx pair [cap,h] (checked by `l`); offsets as
-        // in dact.
+        let sp = l.output_raw("row-GEMM tile counter", &mut *bufs.sched, ROW_SCHED_WORDS)?;
+        // SAFETY: dg, du [cap,f]; wg, wu [e,h,f]; dx pair [cap,h]; the tile counter
+        // ROW_SCHED_WORDS (checked by `l`); offsets as in dact.
         let code = unsafe {
             (gemms.dx)(
                 dg as *const u16,
@@ -355,6 +377,7 @@ impl ExpertBatch<'_> {
                 dxp as *mut u16,
                 eo,
                 to,
+                sp,
                 self.max_tiles as i32,
                 e as i32,
                 h as i32,

@@ -79,7 +79,7 @@ use crate::controller::Coefficient;
 use crate::device::Device;
 use crate::element::HalfElement;
 use crate::error::{Error, Result};
-use crate::experts::ExpertBatch;
+use crate::experts::{ExpertBatch, ROW_SCHED_WORDS};
 use crate::ffi;
 use crate::gemm::GemmPath;
 use crate::graph::{self, CaptureParty, GraphPart, Mode, ReplayLock};
@@ -575,6 +575,10 @@ pub struct MoeContext<T: HalfElement> {
     /// The device error word (see [`ERROR_WORDS`] and the module documentation): raised by the
     /// router (non-finite logits) and the routing statistics (capacity), cleared when reported.
     pub(crate) device_errors: GrowBuf<u32>,
+    /// The row GEMMs' tile counter (see [`ROW_SCHED_WORDS`]): allocated zeroed once, then only
+    /// the kernels write it (and leave it zero). An expert-parallel context's owner GEMMs use
+    /// its source context's, on the same stream.
+    pub(crate) row_sched: GrowBuf<u32>,
     /// How many pairs the pair buffers are sized for.
     pub(crate) capacity: PairCapacity,
     /// The backward's scratch (src/backward.rs).
@@ -598,6 +602,7 @@ impl<T: HalfElement> MoeContext<T> {
             save_for_backward: false,
             coeff: GrowBuf::default(),
             device_errors: GrowBuf::default(),
+            row_sched: GrowBuf::default(),
             capacity: PairCapacity::default(),
             bwd: Default::default(),
             gemm_path: None,
@@ -638,6 +643,7 @@ impl<T: HalfElement> MoeContext<T> {
             + self.experts.bytes()
             + self.coeff.bytes()
             + self.device_errors.bytes()
+            + self.row_sched.bytes()
             + self.bwd.bytes()
     }
 
@@ -1260,7 +1266,9 @@ impl ForwardPlan {
         MoeContext::<T>::grow(&dev, a, &mut c.routing.pair_index, t * e)?;
         MoeContext::<T>::grow(&dev, a, &mut c.coeff, 1)?;
         // Allocated zeroed once (no error), then only ever cleared: ensure keeps contents.
-        MoeContext::<T>::grow(&dev, a, &mut c.device_errors, ERROR_WORDS)
+        MoeContext::<T>::grow(&dev, a, &mut c.device_errors, ERROR_WORDS)?;
+        // Likewise zero between the row GEMMs, which an expert-parallel rank runs as an owner.
+        MoeContext::<T>::grow(&dev, a, &mut c.row_sched, ROW_SCHED_WORDS)
     }
 
     /// The pair lists and the expert outputs y, for `cap` pairs.
@@ -1507,7 +1515,10 @@ impl ForwardPlan {
         let gemms = ctx.gemm_path()?.gemms::<T>();
         let dev = ctx.dev.clone();
         let MoeContext {
-            routing, experts, ..
+            routing,
+            experts,
+            row_sched,
+            ..
         } = ctx;
         let RoutingBufs {
             pair_token,
@@ -1526,6 +1537,7 @@ impl ForwardPlan {
             (&w.gate, &w.up),
             act,
             saved,
+            row_sched,
         )
     }
 
@@ -1537,7 +1549,10 @@ impl ForwardPlan {
         let gemms = ctx.gemm_path()?.gemms::<T>();
         let dev = ctx.dev.clone();
         let MoeContext {
-            routing, experts, ..
+            routing,
+            experts,
+            row_sched,
+            ..
         } = ctx;
         let RoutingBufs {
             pair_token,
@@ -1547,7 +1562,7 @@ impl ForwardPlan {
         } = routing;
         let ExpertBufs { act, y, .. } = experts;
         let batch = self.batch(pair_token, expert_offsets, tile_offsets);
-        batch.down(&dev, &gemms, act, &w.down, self.k_splits, y)
+        batch.down(&dev, &gemms, act, &w.down, self.k_splits, y, row_sched)
     }
 
     /// The gate-weighted combine (also with no pairs: it writes the zeros).

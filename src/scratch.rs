@@ -79,8 +79,13 @@ impl<T: Element> BackwardScratch<T> {
         Ok(grew.iter().filter(|&&g| g).count() as u64)
     }
 
-    /// The expert half's buffers, with the context's `act` (which the dAct GEMM recomputes).
-    pub(crate) fn batch_bufs<'a>(&'a mut self, act: &'a mut GrowBuf<T>) -> BatchGradBufs<'a, T> {
+    /// The expert half's buffers, with the context's `act` (which the dAct GEMM recomputes) and
+    /// its row-GEMM tile counter.
+    pub(crate) fn batch_bufs<'a>(
+        &'a mut self,
+        act: &'a mut GrowBuf<T>,
+        sched: &'a mut GrowBuf<u32>,
+    ) -> BatchGradBufs<'a, T> {
         BatchGradBufs {
             dg: &mut self.dg,
             du: &mut self.du,
@@ -91,6 +96,7 @@ impl<T: Element> BackwardScratch<T> {
             dx_pair: &mut self.dx_pair,
             x_rows: &mut self.x_rows,
             wg_split: &mut self.wg_split,
+            sched,
         }
     }
 }

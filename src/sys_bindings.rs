@@ -190,6 +190,7 @@ pub type remoe_expert_up_fn = ::std::option::Option<
         u: *mut u16,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -209,6 +210,7 @@ pub type remoe_expert_down_fn = ::std::option::Option<
         y: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -237,6 +239,7 @@ pub type remoe_expert_dact_fn = ::std::option::Option<
         row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -258,6 +261,7 @@ pub type remoe_expert_dx_fn = ::std::option::Option<
         dx_pair: *mut u16,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -275,6 +279,9 @@ device. num_tiles is an upper bound of it that the host knows without reading an
 (from the pair capacity: ceil((capacity + e * (REMOE_GEMM_TILE_ROWS - 1)) /
 REMOE_GEMM_TILE_ROWS)); it sizes the grid, and 0 launches nothing. Row buffers (act, g, u, y,
 ...) hold at least the pairs the offsets describe.
+sched [2] u32: the Hopper path's tile counter, which these launchers ignore (one signature for
+both paths). Zero before the first launch (allocate it zeroed); each launch leaves it zero.
+Launches given the same sched must be ordered (one stream): one buffer per stream of work.
 h % 8 == 0, f % 8 == 0 everywhere.
 
 Up projection with SwiGLU: for each pair p of expert e, with x_t the row pair_token[p] of x,
@@ -309,6 +316,7 @@ Backward of the up projection, per pair (summed over a token's pairs elsewhere):
         u: *mut u16,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -327,6 +335,7 @@ unsafe extern "C" {
         u: *mut u16,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -341,6 +350,7 @@ unsafe extern "C" {
         y: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -357,6 +367,7 @@ unsafe extern "C" {
         y: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -380,6 +391,7 @@ unsafe extern "C" {
         row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -401,6 +413,7 @@ unsafe extern "C" {
         row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -417,6 +430,7 @@ unsafe extern "C" {
         dx_pair: *mut u16,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -433,6 +447,7 @@ unsafe extern "C" {
         dx_pair: *mut u16,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -551,7 +566,9 @@ Rust layer calls them only on such a device (src/gemm.rs). Additionally h % 8 ==
 f % 8 == 0 make every weight row a multiple of 16 bytes, as the tensor maps need. The weight
 gradients also take zero pairs for an expert (it writes zeros, or leaves out as it is when
 accumulating). Results are bitwise reproducible; the tile grid is persistent (at most one CTA
-per multiprocessor) and reads the tile counts from tile_offsets on the device.
+per multiprocessor) and reads the tile counts from tile_offsets on the device. The row GEMMs
+take their tiles from the counter in sched (above), which must not be NULL here; a launch
+whose k_splits exceeds kb is refused (cudaErrorInvalidValue) rather than left to hang.
 1 in *available when this binary holds the sm_90a code of the launchers below for the
 current device (compute capability 9.0 and built for sm_90a), else 0. Synchronous.
 ```*/
@@ -568,6 +585,7 @@ unsafe extern "C" {
         u: *mut u16,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -586,6 +604,7 @@ unsafe extern "C" {
         u: *mut u16,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -600,6 +619,7 @@ unsafe extern "C" {
         y: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -616,6 +636,7 @@ unsafe extern "C" {
         y: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -639,6 +660,7 @@ unsafe extern "C" {
         row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -660,6 +682,7 @@ unsafe extern "C" {
         row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -676,6 +699,7 @@ unsafe extern "C" {
         dx_pair: *mut u16,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,
@@ -692,6 +716,7 @@ unsafe extern "C" {
         dx_pair: *mut u16,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
+        sched: *mut u32,
         num_tiles: i32,
         e: i32,
         h: i32,

@@ -571,6 +571,10 @@ pub struct GroupedGemms {
     /// dispatch (computed once), slots and counters.
     split: sys::remoe_wgrad_split_t,
     _split_bufs: (CudaSlice<u32>, CudaSlice<f32>, CudaSlice<u32>),
+    /// The row GEMMs' tile counter: zeroed once, left zero by every launch (the layer's
+    /// contexts own one each).
+    sched: u64,
+    _sched: CudaSlice<u32>,
 }
 
 const GATHER: usize = 6;
@@ -618,6 +622,7 @@ impl GroupedGemms {
         let copies = footprint.map(copies_for);
         let most = |idx: &[usize]| idx.iter().map(|&i| copies[i]).max().unwrap();
         let (split, split_bufs) = weight_grad_split(dev, &routing[1], e, h, f)?;
+        let sched = s.alloc_zeros::<u32>(2)?;
         let outs16 = vec![
             s.alloc_zeros::<bf16>((p * f).max(1))?,
             s.alloc_zeros::<bf16>((2 * p * f).max(1))?,
@@ -670,6 +675,8 @@ impl GroupedGemms {
             footprint,
             split,
             _split_bufs: split_bufs,
+            sched: addr(dev, &sched),
+            _sched: sched,
         })
     }
 
@@ -750,10 +757,11 @@ impl GroupedGemms {
         );
         let r = round % self.copies[kind.index()];
         let hopper = path == GemmPath::Hopper;
-        let (pt, eo, to, tiles) = (
+        let (pt, eo, to, sc, tiles) = (
             self.pair_token as *const u32,
             self.expert_offsets as *const u32,
             self.tile_offsets as *const u32,
+            self.sched as *mut u32,
             self.tiles,
         );
         let pairs = self.pairs as i32;
@@ -771,7 +779,8 @@ impl GroupedGemms {
         // (the dAct GEMM reads X as its dOut, the same shape). The routing (pair tokens < T, expert offsets, tile offsets
         // of 128-row tiles, `tiles` their total) is a layer forward's, as the layer passes it;
         // H and F are multiples of 8 (the layer's own check) and every buffer is a separate
-        // cudarc allocation (256-byte aligned, no overlap). The Hopper launchers run only where
+        // cudarc allocation (256-byte aligned, no overlap); the tile counter [2] is zero between
+        // launches, which all go to this device's one stream. The Hopper launchers run only where
         // GemmPath::Hopper is supported (the caller's paths come from `available_paths`).
         let (what, code) = unsafe {
             match kind {
@@ -785,7 +794,7 @@ impl GroupedGemms {
                     };
                     (
                         "expert_up_swiglu",
-                        launch(x, pt, wg, wu, act, g, u, eo, to, tiles, e, h, f, s),
+                        launch(x, pt, wg, wu, act, g, u, eo, to, sc, tiles, e, h, f, s),
                     )
                 }
                 GemmKind::Down => {
@@ -798,7 +807,7 @@ impl GroupedGemms {
                     let y = self.y_o as *mut f32;
                     (
                         "expert_down",
-                        launch(act, wd, y, eo, to, tiles, e, h, f, 1, pairs, s),
+                        launch(act, wd, y, eo, to, sc, tiles, e, h, f, 1, pairs, s),
                     )
                 }
                 GemmKind::DAct => {
@@ -815,7 +824,8 @@ impl GroupedGemms {
                     (
                         "expert_dact",
                         launch(
-                            dout, pt, pg, wd, g, u, dg, du, act, dots, eo, to, tiles, e, h, f, s,
+                            dout, pt, pg, wd, g, u, dg, du, act, dots, eo, to, sc, tiles, e, h, f,
+                            s,
                         ),
                     )
                 }
@@ -830,7 +840,7 @@ impl GroupedGemms {
                     let dxp = m(self.dxp_o);
                     (
                         "expert_dx",
-                        launch(dg, du, wg, wu, dxp, eo, to, tiles, e, h, f, s),
+                        launch(dg, du, wg, wu, dxp, eo, to, sc, tiles, e, h, f, s),
                     )
                 }
                 GemmKind::DWd | GemmKind::DWgu => {

@@ -670,8 +670,17 @@ fn run_owned_experts<T: HalfElement>(
         (&w.gate, &w.up),
         &mut ctx.act,
         saved,
+        &mut ctx.source.row_sched,
     )?;
-    batch.down(&dev, &gemms, &ctx.act, &w.down, k_splits, &mut ctx.y_local)
+    batch.down(
+        &dev,
+        &gemms,
+        &ctx.act,
+        &w.down,
+        k_splits,
+        &mut ctx.y_local,
+        &mut ctx.source.row_sched,
+    )
 }
 
 /// The owner's results back in receive order, then home: each source's y rows land where its
@@ -847,6 +856,13 @@ fn prepare_backward<T: HalfElement>(
         .clone();
     let (cfg, router) = (src_saved.config, src_saved.router);
     group.check_call::<T>(&cfg, router)?;
+    if !std::sync::Arc::ptr_eq(ctx.source.dev.stream(), group.dev.stream()) {
+        // As in the forward; the owner's row GEMMs also share the context's tile counter,
+        // which only launches ordered on one stream may.
+        return Err(Error::InvalidConfig(
+            "the expert-parallel group and context must be made from the same Device".into(),
+        ));
+    }
     options.validate()?;
     check_coefficient(&ctx.source, coeff)?;
     let el = group.partition.local_experts();
@@ -931,7 +947,9 @@ fn owner_backward<T: HalfElement>(
         up: &w.up,
         down: &w.down,
     };
-    let mut bufs = ctx.owner_bwd.batch_bufs(&mut ctx.act);
+    let mut bufs = ctx
+        .owner_bwd
+        .batch_bufs(&mut ctx.act, &mut ctx.source.row_sched);
     batch.backward(&group.dev, path, &inp, &mut bufs, out)
 }
 

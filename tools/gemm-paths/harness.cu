@@ -74,6 +74,8 @@ static void run(const char* name, int T, int H, int F, int E, int mode /*0 unifo
   const int P = eo[E], tiles = to[E];
   std::vector<uint32_t> ptok(P); for (auto& v : ptok) v = (uint32_t)(urand() * T) % T;
   auto d_eo = dalloc<uint32_t>(E + 1), d_to = dalloc<uint32_t>(E + 1), d_pt = dalloc<uint32_t>(P);
+  // The row GEMMs' tile counter: zero once, left zero by every launch (all on stream s).
+  auto d_sched = dalloc<uint32_t>(2); CK(cudaMemset(d_sched, 0, 2 * sizeof(uint32_t)));
   CK(cudaMemcpy(d_eo, eo.data(), 4 * (E + 1), cudaMemcpyHostToDevice)); CK(cudaMemcpy(d_to, to.data(), 4 * (E + 1), cudaMemcpyHostToDevice)); CK(cudaMemcpy(d_pt, ptok.data(), 4 * std::max(P,1), cudaMemcpyHostToDevice));
   auto x = dbf((size_t)T * H, 1.f), wg = dbf((size_t)E * H * F, 1.f / sqrtf(H)), wu = dbf((size_t)E * H * F, 1.f / sqrtf(H)), wd = dbf((size_t)E * F * H, 1.f / sqrtf(F));
   auto dy = dbf((size_t)P * H, 1.f);
@@ -97,60 +99,60 @@ static void run(const char* name, int T, int H, int F, int E, int mode /*0 unifo
     printf("%-4s weight-grad plan: %u chunks for %d experts, %d split, %llu slot floats\n", name, plan[E], E, split, (unsigned long long)slot_floats); }
   cudaStream_t s = 0;
   // up
-  LK(remoe_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_r, g_r, u_r, d_eo, d_to, tiles, E, H, F, s));
+  LK(remoe_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_r, g_r, u_r, d_eo, d_to, d_sched, tiles, E, H, F, s));
   poison(act_h, PF * 2); poison(g_h, PF * 2); poison(u_h, PF * 2);
-  LK(remoe_hopper_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_h, g_h, u_h, d_eo, d_to, tiles, E, H, F, s));
+  LK(remoe_hopper_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_h, g_h, u_h, d_eo, d_to, d_sched, tiles, E, H, F, s));
   CK(cudaDeviceSynchronize());
   Cmp c1 = compare(act_h, act_r, P, F), cg = compare(g_h, g_r, P, F), cu = compare(u_h, u_r, P, F);
-  LK(remoe_hopper_expert_up_swiglu_bf16(x, d_pt, wg, wu, tmp16, g_h, u_h, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_up_swiglu_bf16(x, d_pt, wg, wu, tmp16, g_h, u_h, d_eo, d_to, d_sched, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
   bool rep = same_bits(tmp16, act_h, PF);
-  auto th = time_it([&] { remoe_hopper_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_h, g_h, u_h, d_eo, d_to, tiles, E, H, F, s); }, reps);
-  auto tm = time_it([&] { remoe_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_r, g_r, u_r, d_eo, d_to, tiles, E, H, F, s); }, reps);
+  auto th = time_it([&] { remoe_hopper_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_h, g_h, u_h, d_eo, d_to, d_sched, tiles, E, H, F, s); }, reps);
+  auto tm = time_it([&] { remoe_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_r, g_r, u_r, d_eo, d_to, d_sched, tiles, E, H, F, s); }, reps);
   report(name, "up", c1, 2e-2, th, tm, fl_up, rep); report(name, "up.g", cg, 1e-2, {}, {}, 0, true); report(name, "up.u", cu, 1e-2, {}, {}, 0, true);
   // up without saving g,u
   poison(act_h, PF * 2);
-  LK(remoe_hopper_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_h, nullptr, nullptr, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_h, nullptr, nullptr, d_eo, d_to, d_sched, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
   report(name, "up.nos", compare(act_h, act_r, P, F), 2e-2, {}, {}, 0, true);
   // down
-  LK(remoe_expert_down_bf16(act_r, wd, y_r, d_eo, d_to, tiles, E, H, F, 1, P, s));
+  LK(remoe_expert_down_bf16(act_r, wd, y_r, d_eo, d_to, d_sched, tiles, E, H, F, 1, P, s));
   poison(y_h, PH * 4);
-  LK(remoe_hopper_expert_down_bf16(act_r, wd, y_h, d_eo, d_to, tiles, E, H, F, 1, P, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_down_bf16(act_r, wd, y_h, d_eo, d_to, d_sched, tiles, E, H, F, 1, P, s)); CK(cudaDeviceSynchronize());
   Cmp c2 = compare(y_h, y_r, P, H);
-  LK(remoe_hopper_expert_down_bf16(act_r, wd, tmp32, d_eo, d_to, tiles, E, H, F, 1, P, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_down_bf16(act_r, wd, tmp32, d_eo, d_to, d_sched, tiles, E, H, F, 1, P, s)); CK(cudaDeviceSynchronize());
   rep = same_bits(tmp32, y_h, PH);
-  th = time_it([&] { remoe_hopper_expert_down_bf16(act_r, wd, y_h, d_eo, d_to, tiles, E, H, F, 1, P, s); }, reps);
-  tm = time_it([&] { remoe_expert_down_bf16(act_r, wd, y_r, d_eo, d_to, tiles, E, H, F, 1, P, s); }, reps);
+  th = time_it([&] { remoe_hopper_expert_down_bf16(act_r, wd, y_h, d_eo, d_to, d_sched, tiles, E, H, F, 1, P, s); }, reps);
+  tm = time_it([&] { remoe_expert_down_bf16(act_r, wd, y_r, d_eo, d_to, d_sched, tiles, E, H, F, 1, P, s); }, reps);
   report(name, "down", c2, 1e-3, th, tm, fl_down, rep);
   // dact: A is x's rows gathered through the pair tokens (standing in for dOut), gates in (0, 1).
   const int G = (F + 31) / 32;
   std::vector<float> gates_h(std::max(P, 1)); for (auto& v : gates_h) v = urand();
   auto d_gate = dalloc<float>(P); CK(cudaMemcpy(d_gate, gates_h.data(), 4 * std::max(P, 1), cudaMemcpyHostToDevice));
   auto dots_r = dalloc<float>((size_t)P * G), dots_h = dalloc<float>((size_t)P * G);
-  LK(remoe_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, dg_r, du_r, act_r, dots_r, d_eo, d_to, tiles, E, H, F, s));
+  LK(remoe_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, dg_r, du_r, act_r, dots_r, d_eo, d_to, d_sched, tiles, E, H, F, s));
   poison(dg_h, PF * 2); poison(du_h, PF * 2); poison(act_h, PF * 2); poison(dots_h, (size_t)P * G * 4);
-  LK(remoe_hopper_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, dg_h, du_h, act_h, dots_h, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, dg_h, du_h, act_h, dots_h, d_eo, d_to, d_sched, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
   Cmp c3 = compare(dg_h, dg_r, P, F), c3u = compare(du_h, du_r, P, F), c3a = compare(act_h, act_r, P, F), c3d = compare(dots_h, dots_r, P, G);
   // The paths must agree bit for bit (the layer's bitwise test relies on it).
   bool same = same_bits(dg_h, dg_r, PF) && same_bits(du_h, du_r, PF) && same_bits(act_h, act_r, PF) && same_bits(dots_h, dots_r, (size_t)P * G);
-  LK(remoe_hopper_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, tmp16, du_h, act_h, dots_h, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, tmp16, du_h, act_h, dots_h, d_eo, d_to, d_sched, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
   rep = same_bits(tmp16, dg_h, PF) && same;
-  th = time_it([&] { remoe_hopper_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, dg_h, du_h, act_h, dots_h, d_eo, d_to, tiles, E, H, F, s); }, reps);
-  tm = time_it([&] { remoe_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, dg_r, du_r, act_r, dots_r, d_eo, d_to, tiles, E, H, F, s); }, reps);
+  th = time_it([&] { remoe_hopper_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, dg_h, du_h, act_h, dots_h, d_eo, d_to, d_sched, tiles, E, H, F, s); }, reps);
+  tm = time_it([&] { remoe_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, dg_r, du_r, act_r, dots_r, d_eo, d_to, d_sched, tiles, E, H, F, s); }, reps);
   report(name, "dact", c3, 2e-2, th, tm, fl_down, rep); report(name, "dact.u", c3u, 2e-2, {}, {}, 0, true);
   report(name, "dact.a", c3a, 2e-2, {}, {}, 0, true); report(name, "dact.dR", c3d, 1e-3, {}, {}, 0, true);
   // The recomputed act is the up projection's, bit for bit: recompute the forward's into act_r.
-  LK(remoe_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_r, g_r, u_r, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_r, g_r, u_r, d_eo, d_to, d_sched, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
   report(name, "dact.a=up", compare(act_h, act_r, P, F), 0, {}, {}, 0, same_bits(act_h, act_r, PF));
   CK(cudaFree(d_gate)); CK(cudaFree(dots_r)); CK(cudaFree(dots_h));
   // dx
-  LK(remoe_expert_dx_bf16(dg_r, du_r, wg, wu, dx_r, d_eo, d_to, tiles, E, H, F, s));
+  LK(remoe_expert_dx_bf16(dg_r, du_r, wg, wu, dx_r, d_eo, d_to, d_sched, tiles, E, H, F, s));
   poison(dx_h, PH * 2);
-  LK(remoe_hopper_expert_dx_bf16(dg_r, du_r, wg, wu, dx_h, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_dx_bf16(dg_r, du_r, wg, wu, dx_h, d_eo, d_to, d_sched, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
   Cmp c4 = compare(dx_h, dx_r, P, H);
-  LK(remoe_hopper_expert_dx_bf16(dg_r, du_r, wg, wu, tmp16, d_eo, d_to, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_dx_bf16(dg_r, du_r, wg, wu, tmp16, d_eo, d_to, d_sched, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
   rep = same_bits(tmp16, dx_h, PH);
-  th = time_it([&] { remoe_hopper_expert_dx_bf16(dg_r, du_r, wg, wu, dx_h, d_eo, d_to, tiles, E, H, F, s); }, reps);
-  tm = time_it([&] { remoe_expert_dx_bf16(dg_r, du_r, wg, wu, dx_r, d_eo, d_to, tiles, E, H, F, s); }, reps);
+  th = time_it([&] { remoe_hopper_expert_dx_bf16(dg_r, du_r, wg, wu, dx_h, d_eo, d_to, d_sched, tiles, E, H, F, s); }, reps);
+  tm = time_it([&] { remoe_expert_dx_bf16(dg_r, du_r, wg, wu, dx_r, d_eo, d_to, d_sched, tiles, E, H, F, s); }, reps);
   report(name, "dx", c4, 2e-2, th, tm, fl_up, rep);
   // weight grads: dWd = act^T dy (m=F, n=H); dWg = X_g^T dg (m=H, n=F, gathered)
   LK(remoe_expert_weight_grad_bf16(act_r, nullptr, dy, w_r, d_eo, P, P, E, F, H, 0, &sp, s));
@@ -197,7 +199,7 @@ static void run(const char* name, int T, int H, int F, int E, int mode /*0 unifo
   }
   CK(cudaDeviceSynchronize());
   for (void* p : {(void*)d_plan, (void*)d_counters, (void*)d_slots}) cudaFree(p);
-  for (void* p : {(void*)d_eo, (void*)d_to, (void*)d_pt, (void*)x, (void*)wg, (void*)wu, (void*)wd, (void*)dy, (void*)act_r, (void*)g_r, (void*)u_r, (void*)act_h, (void*)g_h, (void*)u_h, (void*)tmp16, (void*)y_r, (void*)y_h, (void*)tmp32, (void*)dg_r, (void*)du_r, (void*)dg_h, (void*)du_h, (void*)dx_r, (void*)dx_h, (void*)w_r, (void*)w_h}) cudaFree(p);
+  for (void* p : {(void*)d_eo, (void*)d_to, (void*)d_sched, (void*)d_pt, (void*)x, (void*)wg, (void*)wu, (void*)wd, (void*)dy, (void*)act_r, (void*)g_r, (void*)u_r, (void*)act_h, (void*)g_h, (void*)u_h, (void*)tmp16, (void*)y_r, (void*)y_h, (void*)tmp32, (void*)dg_r, (void*)du_r, (void*)dg_h, (void*)du_h, (void*)dx_r, (void*)dx_h, (void*)w_r, (void*)w_h}) cudaFree(p);
 }
 
 // The router forward (logits, gates, per-block statistics) at T 16384, H 768: time against the
