@@ -512,9 +512,11 @@ fn print_gemms(gemms: &[GemmRow], paths: &[GemmPath], iters: usize) {
          arguments), each path and the same-shape dense cuBLAS GEMM interleaved in one loop: \
          median [min-max] ms of {iters} runs, inputs rotated; \"cuB/us\" = cuBLAS time / ours; \
          \"rot MiB\" = the rotated inputs' total, ours/cuBLAS's; \"layer\" = the same GEMM's median inside a training forward (stage timing; forward \
-         GEMMs only: the backward has no stage timing); \"dWgu: gather, GEMMs\" and \"dWgu: \
-         gathering\" = the Hopper path's two ways, interleaved in one loop with cuBLAS's \
-         dWg+dWu: X's rows gathered first and both GEMMs (the layer's way where F > 512), \
+         GEMMs only: the backward has no stage timing); \"dWd\" = the layer's dWd, dOut^T (R act) \
+         with dOut's rows read through the pairs (on Hopper where F > 512 copied into pair order \
+         first, the copy included) and stored transposed, against cuBLAS's act^T dy of the same \
+         shape; \"dWgu: gather, GEMMs\" and \"dWgu: gathering\" = the Hopper path's two \
+         ways, interleaved in one loop with cuBLAS's dWg+dWu: X's rows gathered first and both GEMMs (the layer's way where F > 512), \
          against the GEMMs gathering X's rows in their mainloop (the layer's way at F <= 512)"
     );
     let mut head = format!(

@@ -37,7 +37,7 @@ template <typename T>
 struct DActParams {
   T *dg;              // [|A|, N]
   T *du;              // [|A|, N]
-  T *act;             // recomputed from g and u, for dWd [|A|, N]
+  T *act_r;           // R act (act recomputed from g and u; gated_act), for dWd [|A|, N]
   const T *g;         // saved by the forward [|A|, N]
   const T *u;         // saved by the forward [|A|, N]
   const float *gate;  // R of each pair [|A|]
@@ -221,8 +221,8 @@ __device__ __forceinline__ void store8v(T *p, const float (&v)[8]) {
 //   int launch_row_gemm(RowGemmParams<T, kMode> p, BOperand<T> b, int num_tiles,
 //                       cudaStream_t stream);
 //   template <typename T>
-//   int launch_weight_grad(a, gather, b, out, expert_offsets, a_rows, b_rows, e, m, n,
-//                          accumulate, split, cudaStream_t stream);  (as the launcher takes them)
+//   int launch_weight_grad(a, gather, b, store, expert_offsets, a_rows, b_rows, e, m, n, split,
+//                          cudaStream_t stream);  (as the launcher takes them)
 // clang-format off
 #define REMOE_GEMM_ENTRY_POINTS(PATH, SUFFIX, T)                                                   \
   extern "C" int remoe_##PATH##expert_up_swiglu_##SUFFIX REMOE_EXPERT_UP_PARAMS {                  \
@@ -272,7 +272,7 @@ __device__ __forceinline__ void store8v(T *p, const float (&v)[8]) {
     p.epi.dots = row_dots;                                                                         \
     p.epi.dg = reinterpret_cast<T *>(dg);                                                          \
     p.epi.du = reinterpret_cast<T *>(du);                                                          \
-    p.epi.act = reinterpret_cast<T *>(act);                                                        \
+    p.epi.act_r = reinterpret_cast<T *>(act_r);                                                    \
     p.K = h;                                                                                       \
     p.N = f;                                                                                       \
     return launch_row_gemm<T, kDAct>(p, b, num_tiles, (cudaStream_t)stream);                       \
@@ -293,7 +293,7 @@ __device__ __forceinline__ void store8v(T *p, const float (&v)[8]) {
     return launch_row_gemm<T, kDX>(p, b, num_tiles, (cudaStream_t)stream);                         \
   }                                                                                                \
   extern "C" int remoe_##PATH##expert_weight_grad_##SUFFIX REMOE_EXPERT_WEIGHT_GRAD_PARAMS {       \
-    return launch_weight_grad<T>(a, gather, b, out, expert_offsets, a_rows, b_rows, e, m, n,       \
-                                 accumulate, split, (cudaStream_t)stream);                         \
+    return launch_weight_grad<T>(a, gather, b, store, expert_offsets, a_rows, b_rows, e, m, n,     \
+                                 split, (cudaStream_t)stream);                                     \
   }
 // clang-format on

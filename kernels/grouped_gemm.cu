@@ -24,12 +24,14 @@
 // The backward uses the same main loop in two more modes, with B read from the weights as
 // stored (n-major: each output column's K values contiguous), through ldmatrix without .trans:
 //   kDAct: A = dOut's rows gathered through pair_token (unscaled), so the accumulators hold
-//          dOut_t Wd_e^T; the epilogue recomputes a from the saved g and u (written for dWd),
-//          accumulates dR = a . (dOut_t Wd_e^T) per 32-column group (swiglu.cuh), and applies
-//          SwiGLU's backward to da = R (dOut_t Wd_e^T): dg = da * u * SiLU'(g), du = da * SiLU(g);
+//          dOut_t Wd_e^T; the epilogue recomputes a from the saved g and u and writes R a for dWd
+//          (swiglu.cuh, gated_act), accumulates dR = a . (dOut_t Wd_e^T) per 32-column group
+//          (swiglu.cuh), and applies SwiGLU's backward to da = R (dOut_t Wd_e^T):
+//          dg = da * u * SiLU'(g), du = da * SiLU(g);
 //   kDX:   dX_pair = dg Wg_e^T + du Wu_e^T, as one GEMM over two K segments.
 // And a separate kernel for the weight gradients, whose reduction runs over an expert's pairs
-// (K = n_e, zero allowed), both operands read k-major and fed through ldmatrix.trans.
+// (K = n_e, zero allowed), both operands read k-major and fed through ldmatrix.trans, its f32
+// tile stored as is or transposed (dWd, computed as dOut^T (R act)).
 #include "gemm_contract.cuh"
 #include "mma_sync.cuh"
 #include "swiglu.cuh"
@@ -105,7 +107,7 @@ __device__ __forceinline__ void dact_epilogue(const RowGemmParams<T, kDAct> &arg
           dswiglu(gate * d1, g[1], u[1], s1, dg1, du1);
           store2<T>(p.dg + row * N + col, dg0, dg1);
           store2<T>(p.du + row * N + col, du0, du1);
-          store2<T>(p.act + row * N + col, a0, a1);
+          store2<T>(p.act_r + row * N + col, gated_act(gate, a0), gated_act(gate, a1));
         }
       }
       if (row_ok && (lane & 3) == 0 && col0 < N)
@@ -349,19 +351,19 @@ int launch_row_gemm(const RowGemmParams<T, kMode> &p, BOperand<T> b, int num_til
   return (int)cudaGetLastError();
 }
 
-// Weight gradients: out_e[m, n] (+)= sum over expert e's pairs p of A[p, m] * B[p, n], with the
-// A rows gathered through `gather` when given. One block per (chunk of an expert's pairs,
-// 128 x 128 output tile): without a plan a chunk is a whole expert; with one, a hot expert's
-// pairs are cut into chunks whose partial sums are added in chunk order (weight_grad_split.cuh).
-// Either way the reduction order is fixed, and an expert with no pairs writes zeros (or leaves
-// `out` as it is when accumulating). The grid has room for the most chunks any plan makes; the
-// blocks past this launch's count leave at once.
+// Weight gradients: out_e[m, n] (+)= sum over expert e's pairs p of A[p, m] * B[p, n] (out_e[n, m]
+// with store.transposed), with the A rows gathered through `gather` when given. One block per
+// (chunk of an expert's pairs, 128 x 128 output tile): without a plan a chunk is a whole expert;
+// with one, a hot expert's pairs are cut into chunks whose partial sums are added in chunk order
+// (weight_grad_split.cuh). Either way the reduction order is fixed, and an expert with no pairs
+// writes zeros (or leaves `out` as it is when accumulating). The grid has room for the most
+// chunks any plan makes; the blocks past this launch's count leave at once.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     weight_grad_kernel(const T *__restrict__ a, const uint32_t *__restrict__ gather,
-                       const T *__restrict__ b, float *__restrict__ out,
+                       const T *__restrict__ b, remoe_wgrad_store_t store,
                        const uint32_t *__restrict__ expert_offsets, int e, int M, int N,
-                       int m_tiles, int n_tiles, int accumulate, remoe_wgrad_split_t split) {
+                       int m_tiles, int n_tiles, remoe_wgrad_split_t split) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ int last_flag;
   T *smem = reinterpret_cast<T *>(smem_raw);
@@ -468,7 +470,8 @@ __global__ void __launch_bounds__(kThreads, 2)
                                                [] { __syncthreads(); }, &acc[0][0][0]))
     return;
 
-  float *oe = out + (size_t)expert * M * N;
+  float *oe = store.out + (size_t)expert * M * N;
+  const bool accumulate = store.accumulate != 0;
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll
@@ -479,23 +482,41 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int ni = 0; ni < 4; ++ni) {
         const int n = n0 + wn * 32 + ni * 8 + (lane & 3) * 2;
         if (n >= N) continue;
-        float2 *o = reinterpret_cast<float2 *>(oe + (size_t)m * N + n);
-        float2 v = make_float2(acc[mi][ni][half * 2], acc[mi][ni][half * 2 + 1]);
-        if (accumulate) {
-          const float2 old = *o;
-          v.x += old.x;
-          v.y += old.y;
+        const float v0 = acc[mi][ni][half * 2], v1 = acc[mi][ni][half * 2 + 1];
+        if (store.transposed) {
+          // out[n, m] and out[n + 1, m] (rows of M floats). Lane 4 r + q holds m = m_base + r,
+          // n = n_base + 2 q (+ 1): each of the two store instructions of a warp writes 8
+          // consecutive m into each of four rows, 32 bytes a row, whole sectors. (The Hopper
+          // path stages its tile in shared memory for longer row segments; this one, the
+          // fallback for chips without wgmma, stores from its registers.)
+          float *o = oe + (size_t)n * M + m;
+          float w0 = v0, w1 = v1;
+          if (accumulate) {
+            w0 += o[0];
+            w1 += o[M];
+          }
+          o[0] = w0;
+          o[M] = w1;
+        } else {
+          float2 *o = reinterpret_cast<float2 *>(oe + (size_t)m * N + n);
+          float2 v = make_float2(v0, v1);
+          if (accumulate) {
+            const float2 old = *o;
+            v.x += old.x;
+            v.y += old.y;
+          }
+          *o = v;
         }
-        *o = v;
       }
     }
   }
 }
 
 template <typename T>
-int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,
-                       const uint32_t *expert_offsets, int a_rows, int b_rows, int e, int M, int N,
-                       int accumulate, const remoe_wgrad_split_t *split, cudaStream_t stream) {
+int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t *b,
+                       remoe_wgrad_store_t store, const uint32_t *expert_offsets, int a_rows,
+                       int b_rows, int e, int M, int N, const remoe_wgrad_split_t *split,
+                       cudaStream_t stream) {
   (void)a_rows;  // this path needs no row counts: cp.async checks each row against n_e
   (void)b_rows;
   auto kernel = weight_grad_kernel<T>;
@@ -508,8 +529,8 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
   const long long blocks = (long long)chunks * m_tiles * n_tiles;
   if (blocks > 0x7fffffffLL) return (int)cudaErrorInvalidConfiguration;
   kernel<<<(unsigned)blocks, kThreads, kSmemBytes, stream>>>(
-      reinterpret_cast<const T *>(a), gather, reinterpret_cast<const T *>(b), out, expert_offsets,
-      e, M, N, m_tiles, n_tiles, accumulate, s);
+      reinterpret_cast<const T *>(a), gather, reinterpret_cast<const T *>(b), store,
+      expert_offsets, e, M, N, m_tiles, n_tiles, s);
   return (int)cudaGetLastError();
 }
 

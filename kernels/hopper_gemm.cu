@@ -29,16 +29,18 @@
 //   (cp.async.mbarrier.arrive), so every stage can be in flight at once; the consumers order
 //   those generic-proxy writes before their wgmma reads with fence.proxy.async.
 // - The weight gradients (reduction over an expert's pairs, K = n_e) load each full block of 64
-//   pairs by TMA (both operands, or only dY/dg/du when A is X gathered through pair_token, which
-//   goes through cp.async), and an expert's last, partial block through cp.async, whose zero
-//   fill stops the reduction exactly at the expert's edge.
+//   pairs by TMA (both operands, or only B, R act or dg or du, when A is dOut or X gathered
+//   through pair_token, which goes through cp.async), and an expert's last, partial block
+//   through cp.async, whose zero fill stops the reduction exactly at the expert's edge.
 //
 // Epilogues work on the f32 accumulators in registers: SwiGLU (up), f32 store (down), SwiGLU's
 // backward from the saved g and u (dAct), plain store (dX), and the f32 weight-gradient store or
 // accumulate, which goes through shared memory so that each warp writes whole row segments
-// (store_weight_grad_tile says why). The wgmma accumulator layout puts column n and n + 128 of
-// an m64n256 tile in the same thread, which is why the up projection's B tile holds 128 columns
-// of Wg then the same 128 columns of Wu: each thread owns g and u of the same outputs.
+// (store_weight_grad_tile says why; store_weight_grad_tile_transposed stores dWd's tiles, which
+// are computed transposed, into out's rows the same way). The wgmma accumulator layout puts
+// column n and n + 128 of an m64n256 tile in the same thread, which is why the up projection's B
+// tile holds 128 columns of Wg then the same 128 columns of Wu: each thread owns g and u of the
+// same outputs.
 #include <atomic>
 #include <cuda.h>
 
@@ -385,8 +387,9 @@ __device__ __forceinline__ void row_gemm_producer(const RowGemmParams<T, kMode> 
 
 // dAct: A was dOut's rows gathered through pair_token, so the accumulators hold dOut_t Wd_e^T.
 // From the saved g and u (four column groups' loads issued before the first is used, so their
-// latencies overlap): a recomputed and written for dWd; dR's sum over each 32-column group (one
-// quad's 32 columns, swiglu.cuh's order); SwiGLU's backward of da = R (dOut_t Wd_e^T).
+// latencies overlap): a recomputed, and R a written for dWd (swiglu.cuh, gated_act); dR's sum
+// over each 32-column group of the unscaled a (one quad's 32 columns, swiglu.cuh's order);
+// SwiGLU's backward of da = R (dOut_t Wd_e^T).
 template <typename T>
 __device__ __forceinline__ void dact_epilogue(const DActParams<T> &p, int N, float (&acc)[128],
                                               int row0, int rows, int col0, int wg_row0) {
@@ -432,7 +435,9 @@ __device__ __forceinline__ void dact_epilogue(const DActParams<T> &p, int N, flo
         if (row_ok && col < N) {
           store8v<T>(p.dg + orow + col, dg);
           store8v<T>(p.du + orow + col, du);
-          store8v<T>(p.act + orow + col, a);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) a[i] = gated_act(gate, a[i]);
+          store8v<T>(p.act_r + orow + col, a);
           if ((lane & 3) == 0) p.dots[row * groups + col / 32] = group;
         }
       }
@@ -558,16 +563,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Weight gradients: out[e, m, n] (+)= sum over expert e's pairs p of A[row(p), m] . B[p, n],
 // with row(p) = gather[p] or p. Both operands are MN-major (each pair's row contiguous): A's tile
 // is [64 pairs][128 m] as two atoms, B's [64 pairs][256 n] as four. The reduction runs over the
-// expert's pairs in ascending order inside one CTA: deterministic, no atomics.
+// expert's pairs in ascending order inside one CTA: deterministic, no atomics. With
+// `transposed` the [m, n] sums go to out[e, n, m] instead (dWd: remoe_wgrad_store_t).
 
 template <typename T>
 struct WeightGradArgs {
   const T *a;
   const uint32_t *gather;
   const T *b;
-  float *out;
+  float *out;  // remoe_wgrad_store_t's three fields: out, accumulate, transposed
   const uint32_t *expert_offsets;
-  int e, M, N, m_tiles, n_tiles, accumulate;
+  int e, M, N, m_tiles, n_tiles, accumulate, transposed;
   // The fixed-order split (weight_grad_split.cuh); plan == nullptr: one chunk per expert.
   const uint32_t *plan;
   float *slots;
@@ -753,6 +759,66 @@ __device__ __forceinline__ void store_weight_grad_tile(const WeightGradArgs<T> &
   }
 }
 
+// The same tile stored transposed (args.transposed): out[n, m], rows of M floats. dWd is
+// computed as dOut^T (R act), m an H index and n an F index, and stored into its [E, F, H]
+// layout this way. Staged in four rounds of 64 tile columns (n) by all 128 tile rows (m), both
+// warpgroups writing at once, so that each round holds whole 512-byte segments of 64 output
+// rows: warp w then stores rows w, w + 8, ..., one row's 512 contiguous bytes per instruction
+// (float4 per lane), which keeps the row-at-a-time pattern that store_weight_grad_tile found to
+// pay, with 512 bytes a row instead of 1 KB (a tile has 128 m). Staging row sn (tile column
+// 64 round + sn) holds the 128 m in order, each 16-byte chunk moved by an XOR of float index
+// bits 3-4 with ((sn >> 1) & 3), i.e. float m at m ^ 8 ((sn >> 1) & 3): a warp's scalar stores
+// for one accumulator (8 consecutive m of each of the four columns 2q + c, q = lane % 4) then
+// land in 32 different banks (without the XOR the four columns' 8 m would share 8 banks,
+// 4-way), and a warp reading a row's 512 bytes reads each bank four times, once per phase,
+// whatever the XOR, which stays inside each 32-float group. Same shared memory as the plain
+// store (64 x 128 floats). Must be called by all 256 consumer threads.
+static_assert(64 * BM <= kStagedRows * BN, "the transposed staging must fit the plain one's");
+template <typename T>
+__device__ __forceinline__ void store_weight_grad_tile_transposed(const WeightGradArgs<T> &args,
+                                                                  const float (&acc)[128],
+                                                                  float *out, int m0, int n0,
+                                                                  float *staging) {
+  const int wg = threadIdx.x / 128 - 1;
+  const int lane = threadIdx.x & 31;
+  const int warp = (threadIdx.x >> 5) & 3;  // in the warpgroup
+  const int cw = (threadIdx.x - 128) >> 5;   // 0..7 over the consumers
+  const int q = lane & 3;
+  // Accumulator 4 j + 2 half + c is tile row m_row + 8 half, column 8 j + 2 q + c.
+  const int m_row = 64 * wg + 16 * warp + (lane >> 2);
+#pragma unroll
+  for (int round = 0; round < 4; ++round) {
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        // Staging row sn = 8 jj + 2 q + c: its XOR is ((sn >> 1) & 3) = q.
+        float *row = staging + (8 * jj + 2 * q + c) * BM;
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          row[(m_row + 8 * half) ^ (q << 3)] = acc[4 * (8 * round + jj) + 2 * half + c];
+      }
+    }
+    consumer_sync();
+    const int m = m0 + 4 * lane;
+#pragma unroll
+    for (int i = 0; i < 64 / 8; ++i) {
+      const int sn = cw + 8 * i;
+      const int n = n0 + 64 * round + sn;
+      if (m >= args.M || n >= args.N) continue;
+      float4 v = *reinterpret_cast<const float4 *>(staging + sn * BM +
+                                                   ((4 * lane) ^ (((sn >> 1) & 3) << 3)));
+      float4 *o = reinterpret_cast<float4 *>(out + (size_t)n * args.M + m);
+      if (args.accumulate) {
+        const float4 a = *o;
+        v.x += a.x, v.y += a.y, v.z += a.z, v.w += a.w;
+      }
+      *o = v;
+    }
+    consumer_sync();
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void weight_grad_consumer(const WeightGradArgs<T> &args,
                                                      const Pipeline &pipe, float *staging,
@@ -781,8 +847,11 @@ __device__ __forceinline__ void weight_grad_consumer(const WeightGradArgs<T> &ar
     if (w.c.chunks > 1 && !wg_split_finish<128>(args.slots, args.counters, w.c, tiles, w.tile, ct,
                                                 256, &last_flag, consumer_sync, acc))
       continue;
-    store_weight_grad_tile(args, acc, args.out + (size_t)w.c.expert * args.M * args.N, m0, n0,
-                           staging);
+    float *out = args.out + (size_t)w.c.expert * args.M * args.N;
+    if (args.transposed)
+      store_weight_grad_tile_transposed(args, acc, out, m0, n0, staging);
+    else
+      store_weight_grad_tile(args, acc, out, m0, n0, staging);
   }
 }
 
@@ -933,9 +1002,10 @@ int launch_row_gemm(RowGemmParams<T, kMode> args, BOperand<T> weights, int num_t
 }
 
 template <typename T>
-int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,
-                       const uint32_t *expert_offsets, int a_rows, int b_rows, int e, int M, int N,
-                       int accumulate, const remoe_wgrad_split_t *split, cudaStream_t stream) {
+int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t *b,
+                       remoe_wgrad_store_t store, const uint32_t *expert_offsets, int a_rows,
+                       int b_rows, int e, int M, int N, const remoe_wgrad_split_t *split,
+                       cudaStream_t stream) {
   auto kernel = weight_grad_kernel<T>;
   CUtensorMap map_a, map_b;
   cudaError_t err = rows_map<T>(&map_a, a, a_rows, M);
@@ -945,14 +1015,15 @@ int launch_weight_grad(const uint16_t *a, const uint32_t *gather, const uint16_t
   WeightGradArgs<T> args{reinterpret_cast<const T *>(a),
                          gather,
                          reinterpret_cast<const T *>(b),
-                         out,
+                         store.out,
                          expert_offsets,
                          e,
                          M,
                          N,
                          (M + BM - 1) / BM,
                          (N + BN - 1) / BN,
-                         accumulate,
+                         store.accumulate,
+                         store.transposed,
                          split != nullptr ? split->plan : nullptr,
                          split != nullptr ? split->slots : nullptr,
                          split != nullptr ? split->counters : nullptr};

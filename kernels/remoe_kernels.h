@@ -131,7 +131,7 @@ int remoe_compact_pairs(const float *gates, const uint32_t *block_offsets,
 #define REMOE_EXPERT_DACT_PARAMS                                                                  \
   (const uint16_t *dout, const uint32_t *pair_token, const float *pair_gate,                      \
    const uint16_t *wd, const uint16_t *g, const uint16_t *u, uint16_t *dg, uint16_t *du,          \
-   uint16_t *act, float *row_dots, const uint32_t *expert_offsets,                                \
+   uint16_t *act_r, float *row_dots, const uint32_t *expert_offsets,                              \
    const uint32_t *tile_offsets, uint32_t *sched, int32_t num_tiles, int32_t e, int32_t h,        \
    int32_t f, remoe_stream_t stream)
 #define REMOE_EXPERT_DX_PARAMS                                                                    \
@@ -172,11 +172,15 @@ typedef int remoe_expert_dx_fn REMOE_EXPERT_DX_PARAMS;
  *   (y stays in f32: the combine weighs it by the gate and sums a token's pairs.)
  * Backward of the down projection and of SwiGLU, for each pair p of expert e, with dout_t the
  * row pair_token[p] of dout and R = pair_gate[p]:
- *   d = dout_t Wd_e^T (f32);  act[p, :] = SiLU(g) * u recomputed from the saved g, u;
- *   row_dots[p, j] = sum over columns 32 j .. 32 j + 31 of act * d (dR = dout_t . y, in the
- *   order of kernels/swiglu.cuh; the groups are summed by remoe_pair_grad_prep);
+ *   d = dout_t Wd_e^T (f32);  a = SiLU(g) * u recomputed from the saved g, u and rounded to the
+ *   element type (the forward's act, bit for bit);
+ *   act_r[p, :] = R a, rounded to the element type from the f32 product of R and a (the
+ *   rounding is kernels/swiglu.cuh's gated_act): dWd's operand, dWd_e^T = sum over e's pairs of
+ *   dout_t^T act_r[p] (remoe_expert_weight_grad, transposed store);
+ *   row_dots[p, j] = sum over columns 32 j .. 32 j + 31 of a * d (unscaled: dR = dout_t . y, in
+ *   the order of kernels/swiglu.cuh; the groups are summed by remoe_pair_dr);
  *   da = R d;  dg = da * u * SiLU'(g);  du = da * SiLU(g)
- *   dout [t, h]; g, u, dg, du, act [|A|, f]; row_dots [|A|, ceil(f / 32)] f32.
+ *   dout [t, h]; g, u, dg, du, act_r [|A|, f]; row_dots [|A|, ceil(f / 32)] f32.
  * Backward of the up projection, per pair (summed over a token's pairs elsewhere):
  *   dx_pair[p, :] = dg[p, :] Wg_e^T + du[p, :] Wu_e^T                    dx_pair [|A|, h]
  */
@@ -191,16 +195,28 @@ int remoe_expert_dx_f16 REMOE_EXPERT_DX_PARAMS;
 
 /*
  * Expert weight gradients (kernels/grouped_gemm.cu): for every expert e (zero pairs allowed),
- *   out[e, i, j] (+)= sum over e's pairs p of a[row(p), i] * b[p, j]     out [e, m, n] f32
+ *   G_e[i, j] = sum over e's pairs p of a[row(p), i] * b[p, j]        G_e [m, n], f32
  * where row(p) = gather[p] if gather is non-NULL, else p; a has m columns, b has n; a_rows and
  * b_rows are the rows a and b hold (every row(p) < a_rows, every pair < b_rows: the bounds of the
- * Hopper path's tensor maps). accumulate != 0 adds to out, otherwise out is overwritten.
+ * Hopper path's tensor maps). G_e is stored as `store` says (below).
  * Deterministic (fixed reduction order).
- *   dWd: a = act [|A|, f], b = dy [|A|, h]              (m = f, n = h)
- *   dWg: a = x [t, h] gathered by pair_token, b = dg    (m = h, n = f); dWu likewise with du.
+ *   dWd: a = dout [t, h] gathered by pair_token, b = act_r [|A|, f] (the dAct GEMM's R act),
+ *        m = h, n = f, stored transposed into dWd [e, f, h];
+ *   dWg: a = x [t, h] gathered by pair_token, b = dg (m = h, n = f); dWu likewise with du.
+ *   (Where the Hopper path reads a's rows from a copy in pair order, made by
+ *   remoe_gather_rows_16, gather is NULL and a_rows = |A|: the same sums, the same bits.)
  * split: NULL, or the fixed-order split of a hot expert's reduction (below); the result is
  * deterministic either way, and the same on both paths for the same split argument.
+ * store (remoe_wgrad_store_t), where a weight gradient goes: out[e, i, j] = G_e[i, j]
+ * (transposed == 0, out [e, m, n]) or out[e, j, i] = G_e[i, j] (transposed != 0, out [e, n, m]);
+ * with accumulate != 0 added to what out holds (out (+)= ...), otherwise overwritten. Both flags
+ * mean the same for every operand.
  */
+typedef struct remoe_wgrad_store {
+  float *out;
+  int32_t accumulate;
+  int32_t transposed;
+} remoe_wgrad_store_t;
 /*
  * The weight gradients' fixed-order split (kernels/weight_grad_split.cu{h}). A hot expert's
  * reduction over its pairs is cut into chunks (a rule of the counts alone, documented in the
@@ -230,9 +246,9 @@ int remoe_weight_grad_split_sizes(int32_t e, int32_t h, int32_t f, uint64_t *pla
 int remoe_weight_grad_plan(const uint32_t *expert_offsets, int32_t e, int32_t h, int32_t f,
                            int64_t chunking_pairs, uint32_t *plan, remoe_stream_t stream);
 #define REMOE_EXPERT_WEIGHT_GRAD_PARAMS                                                           \
-  (const uint16_t *a, const uint32_t *gather, const uint16_t *b, float *out,                      \
+  (const uint16_t *a, const uint32_t *gather, const uint16_t *b, remoe_wgrad_store_t store,       \
    const uint32_t *expert_offsets, int32_t a_rows, int32_t b_rows, int32_t e, int32_t m,          \
-   int32_t n, int32_t accumulate, const remoe_wgrad_split_t *split, remoe_stream_t stream)
+   int32_t n, const remoe_wgrad_split_t *split, remoe_stream_t stream)
 /* The type of remoe_expert_weight_grad_bf16 and _f16, and of their remoe_hopper_ twins. */
 typedef int remoe_expert_weight_grad_fn REMOE_EXPERT_WEIGHT_GRAD_PARAMS;
 int remoe_expert_weight_grad_bf16 REMOE_EXPERT_WEIGHT_GRAD_PARAMS;
@@ -322,22 +338,17 @@ typedef int remoe_token_sum_fn REMOE_TOKEN_SUM_PARAMS;
 int remoe_token_sum_bf16 REMOE_TOKEN_SUM_PARAMS;
 int remoe_token_sum_f16 REMOE_TOKEN_SUM_PARAMS;
 
-#define REMOE_PAIR_GRAD_PREP_PARAMS                                                               \
-  (const uint16_t *dout, const float *row_dots, int32_t groups, const uint32_t *pair_token,       \
-   const float *pair_gate, uint16_t *dy, float *dr, const uint32_t *count, int32_t capacity,      \
-   int32_t h, remoe_stream_t stream)
-/* The type of remoe_pair_grad_prep_bf16 and _f16. */
-typedef int remoe_pair_grad_prep_fn REMOE_PAIR_GRAD_PREP_PARAMS;
 /*
  * Backward helpers (kernels/backward.cu).
  *
- * Per pair p < *count of token t = pair_token[p]: dy[p, :] = pair_gate[p] * dout[t, :] and
- * dr[p] = the sum of row_dots[p, 0 .. groups) (= dout[t, :] . y[p, :], from the dAct GEMM).
- * dout [t, h]; row_dots [|A|, groups] f32; dy [|A|, h]; dr [|A|] f32.
- * count is a device pointer (|A|: expert_offsets[e]), *count <= capacity (which sizes the grid).
+ * dR's data term per pair: dr[p] = the sum of row_dots[p, 0 .. groups) (= dout_t . y[p, :], from
+ * the dAct GEMM's group sums, in the order of kernels/swiglu.cuh) for p < *count.
+ * row_dots [|A|, groups] f32; dr [|A|] f32. count is a device pointer (|A|: expert_offsets[e]),
+ * *count <= capacity (which sizes the grid). No element type: one launcher for bf16 and f16.
+ * (dWd needs no per-pair R dOut row: the dAct GEMM writes R act, see above.)
  */
-int remoe_pair_grad_prep_bf16 REMOE_PAIR_GRAD_PREP_PARAMS;
-int remoe_pair_grad_prep_f16 REMOE_PAIR_GRAD_PREP_PARAMS;
+int remoe_pair_dr(const float *row_dots, int32_t groups, float *dr, const uint32_t *count,
+                  int32_t capacity, remoe_stream_t stream);
 /*
  * The router's logit gradient dl [t, e] (f32). With s = grad_scale * coeff E / (k t^2):
  * probs == NULL: ReMoE, dl = dr[pair] + s n_e where pair_index >= 0, else 0 (gates unused);

@@ -34,10 +34,21 @@ __device__ __forceinline__ void dswiglu(float da, float g, float u, float s, flo
   du = da * g * s;
 }
 
+// dWd's operand R a (the dAct epilogue's act_r), from the pair's gate R (f32) and the activation
+// a recomputed and rounded to T (swiglu_rounded: the forward's act bit for bit): the f32 product,
+// rounded to nearest, which the epilogue's store (store8v, store2) rounds to T, to nearest even.
+// So act_r = T(f32(R a)), two roundings: the exact product has up to 32 (bf16) or 35 (f16)
+// significant bits, and only where f32's rounding lands exactly on a midpoint of T's grid (about
+// one product in 2^16 for bf16, 2^13 for f16) can the result miss the exact product rounded
+// once, and then by one unit in T's last place (an error under one unit instead of half). Both
+// paths round alike, which their bitwise agreement needs; __fmul_rn keeps the multiply from
+// being contracted into anything.
+__device__ __forceinline__ float gated_act(float gate, float a) { return __fmul_rn(gate, a); }
+
 // dR = dOut . y = sum over f of a_f (dOut Wd^T)_f, accumulated from the dAct GEMM's f32
 // accumulators in one fixed order on both paths: a column pair is one multiply and one fma; a
 // 32-column group is the pairwise tree ((p0 + p1) + (p2 + p3)) over each 8 columns' four pairs,
-// then the same tree over the group's four 8-column sums; remoe_pair_grad_prep then sums a
+// then the same tree over the group's four 8-column sums; remoe_pair_dr then sums a
 // pair's groups (lane l of a warp: groups l, l + 32, ... in ascending order, then the warp's
 // butterfly). Explicit _rn intrinsics keep the compiler from contracting the two paths
 // differently.

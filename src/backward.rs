@@ -8,17 +8,22 @@
 //!
 //! 1. the dAct GEMM, d = dOut_t Wd^T for every pair (dOut's rows gathered by token), with an
 //!    epilogue that recomputes act = SiLU(g) u from the saved g and u (bit for bit the
-//!    forward's, which is therefore not kept), sums dR's data term dOut_t . y = act . d per
-//!    32-column group (so y is not kept either), and applies SwiGLU's backward to da = R d
-//!    (dg, du);
-//! 2. per pair: dY = R dOut_t (for dWd) and dR, the sum of its groups;
+//!    forward's, which is therefore not kept) and writes R act for dWd (rounded once more to
+//!    the activation type: kernels/swiglu.cuh, `gated_act`), sums dR's data term
+//!    dOut_t . y = act . d per 32-column group from the unscaled act (so y is not kept
+//!    either), and applies SwiGLU's backward to da = R d (dg, du);
+//! 2. per pair: dR, the sum of its groups;
 //! 3. the router's logit gradient dL: ReMoE, dR plus lambda E n_e / (k T^2) on the active pairs;
 //!    TopK, the softmax backward with the aux loss's term; TopKNormalized, the softmax backward
 //!    of the aux loss's term through P plus that of dR through the renormalised gates (see
 //!    [`RouterKind::TopKNormalized`]);
 //! 4. per-pair dX = dg Wg^T + du Wu^T;
-//! 5. weight gradients dWd = act^T dY, dWg = X^T dg, dWu = X^T du per expert (reduction over its
-//!    pairs), f32, optionally accumulated into the caller's buffers;
+//! 5. weight gradients per expert (reduction over its pairs), f32, optionally accumulated into
+//!    the caller's buffers: dWd^T = dOut^T (R act), with dOut's rows gathered by token as dWg's
+//!    X is, stored transposed into dWd's [E, F, H] (no per-pair R dOut is written); dWg = X^T
+//!    dg, dWu = X^T du. Where the Hopper path reads these rows by TMA (F > 512,
+//!    [`GemmPath::copies_pair_ordered_rows`](crate::GemmPath::copies_pair_ordered_rows)),
+//!    dOut's and then X's rows are first copied into pair order, into one [capacity, H] buffer;
 //! 6. the router's dense part: dX_router = dL Wr^T and dWr = X^T dL;
 //! 7. dX = dX_router + the sum of each token's per-pair dX, experts in ascending order.
 //!
@@ -144,7 +149,7 @@ impl<T: HalfElement> MoeContext<T> {
         let x = &mut self.experts;
         restore_len("g", &mut x.g, l.g, generation)?;
         restore_len("u", &mut x.u, l.u, generation)?;
-        // act too: the dAct GEMM recomputes it there, for the forward's capacity.
+        // act too: the dAct GEMM writes R act there (dWd's operand), for the forward's capacity.
         let act = saved.capacity * saved.config.ffn;
         restore_len("act", &mut x.act, act, generation)
     }
@@ -217,6 +222,10 @@ pub fn moe_backward<'x, 'w, 'd, T: HalfElement>(
     check_backward_inputs(ctx, &cfg, cfg.experts, &x, &w, &dout, &grads)?;
     rec.note_call(mode, &cell, false);
     ctx.restore_saved_lens(&saved)?;
+    // From here the dAct GEMM may write R act over the forward's act (MoeContext::act_to_host).
+    if let Some(s) = rec.saved.as_mut() {
+        s.act_gated = true;
+    }
     let allocations = ctx.allocations;
     let ran = backward_stages(ctx, &saved, coeff, (&x, &w, &dout), grads, options);
     if ctx.allocations != allocations {

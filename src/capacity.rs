@@ -28,7 +28,7 @@ use crate::gemm::GemmPath;
 
 /// The default memory budget of [`PairCapacity::Auto`]: 16 GiB of per-pair buffers, and at most
 /// a quarter of the device's memory (see [`PairCapacity::pairs_for`]). Config A's training
-/// forward needs 4.74 GiB for every pair, D's 9.5 GiB: they run without counting. A ReMoE
+/// forward needs 4.55 GiB for every pair, D's 9.1 GiB: they run without counting. A ReMoE
 /// context that starts dense grows to every pair in its first forwards anyway (the buffers keep
 /// their largest size), so a budget below that would save memory only for runs that never pass
 /// through a dense stage, at the cost of a read per forward.
@@ -87,20 +87,26 @@ impl PairCapacity {
 }
 
 /// Device bytes per routed pair: the forward's pair token and gate (4 + 4), act (F), y (4 H,
-/// f32) and, when training, g and u (2 F) and the backward's dY and dX per pair (2 H), X's row in
-/// pair order where the Hopper weight gradients copy it (H, above gemm.rs's
+/// f32) and, when training, g and u (2 F) and the backward's per-pair dX (H), the pair-order
+/// rows of dOut and then X where the Hopper weight gradients copy them (H, above gemm.rs's
 /// `HOPPER_WG_GATHER_MAX_FFN`; counted for either path), dR (4) and its column-group sums
-/// (4 ceil(F / 32)), dg and du (2 F); F and H counted in elements of `elem` bytes.
+/// (4 ceil(F / 32)), dg and du (2 F); F and H counted in elements of `elem` bytes. (No per-pair
+/// R dOut row for dWd: the dAct GEMM writes R act over act, and dWd reads dOut's rows.) These
+/// are the per-pair buffers the context allocates (src/moe.rs, src/scratch.rs), with two
+/// differences: the pair-order rows are counted whatever the path (the mma.sync path allocates
+/// none), and y once, where the down projection's split-K keeps `down_k_splits` planes of it
+/// (up to 4, where the expected k T pairs make few output tiles: small batches). So neither
+/// exact nor an upper bound; close at the large |A| for which the budget decides.
 pub(crate) fn bytes_per_pair(cfg: &LayerConfig, training: bool, elem: usize) -> usize {
     let (h, f) = (cfg.hidden, cfg.ffn);
     let forward = 8 + elem * f + 4 * h;
-    let x_rows = if GemmPath::Hopper.copies_x_rows(f) {
+    let pair_ordered = if GemmPath::Hopper.copies_pair_ordered_rows(f) {
         h
     } else {
         0
     };
     if training {
-        forward + elem * 2 * f + elem * (2 * h + x_rows) + 4 + 4 * f.div_ceil(32) + elem * 2 * f
+        forward + elem * 2 * f + elem * (h + pair_ordered) + 4 + 4 * f.div_ceil(32) + elem * 2 * f
     } else {
         forward
     }

@@ -47,8 +47,6 @@ pub trait HalfElement: Element + sealed::Sealed {
     #[doc(hidden)]
     const TOKEN_SUM: Launcher<ffi::remoe_token_sum_fn>;
     #[doc(hidden)]
-    const PAIR_GRAD_PREP: Launcher<ffi::remoe_pair_grad_prep_fn>;
-    #[doc(hidden)]
     const ROUTER_BACKWARD_DENSE: Launcher<ffi::remoe_router_backward_dense_fn>;
 }
 
@@ -62,7 +60,6 @@ impl HalfElement for bf16 {
     const ROUTER_FORWARD: Launcher<ffi::remoe_router_forward_fn> = ffi::remoe_router_forward_bf16;
     const COMBINE: Launcher<ffi::remoe_combine_fn> = ffi::remoe_combine_bf16;
     const TOKEN_SUM: Launcher<ffi::remoe_token_sum_fn> = ffi::remoe_token_sum_bf16;
-    const PAIR_GRAD_PREP: Launcher<ffi::remoe_pair_grad_prep_fn> = ffi::remoe_pair_grad_prep_bf16;
     const EXPERT_GEMMS_MMA: ExpertGemms = ExpertGemms {
         up: ffi::remoe_expert_up_swiglu_bf16,
         down: ffi::remoe_expert_down_bf16,
@@ -85,7 +82,6 @@ impl HalfElement for f16 {
     const ROUTER_FORWARD: Launcher<ffi::remoe_router_forward_fn> = ffi::remoe_router_forward_f16;
     const COMBINE: Launcher<ffi::remoe_combine_fn> = ffi::remoe_combine_f16;
     const TOKEN_SUM: Launcher<ffi::remoe_token_sum_fn> = ffi::remoe_token_sum_f16;
-    const PAIR_GRAD_PREP: Launcher<ffi::remoe_pair_grad_prep_fn> = ffi::remoe_pair_grad_prep_f16;
     const EXPERT_GEMMS_MMA: ExpertGemms = ExpertGemms {
         up: ffi::remoe_expert_up_swiglu_f16,
         down: ffi::remoe_expert_down_f16,

@@ -1,5 +1,5 @@
 //! The expert GEMMs over one batch of pairs, forward (up projection with SwiGLU, down
-//! projection) and backward (dAct, dY and dR, dX per pair, the weight gradients), whoever made
+//! projection) and backward (dAct, dR, dX per pair, the weight gradients), whoever made
 //! the batch: the one-GPU layer runs them on its own dispatch, an expert-parallel owner on the
 //! rows it received. One copy of the launch code and its safety argument serves both.
 
@@ -195,23 +195,24 @@ pub(crate) struct BatchGradInputs<'a, T: HalfElement> {
     pub(crate) down: &'a TensorView<'a, T>,
 }
 
-/// The per-pair buffers of a batch's backward, sized for its capacity (`x_rows` only on the
-/// Hopper path, which cannot gather inside its weight-gradient loads).
+/// The per-pair buffers of a batch's backward, sized for its capacity (`pair_ordered` only where
+/// [`GemmPath::copies_pair_ordered_rows`]).
 pub(crate) struct BatchGradBufs<'a, T: Element> {
     /// \[cap, F\].
     pub(crate) dg: &'a mut GrowBuf<T>,
     pub(crate) du: &'a mut GrowBuf<T>,
-    /// \[cap, F\] act recomputed from g and u (the forward's bits).
-    pub(crate) act: &'a mut GrowBuf<T>,
+    /// \[cap, F\] R act, act recomputed from g and u (the forward's bits) and scaled by the
+    /// pair's gate (dWd's operand; kernels/swiglu.cuh, gated_act, has its rounding).
+    pub(crate) act_r: &'a mut GrowBuf<T>,
     /// \[cap, ceil(F / 32)\] dR's column-group sums.
     pub(crate) row_dots: &'a mut GrowBuf<f32>,
-    /// \[cap, H\] gate * dOut row; \[cap\] dR.
-    pub(crate) dy: &'a mut GrowBuf<T>,
+    /// \[cap\] dR.
     pub(crate) dr: &'a mut GrowBuf<f32>,
     /// \[cap, H\] each pair's share of dX.
     pub(crate) dx_pair: &'a mut GrowBuf<T>,
-    /// \[cap, H\] the gathered x rows (Hopper).
-    pub(crate) x_rows: &'a mut GrowBuf<T>,
+    /// \[cap, H\] rows in pair order for the weight gradients that read them by TMA: dOut's for
+    /// dWd, then X's for dWg and dWu (where [`GemmPath::copies_pair_ordered_rows`]; else empty).
+    pub(crate) pair_ordered: &'a mut GrowBuf<T>,
     pub(crate) wg_split: &'a mut WeightGradSplit,
     /// The context's tile counter for the dAct and dX GEMMs ([`ROW_SCHED_WORDS`]).
     pub(crate) sched: &'a mut GrowBuf<u32>,
@@ -230,9 +231,9 @@ pub(crate) struct BatchWeightGrads<'a> {
 }
 
 impl ExpertBatch<'_> {
-    /// The expert half of the backward, in order: the dAct GEMM (dg, du, act, dR's groups),
-    /// dY and dR per pair, dX per pair, and the weight gradients. What the router half needs
-    /// from it is `dr` and `dx_pair`.
+    /// The expert half of the backward, in order: the dAct GEMM (dg, du, R act, dR's groups),
+    /// dR per pair, dX per pair, and the weight gradients. What the router half needs from it
+    /// is `dr` and `dx_pair`.
     pub(crate) fn backward<T: HalfElement>(
         &self,
         dev: &Device,
@@ -243,7 +244,7 @@ impl ExpertBatch<'_> {
     ) -> Result<()> {
         let gemms = path.gemms::<T>();
         self.dact(dev, &gemms, inp, bufs)?;
-        self.pair_grad_prep(dev, inp, bufs)?;
+        self.pair_dr(dev, bufs)?;
         self.dx(dev, &gemms, inp, bufs)?;
         self.weight_grads(dev, path, &gemms, inp, bufs, out)
     }
@@ -269,13 +270,13 @@ impl ExpertBatch<'_> {
         let u = l.input("u", inp.u, cap * f)?;
         let dg = l.output("dg", &mut *bufs.dg, cap * f)?;
         let du = l.output("du", &mut *bufs.du, cap * f)?;
-        let act = l.output("act", &mut *bufs.act, cap * f)?;
+        let act_r = l.output("R act", &mut *bufs.act_r, cap * f)?;
         let dots = l.output("row dots", &mut *bufs.row_dots, cap * groups)?;
         let eo = l.input("expert offsets", self.expert_offsets, e + 1)?;
         let to = l.input("tile offsets", self.tile_offsets, e + 1)?;
         let sp = l.output_raw("row-GEMM tile counter", &mut *bufs.sched, ROW_SCHED_WORDS)?;
         // SAFETY: dout [dout_rows,h] and every pair row below dout_rows (the batch's contract);
-        // pair gates [cap]; wd [e,f,h]; g, u, dg, du, act [cap,f]; row dots [cap, ceil(f/32)];
+        // pair gates [cap]; wd [e,f,h]; g, u, dg, du, R act [cap,f]; row dots [cap, ceil(f/32)];
         // the tile counter ROW_SCHED_WORDS (all checked by `l`); the offsets describe at most
         // cap rows in at most max_tiles tiles.
         let code = unsafe {
@@ -288,7 +289,7 @@ impl ExpertBatch<'_> {
                 u as *const u16,
                 dg as *mut u16,
                 du as *mut u16,
-                act as *mut u16,
+                act_r as *mut u16,
                 dots,
                 eo,
                 to,
@@ -303,47 +304,25 @@ impl ExpertBatch<'_> {
         ffi::check("expert_dact", code)
     }
 
-    fn pair_grad_prep<T: HalfElement>(
-        &self,
-        dev: &Device,
-        inp: &BatchGradInputs<'_, T>,
-        bufs: &mut BatchGradBufs<'_, T>,
-    ) -> Result<()> {
-        let (h, f, e, cap) = (self.hidden, self.ffn, self.experts, self.cap);
+    /// dR's data term per pair, the sum of its column groups (kernels/backward.cu).
+    fn pair_dr<T: Element>(&self, dev: &Device, bufs: &mut BatchGradBufs<'_, T>) -> Result<()> {
+        let (f, e, cap) = (self.ffn, self.experts, self.cap);
         if cap == 0 {
             return Ok(());
         }
         let groups = f.div_ceil(32);
         let mut l = Launch::on(dev);
-        let d = l.input("dout", inp.dout.slice(..), inp.dout_rows * h)?;
         let dots = l.input("row dots", &*bufs.row_dots, cap * groups)?;
-        let pt = l.input("pair rows", self.pair_row, cap)?;
-        let pg = l.input("pair gates", inp.pair_gate, cap)?;
-        let dy = l.output("dy", &mut *bufs.dy, cap * h)?;
         let dr = l.output("dr", &mut *bufs.dr, cap)?;
         // The pair count = expert_offsets[e], read by the kernel.
         let count = l
             .input_raw("expert offsets", self.expert_offsets, e + 1)?
             .wrapping_add(e);
-        // SAFETY: dout [dout_rows,h]; row dots [cap, groups] (the first |A| rows written by the
-        // dAct GEMM); dy [cap,h]; pair rows, pair gates, dr [cap] (checked by `l`); count points
-        // at expert_offsets[e] <= cap; pair rows < dout_rows; h % 8 == 0.
-        let code = unsafe {
-            T::PAIR_GRAD_PREP(
-                d as *const u16,
-                dots,
-                groups as i32,
-                pt,
-                pg,
-                dy as *mut u16,
-                dr,
-                count,
-                cap as i32,
-                h as i32,
-                l.stream(),
-            )
-        };
-        ffi::check("pair_grad_prep", code)
+        // SAFETY: row dots [cap, groups] (the first |A| rows written by the dAct GEMM); dr [cap]
+        // (checked by `l`); count points at expert_offsets[e] <= cap.
+        let code =
+            unsafe { ffi::remoe_pair_dr(dots, groups as i32, dr, count, cap as i32, l.stream()) };
+        ffi::check("pair_dr", code)
     }
 
     fn dx<T: HalfElement>(
@@ -388,8 +367,11 @@ impl ExpertBatch<'_> {
         ffi::check("expert_dx", code)
     }
 
-    /// dWd = act^T dY, dWg = X^T dg, dWu = X^T du per expert, each a fixed-order reduction over
-    /// the expert's pairs (launched even with no pairs: they write the zeros).
+    /// dWd, dWg and dWu per expert, each a fixed-order reduction over the expert's pairs
+    /// (launched even with no pairs: they write the zeros). dWd is computed transposed, as dWg
+    /// and dWu are shaped: dWd_e^T = dOut_e^T (R act)_e (\[H, F\], dOut_e the expert's pairs'
+    /// rows of dOut), stored transposed into dWd's \[E, F, H\]; dWg_e = X_e^T dg_e, dWu_e =
+    /// X_e^T du_e. So no per-pair R dOut row is ever written: the dAct GEMM wrote R act.
     fn weight_grads<T: HalfElement>(
         &self,
         dev: &Device,
@@ -410,58 +392,73 @@ impl ExpertBatch<'_> {
             experts: e,
             accumulate: out.accumulate,
         };
+        // Where the Hopper kernel's cp.async gather would cost more than a copy, it reads the
+        // rows in pair order by TMA, which cannot gather (gemm.rs, HOPPER_WG_GATHER_MAX_FFN):
+        // dOut's rows copied into `pair_ordered` for dWd, then X's over them for dWg and dWu (the
+        // launches are stream-ordered). Otherwise both paths gather inside their loads.
+        let copies = path.copies_pair_ordered_rows(f) && cap > 0;
         {
             let mut l = Launch::on(dev);
-            let act = l.input("act", &*bufs.act, cap * f)?;
-            let dy = l.input("dy", &*bufs.dy, cap * h)?;
+            let dout = (&inp.dout, inp.dout_rows);
+            let into = copies.then_some(&mut *bufs.pair_ordered);
+            let a = self.rows_in_pair_order(dev, &mut l, dout, into)?;
+            let act_r = l.input("R act", &*bufs.act_r, cap * f)?;
             let eo = l.input("expert offsets", self.expert_offsets, e + 1)?;
             let o = l.output("dWd", &mut *out.down, e * f * h)?;
             let split = bufs.wg_split.launch_args(&mut l)?;
-            let a = Operand {
-                rows: act as _,
-                gather: std::ptr::null(),
-                count: cap,
-            };
-            launch.run(a, dy as _, o, eo, (f, h), &split, l.stream(), "dWd")?;
-        }
-        // Where the Hopper kernel's cp.async gather would cost more than a copy, it reads X's
-        // rows in pair order by TMA, which cannot gather (gemm.rs, HOPPER_WG_GATHER_MAX_FFN);
-        // otherwise both paths gather inside their loads.
-        let gather_x = path.copies_x_rows(f) && cap > 0;
-        if gather_x {
-            gather_rows(
-                dev,
-                inp.x.slice(..),
-                inp.x_rows,
-                self.pair_row,
-                &mut *bufs.x_rows,
-                (self.expert_offsets, e),
-                cap,
-                h,
-            )?;
+            let store = Store::Transposed(o);
+            launch.run(a, act_r as _, store, eo, (h, f), &split, l.stream(), "dWd")?;
         }
         let mut l = Launch::on(dev);
-        let a = if gather_x {
-            Operand {
-                rows: l.input("x rows", &*bufs.x_rows, cap * h)? as *const u16,
-                gather: std::ptr::null(),
-                count: cap,
-            }
-        } else {
-            Operand {
-                rows: l.input("x", inp.x.slice(..), inp.x_rows * h)? as *const u16,
-                gather: l.input("pair rows", self.pair_row, cap)?,
-                count: inp.x_rows,
-            }
-        };
+        let x = (&inp.x, inp.x_rows);
+        let into = copies.then_some(&mut *bufs.pair_ordered);
+        let a = self.rows_in_pair_order(dev, &mut l, x, into)?;
         let dg = l.input("dg", &*bufs.dg, cap * f)?;
         let du = l.input("du", &*bufs.du, cap * f)?;
         let eo = l.input("expert offsets", self.expert_offsets, e + 1)?;
-        let og = l.output("dWg", &mut *out.gate, e * h * f)?;
-        let ou = l.output("dWu", &mut *out.up, e * h * f)?;
+        let og = Store::Plain(l.output("dWg", &mut *out.gate, e * h * f)?);
+        let ou = Store::Plain(l.output("dWu", &mut *out.up, e * h * f)?);
         let split = bufs.wg_split.launch_args(&mut l)?;
         launch.run(a, dg as _, og, eo, (h, f), &split, l.stream(), "dWg")?;
         launch.run(a, du as _, ou, eo, (h, f), &split, l.stream(), "dWu")
+    }
+
+    /// A weight gradient's A operand, `src`'s rows (\[src_rows, H\]) in pair order: copied now
+    /// into `pair_ordered` when one is given (kernels/gather.cu), else `src` read through the
+    /// pairs' rows by the weight-gradient kernel. The same rows either way, so the same sums and
+    /// bits.
+    fn rows_in_pair_order<'a, T: Element>(
+        &'a self,
+        dev: &'a Device,
+        l: &mut Launch<'a>,
+        (src, src_rows): (&'a CudaView<'_, T>, usize),
+        pair_ordered: Option<&'a mut GrowBuf<T>>,
+    ) -> Result<Operand> {
+        let (h, e, cap) = (self.hidden, self.experts, self.cap);
+        let Some(pair_ordered) = pair_ordered else {
+            return Ok(Operand {
+                rows: l.input("gathered rows", src.slice(..), src_rows * h)? as *const u16,
+                gather: l.input("pair rows", self.pair_row, cap)?,
+                count: src_rows,
+            });
+        };
+        let count = (self.expert_offsets, e);
+        gather_rows(
+            dev,
+            src.slice(..),
+            src_rows,
+            self.pair_row,
+            &mut *pair_ordered,
+            count,
+            cap,
+            h,
+        )?;
+        let pair_ordered: &'a GrowBuf<T> = pair_ordered;
+        Ok(Operand {
+            rows: l.input("rows in pair order", pair_ordered, cap * h)? as *const u16,
+            gather: std::ptr::null(),
+            count: cap,
+        })
     }
 }
 
@@ -474,6 +471,14 @@ struct Operand {
     count: usize,
 }
 
+/// Where a weight gradient's \[m, n\] sums go: `out` \[experts, m, n\] (f32), or transposed into
+/// `out` \[experts, n, m\] (dWd, computed as dOut^T (R act)).
+#[derive(Clone, Copy)]
+enum Store {
+    Plain(*mut f32),
+    Transposed(*mut f32),
+}
+
 /// One weight-gradient launch's fixed arguments.
 struct WeightGradLaunch<'g> {
     gemms: &'g ExpertGemms,
@@ -483,38 +488,48 @@ struct WeightGradLaunch<'g> {
 }
 
 impl WeightGradLaunch<'_> {
-    /// out\[e\] (+)= A_e^T B_e, A's rows m wide and B's \[cap, n\].
+    /// out\[e\] (+)= A_e^T B_e (or its transpose, as `store` says), A's rows m wide and B's
+    /// \[cap, n\].
     #[allow(clippy::too_many_arguments)] // the operands, the offsets, the split, the stream
     fn run(
         &self,
         a: Operand,
         b: *const u16,
-        out: *mut f32,
+        store: Store,
         expert_offsets: *const u32,
         (m, n): (usize, usize),
         split: &ffi::remoe_wgrad_split_t,
         stream: ffi::remoe_stream_t,
         what: &'static str,
     ) -> Result<()> {
+        let (out, transposed) = match store {
+            Store::Plain(out) => (out, false),
+            Store::Transposed(out) => (out, true),
+        };
+        let store = ffi::remoe_wgrad_store_t {
+            out,
+            accumulate: self.accumulate as i32,
+            transposed: transposed as i32,
+        };
         // SAFETY: the caller took every pointer from one Launch that checked it: a holds
         // a.count rows of m columns (indexed by the gathered pair, each gathered row < a.count,
-        // when gather is not null), b [cap, n], out [experts, m, n] f32; the offsets
-        // [experts+1] describe at most cap pairs; split's plan was written for these offsets
-        // and h x f (= m x n or n x m), its slots and counters sized for (experts, h, f), the
+        // when gather is not null), b [cap, n], out [experts, m, n] or [experts, n, m] f32 (the
+        // same elements); the offsets [experts+1] describe at most cap pairs; split's plan was
+        // written for these offsets and h x f (= m x n: every weight gradient here is computed
+        // h x f, dWd's as its transpose), its slots and counters sized for (experts, h, f), the
         // counters zero (WeightGradSplit).
         let code = unsafe {
             (self.gemms.weight_grad)(
                 a.rows,
                 a.gather,
                 b,
-                out,
+                store,
                 expert_offsets,
                 a.count as i32,
                 self.cap as i32,
                 self.experts as i32,
                 m as i32,
                 n as i32,
-                self.accumulate as i32,
                 split,
                 stream,
             )

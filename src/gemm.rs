@@ -38,14 +38,16 @@ pub enum GemmPath {
 /// The environment variable that overrides the automatic choice.
 pub const GEMM_PATH_ENV: &str = "REMOE_GEMM_PATH";
 
-/// The largest expert FFN size F at which the Hopper weight gradients dWg and dWu read X
-/// through the pairs' rows inside their mainloop (cp.async, the way the mma.sync kernel reads
-/// it); above it they read a pair-order copy of X's rows by TMA, made first by a gather kernel.
-/// The in-mainloop gather saves the copy (|pairs| x H elements written and read again) but its
-/// cp.async loads run slower than TMA's, and the copy's share of the work falls as 1/F: on an
-/// H100 (bench_report's `dWgu:` rows, 2026-12-07) gathering in the mainloop took 0.61 against
-/// 0.92 ms at SM1 (F 256), 0.81 against 1.10 at SM7 (256), 4.94 against 5.13 at SM30 (512), and
-/// lost at Q3 (768: 2.03 against 2.00) and A (3072: 0.41 against 0.32).
+/// The largest expert FFN size F at which the Hopper weight gradients read their gathered
+/// operand (X's rows for dWg and dWu, dOut's for dWd, through the pairs' rows) inside their
+/// mainloop (cp.async, the way the mma.sync kernel reads it); above it they read a pair-order
+/// copy of those rows by TMA, made first by a gather kernel. The in-mainloop gather saves the
+/// copy (|pairs| x H elements written and read again) but its cp.async loads run slower than
+/// TMA's, and the copy's share of the work falls as 1/F: on an H100 (bench_report's `dWgu:`
+/// rows, 2026-12-07) gathering in the mainloop took 0.61 against 0.92 ms at SM1 (F 256), 0.81
+/// against 1.10 at SM7 (256), 4.94 against 5.13 at SM30 (512), and lost at Q3 (768: 2.03
+/// against 2.00) and A (3072: 0.41 against 0.32). (Measured for dWg and dWu; dWd, of the same
+/// shape since it is computed as dOut^T (R act), follows the same rule.)
 pub(crate) const HOPPER_WG_GATHER_MAX_FFN: usize = 512;
 
 impl GemmPath {
@@ -57,9 +59,17 @@ impl GemmPath {
         }
     }
 
-    /// Whether this path's weight gradients dWg and dWu read X's rows from a pair-order copy
-    /// (the Hopper path above [`HOPPER_WG_GATHER_MAX_FFN`]) rather than through the pairs' rows.
-    pub(crate) fn copies_x_rows(self, ffn: usize) -> bool {
+    /// Whether this path's weight gradients, at expert FFN size `ffn`, read their gathered
+    /// operand (dOut's rows for dWd, X's for dWg and dWu) from a copy in pair order made before
+    /// them, rather than through the pairs' rows inside their mainloop: the Hopper path above
+    /// F = 512, where TMA reading the copy outruns the in-kernel gather (measured on an H100).
+    /// The two ways give the same bits; this says what the backward launches, and what its
+    /// scratch holds (a pair-order buffer of |pairs| x H elements only where this is true).
+    ///
+    /// Public for the crate's benches and examples (which time and size what the backward
+    /// does), not part of the API.
+    #[doc(hidden)]
+    pub fn copies_pair_ordered_rows(self, ffn: usize) -> bool {
         self == GemmPath::Hopper && ffn > HOPPER_WG_GATHER_MAX_FFN
     }
 

@@ -44,7 +44,8 @@
 //!
 //! A forward that returns `Ok` ends by recording a [`SavedForward`] in the context: its
 //! configuration and router, |A| and the GEMM row tiles, whether g and u were saved, the lengths
-//! of the saved buffers and a generation number. The backward reads only that record (never the
+//! of the saved buffers and a generation number (a backward then marks in it that act now holds
+//! R act, see [`MoeContext::act_to_host`]). The backward reads only that record (never the
 //! context's current settings, which may have changed since), checks it and the buffers against
 //! each other, and refuses with a typed error what the forward did not save. A forward that fails
 //! after it has started rewriting the workspace leaves no record (the buffers no longer hold the
@@ -242,6 +243,9 @@ pub struct SavedForward {
     pub generation: u64,
     /// Element counts of the buffers the forward wrote for the backward.
     pub(crate) lens: SavedLens,
+    /// Whether a backward has since written R act (each pair's act times its gate, dWd's
+    /// operand) over the forward's act: false in the forward's record, set by the backward.
+    pub(crate) act_gated: bool,
 }
 
 /// Element counts of a forward's saved buffers.
@@ -543,8 +547,8 @@ workspace! {
 
 workspace! {
     /// The experts' buffers, per pair: act and the expert outputs y (the forward's scratch;
-    /// the backward recomputes act into the same buffer), and g = x Wg, u = x Wu, [|A|, F],
-    /// saved for the backward.
+    /// the backward recomputes act and writes R act, dWd's operand, into the same buffer), and
+    /// g = x Wg, u = x Wu, [|A|, F], saved for the backward.
     pub(crate) struct ExpertBufs<T> {
         act: GrowBuf<T>,
         y: GrowBuf<f32>,
@@ -834,9 +838,41 @@ impl<T: HalfElement> MoeContext<T> {
             .prefix_to_host(self.saved_len(|l| l.pair_index))
     }
 
-    /// act = SiLU(x Wg) * (x Wu) of every pair, [|A|, F], in dispatch order.
+    /// act = SiLU(x Wg) * (x Wu) of every pair, [|A|, F], in dispatch order, as the last forward
+    /// wrote it. Refused with [`Error::InvalidConfig`] once a backward has run on that forward:
+    /// the backward writes R act (dWd's operand) over act, which the next forward writes again.
     pub fn act_to_host(&self) -> Result<Vec<T>> {
-        let f = self.saved_forward().map_or(0, |s| s.config.ffn);
+        let saved = self.saved_forward();
+        if saved.as_ref().is_some_and(|s| s.act_gated) {
+            return Err(Error::InvalidConfig(
+                "MoeContext::act_to_host: the backward overwrote act with R act (each pair's act \
+                 times its gate, dWd's operand); run the forward again to read act"
+                    .into(),
+            ));
+        }
+        self.act_buffer_to_host(saved)
+    }
+
+    /// R act of every pair, [|A|, F], in dispatch order: what the last backward's dAct GEMM wrote
+    /// over act (each pair's act, recomputed from g and u, times its gate, rounded to `T`:
+    /// kernels/swiglu.cuh, `gated_act`). For tests. Refused with [`Error::InvalidConfig`] while
+    /// the buffer holds the forward's act (no backward since the last forward).
+    #[doc(hidden)]
+    pub fn gated_act_to_host(&self) -> Result<Vec<T>> {
+        let saved = self.saved_forward();
+        if !saved.as_ref().is_some_and(|s| s.act_gated) {
+            return Err(Error::InvalidConfig(
+                "MoeContext::gated_act_to_host: no backward has run since the last forward, so \
+                 the act buffer holds act, not R act"
+                    .into(),
+            ));
+        }
+        self.act_buffer_to_host(saved)
+    }
+
+    /// The act buffer's first |A| rows, as the record `saved` of the context's forward sizes them.
+    fn act_buffer_to_host(&self, saved: Option<SavedForward>) -> Result<Vec<T>> {
+        let f = saved.map_or(0, |s| s.config.ffn);
         self.experts
             .act
             .prefix_to_host(self.dispatched_pairs()? * f)
@@ -1221,6 +1257,7 @@ impl ForwardPlan {
             saved_for_backward: self.save,
             generation: ctx.generation,
             lens: SavedLens::of(&self.cfg, self.router, self.cap, self.save),
+            act_gated: false,
         }
     }
 
@@ -1648,6 +1685,7 @@ mod tests {
             saved_for_backward,
             generation: 1,
             lens: SavedLens::of(&cfg, RouterKind::Relu, 20, saved_for_backward),
+            act_gated: false,
         }
     }
 

@@ -13,8 +13,6 @@ use crate::workspace::{workspace, GrowBuf};
 workspace! {
     /// The backward's scratch buffers, kept in the context and reused.
     pub(crate) struct BackwardScratch<T> {
-        /// [capacity, H] each pair's gate times its dOut row (dWd's left operand).
-        dy: GrowBuf<T>,
         /// dR's 32-column group sums from the dAct GEMM, [capacity, ceil(F / 32)].
         row_dots: GrowBuf<f32>,
         /// [capacity] each pair's dR, and (dx_pair) [capacity, H] its share of dX: what the
@@ -27,8 +25,10 @@ workspace! {
         dl: GrowBuf<f32>,
         dxr: GrowBuf<f32>,
         partial: GrowBuf<f32>,
-        /// X's rows in pair order, for the Hopper weight gradients (see step 5).
-        x_rows: GrowBuf<T>,
+        /// [capacity, H] rows in pair order for the weight gradients that read them by TMA:
+        /// dOut's for dWd, then X's for dWg and dWu (step 5); allocated only where the path
+        /// copies them (`GemmPath::copies_pair_ordered_rows`: Hopper, F > 512), else empty.
+        pair_ordered: GrowBuf<T>,
         /// The weight gradients' fixed-order split (step 5).
         wg_split: WeightGradSplit,
     }
@@ -45,15 +45,18 @@ impl<T: Element> BackwardScratch<T> {
         path: GemmPath,
     ) -> Result<u64> {
         let groups = f.div_ceil(32); // dR's column groups (kernels/swiglu.cuh)
-        let x_rows = if path.copies_x_rows(f) { cap * h } else { 0 };
+        let pair_ordered = if path.copies_pair_ordered_rows(f) {
+            cap * h
+        } else {
+            0
+        };
         let grew = [
-            self.dy.ensure(dev, cap * h)?,
             self.row_dots.ensure(dev, cap * groups)?,
             self.dr.ensure(dev, cap)?,
             self.dg.ensure(dev, cap * f)?,
             self.du.ensure(dev, cap * f)?,
             self.dx_pair.ensure(dev, cap * h)?,
-            self.x_rows.ensure(dev, x_rows)?,
+            self.pair_ordered.ensure(dev, pair_ordered)?,
         ];
         let split = self.wg_split.ensure(dev, e, h, f)?;
         Ok(grew.iter().filter(|&&g| g).count() as u64 + split)
@@ -79,8 +82,8 @@ impl<T: Element> BackwardScratch<T> {
         Ok(grew.iter().filter(|&&g| g).count() as u64)
     }
 
-    /// The expert half's buffers, with the context's `act` (which the dAct GEMM recomputes) and
-    /// its row-GEMM tile counter.
+    /// The expert half's buffers, with the context's `act` (where the dAct GEMM writes R act,
+    /// dWd's operand) and its row-GEMM tile counter.
     pub(crate) fn batch_bufs<'a>(
         &'a mut self,
         act: &'a mut GrowBuf<T>,
@@ -89,12 +92,11 @@ impl<T: Element> BackwardScratch<T> {
         BatchGradBufs {
             dg: &mut self.dg,
             du: &mut self.du,
-            act,
+            act_r: act,
             row_dots: &mut self.row_dots,
-            dy: &mut self.dy,
             dr: &mut self.dr,
             dx_pair: &mut self.dx_pair,
-            x_rows: &mut self.x_rows,
+            pair_ordered: &mut self.pair_ordered,
             wg_split: &mut self.wg_split,
             sched,
         }

@@ -235,7 +235,7 @@ pub type remoe_expert_dact_fn = ::std::option::Option<
         u: *const u16,
         dg: *mut u16,
         du: *mut u16,
-        act: *mut u16,
+        act_r: *mut u16,
         row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
@@ -298,11 +298,15 @@ Down projection:
   (y stays in f32: the combine weighs it by the gate and sums a token's pairs.)
 Backward of the down projection and of SwiGLU, for each pair p of expert e, with dout_t the
 row pair_token[p] of dout and R = pair_gate[p]:
-  d = dout_t Wd_e^T (f32);  act[p, :] = SiLU(g) * u recomputed from the saved g, u;
-  row_dots[p, j] = sum over columns 32 j .. 32 j + 31 of act * d (dR = dout_t . y, in the
-  order of kernels/swiglu.cuh; the groups are summed by remoe_pair_grad_prep);
+  d = dout_t Wd_e^T (f32);  a = SiLU(g) * u recomputed from the saved g, u and rounded to the
+  element type (the forward's act, bit for bit);
+  act_r[p, :] = R a, rounded to the element type from the f32 product of R and a (the
+  rounding is kernels/swiglu.cuh's gated_act): dWd's operand, dWd_e^T = sum over e's pairs of
+  dout_t^T act_r[p] (remoe_expert_weight_grad, transposed store);
+  row_dots[p, j] = sum over columns 32 j .. 32 j + 31 of a * d (unscaled: dR = dout_t . y, in
+  the order of kernels/swiglu.cuh; the groups are summed by remoe_pair_dr);
   da = R d;  dg = da * u * SiLU'(g);  du = da * SiLU(g)
-  dout [t, h]; g, u, dg, du, act [|A|, f]; row_dots [|A|, ceil(f / 32)] f32.
+  dout [t, h]; g, u, dg, du, act_r [|A|, f]; row_dots [|A|, ceil(f / 32)] f32.
 Backward of the up projection, per pair (summed over a token's pairs elsewhere):
   dx_pair[p, :] = dg[p, :] Wg_e^T + du[p, :] Wu_e^T                    dx_pair [|A|, h]
 ```*/
@@ -387,7 +391,7 @@ unsafe extern "C" {
         u: *const u16,
         dg: *mut u16,
         du: *mut u16,
-        act: *mut u16,
+        act_r: *mut u16,
         row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
@@ -409,7 +413,7 @@ unsafe extern "C" {
         u: *const u16,
         dg: *mut u16,
         du: *mut u16,
-        act: *mut u16,
+        act_r: *mut u16,
         row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
@@ -455,7 +459,70 @@ unsafe extern "C" {
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
-#[doc = "Expert weight gradients (kernels/grouped\\_gemm.cu).\n\n```text\nExpert weight gradients (kernels/grouped_gemm.cu): for every expert e (zero pairs allowed),\n  out[e, i, j] (+)= sum over e's pairs p of a[row(p), i] * b[p, j]     out [e, m, n] f32\nwhere row(p) = gather[p] if gather is non-NULL, else p; a has m columns, b has n; a_rows and\nb_rows are the rows a and b hold (every row(p) < a_rows, every pair < b_rows: the bounds of the\nHopper path's tensor maps). accumulate != 0 adds to out, otherwise out is overwritten.\nDeterministic (fixed reduction order).\n  dWd: a = act [|A|, f], b = dy [|A|, h]              (m = f, n = h)\n  dWg: a = x [t, h] gathered by pair_token, b = dg    (m = h, n = f); dWu likewise with du.\nsplit: NULL, or the fixed-order split of a hot expert's reduction (below); the result is\ndeterministic either way, and the same on both paths for the same split argument.\n/*\nThe weight gradients' fixed-order split (kernels/weight_grad_split.cu{h}). A hot expert's\nreduction over its pairs is cut into chunks (a rule of the counts alone, documented in the\n.cuh), every chunk of every output tile is a work unit, and a tile's chunks are added in chunk\norder by whichever unit finishes last, through partial-sum slots in device memory.\n  plan:     3e + 1 words written by remoe_weight_grad_plan for the launch's expert_offsets and\n            h x f (the same plan serves dWg, dWu and dWd: m x n is h x f or f x h);\n  slots:    slot_floats floats of remoe_weight_grad_split_sizes (0 when no split is possible:\n            then plan still works and the pointer is not read);\n  counters: counters words, zero before the first launch; every launch leaves them zero.\nLaunches that share slots and counters must be ordered (one stream).\n```"]
+/**Expert weight gradients (kernels/grouped\_gemm.cu).
+
+```text
+Expert weight gradients (kernels/grouped_gemm.cu): for every expert e (zero pairs allowed),
+  G_e[i, j] = sum over e's pairs p of a[row(p), i] * b[p, j]        G_e [m, n], f32
+where row(p) = gather[p] if gather is non-NULL, else p; a has m columns, b has n; a_rows and
+b_rows are the rows a and b hold (every row(p) < a_rows, every pair < b_rows: the bounds of the
+Hopper path's tensor maps). G_e is stored as `store` says (below).
+Deterministic (fixed reduction order).
+  dWd: a = dout [t, h] gathered by pair_token, b = act_r [|A|, f] (the dAct GEMM's R act),
+       m = h, n = f, stored transposed into dWd [e, f, h];
+  dWg: a = x [t, h] gathered by pair_token, b = dg (m = h, n = f); dWu likewise with du.
+  (Where the Hopper path reads a's rows from a copy in pair order, made by
+  remoe_gather_rows_16, gather is NULL and a_rows = |A|: the same sums, the same bits.)
+split: NULL, or the fixed-order split of a hot expert's reduction (below); the result is
+deterministic either way, and the same on both paths for the same split argument.
+store (remoe_wgrad_store_t), where a weight gradient goes: out[e, i, j] = G_e[i, j]
+(transposed == 0, out [e, m, n]) or out[e, j, i] = G_e[i, j] (transposed != 0, out [e, n, m]);
+with accumulate != 0 added to what out holds (out (+)= ...), otherwise overwritten. Both flags
+mean the same for every operand.
+```*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct remoe_wgrad_store {
+    pub out: *mut f32,
+    pub accumulate: i32,
+    pub transposed: i32,
+}
+/**Expert weight gradients (kernels/grouped\_gemm.cu).
+
+```text
+Expert weight gradients (kernels/grouped_gemm.cu): for every expert e (zero pairs allowed),
+  G_e[i, j] = sum over e's pairs p of a[row(p), i] * b[p, j]        G_e [m, n], f32
+where row(p) = gather[p] if gather is non-NULL, else p; a has m columns, b has n; a_rows and
+b_rows are the rows a and b hold (every row(p) < a_rows, every pair < b_rows: the bounds of the
+Hopper path's tensor maps). G_e is stored as `store` says (below).
+Deterministic (fixed reduction order).
+  dWd: a = dout [t, h] gathered by pair_token, b = act_r [|A|, f] (the dAct GEMM's R act),
+       m = h, n = f, stored transposed into dWd [e, f, h];
+  dWg: a = x [t, h] gathered by pair_token, b = dg (m = h, n = f); dWu likewise with du.
+  (Where the Hopper path reads a's rows from a copy in pair order, made by
+  remoe_gather_rows_16, gather is NULL and a_rows = |A|: the same sums, the same bits.)
+split: NULL, or the fixed-order split of a hot expert's reduction (below); the result is
+deterministic either way, and the same on both paths for the same split argument.
+store (remoe_wgrad_store_t), where a weight gradient goes: out[e, i, j] = G_e[i, j]
+(transposed == 0, out [e, m, n]) or out[e, j, i] = G_e[i, j] (transposed != 0, out [e, n, m]);
+with accumulate != 0 added to what out holds (out (+)= ...), otherwise overwritten. Both flags
+mean the same for every operand.
+```*/
+pub type remoe_wgrad_store_t = remoe_wgrad_store;
+/**The weight gradients' fixed-order split (kernels/weight\_grad\_split.cu{h}).
+
+```text
+The weight gradients' fixed-order split (kernels/weight_grad_split.cu{h}). A hot expert's
+reduction over its pairs is cut into chunks (a rule of the counts alone, documented in the
+.cuh), every chunk of every output tile is a work unit, and a tile's chunks are added in chunk
+order by whichever unit finishes last, through partial-sum slots in device memory.
+  plan:     3e + 1 words written by remoe_weight_grad_plan for the launch's expert_offsets and
+            h x f (the same plan serves dWg, dWu and dWd: m x n is h x f or f x h);
+  slots:    slot_floats floats of remoe_weight_grad_split_sizes (0 when no split is possible:
+            then plan still works and the pointer is not read);
+  counters: counters words, zero before the first launch; every launch leaves them zero.
+Launches that share slots and counters must be ordered (one stream).
+```*/
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct remoe_wgrad_split {
@@ -463,7 +530,20 @@ pub struct remoe_wgrad_split {
     pub slots: *mut f32,
     pub counters: *mut u32,
 }
-#[doc = "Expert weight gradients (kernels/grouped\\_gemm.cu).\n\n```text\nExpert weight gradients (kernels/grouped_gemm.cu): for every expert e (zero pairs allowed),\n  out[e, i, j] (+)= sum over e's pairs p of a[row(p), i] * b[p, j]     out [e, m, n] f32\nwhere row(p) = gather[p] if gather is non-NULL, else p; a has m columns, b has n; a_rows and\nb_rows are the rows a and b hold (every row(p) < a_rows, every pair < b_rows: the bounds of the\nHopper path's tensor maps). accumulate != 0 adds to out, otherwise out is overwritten.\nDeterministic (fixed reduction order).\n  dWd: a = act [|A|, f], b = dy [|A|, h]              (m = f, n = h)\n  dWg: a = x [t, h] gathered by pair_token, b = dg    (m = h, n = f); dWu likewise with du.\nsplit: NULL, or the fixed-order split of a hot expert's reduction (below); the result is\ndeterministic either way, and the same on both paths for the same split argument.\n/*\nThe weight gradients' fixed-order split (kernels/weight_grad_split.cu{h}). A hot expert's\nreduction over its pairs is cut into chunks (a rule of the counts alone, documented in the\n.cuh), every chunk of every output tile is a work unit, and a tile's chunks are added in chunk\norder by whichever unit finishes last, through partial-sum slots in device memory.\n  plan:     3e + 1 words written by remoe_weight_grad_plan for the launch's expert_offsets and\n            h x f (the same plan serves dWg, dWu and dWd: m x n is h x f or f x h);\n  slots:    slot_floats floats of remoe_weight_grad_split_sizes (0 when no split is possible:\n            then plan still works and the pointer is not read);\n  counters: counters words, zero before the first launch; every launch leaves them zero.\nLaunches that share slots and counters must be ordered (one stream).\n```"]
+/**The weight gradients' fixed-order split (kernels/weight\_grad\_split.cu{h}).
+
+```text
+The weight gradients' fixed-order split (kernels/weight_grad_split.cu{h}). A hot expert's
+reduction over its pairs is cut into chunks (a rule of the counts alone, documented in the
+.cuh), every chunk of every output tile is a work unit, and a tile's chunks are added in chunk
+order by whichever unit finishes last, through partial-sum slots in device memory.
+  plan:     3e + 1 words written by remoe_weight_grad_plan for the launch's expert_offsets and
+            h x f (the same plan serves dWg, dWu and dWd: m x n is h x f or f x h);
+  slots:    slot_floats floats of remoe_weight_grad_split_sizes (0 when no split is possible:
+            then plan still works and the pointer is not read);
+  counters: counters words, zero before the first launch; every launch leaves them zero.
+Launches that share slots and counters must be ordered (one stream).
+```*/
 pub type remoe_wgrad_split_t = remoe_wgrad_split;
 unsafe extern "C" {
     /**The buffer sizes for e experts of h x f weights (host only; 0 or cudaErrorInvalidValue).
@@ -509,14 +589,13 @@ pub type remoe_expert_weight_grad_fn = ::std::option::Option<
         a: *const u16,
         gather: *const u32,
         b: *const u16,
-        out: *mut f32,
+        store: remoe_wgrad_store_t,
         expert_offsets: *const u32,
         a_rows: i32,
         b_rows: i32,
         e: i32,
         m: i32,
         n: i32,
-        accumulate: i32,
         split: *const remoe_wgrad_split_t,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int,
@@ -526,14 +605,13 @@ unsafe extern "C" {
         a: *const u16,
         gather: *const u32,
         b: *const u16,
-        out: *mut f32,
+        store: remoe_wgrad_store_t,
         expert_offsets: *const u32,
         a_rows: i32,
         b_rows: i32,
         e: i32,
         m: i32,
         n: i32,
-        accumulate: i32,
         split: *const remoe_wgrad_split_t,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
@@ -543,14 +621,13 @@ unsafe extern "C" {
         a: *const u16,
         gather: *const u32,
         b: *const u16,
-        out: *mut f32,
+        store: remoe_wgrad_store_t,
         expert_offsets: *const u32,
         a_rows: i32,
         b_rows: i32,
         e: i32,
         m: i32,
         n: i32,
-        accumulate: i32,
         split: *const remoe_wgrad_split_t,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
@@ -656,7 +733,7 @@ unsafe extern "C" {
         u: *const u16,
         dg: *mut u16,
         du: *mut u16,
-        act: *mut u16,
+        act_r: *mut u16,
         row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
@@ -678,7 +755,7 @@ unsafe extern "C" {
         u: *const u16,
         dg: *mut u16,
         du: *mut u16,
-        act: *mut u16,
+        act_r: *mut u16,
         row_dots: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
@@ -729,14 +806,13 @@ unsafe extern "C" {
         a: *const u16,
         gather: *const u32,
         b: *const u16,
-        out: *mut f32,
+        store: remoe_wgrad_store_t,
         expert_offsets: *const u32,
         a_rows: i32,
         b_rows: i32,
         e: i32,
         m: i32,
         n: i32,
-        accumulate: i32,
         split: *const remoe_wgrad_split_t,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
@@ -746,14 +822,13 @@ unsafe extern "C" {
         a: *const u16,
         gather: *const u32,
         b: *const u16,
-        out: *mut f32,
+        store: remoe_wgrad_store_t,
         expert_offsets: *const u32,
         a_rows: i32,
         b_rows: i32,
         e: i32,
         m: i32,
         n: i32,
-        accumulate: i32,
         split: *const remoe_wgrad_split_t,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
@@ -938,63 +1013,24 @@ unsafe extern "C" {
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
-/**The type of remoe\_pair\_grad\_prep\_bf16 and \_f16.
-
-```text
-The type of remoe_pair_grad_prep_bf16 and _f16.
-```*/
-pub type remoe_pair_grad_prep_fn = ::std::option::Option<
-    unsafe extern "C" fn(
-        dout: *const u16,
-        row_dots: *const f32,
-        groups: i32,
-        pair_token: *const u32,
-        pair_gate: *const f32,
-        dy: *mut u16,
-        dr: *mut f32,
-        count: *const u32,
-        capacity: i32,
-        h: i32,
-        stream: remoe_stream_t,
-    ) -> ::std::os::raw::c_int,
->;
 unsafe extern "C" {
     /**Backward helpers (kernels/backward.cu).
 
 ```text
 Backward helpers (kernels/backward.cu).
 
-Per pair p < *count of token t = pair_token[p]: dy[p, :] = pair_gate[p] * dout[t, :] and
-dr[p] = the sum of row_dots[p, 0 .. groups) (= dout[t, :] . y[p, :], from the dAct GEMM).
-dout [t, h]; row_dots [|A|, groups] f32; dy [|A|, h]; dr [|A|] f32.
-count is a device pointer (|A|: expert_offsets[e]), *count <= capacity (which sizes the grid).
+dR's data term per pair: dr[p] = the sum of row_dots[p, 0 .. groups) (= dout_t . y[p, :], from
+the dAct GEMM's group sums, in the order of kernels/swiglu.cuh) for p < *count.
+row_dots [|A|, groups] f32; dr [|A|] f32. count is a device pointer (|A|: expert_offsets[e]),
+*count <= capacity (which sizes the grid). No element type: one launcher for bf16 and f16.
+(dWd needs no per-pair R dOut row: the dAct GEMM writes R act, see above.)
 ```*/
-    pub fn remoe_pair_grad_prep_bf16(
-        dout: *const u16,
+    pub fn remoe_pair_dr(
         row_dots: *const f32,
         groups: i32,
-        pair_token: *const u32,
-        pair_gate: *const f32,
-        dy: *mut u16,
         dr: *mut f32,
         count: *const u32,
         capacity: i32,
-        h: i32,
-        stream: remoe_stream_t,
-    ) -> ::std::os::raw::c_int;
-}
-unsafe extern "C" {
-    pub fn remoe_pair_grad_prep_f16(
-        dout: *const u16,
-        row_dots: *const f32,
-        groups: i32,
-        pair_token: *const u32,
-        pair_gate: *const f32,
-        dy: *mut u16,
-        dr: *mut f32,
-        count: *const u32,
-        capacity: i32,
-        h: i32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }

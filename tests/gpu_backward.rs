@@ -846,6 +846,20 @@ fn gpu_backward_accumulates_split_weight_gradients() {
     );
 }
 
+/// The same over several ragged output tiles in both directions, where the transposed dWd
+/// store's read-modify-write covers whole tiles and both Hopper warpgroups' rows (H 264: m tiles
+/// of 128, 128 and 8; F 648, above the Hopper path's copy of dOut's and X's rows into pair order:
+/// n tiles of 256, 256 and 136), with an empty expert and a hot one whose reduction is split
+/// (1350 pairs, two chunks).
+#[test]
+fn gpu_backward_accumulates_weight_gradients_over_ragged_tiles() {
+    accumulates_weight_gradients(
+        "gpu_backward_accumulates_weight_gradients_over_ragged_tiles",
+        LayerConfig::new(1500, 264, 648, 6, 2),
+        &[0.9, 0.0, 0.3, 0.5, 0.05, 0.7],
+    );
+}
+
 fn accumulates_weight_gradients(test: &str, cfg: LayerConfig, density: &[f64]) {
     let Some(dev) = gpu_or_skip(test) else {
         return;
@@ -1189,4 +1203,147 @@ fn gpu_training_with_the_controller_settles_the_sparsity_and_lowers_the_loss() {
         last < 0.8 * first,
         "{what}: loss did not fall: {first} -> {last}"
     );
+}
+
+/// The weight gradients' store policy alone (kernels/remoe_kernels.h, remoe_wgrad_store_t), on
+/// each GEMM path this device has: the transposed store puts exactly the plain store's bits at
+/// out[e, j, i], over ragged tiles in both directions (M 200 = 128 + 72; N 328 = 256 + 72 on the
+/// Hopper path's 128 x 256 tiles), A rows gathered, an empty expert and partial last blocks of
+/// pairs; with accumulate, each element is what it held plus that sum (one f32 addition); and
+/// the two paths agree bit for bit.
+#[test]
+fn gpu_weight_grad_transposed_store_is_the_plain_store_transposed() {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use remoe_kernels::{sys, GemmPath};
+    type WeightGradFn = unsafe extern "C" fn(
+        *const u16,
+        *const u32,
+        *const u16,
+        sys::remoe_wgrad_store_t,
+        *const u32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        *const sys::remoe_wgrad_split_t,
+        sys::remoe_stream_t,
+    ) -> std::os::raw::c_int;
+    let test = "gpu_weight_grad_transposed_store_is_the_plain_store_transposed";
+    let Some(dev) = gpu_or_skip(test) else {
+        return;
+    };
+    let seed = fresh_seed();
+    let what = format!("{test}: {}", seed_note(seed));
+    let mut rng = seeded(seed);
+    let (rows, m, n) = (97usize, 200usize, 328usize);
+    let counts = [130u32, 0, 64, 1];
+    let e = counts.len();
+    let mut offsets = vec![0u32; e + 1];
+    for i in 0..e {
+        offsets[i + 1] = offsets[i] + counts[i];
+    }
+    let pairs = offsets[e] as usize;
+    let half_bits = |v: Vec<f64>| -> Vec<u16> { to_bf16(&v).iter().map(|x| x.to_bits()).collect() };
+    let a = half_bits(rng.vec_uniform(rows * m, 1.0));
+    let b = half_bits(rng.vec_uniform(pairs * n, 1.0));
+    let gather: Vec<u32> = (0..pairs)
+        .map(|_| rng.random_range(0..rows as u32))
+        .collect();
+    let init: Vec<f32> = rng
+        .vec_uniform(e * m * n, 1.0)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    dev.bind_to_thread().unwrap();
+    let s = dev.stream();
+    let (a_d, b_d) = (s.clone_htod(&a).unwrap(), s.clone_htod(&b).unwrap());
+    let (g_d, eo_d) = (
+        s.clone_htod(&gather).unwrap(),
+        s.clone_htod(&offsets).unwrap(),
+    );
+    let mut paths: Vec<(&str, WeightGradFn)> =
+        vec![("mma.sync", sys::remoe_expert_weight_grad_bf16)];
+    if GemmPath::Hopper.supported_on(&dev).unwrap() {
+        paths.push(("hopper", sys::remoe_hopper_expert_weight_grad_bf16));
+    }
+    let mut first: Option<Vec<f32>> = None;
+    for (name, launch) in paths {
+        let run = |transposed: bool, accumulate: bool| -> Vec<f32> {
+            let mut out = s.clone_htod(&init).unwrap();
+            {
+                let (ap, _ga) = a_d.device_ptr(s);
+                let (bp, _gb) = b_d.device_ptr(s);
+                let (gp, _gg) = g_d.device_ptr(s);
+                let (ep, _ge) = eo_d.device_ptr(s);
+                let (op, _go) = out.device_ptr_mut(s);
+                let store = sys::remoe_wgrad_store_t {
+                    out: op as *mut f32,
+                    accumulate: accumulate as i32,
+                    transposed: transposed as i32,
+                };
+                // SAFETY: a [rows, m] and b [pairs, n] 16-bit (a_rows = rows, b_rows = pairs),
+                // every gathered row < rows, the offsets [e + 1] ascending from 0 to `pairs`,
+                // out e m n f32 ([e, m, n], or [e, n, m] when transposed), each its own cudarc
+                // allocation (so 16-byte aligned) of this stream's context, bound above; m and
+                // n are multiples of 8; no split; the Hopper launcher only where the device
+                // runs it (supported_on).
+                let code = unsafe {
+                    launch(
+                        ap as *const u16,
+                        gp as *const u32,
+                        bp as *const u16,
+                        store,
+                        ep as *const u32,
+                        rows as i32,
+                        pairs as i32,
+                        e as i32,
+                        m as i32,
+                        n as i32,
+                        std::ptr::null(),
+                        sys::stream_handle(s),
+                    )
+                };
+                assert_eq!(code, 0, "{what}: {name} launch");
+            }
+            s.clone_dtoh(&out).unwrap()
+        };
+        let (plain, transposed, added) = (run(false, false), run(true, false), run(true, true));
+        for x in 0..e {
+            for i in 0..m {
+                for j in 0..n {
+                    let (p, t) = ((x * m + i) * n + j, (x * n + j) * m + i);
+                    let (got, want) = (transposed[t].to_bits(), plain[p].to_bits());
+                    assert_eq!(
+                        got, want,
+                        "{what}: {name}, expert {x} [{i}, {j}]: transposed"
+                    );
+                    let (got, want) = (added[t].to_bits(), (init[t] + plain[p]).to_bits());
+                    assert_eq!(
+                        got, want,
+                        "{what}: {name}, expert {x} [{i}, {j}]: accumulated"
+                    );
+                }
+            }
+        }
+        // Overwritten, not added: the empty expert's block is zeros, the others are not.
+        let block = |x: usize| &plain[x * m * n..(x + 1) * m * n];
+        assert!(
+            block(1).iter().all(|&v| v.to_bits() == 0),
+            "{what}: {name}: empty expert"
+        );
+        assert!(
+            block(0).iter().any(|&v| v != 0.0),
+            "{what}: {name}: expert 0 is zero"
+        );
+        match &first {
+            None => first = Some(plain),
+            Some(f) => assert!(
+                f.iter()
+                    .zip(&plain)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{what}: the paths differ"
+            ),
+        }
+    }
 }

@@ -258,7 +258,7 @@ impl F16Problem {
 ///
 /// The bounds are a fifth of the bf16 tests' ([`F16_TENSOR_BOUND`] 2e-3 whole tensor,
 /// [`F16_ROW_BOUND`] 6e-3 per row), as f16 rounds 8 times finer (unit round-off 2^-11 against
-/// 2^-8). A CPU model of the kernels' roundings (act, g, u, dY, dg, du, each pair's dX and the
+/// 2^-8). A CPU model of the kernels' roundings (act, g, u, R act, dg, du, each pair's dX and the
 /// stored results rounded to 16 bits, f32 elsewhere) on these shapes stays at or below about a
 /// fifth of either bound in f16, while the same model at bf16's precision has whole-tensor
 /// errors of 2.4e-3 to 3e-3 in the output and the expert weight gradients, over the bound: an
@@ -481,19 +481,19 @@ fn large_case() -> (LayerConfig, f64) {
 }
 
 /// Device bytes of one bf16 forward + backward with `pairs` routed pairs, as the context and the
-/// test allocate them (src/moe.rs, src/backward.rs): per pair act, g, u (saved by the forward)
-/// and dg, du (the backward's) at 2F bytes each, y in f32 (4H), dY, the per-pair dX and the
-/// Hopper path's gathered X rows (2H each), token, gate and dR (12); per token X, dOut, out and
-/// dX (2H each) and dX's router part in f32 (4H); per (token, expert) logits, gates, pair index
-/// and dL (16) plus the router's per-block statistics; the weights (2 bytes) and their f32
-/// gradients.
+/// test allocate them (src/moe.rs, src/scratch.rs): per pair act (R act after the backward), g,
+/// u (saved by the forward) and dg, du (the backward's) at 2F bytes each, y in f32 (4H), the
+/// per-pair dX and the Hopper path's rows in pair order (dOut's, then X's, in one buffer; F >
+/// 512 here) (2H each), token, gate and dR (12); per token X, dOut, out and dX (2H each) and
+/// dX's router part in f32 (4H); per (token, expert) logits, gates, pair index and dL (16) plus
+/// the router's per-block statistics; the weights (2 bytes) and their f32 gradients.
 ///
-/// At the large case's expected |A| = 655,360: 41,612 bytes per pair, 27.3 GB (of which the five
+/// At the large case's expected |A| = 655,360: 41,484 bytes per pair, 27.2 GB (of which the five
 /// [|A|, F] buffers are 26.8 GB); 768 bytes per token, 0.25 GB; 42 MB per (token, expert); 13 MB
-/// of weights and 25 MB of gradients: about 27.6 GB (25.7 GiB) in all.
+/// of weights and 25 MB of gradients: about 27.5 GB (25.6 GiB) in all.
 fn layer_device_bytes(cfg: &LayerConfig, pairs: usize) -> usize {
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-    let per_pair = 5 * 2 * f + 4 * h + 3 * 2 * h + 12;
+    let per_pair = 5 * 2 * f + 4 * h + 2 * 2 * h + 12;
     let per_token = 4 * 2 * h + 4 * h;
     let blocks = t.div_ceil(64);
     let routing = 16 * t * e + 12 * blocks * e;

@@ -73,7 +73,8 @@ fn run_layer(
     let f32_bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     vec![
         ("out", half_bits(out.to_host().unwrap())),
-        ("act", half_bits(ctx.act_to_host().unwrap())),
+        // After the backward the act buffer holds R act (the dAct GEMM's, dWd's operand).
+        ("R act", half_bits(ctx.gated_act_to_host().unwrap())),
         ("y", f32_bits(ctx.expert_out_to_host().unwrap())),
         ("dX", half_bits(dx.to_host().unwrap())),
         ("dWr", f32_bits(dwr.to_host().unwrap())),
@@ -182,8 +183,9 @@ fn both_gemm_paths_agree_at_a_real_layer_size() {
 }
 
 /// Fine-grained experts on either side of the F at which the Hopper weight gradients stop
-/// gathering X's rows in their mainloop and read a pair-order copy instead (512: gemm.rs's
-/// HOPPER_WG_GATHER_MAX_FFN), with a ragged last block of pairs per expert.
+/// gathering dOut's rows (dWd) and X's (dWg, dWu) in their mainloop and read a pair-order copy
+/// instead (512: gemm.rs's HOPPER_WG_GATHER_MAX_FFN), with a ragged last block of pairs per
+/// expert.
 #[test]
 fn both_gemm_paths_agree_either_side_of_the_weight_gradients_gather_threshold() {
     for f in [512, 520] {

@@ -416,7 +416,7 @@ fn gpu_an_eager_forward_past_a_fixed_capacity_fails_itself() {
 }
 
 /// Config A in ReMoE's dense first stage, with default settings: every pair is routed (T E =
-/// 131072 pairs, 4.74 GiB of per-pair buffers in training, past the default budget), the
+/// 131072 pairs, 4.55 GiB of per-pair buffers in training, past the old 4 GiB budget), the
 /// forward equals the reference per row on sampled tokens, the two GEMM paths agree bit for bit
 /// on the output and every gradient, and the device memory per layer is printed at densities
 /// 1.0, 0.5 and k/E.

@@ -150,11 +150,12 @@ pub enum GemmKind {
     Up,
     /// y = act Wd (f32 out).
     Down,
-    /// da = dy Wd^T with SwiGLU's backward (dg, du out).
+    /// da = dOut Wd^T with SwiGLU's backward (dg, du and R act out).
     DAct,
     /// dx_pair = dg Wg^T + du Wu^T.
     DX,
-    /// dWd = act^T dy per expert (f32).
+    /// dWd per expert (f32): the layer computes dWd^T = dOut^T (R act), dOut's rows gathered by
+    /// pair, and stores it transposed; cuBLAS's same-shape GEMM is act^T dy.
     DWd,
     /// dWg = x^T dg and dWu = x^T du per expert (f32).
     DWgu,
@@ -521,9 +522,12 @@ impl DenseGemms {
 /// The layer's expert GEMMs launched one at a time through the crate's raw launchers
 /// (`remoe_kernels::sys`, the functions the layer itself calls) on a real routing (the
 /// offsets and pair tokens of a layer forward), with every input rotated. Each launch has the
-/// arguments the layer gives it (src/moe.rs, src/backward.rs): the up projection writes g and
-/// u (a training forward); the Hopper path's dWg/dWu read X's rows gathered in pair order
-/// (timed apart, [`GroupedGemms::gather_x`]), the mma.sync path's gather in their loads.
+/// arguments the layer gives it (src/moe.rs, src/experts.rs): the up projection writes g and
+/// u (a training forward); dWd reads dOut's rows through the pairs and R act, and stores its
+/// tiles transposed, where the Hopper path copies the rows into pair order first
+/// ([`GemmPath::copies_pair_ordered_rows`]: the copy is part of the dWd row) as the layer does; the
+/// Hopper path's dWg/dWu read X's rows gathered in pair order (timed apart,
+/// [`GroupedGemms::gather_x`]), the mma.sync path's gather in their loads.
 pub struct GroupedGemms {
     dev: Device,
     cfg: LayerConfig,
@@ -542,12 +546,10 @@ pub struct GroupedGemms {
     wu: Rotated,
     /// [E, F, H]
     wd: Rotated,
-    /// [P, F]
+    /// [P, F]: act (down) or R act (dWd).
     act: Rotated,
     /// [2P F]: g then u.
     gu: Rotated,
-    /// [P, H]
-    dy: Rotated,
     /// [2P F]: dg then du.
     dgdu: Rotated,
     /// [P, H]: X's rows in pair order.
@@ -602,20 +604,13 @@ impl GroupedGemms {
             s.clone_htod(&tile_offsets)?,
         ];
         let b = |n: usize| 2 * n;
-        let (xb, wb, actb, gub, dyb, xrb) = (
-            b(t * h),
-            b(e * h * f),
-            b(p * f),
-            b(2 * p * f),
-            b(p * h),
-            b(p * h),
-        );
+        let (xb, wb, actb, gub, xrb) = (b(t * h), b(e * h * f), b(p * f), b(2 * p * f), b(p * h));
         let footprint = [
             xb + 2 * wb,       // up: x, Wg, Wu
             actb + wb,         // down: act, Wd
             xb + wb + gub,     // dAct: dOut (X's shape), Wd, g, u
             gub + 2 * wb,      // dX: dg, du, Wg, Wu
-            actb + dyb,        // dWd: act, dy
+            xb + actb,         // dWd: dOut (X's shape, gathered), R act
             xrb.max(xb) + gub, // dWg+dWu: X rows (or X), dg, du
             xb,                // the gather: X
         ];
@@ -646,13 +641,12 @@ impl GroupedGemms {
             _routing: routing,
             pair_gate: addr(dev, &pair_gate),
             _pair_gate: pair_gate,
-            x: Rotated::new(dev, fill, t * h, most(&[0, 2, 5, GATHER]))?,
+            x: Rotated::new(dev, fill, t * h, most(&[0, 2, 4, 5, GATHER]))?,
             wg: Rotated::new(dev, fill, e * h * f, most(&[0, 3]))?,
             wu: Rotated::new(dev, fill, e * h * f, most(&[0, 3]))?,
             wd: Rotated::new(dev, fill, e * f * h, most(&[1, 2]))?,
             act: Rotated::new(dev, fill, p * f, most(&[1, 4]))?,
             gu: Rotated::new(dev, fill, 2 * p * f, copies[2])?,
-            dy: Rotated::new(dev, fill, p * h, copies[4])?,
             dgdu: Rotated::new(dev, fill, 2 * p * f, most(&[3, 5]))?,
             xrows: Rotated::new(dev, fill, p * h, copies[5])?,
             act_o: addr(dev, &outs16[0]),
@@ -774,9 +768,9 @@ impl GroupedGemms {
         // SAFETY: every pointer is a live buffer of this struct holding what the header
         // (kernels/remoe_kernels.h) says the launcher reads or writes for this configuration and
         // |A| = self.pairs: x [T, H]; Wg, Wu [E, H, F]; Wd [E, F, H]; act, g, u, dg, du
-        // [|A|, F]; dy, X rows, dx_pair [|A|, H]; y [|A|, H] f32; pair gates [|A|] f32; dR's
+        // [|A|, F]; X rows, dx_pair [|A|, H]; y [|A|, H] f32; pair gates [|A|] f32; dR's
         // group sums [|A|, ceil(F / 32)] f32; the weight gradients [E, H, F] / [E, F, H] f32
-        // (the dAct GEMM reads X as its dOut, the same shape). The routing (pair tokens < T, expert offsets, tile offsets
+        // (the dAct GEMM and dWd read X as their dOut, the same shape). The routing (pair tokens < T, expert offsets, tile offsets
         // of 128-row tiles, `tiles` their total) is a layer forward's, as the layer passes it;
         // H and F are multiples of 8 (the layer's own check) and every buffer is a separate
         // cudarc allocation (256-byte aligned, no overlap); the tile counter [2] is zero between
@@ -851,12 +845,26 @@ impl GroupedGemms {
                     };
                     let null = std::ptr::null::<u32>();
                     let sp = &self.split as *const sys::remoe_wgrad_split_t;
+                    let store = |out: u64, transposed: bool| sys::remoe_wgrad_store_t {
+                        out: out as *mut f32,
+                        accumulate: 0,
+                        transposed: transposed as i32,
+                    };
                     if kind == GemmKind::DWd {
-                        let (act, dy) = (c(self.act.ptr(r)), c(self.dy.ptr(r)));
-                        let out = self.dwd_o as *mut f32;
+                        // dWd^T = dOut^T (R act): dOut's rows (X standing in, as for dAct)
+                        // through the pairs, or, where the layer copies them first (Hopper,
+                        // F > 512), copied into pair order here as the layer does.
+                        let act_r = c(self.act.ptr(r));
+                        let out = store(self.dwd_o, true);
+                        let (a, gather, a_rows) = if path.copies_pair_ordered_rows(self.cfg.ffn) {
+                            self.gather_rows(self.x.ptr(r))?;
+                            (c(self.xrows_o), null, pairs)
+                        } else {
+                            (c(self.x.ptr(r)), pt, t)
+                        };
                         (
                             "dWd",
-                            launch(act, null, dy, out, eo, pairs, pairs, e, f, h, 0, sp, s),
+                            launch(a, gather, act_r, out, eo, a_rows, pairs, e, h, f, sp, s),
                         )
                     } else {
                         let (dg, du) = (c(self.dgdu.ptr(r)), c(self.dgdu.ptr(r) + half));
@@ -867,14 +875,14 @@ impl GroupedGemms {
                         } else {
                             (c(self.x.ptr(r)), pt, t)
                         };
-                        let (og, ou) = (self.dwg_o as *mut f32, self.dwu_o as *mut f32);
-                        let code = launch(a, gather, dg, og, eo, a_rows, pairs, e, h, f, 0, sp, s);
+                        let (og, ou) = (store(self.dwg_o, false), store(self.dwu_o, false));
+                        let code = launch(a, gather, dg, og, eo, a_rows, pairs, e, h, f, sp, s);
                         if code != 0 {
                             ("dWg", code)
                         } else {
                             (
                                 "dWu",
-                                launch(a, gather, du, ou, eo, a_rows, pairs, e, h, f, 0, sp, s),
+                                launch(a, gather, du, ou, eo, a_rows, pairs, e, h, f, sp, s),
                             )
                         }
                     }
@@ -886,17 +894,22 @@ impl GroupedGemms {
 
     /// The Hopper path's preparation of dWg/dWu: X's rows gathered into pair order.
     pub fn gather_x(&self, round: usize) -> Result<(), Error> {
-        let r = round % self.copies[GATHER];
+        self.gather_rows(self.x.ptr(round % self.copies[GATHER]))
+    }
+
+    /// Rows `src` [T, H] (a rotated copy of x, or of x standing in for dOut) gathered into pair
+    /// order, into the X-rows output, as the layer's backward copies them on the Hopper path.
+    fn gather_rows(&self, src: u64) -> Result<(), Error> {
         self.dev.bind_to_thread()?;
         let s = sys::stream_handle(self.dev.stream());
         // |A| as the kernel reads it: expert_offsets[E] on the device.
         let count = (self.expert_offsets as *const u32).wrapping_add(self.cfg.experts);
-        // SAFETY: x [T, H] (copy r), pair tokens [|A|] each < T, X rows out [|A|, H], h % 8 == 0;
-        // count points at expert_offsets[E] = |A| ([E + 1] offsets); all live buffers of this
-        // struct.
+        // SAFETY: src is a rotated copy of x [T, H], pair tokens [|A|] each < T, X rows out
+        // [|A|, H], h % 8 == 0; count points at expert_offsets[E] = |A| ([E + 1] offsets); all
+        // live buffers of this struct.
         let code = unsafe {
             sys::remoe_gather_rows_16(
-                self.x.ptr(r) as *const u16,
+                src as *const u16,
                 self.pair_token as *const u32,
                 self.xrows_o as *mut u16,
                 count,

@@ -139,7 +139,7 @@ pub fn seed_note(seed: u64) -> String {
 /// (exactly 1 when zeroed).
 ///
 /// Why 3e-2: a correct row goes through a few roundings to 16 bits on its way (bf16's unit
-/// round-off is u = 2^-8 = 3.9e-3; act, g, u, dY, dg and du, each pair's dX, the stored
+/// round-off is u = 2^-8 = 3.9e-3; act, g, u, R act, dg and du, each pair's dX, the stored
 /// result), each worth at most u and about u/sqrt(3) on average over a row's elements; the rows
 /// checked hold 32 to 3072 elements, so a row's error stays near that average. A CPU model of
 /// those roundings (f32 elsewhere) over the shapes of the GPU tests puts most rows' worst at
@@ -461,9 +461,12 @@ pub fn router_term_scales(
 pub use remoe_testkit::synthetic::*;
 
 /// The forward does not keep act for the backward: the backward's dAct GEMM recomputes it from
-/// the saved g and u. Checks that the recomputation is the forward's act bit for bit (both round
-/// g and u first, kernels/swiglu.cuh): a ReMoE forward and backward of `cfg` with `x`, `w` and
-/// `dout`, act read back after each.
+/// the saved g and u and writes R act over the act buffer, dWd's operand. Checks that what it
+/// writes is T(f32(R act_fwd)) bit for bit, act_fwd being the forward's act and R the pair's
+/// gate (kernels/swiglu.cuh, gated_act): so the recomputation is the forward's act bit for bit
+/// (both round g and u first), and R act has its documented rounding. A ReMoE forward and
+/// backward of `cfg` with `x`, `w` and `dout`, act read back after the forward and R act after
+/// the backward (each refused at the other time: the buffer's meaning is the record's).
 pub fn assert_backward_recomputes_act<T: HalfElement>(
     dev: &Device,
     what: &str,
@@ -472,25 +475,45 @@ pub fn assert_backward_recomputes_act<T: HalfElement>(
     w: remoe_kernels::MoeWeights<'_, T>,
     dout: &DeviceTensor<T>,
 ) {
-    use remoe_kernels::{moe_backward, moe_forward, Coefficient, MoeContext};
+    use half::{bf16, f16};
+    use remoe_kernels::{moe_backward, moe_forward, Coefficient, DType, MoeContext};
     let mut ctx = MoeContext::<T>::for_training(dev);
     let mut out = DeviceTensor::<T>::zeros(dev, &[cfg.tokens, cfg.hidden]).unwrap();
     let coeff = || Coefficient::Fixed(1e-2);
     moe_forward(&mut ctx, cfg, RouterKind::Relu, coeff(), x, &w, &mut out).unwrap();
     let forward_act = ctx.act_to_host().unwrap();
     assert!(!forward_act.is_empty(), "{what}: no pairs");
+    assert!(
+        matches!(ctx.gated_act_to_host(), Err(Error::InvalidConfig(_))),
+        "{what}: R act read before a backward"
+    );
+    let gates = ctx.dispatch_to_host().unwrap().gates;
     let mut grads = Grads::<T>::new(dev, cfg);
     moe_backward(&mut ctx, coeff(), x, &w, dout, grads.as_mut(), false).unwrap();
-    let recomputed = ctx.act_to_host().unwrap();
+    assert!(
+        matches!(ctx.act_to_host(), Err(Error::InvalidConfig(_))),
+        "{what}: act read after the backward overwrote it"
+    );
+    let act_r = ctx.gated_act_to_host().unwrap();
     let (a, b): (&[u16], &[u16]) = (
         bytemuck::cast_slice(&forward_act),
-        bytemuck::cast_slice(&recomputed),
+        bytemuck::cast_slice(&act_r),
     );
     assert_eq!(a.len(), b.len(), "{what}");
-    let first = a.iter().zip(b).position(|(x, y)| x != y);
+    assert_eq!(a.len(), gates.len() * cfg.ffn, "{what}");
+    // T(f32(R a)): an f32 product, then half's round-to-nearest-even conversion (the kernels'
+    // __floats2bfloat162_rn / __floats2half2_rn).
+    let gated = |bits: u16, r: f32| -> u16 {
+        match T::DTYPE {
+            DType::BF16 => bf16::from_f32(r * bf16::from_bits(bits).to_f32()).to_bits(),
+            DType::F16 => f16::from_f32(r * f16::from_bits(bits).to_f32()).to_bits(),
+            other => unreachable!("{other:?} is not a half type"),
+        }
+    };
+    let first = (0..a.len()).find(|&i| gated(a[i], gates[i / cfg.ffn]) != b[i]);
     assert!(
         first.is_none(),
-        "{what}: the backward's act differs from the forward's at element {}",
+        "{what}: the backward's R act differs from the gate times the forward's act at element {}",
         first.unwrap_or(0)
     );
 }

@@ -78,7 +78,6 @@ static void run(const char* name, int T, int H, int F, int E, int mode /*0 unifo
   auto d_sched = dalloc<uint32_t>(2); CK(cudaMemset(d_sched, 0, 2 * sizeof(uint32_t)));
   CK(cudaMemcpy(d_eo, eo.data(), 4 * (E + 1), cudaMemcpyHostToDevice)); CK(cudaMemcpy(d_to, to.data(), 4 * (E + 1), cudaMemcpyHostToDevice)); CK(cudaMemcpy(d_pt, ptok.data(), 4 * std::max(P,1), cudaMemcpyHostToDevice));
   auto x = dbf((size_t)T * H, 1.f), wg = dbf((size_t)E * H * F, 1.f / sqrtf(H)), wu = dbf((size_t)E * H * F, 1.f / sqrtf(H)), wd = dbf((size_t)E * F * H, 1.f / sqrtf(F));
-  auto dy = dbf((size_t)P * H, 1.f);
   size_t PF = (size_t)P * F, PH = (size_t)P * H;
   auto act_r = dalloc<uint16_t>(PF), g_r = dalloc<uint16_t>(PF), u_r = dalloc<uint16_t>(PF), act_h = dalloc<uint16_t>(PF), g_h = dalloc<uint16_t>(PF), u_h = dalloc<uint16_t>(PF), tmp16 = dalloc<uint16_t>(std::max(PF, PH));
   auto y_r = dalloc<float>(PH), y_h = dalloc<float>(PH), tmp32 = dalloc<float>(std::max(PH, (size_t)E * H * F));
@@ -140,9 +139,16 @@ static void run(const char* name, int T, int H, int F, int E, int mode /*0 unifo
   tm = time_it([&] { remoe_expert_dact_bf16(x, d_pt, d_gate, wd, g_r, u_r, dg_r, du_r, act_r, dots_r, d_eo, d_to, d_sched, tiles, E, H, F, s); }, reps);
   report(name, "dact", c3, 2e-2, th, tm, fl_down, rep); report(name, "dact.u", c3u, 2e-2, {}, {}, 0, true);
   report(name, "dact.a", c3a, 2e-2, {}, {}, 0, true); report(name, "dact.dR", c3d, 1e-3, {}, {}, 0, true);
-  // The recomputed act is the up projection's, bit for bit: recompute the forward's into act_r.
+  // dAct writes R act, with act recomputed bit for bit as the up projection's: the forward's act
+  // into act_r, then bf16(f32(R * act)) on the host (kernels/swiglu.cuh, gated_act), bit for bit.
   LK(remoe_expert_up_swiglu_bf16(x, d_pt, wg, wu, act_r, g_r, u_r, d_eo, d_to, d_sched, tiles, E, H, F, s)); CK(cudaDeviceSynchronize());
-  report(name, "dact.a=up", compare(act_h, act_r, P, F), 0, {}, {}, 0, same_bits(act_h, act_r, PF));
+  {
+    auto a = host(act_r, PF), got = host(act_h, PF);
+    size_t bad = 0;
+    for (size_t i = 0; i < PF; ++i) if (bf(gates_h[i / F] * fb(a[i])) != got[i]) ++bad;
+    if (bad) ++failures;
+    printf("%-4s %-6s %s R act = bf16(gate * the up projection's act): %zu of %zu differ\n", name, "dact.Ra", bad ? "FAIL" : "OK  ", bad, PF);
+  }
   CK(cudaFree(d_gate)); CK(cudaFree(dots_r)); CK(cudaFree(dots_h));
   // dx
   LK(remoe_expert_dx_bf16(dg_r, du_r, wg, wu, dx_r, d_eo, d_to, d_sched, tiles, E, H, F, s));
@@ -154,52 +160,72 @@ static void run(const char* name, int T, int H, int F, int E, int mode /*0 unifo
   th = time_it([&] { remoe_hopper_expert_dx_bf16(dg_r, du_r, wg, wu, dx_h, d_eo, d_to, d_sched, tiles, E, H, F, s); }, reps);
   tm = time_it([&] { remoe_expert_dx_bf16(dg_r, du_r, wg, wu, dx_r, d_eo, d_to, d_sched, tiles, E, H, F, s); }, reps);
   report(name, "dx", c4, 2e-2, th, tm, fl_up, rep);
-  // weight grads: dWd = act^T dy (m=F, n=H); dWg = X_g^T dg (m=H, n=F, gathered)
-  LK(remoe_expert_weight_grad_bf16(act_r, nullptr, dy, w_r, d_eo, P, P, E, F, H, 0, &sp, s));
+  // weight grads. dWd^T = dOut_g^T (R act) (m=H, n=F; x's rows through the pair tokens stand in
+  // for dOut's, act_h is dAct's R act), stored transposed into [E, F, H]; dWg = X_g^T dg (m=H,
+  // n=F, gathered). The Hopper path reads the gathered rows in its mainloop at F <= 512 and
+  // from a pair-order copy by TMA above (src/gemm.rs, HOPPER_WG_GATHER_MAX_FFN): both here.
+  const remoe_wgrad_store_t st_r{w_r, 0, 1}, st_h{w_h, 0, 1}, st_t{tmp32, 0, 1}, st_ta{tmp32, 1, 1};
+  LK(remoe_expert_weight_grad_bf16(x, d_pt, act_h, st_r, d_eo, T, P, E, H, F, &sp, s));
   poison(w_h, (size_t)E * F * H * 4);
-  LK(remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, w_h, d_eo, P, P, E, F, H, 0, &sp, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_weight_grad_bf16(x, d_pt, act_h, st_h, d_eo, T, P, E, H, F, &sp, s)); CK(cudaDeviceSynchronize());
   Cmp c5 = compare(w_h, w_r, (size_t)E * F, H);
-  LK(remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, tmp32, d_eo, P, P, E, F, H, 0, &sp, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_weight_grad_bf16(x, d_pt, act_h, st_t, d_eo, T, P, E, H, F, &sp, s)); CK(cudaDeviceSynchronize());
   rep = same_bits(tmp32, w_h, (size_t)E * F * H);
   // accumulate: twice = 2x
-  LK(remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, tmp32, d_eo, P, P, E, F, H, 1, &sp, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_weight_grad_bf16(x, d_pt, act_h, st_ta, d_eo, T, P, E, H, F, &sp, s)); CK(cudaDeviceSynchronize());
   { auto a = host(tmp32, (size_t)E * F * H), b = host(w_h, (size_t)E * F * H); size_t bad = 0; for (size_t i = 0; i < a.size(); ++i) if (a[i] != 2 * b[i]) ++bad; if (bad) { printf("accumulate mismatch %zu\n", bad); ++failures; } }
-  th = time_it([&] { remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, w_h, d_eo, P, P, E, F, H, 0, &sp, s); }, reps);
-  tm = time_it([&] { remoe_expert_weight_grad_bf16(act_r, nullptr, dy, w_r, d_eo, P, P, E, F, H, 0, &sp, s); }, reps);
+  {  // The same on the mma.sync path.
+    LK(remoe_expert_weight_grad_bf16(x, d_pt, act_h, st_t, d_eo, T, P, E, H, F, &sp, s));
+    LK(remoe_expert_weight_grad_bf16(x, d_pt, act_h, st_ta, d_eo, T, P, E, H, F, &sp, s)); CK(cudaDeviceSynchronize());
+    auto a = host(tmp32, (size_t)E * F * H), b = host(w_r, (size_t)E * F * H); size_t bad = 0; for (size_t i = 0; i < a.size(); ++i) if (a[i] != 2 * b[i]) ++bad; if (bad) { printf("mma accumulate mismatch %zu\n", bad); ++failures; }
+  }
+  th = time_it([&] { remoe_hopper_expert_weight_grad_bf16(x, d_pt, act_h, st_h, d_eo, T, P, E, H, F, &sp, s); }, reps);
+  tm = time_it([&] { remoe_expert_weight_grad_bf16(x, d_pt, act_h, st_r, d_eo, T, P, E, H, F, &sp, s); }, reps);
   report(name, "dWd", c5, 1e-3, th, tm, fl_down, rep);
   report(name, "dWd=mma", c5, 1e-3, {}, {}, 0, same_bits(w_h, w_r, (size_t)E * F * H));
-  {  // The same launch with one chunk per expert (no split): its result within f32 rounding, and its time.
-    LK(remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, tmp32, d_eo, P, P, E, F, H, 0, nullptr, s)); CK(cudaDeviceSynchronize());
-    Cmp c = compare(tmp32, w_h, (size_t)E * F, H);
-    auto tn = time_it([&] { remoe_hopper_expert_weight_grad_bf16(act_r, nullptr, dy, tmp32, d_eo, P, P, E, F, H, 0, nullptr, s); }, reps);
-    report(name, "dWd-1c", c, 1e-4, tn, {}, fl_down, true);
+  {  // dOut's rows copied into pair order first, then all-TMA blocks (the layer's way at F > 512).
+    auto dg_rows = dalloc<uint16_t>(PH);
+    poison(w_h, (size_t)E * F * H * 4);
+    LK(remoe_gather_rows_16(x, d_pt, dg_rows, d_eo + E, P, H, s));
+    LK(remoe_hopper_expert_weight_grad_bf16(dg_rows, nullptr, act_h, st_h, d_eo, P, P, E, H, F, &sp, s)); CK(cudaDeviceSynchronize());
+    Cmp c = compare(w_h, w_r, (size_t)E * F, H);
+    report(name, "dWdc=mma", c, 1e-3, {}, {}, 0, same_bits(w_h, w_r, (size_t)E * F * H));
+    auto tc = time_it([&] { remoe_gather_rows_16(x, d_pt, dg_rows, d_eo + E, P, H, s); remoe_hopper_expert_weight_grad_bf16(dg_rows, nullptr, act_h, st_h, d_eo, P, P, E, H, F, &sp, s); }, reps);
+    report(name, "dWd+g", c, 1e-3, tc, tm, fl_down, true);
+    // One chunk per expert (no split): its result within f32 rounding, and its time.
+    LK(remoe_hopper_expert_weight_grad_bf16(dg_rows, nullptr, act_h, st_t, d_eo, P, P, E, H, F, nullptr, s)); CK(cudaDeviceSynchronize());
+    Cmp c1c = compare(tmp32, w_h, (size_t)E * F, H);
+    auto tn = time_it([&] { remoe_hopper_expert_weight_grad_bf16(dg_rows, nullptr, act_h, st_t, d_eo, P, P, E, H, F, nullptr, s); }, reps);
+    report(name, "dWd-1c", c1c, 1e-4, tn, {}, fl_down, true);
+    cudaFree(dg_rows);
   }
-  LK(remoe_expert_weight_grad_bf16(x, d_pt, dg_r, w_r, d_eo, T, P, E, H, F, 0, &sp, s));
+  const remoe_wgrad_store_t sp_r{w_r, 0, 0}, sp_h{w_h, 0, 0}, sp_t{tmp32, 0, 0};
+  LK(remoe_expert_weight_grad_bf16(x, d_pt, dg_r, sp_r, d_eo, T, P, E, H, F, &sp, s));
   poison(w_h, (size_t)E * F * H * 4);
-  LK(remoe_hopper_expert_weight_grad_bf16(x, d_pt, dg_r, w_h, d_eo, T, P, E, H, F, 0, &sp, s)); CK(cudaDeviceSynchronize());
+  LK(remoe_hopper_expert_weight_grad_bf16(x, d_pt, dg_r, sp_h, d_eo, T, P, E, H, F, &sp, s)); CK(cudaDeviceSynchronize());
   Cmp c6 = compare(w_h, w_r, (size_t)E * H, F);
-  th = time_it([&] { remoe_hopper_expert_weight_grad_bf16(x, d_pt, dg_r, w_h, d_eo, T, P, E, H, F, 0, &sp, s); }, reps);
-  tm = time_it([&] { remoe_expert_weight_grad_bf16(x, d_pt, dg_r, w_r, d_eo, T, P, E, H, F, 0, &sp, s); }, reps);
+  th = time_it([&] { remoe_hopper_expert_weight_grad_bf16(x, d_pt, dg_r, sp_h, d_eo, T, P, E, H, F, &sp, s); }, reps);
+  tm = time_it([&] { remoe_expert_weight_grad_bf16(x, d_pt, dg_r, sp_r, d_eo, T, P, E, H, F, &sp, s); }, reps);
   report(name, "dWg", c6, 1e-3, th, tm, fl_down, true);
   // dWg as the backward's Hopper path runs it: X's rows gathered once, then all-TMA blocks.
   {
     auto xg = dalloc<uint16_t>(PH);
     poison(w_h, (size_t)E * F * H * 4);
     LK(remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s));
-    LK(remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, w_h, d_eo, P, P, E, H, F, 0, &sp, s)); CK(cudaDeviceSynchronize());
+    LK(remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, sp_h, d_eo, P, P, E, H, F, &sp, s)); CK(cudaDeviceSynchronize());
     Cmp c7 = compare(w_h, w_r, (size_t)E * H, F);
     report(name, "dWg=mma", c7, 1e-3, {}, {}, 0, same_bits(w_h, w_r, (size_t)E * H * F));
-    th = time_it([&] { remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s); remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, w_h, d_eo, P, P, E, H, F, 0, &sp, s); }, reps);
+    th = time_it([&] { remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s); remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, sp_h, d_eo, P, P, E, H, F, &sp, s); }, reps);
     auto tg = time_it([&] { remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s); }, reps);
     report(name, "dWg+g", c7, 1e-3, th, tm, fl_down, true);
-    auto tn = time_it([&] { remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s); remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, tmp32, d_eo, P, P, E, H, F, 0, nullptr, s); }, reps);
+    auto tn = time_it([&] { remoe_gather_rows_16(x, d_pt, xg, d_eo + E, P, H, s); remoe_hopper_expert_weight_grad_bf16(xg, nullptr, dg_r, sp_t, d_eo, P, P, E, H, F, nullptr, s); }, reps);
     report(name, "dWg-1c", compare(tmp32, w_h, (size_t)E * H, F), 1e-4, tn, {}, fl_down, true);
     printf("%-4s gather alone %.4f ms (%.0f GB/s)\n", name, tg[tg.size() / 2], 2.0 * PH * 2 / tg[tg.size() / 2] / 1e6);
     cudaFree(xg);
   }
   CK(cudaDeviceSynchronize());
   for (void* p : {(void*)d_plan, (void*)d_counters, (void*)d_slots}) cudaFree(p);
-  for (void* p : {(void*)d_eo, (void*)d_to, (void*)d_sched, (void*)d_pt, (void*)x, (void*)wg, (void*)wu, (void*)wd, (void*)dy, (void*)act_r, (void*)g_r, (void*)u_r, (void*)act_h, (void*)g_h, (void*)u_h, (void*)tmp16, (void*)y_r, (void*)y_h, (void*)tmp32, (void*)dg_r, (void*)du_r, (void*)dg_h, (void*)du_h, (void*)dx_r, (void*)dx_h, (void*)w_r, (void*)w_h}) cudaFree(p);
+  for (void* p : {(void*)d_eo, (void*)d_to, (void*)d_sched, (void*)d_pt, (void*)x, (void*)wg, (void*)wu, (void*)wd, (void*)act_r, (void*)g_r, (void*)u_r, (void*)act_h, (void*)g_h, (void*)u_h, (void*)tmp16, (void*)y_r, (void*)y_h, (void*)tmp32, (void*)dg_r, (void*)du_r, (void*)dg_h, (void*)du_h, (void*)dx_r, (void*)dx_h, (void*)w_r, (void*)w_h}) cudaFree(p);
 }
 
 // The router forward (logits, gates, per-block statistics) at T 16384, H 768: time against the
