@@ -8,6 +8,9 @@
 //!   tracking on: every launch records an event per buffer and waits on the last write's);
 //! - `eager-untracked`: the same calls on a device made by `Device::new_untracked`;
 //! - `graph`: the same calls captured once in a CUDA graph (untracked device), replayed;
+//! - `graph-small`: at T <= 64, the same graph-replayed forward with the small-batch path on
+//!   (`MoeContext::set_small_batch_threshold`, one persistent kernel), its output checked
+//!   bitwise against `graph`'s context before timing;
 //! - `floor`: a plain streaming kernel (examples/latency/stream_floor.cu, loaded from the PTX
 //!   beside it; not part of the library) moving the same bytes, on the untracked device's stream.
 //!
@@ -280,6 +283,15 @@ struct Layer<'w> {
     training: Option<Training>,
 }
 
+impl Layer<'_> {
+    /// The inference forwards on the small-batch path up to `FWD_MAX_TOKENS` tokens.
+    fn small_batch(mut self) -> Result<Self, Error> {
+        self.inference
+            .set_small_batch_threshold(Some(FWD_MAX_TOKENS))?;
+        Ok(self)
+    }
+}
+
 impl<'w> Layer<'w> {
     /// `x` holds at least `cfg.tokens` tokens; the batch is the first of them.
     fn new(
@@ -499,6 +511,7 @@ enum Mode {
     Eager,
     EagerUntracked,
     Graph,
+    GraphSmall,
     Floor,
 }
 
@@ -508,12 +521,19 @@ impl Mode {
             Mode::Eager => "eager",
             Mode::EagerUntracked => "eager-untracked",
             Mode::Graph => "graph",
+            Mode::GraphSmall => "graph-small",
             Mode::Floor => "floor",
         }
     }
 }
 
-const MODES: [Mode; 4] = [Mode::Eager, Mode::EagerUntracked, Mode::Graph, Mode::Floor];
+const MODES: [Mode; 5] = [
+    Mode::Eager,
+    Mode::EagerUntracked,
+    Mode::Graph,
+    Mode::GraphSmall,
+    Mode::Floor,
+];
 
 /// One sample: GPU span (ms) from before the host enqueues to after, and the host's enqueue
 /// time (ms).
@@ -591,6 +611,11 @@ fn measure(
     let backward = shape.is_s();
     let mut a = Layer::new(tracked, cfg, &inputs.tracked, &inputs.x, backward)?;
     let mut b = Layer::new(untracked, cfg, &inputs.untracked, &inputs.x, backward)?;
+    let mut c = if tokens <= FWD_MAX_TOKENS {
+        Some(Layer::new(untracked, cfg, &inputs.untracked, &inputs.x, false)?.small_batch()?)
+    } else {
+        None
+    };
     // Warm both contexts on every input copy, read the routing back (outside the timed loop),
     // then capture one graph per copy and pass.
     for i in 0..COPIES {
@@ -599,6 +624,28 @@ fn measure(
         if backward {
             a.forward_backward(i)?;
             b.forward_backward(i)?;
+        }
+        if let Some(c) = c.as_mut() {
+            // The same bits as the multi-kernel path, or no timing (b's last call was a forward
+            // when there is no backward; else run one).
+            b.forward(i)?;
+            c.forward(i)?;
+            if b.out.to_host()? != c.out.to_host()? {
+                return Err(Error::InvalidConfig(format!(
+                    "latency: the small-batch forward differs from the multi-kernel one \
+                     ({}, T {tokens}, copy {i})",
+                    shape.name()
+                )));
+            }
+        }
+    }
+    if let Some(c) = c.as_ref() {
+        // The path was taken (not turned off by a device without cooperative launches).
+        if c.inference.small_batch_forwards() == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "latency: the small-batch path was not taken ({}, T {tokens})",
+                shape.name()
+            )));
         }
     }
     let routed = (0..COPIES)
@@ -621,13 +668,17 @@ fn measure(
     };
     let mut fwd_graphs: Vec<Graph> = Vec::new();
     let mut step_graphs: Vec<Graph> = Vec::new();
+    let mut small_graphs: Vec<Graph> = Vec::new();
     for i in 0..COPIES {
         fwd_graphs.push(capture(untracked, || b.forward(i))?);
+        if let Some(c) = c.as_mut() {
+            small_graphs.push(capture(untracked, || c.forward(i))?);
+        }
         if backward {
             step_graphs.push(capture(untracked, || b.forward_backward(i))?);
         }
     }
-    for g in fwd_graphs.iter().chain(&step_graphs) {
+    for g in fwd_graphs.iter().chain(&step_graphs).chain(&small_graphs) {
         g.upload()?;
     }
     let passes: &[bool] = if backward { &[false, true] } else { &[false] };
@@ -666,6 +717,12 @@ fn measure(
                         // alive and were not resized since the capture.
                         sample(untracked, || unsafe { g.replay() })?
                     }
+                    Mode::GraphSmall if training || small_graphs.is_empty() => continue,
+                    Mode::GraphSmall => {
+                        let i = turn(1);
+                        // SAFETY: as for `Graph` (c's buffers).
+                        sample(untracked, || unsafe { small_graphs[i].replay() })?
+                    }
                     Mode::Floor if !training => {
                         let bytes = fwd_bytes[graph_copy[p]];
                         let w = reads.take(bytes);
@@ -692,6 +749,9 @@ fn measure(
     // Nothing the device found (an overflow, a NaN) may hide behind a timing.
     b.check_device_errors()?;
     a.check_device_errors()?;
+    if let Some(c) = c.as_mut() {
+        c.check_device_errors()?;
+    }
     let rows = samples
         .into_iter()
         .enumerate()
@@ -910,6 +970,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "eager us (tracked)",
             "eager us (untracked)"
         );
+        let mut small_lines = Vec::new();
         for m in measured.iter().filter(|m| m.shape == shape) {
             let cfg = m.cfg();
             let (Some(graph), Some(fl), Some(eager), Some(untr)) = (
@@ -935,6 +996,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 us(eager),
                 us(untr)
             );
+            let small = m.gpu("forward", Mode::GraphSmall);
+            let small_verdict = small.map(|g| Verdict::new(g, fl, FWD_RATIO, FWD_SLACK_US));
+            if let (Some(g), Some(v)) = (small, &small_verdict) {
+                small_lines.push(format!(
+                    "{:>5} {:>7} {:>8.1} {:>22} {:>20} {:>6.2} {}",
+                    m.tokens,
+                    m.routed_text(),
+                    bytes / 1e6,
+                    us(g),
+                    us(fl),
+                    v.ratio,
+                    v.text(applies)
+                ));
+            }
             let mut entry = serde_json::json!({
                 "shape": shape.name(), "experts": cfg.experts, "k": cfg.k, "hidden": cfg.hidden,
                 "ffn": cfg.ffn, "tokens": m.tokens, "routed_experts": m.routed,
@@ -942,6 +1017,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "bytes": bytes, "graph_us": us_json(graph), "floor_us": us_json(fl),
                     "eager_us": us_json(eager), "eager_untracked_us": us_json(untr),
                     "verdict": v.json(applies),
+                    "small_batch": match (small, &small_verdict) {
+                        (Some(g), Some(v)) => serde_json::json!({
+                            "graph_us": us_json(g), "verdict": v.json(applies),
+                        }),
+                        _ => serde_json::Value::Null,
+                    },
                 },
                 "forward_backward": serde_json::Value::Null,
             });
@@ -958,6 +1039,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 });
             }
             floors_json.push(entry);
+        }
+        if !small_lines.is_empty() {
+            println!(
+                "the same with the small-batch path on (one persistent kernel; `graph-small`):"
+            );
+            println!(
+                "{:>5} {:>7} {:>8} {:>22} {:>20} {:>6} {:>9} {:>8}",
+                "T", "experts", "MB", "small graph fwd us", "floor us", "ratio", "target us", ""
+            );
+            for l in small_lines {
+                println!("{l}");
+            }
         }
     }
 

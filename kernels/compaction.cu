@@ -71,7 +71,8 @@ __global__ void finalize_kernel(const uint32_t *__restrict__ counts,
     if (i < e) {
       expert_offsets[i] = pairs + incl_n - n;
       tile_offsets[i] = tiles + incl_t - nt;
-      weighted += (double)n * (double)gate_sums[i];
+      // An explicit fma: kernels/decode.cu computes the same sum and must match it bit for bit.
+      weighted = __fma_rn((double)n, (double)gate_sums[i], weighted);
     }
     pairs += __shfl_sync(0xffffffffu, incl_n, 31);
     tiles += __shfl_sync(0xffffffffu, incl_t, 31);

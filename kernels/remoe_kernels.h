@@ -441,6 +441,77 @@ int remoe_ep_receive_dispatch(const uint32_t *msgs, int32_t e, int32_t ranks, in
 int remoe_ep_permute_32(const uint32_t *src, const uint32_t *index, uint32_t *dst,
                         const uint32_t *count, int32_t capacity, remoe_stream_t stream);
 
+/*
+ * The small-batch forward (kernels/decode.cu; docs/DECODE.md): the whole ReLU-routed inference
+ * forward in one persistent kernel, for t <= REMOE_DECODE_MAX_TOKENS and
+ * e <= REMOE_DECODE_MAX_EXPERTS. It writes what the multi-kernel path writes, bit for bit:
+ * logits and gates (remoe_router_forward, with its error word), counts, gate_sums,
+ * expert_offsets, tile_offsets, stats_u32, stats_f32 and the adaptive controller's sum
+ * (remoe_routing_stats with capacity = t e, which never overflows), pair_token, pair_gate,
+ * pair_index (remoe_compact_pairs), act (the up projection; g and u are not written), y
+ * (k_splits planes of plane_rows x h, plane 0 holding the plane sum as after
+ * remoe_sum_planes_f32) and out (remoe_combine). The per-block router statistics and offsets
+ * are not written. plane_rows >= t e; 1 <= k_splits <= min(REMOE_DECODE_MAX_SPLITS,
+ * ceil(f / 64)) (the value the multi-kernel path uses for the same call, for equal bits); coeff
+ * as for remoe_routing_stats, or NULL for coeff_value (a host-given coefficient, without a copy
+ * kernel before this one); sparsity_sum, sparsity_count and error_flags [4] may be NULL.
+ * barrier [REMOE_DECODE_SYNC_WORDS] u32: the kernel's synchronisation words (the grid barrier's
+ * word and two sets of counters, used by alternate launches; kernels/decode.cu), zero before the
+ * first launch on them and never written by anything else; every completed launch leaves them
+ * valid for the next one (no reset by the host). Launches sharing them must be ordered (one
+ * stream); a graph may replay them.
+ * The dynamic shared memory is chosen per device (two CTAs per multiprocessor where they fit);
+ * a device where even one CTA's does not fit reports a grid of 0.
+ * grid: the CTAs, at least 1 and at most what remoe_decode_max_grid_* reports for the current
+ * device. Every CTA must be resident at once (the phases wait for one another), so the kernel is
+ * launched cooperatively (cudaLaunchKernelEx, cudaLaunchAttributeCooperative): the driver starts
+ * it with every CTA resident or refuses the launch, whatever else runs on the device. A refused
+ * launch (cudaErrorCooperativeLaunchTooLarge when fewer multiprocessors are available than the
+ * grid needs, under MPS say, or any other launch error) is returned, and the runtime's last error
+ * is cleared. Captured into a graph as a cooperative kernel node (CUDA 12 and later).
+ */
+#define REMOE_DECODE_MAX_TOKENS 64
+#define REMOE_DECODE_MAX_EXPERTS 512
+#define REMOE_DECODE_MAX_SPLITS 4
+#define REMOE_DECODE_SYNC_WORDS 6176
+typedef struct remoe_decode_args {
+  const uint16_t *x;  /* [t, h] */
+  const uint16_t *wr; /* [h, e] */
+  const uint16_t *wg; /* [e, h, f] */
+  const uint16_t *wu; /* [e, h, f] */
+  const uint16_t *wd; /* [e, f, h] */
+  float *logits;      /* [t, e] */
+  float *gates;       /* [t, e] */
+  uint32_t *counts;   /* [e] */
+  float *gate_sums;   /* [e] */
+  uint32_t *expert_offsets; /* [e + 1] */
+  uint32_t *tile_offsets;   /* [e + 1] */
+  uint32_t *stats_u32;      /* [4] */
+  float *stats_f32;         /* [2] */
+  uint32_t *pair_token;     /* [t e] */
+  float *pair_gate;         /* [t e] */
+  int32_t *pair_index;      /* [t, e] */
+  uint16_t *act;            /* [t e, f] */
+  float *y;                 /* [k_splits, plane_rows, h] */
+  uint16_t *out;            /* [t, h] */
+  const double *coeff;
+  double coeff_value;
+  double *sparsity_sum;
+  uint32_t *sparsity_count;
+  uint32_t *error_flags;
+  uint32_t *barrier;
+  int32_t t, h, f, e, k, k_splits, plane_rows, grid;
+} remoe_decode_args_t;
+/* The most CTAs of the small-batch kernel that are resident at once on the current device, its
+ * cooperative launch limit: multiprocessors x the occupancy the runtime reports for it; 0 when
+ * the device has no cooperative launch (cudaDevAttrCooperativeLaunch) or the kernel cannot run
+ * there. Synchronous; sets the kernel's attributes. On an error, *grid is 0, the code is returned
+ * and the runtime's last error is cleared. */
+int remoe_decode_max_grid_bf16(int32_t *grid);
+int remoe_decode_max_grid_f16(int32_t *grid);
+int remoe_decode_forward_bf16(const remoe_decode_args_t *args, remoe_stream_t stream);
+int remoe_decode_forward_f16(const remoe_decode_args_t *args, remoe_stream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

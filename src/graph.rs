@@ -12,7 +12,14 @@
 //!
 //! - The context is warm: its buffers were sized by an eager call of the same shapes (or larger
 //!   ones) before the capture. A workspace that would have to grow during a capture is refused
-//!   with [`Error::CaptureUnsupported`], as are stage timing and reads to the host.
+//!   with [`Error::CaptureUnsupported`], as are stage timing and reads to the host. A context
+//!   with the small-batch path on
+//!   ([`MoeContext::set_small_batch_threshold`](crate::MoeContext::set_small_batch_threshold))
+//!   needs nothing more: that call allocated the path's synchronisation words, and the path
+//!   sizes the multi-kernel path's buffers, so an eager forward on either path warms it. Turn the
+//!   path on before the capture (turning it on for the first time during one is refused the same
+//!   way).
+//!   Its kernel is captured as a cooperative kernel node (CUDA 12 and later).
 //! - Every buffer the captured calls used stays allocated, at the same address, for as long as
 //!   the graph is replayed: the graph holds raw device pointers. This is why
 //!   [`Graph::replay`] is `unsafe`; the contexts' own buffers only move when a later call of a

@@ -80,6 +80,7 @@ pub mod candle;
 pub mod capacity;
 pub mod config;
 pub mod controller;
+mod decode;
 pub mod device;
 mod driver;
 mod element;

@@ -11,6 +11,10 @@
 //! 4. grouped up projection with the X gather and SwiGLU fused; grouped down projection;
 //! 5. the gate-weighted combine into `out`, without atomics.
 //!
+//! An inference forward of the ReLU layer with few tokens can instead run as one persistent
+//! kernel that does all of this (the small-batch path, off by default: see
+//! [`MoeContext::set_small_batch_threshold`]); it writes the same bits.
+//!
 //! ## Host round-trips
 //!
 //! Nothing is read back to the host during a backward, nor during a forward whose pair buffers
@@ -93,6 +97,7 @@ const ROUTER_BLOCK: usize = ffi::REMOE_ROUTER_TOKENS_PER_BLOCK as usize;
 const TILE_ROWS: usize = ffi::REMOE_GEMM_TILE_ROWS as usize;
 /// The largest E the TopK kernel takes.
 pub const TOPK_MAX_EXPERTS: usize = ffi::REMOE_TOPK_MAX_EXPERTS as usize;
+pub use crate::decode::{SMALL_BATCH_MAX_EXPERTS, SMALL_BATCH_MAX_TOKENS};
 
 /// The layer's weights on the device (layout: see the crate documentation).
 #[derive(Debug, Clone, Copy)]
@@ -589,6 +594,8 @@ pub struct MoeContext<T: HalfElement> {
     pub(crate) bwd: crate::scratch::BackwardScratch<T>,
     /// The expert GEMMs' implementation; None until the first call resolves the default.
     pub(crate) gemm_path: Option<GemmPath>,
+    /// The small-batch path's setting and state (src/decode.rs).
+    pub(crate) small_batch: crate::decode::SmallBatch,
 }
 
 impl<T: HalfElement> MoeContext<T> {
@@ -610,6 +617,7 @@ impl<T: HalfElement> MoeContext<T> {
             capacity: PairCapacity::default(),
             bwd: Default::default(),
             gemm_path: None,
+            small_batch: Default::default(),
         }
     }
 
@@ -649,6 +657,7 @@ impl<T: HalfElement> MoeContext<T> {
             + self.device_errors.bytes()
             + self.row_sched.bytes()
             + self.bwd.bytes()
+            + self.small_batch.bytes()
     }
 
     /// The record of what the last successful forward saved, if any (see the module
@@ -751,6 +760,78 @@ impl<T: HalfElement> MoeContext<T> {
         let p = GemmPath::for_device(&self.dev)?;
         self.gemm_path = Some(p);
         Ok(p)
+    }
+
+    /// Turns the small-batch path on for the next forwards of at most `threshold` tokens, or off
+    /// (`None`, the default). On that path an inference forward of the ReLU layer is one
+    /// persistent kernel instead of seven to nine dependent ones (docs/DECODE.md). It gives the
+    /// same bits as the multi-kernel path (outputs, statistics, dispatch, the adaptive
+    /// controller's record, the device error word), reads nothing back and is captured in CUDA
+    /// graphs like any forward; the choice depends only on what the host knows.
+    ///
+    /// A forward takes it when T is at most `threshold` and at most [`SMALL_BATCH_MAX_TOKENS`],
+    /// E at most [`SMALL_BATCH_MAX_EXPERTS`], the router is [`RouterKind::Relu`] (TopK keeps the
+    /// multi-kernel path), the context does not save for backward, the pair buffers hold every
+    /// pair (the default [`PairCapacity::Auto`] at these sizes; a smaller fixed capacity keeps
+    /// the multi-kernel path) and stage timing is off. Off by default until the threshold where
+    /// it stops paying has been measured.
+    ///
+    /// Its kernel's CTAs wait for one another between phases, so it is a cooperative launch: the
+    /// driver runs every CTA at once or refuses the launch, which the forward then returns as
+    /// [`Error::Launch`] (`decode_forward`; `cudaErrorCooperativeLaunchTooLarge` where fewer
+    /// multiprocessors are free to it than the device has, under MPS say). It never hangs,
+    /// whatever else runs on the device, and small-batch forwards of several contexts may run on
+    /// several streams at once.
+    ///
+    /// Turning the path on (the first `Some`) allocates the kernel's synchronisation words (about
+    /// 24 KB: its grid barrier and counters) on the context's device and asks the runtime, once,
+    /// for the kernel's grid (the cooperative limit: multiprocessors times occupancy). A device
+    /// without cooperative launches (or with too little shared memory, or an occupancy of 0)
+    /// leaves the path off for this context for good: its forwards take the multi-kernel path
+    /// (same bits), and the query is not repeated. Since nothing else of the path is
+    /// allocated on first use, a context is warm for a CUDA graph capture
+    /// ([`crate::graph`]) after an eager forward of the captured shapes on either path.
+    ///
+    /// Fails when the synchronisation words' allocation does: with [`Error::CaptureUnsupported`] when the
+    /// path is first turned on while the context's stream is being captured (turn it on before
+    /// capturing), or [`Error::Driver`]; and when the grid query fails, with [`Error::Launch`]
+    /// naming `decode_max_grid` (not remembered: the next call asks again). The threshold is
+    /// then left as it was.
+    pub fn set_small_batch_threshold(&mut self, threshold: Option<usize>) -> Result<()> {
+        if threshold.is_some() {
+            crate::decode::prepare(self)?;
+        }
+        self.small_batch.threshold = threshold;
+        Ok(())
+    }
+
+    /// The small-batch threshold (see [`MoeContext::set_small_batch_threshold`]).
+    pub fn small_batch_threshold(&self) -> Option<usize> {
+        self.small_batch.threshold
+    }
+
+    /// For the crate's tests: runs the small-batch kernel on `grid` CTAs (at least 1, at most the
+    /// device's resident maximum) instead of that maximum; `None` restores it.
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn force_small_batch_grid(&mut self, grid: Option<usize>) {
+        self.small_batch.forced_grid = grid;
+    }
+
+    /// For the crate's tests: how many forwards of this context were enqueued on the small-batch
+    /// path (a captured one counts when captured, not when replayed).
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn small_batch_forwards(&self) -> u64 {
+        self.small_batch.forwards
+    }
+
+    /// For the crate's tests: the grid (CTAs) and the split-K count of the last forward
+    /// enqueued on the small-batch path, if any.
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn small_batch_last_launch(&self) -> Option<(usize, usize)> {
+        self.small_batch.last_launch
     }
 
     /// Turns saving for backward on or off for the next forwards. It does not change what an
@@ -1131,6 +1212,9 @@ fn forward_stages<T: HalfElement>(
     w: &MoeWeightViews<T>,
     out: &mut DeviceTensor<T>,
 ) -> Result<()> {
+    if let Some(grid) = crate::decode::grid_for(ctx, plan)? {
+        return crate::decode::forward(ctx, plan, coeff, x, w, out, grid);
+    }
     plan.size_routing(ctx)?;
     ctx.upload_fixed_coeff(coeff)?;
     let dev = ctx.dev.clone();
@@ -1246,6 +1330,22 @@ impl ForwardPlan {
         }
     }
 
+    /// The forward's layer configuration.
+    pub(crate) fn config(&self) -> &LayerConfig {
+        &self.cfg
+    }
+
+    /// The forward's router.
+    pub(crate) fn router_kind(&self) -> RouterKind {
+        self.router
+    }
+
+    /// Whether the pair buffers hold every pair the router can make (T E), known without
+    /// counting: what the small-batch path needs (its dispatch never overflows).
+    pub(crate) fn covers_every_pair(&self) -> bool {
+        self.count.is_none() && self.cap == self.cfg.tokens * self.cfg.experts
+    }
+
     /// The record of the enqueued forward (what a backward checks); counts the generation.
     pub(crate) fn record<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> SavedForward {
         ctx.generation += 1;
@@ -1309,7 +1409,7 @@ impl ForwardPlan {
     }
 
     /// The pair lists and the expert outputs y, for `cap` pairs.
-    fn size_pairs<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
+    pub(crate) fn size_pairs<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
         let (h, cap) = (self.cfg.hidden, self.cap);
         let dev = ctx.dev.clone();
         let c = &mut *ctx;

@@ -6,6 +6,10 @@ pub const REMOE_TOPK_MAX_EXPERTS: u32 = 512;
 pub const REMOE_LAMBDA_MIN: f64 = 0.000000000001;
 pub const REMOE_LAMBDA_MAX: f64 = 1000.0;
 pub const REMOE_EP_HEADER_WORDS: u32 = 8;
+pub const REMOE_DECODE_MAX_TOKENS: u32 = 64;
+pub const REMOE_DECODE_MAX_EXPERTS: u32 = 512;
+pub const REMOE_DECODE_MAX_SPLITS: u32 = 4;
+pub const REMOE_DECODE_SYNC_WORDS: u32 = 6176;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CUstream_st {
@@ -1219,6 +1223,166 @@ receive order with index = pair_of_row.
         dst: *mut u32,
         count: *const u32,
         capacity: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct remoe_decode_args {
+    /**\[t, h\].
+
+```text
+[t, h]
+```*/
+    pub x: *const u16,
+    /**\[h, e\].
+
+```text
+[h, e]
+```*/
+    pub wr: *const u16,
+    /**\[e, h, f\].
+
+```text
+[e, h, f]
+```*/
+    pub wg: *const u16,
+    /**\[e, h, f\].
+
+```text
+[e, h, f]
+```*/
+    pub wu: *const u16,
+    /**\[e, f, h\].
+
+```text
+[e, f, h]
+```*/
+    pub wd: *const u16,
+    /**\[t, e\].
+
+```text
+[t, e]
+```*/
+    pub logits: *mut f32,
+    /**\[t, e\].
+
+```text
+[t, e]
+```*/
+    pub gates: *mut f32,
+    /**\[e\].
+
+```text
+[e]
+```*/
+    pub counts: *mut u32,
+    /**\[e\].
+
+```text
+[e]
+```*/
+    pub gate_sums: *mut f32,
+    /**\[e + 1\].
+
+```text
+[e + 1]
+```*/
+    pub expert_offsets: *mut u32,
+    /**\[e + 1\].
+
+```text
+[e + 1]
+```*/
+    pub tile_offsets: *mut u32,
+    /**\[4\].
+
+```text
+[4]
+```*/
+    pub stats_u32: *mut u32,
+    /**\[2\].
+
+```text
+[2]
+```*/
+    pub stats_f32: *mut f32,
+    /**\[t e\].
+
+```text
+[t e]
+```*/
+    pub pair_token: *mut u32,
+    /**\[t e\].
+
+```text
+[t e]
+```*/
+    pub pair_gate: *mut f32,
+    /**\[t, e\].
+
+```text
+[t, e]
+```*/
+    pub pair_index: *mut i32,
+    /**\[t e, f\].
+
+```text
+[t e, f]
+```*/
+    pub act: *mut u16,
+    /**\[k\_splits, plane\_rows, h\].
+
+```text
+[k_splits, plane_rows, h]
+```*/
+    pub y: *mut f32,
+    /**\[t, h\].
+
+```text
+[t, h]
+```*/
+    pub out: *mut u16,
+    pub coeff: *const f64,
+    pub coeff_value: f64,
+    pub sparsity_sum: *mut f64,
+    pub sparsity_count: *mut u32,
+    pub error_flags: *mut u32,
+    pub barrier: *mut u32,
+    pub t: i32,
+    pub h: i32,
+    pub f: i32,
+    pub e: i32,
+    pub k: i32,
+    pub k_splits: i32,
+    pub plane_rows: i32,
+    pub grid: i32,
+}
+pub type remoe_decode_args_t = remoe_decode_args;
+unsafe extern "C" {
+    /**The most CTAs of the small-batch kernel that are resident at once on the current device, its cooperative launch limit.
+
+```text
+The most CTAs of the small-batch kernel that are resident at once on the current device, its
+cooperative launch limit: multiprocessors x the occupancy the runtime reports for it; 0 when
+the device has no cooperative launch (cudaDevAttrCooperativeLaunch) or the kernel cannot run
+there. Synchronous; sets the kernel's attributes. On an error, *grid is 0, the code is returned
+and the runtime's last error is cleared.
+```*/
+    pub fn remoe_decode_max_grid_bf16(grid: *mut i32) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn remoe_decode_max_grid_f16(grid: *mut i32) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn remoe_decode_forward_bf16(
+        args: *const remoe_decode_args_t,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn remoe_decode_forward_f16(
+        args: *const remoe_decode_args_t,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
