@@ -773,8 +773,10 @@ impl<T: HalfElement> MoeContext<T> {
     /// E at most [`SMALL_BATCH_MAX_EXPERTS`], the router is [`RouterKind::Relu`] (TopK keeps the
     /// multi-kernel path), the context does not save for backward, the pair buffers hold every
     /// pair (the default [`PairCapacity::Auto`] at these sizes; a smaller fixed capacity keeps
-    /// the multi-kernel path) and stage timing is off. Off by default until the threshold where
-    /// it stops paying has been measured.
+    /// the multi-kernel path) and stage timing is off. Off by default: on an H100 it beats the
+    /// multi-kernel path at T = 1 at every shape measured and loses to it at T = 64 at some
+    /// (docs/DECODE.md, "v2, measured"), so the threshold is the caller's, measured for the
+    /// model's shape with `examples/latency`.
     ///
     /// Its kernel's CTAs wait for one another between phases, so it is a cooperative launch: the
     /// driver runs every CTA at once or refuses the launch, which the forward then returns as
