@@ -93,6 +93,7 @@
 // limit), never more, and only on a device with cudaDevAttrCooperativeLaunch. A cooperative
 // launch is captured into a CUDA graph as a cooperative kernel node (CUDA 12 and later).
 #include "mma_sync.cuh"
+#include "relu_gate.cuh"
 #include "swiglu.cuh"
 
 namespace {
@@ -242,19 +243,6 @@ __device__ __forceinline__ void store8_f32(float *p, const float v[8]) {
   reinterpret_cast<float4 *>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t *>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t *>(&v);
-}
-
 // ---- the grid barrier (see the file comment); returns the launch's parity ----
 
 __device__ __forceinline__ int grid_barrier(uint32_t *word, int *misc) {
@@ -272,22 +260,6 @@ __device__ __forceinline__ int grid_barrier(uint32_t *word, int *misc) {
 }
 
 // ---- phase 1: the router ----
-
-// router.cu's gate_of: the gate under the non-finite policy, the stores, the error word.
-__device__ __forceinline__ void store_gate(float logit, int token, int expert, int t, int e,
-                                           float *logits, float *gates, uint32_t *error_flags) {
-  const bool finite = isfinite(logit);
-  const float gate = finite ? fmaxf(logit, 0.f) : 0.f;
-  if (token < t && expert < e) {
-    const size_t o = (size_t)token * e + expert;
-    logits[o] = logit;
-    gates[o] = gate;
-    if (!finite && error_flags != nullptr) {
-      atomicAdd(&error_flags[0], 1u);
-      atomicMax(&error_flags[1], ~(uint32_t)token);
-    }
-  }
-}
 
 __device__ __forceinline__ uint32_t lds_u32(const void *p) {
   return *reinterpret_cast<const uint32_t *>(p);
@@ -379,8 +351,8 @@ __device__ void router_mma(const Params<T> &a, T *pipe) {
     if (warp == 0) {
 #pragma unroll
       for (int v = 0; v < 4; ++v)
-        store_gate(acc[v], tok0 + g + (v >> 1) * 8, e0 + 2 * q + (v & 1), a.t, a.e, a.logits,
-                   a.gates, a.error_flags);
+        (void)relu_gate(acc[v], tok0 + g + (v >> 1) * 8, e0 + 2 * q + (v & 1), a.t, a.e,
+                        a.logits, a.gates, a.error_flags);
     }
   }
 }
@@ -407,7 +379,7 @@ __device__ void router_fma(const Params<T> &a) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc = fmaf(xv[j], wv[j], acc);
     }
-    store_gate(acc, token, expert, a.t, a.e, a.logits, a.gates, a.error_flags);
+    (void)relu_gate(acc, token, expert, a.t, a.e, a.logits, a.gates, a.error_flags);
   }
 }
 

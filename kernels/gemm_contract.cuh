@@ -174,20 +174,7 @@ struct RowGemmParams {
   int k_splits;
 };
 
-// ---- pack helpers ----
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t *>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t *>(&v);
-}
+// ---- pack helpers (pack2 is common.cuh's) ----
 
 // Two values rounded to T, one 4-byte store.
 template <typename T>

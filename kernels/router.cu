@@ -23,6 +23,7 @@
 // one (atomicMax of ~token, so 0 means none). Only the rare non-finite path touches the word: no
 // cost otherwise, and no host synchronisation.
 #include "mma_sync.cuh"
+#include "relu_gate.cuh"
 
 namespace {
 
@@ -49,24 +50,6 @@ __device__ __forceinline__ void block_statistics(const float (*tile)[TE + 1], in
     block_sums[o] = sum;
   }
 }
-
-// One logit's epilogue: the gate under the non-finite policy, the stores, the error word.
-__device__ __forceinline__ float gate_of(float logit, int token, int expert, int t, int e,
-                                         float *logits, float *gates, uint32_t *error_flags) {
-  const bool finite = isfinite(logit);
-  const float gate = finite ? fmaxf(logit, 0.f) : 0.f;
-  if (token < t && expert < e) {
-    const size_t o = (size_t)token * e + expert;
-    logits[o] = logit;
-    gates[o] = gate;
-    if (!finite && error_flags != nullptr) {
-      atomicAdd(&error_flags[0], 1u);
-      atomicMax(&error_flags[1], ~(uint32_t)token);
-    }
-  }
-  return token < t ? gate : 0.f;
-}
-
 
 template <typename T, int TE, int RM, int RE>
 __global__ void __launch_bounds__(kThreads)
@@ -148,7 +131,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < RE; ++j) {
       const int col = tx + j * kCols;
       tile[row][col] =
-          gate_of(acc[i][j], token, expert0 + col, t, e, logits, gates, error_flags);
+          relu_gate(acc[i][j], token, expert0 + col, t, e, logits, gates, error_flags);
     }
   }
   if (block_counts == nullptr) return;
@@ -251,7 +234,7 @@ __global__ void __launch_bounds__(kMmaThreads)
       const int row = warp * 16 + (lane >> 2) + (v >> 1) * 8;
       const int col = n * 8 + (lane & 3) * 2 + (v & 1);
       tile[row][col] =
-          gate_of(acc[n][v], token0 + row, expert0 + col, t, e, logits, gates, error_flags);
+          relu_gate(acc[n][v], token0 + row, expert0 + col, t, e, logits, gates, error_flags);
     }
   }
   if (block_counts == nullptr) return;
