@@ -93,6 +93,7 @@
 // limit), never more, and only on a device with cudaDevAttrCooperativeLaunch. A cooperative
 // launch is captured into a CUDA graph as a cooperative kernel node (CUDA 12 and later).
 #include "mma_sync.cuh"
+#include "gemm_contract.cuh"
 #include "relu_gate.cuh"
 #include "swiglu.cuh"
 
@@ -620,11 +621,11 @@ __device__ __forceinline__ int k_blocks(const Params<T> &a) {
   return (a.f + BK - 1) / BK;
 }
 
-// grouped_gemm.cu's split-K ranges (and the Hopper kernel's): [s kb / k_splits, (s + 1) kb /
-// k_splits) of the kb k-tiles of F; each holds at least one (k_splits <= kb).
+// The GEMMs' split-K ranges (gemm_contract.cuh) over the kb k-tiles of F; each holds at least
+// one (k_splits <= kb).
 template <typename T>
 __device__ __forceinline__ int split_begin(const Params<T> &a, int s) {
-  return (int)((long long)s * k_blocks(a) / a.k_splits);
+  return split_k_begin(s, k_blocks(a), a.k_splits);
 }
 
 template <bool kUp, typename T>

@@ -174,6 +174,13 @@ struct RowGemmParams {
   int k_splits;
 };
 
+// The first K block of split-K range s (of k_splits over kb blocks; range s ends where s + 1
+// begins). Both paths and the small-batch kernel (decode.cu) cut K here, so their planes hold
+// the same partial sums and the plane sums the same bits.
+__device__ __forceinline__ int split_k_begin(int s, int kb, int k_splits) {
+  return (int)((long long)s * kb / k_splits);
+}
+
 // ---- pack helpers (pack2 is common.cuh's) ----
 
 // Two values rounded to T, one 4-byte store.

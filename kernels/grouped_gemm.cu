@@ -185,8 +185,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   // Split-K: blockIdx.y is the K range, and the plane the epilogue writes.
   const int k_tiles = (K + BK - 1) / BK;
-  const int kt_begin = (int)((long long)blockIdx.y * k_tiles * kSegments / args.k_splits);
-  const int kt_end = (int)((long long)(blockIdx.y + 1) * k_tiles * kSegments / args.k_splits);
+  const int kt_begin = split_k_begin(blockIdx.y, k_tiles * kSegments, args.k_splits);
+  const int kt_end = split_k_begin(blockIdx.y + 1, k_tiles * kSegments, args.k_splits);
   const int total_k_tiles = kt_end - kt_begin;
 
   auto load_stage = [&](int stage, int kt) {

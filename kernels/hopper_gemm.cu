@@ -235,8 +235,8 @@ __device__ __forceinline__ RowUnit row_unit(const RowGemmParams<T, kMode> &args,
   u.expert = t.expert;
   u.row0 = t.row0;
   u.rows = t.rows;
-  u.kb_begin = (int)((long long)u.split * k_blocks / args.k_splits);
-  u.kb_end = (int)((long long)(u.split + 1) * k_blocks / args.k_splits);
+  u.kb_begin = split_k_begin(u.split, k_blocks, args.k_splits);
+  u.kb_end = split_k_begin(u.split + 1, k_blocks, args.k_splits);
   return u;
 }
 
