@@ -132,16 +132,7 @@ impl Half for f16 {
 /// in f16 except the few below f16's normal range).
 fn host_problem<T: Half>(cfg: LayerConfig, density: &[f64], seed: u64) -> HostProblem {
     let mut p = problem_with_density(cfg, density, seed);
-    let params = &mut p.params;
-    for v in
-        p.x.iter_mut()
-            .chain(params.router.iter_mut())
-            .chain(params.gate.iter_mut())
-            .chain(params.up.iter_mut())
-            .chain(params.down.iter_mut())
-    {
-        *v = T::of(*v).value();
-    }
+    p.round_values(|v| T::of(v).value());
     p
 }
 

@@ -207,16 +207,7 @@ fn f16_to_f64(v: &[f16]) -> Vec<f64> {
 /// value again makes the reference see exactly what the GPU sees.
 fn f16_problem(cfg: LayerConfig, density: &[f64], seed: u64) -> HostProblem {
     let mut p = problem_with_density(cfg, density, seed);
-    let params = &mut p.params;
-    for v in
-        p.x.iter_mut()
-            .chain(params.router.iter_mut())
-            .chain(params.gate.iter_mut())
-            .chain(params.up.iter_mut())
-            .chain(params.down.iter_mut())
-    {
-        *v = f16::from_f64(*v).to_f64();
-    }
+    p.round_values(|v| f16::from_f64(v).to_f64());
     p
 }
 

@@ -29,6 +29,25 @@ pub struct HostProblem {
     pub params: LayerParams<f64>,
 }
 
+impl HostProblem {
+    /// Replaces every value (X and the weights) by `round(value)`: a problem for a GPU dtype
+    /// whose rounding of the values is not bf16's (f16's, below its normal range), so that the
+    /// reference computes from what the GPU sees.
+    pub fn round_values(&mut self, round: impl Fn(f64) -> f64) {
+        let p = &mut self.params;
+        for v in self
+            .x
+            .iter_mut()
+            .chain(p.router.iter_mut())
+            .chain(p.gate.iter_mut())
+            .chain(p.up.iter_mut())
+            .chain(p.down.iter_mut())
+        {
+            *v = round(*v);
+        }
+    }
+}
+
 /// Builds a problem whose expert e is active for about `density[e]` of the tokens: feature 0 of
 /// X is a constant 1 and row 0 of the router sets each expert's threshold against the noise of
 /// the other features (the honest way to reach a trained model's density with random weights).
@@ -241,5 +260,19 @@ mod tests {
             assert_eq!(got.params.up, want.params.up, "up, {threads} threads");
             assert_eq!(got.params.down, want.params.down, "down, {threads} threads");
         }
+    }
+
+    #[test]
+    fn rounding_a_problem_rounds_x_and_every_weight() {
+        let cfg = LayerConfig::new(7, 16, 24, 3, 1);
+        let before = problem_with_density(cfg, &uniform_density(3, 0.5), 7);
+        let mut after = problem_with_density(cfg, &uniform_density(3, 0.5), 7);
+        after.round_values(|v| v.signum());
+        let signs = |v: &[f64]| v.iter().map(|x| x.signum()).collect::<Vec<_>>();
+        assert_eq!(after.x, signs(&before.x));
+        assert_eq!(after.params.router, signs(&before.params.router));
+        assert_eq!(after.params.gate, signs(&before.params.gate));
+        assert_eq!(after.params.up, signs(&before.params.up));
+        assert_eq!(after.params.down, signs(&before.params.down));
     }
 }
