@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU bundle for HEAD with every patch of pending/ applied, so that one session's GPU run
 # (the suite on both paths, then the four sanitizers) checks all of them at once instead of one
-# bundle and one suite per patch (today y-half):
+# bundle and one suite per patch (today y-half, then decode-auto, which is written on top of it):
 #
 #   bash pending/bundle-all.sh        # here, no GPU needed
 #   run(command="bash target/xb/pending/run-suite.sh ...", carry=["target/xb/pending"])
@@ -21,7 +21,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 scratch="${PENDING_SCRATCH:-/tmp/pending-all}"
 target="${PENDING_TARGET_DIR:-/work/pending-target}"
 # PENDING_PATCHES="" builds HEAD alone (the bundle for a change about to land).
-read -r -a patches <<<"${PENDING_PATCHES-y-half}"
+read -r -a patches <<<"${PENDING_PATCHES-y-half decode-auto}"
 git -C "$root" worktree remove --force "$scratch" 2>/dev/null || true
 git -C "$root" worktree add -q --detach "$scratch" HEAD
 ln -sfn "$root/.toolchain" "$scratch/.toolchain"
