@@ -43,12 +43,12 @@ fn run_layer(
     for warm in [true, false] {
         if !warm {
             ctx.poison_workspace().unwrap();
+            for t in [&mut dwr, &mut dwg, &mut dwu, &mut dwd] {
+                t.poison().unwrap();
+            }
+            out.poison().unwrap();
+            dx.poison().unwrap();
         }
-        for t in [&mut dwr, &mut dwg, &mut dwu, &mut dwd] {
-            t.poison().unwrap();
-        }
-        out.poison().unwrap();
-        dx.poison().unwrap();
         moe_forward(
             &mut ctx,
             &cfg,
@@ -182,8 +182,8 @@ fn both_gemm_paths_agree_on_skewed_loads() {
 /// A shape the size of a real layer's. Under racecheck, a quarter of its tokens (one or two
 /// row tiles per expert, every column tile and K block as before): the full size ran past the
 /// sanitizer pass's time in two sessions, and each path runs twice (the warm-up before the
-/// poisoning). The hazards racecheck looks for are between the threads of a
-/// CTA, which run the same code at either size.
+/// poisoning). The hazards racecheck looks for are between the threads of a CTA, which run the
+/// same code at either size.
 #[test]
 fn both_gemm_paths_agree_at_a_real_layer_size() {
     let tokens = if sanitizer_tool().as_deref() == Some("racecheck") {
