@@ -4,8 +4,9 @@
 #   bench_report's short pass over every named configuration (run-suite.sh's default) and
 #   memcheck, initcheck and synccheck, then racecheck of RACE_BINS until about 570 s;
 # - the comparison folder (C, default target/xb/cmp2: head-bench_report.gz, main's, and
-#   new-bench_report.gz, the bundle's): the two alternated, new, head, new, head, at CFGS, so
-#   that clocks and heat fall on both alike.
+#   new-bench_report.gz, the bundle's): the bundle's latency.gz at LAT_TOKENS (default 1,8,64),
+#   then the two bench_reports alternated, new, head, new, head, at CFGS, so that clocks and heat
+#   fall on both alike.
 # The whole bundle and the tracked files pass the carry limit (64 MiB) since gpu_decode joined
 # the suite, so carry it in two parts:
 #   run(command="RACE_BINS=gpu_forward,gpu_graph bash pending/calls/suite-and-compare.sh",
@@ -40,6 +41,14 @@ fi
 if [[ -f $c/head-bench_report.gz ]]; then
   cat $c/COMMIT >> $OUT/commit.txt
   for v in head new; do gunzip -c $c/$v-bench_report.gz > /tmp/$v-br; chmod +x /tmp/$v-br; done
+  # The bundle's latency (decode-auto's `auto` column beside graph and graph-small) first: it
+  # is the only decode figure of the call, and the rounds below stop at the deadline anyway.
+  if [[ -f $c/latency.gz ]]; then
+    gunzip -c $c/latency.gz > /tmp/latency && chmod +x /tmp/latency
+    timeout 150 /tmp/latency --tokens ${LAT_TOKENS:-1,8,64} --json $OUT/latency.json \
+      > $OUT/latency.log 2>&1
+    echo "latency rc=$? $((SECONDS - S))s" >> $OUT/rc.txt
+  fi
   for round in 1 2 3; do
     for v in new head; do
       left=$((560 - (SECONDS - S))); [[ $left -lt 60 ]] && break 2
@@ -57,6 +66,7 @@ fi
 cat $OUT/commit.txt $OUT/gpu.txt $OUT/rc.txt
 grep -E "TOTAL|FAILED|panicked" $OUT/suite.log 2>/dev/null | tail -8
 grep -hE "^\s*(memcheck|initcheck|synccheck|racecheck) " $OUT/suite.log $OUT/race.log 2>/dev/null | grep -v " 0 errors$" | tail -8
+[[ -f $OUT/latency.log ]] && tail -32 $OUT/latency.log | cut -c1-150
 for f in $OUT/*-?.log; do
   echo "== $(basename $f)"; grep -E "^[A-Z0-9]+ +uniform +ReMoE +hopper +0|FAILED" $f | cut -c1-110
 done
