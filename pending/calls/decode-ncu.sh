@@ -4,6 +4,8 @@
 #   run(command="bash pending/calls/decode-ncu.sh",
 #       carry=["target/xb/cmp2", "target/xb/pending/tests", "target/xb/pending/run-suite.sh",
 #              "target/xb/pending/COMMIT"])
+# RACE_BINS="" skips the racecheck (for a call that runs suite-and-compare.sh after it, with
+# OUT set to a folder of its own: OUT=$OUT/ncu).
 # One launch per shape (the sixth, so the first launches' cold instruction caches and lazy
 # module loading are past), ncu's default cache flush, boost clocks left alone; the sections
 # that say where warps wait (WarpStateStats, SourceCounters' per-instruction stall samples)
@@ -13,7 +15,8 @@ S=$SECONDS
 c=${C:-target/xb/cmp2}
 b=${B:-target/xb/pending}
 shapes=${SHAPES:-E8k1:1 E64k8:8}
-race_bins=${RACE_BINS:-gpu_soundness,gpu_safety,gpu_router,gpu_controller,gpu_f16_and_bounds,unit}
+race_bins=${RACE_BINS-gpu_soundness,gpu_safety,gpu_router,gpu_controller,gpu_f16_and_bounds,unit}
+mkdir -p $OUT
 ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/gpu.txt
 cat $c/COMMIT > $OUT/commit.txt 2>/dev/null
@@ -30,7 +33,7 @@ for st in $shapes; do
   "$ncu" -i $OUT/$sh-t$t.ncu-rep --page source --csv --print-source sass > $OUT/$sh-t$t-sass.csv 2>&1
 done
 left=$((570 - (SECONDS - S)))
-if [[ -f $b/run-suite.sh && $left -gt 60 ]]; then
+if [[ -n $race_bins && -f $b/run-suite.sh && $left -gt 60 ]]; then
   timeout $left bash $b/run-suite.sh --sanitizers-only --bins $race_bins --sanitizers racecheck \
     --sanitizer-jobs 14 --racecheck-jobs 8 --sanitizer-deadline $((left - 8)) > $OUT/race.log 2>&1
   echo "race rc=$? $((SECONDS - S))s" >> $OUT/rc.txt
