@@ -22,6 +22,9 @@ scratch="${PENDING_SCRATCH:-/tmp/pending-all}"
 target="${PENDING_TARGET_DIR:-/work/pending-target}"
 # PENDING_PATCHES="" builds HEAD alone (the bundle for a change about to land).
 read -r -a patches <<<"${PENDING_PATCHES-y-half decode-auto}"
+# The scratch links to this checkout's toolchain, so install it here first: in a new checkout
+# the link would dangle and with-cuda's install inside the scratch would fail on it.
+"$root/scripts/with-cuda" true
 git -C "$root" worktree remove --force "$scratch" 2>/dev/null || true
 git -C "$root" worktree add -q --detach "$scratch" HEAD
 ln -sfn "$root/.toolchain" "$scratch/.toolchain"
