@@ -8,11 +8,16 @@
 //!   tracking on: every launch records an event per buffer and waits on the last write's);
 //! - `eager-untracked`: the same calls on a device made by `Device::new_untracked`;
 //! - `graph`: the same calls captured once in a CUDA graph (untracked device), replayed;
-//! - `graph-small`: at T <= 64, the same graph-replayed forward with the small-batch path on
-//!   (`MoeContext::set_small_batch_threshold`, one persistent kernel), its output checked
-//!   bitwise against `graph`'s context before timing;
+//! - `graph-small`: at T <= 64, the same graph-replayed forward on the small-batch path
+//!   (`SmallBatch::UpTo(64)`, one persistent kernel), its output checked bitwise against
+//!   `graph`'s context before timing;
 //! - `floor`: a plain streaming kernel (examples/latency/stream_floor.cu, loaded from the PTX
 //!   beside it; not part of the library) moving the same bytes, on the untracked device's stream.
+//!
+//! `eager`, `eager-untracked` and `graph` time the multi-kernel chain (`SmallBatch::Off`), not
+//! the contexts' default `SmallBatch::Auto`, so that the two paths stand side by side at every
+//! T; the forward table's `auto` column says which of them `Auto` takes at that shape and T (one
+//! eager forward of a context left at the default, untimed).
 //!
 //! **The forward's floor** is the time that kernel takes to read the batch's bytes once: the
 //! weights (gate, up, down: 3 H F bf16 each) of every expert the batch routes to (the experts with
@@ -77,7 +82,7 @@ use remoe_kernels::graph::{capture, Graph};
 use remoe_kernels::reference::LayerParams;
 use remoe_kernels::{
     moe_backward, remoe_forward, Coefficient, Device, DeviceMoeWeights, DeviceTensor, Error,
-    HostMoeWeights, LayerConfig, MoeContext, MoeGrads,
+    HostMoeWeights, LayerConfig, MoeContext, MoeGrads, SmallBatch,
 };
 use remoe_testkit::rng::{seeded, Rng};
 use remoe_testkit::synthetic::{problem_with_density, to_bf16, uniform_density};
@@ -287,8 +292,19 @@ impl Layer<'_> {
     /// The inference forwards on the small-batch path up to `FWD_MAX_TOKENS` tokens.
     fn small_batch(mut self) -> Result<Self, Error> {
         self.inference
-            .set_small_batch_threshold(Some(FWD_MAX_TOKENS))?;
+            .set_small_batch(SmallBatch::UpTo(FWD_MAX_TOKENS))?;
         Ok(self)
+    }
+
+    /// Whether the contexts' default, `SmallBatch::Auto`, takes the small-batch path for this
+    /// layer's forward: one eager forward of the inference context set back to it (prepared
+    /// by that forward, as a context that was never configured would be).
+    fn auto_takes_small_batch(mut self) -> Result<bool, Error> {
+        self.inference.set_small_batch(SmallBatch::Auto)?;
+        let before = self.inference.small_batch_forwards();
+        self.forward(0)?;
+        self.inference.check_device_errors()?;
+        Ok(self.inference.small_batch_forwards() > before)
     }
 }
 
@@ -322,6 +338,9 @@ impl<'w> Layer<'w> {
         } else {
             None
         };
+        // The chain, whatever the default would take: `small_batch` sets the other path.
+        let mut inference = MoeContext::new(dev);
+        inference.set_small_batch(SmallBatch::Off)?;
         Ok(Self {
             cfg,
             weights,
@@ -330,7 +349,7 @@ impl<'w> Layer<'w> {
                 .map(|_| DeviceTensor::from_host(dev, x, &[t, h]))
                 .collect::<Result<_, _>>()?,
             out: DeviceTensor::zeros(dev, &[t, h])?,
-            inference: MoeContext::new(dev),
+            inference,
             training,
         })
     }
@@ -560,12 +579,14 @@ struct Row {
     host: Timing,
 }
 
-/// One shape and batch size: the rows, and the experts each input copy's batch routes to.
+/// One shape and batch size: the rows, the experts each input copy's batch routes to, and
+/// whether `SmallBatch::Auto` takes the small-batch path there.
 struct Measured {
     shape: Shape,
     tokens: usize,
     routed: Vec<usize>,
     rows: Vec<Row>,
+    auto_small: bool,
 }
 
 impl Measured {
@@ -651,6 +672,8 @@ fn measure(
     let routed = (0..COPIES)
         .map(|i| b.routed_experts(i))
         .collect::<Result<Vec<_>, _>>()?;
+    let auto_small = Layer::new(untracked, cfg, &inputs.untracked, &inputs.x, false)?
+        .auto_takes_small_batch()?;
     let fwd_bytes: Vec<usize> = routed.iter().map(|&r| forward_bytes(&cfg, r)).collect();
     let read_bytes: Vec<usize> = routed.iter().map(|&r| step_read_bytes(&cfg, r)).collect();
     let written = step_written_bytes(&cfg);
@@ -770,6 +793,7 @@ fn measure(
         tokens,
         routed,
         rows,
+        auto_small,
     })
 }
 
@@ -958,7 +982,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             cfg.ffn
         );
         println!(
-            "{:>5} {:>7} {:>8} {:>22} {:>20} {:>6} {:>9} {:>8} {:>22} {:>22}",
+            "{:>5} {:>7} {:>8} {:>22} {:>20} {:>6} {:>9} {:>8} {:>22} {:>22} {:>6}",
             "T",
             "experts",
             "MB",
@@ -968,7 +992,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "target us",
             "",
             "eager us (tracked)",
-            "eager us (untracked)"
+            "eager us (untracked)",
+            "auto"
         );
         let mut small_lines = Vec::new();
         for m in measured.iter().filter(|m| m.shape == shape) {
@@ -984,8 +1009,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let applies = m.tokens <= FWD_MAX_TOKENS;
             let v = Verdict::new(graph, fl, FWD_RATIO, FWD_SLACK_US);
             let bytes = m.mean_bytes(|r| forward_bytes(&cfg, r));
+            let auto = if m.auto_small { "small" } else { "chain" };
             println!(
-                "{:>5} {:>7} {:>8.1} {:>22} {:>20} {:>6.2} {} {:>22} {:>22}",
+                "{:>5} {:>7} {:>8.1} {:>22} {:>20} {:>6.2} {} {:>22} {:>22} {:>6}",
                 m.tokens,
                 m.routed_text(),
                 bytes / 1e6,
@@ -994,7 +1020,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 v.ratio,
                 v.text(applies),
                 us(eager),
-                us(untr)
+                us(untr),
+                auto
             );
             let small = m.gpu("forward", Mode::GraphSmall);
             let small_verdict = small.map(|g| Verdict::new(g, fl, FWD_RATIO, FWD_SLACK_US));
@@ -1013,6 +1040,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut entry = serde_json::json!({
                 "shape": shape.name(), "experts": cfg.experts, "k": cfg.k, "hidden": cfg.hidden,
                 "ffn": cfg.ffn, "tokens": m.tokens, "routed_experts": m.routed,
+                "auto_path": auto,
                 "forward": {
                     "bytes": bytes, "graph_us": us_json(graph), "floor_us": us_json(fl),
                     "eager_us": us_json(eager), "eager_untracked_us": us_json(untr),

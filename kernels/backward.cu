@@ -8,8 +8,9 @@
 
 namespace {
 
-// One warp per pair p: dr[p] = dOut[t] . y[p], the data term of dR, from the dAct GEMM's
-// 32-column group sums (kernels/swiglu.cuh): lane l adds groups l, l + 32, ... in ascending
+// One warp per pair p: dr[p] = dOut[t] . y[p], the data term of dR (with y = act Wd unrounded,
+// not the forward's stored y, which is rounded to T), from the dAct GEMM's 32-column group sums
+// of act . (dOut[t] Wd^T) (kernels/swiglu.cuh): lane l adds groups l, l + 32, ... in ascending
 // order, then the warp's butterfly. A fixed order: the same bits on every run and on both GEMM
 // paths. (It also wrote dy[p] = R[p] dOut[t] for dWd once; the dAct GEMM now writes R act
 // instead, and dWd reads dOut's rows through the pairs: kernels/remoe_kernels.h.)

@@ -11,7 +11,8 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kChunksPerLane = 4;  // 8 values each
 
-// Y: the rows' type (f32 expert outputs in the forward, T per-pair dX in the backward).
+// Y: the rows' type (T for both users: the forward's expert outputs y, the backward's per-pair
+// dX), widened to f32 as it is loaded.
 template <typename T, typename Y>
 __global__ void __launch_bounds__(kWarps * 32)
     combine_kernel(const Y *__restrict__ y, const float *__restrict__ gates,
@@ -75,13 +76,14 @@ int launch_combine(const Y *y, const float *gates, const int32_t *pair_index, co
 }  // namespace
 
 extern "C" int remoe_combine_bf16 REMOE_COMBINE_PARAMS {
-  return launch_combine<__nv_bfloat16, float>(y, gates, pair_index, nullptr, out, t, h, e,
-                                              (cudaStream_t)stream);
+  return launch_combine<__nv_bfloat16, __nv_bfloat16>(
+      reinterpret_cast<const __nv_bfloat16 *>(y), gates, pair_index, nullptr, out, t, h, e,
+      (cudaStream_t)stream);
 }
 
 extern "C" int remoe_combine_f16 REMOE_COMBINE_PARAMS {
-  return launch_combine<__half, float>(y, gates, pair_index, nullptr, out, t, h, e,
-                                       (cudaStream_t)stream);
+  return launch_combine<__half, __half>(reinterpret_cast<const __half *>(y), gates, pair_index,
+                                        nullptr, out, t, h, e, (cudaStream_t)stream);
 }
 
 extern "C" int remoe_token_sum_bf16 REMOE_TOKEN_SUM_PARAMS {

@@ -23,15 +23,17 @@
 //      and u for all of the expert's tokens (<= 64 rows, mma.sync m16n8k16) and writing act; each
 //      finished unit adds 1 to its (expert, split-K range) readiness counter (release).
 //   4. Down projection: units (expert, split-K range, 64 columns of H) with the multi-kernel
-//      path's split (the host passes its k_splits), partial sums in f32 planes of y. A unit waits
-//      (acquire) only for the readiness counter of its (expert, split-K range): the up units
-//      whose act columns it reads. The units of both projections are one round-robin sequence
-//      over the grid (up units first), so at small T the down units start on CTAs that have no
-//      up unit, prefetching their Wd slice into L2 while they wait.
+//      path's split (the host passes its k_splits): y rounded to T where the range is whole, else
+//      the range's f32 partial sums in its plane of `partials`. A unit waits (acquire) only for
+//      the readiness counter of its (expert, split-K range): the up units whose act columns it
+//      reads. The units of both projections are one round-robin sequence over the grid (up units
+//      first), so at small T the down units start on CTAs that have no up unit, prefetching their
+//      Wd slice into L2 while they wait.
 //   5. Combine, per (token, group of 64-column slices of H) by the last down unit to finish one
 //      of that token's pieces (an acq_rel counter per (token, group)): out[t] = sum over t's
-//      experts ascending of gate * (the pair's planes summed in plane order), the plane sum
-//      written back into plane 0 (what the multi-kernel path's y holds).
+//      experts ascending of gate * y, where with split-K the combine first makes y from the
+//      pair's planes summed in plane order and rounded to T, and writes it (as the multi-kernel
+//      path's plane sum does).
 //
 // Bitwise equality with the multi-kernel path: every output element is computed by the same
 // sequence of rounding operations. For the tensor-core GEMMs that is the chain of m16n8k16 steps
@@ -40,9 +42,11 @@
 // columns of its tile, nor on the tiling, nor on which CTA or warp runs it): the grouped GEMM
 // (kernels/grouped_gemm.cu) and the Hopper one (kernels/hopper_gemm.cu, wgmma's k16 steps) add
 // the same products in the same order (docs/SPEC.md; tests/gpu_gemm_paths.rs). The epilogues use
-// swiglu.cuh, the plane sum is split_k.cu's order, the combine is combine.cu's fmaf chain (the
-// token's experts ascending), the statistics copy compaction.cu's expressions. Which CTA does a
-// combine, and when, changes no bit: its order is fixed by the dispatch alone.
+// swiglu.cuh and the GEMMs' rounding of y (pack2), the plane sum is split_k.cu's order and
+// rounding (store8's T(sum); store8_widened here), the combine is combine.cu's fmaf chain (the
+// token's experts ascending) over y widened from T, the statistics copy compaction.cu's
+// expressions. Which CTA does a combine, and when, changes no bit: its order is fixed by the
+// dispatch alone.
 //
 // Synchronisation: `sync` (REMOE_DECODE_SYNC_WORDS u32 of the context, zeroed once at
 // allocation, never poisoned) holds the grid barrier's word and two sets of counters.
@@ -171,7 +175,8 @@ struct Params {
   float *pair_gate;
   int32_t *pair_index;
   T *act;
-  float *y;
+  T *y;             // [plane_rows, h]
+  float *partials;  // [k_splits, plane_rows, h], k_splits > 1 only
   T *out;
   const double *coeff;  // or null: coeff_value
   double coeff_value;
@@ -239,9 +244,27 @@ __device__ __forceinline__ void load8_cg(const float *p, float v[8]) {
   v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
-__device__ __forceinline__ void store8_f32(float *p, const float v[8]) {
-  reinterpret_cast<float4 *>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-  reinterpret_cast<float4 *>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+// Eight 16-bit values written earlier in this kernel (by any CTA), through L2, widened to f32.
+template <typename T>
+__device__ __forceinline__ void load8_cg(const T *p, float v[8]) {
+  const uint4 raw = __ldcg(reinterpret_cast<const uint4 *>(p));
+  const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
+}
+
+// common.cuh's store8 (split_k.cu's rounding of the plane sum into y), which also leaves in v
+// the stored values widened back to f32: what the multi-kernel path's combine reads from y.
+template <typename T>
+__device__ __forceinline__ void store8_widened(T *p, float (&v)[8]) {
+  uint4 raw;
+  T *o = reinterpret_cast<T *>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    o[i] = T(v[i]);
+    v[i] = to_float(o[i]);
+  }
+  *reinterpret_cast<uint4 *>(p) = raw;
 }
 
 // ---- the grid barrier (see the file comment); returns the launch's parity ----
@@ -796,7 +819,8 @@ __device__ __forceinline__ void mma_tile(const T *stage, int mtiles, float (&acc
 
 // A unit's epilogue from the f32 accumulators (m16n8 layout: c0, c1 at row lane / 4, columns
 // 2 (lane % 4) + {0, 1}; c2, c3 eight rows below). Up: act = SiLU(g) u (swiglu.cuh) as
-// grouped_gemm.cu stores it; down: the partial sums into the unit's plane.
+// grouped_gemm.cu stores it; down: y rounded to T as the GEMMs' epilogues round it, or with
+// split-K the unit's partial sums into its plane.
 template <bool kUp, typename T>
 __device__ __forceinline__ void epilogue(const Params<T> &a, const Unit &w,
                                          const float (&acc)[4][2][4]) {
@@ -817,21 +841,26 @@ __device__ __forceinline__ void epilogue(const Params<T> &a, const Unit &w,
           *reinterpret_cast<uint32_t *>(a.act + (size_t)(w.row_off + r) * a.f + col) =
               pack2<T>(swiglu<T>(g0, u0), swiglu<T>(g1, u1));
         }
-      } else {
-        float *plane = a.y + (size_t)w.split * a.plane_rows * a.h;
-        if (col < a.h)
-          *reinterpret_cast<float2 *>(plane + (size_t)(w.row_off + r) * a.h + col) =
-              make_float2(acc[mi][0][half * 2], acc[mi][0][half * 2 + 1]);
+      } else if (col < a.h) {
+        const size_t at = (size_t)(w.row_off + r) * a.h + col;
+        const float v0 = acc[mi][0][half * 2], v1 = acc[mi][0][half * 2 + 1];
+        if (a.k_splits == 1) {
+          *reinterpret_cast<uint32_t *>(a.y + at) = pack2<T>(v0, v1);
+        } else {
+          float *plane = a.partials + (size_t)w.split * a.plane_rows * a.h;
+          *reinterpret_cast<float2 *>(plane + at) = make_float2(v0, v1);
+        }
       }
     }
   }
 }
 
 // The combine of n tokens (list) over the column slices of group g: per (token, 8 columns),
-// combine.cu's order (the token's experts ascending, fmaf from 0.f) over y rows summed in
-// split_k.cu's order (plane 0, then += each further plane). With split-K the sum is also stored
-// into plane 0, which then holds y as after the multi-kernel path's plane sum (only this thread
-// touches that pair's 8 columns, once).
+// combine.cu's order (the token's experts ascending, fmaf from 0.f) over y widened from T. With
+// split-K, y is made here first as split_k.cu makes it: the planes summed in its order (plane 0,
+// then += each further plane), rounded to T by the same conversion (store8_widened), written
+// to y (only this thread touches that pair's 8 columns, once) and used as the T values it
+// wrote.
 template <typename T>
 __device__ void combine(const Params<T> &a, const Dispatch &d, const int32_t *list, int n, int g,
                         int nsl) {
@@ -852,20 +881,24 @@ __device__ void combine(const Params<T> &a, const Dispatch &d, const int32_t *li
       if (!((m >> token) & 1ull)) continue;
       const uint32_t p = d.off[ex] + (uint32_t)__popcll(m & below(token));
       const float gate = __ldcg(a.gates + (size_t)token * a.e + ex);
-      float *row = a.y + (size_t)p * a.h + col;
-      float v[8], more[kMaxSplits - 1][8];
-      load8_cg(row, v);
+      T *row = a.y + (size_t)p * a.h + col;
+      float v[8];
+      if (a.k_splits == 1) {
+        load8_cg(row, v);
+      } else {
+        const float *part = a.partials + (size_t)p * a.h + col;
+        float more[kMaxSplits - 1][8];
+        load8_cg(part, v);
 #pragma unroll
-      for (int s = 1; s < kMaxSplits; ++s)
-        if (s < a.k_splits) load8_cg(row + s * plane, more[s - 1]);
-      if (a.k_splits > 1) {
+        for (int s = 1; s < kMaxSplits; ++s)
+          if (s < a.k_splits) load8_cg(part + s * plane, more[s - 1]);
 #pragma unroll
         for (int s = 1; s < kMaxSplits; ++s)
           if (s < a.k_splits) {
 #pragma unroll
             for (int j = 0; j < 8; ++j) v[j] += more[s - 1][j];
           }
-        store8_f32(row, v);
+        store8_widened(row, v);
       }
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[j] = fmaf(gate, v[j], acc[j]);
@@ -875,9 +908,9 @@ __device__ void combine(const Params<T> &a, const Dispatch &d, const int32_t *li
 }
 
 // After a down unit's epilogue (and the __syncthreads that follows it): one arrival per row on
-// the (token, column group) counters (acq_rel: the release orders this CTA's planes, the
-// acquire lets the last arrival read everyone's); the tokens whose count this unit completed
-// are combined here, by this CTA.
+// the (token, column group) counters (acq_rel: the release orders this CTA's y rows or planes,
+// the acquire lets the last arrival read everyone's); the tokens whose count this unit
+// completed are combined here, by this CTA.
 template <typename T>
 __device__ void finish_down(const Params<T> &a, const Dispatch &d, const Unit &w, uint32_t *set) {
   const int slices = (a.h + kCols - 1) / kCols;
@@ -1077,7 +1110,8 @@ int launch(const remoe_decode_args_t *c, cudaStream_t stream) {
   if (c == nullptr || c->t < 0 || c->t > kMaxTokens || c->e < 1 || c->e > kMaxExperts ||
       c->h < 8 || c->h % 8 != 0 || c->f < 8 || c->f % 8 != 0 || c->k < 1 || c->k_splits < 1 ||
       c->k_splits > kMaxSplits || c->k_splits > (c->f + BK - 1) / BK ||
-      c->plane_rows < c->t * c->e || c->grid < 1)
+      c->plane_rows < c->t * c->e || c->grid < 1 ||
+      (c->k_splits > 1 && c->partials == nullptr))
     return (int)cudaErrorInvalidValue;
   int device = 0, bytes = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -1105,7 +1139,8 @@ int launch(const remoe_decode_args_t *c, cudaStream_t stream) {
   a.pair_gate = c->pair_gate;
   a.pair_index = c->pair_index;
   a.act = reinterpret_cast<T *>(c->act);
-  a.y = c->y;
+  a.y = reinterpret_cast<T *>(c->y);
+  a.partials = c->partials;
   a.out = reinterpret_cast<T *>(c->out);
   a.coeff = c->coeff;
   a.coeff_value = c->coeff_value;
@@ -1134,6 +1169,12 @@ int launch(const remoe_decode_args_t *c, cudaStream_t stream) {
   config.stream = stream;
   config.attrs = attrs;
   config.numAttrs = 1;
+  // An error left by an earlier call (another library's, say) is returned before launching, not
+  // after: so a non-zero code always means that this kernel was not queued, which the caller's
+  // fallback to the multi-kernel path relies on (src/decode.rs, "A refused launch"); returned
+  // after a successful launch it would make the kernel and the chain both run.
+  const cudaError_t stale = cudaGetLastError();
+  if (stale != cudaSuccess) return (int)stale;
   const cudaError_t launched = cudaLaunchKernelEx(&config, decode_forward_kernel<T>, a);
   // Read (and clear) the last error in either case, so that a failed launch is not reported
   // again by the next launcher.

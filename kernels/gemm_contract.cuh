@@ -25,11 +25,21 @@ struct SwiGLUParams {
   T *u;
 };
 
-// The down projection's f32 store: K range s of split-K writes plane s, and plane 0 alone is y
-// when there is no split (y stays f32: the combine weighs it by the gate).
+// Split-K's f32 store: K range s writes its partial sums to plane s, which the plane sum
+// (split_k.cu) adds in plane order.
 struct SplitKStoreParams {
   float *planes;   // k_splits planes of plane_rows x N floats
   int plane_rows;  // >= |A|
+};
+
+// The down projection: y = act Wd_e rounded once to T from the f32 accumulators, where a
+// launch's K range is whole (k_splits == 1). Under split-K no unit holds a whole sum: the units
+// write their partial sums instead, and the plane sum rounds the total into y, so y has one
+// rounding, after the whole sum, either way.
+template <typename T>
+struct DownParams {
+  T *y;                        // [|A|, N]: written when k_splits == 1
+  SplitKStoreParams partials;  // written when k_splits > 1
 };
 
 // SwiGLU's backward (dAct): the accumulators hold dOut_t Wd_e^T for pair p of token t.
@@ -88,7 +98,7 @@ struct ModeTraits<kDown> {
   static constexpr bool kGathered = false, kBNMajor = false, kPairedColumns = false;
   static constexpr int kSegments = 1;
   template <typename T>
-  using Epilogue = SplitKStoreParams;
+  using Epilogue = DownParams<T>;
 };
 template <>
 struct ModeTraits<kDAct> {
@@ -237,6 +247,8 @@ __device__ __forceinline__ void store8v(T *p, const float (&v)[8]) {
     return launch_row_gemm<T, kUpSwiGLU>(p, b, num_tiles, (cudaStream_t)stream);                   \
   }                                                                                                \
   extern "C" int remoe_##PATH##expert_down_##SUFFIX REMOE_EXPERT_DOWN_PARAMS {                     \
+    /* y is written without a split, the f32 planes with one: refuse the buffer that is missing */ \
+    if (y == nullptr || (k_splits > 1 && partials == nullptr)) return (int)cudaErrorInvalidValue; \
     RowGemmParams<T, kDown> p{};                                                                   \
     BOperand<T> b{};                                                                               \
     p.tiles = RowTiles{expert_offsets, tile_offsets};                                              \
@@ -244,8 +256,9 @@ __device__ __forceinline__ void store8v(T *p, const float (&v)[8]) {
     p.e = e;                                                                                       \
     p.a.rows = reinterpret_cast<const T *>(act);                                                   \
     b.w = reinterpret_cast<const T *>(wd);                                                         \
-    p.epi.planes = y;                                                                              \
-    p.epi.plane_rows = plane_rows;                                                                 \
+    p.epi.y = reinterpret_cast<T *>(y);                                                            \
+    p.epi.partials.planes = partials;                                                              \
+    p.epi.partials.plane_rows = plane_rows;                                                        \
     p.K = f;                                                                                       \
     p.N = h;                                                                                       \
     p.k_splits = k_splits;                                                                         \

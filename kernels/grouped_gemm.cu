@@ -19,7 +19,8 @@
 // permuted copy of X), and the B tile holds 64 columns of Wg next to the same 64 columns of Wu,
 // laid out so that every thread's accumulators hold g and u of the same output elements: the
 // SwiGLU a = SiLU(g) * u happens in the epilogue and only a is written.
-// Down projection: plain A rows (the act rows of the pairs), B = Wd_e, y written.
+// Down projection: plain A rows (the act rows of the pairs), B = Wd_e, y written in T (or, with
+// split-K, each K range's f32 partial sums, which split_k.cu adds and rounds into y).
 //
 // The backward uses the same main loop in two more modes, with B read from the weights as
 // stored (n-major: each output column's K values contiguous), through ldmatrix without .trans:
@@ -183,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  // Split-K: blockIdx.y is the K range, and the plane the epilogue writes.
+  // Split-K: blockIdx.y is the K range, and the partial-sum plane the epilogue writes.
   const int k_tiles = (K + BK - 1) / BK;
   const int kt_begin = split_k_begin(blockIdx.y, k_tiles * kSegments, args.k_splits);
   const int kt_end = split_k_begin(blockIdx.y + 1, k_tiles * kSegments, args.k_splits);
@@ -319,8 +320,13 @@ __global__ void __launch_bounds__(kThreads, 2)
             if (col >= N) continue;
             const float v0 = acc[mi][ni][half * 2], v1 = acc[mi][ni][half * 2 + 1];
             if constexpr (kMode == kDown) {
-              float *y = args.epi.planes + (size_t)blockIdx.y * args.epi.plane_rows * N;
-              *reinterpret_cast<float2 *>(y + orow + col) = make_float2(v0, v1);
+              if (args.k_splits == 1) {
+                store2<T>(args.epi.y + orow + col, v0, v1);
+              } else {
+                const size_t plane_rows = args.epi.partials.plane_rows;
+                float *plane = args.epi.partials.planes + (size_t)blockIdx.y * plane_rows * N;
+                *reinterpret_cast<float2 *>(plane + orow + col) = make_float2(v0, v1);
+              }
             } else {
               store2<T>(args.epi.out + orow + col, v0, v1);
             }

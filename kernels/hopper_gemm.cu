@@ -33,14 +33,14 @@
 //   through pair_token, which goes through cp.async), and an expert's last, partial block
 //   through cp.async, whose zero fill stops the reduction exactly at the expert's edge.
 //
-// Epilogues work on the f32 accumulators in registers: SwiGLU (up), f32 store (down), SwiGLU's
-// backward from the saved g and u (dAct), plain store (dX), and the f32 weight-gradient store or
-// accumulate, which goes through shared memory so that each warp writes whole row segments
-// (store_weight_grad_tile says why; store_weight_grad_tile_transposed stores dWd's tiles, which
-// are computed transposed, into out's rows the same way). The wgmma accumulator layout puts
-// column n and n + 128 of an m64n256 tile in the same thread, which is why the up projection's B
-// tile holds 128 columns of Wg then the same 128 columns of Wu: each thread owns g and u of the
-// same outputs.
+// Epilogues work on the f32 accumulators in registers: SwiGLU (up), y rounded to the element type
+// (down; f32 partial sums under split-K), SwiGLU's backward from the saved g and u (dAct), plain
+// store (dX), and the f32 weight-gradient store or accumulate, which goes through shared memory so
+// that each warp writes whole row segments (store_weight_grad_tile says why;
+// store_weight_grad_tile_transposed stores dWd's tiles, which are computed transposed, into out's
+// rows the same way). The wgmma accumulator layout puts column n and n + 128 of an m64n256 tile in
+// the same thread, which is why the up projection's B tile holds 128 columns of Wg then the same
+// 128 columns of Wu: each thread owns g and u of the same outputs.
 #include <atomic>
 #include <cuda.h>
 
@@ -445,7 +445,8 @@ __device__ __forceinline__ void dact_epilogue(const DActParams<T> &p, int N, flo
   }
 }
 
-// Up (SwiGLU, and g and u when saving), down (f32 y) and dX (plain store).
+// Up (SwiGLU, and g and u when saving), down (y in T, or split-K's f32 partial sums) and dX
+// (plain store).
 template <typename T, int kMode>
 __device__ __forceinline__ void store_epilogue(const RowGemmParams<T, kMode> &args,
                                                float (&acc)[128], int row0, int rows, int col0,
@@ -477,10 +478,15 @@ __device__ __forceinline__ void store_epilogue(const RowGemmParams<T, kMode> &ar
         }
       } else if constexpr (kMode == kDown) {
         if (!row_ok || col >= N) continue;
-        float *y = args.epi.planes + (size_t)split * args.epi.plane_rows * N;
-        float4 *o = reinterpret_cast<float4 *>(y + orow + col);
-        o[0] = make_float4(v[0], v[1], v[2], v[3]);
-        o[1] = make_float4(v[4], v[5], v[6], v[7]);
+        if (args.k_splits == 1) {
+          store8v<T>(args.epi.y + orow + col, v);
+        } else {
+          float *plane =
+              args.epi.partials.planes + (size_t)split * args.epi.partials.plane_rows * N;
+          float4 *o = reinterpret_cast<float4 *>(plane + orow + col);
+          o[0] = make_float4(v[0], v[1], v[2], v[3]);
+          o[1] = make_float4(v[4], v[5], v[6], v[7]);
+        }
       } else {
         if (!row_ok || col >= N) continue;
         store8v<T>(args.epi.out + orow + col, v);

@@ -125,9 +125,10 @@ int remoe_compact_pairs(const float *gates, const uint32_t *block_offsets,
    const uint32_t *tile_offsets, uint32_t *sched, int32_t num_tiles, int32_t e, int32_t h,        \
    int32_t f, remoe_stream_t stream)
 #define REMOE_EXPERT_DOWN_PARAMS                                                                  \
-  (const uint16_t *act, const uint16_t *wd, float *y, const uint32_t *expert_offsets,             \
-   const uint32_t *tile_offsets, uint32_t *sched, int32_t num_tiles, int32_t e, int32_t h,        \
-   int32_t f, int32_t k_splits, int32_t plane_rows, remoe_stream_t stream)
+  (const uint16_t *act, const uint16_t *wd, uint16_t *y, float *partials,                         \
+   const uint32_t *expert_offsets, const uint32_t *tile_offsets, uint32_t *sched,                 \
+   int32_t num_tiles, int32_t e, int32_t h, int32_t f, int32_t k_splits, int32_t plane_rows,      \
+   remoe_stream_t stream)
 #define REMOE_EXPERT_DACT_PARAMS                                                                  \
   (const uint16_t *dout, const uint32_t *pair_token, const float *pair_gate,                      \
    const uint16_t *wd, const uint16_t *g, const uint16_t *u, uint16_t *dg, uint16_t *du,          \
@@ -164,12 +165,15 @@ typedef int remoe_expert_dx_fn REMOE_EXPERT_DX_PARAMS;
  *   backward needs them). act is computed from g and u rounded to the element type, whether
  *   they are written or not, so that the backward recomputes it bit for bit.
  * Down projection:
- *   y[p, :] = act[p, :] Wd_e                     y [|A|, h] f32;  wd [e, f, h]
- *   with split-K when k_splits > 1: plane s of y (planes of plane_rows x h floats, plane_rows >=
- *   |A|) gets the partial sum over act's columns [s kb / k_splits, (s + 1) kb / k_splits) x 64,
- *   kb = ceil(f / 64) (the same ranges on both paths); remoe_sum_planes_f32 then adds the planes
- *   into the first. k_splits <= kb. y holds k_splits planes.
- *   (y stays in f32: the combine weighs it by the gate and sums a token's pairs.)
+ *   y[p, :] = act[p, :] Wd_e, summed in f32 and rounded once to the element type
+ *     y [|A|, h] (the element type); wd [e, f, h]
+ *   k_splits == 1: the launch writes y; partials is not touched (may be NULL).
+ *   k_splits > 1 (split-K): the launch writes no y; plane s of partials (k_splits planes of
+ *   plane_rows x h floats, plane_rows >= |A|) gets the f32 partial sum over act's columns
+ *   [s kb / k_splits, (s + 1) kb / k_splits) x 64, kb = ceil(f / 64) (the same ranges on both
+ *   paths), and remoe_sum_planes_* then writes y from the planes. 1 <= k_splits <= kb.
+ *   (The combine widens y back to f32, weighs it by the gate and sums a token's pairs in f32,
+ *   rounding once more, into out.)
  * Backward of the down projection and of SwiGLU, for each pair p of expert e, with dout_t the
  * row pair_token[p] of dout and R = pair_gate[p]:
  *   d = dout_t Wd_e^T (f32);  a = SiLU(g) * u recomputed from the saved g, u and rounded to the
@@ -177,8 +181,9 @@ typedef int remoe_expert_dx_fn REMOE_EXPERT_DX_PARAMS;
  *   act_r[p, :] = R a, rounded to the element type from the f32 product of R and a (the
  *   rounding is kernels/swiglu.cuh's gated_act): dWd's operand, dWd_e^T = sum over e's pairs of
  *   dout_t^T act_r[p] (remoe_expert_weight_grad, transposed store);
- *   row_dots[p, j] = sum over columns 32 j .. 32 j + 31 of a * d (unscaled: dR = dout_t . y, in
- *   the order of kernels/swiglu.cuh; the groups are summed by remoe_pair_dr);
+ *   row_dots[p, j] = sum over columns 32 j .. 32 j + 31 of a * d (unscaled: dR = dout_t . y with
+ *   y = a Wd_e unrounded, not the down projection's stored y; in the order of
+ *   kernels/swiglu.cuh; the groups are summed by remoe_pair_dr);
  *   da = R d;  dg = da * u * SiLU'(g);  du = da * SiLU(g)
  *   dout [t, h]; g, u, dg, du, act_r [|A|, f]; row_dots [|A|, ceil(f / 32)] f32.
  * Backward of the up projection, per pair (summed over a token's pairs elsewhere):
@@ -280,13 +285,19 @@ int remoe_hopper_expert_dx_f16 REMOE_EXPERT_DX_PARAMS;
 int remoe_hopper_expert_weight_grad_bf16 REMOE_EXPERT_WEIGHT_GRAD_PARAMS;
 int remoe_hopper_expert_weight_grad_f16 REMOE_EXPERT_WEIGHT_GRAD_PARAMS;
 
+#define REMOE_SUM_PLANES_PARAMS                                                                   \
+  (const float *partials, int32_t planes, int32_t plane_rows, const uint32_t *count,              \
+   uint16_t *y, int32_t h, remoe_stream_t stream)
+/* The type of remoe_sum_planes_bf16 and _f16. */
+typedef int remoe_sum_planes_fn REMOE_SUM_PLANES_PARAMS;
 /*
- * Split-K's reduction (kernels/split_k.cu): y[p, :] = sum over s = 0 .. planes-1, in that order,
- * of plane s's row p, written into plane 0, for p < *count (a device pointer: |A|). Planes of
- * plane_rows x h floats, contiguous; h % 8 == 0. planes <= 1 does nothing.
+ * Split-K's reduction (kernels/split_k.cu): y[p, :] = the sum over s = 0 .. planes-1, in that
+ * order, of row p of plane s of partials (f32), rounded once to the element type, for
+ * p < *count (a device pointer: |A|). partials holds planes planes of plane_rows x h floats,
+ * contiguous; y [plane_rows, h]; h % 8 == 0. planes < 1 does nothing.
  */
-int remoe_sum_planes_f32(float *y, int32_t planes, int32_t plane_rows, const uint32_t *count,
-                         int32_t h, remoe_stream_t stream);
+int remoe_sum_planes_bf16 REMOE_SUM_PLANES_PARAMS;
+int remoe_sum_planes_f16 REMOE_SUM_PLANES_PARAMS;
 
 /*
  * Row gather (kernels/gather.cu): out[p, :] = x[rows[p], :] for p < *count, 16-bit elements
@@ -299,7 +310,7 @@ int remoe_gather_rows_16(const uint16_t *x, const uint32_t *rows, uint16_t *out,
                          remoe_stream_t stream);
 
 #define REMOE_COMBINE_PARAMS                                                                      \
-  (const float *y, const float *gates, const int32_t *pair_index, uint16_t *out, int32_t t,       \
+  (const uint16_t *y, const float *gates, const int32_t *pair_index, uint16_t *out, int32_t t,    \
    int32_t h, int32_t e, remoe_stream_t stream)
 /* The type of remoe_combine_bf16 and _f16. */
 typedef int remoe_combine_fn REMOE_COMBINE_PARAMS;
@@ -321,7 +332,8 @@ int remoe_transpose_f16_to_f32(const uint16_t *src, float *dst, int32_t batches,
 
 /*
  * Combine (kernels/combine.cu): out[t, :] = sum over experts e in ascending order with
- * pair_index[t, e] >= 0 of gates[t, e] * y[pair_index[t, e], :] (y f32), accumulated in f32; a
+ * pair_index[t, e] >= 0 of gates[t, e] * y[pair_index[t, e], :] (y [|A|, h] in the element type,
+ * each value widened exactly to f32), accumulated in f32 and rounded once to the element type; a
  * token with no pair gets zeros. No atomics: the result is bitwise reproducible.
  */
 int remoe_combine_bf16 REMOE_COMBINE_PARAMS;
@@ -449,9 +461,10 @@ int remoe_ep_permute_32(const uint32_t *src, const uint32_t *index, uint32_t *ds
  * expert_offsets, tile_offsets, stats_u32, stats_f32 and the adaptive controller's sum
  * (remoe_routing_stats with capacity = t e, which never overflows), pair_token, pair_gate,
  * pair_index (remoe_compact_pairs), act (the up projection; g and u are not written), y
- * (k_splits planes of plane_rows x h, plane 0 holding the plane sum as after
- * remoe_sum_planes_f32) and out (remoe_combine). The per-block router statistics and offsets
- * are not written. plane_rows >= t e; 1 <= k_splits <= min(REMOE_DECODE_MAX_SPLITS,
+ * [plane_rows, h] in the element type (remoe_expert_down, and with k_splits > 1 its f32 planes
+ * in partials [k_splits, plane_rows, h] and their sum as remoe_sum_planes_* writes it; partials
+ * may be NULL only when k_splits == 1) and out (remoe_combine). The per-block router statistics
+ * and offsets are not written. plane_rows >= t e; 1 <= k_splits <= min(REMOE_DECODE_MAX_SPLITS,
  * ceil(f / 64)) (the value the multi-kernel path uses for the same call, for equal bits); coeff
  * as for remoe_routing_stats, or NULL for coeff_value (a host-given coefficient, without a copy
  * kernel before this one); sparsity_sum, sparsity_count and error_flags [4] may be NULL.
@@ -492,7 +505,8 @@ typedef struct remoe_decode_args {
   float *pair_gate;         /* [t e] */
   int32_t *pair_index;      /* [t, e] */
   uint16_t *act;            /* [t e, f] */
-  float *y;                 /* [k_splits, plane_rows, h] */
+  uint16_t *y;              /* [plane_rows, h] */
+  float *partials;          /* [k_splits, plane_rows, h], k_splits > 1 only */
   uint16_t *out;            /* [t, h] */
   const double *coeff;
   double coeff_value;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU bundle for HEAD with every patch of pending/ applied, so that one session's GPU run
 # (the suite on both paths, then the four sanitizers) checks all of them at once instead of one
-# bundle and one suite per patch (today y-half, then decode-auto, which is written on top of it):
+# bundle and one suite per patch (PENDING_PATCHES names them, in pending/README.md's order;
+# none today):
 #
 #   bash pending/bundle-all.sh        # here, no GPU needed
 #   run(command="bash target/xb/pending/run-suite.sh ...", carry=["target/xb/pending"])
@@ -20,8 +21,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 scratch="${PENDING_SCRATCH:-/tmp/pending-all}"
 target="${PENDING_TARGET_DIR:-/work/pending-target}"
-# PENDING_PATCHES="" builds HEAD alone (the bundle for a change about to land).
-read -r -a patches <<<"${PENDING_PATCHES-y-half decode-auto}"
+# PENDING_PATCHES="a b" applies pending/a.patch then pending/b.patch; unset or "" builds HEAD alone.
+read -r -a patches <<<"${PENDING_PATCHES-}"
 # The scratch links to this checkout's toolchain, so install it here first: in a new checkout
 # the link would dangle and with-cuda's install inside the scratch would fail on it.
 "$root/scripts/with-cuda" true

@@ -43,6 +43,8 @@ pub trait HalfElement: Element + sealed::Sealed {
     #[doc(hidden)]
     const EXPERT_GEMMS_HOPPER: ExpertGemms;
     #[doc(hidden)]
+    const SUM_PLANES: Launcher<ffi::remoe_sum_planes_fn>;
+    #[doc(hidden)]
     const COMBINE: Launcher<ffi::remoe_combine_fn>;
     #[doc(hidden)]
     const TOKEN_SUM: Launcher<ffi::remoe_token_sum_fn>;
@@ -58,6 +60,7 @@ mod sealed {
 
 impl HalfElement for bf16 {
     const ROUTER_FORWARD: Launcher<ffi::remoe_router_forward_fn> = ffi::remoe_router_forward_bf16;
+    const SUM_PLANES: Launcher<ffi::remoe_sum_planes_fn> = ffi::remoe_sum_planes_bf16;
     const COMBINE: Launcher<ffi::remoe_combine_fn> = ffi::remoe_combine_bf16;
     const TOKEN_SUM: Launcher<ffi::remoe_token_sum_fn> = ffi::remoe_token_sum_bf16;
     const EXPERT_GEMMS_MMA: ExpertGemms = ExpertGemms {
@@ -80,6 +83,7 @@ impl HalfElement for bf16 {
 
 impl HalfElement for f16 {
     const ROUTER_FORWARD: Launcher<ffi::remoe_router_forward_fn> = ffi::remoe_router_forward_f16;
+    const SUM_PLANES: Launcher<ffi::remoe_sum_planes_fn> = ffi::remoe_sum_planes_f16;
     const COMBINE: Launcher<ffi::remoe_combine_fn> = ffi::remoe_combine_f16;
     const TOKEN_SUM: Launcher<ffi::remoe_token_sum_fn> = ffi::remoe_token_sum_f16;
     const EXPERT_GEMMS_MMA: ExpertGemms = ExpertGemms {

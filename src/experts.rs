@@ -107,8 +107,11 @@ impl<'a> ExpertBatch<'a> {
         ffi::check("expert_up_swiglu", code)
     }
 
-    /// y = act Wd per pair, in f32, with `k_splits` split-K planes summed into the first in
-    /// plane order (y holds `k_splits` planes of cap x H). `sched` as in `up_swiglu`.
+    /// y = act Wd per pair, summed in f32 and rounded once to T (y \[cap, H\]). With
+    /// `k_splits` > 1 (split-K) the GEMM writes each K range's f32 partial sums to its plane of
+    /// `partials` (`k_splits` planes of cap x H) and the plane sum adds them in plane order and
+    /// rounds the total into y; with one range `partials` is neither read nor written (it may be
+    /// empty). `sched` as in `up_swiglu`.
     #[allow(clippy::too_many_arguments)] // the batch, its input, the weight, the split, y, sched
     pub(crate) fn down<T: HalfElement>(
         &self,
@@ -117,7 +120,7 @@ impl<'a> ExpertBatch<'a> {
         act: &'a GrowBuf<T>,
         down: &'a TensorView<'a, T>,
         k_splits: usize,
-        y: &'a mut GrowBuf<f32>,
+        (y, partials): (&'a mut GrowBuf<T>, &'a mut GrowBuf<f32>),
         sched: &'a mut GrowBuf<u32>,
     ) -> Result<()> {
         if self.max_tiles == 0 {
@@ -127,11 +130,17 @@ impl<'a> ExpertBatch<'a> {
         let mut l = Launch::on(dev);
         let ap = l.input("act", act, cap * f)?;
         let wd = l.input("down weight", down, e * f * h)?;
-        let yp = l.output("expert out", y, k_splits * cap * h)?;
+        let yp = l.output("expert out", y, cap * h)? as *mut u16;
+        let pp = if k_splits > 1 {
+            l.output("split-K partial sums", partials, k_splits * cap * h)?
+        } else {
+            std::ptr::null_mut()
+        };
         let eo = l.input("expert offsets", self.expert_offsets, e + 1)?;
         let to = l.input("tile offsets", self.tile_offsets, e + 1)?;
         let sp = l.output_raw("row-GEMM tile counter", sched, ROW_SCHED_WORDS)?;
-        // SAFETY: act cap*f, wd [e,f,h], y holds k_splits planes of cap*h, the tile counter
+        // SAFETY: act cap*f, wd [e,f,h], y cap*h, the partial sums k_splits planes of cap*h when
+        // k_splits > 1 (null otherwise, which the launcher then does not touch), the tile counter
         // ROW_SCHED_WORDS (checked by `l`); offsets as in up_swiglu; 1 <= k_splits <=
         // ceil(f / 64) / 8 (down_k_splits); cap < 2^31.
         let code = unsafe {
@@ -139,6 +148,7 @@ impl<'a> ExpertBatch<'a> {
                 ap as *const u16,
                 wd as *const u16,
                 yp,
+                pp,
                 eo,
                 to,
                 sp,
@@ -156,14 +166,16 @@ impl<'a> ExpertBatch<'a> {
             let count = l
                 .input_raw("expert offsets", self.expert_offsets, e + 1)?
                 .wrapping_add(e);
-            // SAFETY: yp holds k_splits planes of cap*h f32 (checked above); count points at
-            // expert_offsets[e], the batch's pair count <= cap; h % 8 == 0.
+            // SAFETY: pp holds k_splits planes of cap*h f32 and yp cap*h elements of T (checked
+            // above); count points at expert_offsets[e], the batch's pair count <= cap;
+            // h % 8 == 0.
             let code = unsafe {
-                ffi::remoe_sum_planes_f32(
-                    yp,
+                (T::SUM_PLANES)(
+                    pp,
                     k_splits as i32,
                     cap as i32,
                     count,
+                    yp,
                     h as i32,
                     l.stream(),
                 )

@@ -12,13 +12,16 @@
 //!
 //! - The context is warm: its buffers were sized by an eager call of the same shapes (or larger
 //!   ones) before the capture. A workspace that would have to grow during a capture is refused
-//!   with [`Error::CaptureUnsupported`], as are stage timing and reads to the host. A context
-//!   with the small-batch path on
-//!   ([`MoeContext::set_small_batch_threshold`](crate::MoeContext::set_small_batch_threshold))
-//!   needs nothing more: that call allocated the path's synchronisation words, and the path
-//!   sizes the multi-kernel path's buffers, so an eager forward on either path warms it. Turn the
-//!   path on before the capture (turning it on for the first time during one is refused the same
-//!   way).
+//!   with [`Error::CaptureUnsupported`], as are stage timing and reads to the host. (The down
+//!   projection's f32 split-K partial sums, which only small batches use, are sized by every
+//!   eager forward for all smaller T as well, so a larger warm-up covers them.) The
+//!   small-batch path ([`MoeContext::set_small_batch`](crate::MoeContext::set_small_batch))
+//!   needs nothing more: it sizes the multi-kernel path's buffers, and its synchronisation words
+//!   are allocated outside any capture (under the default `SmallBatch::Auto`, by the context's
+//!   first eager inference forward, at any batch size; under `SmallBatch::UpTo`, when it is
+//!   set), so an eager forward on either path warms a context for it. A captured forward of a
+//!   context that Auto has not prepared yet takes the multi-kernel path (same bits); setting
+//!   `UpTo` for the first time during a capture is refused like a growing workspace.
 //!   Its kernel is captured as a cooperative kernel node (CUDA 12 and later).
 //! - Every buffer the captured calls used stays allocated, at the same address, for as long as
 //!   the graph is replayed: the graph holds raw device pointers. This is why

@@ -116,7 +116,7 @@ pub use gemm::GemmPath;
 pub use graph::Graph;
 pub use moe::{
     moe_forward, remoe_forward, topk_forward, ForwardStats, HostDispatch, MoeContext,
-    MoeWeightViews, MoeWeights, RouterKind, SavedForward, StageTimes,
+    MoeWeightViews, MoeWeights, RouterKind, SavedForward, SmallBatch, StageTimes,
 };
 pub use router::router_forward;
 pub use tensor::{DType, DeviceTensor, Element, TensorView};

@@ -8,12 +8,14 @@
 //!    softmax/top-k tail (TopK, with or without renormalised gates);
 //! 2. routing statistics: n_e, expert offsets, GEMM row-tile offsets, sparsity, balance loss;
 //! 3. compaction into per-expert token lists, ascending token order;
-//! 4. grouped up projection with the X gather and SwiGLU fused; grouped down projection;
-//! 5. the gate-weighted combine into `out`, without atomics.
+//! 4. grouped up projection with the X gather and SwiGLU fused; grouped down projection, whose
+//!    output y is rounded once to the activation type from its f32 sums (where the down
+//!    projection is split in K, small batches, after the sum of its f32 partial planes);
+//! 5. the gate-weighted combine into `out`, summed in f32 over y, without atomics.
 //!
 //! An inference forward of the ReLU layer with few tokens can instead run as one persistent
-//! kernel that does all of this (the small-batch path, off by default: see
-//! [`MoeContext::set_small_batch_threshold`]); it writes the same bits.
+//! kernel that does all of this (the small-batch path, chosen by default by a rule fitted to its
+//! measurements: see [`MoeContext::set_small_batch`]); it writes the same bits.
 //!
 //! ## Host round-trips
 //!
@@ -78,7 +80,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::capacity::{down_k_splits, max_row_tiles, PairCapacity};
+use crate::capacity::{down_k_splits, max_row_tiles, split_k_partials, PairCapacity};
 use crate::config::LayerConfig;
 use crate::controller::Coefficient;
 use crate::device::Device;
@@ -97,7 +99,7 @@ const ROUTER_BLOCK: usize = ffi::REMOE_ROUTER_TOKENS_PER_BLOCK as usize;
 const TILE_ROWS: usize = ffi::REMOE_GEMM_TILE_ROWS as usize;
 /// The largest E the TopK kernel takes.
 pub const TOPK_MAX_EXPERTS: usize = ffi::REMOE_TOPK_MAX_EXPERTS as usize;
-pub use crate::decode::{SMALL_BATCH_MAX_EXPERTS, SMALL_BATCH_MAX_TOKENS};
+pub use crate::decode::{SmallBatch, SMALL_BATCH_MAX_EXPERTS, SMALL_BATCH_MAX_TOKENS};
 
 /// The layer's weights on the device (layout: see the crate documentation).
 #[derive(Debug, Clone, Copy)]
@@ -551,12 +553,15 @@ workspace! {
 }
 
 workspace! {
-    /// The experts' buffers, per pair: act and the expert outputs y (the forward's scratch;
-    /// the backward recomputes act and writes R act, dWd's operand, into the same buffer), and
+    /// The experts' buffers, per pair: act and the expert outputs y [|A|, H] in T (the forward's
+    /// scratch; the backward recomputes act and writes R act, dWd's operand, into the same
+    /// buffer), the down projection's f32 split-K partial sums (k_splits planes of [|A|, H]
+    /// where it splits, small batches; sized for every smaller T too, see `size_experts`), and
     /// g = x Wg, u = x Wu, [|A|, F], saved for the backward.
     pub(crate) struct ExpertBufs<T> {
         act: GrowBuf<T>,
-        y: GrowBuf<f32>,
+        y: GrowBuf<T>,
+        y_partials: GrowBuf<f32>,
         g: GrowBuf<T>,
         u: GrowBuf<T>,
     }
@@ -594,8 +599,8 @@ pub struct MoeContext<T: HalfElement> {
     pub(crate) bwd: crate::scratch::BackwardScratch<T>,
     /// The expert GEMMs' implementation; None until the first call resolves the default.
     pub(crate) gemm_path: Option<GemmPath>,
-    /// The small-batch path's setting and state (src/decode.rs).
-    pub(crate) small_batch: crate::decode::SmallBatch,
+    /// The small-batch path's policy and state (src/decode.rs).
+    pub(crate) small_batch: crate::decode::SmallBatchState,
 }
 
 impl<T: HalfElement> MoeContext<T> {
@@ -762,54 +767,69 @@ impl<T: HalfElement> MoeContext<T> {
         Ok(p)
     }
 
-    /// Turns the small-batch path on for the next forwards of at most `threshold` tokens, or off
-    /// (`None`, the default). On that path an inference forward of the ReLU layer is one
+    /// Chooses when the next forwards take the small-batch path ([`SmallBatch`]; the default is
+    /// [`SmallBatch::Auto`]). On that path an inference forward of the ReLU layer is one
     /// persistent kernel instead of seven to nine dependent ones (docs/DECODE.md). It gives the
     /// same bits as the multi-kernel path (outputs, statistics, dispatch, the adaptive
     /// controller's record, the device error word), reads nothing back and is captured in CUDA
-    /// graphs like any forward; the choice depends only on what the host knows.
+    /// graphs like any forward; the choice depends only on what the host knows. So the policy
+    /// changes how long a forward takes, never what it computes.
     ///
-    /// A forward takes it when T is at most `threshold` and at most [`SMALL_BATCH_MAX_TOKENS`],
-    /// E at most [`SMALL_BATCH_MAX_EXPERTS`], the router is [`RouterKind::Relu`] (TopK keeps the
+    /// A forward takes it when the policy asks for it ([`SmallBatch::UpTo`]: T at most its
+    /// threshold; [`SmallBatch::Auto`]: the expected bytes of the routed experts' weights at
+    /// most 192 MiB, the rule fitted to docs/DECODE.md's measurements, "v2, measured"; never
+    /// under [`SmallBatch::Off`]) and T is at most [`SMALL_BATCH_MAX_TOKENS`], E at most
+    /// [`SMALL_BATCH_MAX_EXPERTS`], the router is [`RouterKind::Relu`] (TopK keeps the
     /// multi-kernel path), the context does not save for backward, the pair buffers hold every
     /// pair (the default [`PairCapacity::Auto`] at these sizes; a smaller fixed capacity keeps
-    /// the multi-kernel path) and stage timing is off. Off by default: on an H100 it beats the
-    /// multi-kernel path at T = 1 at every shape measured and loses to it at T = 64 at some
-    /// (docs/DECODE.md, "v2, measured"), so the threshold is the caller's, measured for the
-    /// model's shape with `examples/latency`.
+    /// the multi-kernel path) and stage timing is off. Auto's rule is an extrapolation beyond
+    /// the H100 and the three shapes it was measured on: for a model's own shape and device,
+    /// `examples/latency` times both paths, and [`SmallBatch::UpTo`] pins the threshold.
     ///
-    /// Its kernel's CTAs wait for one another between phases, so it is a cooperative launch: the
-    /// driver runs every CTA at once or refuses the launch, which the forward then returns as
-    /// [`Error::Launch`] (`decode_forward`; `cudaErrorCooperativeLaunchTooLarge` where fewer
-    /// multiprocessors are free to it than the device has, under MPS say). It never hangs,
-    /// whatever else runs on the device, and small-batch forwards of several contexts may run on
-    /// several streams at once.
+    /// The path needs the kernel's synchronisation words (about 24 KB: its grid barrier and
+    /// counters) on the context's device and the kernel's grid, asked of the runtime once (the
+    /// cooperative limit: multiprocessors times occupancy). [`SmallBatch::UpTo`] prepares them
+    /// here. [`SmallBatch::Auto`] prepares them at the context's first eager forward that does
+    /// not save for backward, whatever its T (for a layer that can take the path at all: the
+    /// ReLU router, E at most [`SMALL_BATCH_MAX_EXPERTS`], the rule true at T = 1), so an eager
+    /// forward at any batch size warms the context for a CUDA graph capture ([`crate::graph`])
+    /// at a smaller one; a captured forward of a context not prepared yet takes the multi-kernel
+    /// path. Under Auto a failed preparation never fails a forward: the forward takes the
+    /// multi-kernel path and a later eager forward tries again, up to three attempts, after
+    /// which the path stays off for the context. A device without cooperative launches (or with
+    /// too little shared memory, or an occupancy of 0) leaves the path off for the context for
+    /// good, whatever the policy: its forwards take the multi-kernel path (same bits), and the
+    /// query is not repeated.
     ///
-    /// Turning the path on (the first `Some`) allocates the kernel's synchronisation words (about
-    /// 24 KB: its grid barrier and counters) on the context's device and asks the runtime, once,
-    /// for the kernel's grid (the cooperative limit: multiprocessors times occupancy). A device
-    /// without cooperative launches (or with too little shared memory, or an occupancy of 0)
-    /// leaves the path off for this context for good: its forwards take the multi-kernel path
-    /// (same bits), and the query is not repeated. Since nothing else of the path is
-    /// allocated on first use, a context is warm for a CUDA graph capture
-    /// ([`crate::graph`]) after an eager forward of the captured shapes on either path.
+    /// The kernel's CTAs wait for one another between phases, so it is a cooperative launch: the
+    /// driver runs every CTA at once or refuses the launch
+    /// (`cudaErrorCooperativeLaunchTooLarge` where fewer multiprocessors are free to it than the
+    /// device has, under MPS say). It never hangs, whatever else runs on the device, and
+    /// small-batch forwards of several contexts may run on several streams at once. Under
+    /// [`SmallBatch::UpTo`] a refused launch is the forward's [`Error::Launch`]
+    /// (`decode_forward`). Under [`SmallBatch::Auto`] an eager forward whose launch is refused
+    /// as unable to run here (too large, too few resources, not supported) runs the
+    /// multi-kernel path instead, and the path stays off for the context; a captured one
+    /// returns the error (the capture taken again runs the multi-kernel path).
     ///
-    /// Fails when the synchronisation words' allocation does: with [`Error::CaptureUnsupported`] when the
-    /// path is first turned on while the context's stream is being captured (turn it on before
-    /// capturing), or [`Error::Driver`]; and when the grid query fails, with [`Error::Launch`]
-    /// naming `decode_max_grid` (not remembered: the next call asks again). The threshold is
-    /// then left as it was.
-    pub fn set_small_batch_threshold(&mut self, threshold: Option<usize>) -> Result<()> {
-        if threshold.is_some() {
+    /// Setting a policy, [`SmallBatch::Auto`] included, forgets what Auto learned (failed
+    /// preparations, a refused launch), so that the path is tried again. Setting
+    /// [`SmallBatch::UpTo`] fails when the synchronisation words' allocation does: with
+    /// [`Error::CaptureUnsupported`] when the context is first prepared while its stream is
+    /// being captured (set it before capturing), or [`Error::Driver`]; and when the grid query
+    /// fails, with [`Error::Launch`] naming `decode_max_grid` (not remembered: the next call
+    /// asks again). The policy is then left as it was.
+    pub fn set_small_batch(&mut self, policy: SmallBatch) -> Result<()> {
+        if let SmallBatch::UpTo(_) = policy {
             crate::decode::prepare(self)?;
         }
-        self.small_batch.threshold = threshold;
+        self.small_batch.set_policy(policy);
         Ok(())
     }
 
-    /// The small-batch threshold (see [`MoeContext::set_small_batch_threshold`]).
-    pub fn small_batch_threshold(&self) -> Option<usize> {
-        self.small_batch.threshold
+    /// The small-batch policy (see [`MoeContext::set_small_batch`]).
+    pub fn small_batch(&self) -> SmallBatch {
+        self.small_batch.policy
     }
 
     /// For the crate's tests: runs the small-batch kernel on `grid` CTAs (at least 1, at most the
@@ -961,8 +981,11 @@ impl<T: HalfElement> MoeContext<T> {
             .prefix_to_host(self.dispatched_pairs()? * f)
     }
 
-    /// y = act Wd of every pair, [|A|, H], in dispatch order (f32, as the combine reads it).
-    pub fn expert_out_to_host(&self) -> Result<Vec<f32>> {
+    /// y = act Wd of every pair, [|A|, H], in dispatch order, as the combine reads it: summed
+    /// in f32 and rounded once to the activation type `T` (docs/SPEC.md, section 2; in f16 an
+    /// element beyond 65504 is infinite). Widen with `to_f32` for arithmetic; the conversion is
+    /// exact.
+    pub fn expert_out_to_host(&self) -> Result<Vec<T>> {
         let h = self.saved_forward().map_or(0, |s| s.config.hidden);
         self.experts.y.prefix_to_host(self.dispatched_pairs()? * h)
     }
@@ -1186,6 +1209,9 @@ pub fn moe_forward<'x, 'w, T: HalfElement>(
             "stage timing waits for its events; turn it off to capture a forward".into(),
         ));
     }
+    // Before the allocation count below: the sync words are a new buffer, not a moved one, so
+    // they must not make a graph captured before them refuse to replay.
+    crate::decode::prepare_for_auto(ctx, cfg, router, mode);
     // The record stays locked while the forward is enqueued, so that a graph replayed from
     // another thread cannot interleave its record with this forward's.
     let cell = ctx.record.clone();
@@ -1214,8 +1240,8 @@ fn forward_stages<T: HalfElement>(
     w: &MoeWeightViews<T>,
     out: &mut DeviceTensor<T>,
 ) -> Result<()> {
-    if let Some(grid) = crate::decode::grid_for(ctx, plan)? {
-        return crate::decode::forward(ctx, plan, coeff, x, w, out, grid);
+    if crate::decode::try_forward(ctx, plan, coeff, x, w, out)? {
+        return Ok(());
     }
     plan.size_routing(ctx)?;
     ctx.upload_fixed_coeff(coeff)?;
@@ -1258,12 +1284,15 @@ pub(crate) struct ForwardPlan {
     pub(crate) cap: usize,
     /// The most row tiles `cap` pairs can make.
     pub(crate) max_tiles: usize,
-    /// The down projection's split-K ranges (y holds this many planes of cap x H).
+    /// The down projection's split-K ranges (above 1, the f32 partial sums hold this many planes
+    /// of cap x H).
     pub(crate) k_splits: usize,
     /// Whether g and u are written (fixed at the start, recorded at the end).
     pub(crate) save: bool,
     /// Whether |A| is read back after the routing statistics (see [`Count`]).
     count: Option<Count>,
+    /// Eager or captured.
+    pub(crate) mode: Mode,
 }
 
 /// What an eager forward does with the routed-pair count it reads back.
@@ -1329,6 +1358,7 @@ impl ForwardPlan {
             k_splits: down_k_splits(cfg, cap),
             save,
             count,
+            mode,
         }
     }
 
@@ -1418,7 +1448,7 @@ impl ForwardPlan {
         let a = &mut c.allocations;
         MoeContext::<T>::grow(&dev, a, &mut c.routing.pair_token, cap)?;
         MoeContext::<T>::grow(&dev, a, &mut c.routing.pair_gate, cap)?;
-        MoeContext::<T>::grow(&dev, a, &mut c.experts.y, self.k_splits * cap * h)
+        MoeContext::<T>::grow(&dev, a, &mut c.experts.y, cap * h)
     }
 
     /// An eager forward whose capacity does not cover every pair: |A| and the row tiles, read
@@ -1440,13 +1470,20 @@ impl ForwardPlan {
         Ok(())
     }
 
-    /// The experts' own buffers: act, and g and u when saving.
+    /// The experts' own buffers: act, the down projection's split-K partial sums where it
+    /// splits, and g and u when saving. (An expert-parallel rank's own context never needs
+    /// them: its pairs run on their owners, in the owners' `EpContext` buffers.)
     pub(crate) fn size_experts<T: HalfElement>(&self, ctx: &mut MoeContext<T>) -> Result<()> {
-        let (f, cap) = (self.cfg.ffn, self.cap);
+        let (h, f, cap) = (self.cfg.hidden, self.cfg.ffn, self.cap);
         let dev = ctx.dev.clone();
         let c = &mut *ctx;
         let a = &mut c.allocations;
         MoeContext::<T>::grow(&dev, a, &mut c.experts.act, cap * f)?;
+        // Planes for this forward and for every smaller one, so that this forward warms the
+        // context for a capture at a smaller T that splits where this one does not.
+        let partials =
+            split_k_partials(self.k_splits, cap, h).max(c.capacity.reserve_bytes(&self.cfg) / 4);
+        MoeContext::<T>::grow(&dev, a, &mut c.experts.y_partials, partials)?;
         let saved = if self.save { cap * f } else { 0 };
         MoeContext::<T>::grow(&dev, a, &mut c.experts.g, saved)?;
         MoeContext::<T>::grow(&dev, a, &mut c.experts.u, saved)
@@ -1699,9 +1736,12 @@ impl ForwardPlan {
             tile_offsets,
             ..
         } = routing;
-        let ExpertBufs { act, y, .. } = experts;
+        let ExpertBufs {
+            act, y, y_partials, ..
+        } = experts;
         let batch = self.batch(pair_token, expert_offsets, tile_offsets);
-        batch.down(&dev, &gemms, act, &w.down, self.k_splits, y, row_sched)
+        let out = (y, y_partials);
+        batch.down(&dev, &gemms, act, &w.down, self.k_splits, out, row_sched)
     }
 
     /// The gate-weighted combine (also with no pairs: it writes the zeros).
@@ -1717,7 +1757,7 @@ impl ForwardPlan {
         let (ti, hi, _, ei, _) = self.dims();
         let dev = ctx.dev.clone();
         let mut l = Launch::on(&dev);
-        let yp = l.input("expert out", &ctx.experts.y, cap * h)?;
+        let yp = l.input("expert out", &ctx.experts.y, cap * h)? as *const u16;
         let gp = l.input("gates", &ctx.routing.gates, t * e)?;
         let pi = l.input("pair index", &ctx.routing.pair_index, t * e)?;
         let op = l.output("out", &mut *out, t * h)?;

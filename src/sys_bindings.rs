@@ -211,7 +211,8 @@ pub type remoe_expert_down_fn = ::std::option::Option<
     unsafe extern "C" fn(
         act: *const u16,
         wd: *const u16,
-        y: *mut f32,
+        y: *mut u16,
+        partials: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
         sched: *mut u32,
@@ -294,12 +295,15 @@ Up projection with SwiGLU: for each pair p of expert e, with x_t the row pair_to
   backward needs them). act is computed from g and u rounded to the element type, whether
   they are written or not, so that the backward recomputes it bit for bit.
 Down projection:
-  y[p, :] = act[p, :] Wd_e                     y [|A|, h] f32;  wd [e, f, h]
-  with split-K when k_splits > 1: plane s of y (planes of plane_rows x h floats, plane_rows >=
-  |A|) gets the partial sum over act's columns [s kb / k_splits, (s + 1) kb / k_splits) x 64,
-  kb = ceil(f / 64) (the same ranges on both paths); remoe_sum_planes_f32 then adds the planes
-  into the first. k_splits <= kb. y holds k_splits planes.
-  (y stays in f32: the combine weighs it by the gate and sums a token's pairs.)
+  y[p, :] = act[p, :] Wd_e, summed in f32 and rounded once to the element type
+    y [|A|, h] (the element type); wd [e, f, h]
+  k_splits == 1: the launch writes y; partials is not touched (may be NULL).
+  k_splits > 1 (split-K): the launch writes no y; plane s of partials (k_splits planes of
+  plane_rows x h floats, plane_rows >= |A|) gets the f32 partial sum over act's columns
+  [s kb / k_splits, (s + 1) kb / k_splits) x 64, kb = ceil(f / 64) (the same ranges on both
+  paths), and remoe_sum_planes_* then writes y from the planes. 1 <= k_splits <= kb.
+  (The combine widens y back to f32, weighs it by the gate and sums a token's pairs in f32,
+  rounding once more, into out.)
 Backward of the down projection and of SwiGLU, for each pair p of expert e, with dout_t the
 row pair_token[p] of dout and R = pair_gate[p]:
   d = dout_t Wd_e^T (f32);  a = SiLU(g) * u recomputed from the saved g, u and rounded to the
@@ -307,8 +311,9 @@ row pair_token[p] of dout and R = pair_gate[p]:
   act_r[p, :] = R a, rounded to the element type from the f32 product of R and a (the
   rounding is kernels/swiglu.cuh's gated_act): dWd's operand, dWd_e^T = sum over e's pairs of
   dout_t^T act_r[p] (remoe_expert_weight_grad, transposed store);
-  row_dots[p, j] = sum over columns 32 j .. 32 j + 31 of a * d (unscaled: dR = dout_t . y, in
-  the order of kernels/swiglu.cuh; the groups are summed by remoe_pair_dr);
+  row_dots[p, j] = sum over columns 32 j .. 32 j + 31 of a * d (unscaled: dR = dout_t . y with
+  y = a Wd_e unrounded, not the down projection's stored y; in the order of
+  kernels/swiglu.cuh; the groups are summed by remoe_pair_dr);
   da = R d;  dg = da * u * SiLU'(g);  du = da * SiLU(g)
   dout [t, h]; g, u, dg, du, act_r [|A|, f]; row_dots [|A|, ceil(f / 32)] f32.
 Backward of the up projection, per pair (summed over a token's pairs elsewhere):
@@ -355,7 +360,8 @@ unsafe extern "C" {
     pub fn remoe_expert_down_bf16(
         act: *const u16,
         wd: *const u16,
-        y: *mut f32,
+        y: *mut u16,
+        partials: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
         sched: *mut u32,
@@ -372,7 +378,8 @@ unsafe extern "C" {
     pub fn remoe_expert_down_f16(
         act: *const u16,
         wd: *const u16,
-        y: *mut f32,
+        y: *mut u16,
+        partials: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
         sched: *mut u32,
@@ -697,7 +704,8 @@ unsafe extern "C" {
     pub fn remoe_hopper_expert_down_bf16(
         act: *const u16,
         wd: *const u16,
-        y: *mut f32,
+        y: *mut u16,
+        partials: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
         sched: *mut u32,
@@ -714,7 +722,8 @@ unsafe extern "C" {
     pub fn remoe_hopper_expert_down_f16(
         act: *const u16,
         wd: *const u16,
-        y: *mut f32,
+        y: *mut u16,
+        partials: *mut f32,
         expert_offsets: *const u32,
         tile_offsets: *const u32,
         sched: *mut u32,
@@ -837,19 +846,48 @@ unsafe extern "C" {
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
 }
+/**The type of remoe\_sum\_planes\_bf16 and \_f16.
+
+```text
+The type of remoe_sum_planes_bf16 and _f16.
+```*/
+pub type remoe_sum_planes_fn = ::std::option::Option<
+    unsafe extern "C" fn(
+        partials: *const f32,
+        planes: i32,
+        plane_rows: i32,
+        count: *const u32,
+        y: *mut u16,
+        h: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int,
+>;
 unsafe extern "C" {
     /**Split-K's reduction (kernels/split\_k.cu).
 
 ```text
-Split-K's reduction (kernels/split_k.cu): y[p, :] = sum over s = 0 .. planes-1, in that order,
-of plane s's row p, written into plane 0, for p < *count (a device pointer: |A|). Planes of
-plane_rows x h floats, contiguous; h % 8 == 0. planes <= 1 does nothing.
+Split-K's reduction (kernels/split_k.cu): y[p, :] = the sum over s = 0 .. planes-1, in that
+order, of row p of plane s of partials (f32), rounded once to the element type, for
+p < *count (a device pointer: |A|). partials holds planes planes of plane_rows x h floats,
+contiguous; y [plane_rows, h]; h % 8 == 0. planes < 1 does nothing.
 ```*/
-    pub fn remoe_sum_planes_f32(
-        y: *mut f32,
+    pub fn remoe_sum_planes_bf16(
+        partials: *const f32,
         planes: i32,
         plane_rows: i32,
         count: *const u32,
+        y: *mut u16,
+        h: i32,
+        stream: remoe_stream_t,
+    ) -> ::std::os::raw::c_int;
+}
+unsafe extern "C" {
+    pub fn remoe_sum_planes_f16(
+        partials: *const f32,
+        planes: i32,
+        plane_rows: i32,
+        count: *const u32,
+        y: *mut u16,
         h: i32,
         stream: remoe_stream_t,
     ) -> ::std::os::raw::c_int;
@@ -880,7 +918,7 @@ The type of remoe_combine_bf16 and _f16.
 ```*/
 pub type remoe_combine_fn = ::std::option::Option<
     unsafe extern "C" fn(
-        y: *const f32,
+        y: *const u16,
         gates: *const f32,
         pair_index: *const i32,
         out: *mut u16,
@@ -944,11 +982,12 @@ unsafe extern "C" {
 
 ```text
 Combine (kernels/combine.cu): out[t, :] = sum over experts e in ascending order with
-pair_index[t, e] >= 0 of gates[t, e] * y[pair_index[t, e], :] (y f32), accumulated in f32; a
+pair_index[t, e] >= 0 of gates[t, e] * y[pair_index[t, e], :] (y [|A|, h] in the element type,
+each value widened exactly to f32), accumulated in f32 and rounded once to the element type; a
 token with no pair gets zeros. No atomics: the result is bitwise reproducible.
 ```*/
     pub fn remoe_combine_bf16(
-        y: *const f32,
+        y: *const u16,
         gates: *const f32,
         pair_index: *const i32,
         out: *mut u16,
@@ -960,7 +999,7 @@ token with no pair gets zeros. No atomics: the result is bitwise reproducible.
 }
 unsafe extern "C" {
     pub fn remoe_combine_f16(
-        y: *const f32,
+        y: *const u16,
         gates: *const f32,
         pair_index: *const i32,
         out: *mut u16,
@@ -1331,12 +1370,18 @@ pub struct remoe_decode_args {
 [t e, f]
 ```*/
     pub act: *mut u16,
-    /**\[k\_splits, plane\_rows, h\].
+    /**\[plane\_rows, h\].
 
 ```text
-[k_splits, plane_rows, h]
+[plane_rows, h]
 ```*/
-    pub y: *mut f32,
+    pub y: *mut u16,
+    /**\[k\_splits, plane\_rows, h\], k\_splits \> 1 only.
+
+```text
+[k_splits, plane_rows, h], k_splits > 1 only
+```*/
+    pub partials: *mut f32,
     /**\[t, h\].
 
 ```text

@@ -12,7 +12,11 @@
 //! H above 1024 (combine counters covering two column slices, the router's staging ring
 //! wrapping); 50 launches of changing shape, T and grid on one context and 50 graph replays
 //! interleaved with eager forwards, each checked bit for bit (the synchronisation words the
-//! kernel carries from launch to launch).
+//! kernel carries from launch to launch). The default policy, `SmallBatch::Auto`: the path at
+//! decode at config A's shape from a context's first forward, an eager warm-up at a larger T
+//! preparing a context for a capture at T = 1, and the cases where it must stay off (training,
+//! TopK, T above the bound, its byte rule false). The other tests pin the policy: `UpTo(64)` on
+//! the small-batch side, `Off` on the multi-kernel side.
 //!
 //! Every compared run follows a warm-up, with both contexts' workspaces and outputs poisoned (NaN
 //! / -1), so an element the small-batch kernel failed to write cannot pass. Seeds come from
@@ -33,7 +37,7 @@ use remoe_kernels::graph::capture;
 use remoe_kernels::reference::remoe_forward as ref_remoe_forward;
 use remoe_kernels::{
     moe_backward, moe_forward, Coefficient, Device, DeviceTensor, Error, GemmPath, HalfElement,
-    LambdaController, LayerConfig, MoeContext, MoeWeights, PairCapacity, RouterKind,
+    LambdaController, LayerConfig, MoeContext, MoeWeights, PairCapacity, RouterKind, SmallBatch,
 };
 use remoe_testkit::rng::fresh_seed;
 use std::sync::{Barrier, Mutex, MutexGuard};
@@ -188,12 +192,16 @@ fn grid_under_sanitizer(grid: Option<usize>) -> Option<usize> {
     grid.or(under_compute_sanitizer().then_some(SANITIZER_GRID))
 }
 
-/// A context for the small-batch path (threshold 64), or for the multi-kernel path (none).
+/// A context for the small-batch path (`UpTo(64)`), or for the multi-kernel path (`Off`, not
+/// the default `Auto`, which takes the path at many of these cases).
 fn context<T: Half>(dev: &Device, small: bool) -> MoeContext<T> {
     let mut ctx = MoeContext::new(dev);
-    if small {
-        ctx.set_small_batch_threshold(Some(64)).unwrap();
-    }
+    let policy = if small {
+        SmallBatch::UpTo(64)
+    } else {
+        SmallBatch::Off
+    };
+    ctx.set_small_batch(policy).unwrap();
     ctx.force_small_batch_grid(grid_under_sanitizer(None));
     ctx
 }
@@ -219,7 +227,7 @@ struct Observed {
     pair_gates: Vec<u32>,
     pair_index: Vec<i32>,
     act: Vec<u16>,
-    y: Vec<u32>,
+    y: Vec<u16>,
     out: Vec<u16>,
 }
 
@@ -241,7 +249,7 @@ fn observe<T: Half>(ctx: &mut MoeContext<T>, out: &DeviceTensor<T>) -> Observed 
         pair_gates: bits32(&d.gates),
         pair_index: ctx.pair_index_to_host().unwrap(),
         act: bits16(&ctx.act_to_host().unwrap()),
-        y: bits32(&ctx.expert_out_to_host().unwrap()),
+        y: bits16(&ctx.expert_out_to_host().unwrap()),
         out: bits16(&out.to_host().unwrap()),
     }
 }
@@ -290,11 +298,14 @@ fn forward<T: Half>(
 }
 
 /// How a case runs: the multi-kernel side's GEMM path (None: the context's default, which
-/// follows REMOE_GEMM_PATH) and the small-batch grid (None: the device's resident maximum).
+/// follows REMOE_GEMM_PATH), the small-batch grid (None: the device's resident maximum), and
+/// whether the small-batch side is a context never configured (the default `SmallBatch::Auto`)
+/// instead of one set to `UpTo(64)`.
 #[derive(Debug, Clone, Copy, Default)]
 struct Run {
     gemm: Option<GemmPath>,
     grid: Option<usize>,
+    auto: bool,
 }
 
 /// One case: a warm-up on both paths, both workspaces and outputs poisoned, the measured run;
@@ -310,7 +321,13 @@ fn compare<T: Half>(
     run: Run,
 ) -> (Observed, (usize, usize)) {
     let (t, h) = (cfg.tokens, cfg.hidden);
-    let mut small = context::<T>(dev, true);
+    let mut small = if run.auto {
+        let ctx = MoeContext::<T>::new(dev);
+        assert_eq!(ctx.small_batch(), SmallBatch::Auto, "{what}: the default");
+        ctx
+    } else {
+        context::<T>(dev, true)
+    };
     let mut multi = context::<T>(dev, false);
     if let Some(g) = run.gemm {
         small.set_gemm_path(g).unwrap();
@@ -745,7 +762,7 @@ fn gpu_small_batch_matches_both_gemm_paths() {
                 let what = format!("{path:?} E {e} k {k} T {t} {}", seed_note(seed));
                 let run = Run {
                     gemm: Some(path),
-                    grid: None,
+                    ..Run::default()
                 };
                 compare_with_reference(&dev, &what, &p, t, &w, run);
             }
@@ -779,8 +796,8 @@ fn gpu_small_batch_with_a_forced_small_grid() {
         for grid in [1, 2, 3, 5] {
             let what = format!("grid {grid} E {e} T {t} {}", seed_note(seed));
             let run = Run {
-                gemm: None,
                 grid: Some(grid),
+                ..Run::default()
             };
             compare_with_reference(&dev, &what, &p, t, &w, run);
         }
@@ -805,8 +822,8 @@ fn gpu_small_batch_with_alternating_batch_sizes_on_one_context() {
     let p = host_problem::<bf16>(cfg, &uniform_density(e, 0.3), seed);
     let w = Weights::<bf16>::upload(&dev, &p);
     let mut small = context::<bf16>(&dev, false);
-    small.set_small_batch_threshold(Some(16)).unwrap();
-    assert_eq!(small.small_batch_threshold(), Some(16));
+    small.set_small_batch(SmallBatch::UpTo(16)).unwrap();
+    assert_eq!(small.small_batch(), SmallBatch::UpTo(16));
     let mut multi = context::<bf16>(&dev, false);
     let mut allocations = None;
     for pass in 0..2 {
@@ -877,7 +894,7 @@ fn gpu_small_batch_stays_off_where_it_must() {
     }
     // A training context: the multi-kernel forward saves g and u, and the backward runs.
     let mut ctx = MoeContext::<bf16>::for_training(&dev);
-    ctx.set_small_batch_threshold(Some(64)).unwrap();
+    ctx.set_small_batch(SmallBatch::UpTo(64)).unwrap();
     assert_eq!(
         run(&mut ctx, RouterKind::Relu, &mut out),
         0,
@@ -897,19 +914,19 @@ fn gpu_small_batch_stays_off_where_it_must() {
     .unwrap();
     // Above the threshold.
     let mut ctx = context::<bf16>(&dev, false);
-    ctx.set_small_batch_threshold(Some(t - 1)).unwrap();
+    ctx.set_small_batch(SmallBatch::UpTo(t - 1)).unwrap();
     assert_eq!(
         run(&mut ctx, RouterKind::Relu, &mut out),
         0,
         "{what}: T > threshold"
     );
-    ctx.set_small_batch_threshold(Some(t)).unwrap();
+    ctx.set_small_batch(SmallBatch::UpTo(t)).unwrap();
     assert_eq!(
         run(&mut ctx, RouterKind::Relu, &mut out),
         1,
         "{what}: T == threshold"
     );
-    ctx.set_small_batch_threshold(None).unwrap();
+    ctx.set_small_batch(SmallBatch::Off).unwrap();
     assert_eq!(
         run(&mut ctx, RouterKind::Relu, &mut out),
         0,
@@ -922,7 +939,7 @@ fn gpu_small_batch_stays_off_where_it_must() {
         let xb = tokens::<bf16>(&dev, &pb, 65);
         let mut ob = DeviceTensor::<bf16>::zeros(&dev, &[65, h]).unwrap();
         let mut ctx = MoeContext::<bf16>::new(&dev);
-        ctx.set_small_batch_threshold(Some(1 << 20)).unwrap();
+        ctx.set_small_batch(SmallBatch::UpTo(1 << 20)).unwrap();
         moe_forward(
             &mut ctx,
             &big,
@@ -1060,9 +1077,9 @@ fn gpu_small_batch_captured_and_replayed_on_new_inputs() {
             ctx: context(&dev, true),
         })
         .collect();
-    // Warm: the capture may not grow a workspace (the grid barrier was allocated when the
-    // threshold was set; gpu_small_batch_captured_after_a_multi_kernel_warm_up warms up on the
-    // other path).
+    // Warm: the capture may not grow a workspace (the grid barrier was allocated when `UpTo`
+    // was set; gpu_small_batch_captured_after_a_multi_kernel_warm_up warms up on the other
+    // path).
     for s in slots.iter_mut() {
         forward(&dev, &what, &mut s.ctx, &s.cfg, &s.x, &w, &mut s.out);
     }
@@ -1294,11 +1311,11 @@ fn gpu_small_batch_two_streams_from_two_threads() {
     }
 }
 
-/// The grid barrier is allocated when the threshold is set, not by the first small-batch
-/// forward: a context warmed up on the multi-kernel path (threshold off), then turned on, is
-/// captured on the small-batch path without allocating, and its replay gives the multi-kernel
-/// bits. Turning the path on for the first time during a capture is refused
-/// (`CaptureUnsupported`) and leaves it off.
+/// Under `UpTo` the grid barrier is allocated when the policy is set, not by the first
+/// small-batch forward: a context warmed up on the multi-kernel path (`Off`), then set to
+/// `UpTo`, is captured on the small-batch path without allocating, and its replay gives the
+/// multi-kernel bits. Setting `UpTo` for the first time during a capture is refused
+/// (`CaptureUnsupported`) and leaves the policy as it was.
 #[test]
 fn gpu_small_batch_captured_after_a_multi_kernel_warm_up() {
     let _gpu = gpu_lock();
@@ -1313,20 +1330,20 @@ fn gpu_small_batch_captured_after_a_multi_kernel_warm_up() {
     let w = Weights::<bf16>::upload(&dev, &p);
     let x = tokens::<bf16>(&dev, &p, t);
     let what = seed_note(seed);
-    // The warm-up: threshold off, so the multi-kernel path sizes the workspace.
+    // The warm-up: `Off`, so the multi-kernel path sizes the workspace.
     let mut ctx = context::<bf16>(&dev, false);
     let mut out = DeviceTensor::<bf16>::zeros(&dev, &[t, h]).unwrap();
     forward(&dev, &what, &mut ctx, &cfg, &x, &w, &mut out);
 
-    let refused = capture(&dev, || ctx.set_small_batch_threshold(Some(64)));
+    let refused = capture(&dev, || ctx.set_small_batch(SmallBatch::UpTo(64)));
     assert!(
         matches!(refused, Err(Error::CaptureUnsupported(_))),
         "{what}: turned on during a capture: {refused:?}"
     );
-    assert_eq!(ctx.small_batch_threshold(), None, "{what}: left off");
+    assert_eq!(ctx.small_batch(), SmallBatch::Off, "{what}: left off");
 
     let before = ctx.allocations();
-    ctx.set_small_batch_threshold(Some(64)).unwrap();
+    ctx.set_small_batch(SmallBatch::UpTo(64)).unwrap();
     assert_eq!(
         ctx.allocations(),
         before + 1,
@@ -1368,4 +1385,237 @@ fn gpu_small_batch_captured_after_a_multi_kernel_warm_up() {
     let a = observe(&mut ctx, &out);
     let b = observe(&mut multi, &want);
     assert_same(&format!("{what}: replayed"), &a, &b);
+}
+
+/// One eager forward of `ctx` with `router` on `x` (into an output of its own): 1 when it took
+/// the small-batch path (waited for through the watchdog), else 0.
+fn took_path(
+    dev: &Device,
+    what: &str,
+    ctx: &mut MoeContext<bf16>,
+    router: RouterKind,
+    cfg: &LayerConfig,
+    x: &DeviceTensor<bf16>,
+    w: &Weights<bf16>,
+) -> u64 {
+    let before = ctx.small_batch_forwards();
+    let mut out = DeviceTensor::<bf16>::zeros(dev, &[cfg.tokens, cfg.hidden]).unwrap();
+    moe_forward(
+        ctx,
+        cfg,
+        router,
+        Coefficient::Fixed(LAMBDA),
+        x,
+        &w.views(),
+        &mut out,
+    )
+    .unwrap();
+    let took = ctx.small_batch_forwards() - before;
+    if took > 0 {
+        settle(dev, what, cfg.tokens, ctx.small_batch_last_launch());
+    }
+    took
+}
+
+/// Under the default `SmallBatch::Auto` (a context never configured), a decode step at config
+/// A's shape (E 8, k 1, H 768, F 3072) takes the small-batch path from its first forward, which
+/// prepares the context: T = 1 (one expert's weights, 14 MB expected) and T = 64 (all eight,
+/// 113 MB; under Auto's bound of 192 MiB, and measured faster than the chain there:
+/// docs/DECODE.md, "v2, measured"). Every phase matches a context set to `Off` bit for bit,
+/// with poisoned workspaces and outputs (`compare`), and the output matches the CPU reference.
+#[test]
+fn gpu_small_batch_auto_takes_the_path_at_decode_by_default() {
+    let _gpu = gpu_lock();
+    let Some(dev) = gpu_or_skip("gpu_small_batch_auto_takes_the_path_at_decode_by_default") else {
+        return;
+    };
+    let seed = fresh_seed();
+    let (e, k, h, f) = (8, 1, 768, 3072);
+    let cfg = LayerConfig::new(64, h, f, e, k);
+    let p = host_problem::<bf16>(cfg, &uniform_density(e, k as f64 / e as f64), seed);
+    let w = Weights::<bf16>::upload(&dev, &p);
+    for t in [1, 64] {
+        let what = format!("Auto E {e} k {k} H {h} F {f} T {t} {}", seed_note(seed));
+        let run = Run {
+            auto: true,
+            ..Run::default()
+        };
+        compare_with_reference(&dev, &what, &p, t, &w, run);
+    }
+}
+
+/// Under `Auto`, an eager forward at a larger batch warms a context for a capture at T = 1 on
+/// the small-batch path (docs/SPEC.md, section 9: an eager call of the same or larger shapes
+/// warms a context): at config A's shape, an eager forward at T = 64 (which takes the path
+/// itself) or at T = 65 (above the kernel's bound: the multi-kernel path) prepares the context;
+/// the forward captured at T = 1 takes the path (counted when captured) without allocating, and
+/// its replays on new inputs, with poisoned workspaces and outputs, give the bits of a context
+/// set to `Off`, phase by phase.
+#[test]
+fn gpu_small_batch_auto_eager_warm_up_then_capture_at_one_token() {
+    let _gpu = gpu_lock();
+    let Some(dev) =
+        untracked_gpu_or_skip("gpu_small_batch_auto_eager_warm_up_then_capture_at_one_token")
+    else {
+        return;
+    };
+    let seed = fresh_seed();
+    let (e, k, h, f) = (8, 1, 768, 3072);
+    let base = LayerConfig::new(65, h, f, e, k);
+    let p = host_problem::<bf16>(base, &uniform_density(e, k as f64 / e as f64), seed);
+    let w = Weights::<bf16>::upload(&dev, &p);
+    let t = 1;
+    let cfg = LayerConfig { tokens: t, ..base };
+    for (warm_t, warm_on_path) in [(64, true), (65, false)] {
+        let what = format!("warm-up at T {warm_t} {}", seed_note(seed));
+        let mut ctx = MoeContext::<bf16>::new(&dev);
+        assert_eq!(ctx.small_batch(), SmallBatch::Auto, "{what}: the default");
+        ctx.force_small_batch_grid(grid_under_sanitizer(None));
+        let warm = LayerConfig {
+            tokens: warm_t,
+            ..base
+        };
+        let xw = tokens::<bf16>(&dev, &p, warm_t);
+        let mut ow = DeviceTensor::<bf16>::zeros(&dev, &[warm_t, h]).unwrap();
+        forward(&dev, &what, &mut ctx, &warm, &xw, &w, &mut ow);
+        assert_eq!(
+            ctx.small_batch_forwards(),
+            u64::from(warm_on_path),
+            "{what}: the warm-up's path"
+        );
+        let warm_allocations = ctx.allocations();
+        let mut x = tokens::<bf16>(&dev, &p, t);
+        let mut out = DeviceTensor::<bf16>::zeros(&dev, &[t, h]).unwrap();
+        let graph = capture(&dev, || {
+            moe_forward(
+                &mut ctx,
+                &cfg,
+                RouterKind::Relu,
+                Coefficient::Fixed(LAMBDA),
+                &x,
+                &w.views(),
+                &mut out,
+            )
+        })
+        .unwrap();
+        assert_eq!(
+            ctx.allocations(),
+            warm_allocations,
+            "{what}: the capture allocated"
+        );
+        assert_eq!(
+            ctx.small_batch_forwards(),
+            u64::from(warm_on_path) + 1,
+            "{what}: the captured forward took the small-batch path"
+        );
+        graph.upload().unwrap();
+        let last = ctx.small_batch_last_launch();
+        let mut multi = context::<bf16>(&dev, false);
+        let mut want = DeviceTensor::<bf16>::zeros(&dev, &[t, h]).unwrap();
+        for round in 0..3 {
+            let case = format!("{what}: replay {round}");
+            let row = (7 * round + 3) % base.tokens;
+            let fresh: Vec<bf16> = p.x[row * h..(row + 1) * h]
+                .iter()
+                .map(|&v| bf16::of(v))
+                .collect();
+            x.copy_from_host(&fresh).unwrap();
+            out.poison().unwrap();
+            ctx.poison_workspace().unwrap();
+            // SAFETY: every captured buffer (x, out, the weights, the context's workspace and
+            // sync words) is alive and unmoved: nothing ran on the context since the capture.
+            unsafe { graph.replay() }.unwrap();
+            settle(&dev, &case, t, last);
+            want.poison().unwrap();
+            multi.poison_workspace().unwrap();
+            forward(&dev, &case, &mut multi, &cfg, &x, &w, &mut want);
+            assert_eq!(multi.small_batch_forwards(), 0, "{case}: Off took the path");
+            let a = observe(&mut ctx, &out);
+            let b = observe(&mut multi, &want);
+            assert_same(&case, &a, &b);
+        }
+    }
+}
+
+/// Where `Auto` must leave the path off, the forward is the multi-kernel one: a training context
+/// (it saves for backward; its backward then runs), TopK (both kinds), T above the kernel's
+/// bound, and Auto's byte rule false: at E 8, k 1, H 4096, F 4096 one expert's weights are
+/// 100.7 MB, so T = 1 is expected to read 101 MB (the path) and T = 8 about 528 MB (above 192
+/// MiB: the chain); zero weights and inputs there, since the choice depends on the shapes only.
+/// A training context then set to save nothing takes the path at its next eager forward (the
+/// candle layer's pooled contexts move between the two).
+#[test]
+fn gpu_small_batch_auto_stays_off_where_it_must() {
+    let _gpu = gpu_lock();
+    let Some(dev) = gpu_or_skip("gpu_small_batch_auto_stays_off_where_it_must") else {
+        return;
+    };
+    let seed = fresh_seed();
+    let (t, h, f, e, k) = (7, 128, 256, 8, 2);
+    let cfg = LayerConfig::new(t, h, f, e, k);
+    let p = host_problem::<bf16>(cfg, &uniform_density(e, 0.3), seed);
+    let w = Weights::<bf16>::upload(&dev, &p);
+    let x = tokens::<bf16>(&dev, &p, t);
+    let what = seed_note(seed);
+    let auto = |mut ctx: MoeContext<bf16>| {
+        assert_eq!(ctx.small_batch(), SmallBatch::Auto, "{what}: the default");
+        ctx.force_small_batch_grid(grid_under_sanitizer(None));
+        ctx
+    };
+
+    // A training context: never, and its backward runs on what the forward saved.
+    let mut ctx = auto(MoeContext::<bf16>::for_training(&dev));
+    for _ in 0..2 {
+        let took = took_path(&dev, &what, &mut ctx, RouterKind::Relu, &cfg, &x, &w);
+        assert_eq!(took, 0, "{what}: training");
+    }
+    let dout = tokens::<bf16>(&dev, &p, t);
+    let mut grads = Grads::<bf16>::new(&dev, &cfg);
+    moe_backward(
+        &mut ctx,
+        Coefficient::Fixed(LAMBDA),
+        &x,
+        &w.views(),
+        &dout,
+        grads.as_mut(),
+        false,
+    )
+    .unwrap();
+    // The same context, saving nothing now: prepared by this eager forward, which takes it.
+    ctx.set_save_for_backward(false);
+    let took = took_path(&dev, &what, &mut ctx, RouterKind::Relu, &cfg, &x, &w);
+    assert_eq!(took, 1, "{what}: the training context turned to inference");
+
+    for router in [RouterKind::TopK, RouterKind::TopKNormalized] {
+        let mut ctx = auto(MoeContext::<bf16>::new(&dev));
+        let took = took_path(&dev, &what, &mut ctx, router, &cfg, &x, &w);
+        assert_eq!(took, 0, "{what}: {router:?}");
+    }
+
+    // Above the kernel's bound.
+    {
+        let big = LayerConfig { tokens: 65, ..cfg };
+        let pb = host_problem::<bf16>(big, &uniform_density(e, 0.3), seed);
+        let xb = tokens::<bf16>(&dev, &pb, 65);
+        let mut ctx = auto(MoeContext::<bf16>::new(&dev));
+        let took = took_path(&dev, &what, &mut ctx, RouterKind::Relu, &big, &xb, &w);
+        assert_eq!(took, 0, "{what}: T = 65");
+    }
+
+    // Auto's byte rule: the path at T = 1, not at T = 8, on one context.
+    let (hb, fb) = (4096, 4096);
+    let zeros = |shape: &[usize]| DeviceTensor::<bf16>::zeros(&dev, shape).unwrap();
+    let wb = Weights {
+        router: zeros(&[hb, 8]),
+        gate: zeros(&[8, hb, fb]),
+        up: zeros(&[8, hb, fb]),
+        down: zeros(&[8, fb, hb]),
+    };
+    let mut ctx = auto(MoeContext::<bf16>::new(&dev));
+    for (tb, want) in [(1, 1), (8, 0), (1, 1)] {
+        let c = LayerConfig::new(tb, hb, fb, 8, 1);
+        let xb = zeros(&[tb, hb]);
+        let took = took_path(&dev, &what, &mut ctx, RouterKind::Relu, &c, &xb, &wb);
+        assert_eq!(took, want, "E 8 k 1 H {hb} F {fb} T {tb}: Auto's byte rule");
+    }
 }

@@ -251,10 +251,13 @@ impl F16Problem {
 /// [`F16_ROW_BOUND`] 6e-3 per row), as f16 rounds 8 times finer (unit round-off 2^-11 against
 /// 2^-8). A CPU model of the kernels' roundings (act, g, u, R act, dg, du, each pair's dX and the
 /// stored results rounded to 16 bits, f32 elsewhere) on these shapes stays at or below about a
-/// fifth of either bound in f16, while the same model at bf16's precision has whole-tensor
-/// errors of 2.4e-3 to 3e-3 in the output and the expert weight gradients, over the bound: an
-/// f16 path that computed at bf16's precision would not pass. dX and dWr keep their slack for the cancellation in dR = dOut . y, at f16's unit
-/// round-off (the act that y is made from is rounded to f16).
+/// fifth of either bound in f16, while the same model at bf16's precision has whole-tensor errors
+/// of 2.4e-3 to 3e-3 in the output and the expert weight gradients, over the bound: an f16 path
+/// that computed at bf16's precision would not pass. Rounding the expert outputs y to f16 as well
+/// (the combine reads them in the activation type) moves the output's error in such a model by
+/// about a tenth (4.3e-4 to 4.8e-4 at these shapes, worst row 8.6e-4). dX and dWr keep their slack
+/// for the cancellation in dR = dOut . y, at f16's unit round-off (the act that y is made from is
+/// rounded to f16).
 fn check_layer_f16(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[f64], coeff: f64) {
     let seed = fresh_seed();
     let what = format!("f16 {kind:?} {cfg:?} coeff {coeff} {}", seed_note(seed));
@@ -472,19 +475,20 @@ fn large_case() -> (LayerConfig, f64) {
 }
 
 /// Device bytes of one bf16 forward + backward with `pairs` routed pairs, as the context and the
-/// test allocate them (src/moe.rs, src/scratch.rs): per pair act (R act after the backward), g,
-/// u (saved by the forward) and dg, du (the backward's) at 2F bytes each, y in f32 (4H), the
-/// per-pair dX and the Hopper path's rows in pair order (dOut's, then X's, in one buffer; F >
-/// 512 here) (2H each), token, gate and dR (12); per token X, dOut, out and dX (2H each) and
-/// dX's router part in f32 (4H); per (token, expert) logits, gates, pair index and dL (16) plus
-/// the router's per-block statistics; the weights (2 bytes) and their f32 gradients.
+/// test allocate them (src/moe.rs, src/scratch.rs): per pair act (R act after the backward), g, u
+/// (saved by the forward) and dg, du (the backward's) at 2F bytes each, y, the per-pair dX and the
+/// Hopper path's rows in pair order (dOut's, then X's, in one buffer; F > 512 here) (2H each; the
+/// split-K planes held for smaller T, about 17 MB here, are left out), token, gate and dR (12);
+/// per token X, dOut, out and dX (2H each) and dX's router part in f32 (4H); per (token, expert)
+/// logits, gates, pair index and dL (16) plus the router's per-block statistics; the weights (2
+/// bytes) and their f32 gradients.
 ///
-/// At the large case's expected |A| = 655,360: 41,484 bytes per pair, 27.2 GB (of which the five
+/// At the large case's expected |A| = 655,360: 41,356 bytes per pair, 27.1 GB (of which the five
 /// [|A|, F] buffers are 26.8 GB); 768 bytes per token, 0.25 GB; 42 MB per (token, expert); 13 MB
-/// of weights and 25 MB of gradients: about 27.5 GB (25.6 GiB) in all.
+/// of weights and 25 MB of gradients: about 27.4 GB (25.6 GiB) in all.
 fn layer_device_bytes(cfg: &LayerConfig, pairs: usize) -> usize {
     let (t, h, f, e) = (cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts);
-    let per_pair = 5 * 2 * f + 4 * h + 2 * 2 * h + 12;
+    let per_pair = 5 * 2 * f + 3 * 2 * h + 12;
     let per_token = 4 * 2 * h + 4 * h;
     let blocks = t.div_ceil(64);
     let routing = 16 * t * e + 12 * blocks * e;
@@ -705,7 +709,7 @@ fn gpu_remoe_layer_past_2_pow_31_act_elements_matches_the_reference_on_sampled_r
         for pi in disp.offsets[ei] as usize..disp.offsets[ei + 1] as usize {
             let ti = disp.tokens[pi] as usize;
             for o in 0..h {
-                want_out[ti * h + o] += pair_gates[pi] * y[pi * h + o] as f64;
+                want_out[ti * h + o] += pair_gates[pi] * y[pi * h + o].to_f64();
             }
         }
     }
@@ -714,7 +718,10 @@ fn gpu_remoe_layer_past_2_pow_31_act_elements_matches_the_reference_on_sampled_r
     assert_rows_within(&what, "combine", &out_h, &want_out, h, &[], &[]);
 
     // --- Every entry of dWr: X^T dL with dL from the GPU's own y (dR = dOut . y + the
-    // regulariser's lambda E n_e / (k T^2) on the active pairs).
+    // regulariser's lambda E n_e / (k T^2) on the active pairs). The GPU's dR is act . (dOut
+    // Wd^T) in f32, dOut . y before y's rounding to bf16: each pair's dOut . y here is off from
+    // it by that rounding, about u / sqrt(3) of dR in the mean (a CPU model of this case at
+    // T = 20000 gives dWr 1.7e-3 from it, worst row 4.3e-3), inside the bounds below.
     let reg = coeff * e as f64 / (cfg.k as f64 * (t as f64) * (t as f64));
     let mut dl = vec![0.0; t * e];
     for ei in 0..e {
@@ -722,7 +729,7 @@ fn gpu_remoe_layer_past_2_pow_31_act_elements_matches_the_reference_on_sampled_r
         for pi in disp.offsets[ei] as usize..disp.offsets[ei + 1] as usize {
             let ti = disp.tokens[pi] as usize;
             let dr: f64 = (0..h)
-                .map(|o| dout_host[ti * h + o] * y[pi * h + o] as f64)
+                .map(|o| dout_host[ti * h + o] * y[pi * h + o].to_f64())
                 .sum();
             dl[ti * e + ei] = dr + reg * n_e;
         }
@@ -785,7 +792,7 @@ fn gpu_remoe_layer_past_2_pow_31_act_elements_matches_the_reference_on_sampled_r
             let r = gates[ti * e + ei];
             let (wg, wu, wd) = p.params.expert(ei, &cfg);
             let acts = swiglu_expert_forward(x, wg, wu, wd, h, f);
-            y_got.extend(y[pi * h..(pi + 1) * h].iter().map(|&v| v as f64));
+            y_got.extend(y[pi * h..(pi + 1) * h].iter().map(|v| v.to_f64()));
             y_want.extend_from_slice(&acts.y);
             let dy: Vec<f64> = dout_t.iter().map(|&v| r * v).collect();
             // The weight-gradient scratch is not read: the columns are checked below.

@@ -7,8 +7,10 @@
 //! a failure names the kernel at fault: exact equality for the counts, offsets, token lists and
 //! pair index; relative error for values (1e-5 for f32 logits, 1e-2 for bf16 paths, and for
 //! those also 3e-2 per row, `common::ROW_REL_BOUND`, so that one wrong row cannot hide in the
-//! average). Every run is a warm-up, then the whole workspace and the output are poisoned
-//! (NaN / -1) and the same shapes run again, so an element nobody wrote fails the test.
+//! average); y, besides, element by element within one rounding to bf16 of the f64 product of
+//! the GPU's act (`common::assert_rounded_once`). Every run is a warm-up, then the whole
+//! workspace and the output are poisoned (NaN / -1) and the same shapes run again, so an element
+//! nobody wrote fails the test.
 
 mod common;
 
@@ -211,6 +213,8 @@ fn check_case(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[f64])
     assert_eq!(act_gpu_rows, pairs);
     let mut want_act = vec![0.0; pairs * f];
     let mut want_y_from_gpu_act = vec![0.0; pairs * h];
+    // sum over j of |act_j Wd[j, o]|: what the f32 accumulation's error is bounded by.
+    let mut y_terms = vec![0.0; pairs * h];
     for ei in 0..e {
         let (wg, wu, wd) = p.params.expert(ei, &cfg);
         for pi in want.range(ei) {
@@ -222,6 +226,7 @@ fn check_case(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[f64])
                 let aj = act[pi * f + j];
                 for o in 0..h {
                     want_y_from_gpu_act[pi * h + o] += aj * wd[j * h + o];
+                    y_terms[pi * h + o] += (aj * wd[j * h + o]).abs();
                 }
             }
         }
@@ -230,16 +235,14 @@ fn check_case(dev: &Device, kind: RouterKind, cfg: LayerConfig, density: &[f64])
     assert!(err < 1e-2, "{what}: act rel err {err:e}");
     assert_rows_within(&what, "act", &act, &want_act, f, &[], &[]);
 
-    // --- Down projection.
-    let y: Vec<f64> = ctx
-        .expert_out_to_host()
-        .unwrap()
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
+    // --- Down projection: y is the product of the GPU's act, summed in f32 and rounded once to
+    // bf16 (so within bf16's unit round-off of it, elementwise, besides the f32 sum's error).
+    let y = bf16_to_f64(&ctx.expert_out_to_host().unwrap());
     let err = rel_err(&y, &want_y_from_gpu_act);
     assert!(err < 1e-2, "{what}: y rel err {err:e}");
     assert_rows_within(&what, "y", &y, &want_y_from_gpu_act, h, &[], &[]);
+    let want_y = &want_y_from_gpu_act;
+    assert_rounded_once(&what, "y", &y, want_y, &y_terms, f, BF16_ROUNDOFF);
 
     // --- Combine of the GPU's own y.
     let out = bf16_to_f64(&out_bits);

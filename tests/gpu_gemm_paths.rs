@@ -82,7 +82,7 @@ fn run_layer(
         ("out", half_bits(out.to_host().unwrap())),
         // After the backward the act buffer holds R act (the dAct GEMM's, dWd's operand).
         ("R act", half_bits(ctx.gated_act_to_host().unwrap())),
-        ("y", f32_bits(ctx.expert_out_to_host().unwrap())),
+        ("y", half_bits(ctx.expert_out_to_host().unwrap())),
         ("dX", half_bits(dx.to_host().unwrap())),
         ("dWr", f32_bits(dwr.to_host().unwrap())),
         ("dWg", f32_bits(dwg.to_host().unwrap())),

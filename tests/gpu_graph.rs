@@ -116,6 +116,55 @@ fn gpu_a_captured_forward_replays_new_inputs_like_an_eager_forward() {
     }
 }
 
+/// The graph rule "an eager call of the same or larger shapes warms the context" holds where the
+/// smaller forward splits the down projection in K and the larger one does not: the split's f32
+/// partial sums are sized by the larger forward too (capacity::split_k_partials_up_to).
+#[test]
+fn gpu_a_larger_eager_forward_warms_a_capture_whose_down_projection_splits() {
+    let Some(dev) = untracked_gpu_or_skip(
+        "gpu_a_larger_eager_forward_warms_a_capture_whose_down_projection_splits",
+    ) else {
+        return;
+    };
+    let seed = fresh_seed();
+    // F 2048: 32 K blocks. T 4096: 32 row tiles x 3 column tiles, no split; T 512: 8 x 3, four
+    // K ranges.
+    let big = LayerConfig::new(4096, 768, 2048, 8, 1);
+    let small = LayerConfig { tokens: 512, ..big };
+    let what = format!("{small:?} after {big:?} {}", seed_note(seed));
+    let density = uniform_density(8, 1.0 / 8.0);
+    let warm = DeviceProblem::upload(&dev, &problem_with_density(big, &density, seed)).unwrap();
+    let d = DeviceProblem::upload(&dev, &problem_with_density(small, &density, seed + 1)).unwrap();
+    let (mut ctx, mut eager) = (MoeContext::<bf16>::new(&dev), MoeContext::<bf16>::new(&dev));
+    let mut warm_out = DeviceTensor::<bf16>::zeros(&dev, &[4096, 768]).unwrap();
+    let mut out = DeviceTensor::<bf16>::zeros(&dev, &[512, 768]).unwrap();
+    let mut want = DeviceTensor::<bf16>::zeros(&dev, &[512, 768]).unwrap();
+    let fixed = || Coefficient::Fixed(COEFF);
+    forward(
+        &mut ctx,
+        &big,
+        RouterKind::Relu,
+        fixed(),
+        &warm,
+        &mut warm_out,
+    )
+    .unwrap();
+    let graph = capture(&dev, || {
+        forward(&mut ctx, &small, RouterKind::Relu, fixed(), &d, &mut out)
+    })
+    .unwrap_or_else(|e| panic!("{what}: the capture after the larger warm-up: {e}"));
+    out.poison().unwrap();
+    ctx.poison_workspace().unwrap();
+    // SAFETY: every captured buffer (d, out, ctx's workspace) is alive and unmoved.
+    unsafe { graph.replay() }.unwrap();
+    forward(&mut eager, &small, RouterKind::Relu, fixed(), &d, &mut want).unwrap();
+    assert_eq!(
+        bits(&out.to_host().unwrap()),
+        bits(&want.to_host().unwrap()),
+        "{what}: replayed output"
+    );
+}
+
 #[test]
 fn gpu_a_captured_forward_and_backward_replays_like_eager_runs() {
     let Some(dev) =

@@ -148,7 +148,7 @@ pub fn copies_for(bytes: usize) -> usize {
 pub enum GemmKind {
     /// act = SiLU(x Wg) * (x Wu) with the X gather; g and u written (training).
     Up,
-    /// y = act Wd (f32 out).
+    /// y = act Wd (bf16 out, as the layer stores it).
     Down,
     /// da = dOut Wd^T with SwiGLU's backward (dg, du and R act out).
     DAct,
@@ -275,6 +275,7 @@ pub struct DenseGemms {
     dy: Rotated,
     /// [cap, 2F]: the dX input; its halves [cap, F] are dg and du for the weight gradients.
     dgdu: Rotated,
+    /// [cap, max(2F, H)] the 16-bit outputs, then [cap, H] the per-expert loop's y.
     out16: CudaSlice<bf16>,
     out32: CudaSlice<f32>,
     out16_ptr: u64,
@@ -304,7 +305,7 @@ impl DenseGemms {
         ];
         let most = |kinds: &[GemmKind]| kinds.iter().map(|k| copies[k.index()]).max().unwrap();
         use GemmKind::*;
-        let out16 = dev.stream().alloc_zeros::<bf16>(c * (2 * f).max(h))?;
+        let out16 = dev.stream().alloc_zeros::<bf16>(c * ((2 * f).max(h) + h))?;
         let out32 = dev.stream().alloc_zeros::<f32>((c * h).max(2 * h * f))?;
         Ok(Self {
             blas: CudaBlas::new(dev.stream().clone()).map_err(cublas_err)?,
@@ -407,12 +408,12 @@ impl DenseGemms {
                 Mat::rm(w1, 2 * f),
                 Out::Bf16(o16, 2 * f),
             ),
-            // [rows, F] x [F, H]
+            // [rows, F] x [F, H], rounded to bf16 as the layer's y is.
             GemmKind::Down => self.gemm(
                 (rows, h, f),
                 Mat::rm(act, f),
                 Mat::rm(w2, h),
-                Out::F32(o32, h),
+                Out::Bf16(o16, h),
             ),
             // da = dy W2^T, W2 stored [F, H].
             GemmKind::DAct => self.gemm(
@@ -505,13 +506,13 @@ impl DenseGemms {
             let (a_e, wg_e, wu_e) = (Mat::rm(a_e, h), Mat::rm(wg + we, f), Mat::rm(wu + we, f));
             self.gemm((n, f, h), a_e, wg_e, Out::Bf16(mid, 2 * f))?;
             self.gemm((n, f, h), a_e, wu_e, Out::Bf16(mid + 2 * f as u64, 2 * f))?;
-            // down: [n, F] (the gate half of mid) x [F, H].
-            let y = self.out32_ptr + 4 * (off * h) as u64;
+            // down: [n, F] (the gate half of mid) x [F, H], into y past the rows of mid.
+            let y = self.out16_ptr + 2 * (self.cap * (2 * f).max(h) + off * h) as u64;
             self.gemm(
                 (n, h, f),
                 Mat::rm(mid, 2 * f),
                 Mat::rm(wd + we, h),
-                Out::F32(y, h),
+                Out::Bf16(y, h),
             )?;
             off += n;
         }
@@ -624,11 +625,11 @@ impl GroupedGemms {
             s.alloc_zeros::<bf16>((2 * p * f).max(1))?,
             s.alloc_zeros::<bf16>((p * h).max(1))?,
             s.alloc_zeros::<bf16>((p * h).max(1))?,
+            s.alloc_zeros::<bf16>((p * h).max(1))?,
         ];
         // The pairs' gates, for the dAct GEMM's epilogue (any value does: 0.5).
         let pair_gate = s.clone_htod(&vec![0.5f32; p.max(1)])?;
         let outs32 = vec![
-            s.alloc_zeros::<f32>((p * h).max(1))?,
             s.alloc_zeros::<f32>((p * f.div_ceil(32)).max(1))?,
             s.alloc_zeros::<f32>(e * f * h)?,
             s.alloc_zeros::<f32>(e * h * f)?,
@@ -654,11 +655,11 @@ impl GroupedGemms {
             dgdu_o: addr(dev, &outs16[2]),
             dxp_o: addr(dev, &outs16[3]),
             xrows_o: addr(dev, &outs16[4]),
-            y_o: addr(dev, &outs32[0]),
-            row_dots_o: addr(dev, &outs32[1]),
-            dwd_o: addr(dev, &outs32[2]),
-            dwg_o: addr(dev, &outs32[3]),
-            dwu_o: addr(dev, &outs32[4]),
+            y_o: addr(dev, &outs16[5]),
+            row_dots_o: addr(dev, &outs32[0]),
+            dwd_o: addr(dev, &outs32[1]),
+            dwg_o: addr(dev, &outs32[2]),
+            dwu_o: addr(dev, &outs32[3]),
             _outs16: outs16,
             outs32,
             dev: dev.clone(),
@@ -710,12 +711,12 @@ impl GroupedGemms {
         let mut outs = Vec::new();
         for (path, gathers) in [(GemmPath::MmaSync, false), (GemmPath::Hopper, true)] {
             let s = self.dev.stream();
-            let nan = vec![f32::NAN; self.outs32[3].len()];
+            let nan = vec![f32::NAN; self.outs32[2].len()];
+            s.memcpy_htod(&nan, &mut self.outs32[2])?;
             s.memcpy_htod(&nan, &mut self.outs32[3])?;
-            s.memcpy_htod(&nan, &mut self.outs32[4])?;
             self.launch(GemmKind::DWgu, path, gathers, 0)?;
-            let g = s.clone_dtoh(&self.outs32[3])?;
-            let u = s.clone_dtoh(&self.outs32[4])?;
+            let g = s.clone_dtoh(&self.outs32[2])?;
+            let u = s.clone_dtoh(&self.outs32[3])?;
             outs.push((g, u));
         }
         let (mut differ, mut first) = (0, String::new());
@@ -768,7 +769,7 @@ impl GroupedGemms {
         // SAFETY: every pointer is a live buffer of this struct holding what the header
         // (kernels/remoe_kernels.h) says the launcher reads or writes for this configuration and
         // |A| = self.pairs: x [T, H]; Wg, Wu [E, H, F]; Wd [E, F, H]; act, g, u, dg, du
-        // [|A|, F]; X rows, dx_pair [|A|, H]; y [|A|, H] f32; pair gates [|A|] f32; dR's
+        // [|A|, F]; X rows, dx_pair, y [|A|, H]; pair gates [|A|] f32; dR's
         // group sums [|A|, ceil(F / 32)] f32; the weight gradients [E, H, F] / [E, F, H] f32
         // (the dAct GEMM and dWd read X as their dOut, the same shape). The routing (pair tokens < T, expert offsets, tile offsets
         // of 128-row tiles, `tiles` their total) is a layer forward's, as the layer passes it;
@@ -798,10 +799,14 @@ impl GroupedGemms {
                         sys::remoe_expert_down_bf16
                     };
                     let (act, wd) = (c(self.act.ptr(r)), c(self.wd.ptr(r)));
-                    let y = self.y_o as *mut f32;
+                    // One K range, as the layer runs it at these sizes: y written directly,
+                    // no partial sums.
+                    let (y, partials) = (m(self.y_o), std::ptr::null_mut());
                     (
                         "expert_down",
-                        launch(act, wd, y, eo, to, sc, tiles, e, h, f, 1, pairs, s),
+                        launch(
+                            act, wd, y, partials, eo, to, sc, tiles, e, h, f, 1, pairs, s,
+                        ),
                     )
                 }
                 GemmKind::DAct => {

@@ -3,7 +3,7 @@
 use half::bf16;
 use remoe_kernels::{
     moe_backward, moe_forward, Coefficient, Device, DeviceTensor, Error, ForwardStats, GemmPath,
-    HostDispatch, LayerConfig, MoeContext, MoeGrads, RouterKind, StageTimes,
+    HostDispatch, LayerConfig, MoeContext, MoeGrads, RouterKind, SmallBatch, StageTimes,
 };
 use remoe_testkit::rng::{seeded, Rng};
 use remoe_testkit::synthetic::{
@@ -88,6 +88,9 @@ impl Setup {
         for &path in paths {
             let mut inference = MoeContext::new(dev);
             inference.set_gemm_path(path)?;
+            // The multi-kernel chain on this GEMM path at every T: the small-batch kernel,
+            // which `SmallBatch::Auto` would take at decode sizes, has one GEMM of its own.
+            inference.set_small_batch(SmallBatch::Off)?;
             let mut training = MoeContext::for_training(dev);
             training.set_gemm_path(path)?;
             contexts.push(PathContexts {

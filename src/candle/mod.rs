@@ -127,6 +127,13 @@
 //! [`MoeContext::saved_bytes`](crate::MoeContext::saved_bytes) says) until its graph is dropped;
 //! the context then returns to the layer's pool for the next forward.
 //!
+//! A CUDA call in which nothing tracks a gradient (x and a checkpoint's constants, as
+//! `VarBuilder::from_mmaped_safetensors` gives them) runs on a context that does not save for
+//! backward, so the contexts' default [`SmallBatch::Auto`](crate::SmallBatch::Auto) gives a
+//! decode-sized batch of the ReLU layer the crate's small-batch path where its rule picks it
+//! (the same bits either way), while a call over trainable `Var`s saves and keeps the
+//! multi-kernel path.
+//!
 //! ## Requirements and limits
 //!
 //! - CUDA (feature `candle-cuda`, which needs the crate's default features off: see the README)

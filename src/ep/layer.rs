@@ -22,7 +22,7 @@ use super::protocol::{
 };
 use super::transport::DeviceLoopback;
 use crate::backward::{check_backward_inputs, router_half, BackwardOptions, MoeGrads};
-use crate::capacity::PairCapacity;
+use crate::capacity::{split_k_partials, PairCapacity};
 use crate::config::LayerConfig;
 use crate::controller::Coefficient;
 use crate::device::Device;
@@ -238,9 +238,12 @@ pub struct EpContext<T: HalfElement> {
     act: GrowBuf<T>,
     g: GrowBuf<T>,
     u: GrowBuf<T>,
-    /// \[k_splits N, H\] the owner's results in its local order; \[N, H\] in receive order.
-    y_local: GrowBuf<f32>,
-    y_ret: GrowBuf<f32>,
+    /// \[N, H\] the owner's results (y, in T as on one GPU) in its local order, and in receive
+    /// order for the trip home; \[k_splits N, H\] their f32 split-K partial sums where the down
+    /// projection splits.
+    y_local: GrowBuf<T>,
+    y_ret: GrowBuf<T>,
+    y_partials: GrowBuf<f32>,
     /// Backward: \[|A|, H\] this rank's dOut rows in pair order; \[N, H\] the ones it received;
     /// \[N, H\] and \[N\] the per-pair dX and dR in receive order, for the trip home.
     dout_send: GrowBuf<T>,
@@ -321,6 +324,7 @@ impl<T: HalfElement> EpContext<T> {
             u: GrowBuf::default(),
             y_local: GrowBuf::default(),
             y_ret: GrowBuf::default(),
+            y_partials: GrowBuf::default(),
             dout_send: GrowBuf::default(),
             recv_dout: GrowBuf::default(),
             dx_ret: GrowBuf::default(),
@@ -367,18 +371,15 @@ impl<T: HalfElement> EpContext<T> {
             &mut self.act,
             &mut self.g,
             &mut self.u,
+            &mut self.y_local,
+            &mut self.y_ret,
             &mut self.dout_send,
             &mut self.recv_dout,
             &mut self.dx_ret,
         ] {
             b.poison()?;
         }
-        for b in [
-            &mut self.recv_gate,
-            &mut self.y_local,
-            &mut self.y_ret,
-            &mut self.dr_ret,
-        ] {
+        for b in [&mut self.recv_gate, &mut self.y_partials, &mut self.dr_ret] {
             b.poison()?;
         }
         self.owner_bwd.poison()?;
@@ -658,7 +659,9 @@ fn run_owned_experts<T: HalfElement>(
     let saved_len = if training { received * f } else { 0 };
     ctx.g.ensure(&dev, saved_len)?;
     ctx.u.ensure(&dev, saved_len)?;
-    ctx.y_local.ensure(&dev, k_splits * received * h)?;
+    ctx.y_local.ensure(&dev, received * h)?;
+    ctx.y_partials
+        .ensure(&dev, split_k_partials(k_splits, received, h))?;
     let gemms = ctx.source.gemm_path()?.gemms::<T>();
     let batch = ctx.dispatch.batch(el, received, (h, f));
     let saved = training.then_some((&mut ctx.g, &mut ctx.u));
@@ -678,13 +681,14 @@ fn run_owned_experts<T: HalfElement>(
         &ctx.act,
         &w.down,
         k_splits,
-        &mut ctx.y_local,
+        (&mut ctx.y_local, &mut ctx.y_partials),
         &mut ctx.source.row_sched,
     )
 }
 
 /// The owner's results back in receive order, then home: each source's y rows land where its
-/// one-GPU forward would have written them (pair order, f32), ready for the combine.
+/// one-GPU forward would have written them (pair order, in T: 2 H bytes a row on the link),
+/// ready for the combine.
 fn return_results<T: HalfElement>(
     group: &mut EpGroup,
     ctx: &mut EpContext<T>,

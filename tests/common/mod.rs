@@ -139,15 +139,16 @@ pub fn seed_note(seed: u64) -> String {
 /// (exactly 1 when zeroed).
 ///
 /// Why 3e-2: a correct row goes through a few roundings to 16 bits on its way (bf16's unit
-/// round-off is u = 2^-8 = 3.9e-3; act, g, u, R act, dg and du, each pair's dX, the stored
+/// round-off is u = 2^-8 = 3.9e-3; act, g, u, y, R act, dg and du, each pair's dX, the stored
 /// result), each worth at most u and about u/sqrt(3) on average over a row's elements; the rows
-/// checked hold 32 to 3072 elements, so a row's error stays near that average. A CPU model of
-/// those roundings (f32 elsewhere) over the shapes of the GPU tests puts most rows' worst at
-/// 3e-3 to 5e-3 and the worst row seen at 1.3e-2 (a row of 32 elements of dWu, E = 512, an
-/// expert with a handful of tokens); 3e-2 keeps a margin of two to three over that and is still
-/// more than thirty times below the error of a row that is wrong. Where a result is a sum that
-/// can cancel (dX and dWr through dR = dOut . y) the check adds the same per-row slack as the
-/// whole-tensor one.
+/// checked hold 32 to 3072 elements, so a row's error stays near that average. A CPU model of those
+/// roundings (f32 elsewhere) over the shapes of the GPU tests puts most rows' worst at 3e-3 to 5e-3
+/// and the worst row seen at 1.3e-2 (a row of 32 elements of dWu, E = 512, an expert with a handful
+/// of tokens); 3e-2 keeps a margin of two to three over that and is still more than thirty times
+/// below the error of a row that is wrong. (y's rounding, added after that model was run, reaches
+/// the layer output alone: in a model of the forward over four of those shapes the output's worst
+/// row went from 4.0e-3 - 7.2e-3 to 4.3e-3 - 7.5e-3.) Where a result is a sum that can cancel (dX
+/// and dWr through dR = dOut . y) the check adds the same per-row slack as the whole-tensor one.
 pub const ROW_REL_BOUND: f64 = 3e-2;
 
 /// Rows whose reference norm is below `ROW_FLOOR` times the tensor's RMS row norm are measured
@@ -384,6 +385,36 @@ impl RouterTermScales {
 
 /// bf16's unit round-off, 2^-8.
 pub const BF16_ROUNDOFF: f64 = 1.0 / 256.0;
+
+/// Asserts that every element of `got` is `exact` rounded once, to nearest, to a 16-bit type of
+/// unit round-off `u` from an f32 accumulation of `n` exact products whose magnitudes sum to
+/// `terms` (per element): |got - exact| <= u |exact| + (1 + u) n 2^-22 terms. The second term
+/// bounds the f32 sum's error with twice the textbook n 2^-23, as the tensor cores' adders may
+/// truncate rather than round. A value rounded twice, truncated, or not from the whole sum
+/// misses by up to 2u |exact| and so fails wherever that slack is small against u |exact|.
+/// For values in the 16-bit type's normal range (bf16's is f32's).
+pub fn assert_rounded_once(
+    what: &str,
+    name: &str,
+    got: &[f64],
+    exact: &[f64],
+    terms: &[f64],
+    n: usize,
+    u: f64,
+) {
+    assert_eq!(got.len(), exact.len(), "{what}: {name}: lengths");
+    assert_eq!(terms.len(), exact.len(), "{what}: {name}: term sums");
+    let g = n as f64 * (-22f64).exp2();
+    for (i, ((&a, &x), &s)) in got.iter().zip(exact).zip(terms).enumerate() {
+        let slack = (1.0 + u) * g * s;
+        // NaN (an element nobody wrote) compares false: it fails.
+        assert!(
+            (a - x).abs() <= u * x.abs() + slack,
+            "{what}: {name}[{i}] = {a:e} is not {x:e} rounded once to 16 bits (unit round-off \
+             {u:e}, the f32 sum's slack {slack:e})"
+        );
+    }
+}
 
 /// ||got - want|| <= tol ||want|| + `slack` (and finite): a relative bound, plus the round-off
 /// of the terms a cancelling sum adds up where there is one (u times a [`RouterTermScales`]
