@@ -22,11 +22,15 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/gpu.txt
 cat $c/COMMIT > $OUT/commit.txt 2>/dev/null
 gunzip -c $c/latency.gz > /tmp/latency && chmod +x /tmp/latency
 "$ncu" --version | tail -1 >> $OUT/gpu.txt
+# PM sampling (a timeline of the kernel's counters: when DRAM starts streaming after the router's
+# barrier) where this ncu has the section; the 2026-12-07 run did not ask for it.
+"$ncu" --list-sections > $OUT/sections.txt 2>&1
+pm=(); grep -q '^ *PmSampling ' $OUT/sections.txt && pm=(--section PmSampling)
 for st in $shapes; do
   sh=${st%%:*}; t=${st##*:}
   timeout 150 "$ncu" --clock-control none -k regex:decode_forward --launch-skip 5 --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-    --section SchedulerStats --section Occupancy --section LaunchStats --section SourceCounters \
+    --section SchedulerStats --section Occupancy --section LaunchStats --section SourceCounters "${pm[@]}" \
     -o $OUT/$sh-t$t -f /tmp/latency --iters 8 --tokens $t --shapes $sh > $OUT/$sh-t$t.log 2>&1
   echo "ncu $sh T $t rc=$? $((SECONDS - S))s" >> $OUT/rc.txt
   "$ncu" -i $OUT/$sh-t$t.ncu-rep --print-details all > $OUT/$sh-t$t-details.txt 2>&1
