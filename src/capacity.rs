@@ -93,11 +93,17 @@ impl PairCapacity {
     /// shapes), about 96 MiB at config A's. For a memory estimate beside
     /// [`pairs_for`](Self::pairs_for)'s pairs.
     pub fn reserve_bytes(&self, cfg: &LayerConfig) -> usize {
+        4 * self.split_k_partials_up_to(cfg)
+    }
+
+    /// The f32 elements behind [`reserve_bytes`](Self::reserve_bytes): what a forward at `cfg`
+    /// sizes the split-K planes to under this policy.
+    pub(crate) fn split_k_partials_up_to(&self, cfg: &LayerConfig) -> usize {
         let fixed = match *self {
             Self::Pairs(n) => Some(n),
             Self::Auto { .. } => None,
         };
-        4 * split_k_partials_up_to(cfg, fixed)
+        split_k_partials_up_to(cfg, fixed)
     }
 }
 

@@ -424,18 +424,17 @@ pub(crate) fn try_forward<T: HalfElement>(
     };
     match forward(ctx, plan, coeff, x, w, out, grid) {
         Ok(()) => Ok(true),
-        Err(Error::Launch {
-            kernel: "decode_forward",
-            code,
-        }) if ctx.small_batch.policy == SmallBatch::Auto && is_refusal(code) => {
+        Err(
+            e @ Error::Launch {
+                kernel: "decode_forward",
+                code,
+            },
+        ) if ctx.small_batch.policy == SmallBatch::Auto && is_refusal(code) => {
             ctx.small_batch.auto_off = true;
             if plan.mode == Mode::Eager {
                 Ok(false)
             } else {
-                Err(Error::Launch {
-                    kernel: "decode_forward",
-                    code,
-                })
+                Err(e)
             }
         }
         Err(e) => Err(e),

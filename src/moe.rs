@@ -1481,8 +1481,8 @@ impl ForwardPlan {
         MoeContext::<T>::grow(&dev, a, &mut c.experts.act, cap * f)?;
         // Planes for this forward and for every smaller one, so that this forward warms the
         // context for a capture at a smaller T that splits where this one does not.
-        let partials =
-            split_k_partials(self.k_splits, cap, h).max(c.capacity.reserve_bytes(&self.cfg) / 4);
+        let partials = split_k_partials(self.k_splits, cap, h)
+            .max(c.capacity.split_k_partials_up_to(&self.cfg));
         MoeContext::<T>::grow(&dev, a, &mut c.experts.y_partials, partials)?;
         let saved = if self.save { cap * f } else { 0 };
         MoeContext::<T>::grow(&dev, a, &mut c.experts.g, saved)?;
