@@ -11,6 +11,7 @@
 # The logs come back as one archive (the device tool returns at most 8 files).
 set -u
 S=$SECONDS
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 b=${B:-target/xb/pending}
 c=${C:-target/xb/cmp3}
 cfgs=${CFGS:-SM1 SM7 SM30 Q3 A C}
@@ -19,10 +20,7 @@ cat $b/COMMIT $c/COMMIT > $OUT/commit.txt
 timeout ${TEST_TIMEOUT:-280} bash $b/run-suite.sh --no-sanitizer --no-quick \
   ${BINS:+--bins $BINS} > $OUT/suite.log 2>&1
 echo "tests rc=$? $((SECONDS - S))s" >> $OUT/rc.txt
-if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
-  lib=$(find /usr/local/cuda*/ /opt /usr/lib -name 'libcublas.so.1*' 2>/dev/null | head -1)
-  [[ -n "$lib" ]] && export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-fi
+cublas_on_path
 unpack() {  # unpack SRC DST: a .gz or a binary run-suite.sh already unpacked
   if [[ -f $1.gz ]]; then gunzip -c $1.gz > $2; else cp $1 $2; fi
   chmod +x $2
@@ -41,12 +39,6 @@ if [[ -f $l/head-latency.gz ]]; then
     echo "latency $v rc=$? $((SECONDS - S))s" >> $OUT/rc.txt
   done
 fi
-for round in 1 2 3; do
-  for v in new head; do
-    left=$((${DEADLINE:-560} - (SECONDS - S))); [[ $left -lt 60 ]] && break 2
-    timeout $left /tmp/$v-br --quick --path hopper $cfgs > $OUT/$v-$round.log 2>&1
-    echo "$v round $round rc=$? $((SECONDS - S))s" >> $OUT/rc.txt
-  done
-done
+bench_rounds "$cfgs"
 cd $OUT && tar czf logs.tgz *.log *.json *.txt 2>/dev/null
 cat rc.txt; tail -25 suite.log

@@ -24,6 +24,7 @@
 # six configurations 180 s. The short pass adds about 90 s.
 set -u
 S=$SECONDS
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 b=${B:-target/xb/pending}
 c=${C:-target/xb/cmp2}
 cfgs=${CFGS:-SM1 SM7 SM30 Q3 A C}
@@ -36,10 +37,7 @@ if [[ -f $b/run-suite.sh ]]; then
     --sanitizer-jobs 14 > $OUT/suite.log 2>&1
   echo "suite rc=$? $((SECONDS - S))s" >> $OUT/rc.txt
 fi
-if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
-  lib=$(find /usr/local/cuda*/ /opt /usr/lib -name 'libcublas.so.1*' 2>/dev/null | head -1)
-  [[ -n "$lib" ]] && export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-fi
+cublas_on_path
 if [[ -f $c/head-bench_report.gz ]]; then
   cat $c/COMMIT >> $OUT/commit.txt
   for v in head new; do gunzip -c $c/$v-bench_report.gz > /tmp/$v-br; chmod +x /tmp/$v-br; done
@@ -51,13 +49,7 @@ if [[ -f $c/head-bench_report.gz ]]; then
       > $OUT/latency.log 2>&1
     echo "latency rc=$? $((SECONDS - S))s" >> $OUT/rc.txt
   fi
-  for round in 1 2 3; do
-    for v in new head; do
-      left=$((${DEADLINE:-560} - (SECONDS - S))); [[ $left -lt 60 ]] && break 2
-      timeout $left /tmp/$v-br --quick --path hopper $cfgs > $OUT/$v-$round.log 2>&1
-      echo "$v round $round rc=$? $((SECONDS - S))s" >> $OUT/rc.txt
-    done
-  done
+  bench_rounds "$cfgs"
 fi
 left=$((${DEADLINE:-560} + 10 - (SECONDS - S)))
 if [[ -f $b/run-suite.sh && $left -gt 30 ]]; then
