@@ -184,18 +184,33 @@ run_san_job() {
   # every report is printed, without host backtraces, so that the summary can name the kernel
   # of each one rather than the first 50.
   [[ "$tool" == initcheck ]] && opts=(--show-backtrace device --print-limit 1000000)
-  local t0=$SECONDS
+  local t0=$SECONDS limit="$sanitizer_timeout"
+  # Under --sanitizer-deadline no run outlives the deadline: one that would start after it does
+  # not start, and one running at it is stopped; both count as not run (no .rc file). (The pass
+  # once killed xargs at the deadline instead, which left the runs it had started going on
+  # behind the suite's back, beside whatever the call ran next.)
+  if [[ "${san_deadline_at:-0}" -gt 0 ]]; then
+    local left=$((san_deadline_at - $(date +%s)))
+    [[ $left -le 0 ]] && return 0
+    [[ $left -lt $limit ]] && limit=$left
+  fi
   # The tests read the tool's name (tests/common's sanitizer_tool) where a tool needs a
   # smaller case than the others.
-  REMOE_SANITIZER_TOOL="$tool" timeout "$sanitizer_timeout" compute-sanitizer --tool "$tool" "${opts[@]}" \
+  REMOE_SANITIZER_TOOL="$tool" timeout "$limit" compute-sanitizer --tool "$tool" "${opts[@]}" \
     --error-exitcode 86 "$bin" --test-threads=1 --exact "$test" >"$log.out" 2>&1
   local rc=$?
+  if [[ $rc -eq 124 && "${san_deadline_at:-0}" -gt 0 && $(date +%s) -ge $san_deadline_at ]]; then
+    rm -f "$log.out"
+    return 0
+  fi
   { echo "=== $tool $(basename "$bin") $test (rc=$rc, $((SECONDS - t0))s)"; cat "$log.out"; } >"$log"
   rm -f "$log.out"
   echo "$rc" >"$log.rc"
 }
 export -f run_san_job
 export sanitizer_timeout
+san_deadline_at=0
+export san_deadline_at
 if [[ $sanitize -eq 1 ]]; then
   if ! command -v compute-sanitizer >/dev/null; then
     san_summary+=("compute-sanitizer not found: sanitizers not run")
@@ -225,8 +240,9 @@ if [[ $sanitize -eq 1 ]]; then
     done
     echo "=== sanitizers: $n runs, $san_jobs at a time ($race_jobs for racecheck) (logs: $out/sanitizer-<tool>.log)"
     san_start=$SECONDS
-    # --sanitizer-deadline S: stop starting runs after S seconds (those left are "not run" in the
-    # summary, which then fails), so that a time-limited machine still reports what finished.
+    # --sanitizer-deadline S: no run goes on past S seconds (those not started, or stopped at S,
+    # are "not run" in the summary, which then fails), so that a time-limited machine still
+    # reports what finished and the call's next step has the machine to itself.
     # Racecheck holds far more host memory per process than the other tools (tens of GB on the
     # larger tests): 14 of them at once on a 128 GB machine were killed by the kernel (rc 9).
     # So racecheck runs get their own pass, --racecheck-jobs at a time.
@@ -248,17 +264,12 @@ if [[ $sanitize -eq 1 ]]; then
         { r = ($3 in rank) ? rank[$3] : n + 1; printf "%06d\t%06d\t%s\n", r, NR, $0 }' |
         sort -t$'\t' -k1,1n -k2,2n | cut -f3-
     }
+    # Each run stops at the deadline itself (run_san_job), so xargs ends soon after it.
+    [[ "$san_deadline" -gt 0 ]] && san_deadline_at=$(($(date +%s) + san_deadline))
     run_pass() { # <jobs> <tool filter: racecheck | others>
-      local left=0
-      if [[ "$san_deadline" -gt 0 ]]; then
-        left=$((san_deadline - (SECONDS - san_start)))
-        [[ $left -le 0 ]] && return 0
-      fi
-      local deadline=()
-      [[ $left -gt 0 ]] && deadline=(timeout "$left")
       if [[ "$2" == racecheck ]]; then grep -P '^racecheck\t' "$jobs_file"; else grep -vP '^racecheck\t' "$jobs_file"; fi |
         by_slowness | tr '\n' '\0' |
-        "${deadline[@]}" xargs -0 -r -P "$1" -I{} bash -c 'IFS=$'"'"'\t'"'"' read -r t b x l <<<"$1"; run_san_job "$t" "$b" "$x" "$l"' _ {}
+        xargs -0 -r -P "$1" -I{} bash -c 'IFS=$'"'"'\t'"'"' read -r t b x l <<<"$1"; run_san_job "$t" "$b" "$x" "$l"' _ {}
     }
     run_pass "$san_jobs" others
     run_pass "$race_jobs" racecheck
