@@ -10,6 +10,12 @@ cublas_on_path() {
   return 0
 }
 
+# unpack SRC DST: SRC.gz (a bundle's binary) or SRC itself (one run-suite.sh has unpacked) to DST.
+unpack() {
+  if [[ -f $1.gz ]]; then gunzip -c $1.gz > $2; else cp $1 $2; fi
+  chmod +x $2
+}
+
 # bench_rounds CFGS: /tmp/new-br and /tmp/head-br alternated, new first, up to three rounds each,
 # none started with less than 60 s left before DEADLINE (s after S, default 560), so that clocks
 # and heat fall on both alike. Logs: $OUT/<new|head>-<round>.log; lines in $OUT/rc.txt.

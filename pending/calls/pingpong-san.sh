@@ -10,6 +10,7 @@
 #              "target/xb/pending/COMMIT", "target/xb/pending/examples", "target/xb/cmp3lat"])
 set -u
 S=$SECONDS
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 b=${B:-target/xb/pending}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/gpu.txt
 cat $b/COMMIT > $OUT/commit.txt
@@ -27,8 +28,7 @@ l=${L:-target/xb/cmp3lat}
 if [[ -f $l/head-latency.gz ]]; then
   for v in new head; do
     src=$b/examples/latency; [[ $v == head ]] && src=$l/head-latency
-    if [[ -f $src.gz ]]; then gunzip -c $src.gz > /tmp/$v-lat; else cp $src /tmp/$v-lat; fi
-    chmod +x /tmp/$v-lat
+    unpack $src /tmp/$v-lat
     timeout 100 /tmp/$v-lat --tokens ${LAT_TOKENS:-1,8,64} --json $OUT/latency-$v.json \
       > $OUT/latency-$v.log 2>&1
     echo "latency $v rc=$? $((SECONDS - S))s" >> $OUT/rc.txt

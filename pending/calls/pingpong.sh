@@ -21,10 +21,6 @@ timeout ${TEST_TIMEOUT:-280} bash $b/run-suite.sh --no-sanitizer --no-quick \
   ${BINS:+--bins $BINS} > $OUT/suite.log 2>&1
 echo "tests rc=$? $((SECONDS - S))s" >> $OUT/rc.txt
 cublas_on_path
-unpack() {  # unpack SRC DST: a .gz or a binary run-suite.sh already unpacked
-  if [[ -f $1.gz ]]; then gunzip -c $1.gz > $2; else cp $1 $2; fi
-  chmod +x $2
-}
 unpack $b/examples/bench_report /tmp/new-br
 unpack $c/head-bench_report /tmp/head-br
 # The latency pair when the call carried the head's (L, default target/xb/cmp3lat: the carry
